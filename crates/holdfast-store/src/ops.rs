@@ -1,0 +1,606 @@
+//! The store's operations, named noun-then-verb (`cart_add`, `idem_claim`). Each is one
+//! transaction inside [`Store::run`]'s retry loop.
+
+use crate::{
+    Cart, CartLine, Credentials, Dialect, Error, Order, OrderLine, ProductRow, Result, Safety,
+    SessionRecord, Store, User,
+};
+use holdfast_core::{
+    Email, IdempotencyKey, OrderId, Quantity, RequestFingerprint, SessionId, Sku, UserId,
+};
+use sqlx::any::AnyRow;
+use sqlx::{Any, Row, Transaction};
+use std::time::Duration;
+
+/// A response kept for replay: status and body bytes, opaque to the store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+pub struct SessionCreate<'a> {
+    pub id: &'a SessionId,
+    pub user_id: &'a str,
+    pub now: i64,
+    pub absolute_ttl: Duration,
+}
+
+/// Phase one of an idempotent request: claim the key before doing the work.
+pub struct IdemClaim<'a> {
+    pub user_id: &'a str,
+    pub key: &'a IdempotencyKey,
+    pub fingerprint: &'a RequestFingerprint,
+    pub now: i64,
+    /// How long the claim excludes others. A claimant that dies (SIGKILL) frees the key after
+    /// this; one that merely stalls past it is fenced out by its token at commit.
+    pub lock_ttl: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimOutcome {
+    /// This request owns the key; do the work and commit with this token.
+    Claimed { token: String },
+    /// The work was done before: answer with this.
+    Replay(StoredResponse),
+    /// Another request with this key is being processed right now.
+    InFlight,
+    /// The key was used for a different request.
+    Mismatch,
+}
+
+/// Phase two: the result is rendered and stored in the same transaction as the effect, so a
+/// record exists if and only if its response was kept for replay.
+pub struct IdemCommit<'a, T> {
+    pub user_id: &'a str,
+    pub key: &'a IdempotencyKey,
+    pub token: &'a str,
+    pub render: &'a (dyn Fn(&T) -> StoredResponse + Sync),
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// A fencing token: it only has to differ between claims of one key.
+fn new_token() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+fn user_from(row: &AnyRow) -> Result<User> {
+    Ok(User {
+        id: row.try_get("id")?,
+        email: row.try_get("email")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+impl Store {
+    async fn begin_write(&self) -> Result<Transaction<'static, Any>> {
+        Ok(self.pool.begin_with(self.dialect.begin_write()).await?)
+    }
+
+    // ---- users -------------------------------------------------------------------------
+
+    pub async fn user_create(&self, email: &Email, password_hash: &str) -> Result<User> {
+        self.run(Safety::Write, "user_create", || async {
+            let user = User {
+                id: UserId::generate().to_string(),
+                email: email.as_str().to_owned(),
+                created_at: holdfast_core::now_ms(),
+            };
+            let res = sqlx::query(
+                "INSERT INTO users (id, email, password_hash, created_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&user.id)
+            .bind(&user.email)
+            .bind(password_hash)
+            .bind(user.created_at)
+            .execute(&self.pool)
+            .await;
+            match res {
+                Ok(_) => Ok(user),
+                Err(sqlx::Error::Database(db)) if db.is_unique_violation() => {
+                    Err(Error::EmailTaken)
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    pub async fn user_credentials(&self, email: &Email) -> Result<Option<Credentials>> {
+        self.run(Safety::Idempotent, "user_credentials", || async {
+            let row = sqlx::query(
+                "SELECT id, email, created_at, password_hash FROM users WHERE email = $1",
+            )
+            .bind(email.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(|r| {
+                Ok(Credentials {
+                    user: user_from(&r)?,
+                    password_hash: r.try_get("password_hash")?,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    pub async fn user_get(&self, id: &str) -> Result<Option<User>> {
+        self.run(Safety::Idempotent, "user_get", || async {
+            let row = sqlx::query("SELECT id, email, created_at FROM users WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await?;
+            row.as_ref().map(user_from).transpose()
+        })
+        .await
+    }
+
+    // ---- sessions ----------------------------------------------------------------------
+
+    pub async fn session_create(&self, p: SessionCreate<'_>) -> Result<()> {
+        let hash = p.id.storage_hash();
+        self.run(Safety::Idempotent, "session_create", || async {
+            // Idempotent by construction: the id is fresh, so a re-run after an ambiguous
+            // commit hits the primary key, which means the first run succeeded.
+            let res = sqlx::query(
+                "INSERT INTO sessions (id_hash, user_id, created_at, last_seen_at, expires_at) VALUES ($1, $2, $3, $3, $4)",
+            )
+            .bind(&hash)
+            .bind(p.user_id)
+            .bind(p.now)
+            .bind(p.now.saturating_add(ms(p.absolute_ttl)))
+            .execute(&self.pool)
+            .await;
+            match res {
+                Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Ok(()),
+                other => other.map(drop).map_err(Error::from),
+            }
+        })
+        .await
+    }
+
+    /// The session if it is alive: younger than its absolute expiry and used within
+    /// `idle_ttl`. Refreshes its last use at most once per `touch_every`, so an active user
+    /// costs one write a minute, not one per request. A dead session is deleted.
+    pub async fn session_get(
+        &self,
+        id: &SessionId,
+        now: i64,
+        idle_ttl: Duration,
+        touch_every: Duration,
+    ) -> Result<Option<SessionRecord>> {
+        let hash = id.storage_hash();
+        self.run(Safety::Idempotent, "session_get", || async {
+            let Some(row) = sqlx::query("SELECT user_id, created_at, last_seen_at, expires_at FROM sessions WHERE id_hash = $1")
+                .bind(&hash)
+                .fetch_optional(&self.pool)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let last_seen: i64 = row.try_get("last_seen_at")?;
+            let rec = SessionRecord { user_id: row.try_get("user_id")?, created_at: row.try_get("created_at")?, expires_at: row.try_get("expires_at")? };
+            if now >= rec.expires_at || now.saturating_sub(last_seen) >= ms(idle_ttl) {
+                sqlx::query("DELETE FROM sessions WHERE id_hash = $1").bind(&hash).execute(&self.pool).await?;
+                return Ok(None);
+            }
+            if now.saturating_sub(last_seen) >= ms(touch_every) {
+                sqlx::query("UPDATE sessions SET last_seen_at = $2 WHERE id_hash = $1 AND last_seen_at < $2")
+                    .bind(&hash)
+                    .bind(now)
+                    .execute(&self.pool)
+                    .await?;
+            }
+            Ok(Some(rec))
+        })
+        .await
+    }
+
+    pub async fn session_delete(&self, id: &SessionId) -> Result<()> {
+        let hash = id.storage_hash();
+        self.run(Safety::Idempotent, "session_delete", || async {
+            sqlx::query("DELETE FROM sessions WHERE id_hash = $1")
+                .bind(&hash)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    // ---- catalog and cart --------------------------------------------------------------
+
+    pub async fn product_list(&self) -> Result<Vec<ProductRow>> {
+        self.run(Safety::Idempotent, "product_list", || async {
+            let rows = sqlx::query("SELECT sku, name, price_cents FROM products ORDER BY sku")
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ProductRow {
+                        sku: r.try_get("sku")?,
+                        name: r.try_get("name")?,
+                        price_cents: r.try_get("price_cents")?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    pub async fn cart_get(&self, user_id: &str) -> Result<Cart> {
+        self.run(Safety::Idempotent, "cart_get", || async {
+            let mut conn = self.pool.acquire().await?;
+            cart_read(&mut conn, user_id, "").await
+        })
+        .await
+    }
+
+    /// Adds `qty` of `sku` to the cart (a line holds at most 99).
+    pub async fn cart_add(
+        &self,
+        user_id: &str,
+        sku: &Sku,
+        qty: Quantity,
+        idem: Option<&IdemCommit<'_, Cart>>,
+    ) -> Result<(Cart, Option<crate::StoredResponse>)> {
+        let safety = if idem.is_some() {
+            Safety::Idempotent
+        } else {
+            Safety::Write
+        };
+        self.run(safety, "cart_add", || async {
+            let mut tx = self.begin_write().await?;
+            let known = sqlx::query("SELECT 1 AS one FROM products WHERE sku = $1")
+                .bind(sku.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+            if known.is_none() {
+                return Err(Error::UnknownSku(sku.as_str().to_owned()));
+            }
+            let row = sqlx::query(
+                "INSERT INTO cart_items (user_id, sku, qty, added_at) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (user_id, sku) DO UPDATE SET qty = cart_items.qty + excluded.qty
+                 WHERE cart_items.qty + excluded.qty <= 99
+                 RETURNING qty",
+            )
+            .bind(user_id)
+            .bind(sku.as_str())
+            .bind(qty.get())
+            .bind(holdfast_core::now_ms())
+            .fetch_optional(&mut *tx)
+            .await?;
+            if row.is_none() {
+                return Err(Error::QuantityLimit);
+            }
+            let cart = cart_read(&mut tx, user_id, "").await?;
+            let stored = idem_finish(&mut tx, idem, &cart).await?;
+            tx.commit().await?;
+            Ok((cart, stored))
+        })
+        .await
+    }
+
+    /// Removes the line for `sku`; removing an absent line is not an error (DELETE is idempotent).
+    pub async fn cart_remove(
+        &self,
+        user_id: &str,
+        sku: &Sku,
+        idem: Option<&IdemCommit<'_, Cart>>,
+    ) -> Result<(Cart, Option<crate::StoredResponse>)> {
+        self.run(Safety::Idempotent, "cart_remove", || async {
+            let mut tx = self.begin_write().await?;
+            sqlx::query("DELETE FROM cart_items WHERE user_id = $1 AND sku = $2")
+                .bind(user_id)
+                .bind(sku.as_str())
+                .execute(&mut *tx)
+                .await?;
+            let cart = cart_read(&mut tx, user_id, "").await?;
+            let stored = idem_finish(&mut tx, idem, &cart).await?;
+            tx.commit().await?;
+            Ok((cart, stored))
+        })
+        .await
+    }
+
+    // ---- orders ------------------------------------------------------------------------
+
+    /// Turns the cart into a pending order in one transaction: order, its lines, the emptied
+    /// cart and (when given) the idempotency record commit together or not at all.
+    pub async fn checkout(
+        &self,
+        user_id: &str,
+        idem: Option<&IdemCommit<'_, Order>>,
+    ) -> Result<(Order, Option<crate::StoredResponse>)> {
+        let safety = if idem.is_some() {
+            Safety::Idempotent
+        } else {
+            Safety::Write
+        };
+        let lock = match self.dialect {
+            Dialect::Postgres => " FOR UPDATE OF c",
+            Dialect::Sqlite => "",
+        };
+        self.run(safety, "checkout", || async {
+            let mut tx = self.begin_write().await?;
+            let cart = cart_read(&mut tx, user_id, lock).await?;
+            if cart.items.is_empty() {
+                return Err(Error::EmptyCart);
+            }
+            let order = Order {
+                order_id: OrderId::generate().to_string(),
+                total_cents: cart.total_cents,
+                status: "pending".to_owned(),
+                created_at: holdfast_core::now_ms(),
+                items: cart.items.iter().map(|l| OrderLine { sku: l.sku.clone(), name: l.name.clone(), qty: l.qty, unit_price_cents: l.unit_price_cents }).collect(),
+            };
+            sqlx::query("INSERT INTO orders (id, user_id, total_cents, status, created_at) VALUES ($1, $2, $3, $4, $5)")
+                .bind(&order.order_id)
+                .bind(user_id)
+                .bind(order.total_cents)
+                .bind(&order.status)
+                .bind(order.created_at)
+                .execute(&mut *tx)
+                .await?;
+            for l in &order.items {
+                sqlx::query("INSERT INTO order_items (order_id, sku, name, qty, unit_price_cents) VALUES ($1, $2, $3, $4, $5)")
+                    .bind(&order.order_id)
+                    .bind(&l.sku)
+                    .bind(&l.name)
+                    .bind(l.qty)
+                    .bind(l.unit_price_cents)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("DELETE FROM cart_items WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+            let stored = idem_finish(&mut tx, idem, &order).await?;
+            tx.commit().await?;
+            Ok((order, stored))
+        })
+        .await
+    }
+
+    /// The user's orders, newest first (at most `limit`).
+    pub async fn order_list(&self, user_id: &str, limit: i64) -> Result<Vec<Order>> {
+        self.run(Safety::Idempotent, "order_list", || async {
+            let rows = sqlx::query("SELECT id, total_cents, status, created_at FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id LIMIT $2")
+                .bind(user_id)
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+            let mut orders = rows.iter().map(order_head).collect::<Result<Vec<_>>>()?;
+            let lines = sqlx::query(
+                "SELECT i.order_id, i.sku, i.name, i.qty, i.unit_price_cents FROM order_items i
+                 JOIN orders o ON o.id = i.order_id WHERE o.user_id = $1 ORDER BY i.sku",
+            )
+            .bind(user_id)
+            .fetch_all(&self.pool)
+            .await?;
+            for r in &lines {
+                let id: String = r.try_get("order_id")?;
+                if let Some(o) = orders.iter_mut().find(|o| o.order_id == id) {
+                    o.items.push(order_line(r)?);
+                }
+            }
+            Ok(orders)
+        })
+        .await
+    }
+
+    /// One order, only if it belongs to `user_id`: another user's order is indistinguishable
+    /// from a missing one.
+    pub async fn order_get(&self, user_id: &str, order_id: &OrderId) -> Result<Option<Order>> {
+        self.run(Safety::Idempotent, "order_get", || async {
+            let Some(row) = sqlx::query("SELECT id, total_cents, status, created_at FROM orders WHERE id = $1 AND user_id = $2")
+                .bind(order_id.as_str())
+                .bind(user_id)
+                .fetch_optional(&self.pool)
+                .await?
+            else {
+                return Ok(None);
+            };
+            let mut order = order_head(&row)?;
+            let lines = sqlx::query("SELECT sku, name, qty, unit_price_cents FROM order_items WHERE order_id = $1 ORDER BY sku")
+                .bind(order_id.as_str())
+                .fetch_all(&self.pool)
+                .await?;
+            order.items = lines.iter().map(order_line).collect::<Result<_>>()?;
+            Ok(Some(order))
+        })
+        .await
+    }
+
+    // ---- idempotency keys --------------------------------------------------------------
+
+    pub async fn idem_claim(&self, c: IdemClaim<'_>) -> Result<ClaimOutcome> {
+        let for_update = self.dialect.for_update();
+        self.run(Safety::Idempotent, "idem_claim", || async {
+            let mut tx = self.begin_write().await?;
+            let token = new_token();
+            let locked_until = c.now.saturating_add(ms(c.lock_ttl));
+            let inserted = sqlx::query(
+                "INSERT INTO idempotency_keys (user_id, idem_key, fingerprint, state, lock_token, locked_until, created_at)
+                 VALUES ($1, $2, $3, 'in_flight', $4, $5, $6) ON CONFLICT (user_id, idem_key) DO NOTHING",
+            )
+            .bind(c.user_id)
+            .bind(c.key.as_str())
+            .bind(c.fingerprint.as_str())
+            .bind(&token)
+            .bind(locked_until)
+            .bind(c.now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            let outcome = if inserted == 1 {
+                ClaimOutcome::Claimed { token }
+            } else {
+                let row = sqlx::query(&format!(
+                    "SELECT fingerprint, state, locked_until, response_status, response_body FROM idempotency_keys
+                     WHERE user_id = $1 AND idem_key = $2{for_update}"
+                ))
+                .bind(c.user_id)
+                .bind(c.key.as_str())
+                .fetch_optional(&mut *tx)
+                .await?;
+                match row {
+                    // Released between our insert and our read: whoever released it is done.
+                    None => ClaimOutcome::InFlight,
+                    Some(r) => {
+                        let fingerprint: String = r.try_get("fingerprint")?;
+                        let state: String = r.try_get("state")?;
+                        let until: i64 = r.try_get("locked_until")?;
+                        if fingerprint != c.fingerprint.as_str() {
+                            ClaimOutcome::Mismatch
+                        } else if state == "done" {
+                            let status: Option<i64> = r.try_get("response_status")?;
+                            let body: Option<Vec<u8>> = r.try_get("response_body")?;
+                            ClaimOutcome::Replay(crate::StoredResponse {
+                                status: status.and_then(|s| u16::try_from(s).ok()).unwrap_or(200),
+                                body: body.unwrap_or_default(),
+                            })
+                        } else if until > c.now {
+                            ClaimOutcome::InFlight
+                        } else {
+                            // The previous claimant's lock expired (it died or stalled):
+                            // take over with a new token, which fences the old one out.
+                            sqlx::query("UPDATE idempotency_keys SET lock_token = $3, locked_until = $4 WHERE user_id = $1 AND idem_key = $2")
+                                .bind(c.user_id)
+                                .bind(c.key.as_str())
+                                .bind(&token)
+                                .bind(locked_until)
+                                .execute(&mut *tx)
+                                .await?;
+                            ClaimOutcome::Claimed { token }
+                        }
+                    }
+                }
+            };
+            tx.commit().await?;
+            Ok(outcome)
+        })
+        .await
+    }
+
+    /// Gives a claimed key back without a result (the request failed on a client error or the
+    /// store was unavailable), so a retry with the same key runs afresh.
+    pub async fn idem_release(
+        &self,
+        user_id: &str,
+        key: &IdempotencyKey,
+        token: &str,
+    ) -> Result<()> {
+        self.run(Safety::Idempotent, "idem_release", || async {
+            sqlx::query("DELETE FROM idempotency_keys WHERE user_id = $1 AND idem_key = $2 AND lock_token = $3 AND state = 'in_flight'")
+                .bind(user_id)
+                .bind(key.as_str())
+                .bind(token)
+                .execute(&self.pool)
+                .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deletes dead sessions and idempotency keys older than `key_retention`. Returns how
+    /// many of each were removed.
+    pub async fn reap(
+        &self,
+        now: i64,
+        idle_ttl: Duration,
+        key_retention: Duration,
+    ) -> Result<(u64, u64)> {
+        self.run(Safety::Idempotent, "reap", || async {
+            let sessions = sqlx::query("DELETE FROM sessions WHERE expires_at <= $1 OR last_seen_at <= $2")
+                .bind(now)
+                .bind(now.saturating_sub(ms(idle_ttl)))
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            let keys = sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= $1 AND (state = 'done' OR locked_until <= $2)")
+                .bind(now.saturating_sub(ms(key_retention)))
+                .bind(now)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+            Ok((sessions, keys))
+        })
+        .await
+    }
+}
+
+async fn cart_read(conn: &mut sqlx::AnyConnection, user_id: &str, lock: &str) -> Result<Cart> {
+    let rows = sqlx::query(&format!(
+        "SELECT c.sku, p.name, c.qty, p.price_cents FROM cart_items c JOIN products p ON p.sku = c.sku
+         WHERE c.user_id = $1 ORDER BY c.sku{lock}"
+    ))
+    .bind(user_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            let qty: i64 = r.try_get("qty")?;
+            let unit: i64 = r.try_get("price_cents")?;
+            Ok(CartLine {
+                sku: r.try_get("sku")?,
+                name: r.try_get("name")?,
+                qty,
+                unit_price_cents: unit,
+                line_total_cents: qty * unit,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let total_cents = items.iter().map(|l| l.line_total_cents).sum();
+    Ok(Cart { items, total_cents })
+}
+
+/// Marks the claimed key done with its rendered response, inside the effect's transaction.
+/// Zero rows updated means our claim is gone (fenced by a newer claimant, or an earlier try of
+/// this very transaction committed): the caller must not report success from this attempt.
+async fn idem_finish<T>(
+    tx: &mut Transaction<'static, Any>,
+    idem: Option<&IdemCommit<'_, T>>,
+    value: &T,
+) -> Result<Option<crate::StoredResponse>> {
+    let Some(idem) = idem else { return Ok(None) };
+    let resp = (idem.render)(value);
+    let updated = sqlx::query(
+        "UPDATE idempotency_keys SET state = 'done', response_status = $4, response_body = $5, lock_token = NULL
+         WHERE user_id = $1 AND idem_key = $2 AND lock_token = $3 AND state = 'in_flight'",
+    )
+    .bind(idem.user_id)
+    .bind(idem.key.as_str())
+    .bind(idem.token)
+    .bind(i64::from(resp.status))
+    .bind(&resp.body)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if updated != 1 {
+        return Err(Error::IdempotencyLockLost);
+    }
+    Ok(Some(resp))
+}
+
+fn order_head(r: &AnyRow) -> Result<Order> {
+    Ok(Order {
+        order_id: r.try_get("id")?,
+        total_cents: r.try_get("total_cents")?,
+        status: r.try_get("status")?,
+        created_at: r.try_get("created_at")?,
+        items: Vec::new(),
+    })
+}
+
+fn order_line(r: &AnyRow) -> Result<OrderLine> {
+    Ok(OrderLine {
+        sku: r.try_get("sku")?,
+        name: r.try_get("name")?,
+        qty: r.try_get("qty")?,
+        unit_price_cents: r.try_get("unit_price_cents")?,
+    })
+}
