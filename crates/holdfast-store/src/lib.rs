@@ -235,6 +235,12 @@ impl Store {
         (self.pool.size(), self.pool.num_idle())
     }
 
+    /// One round trip, no retries: for readiness checks.
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     pub async fn close(&self) {
         self.pool.close().await;
     }

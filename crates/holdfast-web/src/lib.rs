@@ -6,11 +6,27 @@
 //! Idempotency-Key (draft-ietf-httpapi-idempotency-key-header-07) over the store's two-phase
 //! claim/commit so a retried checkout replays its first answer instead of ordering twice.
 
+mod body;
+mod error;
+mod idempotency;
+mod session;
+mod shop;
+
+pub use error::{AppError, AppResult, PROBLEM_JSON};
+pub use session::cookie_name;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
 use holdfast_store::Store;
-use metrics_exporter_prometheus::PrometheusHandle;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 /// Knobs of one web instance. Defaults are production values.
 #[derive(Debug, Clone)]
@@ -83,19 +99,165 @@ impl AppState {
     }
 }
 
-/// Installs the process-wide Prometheus recorder (call once per process).
+/// Histogram buckets in seconds; 0.25 s is the checkout latency objective.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Installs the process-wide Prometheus recorder, once; later calls return the same handle.
 pub fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
-    todo!()
+    static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .map_err(|e| e.to_string())?
+                .install_recorder()
+                .map_err(|e| e.to_string())
+        })
+        .clone()
 }
 
 /// The whole shop as a router.
-pub fn app(state: AppState) -> axum::Router {
-    let _ = state;
-    todo!()
+pub fn app(state: AppState) -> Router {
+    let mut api = Router::new()
+        .route("/api/signup", post(shop::signup))
+        .route("/api/login", post(shop::login))
+        .route("/api/logout", post(shop::logout))
+        .route("/api/me", get(shop::me))
+        .route("/api/products", get(shop::products))
+        .route("/api/cart", get(shop::cart_get))
+        .route("/api/cart/items", post(shop::cart_add))
+        .route("/api/cart/items/{sku}", delete(shop::cart_remove))
+        .route("/api/checkout", post(shop::checkout))
+        .route("/api/orders", get(shop::orders))
+        .route("/api/orders/{id}", get(shop::order));
+    if state.opts.bench_routes {
+        api = api.route("/bench/checkout", post(shop::bench_checkout));
+    }
+    let api = api
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            session::csrf_guard,
+        ))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.opts.max_body_bytes,
+        ));
+    Router::new()
+        .route("/", get(|| async { Html(include_str!("page.html")) }))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .merge(api)
+        .route_layer(middleware::from_fn(track))
+        .fallback(|| async { AppError::not_found("no such route") })
+        .method_not_allowed_fallback(|| async {
+            AppError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+                "method not allowed on this route",
+            )
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), deadline))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            AppError::internal("a handler panicked").into_response()
+        }))
+        .with_state(state)
 }
 
-/// Deletes expired sessions and idempotency keys every `every`, forever. Spawn it per instance.
+/// Counts and times every routed request by route template, method and status.
+async fn track(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(String::new, |m| m.as_str().to_owned());
+    let method = req.method().to_string();
+    let resp = next.run(req).await;
+    let labels = [
+        ("method", method),
+        ("route", route),
+        ("status", resp.status().as_u16().to_string()),
+    ];
+    metrics::counter!("holdfast_http_requests_total", &labels).increment(1);
+    metrics::histogram!("holdfast_http_request_duration_seconds", &labels)
+        .record(started.elapsed().as_secs_f64());
+    resp
+}
+
+/// The server-side deadline. Dropping the handler rolls its transaction back; an idempotency
+/// claim it held expires after `idempotency_lock_ttl`, which is longer than this.
+async fn deadline(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(st.opts.request_timeout, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "deadline-exceeded",
+            "the request took too long; retry it",
+        )
+        .retry_after(1)
+        .into_response(),
+    }
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when not draining and the store answers within a second.
+async fn readyz(State(st): State<AppState>) -> Response {
+    if st.draining.load(Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "draining" })),
+        )
+            .into_response();
+    }
+    match tokio::time::timeout(Duration::from_secs(1), st.store.ping()).await {
+        Ok(Ok(())) => Json(json!({ "status": "ready" })).into_response(),
+        _ => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "store-unreachable" })),
+        )
+            .into_response(),
+    }
+}
+
+async fn render_metrics(State(st): State<AppState>) -> Response {
+    let Some(handle) = &st.metrics else {
+        return AppError::not_found("metrics are not enabled").into_response();
+    };
+    let (size, idle) = st.store.pool_stats();
+    metrics::gauge!("holdfast_db_pool_connections", "state" => "idle").set(idle as f64);
+    metrics::gauge!("holdfast_db_pool_connections", "state" => "in_use")
+        .set(f64::from(size).max(idle as f64) - idle as f64);
+    let mut resp = handle.render().into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4"),
+    );
+    resp
+}
+
+/// Deletes expired sessions and idempotency keys every `every`, forever. Spawn it per instance;
+/// several instances reaping at once is harmless.
 pub async fn reap_forever(state: AppState, every: Duration) {
-    let _ = (state, every);
-    todo!()
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let o = &state.opts;
+        match state
+            .store
+            .reap(
+                holdfast_core::now_ms(),
+                o.session_idle_ttl,
+                o.idempotency_retention,
+            )
+            .await
+        {
+            Ok((sessions, keys)) if sessions + keys > 0 => tracing::info!(sessions, keys, "reaped"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reaper failed; will try again"),
+        }
+    }
 }

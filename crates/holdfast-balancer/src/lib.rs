@@ -1,0 +1,353 @@
+//! A small HTTP/1.1 load balancer for `holdfast up`.
+//!
+//! `holdfast up` runs N interchangeable, stateless `holdfast serve` instances on one machine, and
+//! the drill kills (`SIGKILL`), pauses (`SIGSTOP`) or drains (`SIGTERM`) them at any time. This
+//! crate is what clients talk to instead: it spreads requests round-robin over the healthy
+//! instances, routes around the ones that are gone, and retries a failed request on another
+//! instance — but only when doing the request twice cannot do harm. In production nginx or
+//! haproxy takes this place; the rules below are the ones we expect of them too.
+//!
+//! Health: every [`BalancerOptions::health_interval`] each upstream gets `GET /readyz`; 2xx means
+//! healthy, anything else (including a timeout) means unhealthy. A draining instance answers
+//! 503 there before it stops accepting, so it stops getting new traffic. Failing to reach an
+//! upstream while proxying marks it unhealthy at once; the next check may bring it back.
+//!
+//! When is a retry safe? Each upstream is tried at most once per request, and the next one only
+//! when one of these holds:
+//! - the request never left the balancer (connection refused, connect timeout, or the
+//!   connection closed before the request was written) — always safe;
+//! - the method is idempotent (GET, HEAD, OPTIONS, PUT, DELETE, TRACE);
+//! - the request carries an `Idempotency-Key` header, so the instance deduplicates it.
+//!
+//! Otherwise (a POST without key that may have reached an instance, including an attempt that
+//! timed out) the client gets a 502 (or 504) and decides itself. A 503 response from an upstream
+//! that turns out to be draining (its `/readyz` is no longer 2xx) is retried like a failure; any
+//! other upstream response, 5xx included, is passed through as-is.
+//!
+//! Request bodies are buffered (up to [`BalancerOptions::max_buffered_body`]) so they can be
+//! re-sent; response bodies are streamed. Errors made by the balancer itself are RFC 9457
+//! `application/problem+json`. The balancer also answers `GET /ops/instances` (JSON published
+//! by the supervisor) and `GET /ops/upstreams` (the health table) itself.
+
+mod proxy;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio::time::{timeout, MissedTickBehavior};
+
+use crate::proxy::{full, problem, Body};
+
+/// How the balancer checks, times and limits its upstreams.
+#[derive(Debug, Clone)]
+pub struct BalancerOptions {
+    /// How often every upstream gets `GET /readyz`.
+    pub health_interval: Duration,
+    /// How long a `/readyz` answer may take before the upstream counts as unhealthy.
+    pub health_timeout: Duration,
+    /// How long establishing a connection may take; a connect timeout is safe to retry.
+    pub connect_timeout: Duration,
+    /// How long one attempt against one upstream may take until the response headers arrive
+    /// (covers a paused instance). The response body is streamed without this limit.
+    pub attempt_timeout: Duration,
+    /// Largest request body buffered for re-sending; larger requests get 413.
+    pub max_buffered_body: usize,
+    /// On shutdown, how long in-flight requests may take before their connections are dropped.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for BalancerOptions {
+    fn default() -> Self {
+        Self {
+            health_interval: Duration::from_millis(200),
+            health_timeout: Duration::from_millis(300),
+            connect_timeout: Duration::from_secs(1),
+            attempt_timeout: Duration::from_secs(15),
+            max_buffered_body: 8 * 1024 * 1024,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One upstream as the balancer currently sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UpstreamStatus {
+    pub addr: SocketAddr,
+    pub healthy: bool,
+}
+
+/// A cheap-to-clone handle to one load balancer.
+#[derive(Clone)]
+pub struct Balancer {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    opts: BalancerOptions,
+    client: Client<HttpConnector, Full<Bytes>>,
+    upstreams: RwLock<Arc<[Arc<Upstream>]>>,
+    next: AtomicUsize,
+    instances: RwLock<Bytes>,
+    retries: AtomicU64,
+}
+
+struct Upstream {
+    addr: SocketAddr,
+    healthy: AtomicBool,
+}
+
+impl Upstream {
+    fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        if self.healthy.swap(healthy, Ordering::Relaxed) != healthy {
+            tracing::info!(upstream = %self.addr, healthy, "upstream health changed");
+        }
+    }
+}
+
+impl Balancer {
+    pub fn new(opts: BalancerOptions) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(opts.connect_timeout));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            // Shorter than the instances' idle timeout, so we rarely send on a closing connection.
+            .pool_idle_timeout(Duration::from_secs(5))
+            .build(connector);
+        Self {
+            inner: Arc::new(Inner {
+                opts,
+                client,
+                upstreams: RwLock::new(Arc::from([])),
+                next: AtomicUsize::new(0),
+                instances: RwLock::new(Bytes::from_static(b"[]")),
+                retries: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Replaces the set of upstreams. Addresses that stay keep their health; new ones are
+    /// eligible until a check says otherwise.
+    pub fn set_upstreams(&self, addrs: Vec<SocketAddr>) {
+        let mut slot = self
+            .inner
+            .upstreams
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut next: Vec<Arc<Upstream>> = Vec::with_capacity(addrs.len());
+        for addr in addrs {
+            if next.iter().any(|u| u.addr == addr) {
+                continue;
+            }
+            let kept = slot.iter().find(|u| u.addr == addr).cloned();
+            next.push(kept.unwrap_or_else(|| {
+                Arc::new(Upstream {
+                    addr,
+                    healthy: AtomicBool::new(true),
+                })
+            }));
+        }
+        *slot = next.into();
+    }
+
+    pub fn upstreams(&self) -> Vec<UpstreamStatus> {
+        self.snapshot()
+            .iter()
+            .map(|u| UpstreamStatus {
+                addr: u.addr,
+                healthy: u.is_healthy(),
+            })
+            .collect()
+    }
+
+    /// Sets the body served verbatim at `GET /ops/instances`.
+    pub fn publish_instances(&self, json: Bytes) {
+        *self
+            .inner
+            .instances
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = json;
+    }
+
+    /// How many times a request was sent to another upstream after a failed attempt.
+    pub fn retries_total(&self) -> u64 {
+        self.inner.retries.load(Ordering::Relaxed)
+    }
+
+    /// Serves clients on `listener` and checks upstream health until `shutdown` resolves; then
+    /// stops accepting and lets in-flight requests finish for up to
+    /// [`BalancerOptions::shutdown_grace`].
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
+        let health = tokio::spawn(self.clone().check_health_forever());
+        let graceful = GracefulShutdown::new();
+        let mut connections = JoinSet::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut http = http1::Builder::new();
+        // Gives hyper's header-read timeout (30 s by default) a clock.
+        http.timer(TokioTimer::new());
+        loop {
+            let (stream, peer) = tokio::select! {
+                biased;
+                () = &mut shutdown => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Usually out of file descriptors: back off instead of spinning.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            // Only a latency tweak; the connection works without it.
+            let _ = stream.set_nodelay(true);
+            let balancer = self.clone();
+            let service = service_fn(move |req| {
+                let balancer = balancer.clone();
+                async move { Ok::<_, Infallible>(balancer.handle(req, peer).await) }
+            });
+            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            connections.spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%error, %peer, "client connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        if timeout(self.inner.opts.shutdown_grace, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!("shutdown grace period over; dropping in-flight requests");
+        }
+        connections.shutdown().await;
+        health.abort();
+        Ok(())
+    }
+
+    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        if req.method() == Method::GET {
+            match req.uri().path() {
+                "/ops/instances" => {
+                    let json = self
+                        .inner
+                        .instances
+                        .read()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    return json_response(json.clone());
+                }
+                "/ops/upstreams" => {
+                    return match serde_json::to_vec(&self.upstreams()) {
+                        Ok(json) => json_response(json.into()),
+                        Err(error) => problem(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+                    };
+                }
+                _ => {}
+            }
+        }
+        self.proxy(req, peer).await
+    }
+
+    fn snapshot(&self) -> Arc<[Arc<Upstream>]> {
+        self.inner
+            .upstreams
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The order in which to try upstreams for one request: the healthy ones round-robin, then
+    /// the rest (their health may be stale) as a last resort.
+    fn candidates(&self) -> Vec<Arc<Upstream>> {
+        let turn = self.inner.next.fetch_add(1, Ordering::Relaxed);
+        let (mut healthy, mut rest): (Vec<_>, Vec<_>) = self
+            .snapshot()
+            .iter()
+            .cloned()
+            .partition(|u| u.is_healthy());
+        for group in [&mut healthy, &mut rest] {
+            if !group.is_empty() {
+                let by = turn % group.len();
+                group.rotate_left(by);
+            }
+        }
+        healthy.append(&mut rest);
+        healthy
+    }
+
+    async fn check_health_forever(self) {
+        let period = self
+            .inner
+            .opts
+            .health_interval
+            .max(Duration::from_millis(1));
+        let mut ticks = tokio::time::interval(period);
+        ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let mut checks = JoinSet::new();
+            for upstream in self.snapshot().iter() {
+                let (balancer, upstream) = (self.clone(), Arc::clone(upstream));
+                checks.spawn(async move { balancer.check_health(&upstream).await });
+            }
+            while checks.join_next().await.is_some() {}
+        }
+    }
+
+    /// Asks `upstream` for `/readyz`, records and returns whether it is healthy.
+    async fn check_health(&self, upstream: &Upstream) -> bool {
+        let uri = format!("http://{}/readyz", upstream.addr);
+        let Ok(req) = Request::get(uri).body(Full::default()) else {
+            return false;
+        };
+        let probe = async {
+            let resp = self.inner.client.request(req).await.ok()?;
+            let ready = resp.status().is_success();
+            // Read the (small) body so the connection can go back to the pool.
+            resp.into_body().collect().await.ok()?;
+            Some(ready)
+        };
+        let healthy = matches!(
+            timeout(self.inner.opts.health_timeout, probe).await,
+            Ok(Some(true))
+        );
+        upstream.set_healthy(healthy);
+        healthy
+    }
+}
+
+fn json_response(json: Bytes) -> Response<Body> {
+    let mut resp = Response::new(full(json));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}

@@ -1,0 +1,395 @@
+//! Forwarding one client request: buffering, the retry rules, header hygiene, problem+json.
+
+use std::error::Error as _;
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::{PathAndQuery, Uri};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use serde::Serialize;
+use tokio::time::timeout;
+
+use crate::{Balancer, Upstream};
+
+pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
+
+const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
+
+/// Why an attempt produced no response to pass on.
+enum Failure {
+    /// The request never left the balancer: retrying is always safe.
+    NotSent(String),
+    /// The request may have reached the upstream.
+    MaybeSent(String),
+    /// No response within the attempt timeout; the request may have reached the upstream.
+    TimedOut(SocketAddr),
+    /// The upstream answered 503 and its `/readyz` says it is draining.
+    Draining(SocketAddr),
+}
+
+impl Balancer {
+    pub(crate) async fn proxy(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+        let (parts, body) = req.into_parts();
+        let body = match self.buffer(&parts.headers, body).await {
+            Ok(body) => body,
+            Err(resp) => return resp,
+        };
+        let retry_safe = is_retry_safe(&parts.method, &parts.headers);
+        let headers = forwarded_headers(&parts.headers, peer, body.len());
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+
+        let candidates = self.candidates();
+        let mut last = None;
+        for (attempt, upstream) in candidates.iter().enumerate() {
+            if attempt > 0 {
+                self.inner.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            let req = match upstream_request(&parts, upstream.addr, &path, &headers, &body) {
+                Ok(req) => req,
+                Err(detail) => return problem(StatusCode::BAD_REQUEST, detail),
+            };
+            // On the last candidate even a draining upstream's 503 is the best answer we have.
+            let retry_503 = retry_safe && attempt + 1 < candidates.len();
+            let failure = match self.attempt(upstream, req, retry_503).await {
+                Ok(resp) => return resp,
+                Err(failure) => failure,
+            };
+            tracing::debug!(%failure, "attempt failed");
+            if !retry_safe && failure.may_have_reached_upstream() {
+                return unsafe_failure(&parts.method, &failure);
+            }
+            last = Some(failure);
+        }
+        let Some(failure) = last else {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no upstream instance is configured",
+            );
+        };
+        let detail = format!("every upstream failed; last: {failure}");
+        tracing::warn!(method = %parts.method, uri = %parts.uri, %detail, "request failed");
+        problem(failure.status(), detail)
+    }
+
+    /// Sends `req` to `upstream` once; a failed attempt marks the upstream unhealthy.
+    async fn attempt(
+        &self,
+        upstream: &Upstream,
+        req: Request<Full<Bytes>>,
+        retry_503: bool,
+    ) -> Result<Response<Body>, Failure> {
+        let addr = upstream.addr;
+        let sent = timeout(
+            self.inner.opts.attempt_timeout,
+            self.inner.client.request(req),
+        );
+        match sent.await {
+            Ok(Ok(resp)) => {
+                if retry_503
+                    && resp.status() == StatusCode::SERVICE_UNAVAILABLE
+                    && self.is_draining(upstream).await
+                {
+                    return Err(Failure::Draining(addr));
+                }
+                Ok(downstream_response(resp))
+            }
+            Ok(Err(error)) => {
+                upstream.set_healthy(false);
+                let detail = format!("upstream {addr}: {}", error_chain(&error));
+                Err(if never_sent(&error) {
+                    Failure::NotSent(detail)
+                } else {
+                    Failure::MaybeSent(detail)
+                })
+            }
+            Err(_elapsed) => {
+                upstream.set_healthy(false);
+                Err(Failure::TimedOut(addr))
+            }
+        }
+    }
+
+    /// Collects the request body so it can be re-sent, or answers 413/400.
+    async fn buffer(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Response<Body>> {
+        let max = self.inner.opts.max_buffered_body;
+        let too_large = || {
+            let mut resp = problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request bodies are limited to {max} bytes"),
+            );
+            // The rest of the body is left unread, so this connection cannot carry another request.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            resp
+        };
+        let declared = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|len| len > max as u64) {
+            return Err(too_large());
+        }
+        match Limited::new(body, max).collect().await {
+            Ok(collected) => Ok(collected.to_bytes()),
+            Err(error) if error.is::<LengthLimitError>() => Err(too_large()),
+            Err(error) => Err(problem(
+                StatusCode::BAD_REQUEST,
+                format!("could not read the request body: {error}"),
+            )),
+        }
+    }
+
+    /// A 503 came back: is the upstream draining (then the request goes elsewhere), or is this
+    /// the application's own answer (then it is passed through)?
+    async fn is_draining(&self, upstream: &Upstream) -> bool {
+        !upstream.is_healthy() || !self.check_health(upstream).await
+    }
+}
+
+impl Failure {
+    fn may_have_reached_upstream(&self) -> bool {
+        matches!(self, Self::MaybeSent(_) | Self::TimedOut(_))
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotSent(detail) | Self::MaybeSent(detail) => f.write_str(detail),
+            Self::TimedOut(addr) => write!(f, "upstream {addr} did not answer in time"),
+            Self::Draining(addr) => write!(f, "upstream {addr} is draining"),
+        }
+    }
+}
+
+fn unsafe_failure(method: &Method, failure: &Failure) -> Response<Body> {
+    let detail = format!(
+        "{failure}; the request may have reached it and was not retried because {method} \
+         without an Idempotency-Key is not safe to repeat"
+    );
+    tracing::warn!(%method, %detail, "request failed");
+    problem(failure.status(), detail)
+}
+
+/// Whether sending the request again can do no harm (see the crate docs).
+fn is_retry_safe(method: &Method, headers: &HeaderMap) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    ) || headers.contains_key(IDEMPOTENCY_KEY)
+}
+
+/// Whether the request certainly never reached the upstream: the connection could not be
+/// established, or it closed before hyper started writing the request (hyper then reports the
+/// request as canceled).
+fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
+    error.is_connect()
+        || error
+            .source()
+            .and_then(|source| source.downcast_ref::<hyper::Error>())
+            .is_some_and(hyper::Error::is_canceled)
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+fn upstream_request(
+    parts: &Parts,
+    addr: SocketAddr,
+    path: &PathAndQuery,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Result<Request<Full<Bytes>>, String> {
+    let uri = Uri::builder()
+        .scheme("http")
+        .authority(addr.to_string())
+        .path_and_query(path.clone())
+        .build()
+        .map_err(|error| format!("invalid request target: {error}"))?;
+    let mut req = Request::new(Full::new(body.clone()));
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = uri;
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers.clone();
+    Ok(req)
+}
+
+/// The client's headers as sent upstream: end-to-end ones only, the body's length, and the
+/// client's address appended to `X-Forwarded-For`.
+fn forwarded_headers(client: &HeaderMap, peer: SocketAddr, body_len: usize) -> HeaderMap {
+    let mut headers = client.clone();
+    strip_hop_by_hop(&mut headers);
+    // The body is already complete; nothing to wait for.
+    headers.remove(header::EXPECT);
+    if headers.remove(header::CONTENT_LENGTH).is_some() || body_len > 0 {
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    }
+    let mut chain: Vec<&str> = client
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    let ip = peer.ip().to_string();
+    chain.push(&ip);
+    if let Ok(value) = HeaderValue::from_str(&chain.join(", ")) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    headers
+}
+
+fn downstream_response(resp: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.boxed())
+}
+
+/// Removes the headers that describe one connection rather than the message (RFC 9110 §7.6.1).
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let proxy: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().starts_with("proxy-"))
+        .cloned()
+        .collect();
+    let fixed = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ];
+    for name in listed.into_iter().chain(proxy).chain(fixed) {
+        headers.remove(name);
+    }
+}
+
+pub(crate) fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// An RFC 9457 problem response made by the balancer itself.
+pub(crate) fn problem(status: StatusCode, detail: impl Into<String>) -> Response<Body> {
+    #[derive(Serialize)]
+    struct Problem<'a> {
+        #[serde(rename = "type")]
+        kind: &'a str,
+        title: &'a str,
+        status: u16,
+        detail: String,
+    }
+    let problem = Problem {
+        kind: "about:blank",
+        title: status.canonical_reason().unwrap_or("Error"),
+        status: status.as_u16(),
+        detail: detail.into(),
+    };
+    // Serializing strings and a number cannot fail; fall back to an empty object anyway.
+    let json = serde_json::to_vec(&problem).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(full(json.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_safety_follows_method_and_idempotency_key() {
+        let none = HeaderMap::new();
+        let mut keyed = HeaderMap::new();
+        keyed.insert(IDEMPOTENCY_KEY, HeaderValue::from_static("k1"));
+        for (method, headers, safe) in [
+            (Method::GET, &none, true),
+            (Method::HEAD, &none, true),
+            (Method::OPTIONS, &none, true),
+            (Method::PUT, &none, true),
+            (Method::DELETE, &none, true),
+            (Method::TRACE, &none, true),
+            (Method::POST, &none, false),
+            (Method::PATCH, &none, false),
+            (Method::POST, &keyed, true),
+            (Method::PATCH, &keyed, true),
+        ] {
+            assert_eq!(
+                is_retry_safe(&method, headers),
+                safe,
+                "{method} {headers:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_including_those_named_in_connection() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-session-hint"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-authorization", "Basic x"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("x-session-hint", "1"),
+            ("cookie", "sid=1"),
+            ("host", "shop.example"),
+        ] {
+            headers.append(name, HeaderValue::from_static(value));
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["cookie", "host"]);
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_client_address() {
+        let mut client = HeaderMap::new();
+        client.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+        let peer: SocketAddr = ([127, 0, 0, 1], 5000).into();
+        let headers = forwarded_headers(&client, peer, 0);
+        assert_eq!(headers[X_FORWARDED_FOR], "203.0.113.7, 127.0.0.1");
+        assert!(!headers.contains_key(header::CONTENT_LENGTH));
+        assert_eq!(
+            forwarded_headers(&HeaderMap::new(), peer, 3)[header::CONTENT_LENGTH],
+            "3"
+        );
+    }
+}

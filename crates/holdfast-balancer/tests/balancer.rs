@@ -1,0 +1,630 @@
+//! The balancer against real upstreams on 127.0.0.1: axum apps for well-behaved instances, raw
+//! TCP servers for ones that drop or hang mid-request.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body as AxumBody;
+use axum::extract::{Request as AxumRequest, State};
+use axum::response::{IntoResponse, Response as AxumResponse};
+use bytes::Bytes;
+use holdfast_balancer::{Balancer, BalancerOptions, UpstreamStatus};
+use http::{HeaderMap, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+
+// ---------------------------------------------------------------------------------------------
+// The balancer under test and a client for it.
+
+struct TestBalancer {
+    addr: SocketAddr,
+    balancer: Balancer,
+    client: Client<HttpConnector, Full<Bytes>>,
+    stop: Option<oneshot::Sender<()>>,
+    served: JoinHandle<std::io::Result<()>>,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Reply {
+    fn text(&self) -> &str {
+        std::str::from_utf8(&self.body).expect("utf-8 body")
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).expect("json body")
+    }
+
+    fn assert_problem(&self, status: StatusCode) {
+        assert_eq!(self.status, status, "body: {}", self.text());
+        assert_eq!(self.headers["content-type"], "application/problem+json");
+        let problem = self.json();
+        assert_eq!(problem["type"], "about:blank");
+        assert_eq!(problem["status"], status.as_u16());
+        assert_eq!(problem["title"], status.canonical_reason().expect("reason"));
+        assert!(problem["detail"].is_string());
+    }
+}
+
+/// Options for tests that are not about health checking: frequent checks that never time out
+/// on a busy machine, so the healthy set stays put.
+fn steady() -> BalancerOptions {
+    BalancerOptions {
+        health_interval: Duration::from_millis(100),
+        health_timeout: Duration::from_secs(10),
+        ..BalancerOptions::default()
+    }
+}
+
+async fn start(opts: BalancerOptions, upstreams: Vec<SocketAddr>) -> TestBalancer {
+    let balancer = Balancer::new(opts);
+    balancer.set_upstreams(upstreams);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let served = tokio::spawn(balancer.clone().serve(listener, async {
+        let _ = stopped.await;
+    }));
+    TestBalancer {
+        addr,
+        balancer,
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        stop: Some(stop),
+        served,
+    }
+}
+
+impl TestBalancer {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Reply {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{}{path}", self.addr));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let req = req
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .expect("request");
+        let resp = self.client.request(req).await.expect("balancer answers");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        self.send(Method::GET, path, &[], b"").await
+    }
+
+    fn status_of(&self, addr: SocketAddr) -> bool {
+        let all = self.balancer.upstreams();
+        all.iter()
+            .find(|u| u.addr == addr)
+            .map(|u| u.healthy)
+            .expect("upstream is known")
+    }
+
+    /// Polls (bounded) until the balancer sees `addr` with the given health.
+    async fn wait_health(&self, addr: SocketAddr, healthy: bool) {
+        for _ in 0..500 {
+            if self.status_of(addr) == healthy {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!(
+            "{addr} never became healthy={healthy}: {:?}",
+            self.balancer.upstreams()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A well-behaved instance (axum).
+
+#[derive(Clone, Default)]
+struct App {
+    name: &'static str,
+    /// Requests other than `/readyz`.
+    hits: Arc<AtomicUsize>,
+    readyz_hits: Arc<AtomicUsize>,
+    /// `/readyz` answers 503.
+    draining: Arc<AtomicBool>,
+    /// Every other route answers 503 too (a draining instance refusing work).
+    refusing: Arc<AtomicBool>,
+    slow: Option<(mpsc::UnboundedSender<()>, Arc<Notify>)>,
+}
+
+impl App {
+    fn named(name: &'static str) -> Self {
+        Self {
+            name,
+            ..Self::default()
+        }
+    }
+
+    async fn spawn(self) -> (SocketAddr, Self) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("local addr");
+        let router = axum::Router::new()
+            .fallback(answer)
+            .with_state(self.clone());
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        (addr, self)
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+}
+
+async fn answer(State(app): State<App>, req: AxumRequest) -> AxumResponse {
+    if req.uri().path() == "/readyz" {
+        app.readyz_hits.fetch_add(1, Ordering::SeqCst);
+        return if app.draining.load(Ordering::SeqCst) {
+            (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+        } else {
+            "ready".into_response()
+        };
+    }
+    app.hits.fetch_add(1, Ordering::SeqCst);
+    if app.refusing.load(Ordering::SeqCst) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    match req.uri().path() {
+        "/cookies" => AxumResponse::builder()
+            .header("set-cookie", "sid=abc; Path=/; HttpOnly")
+            .header("set-cookie", "theme=dark; Path=/")
+            .body(AxumBody::from("two cookies"))
+            .expect("response"),
+        "/headers" => {
+            let seen: serde_json::Map<String, serde_json::Value> = req
+                .headers()
+                .iter()
+                .map(|(name, value)| {
+                    (
+                        name.to_string(),
+                        String::from_utf8_lossy(value.as_bytes()).into(),
+                    )
+                })
+                .collect();
+            axum::Json(seen).into_response()
+        }
+        "/busy" => (StatusCode::SERVICE_UNAVAILABLE, "busy: app says so").into_response(),
+        "/slow" => {
+            if let Some((arrived, release)) = &app.slow {
+                let _ = arrived.send(());
+                release.notified().await;
+            }
+            "finally".into_response()
+        }
+        _ => {
+            let body = req.into_body().collect().await.expect("body").to_bytes();
+            format!("{} got {} bytes", app.name, body.len()).into_response()
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// A misbehaving instance (raw TCP): `/readyz` is fine, other requests are read in full and then
+// dropped without an answer (while the shared budget lasts) or never answered at all.
+
+#[derive(Clone, Copy)]
+enum Misbehaviour {
+    /// Drop the connection while `drops_left > 0`, otherwise answer 200.
+    Drop,
+    /// Keep the connection open and never answer (a paused instance).
+    Hang,
+}
+
+struct Raw {
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+}
+
+async fn spawn_raw(behaviour: Misbehaviour, drops_left: Arc<AtomicUsize>) -> Raw {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (hits, drops_left) = (counter.clone(), drops_left.clone());
+            tokio::spawn(serve_raw(stream, behaviour, hits, drops_left));
+        }
+    });
+    Raw { addr, hits }
+}
+
+async fn serve_raw(
+    mut stream: TcpStream,
+    behaviour: Misbehaviour,
+    hits: Arc<AtomicUsize>,
+    drops_left: Arc<AtomicUsize>,
+) {
+    let Some(path) = read_request(&mut stream).await else {
+        return;
+    };
+    let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
+    if path == "/readyz" {
+        let _ = stream.write_all(ok).await;
+        return;
+    }
+    hits.fetch_add(1, Ordering::SeqCst);
+    match behaviour {
+        Misbehaviour::Hang => std::future::pending::<()>().await,
+        Misbehaviour::Drop => {
+            let dropped = drops_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if !dropped {
+                let _ = stream.write_all(ok).await;
+            }
+        }
+    }
+}
+
+/// Reads one request (head and `content-length` body) and returns its path.
+async fn read_request(stream: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+    let body_len: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = buf.len() - head_end;
+    while body < body_len {
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        body += n;
+    }
+    head.split_whitespace().nth(1).map(str::to_owned)
+}
+
+async fn dead_addr() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    listener.local_addr().expect("local addr")
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn round_robin_spreads_gets_over_all_upstreams() {
+    let mut apps = Vec::new();
+    for name in ["a", "b", "c"] {
+        apps.push(App::named(name).spawn().await);
+    }
+    let lb = start(steady(), apps.iter().map(|(addr, _)| *addr).collect()).await;
+
+    for _ in 0..30 {
+        assert_eq!(lb.get("/").await.status, StatusCode::OK);
+    }
+
+    let hits: Vec<usize> = apps.iter().map(|(_, app)| app.hits()).collect();
+    assert_eq!(hits, [10, 10, 10]);
+    assert_eq!(lb.balancer.retries_total(), 0);
+}
+
+#[tokio::test]
+async fn dead_upstream_is_routed_around_and_shown_unhealthy() {
+    let (a, app_a) = App::named("a").spawn().await;
+    let (b, app_b) = App::named("b").spawn().await;
+    let dead = dead_addr().await;
+    let lb = start(steady(), vec![a, dead, b]).await;
+
+    for _ in 0..50 {
+        assert_eq!(lb.get("/").await.status, StatusCode::OK);
+    }
+
+    assert_eq!(app_a.hits() + app_b.hits(), 50);
+    lb.wait_health(dead, false).await;
+    assert!(lb.status_of(a) && lb.status_of(b));
+}
+
+#[tokio::test]
+async fn request_that_may_have_reached_an_upstream_is_retried_only_when_safe() {
+    let drops_left = Arc::new(AtomicUsize::new(0));
+    let x = spawn_raw(Misbehaviour::Drop, drops_left.clone()).await;
+    let y = spawn_raw(Misbehaviour::Drop, drops_left.clone()).await;
+    let lb = start(steady(), vec![x.addr, y.addr]).await;
+    let hits = || (x.hits.load(Ordering::SeqCst), y.hits.load(Ordering::SeqCst));
+
+    // POST without a key: the first upstream got it and dropped it; doing it again could
+    // create a second order.
+    drops_left.store(1, Ordering::SeqCst);
+    let reply = lb.send(Method::POST, "/orders", &[], b"{}").await;
+    reply.assert_problem(StatusCode::BAD_GATEWAY);
+    assert_eq!(hits().0 + hits().1, 1, "reached exactly one upstream");
+
+    // The same POST with an Idempotency-Key goes to the other upstream.
+    let before = hits();
+    drops_left.store(1, Ordering::SeqCst);
+    let keyed = [("idempotency-key", "order-42")];
+    let reply = lb.send(Method::POST, "/orders", &keyed, b"{}").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!((hits().0 - before.0, hits().1 - before.1), (1, 1));
+
+    // A GET is idempotent: retried too.
+    let before = hits();
+    drops_left.store(1, Ordering::SeqCst);
+    assert_eq!(lb.get("/orders/42").await.status, StatusCode::OK);
+    assert_eq!((hits().0 - before.0, hits().1 - before.1), (1, 1));
+
+    assert_eq!(lb.balancer.retries_total(), 2);
+}
+
+#[tokio::test]
+async fn draining_upstream_gets_no_new_traffic_after_the_next_health_check() {
+    let (a, app_a) = App::named("a").spawn().await;
+    let (b, app_b) = App::named("b").spawn().await;
+    let opts = BalancerOptions {
+        health_interval: Duration::from_millis(20),
+        health_timeout: Duration::from_secs(10),
+        ..BalancerOptions::default()
+    };
+    let lb = start(opts, vec![a, b]).await;
+    lb.wait_health(a, true).await;
+
+    app_a.draining.store(true, Ordering::SeqCst);
+    lb.wait_health(a, false).await;
+    let before = app_a.hits();
+    for _ in 0..20 {
+        assert_eq!(lb.get("/").await.status, StatusCode::OK);
+    }
+
+    assert_eq!(app_a.hits(), before);
+    assert_eq!(app_b.hits(), 20);
+    assert_eq!(
+        lb.balancer.upstreams(),
+        [
+            UpstreamStatus {
+                addr: a,
+                healthy: false
+            },
+            UpstreamStatus {
+                addr: b,
+                healthy: true
+            },
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_503_from_a_draining_upstream_is_retried_elsewhere() {
+    let (a, app_a) = App::named("a").spawn().await;
+    let (b, app_b) = App::named("b").spawn().await;
+    let opts = BalancerOptions {
+        health_interval: Duration::from_secs(3600),
+        health_timeout: Duration::from_secs(10),
+        ..BalancerOptions::default()
+    };
+    let lb = start(opts, vec![a, b]).await;
+    // Let the one health check of this test pass while everything is fine.
+    for _ in 0..500 {
+        if app_a.readyz_hits.load(Ordering::SeqCst) > 0
+            && app_b.readyz_hits.load(Ordering::SeqCst) > 0
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // `a` starts draining; the balancer only learns it from a 503.
+    app_a.draining.store(true, Ordering::SeqCst);
+    app_a.refusing.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        let reply = lb.get("/").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(reply.text(), "b got 0 bytes");
+    }
+
+    assert_eq!(app_a.hits(), 1, "one 503, then a is known to drain");
+    assert_eq!(app_b.hits(), 2);
+    assert_eq!(lb.balancer.retries_total(), 1);
+    assert!(!lb.status_of(a));
+}
+
+#[tokio::test]
+async fn a_503_from_a_ready_upstream_is_the_applications_answer_and_passed_through() {
+    let (a, app_a) = App::named("a").spawn().await;
+    let (b, app_b) = App::named("b").spawn().await;
+    let lb = start(steady(), vec![a, b]).await;
+
+    let reply = lb.get("/busy").await;
+
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.text(), "busy: app says so");
+    assert_eq!(app_a.hits() + app_b.hits(), 1);
+}
+
+#[tokio::test]
+async fn oversized_body_is_413_and_cookies_and_instances_pass_intact() {
+    let (a, app_a) = App::named("a").spawn().await;
+    let opts = BalancerOptions {
+        max_buffered_body: 1024,
+        ..steady()
+    };
+    let lb = start(opts, vec![a]).await;
+
+    let reply = lb.send(Method::POST, "/uploads", &[], &[7; 2048]).await;
+    reply.assert_problem(StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(app_a.hits(), 0);
+    let reply = lb.send(Method::POST, "/uploads", &[], &[7; 1024]).await;
+    assert_eq!(reply.text(), "a got 1024 bytes");
+
+    let reply = lb.get("/cookies").await;
+    let cookies: Vec<_> = reply.headers.get_all("set-cookie").iter().collect();
+    assert_eq!(cookies, ["sid=abc; Path=/; HttpOnly", "theme=dark; Path=/"]);
+
+    let reply = lb.get("/ops/instances").await;
+    assert_eq!((reply.status, reply.text()), (StatusCode::OK, "[]"));
+    let published = r#"[{"id":1,"addr":"127.0.0.1:4001","pid":42}]"#;
+    lb.balancer
+        .publish_instances(Bytes::from_static(published.as_bytes()));
+    let reply = lb.get("/ops/instances").await;
+    assert_eq!(reply.headers["content-type"], "application/json");
+    assert_eq!(reply.text(), published);
+
+    let reply = lb.get("/ops/upstreams").await;
+    assert_eq!(
+        reply.json(),
+        serde_json::json!([{ "addr": a.to_string(), "healthy": true }])
+    );
+}
+
+#[tokio::test]
+async fn end_to_end_headers_are_forwarded_and_hop_by_hop_ones_are_not() {
+    let (a, _app) = App::named("a").spawn().await;
+    let lb = start(steady(), vec![a]).await;
+
+    let sent = [
+        ("host", "shop.example"),
+        ("cookie", "sid=abc"),
+        ("origin", "https://shop.example"),
+        ("sec-fetch-site", "same-origin"),
+        ("idempotency-key", "k-1"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("connection", "x-hop"),
+        ("x-hop", "1"),
+        ("proxy-authorization", "Basic eDp5"),
+        ("te", "trailers"),
+    ];
+    let seen = lb.send(Method::GET, "/headers", &sent, b"").await.json();
+
+    for (name, value) in &sent[..5] {
+        assert_eq!(seen[name], *value, "{name}");
+    }
+    assert_eq!(seen["x-forwarded-for"], "203.0.113.7, 127.0.0.1");
+    for name in ["x-hop", "proxy-authorization", "te"] {
+        assert!(seen.get(name).is_none(), "{name} leaked: {seen}");
+    }
+}
+
+#[tokio::test]
+async fn paused_upstream_times_out_and_a_get_is_retried_on_another() {
+    let hung = spawn_raw(Misbehaviour::Hang, Arc::default()).await;
+    let (b, app_b) = App::named("b").spawn().await;
+    let opts = BalancerOptions {
+        attempt_timeout: Duration::from_millis(300),
+        ..steady()
+    };
+    let lb = start(opts, vec![hung.addr, b]).await;
+
+    // Round-robin makes at least one of the two start at the paused upstream.
+    for _ in 0..2 {
+        assert_eq!(lb.get("/").await.text(), "b got 0 bytes");
+    }
+
+    assert_eq!(hung.hits.load(Ordering::SeqCst), 1);
+    assert_eq!(app_b.hits(), 2);
+    assert_eq!(lb.balancer.retries_total(), 1);
+}
+
+#[tokio::test]
+async fn post_to_a_paused_upstream_times_out_without_retry() {
+    let p = spawn_raw(Misbehaviour::Hang, Arc::default()).await;
+    let q = spawn_raw(Misbehaviour::Hang, Arc::default()).await;
+    let opts = BalancerOptions {
+        attempt_timeout: Duration::from_millis(200),
+        ..steady()
+    };
+    let lb = start(opts, vec![p.addr, q.addr]).await;
+
+    let reply = lb.send(Method::POST, "/orders", &[], b"{}").await;
+
+    reply.assert_problem(StatusCode::GATEWAY_TIMEOUT);
+    let hits = p.hits.load(Ordering::SeqCst) + q.hits.load(Ordering::SeqCst);
+    assert_eq!(hits, 1);
+}
+
+#[tokio::test]
+async fn no_upstream_is_503() {
+    let lb = start(steady(), vec![]).await;
+    lb.get("/")
+        .await
+        .assert_problem(StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn all_upstreams_dead_is_502_after_trying_each_once() {
+    let dead = [dead_addr().await, dead_addr().await];
+    let lb = start(steady(), dead.to_vec()).await;
+
+    lb.send(Method::POST, "/orders", &[], b"{}")
+        .await
+        .assert_problem(StatusCode::BAD_GATEWAY);
+
+    assert_eq!(lb.balancer.retries_total(), 1);
+}
+
+#[tokio::test]
+async fn shutdown_lets_the_in_flight_request_finish() {
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let app = App {
+        slow: Some((arrived_tx, release.clone())),
+        ..App::named("a")
+    };
+    let (a, _app) = app.spawn().await;
+    let mut lb = start(steady(), vec![a]).await;
+    let addr = lb.addr;
+    let client = lb.client.clone();
+    let in_flight = tokio::spawn(async move {
+        let req = Request::get(format!("http://{addr}/slow"))
+            .body(Full::default())
+            .expect("request");
+        let resp = client.request(req).await.expect("answered");
+        resp.into_body().collect().await.expect("body").to_bytes()
+    });
+    arrived.recv().await.expect("request reached the upstream");
+
+    lb.stop
+        .take()
+        .expect("not stopped yet")
+        .send(())
+        .expect("balancer running");
+    release.notify_one();
+
+    assert_eq!(in_flight.await.expect("task"), "finally");
+    lb.served.await.expect("task").expect("serve returns Ok");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+}

@@ -1,0 +1,178 @@
+//! Server-side sessions, kept in the durable store so any instance can serve any user and a
+//! SIGKILL loses nothing. The cookie carries only a random 256-bit id; the store keys the
+//! session by the id's hash and holds a pointer (the user id), never the cart itself.
+//!
+//! Also here: argon2id password hashing (off the async threads) and the CSRF rule for
+//! cookie-authenticated writes.
+
+use crate::error::{AppError, AppResult};
+use crate::AppState;
+use argon2::password_hash::{
+    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
+};
+use argon2::Argon2;
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use holdfast_core::{Password, SessionId};
+use std::sync::LazyLock;
+use std::time::Duration;
+
+/// Cookie name. With `Secure` the `__Host-` prefix also pins it to this host and path `/`.
+pub fn cookie_name(secure: bool) -> &'static str {
+    if secure {
+        "__Host-holdfast_session"
+    } else {
+        "holdfast_session"
+    }
+}
+
+/// The session id from the request's cookies, if there is a well-formed one. A tampered or
+/// garbage value is simply no session.
+pub fn session_from_headers(headers: &HeaderMap, secure: bool) -> Option<SessionId> {
+    let name = cookie_name(secure);
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .and_then(|(_, v)| SessionId::parse(v.trim_matches('"')).ok())
+}
+
+pub fn set_cookie(id: &SessionId, state: &AppState) -> HeaderValue {
+    let o = state.options();
+    let secure = if o.secure_cookies { "; Secure" } else { "" };
+    let v = format!(
+        "{}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+        cookie_name(o.secure_cookies),
+        id.expose(),
+        o.session_absolute_ttl.as_secs()
+    );
+    HeaderValue::from_str(&v).expect("cookie is ASCII")
+}
+
+pub fn clear_cookie(state: &AppState) -> HeaderValue {
+    let secure = state.options().secure_cookies;
+    let v = format!(
+        "{}=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0{}",
+        cookie_name(secure),
+        if secure { "; Secure" } else { "" }
+    );
+    HeaderValue::from_str(&v).expect("cookie is ASCII")
+}
+
+/// The authenticated user of a request. Extracting it is the authorization check: every
+/// handler that touches a user's records takes one and passes its id to the store.
+#[derive(Debug, Clone)]
+pub struct Authed {
+    pub user_id: String,
+}
+
+impl FromRequestParts<AppState> for Authed {
+    type Rejection = AppError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> AppResult<Self> {
+        let o = state.options();
+        let id = session_from_headers(&parts.headers, o.secure_cookies)
+            .ok_or_else(AppError::unauthorized)?;
+        // Refresh last-use at most every minute (or a quarter of the idle timeout).
+        let touch_every = (o.session_idle_ttl / 4).min(Duration::from_secs(60));
+        let rec = state
+            .store
+            .session_get(
+                &id,
+                holdfast_core::now_ms(),
+                o.session_idle_ttl,
+                touch_every,
+            )
+            .await?
+            .ok_or_else(AppError::unauthorized)?;
+        Ok(Authed {
+            user_id: rec.user_id,
+        })
+    }
+}
+
+/// CSRF protection for every unsafe request. Browsers say where a request comes from; a
+/// cross-site one is refused. Non-browser clients send neither header and pass, which is
+/// safe because they do not carry a victim's ambient cookies.
+/// - `Sec-Fetch-Site` present: only `same-origin` or `none` (typed URL, bookmark) pass.
+/// - otherwise `Origin` present: it must name this host (`null` never does).
+pub async fn csrf_guard(
+    State(_state): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Result<Response, AppError> {
+    if !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        let h = req.headers();
+        let refuse = || {
+            AppError::new(
+                StatusCode::FORBIDDEN,
+                "cross-site-request",
+                "cross-site requests cannot change state",
+            )
+        };
+        if let Some(site) = h.get("sec-fetch-site") {
+            if !matches!(site.as_bytes(), b"same-origin" | b"none") {
+                return Err(refuse());
+            }
+        } else if let Some(origin) = h.get(header::ORIGIN) {
+            let host = h
+                .get(header::HOST)
+                .map(HeaderValue::as_bytes)
+                .unwrap_or_default();
+            let origin_host = origin
+                .to_str()
+                .ok()
+                .and_then(|o| o.split_once("://"))
+                .map(|(_, rest)| rest.as_bytes());
+            if host.is_empty() || origin_host != Some(host) {
+                return Err(refuse());
+            }
+        }
+    }
+    Ok(next.run(req).await)
+}
+
+/// argon2id with the crate's defaults (m = 19 MiB, t = 2, p = 1: the OWASP baseline).
+fn hasher() -> Argon2<'static> {
+    Argon2::default()
+}
+
+pub async fn hash_password(p: Password) -> AppResult<String> {
+    tokio::task::spawn_blocking(move || {
+        let salt = SaltString::generate(&mut OsRng);
+        hasher()
+            .hash_password(p.expose().as_bytes(), &salt)
+            .map(|h| h.to_string())
+    })
+    .await
+    .map_err(AppError::internal)?
+    .map_err(AppError::internal)
+}
+
+/// A real hash of a random password, verified against when the email is unknown so that
+/// "no such user" and "wrong password" take the same time.
+static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
+    let salt = SaltString::generate(&mut OsRng);
+    hasher()
+        .hash_password(b"not-a-real-password", &salt)
+        .map(|h| h.to_string())
+        .unwrap_or_default()
+});
+
+pub async fn verify_password(p: Password, stored: Option<String>) -> AppResult<bool> {
+    tokio::task::spawn_blocking(move || {
+        let known = stored.is_some();
+        let hash = stored.unwrap_or_else(|| DUMMY_HASH.clone());
+        let ok = PasswordHash::new(&hash)
+            .is_ok_and(|h| hasher().verify_password(p.expose().as_bytes(), &h).is_ok());
+        known && ok
+    })
+    .await
+    .map_err(AppError::internal)
+}

@@ -1,0 +1,252 @@
+//! The reference shop's handlers: accounts, catalog, cart, checkout, orders.
+//! Every handler that touches a user's records takes [`Authed`] and passes its user id to
+//! the store, which filters by it: there is no way to name another user's cart or order.
+
+use crate::body::{idempotency_key, parse_json, RawBody};
+use crate::error::{AppError, AppResult};
+use crate::idempotency::{self, json_response, Begin};
+use crate::session::{self, Authed};
+use crate::AppState;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use holdfast_core::{Email, OrderId, Password, Quantity, SessionId, Sku};
+use holdfast_store::{Cart, Order, SessionCreate, StoredResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Credentials {
+    email: String,
+    password: String,
+}
+
+pub async fn signup(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> AppResult<Response> {
+    let (c, _) = parse_json::<Credentials>(&headers, &body, false)?;
+    let email = Email::parse(&c.email)?;
+    let hash = session::hash_password(Password::parse(&c.password)?).await?;
+    let user = st.store.user_create(&email, &hash).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": user.id, "email": user.email })),
+    )
+        .into_response())
+}
+
+pub async fn login(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> AppResult<Response> {
+    let (c, _) = parse_json::<Credentials>(&headers, &body, false)?;
+    let denied = || {
+        AppError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid-credentials",
+            "wrong email or password",
+        )
+    };
+    let (Ok(email), Ok(password)) = (Email::parse(&c.email), Password::parse(&c.password)) else {
+        return Err(denied());
+    };
+    let creds = st.store.user_credentials(&email).await?;
+    let stored_hash = creds.as_ref().map(|c| c.password_hash.clone());
+    if !session::verify_password(password, stored_hash).await? {
+        return Err(denied());
+    }
+    let user = creds.ok_or_else(denied)?.user;
+    // Rotate: a session id known before login (fixation) never becomes an authenticated one.
+    if let Some(old) = session::session_from_headers(&headers, st.opts.secure_cookies) {
+        st.store.session_delete(&old).await?;
+    }
+    let id = SessionId::generate();
+    let now = holdfast_core::now_ms();
+    st.store
+        .session_create(SessionCreate {
+            id: &id,
+            user_id: &user.id,
+            now,
+            absolute_ttl: st.opts.session_absolute_ttl,
+        })
+        .await?;
+    let mut resp = Json(json!({ "user": { "id": user.id, "email": user.email } })).into_response();
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, session::set_cookie(&id, &st));
+    Ok(resp)
+}
+
+pub async fn logout(State(st): State<AppState>, headers: HeaderMap) -> AppResult<Response> {
+    if let Some(id) = session::session_from_headers(&headers, st.opts.secure_cookies) {
+        st.store.session_delete(&id).await?;
+    }
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    resp.headers_mut()
+        .insert(header::SET_COOKIE, session::clear_cookie(&st));
+    Ok(resp)
+}
+
+pub async fn me(State(st): State<AppState>, user: Authed) -> AppResult<Response> {
+    let u = st
+        .store
+        .user_get(&user.user_id)
+        .await?
+        .ok_or_else(AppError::unauthorized)?;
+    Ok(Json(json!({ "id": u.id, "email": u.email })).into_response())
+}
+
+pub async fn products(State(st): State<AppState>) -> AppResult<Response> {
+    Ok(Json(json!({ "products": st.store.product_list().await? })).into_response())
+}
+
+pub async fn cart_get(State(st): State<AppState>, user: Authed) -> AppResult<Json<Cart>> {
+    Ok(Json(st.store.cart_get(&user.user_id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CartAdd {
+    sku: String,
+    qty: i64,
+}
+
+fn render_cart(cart: &Cart) -> StoredResponse {
+    json_response(StatusCode::OK, cart)
+}
+
+fn render_order(order: &Order) -> StoredResponse {
+    json_response(StatusCode::CREATED, order)
+}
+
+/// Adds to the cart. `Idempotency-Key` is optional here; with one, a retry adds only once.
+pub async fn cart_add(
+    State(st): State<AppState>,
+    user: Authed,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> AppResult<Response> {
+    let key = idempotency_key(&headers)?;
+    let (add, canonical) = parse_json::<CartAdd>(&headers, &body, false)?;
+    let (sku, qty) = (Sku::parse(&add.sku)?, Quantity::parse(add.qty)?);
+    let claim = match idempotency::begin(
+        &st,
+        &user.user_id,
+        key,
+        method.as_str(),
+        uri.path(),
+        &canonical,
+    )
+    .await?
+    {
+        Begin::Replay(resp) => return Ok(resp),
+        Begin::Run(claim) => claim,
+    };
+    let commit = claim.as_ref().map(|c| c.commit(&render_cart));
+    let outcome = st
+        .store
+        .cart_add(&user.user_id, &sku, qty, commit.as_ref())
+        .await;
+    idempotency::finish(&st, claim, outcome, &render_cart).await
+}
+
+pub async fn cart_remove(
+    State(st): State<AppState>,
+    user: Authed,
+    Path(sku): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+) -> AppResult<Response> {
+    let key = idempotency_key(&headers)?;
+    let sku = Sku::parse(&sku)?;
+    let claim = match idempotency::begin(&st, &user.user_id, key, method.as_str(), uri.path(), b"")
+        .await?
+    {
+        Begin::Replay(resp) => return Ok(resp),
+        Begin::Run(claim) => claim,
+    };
+    let commit = claim.as_ref().map(|c| c.commit(&render_cart));
+    let outcome = st
+        .store
+        .cart_remove(&user.user_id, &sku, commit.as_ref())
+        .await;
+    idempotency::finish(&st, claim, outcome, &render_cart).await
+}
+
+/// Checkout takes no fields today; an empty body or `{}` are the same request.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutBody {}
+
+/// Turns the cart into an order. `Idempotency-Key` is required: a checkout is the request a
+/// client must be able to retry blindly.
+pub async fn checkout(
+    State(st): State<AppState>,
+    user: Authed,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> AppResult<Response> {
+    let key = idempotency_key(&headers)?.ok_or_else(|| {
+        AppError::bad_request(
+            "idempotency-key-missing",
+            "checkout requires an Idempotency-Key header",
+        )
+    })?;
+    let (CheckoutBody {}, canonical) = parse_json(&headers, &body, true)?;
+    let claim = match idempotency::begin(
+        &st,
+        &user.user_id,
+        Some(key),
+        method.as_str(),
+        uri.path(),
+        &canonical,
+    )
+    .await?
+    {
+        Begin::Replay(resp) => return Ok(resp),
+        Begin::Run(claim) => claim,
+    };
+    let commit = claim.as_ref().map(|c| c.commit(&render_order));
+    let outcome = st.store.checkout(&user.user_id, commit.as_ref()).await;
+    idempotency::finish(&st, claim, outcome, &render_order).await
+}
+
+/// The same checkout without the idempotency layer: the baseline `holdfast bench` compares
+/// against. Mounted only with `WebOptions::bench_routes`.
+pub async fn bench_checkout(
+    State(st): State<AppState>,
+    user: Authed,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> AppResult<Response> {
+    let (CheckoutBody {}, _) = parse_json(&headers, &body, true)?;
+    let outcome = st.store.checkout(&user.user_id, None).await;
+    idempotency::finish(&st, None, outcome, &render_order).await
+}
+
+pub async fn orders(State(st): State<AppState>, user: Authed) -> AppResult<Response> {
+    Ok(Json(json!({ "orders": st.store.order_list(&user.user_id, 100).await? })).into_response())
+}
+
+pub async fn order(
+    State(st): State<AppState>,
+    user: Authed,
+    Path(id): Path<String>,
+) -> AppResult<Json<Order>> {
+    let missing = || AppError::not_found("no such order");
+    let id = OrderId::parse(&id).map_err(|_| missing())?;
+    st.store
+        .order_get(&user.user_id, &id)
+        .await?
+        .map(Json)
+        .ok_or_else(missing)
+}
