@@ -145,3 +145,16 @@ mod tests {
         );
     }
 }
+
+/// One path segment, percent-decoded. A segment that does not decode names nothing: 404.
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathParam {
+    type Rejection = AppError;
+    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> AppResult<Self> {
+        axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(s)| PathParam(s))
+            .map_err(|_| AppError::not_found("no such resource"))
+    }
+}

@@ -2,12 +2,12 @@
 //! Every handler that touches a user's records takes [`Authed`] and passes its user id to
 //! the store, which filters by it: there is no way to name another user's cart or order.
 
-use crate::body::{idempotency_key, parse_json, RawBody};
+use crate::body::{idempotency_key, parse_json, PathParam, RawBody};
 use crate::error::{AppError, AppResult};
 use crate::idempotency::{self, json_response, Begin};
 use crate::session::{self, Authed};
 use crate::AppState;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -159,7 +159,7 @@ pub async fn cart_add(
 pub async fn cart_remove(
     State(st): State<AppState>,
     user: Authed,
-    Path(sku): Path<String>,
+    PathParam(sku): PathParam,
     method: Method,
     uri: Uri,
     headers: HeaderMap,
@@ -240,7 +240,7 @@ pub async fn orders(State(st): State<AppState>, user: Authed) -> AppResult<Respo
 pub async fn order(
     State(st): State<AppState>,
     user: Authed,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
 ) -> AppResult<Json<Order>> {
     let missing = || AppError::not_found("no such order");
     let id = OrderId::parse(&id).map_err(|_| missing())?;
