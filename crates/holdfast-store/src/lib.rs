@@ -88,9 +88,10 @@ fn transient(e: &sqlx::Error, must_be_uncommitted: bool) -> bool {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             // SQLite reports (extended) numeric result codes; the low byte is the primary
-            // code: 5 SQLITE_BUSY, 6 SQLITE_LOCKED.
-            if let Ok(n) = code.parse::<i32>() {
-                return matches!(n & 0xff, 5 | 6);
+            // code: 5 SQLITE_BUSY, 6 SQLITE_LOCKED. Ask the driver, not the code's shape: many
+            // Postgres SQLSTATEs are all digits too (40001, 08006, 42501).
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+                return code.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6));
             }
             // Postgres SQLSTATE: serialization failure, deadlock (rolled back, safe either
             // way); admin shutdown, cannot connect now, connection exceptions (maybe

@@ -356,7 +356,16 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            sqlx::query("DELETE FROM cart_items WHERE user_id = $1").bind(user_id).execute(&mut *tx).await?;
+            // Delete exactly the lines read (and on Postgres locked) above, not the whole cart:
+            // under READ COMMITTED a line another transaction added since is visible to a later
+            // statement, is not in this order, and must stay in the cart.
+            for l in &order.items {
+                sqlx::query("DELETE FROM cart_items WHERE user_id = $1 AND sku = $2")
+                    .bind(user_id)
+                    .bind(&l.sku)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             let stored = idem_finish(&mut tx, idem, &order).await?;
             tx.commit().await?;
             Ok((order, stored))
@@ -375,9 +384,11 @@ impl Store {
             let mut orders = rows.iter().map(order_head).collect::<Result<Vec<_>>>()?;
             let lines = sqlx::query(
                 "SELECT i.order_id, i.sku, i.name, i.qty, i.unit_price_cents FROM order_items i
-                 JOIN orders o ON o.id = i.order_id WHERE o.user_id = $1 ORDER BY i.sku",
+                 JOIN (SELECT id FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id LIMIT $2) o
+                 ON o.id = i.order_id ORDER BY i.sku",
             )
             .bind(user_id)
+            .bind(limit)
             .fetch_all(&self.pool)
             .await?;
             for r in &lines {
