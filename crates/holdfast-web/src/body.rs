@@ -151,7 +151,10 @@ pub struct PathParam(pub String);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathParam {
     type Rejection = AppError;
-    async fn from_request_parts(parts: &mut axum::http::request::Parts, state: &S) -> AppResult<Self> {
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> AppResult<Self> {
         axum::extract::Path::<String>::from_request_parts(parts, state)
             .await
             .map(|axum::extract::Path(s)| PathParam(s))

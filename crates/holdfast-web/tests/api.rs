@@ -27,19 +27,31 @@ impl Reply {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
     fn is_problem(&self) -> bool {
-        self.headers.get(header::CONTENT_TYPE).is_some_and(|v| v == "application/problem+json")
+        self.headers
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v == "application/problem+json")
     }
 }
 
 async fn spawn_app(opts: WebOptions) -> TestApp {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreOptions::new(holdfast_store::testing::sqlite_url(dir.path()))).await.unwrap();
+    let store = Store::open(&StoreOptions::new(holdfast_store::testing::sqlite_url(
+        dir.path(),
+    )))
+    .await
+    .unwrap();
     let metrics = holdfast_web::install_metrics_recorder().ok();
-    TestApp { router: app(AppState::new(store, opts, metrics)), _dir: dir }
+    TestApp {
+        router: app(AppState::new(store, opts, metrics)),
+        _dir: dir,
+    }
 }
 
 fn local() -> WebOptions {
-    WebOptions { secure_cookies: false, ..WebOptions::default() }
+    WebOptions {
+        secure_cookies: false,
+        ..WebOptions::default()
+    }
 }
 
 impl TestApp {
@@ -47,13 +59,33 @@ impl TestApp {
         let resp = self.router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.unwrap().to_bytes().to_vec();
-        Reply { status, headers, body }
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes()
+            .to_vec();
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 
     /// A request with optional JSON body, session cookie and extra headers.
-    async fn call(&self, method: &str, path: &str, body: Option<Value>, cookie: Option<&str>, extra: &[(&str, &str)]) -> Reply {
-        let mut b = Request::builder().method(method).uri(path).header(header::HOST, "shop.test");
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        cookie: Option<&str>,
+        extra: &[(&str, &str)],
+    ) -> Reply {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "shop.test");
         if let Some(c) = cookie {
             b = b.header(header::COOKIE, c);
         }
@@ -73,23 +105,49 @@ impl TestApp {
     /// Signs up and logs in; returns the `Cookie` header value.
     async fn user(&self, email: &str) -> String {
         let creds = json!({ "email": email, "password": "correct horse battery" });
-        assert_eq!(self.call("POST", "/api/signup", Some(creds.clone()), None, &[]).await.status, StatusCode::CREATED);
-        let r = self.call("POST", "/api/login", Some(creds), None, &[]).await;
+        assert_eq!(
+            self.call("POST", "/api/signup", Some(creds.clone()), None, &[])
+                .await
+                .status,
+            StatusCode::CREATED
+        );
+        let r = self
+            .call("POST", "/api/login", Some(creds), None, &[])
+            .await;
         assert_eq!(r.status, StatusCode::OK);
         cookie_of(&r)
     }
 
     async fn add(&self, cookie: &str, sku: &str, qty: i64) -> Reply {
-        self.call("POST", "/api/cart/items", Some(json!({ "sku": sku, "qty": qty })), Some(cookie), &[]).await
+        self.call(
+            "POST",
+            "/api/cart/items",
+            Some(json!({ "sku": sku, "qty": qty })),
+            Some(cookie),
+            &[],
+        )
+        .await
     }
 
     async fn checkout(&self, cookie: &str, key: &str) -> Reply {
-        self.call("POST", "/api/checkout", None, Some(cookie), &[("idempotency-key", key)]).await
+        self.call(
+            "POST",
+            "/api/checkout",
+            None,
+            Some(cookie),
+            &[("idempotency-key", key)],
+        )
+        .await
     }
 }
 
 fn cookie_of(r: &Reply) -> String {
-    let set = r.headers.get(header::SET_COOKIE).expect("set-cookie").to_str().unwrap();
+    let set = r
+        .headers
+        .get(header::SET_COOKIE)
+        .expect("set-cookie")
+        .to_str()
+        .unwrap();
     set.split(';').next().unwrap().to_owned()
 }
 
@@ -97,19 +155,33 @@ fn cookie_of(r: &Reply) -> String {
 async fn login_sets_a_hardened_cookie_and_rotates_the_session_id() {
     let t = spawn_app(WebOptions::default()).await;
     let creds = json!({ "email": "ann@example.com", "password": "correct horse battery" });
-    t.call("POST", "/api/signup", Some(creds.clone()), None, &[]).await;
-    let first = t.call("POST", "/api/login", Some(creds.clone()), None, &[]).await;
-    let set = first.headers.get(header::SET_COOKIE).unwrap().to_str().unwrap().to_owned();
+    t.call("POST", "/api/signup", Some(creds.clone()), None, &[])
+        .await;
+    let first = t
+        .call("POST", "/api/login", Some(creds.clone()), None, &[])
+        .await;
+    let set = first
+        .headers
+        .get(header::SET_COOKIE)
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_owned();
     for flag in ["HttpOnly", "SameSite=Lax", "Secure", "Path=/"] {
         assert!(set.contains(flag), "{set} lacks {flag}");
     }
     assert!(set.starts_with("__Host-holdfast_session="));
     let old = cookie_of(&first);
     // Logging in again while presenting the old cookie yields a new id and kills the old one.
-    let second = t.call("POST", "/api/login", Some(creds), Some(&old), &[]).await;
+    let second = t
+        .call("POST", "/api/login", Some(creds), Some(&old), &[])
+        .await;
     let new = cookie_of(&second);
     assert_ne!(old, new);
-    assert_eq!(t.call("GET", "/api/me", None, Some(&old), &[]).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        t.call("GET", "/api/me", None, Some(&old), &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
     let me = t.call("GET", "/api/me", None, Some(&new), &[]).await;
     assert_eq!(me.json()["email"], "ann@example.com");
 }
@@ -118,19 +190,54 @@ async fn login_sets_a_hardened_cookie_and_rotates_the_session_id() {
 async fn logout_ends_the_session_everywhere() {
     let t = spawn_app(local()).await;
     let c = t.user("bo@example.com").await;
-    assert_eq!(t.call("POST", "/api/logout", None, Some(&c), &[]).await.status, StatusCode::NO_CONTENT);
-    assert_eq!(t.call("GET", "/api/me", None, Some(&c), &[]).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        t.call("POST", "/api/logout", None, Some(&c), &[])
+            .await
+            .status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        t.call("GET", "/api/me", None, Some(&c), &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test]
 async fn wrong_password_and_unknown_email_look_the_same() {
     let t = spawn_app(local()).await;
     t.user("cy@example.com").await;
-    let wrong = t.call("POST", "/api/login", Some(json!({"email":"cy@example.com","password":"not the password"})), None, &[]).await;
-    let unknown = t.call("POST", "/api/login", Some(json!({"email":"zz@example.com","password":"not the password"})), None, &[]).await;
-    assert_eq!((wrong.status, unknown.status), (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED));
+    let wrong = t
+        .call(
+            "POST",
+            "/api/login",
+            Some(json!({"email":"cy@example.com","password":"not the password"})),
+            None,
+            &[],
+        )
+        .await;
+    let unknown = t
+        .call(
+            "POST",
+            "/api/login",
+            Some(json!({"email":"zz@example.com","password":"not the password"})),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (wrong.status, unknown.status),
+        (StatusCode::UNAUTHORIZED, StatusCode::UNAUTHORIZED)
+    );
     assert_eq!(wrong.body, unknown.body);
-    let dup = t.call("POST", "/api/signup", Some(json!({"email":"CY@example.com","password":"whatever123"})), None, &[]).await;
+    let dup = t
+        .call(
+            "POST",
+            "/api/signup",
+            Some(json!({"email":"CY@example.com","password":"whatever123"})),
+            None,
+            &[],
+        )
+        .await;
     assert_eq!(dup.status, StatusCode::CONFLICT);
 }
 
@@ -144,16 +251,36 @@ async fn cross_site_writes_are_refused_but_plain_clients_pass() {
         (&[("sec-fetch-site", "same-site")], StatusCode::FORBIDDEN),
         (&[("origin", "https://evil.example")], StatusCode::FORBIDDEN),
         (&[("origin", "null")], StatusCode::FORBIDDEN),
-        (&[("sec-fetch-site", "same-origin"), ("origin", "http://shop.test")], StatusCode::OK),
+        (
+            &[
+                ("sec-fetch-site", "same-origin"),
+                ("origin", "http://shop.test"),
+            ],
+            StatusCode::OK,
+        ),
         (&[("origin", "http://shop.test")], StatusCode::OK),
         (&[], StatusCode::OK),
     ];
     for (headers, want) in cases {
-        let r = t.call("POST", "/api/cart/items", body(), Some(&c), headers).await;
+        let r = t
+            .call("POST", "/api/cart/items", body(), Some(&c), headers)
+            .await;
         assert_eq!(r.status, *want, "{headers:?}");
     }
-    let cart = t.call("GET", "/api/cart", None, Some(&c), &[("sec-fetch-site", "cross-site")]).await;
-    assert_eq!(cart.json()["items"][0]["qty"], 3, "only the three allowed writes landed; reads are not blocked");
+    let cart = t
+        .call(
+            "GET",
+            "/api/cart",
+            None,
+            Some(&c),
+            &[("sec-fetch-site", "cross-site")],
+        )
+        .await;
+    assert_eq!(
+        cart.json()["items"][0]["qty"],
+        3,
+        "only the three allowed writes landed; reads are not blocked"
+    );
 }
 
 #[tokio::test]
@@ -170,10 +297,24 @@ async fn checkout_turns_the_cart_into_an_order_once_per_key() {
     assert!(order["order_id"].is_string());
     // The retry replays the first answer byte for byte and orders nothing new.
     let again = t.checkout(&c, "\"order-1\"").await;
-    assert_eq!((again.status, &again.body), (StatusCode::CREATED, &first.body));
+    assert_eq!(
+        (again.status, &again.body),
+        (StatusCode::CREATED, &first.body)
+    );
     assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
-    assert_eq!(t.call("GET", "/api/orders", None, Some(&c), &[]).await.json()["orders"].as_array().unwrap().len(), 1);
-    assert_eq!(t.call("GET", "/api/cart", None, Some(&c), &[]).await.json()["items"], json!([]));
+    assert_eq!(
+        t.call("GET", "/api/orders", None, Some(&c), &[])
+            .await
+            .json()["orders"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        t.call("GET", "/api/cart", None, Some(&c), &[]).await.json()["items"],
+        json!([])
+    );
     // A new key on the now-empty cart is a client error, and the key is not burnt by it.
     let empty = t.checkout(&c, "order-2").await;
     assert_eq!(empty.status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -193,23 +334,46 @@ async fn idempotency_key_errors_follow_the_draft() {
     // Same key, different payload: 422 (checked before any work, so nothing changes).
     let add = |qty| json!({ "sku": "HELMET", "qty": qty });
     let k = [("idempotency-key", "\"cart-1\"")];
-    assert_eq!(t.call("POST", "/api/cart/items", Some(add(1)), Some(&c), &k).await.status, StatusCode::OK);
-    let other = t.call("POST", "/api/cart/items", Some(add(2)), Some(&c), &k).await;
+    assert_eq!(
+        t.call("POST", "/api/cart/items", Some(add(1)), Some(&c), &k)
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let other = t
+        .call("POST", "/api/cart/items", Some(add(2)), Some(&c), &k)
+        .await;
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(other.is_problem());
     // The same key sent to another endpoint is also a different payload.
-    assert_eq!(t.checkout(&c, "\"cart-1\"").await.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(t.call("GET", "/api/cart", None, Some(&c), &[]).await.json()["items"][0]["qty"], 2);
+    assert_eq!(
+        t.checkout(&c, "\"cart-1\"").await.status,
+        StatusCode::UNPROCESSABLE_ENTITY
+    );
+    assert_eq!(
+        t.call("GET", "/api/cart", None, Some(&c), &[]).await.json()["items"][0]["qty"],
+        2
+    );
     // Absurd keys: 400, never stored, never a 5xx.
     let long = format!("\"{}\"", "x".repeat(300));
-    for bad in ["", "\"\"", "\"unterminated", "two words", long.as_str(), "\"tab\there\""] {
+    for bad in [
+        "",
+        "\"\"",
+        "\"unterminated",
+        "two words",
+        long.as_str(),
+        "\"tab\there\"",
+    ] {
         let r = t.checkout(&c, bad).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "key {bad:?}");
     }
     // Keys are per user: another user's identical key is independent.
     let c2 = t.user("gu@example.com").await;
     t.add(&c2, "HELMET", 1).await;
-    assert_eq!(t.checkout(&c2, "\"cart-1\"").await.status, StatusCode::CREATED);
+    assert_eq!(
+        t.checkout(&c2, "\"cart-1\"").await.status,
+        StatusCode::CREATED
+    );
 }
 
 #[tokio::test]
@@ -220,22 +384,47 @@ async fn users_cannot_see_each_others_orders_or_carts() {
     t.add(&a, "HARNESS", 1).await;
     let order = t.checkout(&a, "a-1").await.json();
     let path = format!("/api/orders/{}", order["order_id"].as_str().unwrap());
-    assert_eq!(t.call("GET", &path, None, Some(&a), &[]).await.status, StatusCode::OK);
+    assert_eq!(
+        t.call("GET", &path, None, Some(&a), &[]).await.status,
+        StatusCode::OK
+    );
     let theirs = t.call("GET", &path, None, Some(&b), &[]).await;
-    assert_eq!(theirs.status, StatusCode::NOT_FOUND, "another user's order is indistinguishable from a missing one");
-    assert_eq!(t.call("GET", &path, None, None, &[]).await.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(t.call("GET", "/api/orders", None, Some(&b), &[]).await.json()["orders"], json!([]));
+    assert_eq!(
+        theirs.status,
+        StatusCode::NOT_FOUND,
+        "another user's order is indistinguishable from a missing one"
+    );
+    assert_eq!(
+        t.call("GET", &path, None, None, &[]).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        t.call("GET", "/api/orders", None, Some(&b), &[])
+            .await
+            .json()["orders"],
+        json!([])
+    );
     t.add(&b, "HELMET", 2).await;
-    assert_eq!(t.call("GET", "/api/cart", None, Some(&a), &[]).await.json()["items"], json!([]));
+    assert_eq!(
+        t.call("GET", "/api/cart", None, Some(&a), &[]).await.json()["items"],
+        json!([])
+    );
 }
 
 /// Bad input never yields a 5xx or a half-written record: each case names its status.
 #[tokio::test]
 async fn bad_input_gets_a_clear_problem() {
-    let t = spawn_app(WebOptions { max_body_bytes: 1024, ..local() }).await;
+    let t = spawn_app(WebOptions {
+        max_body_bytes: 1024,
+        ..local()
+    })
+    .await;
     let c = t.user("in@example.com").await;
     let raw = |method: &str, path: &str, ct: Option<&str>, body: Vec<u8>, cookie: Option<&str>| {
-        let mut b = Request::builder().method(method).uri(path).header(header::HOST, "shop.test");
+        let mut b = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "shop.test");
         if let Some(ct) = ct {
             b = b.header(header::CONTENT_TYPE, ct);
         }
@@ -246,52 +435,237 @@ async fn bad_input_gets_a_clear_problem() {
     };
     let json_ct = Some("application/json");
     let cases: Vec<(Request<Body>, StatusCode)> = vec![
-        (raw("POST", "/api/signup", json_ct, b"{not json".to_vec(), None), StatusCode::BAD_REQUEST),
-        (raw("POST", "/api/signup", json_ct, b"".to_vec(), None), StatusCode::BAD_REQUEST),
-        (raw("POST", "/api/signup", json_ct, br#"{"email":1,"password":[]}"#.to_vec(), None), StatusCode::UNPROCESSABLE_ENTITY),
-        (raw("POST", "/api/signup", json_ct, br#"{"email":"x@y.z","password":"short"}"#.to_vec(), None), StatusCode::UNPROCESSABLE_ENTITY),
-        (raw("POST", "/api/signup", json_ct, br#"{"email":"nope","password":"longenough"}"#.to_vec(), None), StatusCode::UNPROCESSABLE_ENTITY),
-        (raw("POST", "/api/signup", Some("text/plain"), br#"{"email":"x@y.z","password":"longenough"}"#.to_vec(), None), StatusCode::UNSUPPORTED_MEDIA_TYPE),
-        (raw("POST", "/api/signup", json_ct, vec![b' '; 4096], None), StatusCode::PAYLOAD_TOO_LARGE),
-        (raw("POST", "/api/cart/items", json_ct, br#"{"sku":"NOPE","qty":1}"#.to_vec(), Some(&c)), StatusCode::UNPROCESSABLE_ENTITY),
-        (raw("POST", "/api/cart/items", json_ct, br#"{"sku":"HELMET","qty":-3}"#.to_vec(), Some(&c)), StatusCode::UNPROCESSABLE_ENTITY),
-        (raw("POST", "/api/cart/items", json_ct, br#"{"sku":"HELMET","qty":0}"#.to_vec(), Some(&c)), StatusCode::UNPROCESSABLE_ENTITY),
-        (raw("POST", "/api/cart/items", json_ct, br#"{"sku":"HELMET","qty":1.5}"#.to_vec(), Some(&c)), StatusCode::UNPROCESSABLE_ENTITY),
-        (raw("POST", "/api/cart/items", json_ct, br#"{"sku":"HELMET","qty":1e40}"#.to_vec(), Some(&c)), StatusCode::UNPROCESSABLE_ENTITY),
-        (raw("POST", "/api/cart/items", json_ct, br#"{"sku":"HELMET","qty":"1"}"#.to_vec(), Some(&c)), StatusCode::UNPROCESSABLE_ENTITY),
-        (raw("POST", "/api/cart/items", json_ct, br#"{"sku":"HELMET","qty":1,"price":0}"#.to_vec(), Some(&c)), StatusCode::UNPROCESSABLE_ENTITY),
-        (raw("POST", "/api/cart/items", json_ct, br#"{"sku":"HELMET","qty":99}"#.to_vec(), Some(&c)), StatusCode::OK),
-        (raw("POST", "/api/cart/items", json_ct, br#"{"sku":"HELMET","qty":1}"#.to_vec(), Some(&c)), StatusCode::UNPROCESSABLE_ENTITY),
-        (raw("DELETE", "/api/cart/items/%00%ff", None, vec![], Some(&c)), StatusCode::NOT_FOUND),
-        (raw("DELETE", "/api/cart/items/lower", None, vec![], Some(&c)), StatusCode::UNPROCESSABLE_ENTITY),
-        (raw("GET", "/api/orders/not-a-uuid", None, vec![], Some(&c)), StatusCode::NOT_FOUND),
-        (raw("GET", "/api/me", None, vec![], Some("holdfast_session=garbage")), StatusCode::UNAUTHORIZED),
-        (raw("GET", "/api/me", None, vec![], Some(&format!("holdfast_session={}", "a".repeat(64)))), StatusCode::UNAUTHORIZED),
-        (raw("GET", "/api/me", None, vec![], Some("holdfast_session=;;==; holdfast_session")), StatusCode::UNAUTHORIZED),
-        (raw("GET", "/nope", None, vec![], None), StatusCode::NOT_FOUND),
-        (raw("PUT", "/api/checkout", None, vec![], Some(&c)), StatusCode::METHOD_NOT_ALLOWED),
+        (
+            raw("POST", "/api/signup", json_ct, b"{not json".to_vec(), None),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            raw("POST", "/api/signup", json_ct, b"".to_vec(), None),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/signup",
+                json_ct,
+                br#"{"email":1,"password":[]}"#.to_vec(),
+                None,
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/signup",
+                json_ct,
+                br#"{"email":"x@y.z","password":"short"}"#.to_vec(),
+                None,
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/signup",
+                json_ct,
+                br#"{"email":"nope","password":"longenough"}"#.to_vec(),
+                None,
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/signup",
+                Some("text/plain"),
+                br#"{"email":"x@y.z","password":"longenough"}"#.to_vec(),
+                None,
+            ),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            raw("POST", "/api/signup", json_ct, vec![b' '; 4096], None),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/cart/items",
+                json_ct,
+                br#"{"sku":"NOPE","qty":1}"#.to_vec(),
+                Some(&c),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/cart/items",
+                json_ct,
+                br#"{"sku":"HELMET","qty":-3}"#.to_vec(),
+                Some(&c),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/cart/items",
+                json_ct,
+                br#"{"sku":"HELMET","qty":0}"#.to_vec(),
+                Some(&c),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/cart/items",
+                json_ct,
+                br#"{"sku":"HELMET","qty":1.5}"#.to_vec(),
+                Some(&c),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/cart/items",
+                json_ct,
+                br#"{"sku":"HELMET","qty":1e40}"#.to_vec(),
+                Some(&c),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/cart/items",
+                json_ct,
+                br#"{"sku":"HELMET","qty":"1"}"#.to_vec(),
+                Some(&c),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/cart/items",
+                json_ct,
+                br#"{"sku":"HELMET","qty":1,"price":0}"#.to_vec(),
+                Some(&c),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/cart/items",
+                json_ct,
+                br#"{"sku":"HELMET","qty":99}"#.to_vec(),
+                Some(&c),
+            ),
+            StatusCode::OK,
+        ),
+        (
+            raw(
+                "POST",
+                "/api/cart/items",
+                json_ct,
+                br#"{"sku":"HELMET","qty":1}"#.to_vec(),
+                Some(&c),
+            ),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw("DELETE", "/api/cart/items/%00%ff", None, vec![], Some(&c)),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            raw("DELETE", "/api/cart/items/lower", None, vec![], Some(&c)),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            raw("GET", "/api/orders/not-a-uuid", None, vec![], Some(&c)),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            raw(
+                "GET",
+                "/api/me",
+                None,
+                vec![],
+                Some("holdfast_session=garbage"),
+            ),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            raw(
+                "GET",
+                "/api/me",
+                None,
+                vec![],
+                Some(&format!("holdfast_session={}", "a".repeat(64))),
+            ),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            raw(
+                "GET",
+                "/api/me",
+                None,
+                vec![],
+                Some("holdfast_session=;;==; holdfast_session"),
+            ),
+            StatusCode::UNAUTHORIZED,
+        ),
+        (
+            raw("GET", "/nope", None, vec![], None),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            raw("PUT", "/api/checkout", None, vec![], Some(&c)),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
     ];
     for (i, (req, want)) in cases.into_iter().enumerate() {
         let r = t.send(req).await;
-        assert_eq!(r.status, want, "case {i}: {}", String::from_utf8_lossy(&r.body));
+        assert_eq!(
+            r.status,
+            want,
+            "case {i}: {}",
+            String::from_utf8_lossy(&r.body)
+        );
         if !want.is_success() {
             assert!(r.is_problem(), "case {i} is not problem+json");
             assert_eq!(r.json()["status"], want.as_u16());
         }
     }
     // The cart holds exactly what the one good request added: no half-written records.
-    assert_eq!(t.call("GET", "/api/cart", None, Some(&c), &[]).await.json()["items"][0]["qty"], 99);
+    assert_eq!(
+        t.call("GET", "/api/cart", None, Some(&c), &[]).await.json()["items"][0]["qty"],
+        99
+    );
 }
 
 #[tokio::test]
 async fn health_readiness_metrics_and_page() {
     let t = spawn_app(local()).await;
-    assert_eq!(t.call("GET", "/healthz", None, None, &[]).await.status, StatusCode::OK);
-    assert_eq!(t.call("GET", "/readyz", None, None, &[]).await.status, StatusCode::OK);
+    assert_eq!(
+        t.call("GET", "/healthz", None, None, &[]).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        t.call("GET", "/readyz", None, None, &[]).await.status,
+        StatusCode::OK
+    );
     let page = t.call("GET", "/", None, None, &[]).await;
     assert!(String::from_utf8_lossy(&page.body).contains("Holdfast shop"));
     let products = t.call("GET", "/api/products", None, None, &[]).await.json();
-    assert_eq!(products["products"].as_array().unwrap().len(), holdfast_core::CATALOG.len());
+    assert_eq!(
+        products["products"].as_array().unwrap().len(),
+        holdfast_core::CATALOG.len()
+    );
     let m = String::from_utf8(t.call("GET", "/metrics", None, None, &[]).await.body).unwrap();
     assert!(m.contains("holdfast_http_requests_total"), "{m}");
     assert!(m.contains("holdfast_http_request_duration_seconds_bucket"));
@@ -301,13 +675,28 @@ async fn health_readiness_metrics_and_page() {
 #[tokio::test]
 async fn draining_turns_readiness_off_but_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreOptions::new(holdfast_store::testing::sqlite_url(dir.path()))).await.unwrap();
+    let store = Store::open(&StoreOptions::new(holdfast_store::testing::sqlite_url(
+        dir.path(),
+    )))
+    .await
+    .unwrap();
     let state = AppState::new(store, local(), None);
     let router = app(state.clone());
     state.start_draining();
     let get = |p: &str| Request::builder().uri(p).body(Body::empty()).unwrap();
-    assert_eq!(router.clone().oneshot(get("/readyz")).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(router.oneshot(get("/api/products")).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        router
+            .clone()
+            .oneshot(get("/readyz"))
+            .await
+            .unwrap()
+            .status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        router.oneshot(get("/api/products")).await.unwrap().status(),
+        StatusCode::OK
+    );
 }
 
 mod fuzz {
@@ -321,7 +710,8 @@ mod fuzz {
             proptest::collection::vec(any::<u8>(), 0..300),
             "\\PC{0,200}".prop_map(String::into_bytes),
             (any::<i64>(), "[A-Z-]{0,12}", any::<bool>()).prop_map(|(q, s, extra)| {
-                let mut v = json!({ "sku": s, "qty": q, "email": format!("{s}@x.y"), "password": s });
+                let mut v =
+                    json!({ "sku": s, "qty": q, "email": format!("{s}@x.y"), "password": s });
                 if extra {
                     v["extra"] = json!(null);
                 }

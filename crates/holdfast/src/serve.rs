@@ -1,0 +1,127 @@
+//! `holdfast serve`: one stateless web instance.
+//!
+//! Instances are cattle: a supervisor (ours in `up.rs`, or an orchestrator in production) starts
+//! them on port 0, learns the address from one line on stdout, and stops them with SIGTERM — or
+//! SIGKILL — at any time. Everything durable lives in the store, so all an instance owes on the
+//! way out is a clean drain: `/readyz` turns 503 while requests are still served, so balancers
+//! stop sending new ones; then the listener closes, in-flight requests finish (bounded), and the
+//! store's connections close.
+
+use std::future::{pending, IntoFuture};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{ensure, Context};
+use holdfast_store::{Store, StoreOptions};
+use holdfast_web::{AppState, WebOptions};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::time::sleep;
+use tracing::{info, warn};
+
+use crate::cli::{InstanceArgs, ServeArgs};
+
+/// The one stdout line a supervisor waits for: `HOLDFAST_LISTENING 127.0.0.1:45678`.
+pub const LISTENING: &str = "HOLDFAST_LISTENING";
+
+/// How often expired sessions and idempotency keys are deleted.
+const REAP_EVERY: Duration = Duration::from_secs(60);
+
+/// How much longer than one request timeout in-flight requests get after the listener closes.
+const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    die_with_parent(args.parent_pid)?;
+    let terminated = crate::on_terminate()?;
+    let opts = web_options(&args.instance, !args.insecure_cookies)?;
+    let grace = opts.request_timeout + SHUTDOWN_SLACK;
+
+    let metrics = holdfast_web::install_metrics_recorder().map_err(anyhow::Error::msg)?;
+    let store = Store::open(&StoreOptions::new(args.store.store_url()?))
+        .await
+        .context("opening the store")?;
+    let state = AppState::new(store.clone(), opts, Some(metrics));
+    let listener = TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("binding {}", args.addr))?;
+    let addr = listener.local_addr()?;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{LISTENING} {addr}")?;
+    stdout.flush()?;
+    drop(stdout);
+    info!(%addr, backend = store.dialect().name(), "serving");
+    tokio::spawn(holdfast_web::reap_forever(state.clone(), REAP_EVERY));
+
+    let (stopping_tx, stopping_rx) = oneshot::channel();
+    let drain = {
+        let state = state.clone();
+        let delay = args.instance.drain_delay;
+        async move {
+            let signal = terminated.await;
+            info!(signal, ?delay, "draining: /readyz is 503, still serving");
+            state.start_draining();
+            sleep(delay).await;
+            info!(?grace, "shutting down: finishing in-flight requests");
+            let _ = stopping_tx.send(());
+        }
+    };
+    let app = holdfast_web::app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(drain);
+    let grace_over = async {
+        match stopping_rx.await {
+            Ok(()) => sleep(grace).await,
+            Err(_) => pending().await,
+        }
+    };
+    tokio::select! {
+        served = server.into_future() => served.context("serving")?,
+        () = grace_over => warn!("grace period over; dropping the requests still in flight"),
+    }
+    store.close().await;
+    info!("stopped");
+    Ok(())
+}
+
+/// The web crate's options with the flags' overrides; checked, so `up` can fail fast too.
+pub fn web_options(args: &InstanceArgs, secure_cookies: bool) -> anyhow::Result<WebOptions> {
+    let d = WebOptions::default();
+    let opts = WebOptions {
+        session_idle_ttl: args.session_idle_ttl.unwrap_or(d.session_idle_ttl),
+        session_absolute_ttl: args.session_absolute_ttl.unwrap_or(d.session_absolute_ttl),
+        idempotency_lock_ttl: args.idempotency_lock_ttl.unwrap_or(d.idempotency_lock_ttl),
+        request_timeout: args.request_timeout.unwrap_or(d.request_timeout),
+        secure_cookies,
+        bench_routes: args.bench_routes,
+        ..d
+    };
+    ensure!(
+        opts.idempotency_lock_ttl > opts.request_timeout,
+        "--idempotency-lock-ttl ({:?}) must exceed --request-timeout ({:?}), or a retry could \
+         take over a key whose first request is still running",
+        opts.idempotency_lock_ttl,
+        opts.request_timeout,
+    );
+    Ok(opts)
+}
+
+/// Under `up`, an instance must not outlive its supervisor, even one killed by SIGKILL (which
+/// gets no chance to stop us). Linux's parent-death signal does that, set here rather than in an
+/// `unsafe` `pre_exec` hook; the check after it covers a supervisor that died before it was set
+/// (we would already have been reparented).
+#[cfg(target_os = "linux")]
+fn die_with_parent(parent: Option<i32>) -> anyhow::Result<()> {
+    let Some(parent) = parent else { return Ok(()) };
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .context("prctl(PR_SET_PDEATHSIG)")?;
+    ensure!(
+        nix::unistd::getppid().as_raw() == parent,
+        "supervisor {parent} is gone"
+    );
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_parent: Option<i32>) -> anyhow::Result<()> {
+    Ok(())
+}

@@ -1,0 +1,425 @@
+//! `holdfast up`: the whole system on one machine, kept whole by a supervisor.
+//!
+//! The point of `up` is that any instance may die at any time — the drill SIGKILLs them on
+//! purpose — and the system heals without a human: the [`Supervisor`] restarts every instance
+//! that exits (with backoff, so a crash loop does not spin), and keeps the balancer's upstream
+//! list and `<data-dir>/run/instances.json` (which the drill reads to pick its victims) equal to
+//! the instances that are actually listening. Instances are separate processes of this same
+//! executable (`holdfast serve` on port 0), so killing one is as real as it gets.
+//!
+//! Architecture Invariant: an instance never outlives `up`. A SIGTERM or SIGINT drains and stops
+//! them all before `up` exits; a SIGKILLed `up` takes them with it through Linux's parent-death
+//! signal, which each instance sets up itself (see `serve.rs`, `--parent-pid`). The death signal
+//! follows the *thread* that spawned the child, so children are spawned from tokio worker
+//! threads (which live as long as the runtime), never from `spawn_blocking` threads.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::future::Future;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use holdfast_balancer::{Balancer, BalancerOptions};
+use holdfast_store::{Store, StoreOptions};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::net::TcpListener;
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinSet;
+use tokio::time::{sleep, timeout};
+use tracing::{info, warn};
+
+use crate::cli::UpArgs;
+use crate::serve::LISTENING;
+
+/// The `up` command: migrate, start the balancer, supervise the instances until SIGTERM/SIGINT.
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    let terminated = crate::on_terminate()?;
+    let web = crate::serve::web_options(&args.instance, !args.host.is_loopback())?;
+    // An instance's drain takes its drain delay plus, at most, one request timeout and slack.
+    let stop_timeout = args.instance.drain_delay + web.request_timeout + Duration::from_secs(10);
+    let url = args.store.store_url()?;
+    // Migrate once, up front, so the instances find the schema ready instead of queueing on
+    // the migration lock, and a bad URL fails here with one message instead of N crash loops.
+    Store::open(&StoreOptions::new(url.clone()))
+        .await
+        .context("opening the store")?
+        .close()
+        .await;
+
+    let listener = TcpListener::bind((args.host, args.port))
+        .await
+        .with_context(|| format!("binding the balancer to {}:{}", args.host, args.port))?;
+    let addr = listener.local_addr()?;
+    let balancer = Balancer::new(BalancerOptions::default());
+    let (stop_balancer, balancer_stopped) = oneshot::channel::<()>();
+    let balancing = tokio::spawn(balancer.clone().serve(listener, async {
+        let _ = balancer_stopped.await;
+    }));
+    info!(%addr, "balancer listening");
+
+    let mut instance_args: Vec<OsString> = vec![
+        "serve".into(),
+        "--addr".into(),
+        "127.0.0.1:0".into(),
+        "--backend".into(),
+        args.store.backend.name().into(),
+        "--data-dir".into(),
+        args.store.data_dir.clone().into(),
+        "--parent-pid".into(),
+        std::process::id().to_string().into(),
+    ];
+    if !web.secure_cookies {
+        instance_args.push("--insecure-cookies".into());
+    }
+    instance_args.extend(args.instance.to_args());
+    let supervisor = Supervisor::new(Options {
+        program: std::env::current_exe().context("finding our own executable")?,
+        args: instance_args,
+        // In the environment rather than argv, so a password does not show in `ps`.
+        env: vec![("DATABASE_URL".into(), url.into())],
+        instances: args.instances.into(),
+        instances_file: args.store.data_dir.join("run").join("instances.json"),
+        balancer,
+        start_timeout: Duration::from_secs(30),
+        stop_timeout,
+    });
+    let ready = supervisor.handle().ready();
+    let (n, backend) = (args.instances, args.store.backend.name());
+    tokio::spawn(async move {
+        ready.await;
+        say(&format!(
+            "Holdfast is up: http://{addr} ({n} instances, {backend})"
+        ));
+    });
+    supervisor
+        .run(async {
+            let signal = terminated.await;
+            info!(signal, "stopping: draining all instances");
+        })
+        .await?;
+
+    info!("instances stopped; stopping the balancer");
+    let _ = stop_balancer.send(());
+    balancing.await?.context("balancer")?;
+    info!("stopped");
+    Ok(())
+}
+
+/// What to run, how many, and where to report them.
+pub struct Options {
+    /// The instance executable (normally our own) and its arguments. It must print
+    /// `HOLDFAST_LISTENING <addr>` on stdout once it accepts connections.
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(OsString, OsString)>,
+    /// How many instances to keep running.
+    pub instances: usize,
+    /// Rewritten atomically on every change: `[{"role":"web","pid":…,"addr":"…"}, …]`.
+    pub instances_file: PathBuf,
+    /// Gets the listening addresses as upstreams and the same JSON for `GET /ops/instances`.
+    pub balancer: Balancer,
+    /// How long an instance may take to report its address before it is killed and retried.
+    pub start_timeout: Duration,
+    /// How long a SIGTERMed instance may drain before it is SIGKILLed.
+    pub stop_timeout: Duration,
+}
+
+/// Keeps [`Options::instances`] instances running until told to stop.
+pub struct Supervisor {
+    shared: Arc<Shared>,
+}
+
+/// Observes a running [`Supervisor`]. Cheap to clone.
+#[derive(Clone)]
+pub struct Handle {
+    live: watch::Receiver<Vec<Instance>>,
+    instances: usize,
+}
+
+/// One listening instance, as written to `instances.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Instance {
+    pub role: &'static str,
+    pub pid: u32,
+    pub addr: SocketAddr,
+}
+
+struct Shared {
+    opts: Options,
+    /// Listening instances by slot. Held while publishing, so publications never reorder.
+    slots: Mutex<BTreeMap<usize, Instance>>,
+    live: watch::Sender<Vec<Instance>>,
+}
+
+/// How one run of an instance ended.
+enum Ended {
+    /// It exited on its own (crash, SIGKILL, or a drain someone else asked for).
+    Exited(ExitStatus),
+    /// We stopped it because the supervisor is stopping.
+    Stopped,
+}
+
+impl Supervisor {
+    pub fn new(opts: Options) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                opts,
+                slots: Mutex::default(),
+                live: watch::Sender::new(Vec::new()),
+            }),
+        }
+    }
+
+    pub fn handle(&self) -> Handle {
+        Handle {
+            live: self.shared.live.subscribe(),
+            instances: self.shared.opts.instances,
+        }
+    }
+
+    /// Runs the instances until `shutdown` resolves, then SIGTERMs them all (SIGKILL after
+    /// [`Options::stop_timeout`]) and returns once every one has exited.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let dir = self
+            .shared
+            .opts
+            .instances_file
+            .parent()
+            .unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        // Publishes the empty set, replacing whatever a previous, killed `up` left behind.
+        self.shared.set_slot(0, None);
+        let (stop, stopping) = watch::channel(false);
+        let mut slots = JoinSet::new();
+        for slot in 0..self.shared.opts.instances {
+            slots.spawn(self.shared.clone().keep_running(slot, stopping.clone()));
+        }
+        shutdown.await;
+        stop.send_replace(true);
+        while let Some(joined) = slots.join_next().await {
+            if let Err(error) = joined {
+                warn!(%error, "an instance's supervising task failed");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Handle {
+    /// Resolves once all instances have reported listening at the same time.
+    pub async fn ready(mut self) {
+        let _ = self
+            .live
+            .wait_for(|live| live.len() >= self.instances)
+            .await;
+    }
+}
+
+impl Shared {
+    /// One slot's life: run an instance, and whenever it exits, start another after a backoff.
+    async fn keep_running(self: Arc<Self>, slot: usize, mut stopping: watch::Receiver<bool>) {
+        let mut backoff = Backoff::default();
+        loop {
+            let started = Instant::now();
+            match self.run_instance(slot, &mut stopping).await {
+                Ok(Ended::Stopped) => return,
+                Ok(Ended::Exited(status)) => warn!(slot, %status, "instance exited"),
+                Err(error) => warn!(slot, error = format!("{error:#}"), "instance failed"),
+            }
+            let delay = backoff.after(started.elapsed());
+            info!(slot, ?delay, "restarting instance");
+            tokio::select! {
+                () = sleep(delay) => {}
+                () = stopped(&mut stopping) => return,
+            }
+        }
+    }
+
+    /// Starts one instance, publishes it once it listens, and waits for it to end.
+    async fn run_instance(
+        &self,
+        slot: usize,
+        stopping: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<Ended> {
+        let opts = &self.opts;
+        let mut child = Command::new(&opts.program)
+            .args(&opts.args)
+            .envs(opts.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            // Its own process group: a terminal's Ctrl-C reaches `up` only, which then drains
+            // the instances itself instead of racing them.
+            .process_group(0)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", opts.program.display()))?;
+        let pid = child.id().context("instance vanished at once")?;
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout is piped")).lines();
+
+        let limit = opts.start_timeout;
+        let listening = async {
+            let found = timeout(limit, listening_addr(&mut stdout)).await;
+            found.unwrap_or_else(|_| Err(anyhow!("no {LISTENING} line within {limit:?}")))
+        };
+        let listening = tokio::select! {
+            listening = listening => listening,
+            () = stopped(stopping) => return self.stop(&mut child).await,
+        };
+        let addr = match listening {
+            Ok(addr) => addr,
+            Err(error) => {
+                // Kill it if it is still alive; the status says how it ended either way.
+                let _ = child.start_kill();
+                bail!("{error:#} ({})", child.wait().await?);
+            }
+        };
+        tokio::spawn(forward(stdout));
+        self.set_slot(
+            slot,
+            Some(Instance {
+                role: "web",
+                pid,
+                addr,
+            }),
+        );
+        info!(slot, pid, %addr, "instance listening");
+
+        let ended = tokio::select! {
+            status = child.wait() => status.map(Ended::Exited).context("waiting for instance"),
+            () = stopped(stopping) => self.stop(&mut child).await,
+        };
+        self.set_slot(slot, None);
+        ended
+    }
+
+    /// Drains an instance: SIGTERM, then SIGKILL if it outlives the stop timeout.
+    async fn stop(&self, child: &mut Child) -> anyhow::Result<Ended> {
+        if let Some(pid) = child.id() {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            match timeout(self.opts.stop_timeout, child.wait()).await {
+                Ok(status) => info!(pid, status = %status?, "instance stopped"),
+                Err(_) => {
+                    warn!(pid, timeout = ?self.opts.stop_timeout, "instance did not drain; killing it");
+                    child.kill().await?;
+                }
+            }
+        }
+        Ok(Ended::Stopped)
+    }
+
+    /// Records what listens in `slot` (or that nothing does), then makes the balancer,
+    /// `instances.json`, `/ops/instances` and the handles agree. The lock is held throughout,
+    /// so publications never overtake each other.
+    fn set_slot(&self, slot: usize, instance: Option<Instance>) {
+        let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
+        match instance {
+            Some(instance) => slots.insert(slot, instance),
+            None => slots.remove(&slot),
+        };
+        let live: Vec<Instance> = slots.values().cloned().collect();
+        let json = serde_json::to_vec(&live).expect("instances serialize");
+        let balancer = &self.opts.balancer;
+        balancer.set_upstreams(live.iter().map(|i| i.addr).collect());
+        balancer.publish_instances(json.clone().into());
+        if let Err(error) = write_atomically(&self.opts.instances_file, &json) {
+            warn!(
+                error = format!("{error:#}"),
+                "cannot write the instances file"
+            );
+        }
+        self.live.send_replace(live);
+    }
+}
+/// Reads the instance's stdout up to its `HOLDFAST_LISTENING` line, passing other lines on.
+async fn listening_addr(stdout: &mut Lines<BufReader<ChildStdout>>) -> anyhow::Result<SocketAddr> {
+    while let Some(line) = stdout.next_line().await? {
+        match line.strip_prefix(LISTENING) {
+            Some(addr) => {
+                return addr
+                    .trim()
+                    .parse()
+                    .with_context(|| format!("bad line {line:?}"))
+            }
+            None => say(&line),
+        }
+    }
+    bail!("instance closed stdout before printing {LISTENING}")
+}
+
+/// Passes the rest of an instance's stdout through to ours, line by line so instances'
+/// output does not interleave mid-line.
+async fn forward(mut stdout: Lines<BufReader<ChildStdout>>) {
+    while let Ok(Some(line)) = stdout.next_line().await {
+        say(&line);
+    }
+}
+
+/// One line to our stdout; a closed stdout (`holdfast up | head`) must not stop supervising.
+fn say(line: &str) {
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
+}
+
+/// Resolves once the supervisor is stopping.
+async fn stopped(stopping: &mut watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|&stop| stop).await;
+}
+
+/// Readers see the old file or the new one, never half of one.
+fn write_atomically(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, contents).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+/// Restart delays: 100 ms doubling to 5 s, back to 100 ms once an instance stayed up 10 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(100);
+    const CAP: Duration = Duration::from_secs(5);
+    const STABLE: Duration = Duration::from_secs(10);
+
+    /// The delay before the next start, given how long the last one stayed up.
+    fn after(&mut self, uptime: Duration) -> Duration {
+        if uptime >= Self::STABLE {
+            self.next = Self::FIRST;
+        }
+        let delay = self.next;
+        self.next = (delay * 2).min(Self::CAP);
+        delay
+    }
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_resets_after_a_stable_run() {
+        let mut b = Backoff::default();
+        let crash = Duration::from_millis(10);
+        let delays: Vec<u64> = (0..8).map(|_| b.after(crash).as_millis() as u64).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(b.after(Duration::from_secs(10)), Duration::from_millis(100));
+        assert_eq!(b.after(crash), Duration::from_millis(200));
+    }
+}

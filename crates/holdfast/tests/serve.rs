@@ -1,0 +1,47 @@
+//! `holdfast serve` as a process: it announces its address and drains on SIGTERM.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{client, eventually, status, Proc};
+use nix::sys::signal::Signal;
+
+#[tokio::test]
+async fn sigterm_drains_then_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut serve = Proc::spawn(&[
+        "serve",
+        "--addr",
+        "127.0.0.1:0",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--insecure-cookies",
+        "--drain-delay",
+        "3s",
+    ]);
+    let addr = serve.line_after("HOLDFAST_LISTENING ", Duration::from_secs(20));
+    let (client, base) = (client(), format!("http://{addr}"));
+    let (readyz, healthz) = (format!("{base}/readyz"), format!("{base}/healthz"));
+    assert_eq!(status(&client, &healthz).await, Some(200));
+    assert_eq!(status(&client, &readyz).await, Some(200));
+
+    serve.signal(Signal::SIGTERM);
+    eventually(Duration::from_secs(2), "/readyz to answer 503", || async {
+        (status(&client, &readyz).await == Some(503)).then_some(())
+    })
+    .await;
+    assert_eq!(
+        status(&client, &healthz).await,
+        Some(200),
+        "a draining instance still serves"
+    );
+
+    let exit = serve.exit_status(Duration::from_secs(20)).await;
+    assert!(exit.success(), "serve exited with {exit}");
+    assert_eq!(
+        status(&client, &healthz).await,
+        None,
+        "nothing listens after exit"
+    );
+}

@@ -1,0 +1,128 @@
+//! `holdfast up` as a process: it keeps N instances running behind its balancer, replaces the
+//! ones that die, and takes them all with it when it stops.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{alive, client, eventually, instances, status, Instance, Proc};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const WITHIN: Duration = Duration::from_secs(20);
+
+/// `holdfast up --port 0 --instances N` in `dir`, once every instance listens: the guard, the
+/// balancer's base URL, and the instances (adopted by the guard).
+async fn start_up(dir: &Path, n: usize) -> (Proc, String, Vec<Instance>) {
+    let n_arg = n.to_string();
+    let data_dir = dir.to_str().unwrap();
+    let mut up = Proc::spawn(&[
+        "up",
+        "--port",
+        "0",
+        "--instances",
+        &n_arg,
+        "--data-dir",
+        data_dir,
+    ]);
+    let line = up.line_after("Holdfast is up: ", WITHIN);
+    let base = line.split_whitespace().next().unwrap().to_owned();
+    assert!(
+        line.ends_with(&format!("({n} instances, sqlite)")),
+        "{line}"
+    );
+    let client = client();
+    eventually(WITHIN, "/healthz through the balancer", || async {
+        (status(&client, &format!("{base}/healthz")).await == Some(200)).then_some(())
+    })
+    .await;
+    let live = instances(dir).expect("instances.json");
+    assert_eq!(live.len(), n, "{live:?}");
+    for i in &live {
+        up.adopt(i.pid);
+        assert_eq!(i.role, "web");
+        assert!(alive(i.pid), "{i:?} is not alive");
+    }
+    (up, base, live)
+}
+
+async fn ops_instances(base: &str) -> Vec<Instance> {
+    let response = client()
+        .get(format!("{base}/ops/instances"))
+        .send()
+        .await
+        .unwrap();
+    response.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_killed_instance_is_replaced_while_the_balancer_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, base, before) = start_up(dir.path(), 2).await;
+    assert_eq!(ops_instances(&base).await, before);
+
+    let victim = before[0].pid;
+    kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    let old: HashSet<u32> = before.iter().map(|i| i.pid).collect();
+    let (client, healthz) = (client(), format!("{base}/healthz"));
+    let started = Instant::now();
+    let after = loop {
+        assert_eq!(
+            status(&client, &healthz).await,
+            Some(200),
+            "a request through the balancer failed while an instance was down"
+        );
+        let replaced = instances(dir.path()).filter(|now| {
+            now.len() == 2
+                && now
+                    .iter()
+                    .all(|i| i.role == "web" && i.pid != victim && alive(i.pid))
+                && now.iter().any(|i| !old.contains(&i.pid))
+        });
+        if let Some(now) = replaced {
+            break now;
+        }
+        assert!(
+            started.elapsed() < WITHIN,
+            "no replacement for {victim} within {WITHIN:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for i in &after {
+        up.adopt(i.pid);
+    }
+    assert_eq!(ops_instances(&base).await, after);
+    for _ in 0..20 {
+        assert_eq!(status(&client, &healthz).await, Some(200));
+    }
+}
+
+#[tokio::test]
+async fn sigterm_stops_every_instance_and_exits_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, _base, live) = start_up(dir.path(), 2).await;
+
+    up.signal(Signal::SIGTERM);
+    let exit = up.exit_status(Duration::from_secs(30)).await;
+    assert!(exit.success(), "up exited with {exit}");
+    for i in &live {
+        assert!(!alive(i.pid), "{i:?} outlived up");
+    }
+    assert_eq!(instances(dir.path()), Some(vec![]));
+}
+
+#[tokio::test]
+async fn sigkill_takes_every_instance_with_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (up, _base, live) = start_up(dir.path(), 2).await;
+
+    up.signal(Signal::SIGKILL);
+    eventually(
+        Duration::from_secs(5),
+        "instances to die with up",
+        || async { live.iter().all(|i| !alive(i.pid)).then_some(()) },
+    )
+    .await;
+}
