@@ -27,7 +27,8 @@
 //! Request bodies are buffered (up to [`BalancerOptions::max_buffered_body`]) so they can be
 //! re-sent; response bodies are streamed. Errors made by the balancer itself are RFC 9457
 //! `application/problem+json`. The balancer also answers `GET /ops/instances` (JSON published
-//! by the supervisor) and `GET /ops/upstreams` (the health table) itself.
+//! by the supervisor), `GET /ops/upstreams` (the health table) and `GET /ops/stats`
+//! (`retries_total`: requests re-sent to another instance) itself.
 
 mod proxy;
 
@@ -268,6 +269,10 @@ impl Balancer {
                         Ok(json) => json_response(json.into()),
                         Err(error) => problem(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
                     };
+                }
+                "/ops/stats" => {
+                    let stats = serde_json::json!({ "retries_total": self.retries_total() });
+                    return json_response(stats.to_string().into());
                 }
                 _ => {}
             }

@@ -6,15 +6,15 @@
 //! (c) the 400 and 422 cases of the idempotency draft;
 //! (d) a user cannot read another user's order or cart.
 
-mod support;
+mod common;
 
+use common::{Backend, Shopper, System};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use support::{Backend, Shopper, System};
 
 on_both_backends!(
     sigkill_during_traffic_loses_nothing,
@@ -99,8 +99,8 @@ async fn sigkill_during_traffic_loses_nothing(backend: Backend) {
             (s, promised)
         }));
     }
-    // Kill an instance when a third of the orders are in, another at two thirds: both land
-    // while requests are in flight on every instance.
+    // At a third and at two thirds of the orders, an instance stalls (SIGSTOP: requests pile
+    // up on it, in flight) and then dies (SIGKILL) before the balancer's health check notices.
     let total = USERS * ROUNDS;
     let mut killed = HashSet::new();
     for threshold in [total / 3, 2 * total / 3] {
@@ -112,11 +112,15 @@ async fn sigkill_during_traffic_loses_nothing(backend: Backend) {
             .into_iter()
             .find(|p| !killed.contains(p))
             .expect("a live instance");
-        sys.kill9(victim);
+        sys.signal(victim, nix::sys::signal::Signal::SIGSTOP);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        sys.signal(victim, nix::sys::signal::Signal::SIGKILL);
         killed.insert(victim);
     }
+    let mut retried = 0;
     for t in tasks {
         let (s, promised) = t.await.expect("shopper task");
+        retried += s.retried.load(Ordering::Relaxed);
         // The session still works, every promised order exists exactly once, and no other.
         assert_eq!(
             s.retrying("GET", "/api/me", None, None).await.status,
@@ -156,14 +160,32 @@ async fn sigkill_during_traffic_loses_nothing(backend: Backend) {
             assert_eq!(&r.body, order);
         }
     }
+    // The faults hit requests in flight: they were re-sent by the balancer (safe: keyed or
+    // idempotent) or retried by the client.
+    let stats: Value = reqwest::get(format!("{}/ops/stats", sys.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rerouted = stats["retries_total"].as_u64().unwrap();
+    eprintln!(
+        "{backend:?}: {rerouted} requests re-routed by the balancer, {retried} retried by clients"
+    );
+    assert!(
+        rerouted as usize + retried > 0,
+        "the kills hit no request in flight: the test proved nothing"
+    );
     // The supervisor replaced both killed instances.
-    sys.wait_until(Duration::from_secs(20), |s| {
-        let k = killed.clone();
-        async move {
-            let pids = s.web_pids();
-            pids.len() == 3 && pids.iter().all(|p| !k.contains(p))
-        }
-    })
+    common::eventually(
+        Duration::from_secs(20),
+        "both killed instances replaced",
+        || {
+            let pids = sys.web_pids();
+            let replaced = pids.len() == 3 && pids.iter().all(|p| !killed.contains(p));
+            async move { replaced.then_some(()) }
+        },
+    )
     .await;
 }
 

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use reqwest::StatusCode;
 use serde::Deserialize;
+use serde_json::{json, Value};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
@@ -170,4 +172,194 @@ pub fn alive(pid: u32) -> bool {
 pub fn runs_holdfast(pid: u32) -> bool {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"));
     alive(pid) && exe.ok() == std::fs::canonicalize(BIN).ok()
+}
+
+// ---- whole systems and shop clients, on either backend --------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Generates one `#[tokio::test]` per backend for an `async fn(Backend)`.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $name() { super::$name(super::common::Backend::Sqlite).await } )* }
+        mod postgres { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $name() { super::$name(super::common::Backend::Postgres).await } )* }
+    };
+}
+
+/// A whole system: `holdfast up` (balancer + N instances) in a temporary data dir.
+pub struct System {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+    pub up: Proc,
+}
+
+impl System {
+    /// Starts `holdfast up` with `instances` web instances on `backend`; `None` when the
+    /// backend is not available outside CI (Postgres without DATABASE_URL).
+    pub async fn start(backend: Backend, instances: usize, test: &str) -> Option<System> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (n, data_dir) = (
+            instances.to_string(),
+            dir.path().to_str().expect("utf-8 path").to_owned(),
+        );
+        // A lock TTL short enough that a claim left by a killed instance frees within a test.
+        let mut args = vec![
+            "up",
+            "--port",
+            "0",
+            "--instances",
+            &n,
+            "--data-dir",
+            &data_dir,
+            "--idempotency-lock-ttl",
+            "3s",
+            "--request-timeout",
+            "2s",
+        ];
+        let pg_url;
+        if backend == Backend::Postgres {
+            pg_url = holdfast_store::testing::fresh_postgres_url(test).await?;
+            args.extend(["--backend", "postgres", "--database-url", &pg_url]);
+        }
+        let up = Proc::spawn(&args);
+        let line = up.line_after("Holdfast is up: ", Duration::from_secs(30));
+        let url = line.split_whitespace().next().expect("url").to_owned();
+        let sys = System { url, dir, up };
+        eventually(Duration::from_secs(30), "every instance listed", || async {
+            (sys.web_pids().len() == instances).then_some(())
+        })
+        .await;
+        Some(sys)
+    }
+
+    pub fn web_pids(&self) -> Vec<u32> {
+        instances(self.dir.path())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|i| i.role == "web")
+            .map(|i| i.pid)
+            .collect()
+    }
+
+    /// Signals one of this system's processes (never a recycled pid).
+    pub fn signal(&self, pid: u32, signal: Signal) {
+        if runs_holdfast(pid) {
+            let _ = kill(Pid::from_raw(pid as i32), signal);
+        }
+    }
+}
+
+/// One shop user with their own cookie jar.
+pub struct Shopper {
+    pub http: reqwest::Client,
+    pub base: String,
+    pub email: String,
+    /// Failed attempts that were retried: evidence that faults hit requests in flight.
+    pub retried: std::sync::atomic::AtomicUsize,
+}
+
+pub struct Answer {
+    pub status: StatusCode,
+    pub body: Value,
+    pub replayed: bool,
+}
+
+impl Shopper {
+    pub async fn new(base: &str, email: &str) -> Shopper {
+        let http = reqwest::Client::builder()
+            .cookie_store(true)
+            .timeout(Duration::from_secs(5))
+            .build()
+            .expect("client");
+        let s = Shopper {
+            http,
+            base: base.to_owned(),
+            email: email.to_owned(),
+            retried: Default::default(),
+        };
+        let creds = json!({ "email": email, "password": "correct horse battery" });
+        let signup = s
+            .retrying("POST", "/api/signup", Some(creds.clone()), None)
+            .await;
+        assert!(
+            signup.status == StatusCode::CREATED || signup.status == StatusCode::CONFLICT,
+            "signup: {}",
+            signup.status
+        );
+        let login = s.retrying("POST", "/api/login", Some(creds), None).await;
+        assert_eq!(login.status, StatusCode::OK, "login");
+        s
+    }
+
+    /// One request, no retries. Transport failures come back as `Err`.
+    pub async fn once(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        key: Option<&str>,
+    ) -> reqwest::Result<Answer> {
+        let mut req = self.http.request(
+            method.parse().expect("method"),
+            format!("{}{path}", self.base),
+        );
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        if let Some(k) = key {
+            req = req.header("Idempotency-Key", k);
+        }
+        let resp = req.send().await?;
+        let status = resp.status();
+        let replayed = resp.headers().contains_key("idempotent-replayed");
+        let bytes = resp.bytes().await?;
+        Ok(Answer {
+            status,
+            body: serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            replayed,
+        })
+    }
+
+    /// Retries transport failures, 5xx and 409 with full-jitter backoff and the same key,
+    /// for up to 30 s; returns the first definitive answer.
+    pub async fn retrying(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        key: Option<&str>,
+    ) -> Answer {
+        let policy = holdfast_core::retry::RetryPolicy {
+            base: Duration::from_millis(50),
+            cap: Duration::from_millis(800),
+            max_attempts: u32::MAX,
+            deadline: Duration::from_secs(30),
+        };
+        let started = Instant::now();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let transient = match self.once(method, path, body.as_ref(), key).await {
+                Ok(a)
+                    if !(a.status.is_server_error()
+                        || a.status == StatusCode::CONFLICT && key.is_some()) =>
+                {
+                    return a
+                }
+                Ok(a) => format!("{} {}", a.status, a.body),
+                Err(e) => e.to_string(),
+            };
+            let delay = policy
+                .next_delay(attempts, started)
+                .unwrap_or_else(|| panic!("{method} {path} kept failing: {transient}"));
+            self.retried
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::time::sleep(delay).await;
+        }
+    }
 }
