@@ -345,3 +345,110 @@ pub struct SessionRecord {
     pub created_at: i64,
     pub expires_at: i64,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    async fn store(retry: RetryPolicy) -> (Store, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut opts = StoreOptions::new(testing::sqlite_url(dir.path()));
+        opts.retry = retry;
+        (Store::open(&opts).await.unwrap(), dir)
+    }
+
+    fn quick() -> RetryPolicy {
+        RetryPolicy {
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(2),
+            max_attempts: 5,
+            deadline: Duration::from_secs(5),
+        }
+    }
+
+    /// Fails with `err()` for the first `failures` attempts, then succeeds; counts attempts.
+    async fn flaky(
+        s: &Store,
+        safety: Safety,
+        failures: u32,
+        err: fn() -> Error,
+    ) -> (Result<()>, u32) {
+        let calls = AtomicU32::new(0);
+        let r = s
+            .run(safety, "test", || async {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                if n < failures {
+                    Err(err())
+                } else {
+                    Ok(())
+                }
+            })
+            .await;
+        (r, calls.load(Ordering::SeqCst))
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_until_success_or_the_attempt_limit() {
+        let (s, _d) = store(quick()).await;
+        let timeout = || Error::Db(sqlx::Error::PoolTimedOut);
+        let (r, calls) = flaky(&s, Safety::Write, 3, timeout).await;
+        assert!(r.is_ok() && calls == 4);
+        let (r, calls) = flaky(&s, Safety::Idempotent, 100, timeout).await;
+        assert!(
+            r.unwrap_err().is_retryable() && calls == 5,
+            "gave up after max_attempts"
+        );
+    }
+
+    #[tokio::test]
+    async fn maybe_committed_failures_retry_only_idempotent_operations() {
+        let (s, _d) = store(quick()).await;
+        let io = || {
+            Error::Db(sqlx::Error::Io(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset,
+            )))
+        };
+        assert_eq!(
+            flaky(&s, Safety::Write, 1, io).await.1,
+            1,
+            "a plain write is not re-run after a lost connection"
+        );
+        assert_eq!(flaky(&s, Safety::Idempotent, 1, io).await.1, 2);
+        assert_eq!(
+            flaky(&s, Safety::Idempotent, 1, || Error::EmptyCart)
+                .await
+                .1,
+            1,
+            "domain errors never retry"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_deadline_and_the_budget_stop_retries() {
+        let (s, _d) = store(RetryPolicy {
+            deadline: Duration::ZERO,
+            ..quick()
+        })
+        .await;
+        assert_eq!(
+            flaky(&s, Safety::Write, 10, || Error::Db(
+                sqlx::Error::PoolTimedOut
+            ))
+            .await
+            .1,
+            1
+        );
+        let (mut s, _d) = store(quick()).await;
+        s.budget = RetryBudget::new(0.0, 2);
+        assert_eq!(
+            flaky(&s, Safety::Write, 10, || Error::Db(
+                sqlx::Error::PoolTimedOut
+            ))
+            .await
+            .1,
+            3,
+            "two budgeted retries, then stop"
+        );
+    }
+}

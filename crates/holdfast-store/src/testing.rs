@@ -27,17 +27,35 @@ pub async fn fresh_postgres_url(test: &str) -> Option<String> {
         eprintln!("{test}: skipped on Postgres (set DATABASE_URL to run it)");
         return None;
     };
+    match create_database(&admin_url, "holdfast_test").await {
+        Ok(url) => Some(url),
+        Err(e) => panic!("{test}: DATABASE_URL is set but no test database could be created: {e}"),
+    }
+}
+
+/// Creates an empty database named `<prefix>_<random>` on the server of `admin_url` and
+/// returns its URL.
+pub async fn create_database(admin_url: &str, prefix: &str) -> Result<String, sqlx::Error> {
     use sqlx::Connection;
-    let mut conn = match sqlx::PgConnection::connect(&admin_url).await {
-        Ok(c) => c,
-        Err(e) => panic!("{test}: DATABASE_URL is set but Postgres is unreachable: {e}"),
-    };
-    let name = format!("holdfast_test_{}", uuid::Uuid::new_v4().simple());
-    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
-        .await
-        .unwrap_or_else(|e| panic!("{test}: cannot create test database: {e}"));
+    let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+    let name = format!("{prefix}_{}", uuid::Uuid::new_v4().simple());
+    sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str()).await?;
     let _ = conn.close().await;
-    Some(replace_db_name(&admin_url, &name))
+    Ok(replace_db_name(admin_url, &name))
+}
+
+/// Drops the database `name` on the server of `admin_url` (its sessions are terminated).
+pub async fn drop_database(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+    let quoted = name.replace('"', "\"\"");
+    sqlx::Executor::execute(
+        &mut conn,
+        format!("DROP DATABASE IF EXISTS \"{quoted}\" WITH (FORCE)").as_str(),
+    )
+    .await?;
+    let _ = conn.close().await;
+    Ok(())
 }
 
 /// Swaps the database name in a Postgres URL, keeping credentials, host and parameters.

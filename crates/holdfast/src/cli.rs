@@ -30,6 +30,36 @@ pub enum Command {
     Up(UpArgs),
     /// One stateless web instance (the production entry point).
     Serve(ServeArgs),
+    /// Side-by-side benchmarks (long runs that do not belong in the test suite).
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Checkout requests/s through the balancer, with and without the idempotency layer.
+    Checkout(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// One backend; both when omitted (Postgres needs --database-url or DATABASE_URL).
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+    /// A Postgres server to create a throwaway benchmark database on.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    #[arg(long, default_value_t = 3)]
+    pub instances: u16,
+    /// Concurrent shoppers, each in a closed loop.
+    #[arg(long, default_value_t = 32)]
+    pub users: usize,
+    /// Measured time per phase.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

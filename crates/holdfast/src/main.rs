@@ -1,9 +1,10 @@
 //! `holdfast`: the one binary. `holdfast up` runs the whole system on one machine,
-//! `holdfast serve` runs one stateless instance.
+//! `holdfast serve` runs one stateless instance, `holdfast bench` measures.
 //!
 //! This file only wires: parse flags, set up logging (to stderr, so stdout stays a channel the
 //! supervisor can parse), start a runtime, run the command. See `cli.rs` for the flags.
 
+mod bench;
 mod cli;
 mod serve;
 mod up;
@@ -14,7 +15,7 @@ use std::io::IsTerminal;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use crate::cli::{Cli, Command};
+use crate::cli::{BenchCommand, Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -30,6 +31,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::Up(args)) => up::run(args).await,
+            Some(Command::Bench(BenchCommand::Checkout(args))) => bench::run(args).await,
             None => up::run(cli.up).await,
         }
     })
