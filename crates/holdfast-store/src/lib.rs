@@ -23,6 +23,7 @@ use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 use std::future::Future;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub use ops::{ClaimOutcome, IdemClaim, IdemCommit, SessionCreate, StoredResponse};
@@ -166,6 +167,8 @@ pub struct Store {
     dialect: Dialect,
     retry: RetryPolicy,
     budget: RetryBudget,
+    /// SQLite only: one write transaction at a time per process (see `begin_write`).
+    write_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// How an operation may be retried.
@@ -215,11 +218,14 @@ impl Store {
             })
             .connect_with(connect)
             .await?;
+        let write_gate =
+            (dialect == Dialect::Sqlite).then(|| Arc::new(tokio::sync::Semaphore::new(1)));
         let store = Self {
             pool,
             dialect,
             retry: opts.retry.clone(),
             budget: RetryBudget::default(),
+            write_gate,
         };
         store
             .run(Safety::Idempotent, "migrate", || migrate::run(&store))

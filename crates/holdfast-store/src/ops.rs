@@ -9,7 +9,8 @@ use holdfast_core::{
     Email, IdempotencyKey, OrderId, Quantity, RequestFingerprint, SessionId, Sku, UserId,
 };
 use sqlx::any::AnyRow;
-use sqlx::{Any, Row, Transaction};
+use sqlx::{Any, AnyConnection, Row, Transaction};
+use std::ops::{Deref, DerefMut};
 use std::time::Duration;
 
 /// A response kept for replay: status and body bytes, opaque to the store.
@@ -58,6 +59,31 @@ pub struct IdemCommit<'a, T> {
     pub render: &'a (dyn Fn(&T) -> StoredResponse + Sync),
 }
 
+/// A write transaction, holding the process's SQLite write gate (if any) until it ends.
+pub(crate) struct WriteTx {
+    tx: Transaction<'static, Any>,
+    _gate: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl WriteTx {
+    async fn commit(self) -> Result<()> {
+        Ok(self.tx.commit().await?)
+    }
+}
+
+impl Deref for WriteTx {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.tx
+    }
+}
+
+impl DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+}
+
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
@@ -76,8 +102,21 @@ fn user_from(row: &AnyRow) -> Result<User> {
 }
 
 impl Store {
-    async fn begin_write(&self) -> Result<Transaction<'static, Any>> {
-        Ok(self.pool.begin_with(self.dialect.begin_write()).await?)
+    /// A write transaction. On SQLite it first passes this process's write gate: the file
+    /// has one write lock, and one waiter per process contending for it (instead of one per
+    /// pooled connection) keeps SQLite's sleeping busy handler out of the tail latency.
+    async fn begin_write(&self) -> Result<WriteTx> {
+        let gate = match &self.write_gate {
+            Some(g) => Some(
+                g.clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Error::Db(sqlx::Error::PoolClosed))?,
+            ),
+            None => None,
+        };
+        let tx = self.pool.begin_with(self.dialect.begin_write()).await?;
+        Ok(WriteTx { tx, _gate: gate })
     }
 
     // ---- users -------------------------------------------------------------------------
@@ -573,7 +612,7 @@ async fn cart_read(conn: &mut sqlx::AnyConnection, user_id: &str, lock: &str) ->
 /// Zero rows updated means our claim is gone (fenced by a newer claimant, or an earlier try of
 /// this very transaction committed): the caller must not report success from this attempt.
 async fn idem_finish<T>(
-    tx: &mut Transaction<'static, Any>,
+    tx: &mut AnyConnection,
     idem: Option<&IdemCommit<'_, T>>,
     value: &T,
 ) -> Result<Option<crate::StoredResponse>> {
@@ -588,7 +627,7 @@ async fn idem_finish<T>(
     .bind(idem.token)
     .bind(i64::from(resp.status))
     .bind(&resp.body)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?
     .rows_affected();
     if updated != 1 {
