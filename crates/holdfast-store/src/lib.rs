@@ -10,9 +10,13 @@
 //! deadline when the failure is transient. Writes that are not protected by an idempotency
 //! token retry only on failures that guarantee nothing was committed.
 //!
+//! The job queue and the effect ledger live here too (`jobs.rs`): a job enqueued by a
+//! checkout must commit in the checkout's transaction, so the queue shares the store.
+//!
 //! Architecture invariant: this crate knows nothing about HTTP. It stores the bytes of an
 //! idempotent response but never looks inside them.
 
+mod jobs;
 mod migrate;
 mod ops;
 pub mod testing;
@@ -26,7 +30,13 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use ops::{ClaimOutcome, IdemClaim, IdemCommit, SessionCreate, StoredResponse};
+pub use jobs::{
+    DeadJob, EffectSettle, JobFence, JobInsert, JobRow, LedgerEntry, PayoutInfo, QueueCount,
+    NOTIFY_CHANNEL,
+};
+pub use ops::{
+    ClaimOutcome, IdemClaim, IdemCommit, SessionCreate, StoredResponse, PAYMENTS_QUEUE, PAYOUT_KIND,
+};
 
 /// What went wrong, in words the caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +55,10 @@ pub enum Error {
     /// (or this attempt's earlier try already committed). The caller should re-read the key.
     #[error("the idempotency key is no longer held by this request")]
     IdempotencyLockLost,
+    /// A job attempt is no longer current: its lease expired and a newer attempt took over.
+    /// Whatever this attempt did externally was idempotent; the newer one settles it.
+    #[error("this job attempt is no longer current")]
+    JobLost,
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error("migration {version} failed: {source}")]

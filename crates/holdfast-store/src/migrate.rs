@@ -15,12 +15,20 @@ struct Migration {
     postgres: &'static str,
 }
 
-const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "shop",
-    sqlite: include_str!("../migrations/sqlite/0001_shop.sql"),
-    postgres: include_str!("../migrations/postgres/0001_shop.sql"),
-}];
+const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "shop",
+        sqlite: include_str!("../migrations/sqlite/0001_shop.sql"),
+        postgres: include_str!("../migrations/postgres/0001_shop.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "jobs",
+        sqlite: include_str!("../migrations/sqlite/0002_jobs.sql"),
+        postgres: include_str!("../migrations/postgres/0002_jobs.sql"),
+    },
+];
 
 /// Arbitrary constant naming Holdfast's migration lock among the server's advisory locks.
 const PG_MIGRATION_LOCK: i64 = 0x486f_6c64_6661_7374; // "Holdfast"

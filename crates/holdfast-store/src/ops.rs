@@ -2,8 +2,8 @@
 //! transaction inside [`Store::run`]'s retry loop.
 
 use crate::{
-    Cart, CartLine, Credentials, Dialect, Error, Order, OrderLine, ProductRow, Result, Safety,
-    SessionRecord, Store, User,
+    Cart, CartLine, Credentials, Dialect, Error, JobInsert, Order, OrderLine, ProductRow, Result,
+    Safety, SessionRecord, Store, User,
 };
 use holdfast_core::{
     Email, IdempotencyKey, OrderId, Quantity, RequestFingerprint, SessionId, Sku, UserId,
@@ -12,6 +12,10 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, AnyConnection, Row, Transaction};
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;
+
+/// The queue and kind of the job every checkout enqueues.
+pub const PAYMENTS_QUEUE: &str = "payments";
+pub const PAYOUT_KIND: &str = "payout";
 
 /// A response kept for replay: status and body bytes, opaque to the store.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,7 +70,7 @@ pub(crate) struct WriteTx {
 }
 
 impl WriteTx {
-    async fn commit(self) -> Result<()> {
+    pub(crate) async fn commit(self) -> Result<()> {
         Ok(self.tx.commit().await?)
     }
 }
@@ -105,7 +109,7 @@ impl Store {
     /// A write transaction. On SQLite it first passes this process's write gate: the file
     /// has one write lock, and one waiter per process contending for it (instead of one per
     /// pooled connection) keeps SQLite's sleeping busy handler out of the tail latency.
-    async fn begin_write(&self) -> Result<WriteTx> {
+    pub(crate) async fn begin_write(&self) -> Result<WriteTx> {
         let gate = match &self.write_gate {
             Some(g) => Some(
                 g.clone()
@@ -405,6 +409,10 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
+            // The payout job exists if and only if the order does.
+            let payout = JobInsert::new(PAYMENTS_QUEUE, PAYOUT_KIND, serde_json::json!({ "order_id": order.order_id }).to_string())
+                .unique(format!("payout:{}", order.order_id));
+            crate::jobs::insert_jobs(&mut tx, self.dialect, &[payout], order.created_at).await?;
             let stored = idem_finish(&mut tx, idem, &order).await?;
             tx.commit().await?;
             Ok((order, stored))

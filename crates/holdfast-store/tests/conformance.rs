@@ -21,8 +21,8 @@ use holdfast_core::{
 use holdfast_store::{
     testing, Cart, CartLine,
     ClaimOutcome::{self, InFlight, Mismatch, Replay},
-    Dialect, Error, IdemClaim, IdemCommit, Order, OrderLine, ProductRow, SessionCreate,
-    SessionRecord, Store, StoreOptions, StoredResponse,
+    Dialect, EffectSettle, Error, IdemClaim, IdemCommit, JobFence, JobInsert, JobRow, Order,
+    OrderLine, ProductRow, SessionCreate, SessionRecord, Store, StoreOptions, StoredResponse,
 };
 use serde::Serialize;
 use sqlx::{Connection, Executor, Row};
@@ -77,6 +77,11 @@ conformance! {
     store "multi_thread"   concurrent_checkouts_with_different_keys,
     url   "multi_thread"   add_racing_checkout_is_not_lost,
     url   "multi_thread"   error_predicates,
+    store "current_thread" job_lifecycle,
+    store "current_thread" job_attempts_are_fenced,
+    store "current_thread" checkout_enqueues_its_payout_atomically,
+    url   "multi_thread"   concurrent_claimers_never_share_a_job,
+    store "current_thread" ledger_settles_once,
 }
 
 #[derive(Clone, Copy)]
@@ -104,12 +109,9 @@ where
             case(url.clone()).await;
             let admin = std::env::var("DATABASE_URL").expect("DATABASE_URL");
             let name = url.rsplit('/').next().and_then(|s| s.split('?').next());
-            let mut conn = sqlx::PgConnection::connect(&admin).await.expect("admin");
-            conn.execute(
-                format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", name.unwrap()).as_str(),
-            )
-            .await
-            .expect("drop test database");
+            testing::drop_database(&admin, name.expect("database name"))
+                .await
+                .expect("drop test database");
         }
     }
 }
@@ -135,6 +137,8 @@ async fn scalar(url: &str, sql: &str) -> i64 {
 const T0: i64 = 1_700_000_000_000;
 const LOCK: Duration = Duration::from_secs(30);
 const HOUR: Duration = Duration::from_secs(3600);
+/// How many migrations a fresh database records.
+const MIGRATIONS: i64 = 2;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -285,7 +289,7 @@ async fn reopening_is_a_no_op(url: String) {
     assert!(third.user_get(&u).await.unwrap().is_some());
     assert_eq!(
         scalar(&url, "SELECT COUNT(*) FROM holdfast_migrations").await,
-        1
+        MIGRATIONS
     );
 }
 
@@ -305,7 +309,7 @@ async fn concurrent_opens_migrate_once(url: String) {
     assert_eq!(scalar(&url, "SELECT COUNT(*) FROM products").await, 6);
     assert_eq!(
         scalar(&url, "SELECT COUNT(*) FROM holdfast_migrations").await,
-        1
+        MIGRATIONS
     );
 }
 
@@ -967,4 +971,339 @@ async fn error_predicates(url: String) {
     for (what, e, want) in cases {
         assert_eq!(class(&e), want, "{what}: {e:?}");
     }
+}
+
+// ---- jobs and the effect ledger -------------------------------------------------------
+
+const LEASE: Duration = Duration::from_secs(10);
+
+/// A job due since long ago, so claims at any "now" of the test may take it.
+fn job(queue: &str, n: i64) -> JobInsert {
+    JobInsert {
+        run_at: T0,
+        ..JobInsert::new(queue, "noop", format!("{{\"n\":{n}}}"))
+    }
+}
+
+fn fences(jobs: &[JobRow]) -> Vec<JobFence> {
+    jobs.iter().map(JobRow::fence).collect()
+}
+
+fn count(counts: &[holdfast_store::QueueCount], queue: &str, state: &str) -> i64 {
+    counts
+        .iter()
+        .find(|c| c.queue == queue && c.state == state)
+        .map_or(0, |c| c.count)
+}
+
+async fn job_lifecycle(store: Store) {
+    let now = holdfast_core::now_ms();
+    // Unique keys: the second enqueue is a no-op.
+    assert!(store
+        .job_enqueue(&job("q", 1).unique("only-once"))
+        .await
+        .unwrap()
+        .is_some());
+    assert!(store
+        .job_enqueue(&job("q", 1).unique("only-once"))
+        .await
+        .unwrap()
+        .is_none());
+    // Priority first, then due time; a scheduled job waits for its time.
+    let urgent = JobInsert {
+        priority: 0,
+        ..job("q", 2)
+    };
+    let later = JobInsert {
+        run_at: now + 60_000,
+        ..job("q", 3)
+    };
+    store
+        .job_enqueue_many(&[urgent, later, job("other", 4)])
+        .await
+        .unwrap();
+    let first = store.job_claim("q", "w1", 1, now, LEASE).await.unwrap();
+    assert_eq!(
+        first[0].args, r#"{"n":2}"#,
+        "the most urgent job goes first"
+    );
+    let rest = store.job_claim("q", "w1", 10, now, LEASE).await.unwrap();
+    assert_eq!(rest.len(), 1, "the scheduled job is not due");
+    assert_eq!(rest[0].args, r#"{"n":1}"#);
+    let got = [first, rest].concat();
+    assert!(got.iter().all(|j| j.attempt == 1));
+    assert_eq!(
+        store.job_next_run_at("q").await.unwrap(),
+        Some(now + 60_000)
+    );
+    // Complete one; fail the other with a retry, then for good.
+    assert_eq!(store.job_complete(&[got[0].fence()], now).await.unwrap(), 1);
+    assert!(store
+        .job_fail(got[1].fence(), "boom", Some(now + 5), now)
+        .await
+        .unwrap());
+    assert!(
+        store
+            .job_claim("q", "w1", 10, now, LEASE)
+            .await
+            .unwrap()
+            .is_empty(),
+        "not due yet"
+    );
+    let again = store.job_claim("q", "w1", 1, now + 5, LEASE).await.unwrap();
+    assert_eq!((again[0].id, again[0].attempt), (got[1].id, 2));
+    assert!(store
+        .job_fail(again[0].fence(), "boom again", None, now)
+        .await
+        .unwrap());
+    let dead = store.job_dead(10).await.unwrap();
+    assert_eq!(
+        (dead.len(), dead[0].last_error.as_deref()),
+        (1, Some("boom again"))
+    );
+    // Redrive: available again with a fresh budget.
+    assert_eq!(store.job_redrive(Some(dead[0].id), now).await.unwrap(), 1);
+    let redriven = store.job_claim("q", "w1", 1, now, LEASE).await.unwrap();
+    assert_eq!((redriven[0].id, redriven[0].attempt), (dead[0].id, 1));
+    // Release (drain) gives the attempt back without counting it.
+    assert_eq!(store.job_release(&fences(&redriven)).await.unwrap(), 1);
+    assert_eq!(
+        store.job_claim("q", "w1", 1, now, LEASE).await.unwrap()[0].attempt,
+        1
+    );
+    let counts = store.job_counts().await.unwrap();
+    assert_eq!(
+        (
+            count(&counts, "q", "completed"),
+            count(&counts, "q", "running"),
+            count(&counts, "other", "available")
+        ),
+        (1, 1, 1)
+    );
+    // Pruning removes finished jobs only.
+    assert_eq!(store.job_prune(now + 1, 100).await.unwrap(), 1);
+    assert_eq!(
+        count(&store.job_counts().await.unwrap(), "q", "completed"),
+        0
+    );
+}
+
+async fn job_attempts_are_fenced(store: Store) {
+    let now = holdfast_core::now_ms();
+    store.job_enqueue(&job("q", 1)).await.unwrap();
+    let first = store
+        .job_claim("q", "stalled", 1, now, LEASE)
+        .await
+        .unwrap()
+        .remove(0);
+    // The worker stops heartbeating; its lease lapses and the rescuer frees the job.
+    assert_eq!(
+        store.job_rescue(now + 1).await.unwrap(),
+        (0, 0),
+        "lease still live"
+    );
+    assert_eq!(
+        store
+            .job_rescue(now + LEASE.as_millis() as i64 + 1)
+            .await
+            .unwrap(),
+        (1, 0)
+    );
+    let second = store
+        .job_claim("q", "fresh", 1, now + 20_000, LEASE)
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!((second.id, second.attempt), (first.id, 2));
+    // The stalled attempt comes back: everything it tries is refused.
+    assert_eq!(
+        store
+            .job_heartbeat(&[first.fence()], now + 99_999)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(store.job_complete(&[first.fence()], now).await.unwrap(), 0);
+    assert!(!store
+        .job_fail(first.fence(), "late", None, now)
+        .await
+        .unwrap());
+    let settle = EffectSettle {
+        job: first.fence(),
+        effect_key: "charge:x",
+        external_id: "ch_1",
+        order_paid: None,
+        then: None,
+    };
+    assert_eq!(err_kind(store.effect_settle(&settle).await), "JobLost");
+    assert!(
+        store.ledger_get("charge:x").await.unwrap().is_none(),
+        "a fenced settlement writes nothing"
+    );
+    // The current attempt still owns it.
+    assert_eq!(
+        store
+            .job_heartbeat(&[second.fence()], now + 99_999)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(store.job_complete(&[second.fence()], now).await.unwrap(), 1);
+    // A job whose last attempt lapses is dead, not retried forever.
+    store
+        .job_enqueue(&JobInsert {
+            max_attempts: 1,
+            ..job("q", 2)
+        })
+        .await
+        .unwrap();
+    store.job_claim("q", "w", 1, now, LEASE).await.unwrap();
+    assert_eq!(store.job_rescue(now + 60_000).await.unwrap(), (0, 1));
+}
+
+async fn checkout_enqueues_its_payout_atomically(store: Store) {
+    let u = user(&store, "pay").await;
+    assert_eq!(err_kind(store.checkout(&u, None).await), "EmptyCart");
+    assert!(
+        store.job_counts().await.unwrap().is_empty(),
+        "a failed checkout enqueues nothing"
+    );
+    add(&store, &u, "HELMET", 1).await;
+    let (order, _) = store.checkout(&u, None).await.unwrap();
+    let jobs = store
+        .job_claim(
+            holdfast_store::PAYMENTS_QUEUE,
+            "w",
+            10,
+            holdfast_core::now_ms() + 1,
+            LEASE,
+        )
+        .await
+        .unwrap();
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].kind, holdfast_store::PAYOUT_KIND);
+    let args: serde_json::Value = serde_json::from_str(&jobs[0].args).unwrap();
+    assert_eq!(args["order_id"], order.order_id.as_str());
+    // A fenced-out idempotent checkout rolls back its payout job with its order.
+    add(&store, &u, "HELMET", 1).await;
+    let k = key("pay-1");
+    let stale = token(claim(&store, &u, &k, &fp("{}"), T0, ms(1)).await);
+    token(claim(&store, &u, &k, &fp("{}"), T0 + 10, LOCK).await);
+    assert_eq!(
+        err_kind(
+            store
+                .checkout(&u, Some(&commit::<Order>(&u, &k, &stale)))
+                .await
+        ),
+        "IdempotencyLockLost"
+    );
+    let counts = store.job_counts().await.unwrap();
+    assert_eq!(
+        count(&counts, holdfast_store::PAYMENTS_QUEUE, "available"),
+        0
+    );
+    assert_eq!(count(&counts, holdfast_store::PAYMENTS_QUEUE, "running"), 1);
+}
+
+async fn concurrent_claimers_never_share_a_job(url: String) {
+    let stores = join_all((0..3).map(|_| open(&url))).await;
+    let inserts: Vec<JobInsert> = (0..300).map(|n| job("q", n)).collect();
+    stores[0].job_enqueue_many(&inserts).await.unwrap();
+    let claimers = (0..6).map(|i| {
+        let store = stores[i % 3].clone();
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let got = store
+                    .job_claim("q", &format!("w{i}"), 7, holdfast_core::now_ms(), LEASE)
+                    .await
+                    .unwrap();
+                if got.is_empty() {
+                    return mine;
+                }
+                store
+                    .job_complete(&fences(&got), holdfast_core::now_ms())
+                    .await
+                    .unwrap();
+                mine.extend(got.into_iter().map(|j| j.id));
+            }
+        })
+    });
+    let mut all: Vec<i64> = join_all(claimers)
+        .await
+        .into_iter()
+        .flat_map(|r| r.unwrap())
+        .collect();
+    let claimed = all.len();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(
+        (claimed, all.len()),
+        (300, 300),
+        "every job claimed exactly once"
+    );
+}
+
+async fn ledger_settles_once(store: Store) {
+    let u = user(&store, "led").await;
+    add(&store, &u, "HARNESS", 1).await;
+    let (order, _) = store.checkout(&u, None).await.unwrap();
+    let payout = store
+        .job_claim(
+            holdfast_store::PAYMENTS_QUEUE,
+            "w",
+            1,
+            holdfast_core::now_ms() + 1,
+            LEASE,
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    let effect = format!("charge:{}", order.order_id);
+    let (entry, fresh) = store.ledger_begin(&effect, "ext-key-1").await.unwrap();
+    assert!(fresh && entry.state == "pending" && entry.external_key == "ext-key-1");
+    let (again, fresh) = store.ledger_begin(&effect, "ext-key-2").await.unwrap();
+    assert!(
+        !fresh && again.external_key == "ext-key-1",
+        "a later attempt reuses the first key"
+    );
+    let receipt = JobInsert::new("email", "receipt_email", "{}".into())
+        .unique(format!("receipt:{}", order.order_id));
+    let settle = EffectSettle {
+        job: payout.fence(),
+        effect_key: &effect,
+        external_id: "ch_9",
+        order_paid: Some(&order.order_id),
+        then: Some(receipt),
+    };
+    store.effect_settle(&settle).await.unwrap();
+    let done = store.ledger_get(&effect).await.unwrap().unwrap();
+    assert_eq!(
+        (done.state.as_str(), done.external_id.as_deref()),
+        ("done", Some("ch_9"))
+    );
+    assert_eq!(
+        store
+            .order_payout_info(&order.order_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "paid"
+    );
+    assert_eq!(
+        store
+            .order_get(&u, &OrderId::parse(&order.order_id).unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+            .status,
+        "paid"
+    );
+    // Settling the same attempt twice is refused; the receipt job exists once.
+    assert_eq!(err_kind(store.effect_settle(&settle).await), "JobLost");
+    assert_eq!(
+        count(&store.job_counts().await.unwrap(), "email", "available"),
+        1
+    );
 }

@@ -1,0 +1,626 @@
+//! The job queue's and the effect ledger's SQL. The worker runtime that drives it (leases,
+//! heartbeats, wake-ups, drain) lives in `holdfast-jobs`; the state machine is drawn there.
+//!
+//! Every change to a claimed job is fenced by its `attempt`: a claim increments it, and a
+//! completion, failure or heartbeat names the attempt it belongs to. A worker that stalled
+//! past its lease and comes back late matches no row and changes nothing.
+
+use crate::{Dialect, Error, Result, Safety, Store};
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+use std::time::Duration;
+
+/// The queue payments and receipts run on, and the Postgres channel that wakes its workers.
+pub const NOTIFY_CHANNEL: &str = "holdfast_jobs";
+
+/// A job to enqueue.
+#[derive(Debug, Clone)]
+pub struct JobInsert {
+    pub queue: String,
+    pub kind: String,
+    /// JSON arguments.
+    pub args: String,
+    /// Lower runs first; 0 to 9.
+    pub priority: i64,
+    /// At most one job with this key exists until it is pruned.
+    pub unique_key: Option<String>,
+    /// Not before this time (ms since the epoch).
+    pub run_at: i64,
+    pub max_attempts: i64,
+}
+
+impl JobInsert {
+    pub fn new(queue: &str, kind: &str, args: String) -> Self {
+        Self {
+            queue: queue.to_owned(),
+            kind: kind.to_owned(),
+            args,
+            priority: 5,
+            unique_key: None,
+            run_at: holdfast_core::now_ms(),
+            max_attempts: 25,
+        }
+    }
+    pub fn unique(mut self, key: impl Into<String>) -> Self {
+        self.unique_key = Some(key.into());
+        self
+    }
+}
+
+/// A claimed job. `(id, attempt)` is its fence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct JobRow {
+    pub id: i64,
+    pub queue: String,
+    pub kind: String,
+    pub args: String,
+    pub attempt: i64,
+    pub max_attempts: i64,
+    pub created_at: i64,
+    pub run_at: i64,
+}
+
+impl JobRow {
+    pub fn fence(&self) -> JobFence {
+        JobFence {
+            id: self.id,
+            attempt: self.attempt,
+        }
+    }
+}
+
+/// Names one attempt of one job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct JobFence {
+    pub id: i64,
+    pub attempt: i64,
+}
+
+/// A job in the dead-letter state, for inspection.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadJob {
+    pub id: i64,
+    pub queue: String,
+    pub kind: String,
+    pub args: String,
+    pub attempt: i64,
+    pub last_error: Option<String>,
+    pub finished_at: Option<i64>,
+}
+
+/// How many jobs are in each state of each queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueueCount {
+    pub queue: String,
+    pub state: String,
+    pub count: i64,
+}
+
+/// One effect that must happen once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LedgerEntry {
+    pub effect_key: String,
+    /// `pending` (started, outcome maybe unknown) or `done`.
+    pub state: String,
+    /// The idempotency key the dependency was (or will be) called with.
+    pub external_key: String,
+    pub external_id: Option<String>,
+}
+
+/// Confirms an external effect and applies what follows from it on our own store, in one
+/// transaction with completing the job that did it.
+#[derive(Debug, Clone)]
+pub struct EffectSettle<'a> {
+    pub job: JobFence,
+    pub effect_key: &'a str,
+    pub external_id: &'a str,
+    /// Mark this order paid (if it is still pending).
+    pub order_paid: Option<&'a str>,
+    /// Enqueue this follow-up job.
+    pub then: Option<JobInsert>,
+}
+
+/// What a payout needs to know about an order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayoutInfo {
+    pub order_id: String,
+    pub email: String,
+    pub total_cents: i64,
+    pub status: String,
+}
+
+/// `(id, attempt)` pairs as a SQL row-value list. Integers only, so formatting is safe.
+fn fence_list(fences: &[JobFence]) -> String {
+    fences
+        .iter()
+        .map(|f| format!("({}, {})", f.id, f.attempt))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn job_from(r: &AnyRow) -> Result<JobRow> {
+    Ok(JobRow {
+        id: r.try_get("id")?,
+        queue: r.try_get("queue")?,
+        kind: r.try_get("kind")?,
+        args: r.try_get("args")?,
+        attempt: r.try_get("attempt")?,
+        max_attempts: r.try_get("max_attempts")?,
+        created_at: r.try_get("created_at")?,
+        run_at: r.try_get("run_at")?,
+    })
+}
+
+fn ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Inserts `jobs` on `conn` (inside the caller's transaction); returns the ids of the ones
+/// inserted (a unique key that already exists is skipped). On Postgres the insert also
+/// notifies the queue's workers, delivered when the transaction commits.
+pub(crate) async fn insert_jobs(
+    conn: &mut AnyConnection,
+    dialect: Dialect,
+    jobs: &[JobInsert],
+    now: i64,
+) -> Result<Vec<i64>> {
+    let mut ids = Vec::with_capacity(jobs.len());
+    // 8 parameters a row; 400 rows stays far below SQLite's parameter limit.
+    for chunk in jobs.chunks(400) {
+        let rows = (0..chunk.len())
+            .map(|i| {
+                let p = |k: usize| format!("${}", i * 8 + k);
+                format!(
+                    "({}, {}, {}, 'available', {}, {}, {}, {}, {})",
+                    p(1),
+                    p(2),
+                    p(3),
+                    p(4),
+                    p(5),
+                    p(6),
+                    p(7),
+                    p(8)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO jobs (queue, kind, args, state, priority, unique_key, run_at, max_attempts, created_at) VALUES {rows}
+             ON CONFLICT (unique_key) DO NOTHING RETURNING id"
+        );
+        let mut q = sqlx::query(&sql);
+        for j in chunk {
+            q = q
+                .bind(&j.queue)
+                .bind(&j.kind)
+                .bind(&j.args)
+                .bind(j.priority)
+                .bind(&j.unique_key)
+                .bind(j.run_at)
+                .bind(j.max_attempts)
+                .bind(now);
+        }
+        for r in q.fetch_all(&mut *conn).await? {
+            ids.push(r.try_get("id")?);
+        }
+    }
+    if dialect == Dialect::Postgres && !ids.is_empty() {
+        let mut queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        for q in queues {
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(NOTIFY_CHANNEL)
+                .bind(q)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(ids)
+}
+
+impl Store {
+    /// Enqueues one job; `None` when its unique key already exists.
+    pub async fn job_enqueue(&self, job: &JobInsert) -> Result<Option<i64>> {
+        Ok(self
+            .job_enqueue_many(std::slice::from_ref(job))
+            .await?
+            .into_iter()
+            .next())
+    }
+
+    /// Enqueues many jobs in one transaction; returns the ids of those inserted.
+    pub async fn job_enqueue_many(&self, jobs: &[JobInsert]) -> Result<Vec<i64>> {
+        // Idempotent only when every job is unique; otherwise a re-run could double them.
+        let safety = if jobs.iter().all(|j| j.unique_key.is_some()) {
+            Safety::Idempotent
+        } else {
+            Safety::Write
+        };
+        self.run(safety, "job_enqueue", || async {
+            let mut tx = self.begin_write().await?;
+            let ids = insert_jobs(&mut tx, self.dialect, jobs, holdfast_core::now_ms()).await?;
+            tx.commit().await?;
+            Ok(ids)
+        })
+        .await
+    }
+
+    /// Claims up to `limit` available jobs of `queue` due by `now`, most urgent first, for
+    /// `lease`; each claim increments the job's attempt (its fence).
+    pub async fn job_claim(
+        &self,
+        queue: &str,
+        worker_id: &str,
+        limit: i64,
+        now: i64,
+        lease: Duration,
+    ) -> Result<Vec<JobRow>> {
+        let skip_locked = match self.dialect {
+            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
+            Dialect::Sqlite => "",
+        };
+        let sql = format!(
+            "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_until = $1, worker_id = $2, started_at = $3
+             WHERE id IN (SELECT id FROM jobs WHERE state = 'available' AND queue = $4 AND run_at <= $3
+                          ORDER BY priority, run_at, id LIMIT $5{skip_locked})
+             RETURNING id, queue, kind, args, attempt, max_attempts, created_at, run_at"
+        );
+        // A claim that committed but whose answer was lost leaves jobs running under a lease
+        // nobody holds; the rescuer frees them. So only retry when nothing can have committed.
+        self.run(Safety::Write, "job_claim", || async {
+            let mut tx = self.begin_write().await?;
+            let rows = sqlx::query(&sql)
+                .bind(now.saturating_add(ms(lease)))
+                .bind(worker_id)
+                .bind(now)
+                .bind(queue)
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            let mut jobs = rows.iter().map(job_from).collect::<Result<Vec<_>>>()?;
+            jobs.sort_by_key(|j| j.id);
+            Ok(jobs)
+        })
+        .await
+    }
+
+    /// Extends the leases of running attempts; returns how many are still ours.
+    pub async fn job_heartbeat(&self, fences: &[JobFence], lease_until: i64) -> Result<u64> {
+        if fences.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "UPDATE jobs SET lease_until = $1 WHERE state = 'running' AND (id, attempt) IN ({})",
+            fence_list(fences)
+        );
+        self.run(Safety::Idempotent, "job_heartbeat", || async {
+            let mut tx = self.begin_write().await?;
+            let n = sqlx::query(&sql)
+                .bind(lease_until)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Completes attempts in one statement; attempts that are no longer current are refused
+    /// (not counted).
+    pub async fn job_complete(&self, fences: &[JobFence], now: i64) -> Result<u64> {
+        if fences.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "UPDATE jobs SET state = 'completed', finished_at = $1, lease_until = NULL
+             WHERE state = 'running' AND (id, attempt) IN ({})",
+            fence_list(fences)
+        );
+        self.run(Safety::Idempotent, "job_complete", || async {
+            let mut tx = self.begin_write().await?;
+            let n = sqlx::query(&sql)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Records a failed attempt: back to `available` at `retry_at`, or `dead` when `None`.
+    /// Returns false when the attempt was no longer current.
+    pub async fn job_fail(
+        &self,
+        job: JobFence,
+        error: &str,
+        retry_at: Option<i64>,
+        now: i64,
+    ) -> Result<bool> {
+        let error: String = error.chars().take(2000).collect();
+        self.run(Safety::Idempotent, "job_fail", || async {
+            let mut tx = self.begin_write().await?;
+            let q = match retry_at {
+                Some(at) => sqlx::query(
+                    "UPDATE jobs SET state = 'available', run_at = $3, last_error = $4, lease_until = NULL
+                     WHERE id = $1 AND attempt = $2 AND state = 'running'",
+                )
+                .bind(job.id)
+                .bind(job.attempt)
+                .bind(at)
+                .bind(&error),
+                None => sqlx::query(
+                    "UPDATE jobs SET state = 'dead', finished_at = $3, last_error = $4, lease_until = NULL
+                     WHERE id = $1 AND attempt = $2 AND state = 'running'",
+                )
+                .bind(job.id)
+                .bind(job.attempt)
+                .bind(now)
+                .bind(&error),
+            };
+            let n = q.execute(&mut *tx).await?.rows_affected();
+            tx.commit().await?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Gives unfinished attempts back (graceful drain): available again at once, and the
+    /// attempt does not count against `max_attempts`.
+    pub async fn job_release(&self, fences: &[JobFence]) -> Result<u64> {
+        if fences.is_empty() {
+            return Ok(0);
+        }
+        let sql = format!(
+            "UPDATE jobs SET state = 'available', attempt = attempt - 1, lease_until = NULL
+             WHERE state = 'running' AND (id, attempt) IN ({})",
+            fence_list(fences)
+        );
+        self.run(Safety::Write, "job_release", || async {
+            let mut tx = self.begin_write().await?;
+            let n = sqlx::query(&sql).execute(&mut *tx).await?.rows_affected();
+            tx.commit().await?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// Frees jobs whose worker stopped heartbeating: available again, or dead when their
+    /// attempts are spent. Returns (rescued, dead).
+    pub async fn job_rescue(&self, now: i64) -> Result<(u64, u64)> {
+        self.run(Safety::Idempotent, "job_rescue", || async {
+            let mut tx = self.begin_write().await?;
+            let dead = sqlx::query(
+                "UPDATE jobs SET state = 'dead', finished_at = $1, lease_until = NULL, last_error = 'lease expired on the last attempt'
+                 WHERE state = 'running' AND lease_until < $1 AND attempt >= max_attempts",
+            )
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            let rescued = sqlx::query(
+                "UPDATE jobs SET state = 'available', lease_until = NULL, last_error = 'lease expired: worker lost'
+                 WHERE state = 'running' AND lease_until < $1",
+            )
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            Ok((rescued, dead))
+        })
+        .await
+    }
+
+    /// Deletes up to `limit` jobs completed before `before`, so the table does not bloat.
+    pub async fn job_prune(&self, before: i64, limit: i64) -> Result<u64> {
+        self.run(Safety::Idempotent, "job_prune", || async {
+            let mut tx = self.begin_write().await?;
+            let n = sqlx::query(
+                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state = 'completed' AND finished_at < $1 LIMIT $2)",
+            )
+            .bind(before)
+            .bind(limit)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            Ok(n)
+        })
+        .await
+    }
+
+    pub async fn job_dead(&self, limit: i64) -> Result<Vec<DeadJob>> {
+        self.run(Safety::Idempotent, "job_dead", || async {
+            let rows = sqlx::query(
+                "SELECT id, queue, kind, args, attempt, last_error, finished_at FROM jobs WHERE state = 'dead' ORDER BY id LIMIT $1",
+            )
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(DeadJob {
+                        id: r.try_get("id")?,
+                        queue: r.try_get("queue")?,
+                        kind: r.try_get("kind")?,
+                        args: r.try_get("args")?,
+                        attempt: r.try_get("attempt")?,
+                        last_error: r.try_get("last_error")?,
+                        finished_at: r.try_get("finished_at")?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Sends dead jobs back to work with a fresh attempt budget: one by id, or all.
+    pub async fn job_redrive(&self, id: Option<i64>, now: i64) -> Result<u64> {
+        self.run(Safety::Idempotent, "job_redrive", || async {
+            let mut tx = self.begin_write().await?;
+            let n = sqlx::query(
+                "UPDATE jobs SET state = 'available', attempt = 0, run_at = $1, finished_at = NULL
+                 WHERE state = 'dead' AND ($2 < 0 OR id = $2)",
+            )
+            .bind(now)
+            .bind(id.unwrap_or(-1))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if self.dialect == Dialect::Postgres && n > 0 {
+                sqlx::query("SELECT pg_notify($1, '*')")
+                    .bind(NOTIFY_CHANNEL)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(n)
+        })
+        .await
+    }
+
+    pub async fn job_counts(&self) -> Result<Vec<QueueCount>> {
+        self.run(Safety::Idempotent, "job_counts", || async {
+            let rows = sqlx::query("SELECT queue, state, COUNT(*) AS n FROM jobs GROUP BY queue, state ORDER BY queue, state")
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|r| Ok(QueueCount { queue: r.try_get("queue")?, state: r.try_get("state")?, count: r.try_get("n")? }))
+                .collect()
+        })
+        .await
+    }
+
+    /// When the next scheduled job of `queue` becomes due, if any is waiting.
+    pub async fn job_next_run_at(&self, queue: &str) -> Result<Option<i64>> {
+        self.run(Safety::Idempotent, "job_next_run_at", || async {
+            let row = sqlx::query(
+                "SELECT MIN(run_at) AS t FROM jobs WHERE state = 'available' AND queue = $1",
+            )
+            .bind(queue)
+            .fetch_one(&self.pool)
+            .await?;
+            Ok(row.try_get::<Option<i64>, _>("t")?)
+        })
+        .await
+    }
+
+    // ---- the effect ledger -------------------------------------------------------------
+
+    pub async fn ledger_get(&self, effect_key: &str) -> Result<Option<LedgerEntry>> {
+        self.run(Safety::Idempotent, "ledger_get", || async {
+            let row = sqlx::query("SELECT effect_key, state, external_key, external_id FROM effect_ledger WHERE effect_key = $1")
+                .bind(effect_key)
+                .fetch_optional(&self.pool)
+                .await?;
+            row.map(|r| {
+                Ok(LedgerEntry {
+                    effect_key: r.try_get("effect_key")?,
+                    state: r.try_get("state")?,
+                    external_key: r.try_get("external_key")?,
+                    external_id: r.try_get("external_id")?,
+                })
+            })
+            .transpose()
+        })
+        .await
+    }
+
+    /// Records the intent to cause `effect_key` with the dependency's idempotency key
+    /// `external_key` before calling it, and returns the entry as it stands (an earlier
+    /// attempt's entry wins: its key is the one to reuse) and whether this call created it.
+    pub async fn ledger_begin(
+        &self,
+        effect_key: &str,
+        external_key: &str,
+    ) -> Result<(LedgerEntry, bool)> {
+        let now = holdfast_core::now_ms();
+        self.run(Safety::Idempotent, "ledger_begin", || async {
+            let mut tx = self.begin_write().await?;
+            let created = sqlx::query(
+                "INSERT INTO effect_ledger (effect_key, state, external_key, created_at, updated_at) VALUES ($1, 'pending', $2, $3, $3)
+                 ON CONFLICT (effect_key) DO NOTHING",
+            )
+            .bind(effect_key)
+            .bind(external_key)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            let r = sqlx::query("SELECT effect_key, state, external_key, external_id FROM effect_ledger WHERE effect_key = $1")
+                .bind(effect_key)
+                .fetch_one(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            let entry = LedgerEntry {
+                effect_key: r.try_get("effect_key")?,
+                state: r.try_get("state")?,
+                external_key: r.try_get("external_key")?,
+                external_id: r.try_get("external_id")?,
+            };
+            Ok((entry, created))
+        })
+        .await
+    }
+
+    /// The effect happened: mark it done, apply its consequences on our store and complete
+    /// the job, all in one transaction. A stale attempt (fenced out) changes nothing and gets
+    /// `Error::JobLost`; the current attempt will settle the same effect.
+    pub async fn effect_settle(&self, s: &EffectSettle<'_>) -> Result<()> {
+        self.run(Safety::Idempotent, "effect_settle", || async {
+            let now = holdfast_core::now_ms();
+            let mut tx = self.begin_write().await?;
+            let completed = sqlx::query(
+                "UPDATE jobs SET state = 'completed', finished_at = $3, lease_until = NULL WHERE id = $1 AND attempt = $2 AND state = 'running'",
+            )
+            .bind(s.job.id)
+            .bind(s.job.attempt)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if completed != 1 {
+                return Err(Error::JobLost);
+            }
+            sqlx::query(
+                "INSERT INTO effect_ledger (effect_key, state, external_key, external_id, created_at, updated_at) VALUES ($1, 'done', $1, $2, $3, $3)
+                 ON CONFLICT (effect_key) DO UPDATE SET state = 'done', external_id = excluded.external_id, updated_at = excluded.updated_at",
+            )
+            .bind(s.effect_key)
+            .bind(s.external_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if let Some(order_id) = s.order_paid {
+                sqlx::query("UPDATE orders SET status = 'paid' WHERE id = $1 AND status = 'pending'").bind(order_id).execute(&mut *tx).await?;
+            }
+            if let Some(job) = &s.then {
+                insert_jobs(&mut tx, self.dialect, std::slice::from_ref(job), now).await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn order_payout_info(&self, order_id: &str) -> Result<Option<PayoutInfo>> {
+        self.run(Safety::Idempotent, "order_payout_info", || async {
+            let row = sqlx::query(
+                "SELECT o.id, u.email, o.total_cents, o.status FROM orders o JOIN users u ON u.id = o.user_id WHERE o.id = $1",
+            )
+            .bind(order_id)
+            .fetch_optional(&self.pool)
+            .await?;
+            row.map(|r| Ok(PayoutInfo { order_id: r.try_get("id")?, email: r.try_get("email")?, total_cents: r.try_get("total_cents")?, status: r.try_get("status")? }))
+                .transpose()
+        })
+        .await
+    }
+}
