@@ -30,6 +30,13 @@ pub enum Command {
     Up(UpArgs),
     /// One stateless web instance (the production entry point).
     Serve(ServeArgs),
+    /// One job worker: charges paid orders and sends receipts, exactly once in effect.
+    Worker(WorkerArgs),
+    /// The fake payment provider and mail sink (a separate process, with injectable faults).
+    Provider(ProviderArgs),
+    /// Inspect and redrive the job queue.
+    #[command(subcommand)]
+    Jobs(JobsCommand),
     /// Side-by-side benchmarks (long runs that do not belong in the test suite).
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -199,6 +206,111 @@ pub struct UpArgs {
     pub store: StoreArgs,
     #[command(flatten)]
     pub instance: InstanceArgs,
+    /// How many job workers to run.
+    #[arg(long, default_value_t = 2)]
+    pub workers: u16,
+    /// Use this payment provider instead of starting `holdfast provider`.
+    #[arg(long)]
+    pub provider_url: Option<String>,
+    #[command(flatten)]
+    pub jobs: JobArgs,
+}
+
+/// How each worker behaves. `worker` takes them; `up` passes them on to its workers.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Worker options")]
+pub struct JobArgs {
+    /// Jobs of each queue one worker runs at once.
+    #[arg(long, default_value_t = 16)]
+    pub job_concurrency: usize,
+    /// A job whose worker stops heartbeating is rescued after this long.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub job_lease: Duration,
+    /// First retry delay of a failed job (full jitter, doubling per attempt, capped at 5 min).
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    pub job_retry_base: Duration,
+    /// How long a call to the payment provider may take before its outcome counts as unknown.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    pub provider_timeout: Duration,
+    /// SABOTAGE, for tests and drills only: skip the effect ledger (duplicate charges follow).
+    #[arg(long, hide = true)]
+    pub unsafe_bypass_ledger: bool,
+}
+
+impl JobArgs {
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "--job-concurrency".into(),
+            self.job_concurrency.to_string().into(),
+            "--job-lease".into(),
+            format!("{}ms", self.job_lease.as_millis()).into(),
+            "--job-retry-base".into(),
+            format!("{}ms", self.job_retry_base.as_millis()).into(),
+            "--provider-timeout".into(),
+            format!("{}ms", self.provider_timeout.as_millis()).into(),
+        ];
+        if self.unsafe_bypass_ledger {
+            args.push("--unsafe-bypass-ledger".into());
+        }
+        args
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct WorkerArgs {
+    /// Where the worker serves /healthz and /metrics; port 0 picks a free one.
+    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))]
+    pub addr: SocketAddr,
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Base URL of the payment provider.
+    #[arg(long, env = "HOLDFAST_PROVIDER_URL")]
+    pub provider_url: String,
+    #[command(flatten)]
+    pub jobs: JobArgs,
+    /// Set by `up`: exit if that process dies.
+    #[arg(long, hide = true)]
+    pub parent_pid: Option<i32>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ProviderArgs {
+    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))]
+    pub addr: SocketAddr,
+    /// Latency added before acting on a charge or an email.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Share of calls answered 503 without acting.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Share of calls that act, then hang and close without answering.
+    #[arg(long, default_value_t = 0.0)]
+    pub act_then_timeout_rate: f64,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    #[arg(long, hide = true)]
+    pub parent_pid: Option<i32>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsCommand {
+    /// Jobs per queue and state.
+    Stats(StoreOnly),
+    /// List dead jobs.
+    Dead(StoreOnly),
+    /// Send dead jobs back to work: one by id, or all.
+    Redrive {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// A dead job's id; omit for all dead jobs.
+        id: Option<i64>,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StoreOnly {
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, Clone, Args)]

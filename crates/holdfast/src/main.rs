@@ -6,14 +6,18 @@
 
 mod bench;
 mod cli;
+mod provider;
 mod serve;
 mod up;
+mod worker;
 
 use std::future::Future;
 use std::io::IsTerminal;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+
+use anyhow::Context;
 
 use crate::cli::{BenchCommand, Cli, Command};
 
@@ -32,6 +36,9 @@ fn main() -> anyhow::Result<()> {
             Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::Up(args)) => up::run(args).await,
             Some(Command::Bench(BenchCommand::Checkout(args))) => bench::run(args).await,
+            Some(Command::Worker(args)) => worker::run(args).await,
+            Some(Command::Provider(args)) => provider::run(args).await,
+            Some(Command::Jobs(cmd)) => worker::jobs_command(cmd).await,
             None => up::run(cli.up).await,
         }
     })
@@ -49,4 +56,33 @@ pub(crate) fn on_terminate() -> std::io::Result<impl Future<Output = &'static st
             _ = int.recv() => "SIGINT",
         }
     })
+}
+
+/// Tells a supervisor where we listen: one line `HOLDFAST_LISTENING <addr>` on stdout.
+pub(crate) fn announce_listening(addr: std::net::SocketAddr) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{} {addr}", serve::LISTENING)?;
+    stdout.flush()
+}
+
+/// Under `up`, an instance must not outlive its supervisor, even one killed by SIGKILL (which
+/// gets no chance to stop us). Linux's parent-death signal does that, set here rather than in an
+/// `unsafe` `pre_exec` hook; the check after it covers a supervisor that died before it was set
+/// (we would already have been reparented).
+#[cfg(target_os = "linux")]
+pub(crate) fn die_with_parent(parent: Option<i32>) -> anyhow::Result<()> {
+    let Some(parent) = parent else { return Ok(()) };
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+        .context("prctl(PR_SET_PDEATHSIG)")?;
+    anyhow::ensure!(
+        nix::unistd::getppid().as_raw() == parent,
+        "supervisor {parent} is gone"
+    );
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn die_with_parent(_parent: Option<i32>) -> anyhow::Result<()> {
+    Ok(())
 }

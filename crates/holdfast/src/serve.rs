@@ -8,7 +8,6 @@
 //! store's connections close.
 
 use std::future::{pending, IntoFuture};
-use std::io::Write;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -32,7 +31,7 @@ const REAP_EVERY: Duration = Duration::from_secs(60);
 const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    die_with_parent(args.parent_pid)?;
+    crate::die_with_parent(args.parent_pid)?;
     let terminated = crate::on_terminate()?;
     let opts = web_options(&args.instance, !args.insecure_cookies)?;
     let grace = opts.request_timeout + SHUTDOWN_SLACK;
@@ -46,10 +45,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     let addr = listener.local_addr()?;
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{LISTENING} {addr}")?;
-    stdout.flush()?;
-    drop(stdout);
+    crate::announce_listening(addr)?;
     info!(%addr, backend = store.dialect().name(), "serving");
     tokio::spawn(holdfast_web::reap_forever(state.clone(), REAP_EVERY));
 
@@ -103,25 +99,4 @@ pub fn web_options(args: &InstanceArgs, secure_cookies: bool) -> anyhow::Result<
         opts.request_timeout,
     );
     Ok(opts)
-}
-
-/// Under `up`, an instance must not outlive its supervisor, even one killed by SIGKILL (which
-/// gets no chance to stop us). Linux's parent-death signal does that, set here rather than in an
-/// `unsafe` `pre_exec` hook; the check after it covers a supervisor that died before it was set
-/// (we would already have been reparented).
-#[cfg(target_os = "linux")]
-fn die_with_parent(parent: Option<i32>) -> anyhow::Result<()> {
-    let Some(parent) = parent else { return Ok(()) };
-    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-        .context("prctl(PR_SET_PDEATHSIG)")?;
-    ensure!(
-        nix::unistd::getppid().as_raw() == parent,
-        "supervisor {parent} is gone"
-    );
-    Ok(())
-}
-
-#[cfg(not(target_os = "linux"))]
-fn die_with_parent(_parent: Option<i32>) -> anyhow::Result<()> {
-    Ok(())
 }

@@ -45,7 +45,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let terminated = crate::on_terminate()?;
     let web = crate::serve::web_options(&args.instance, !args.host.is_loopback())?;
     // An instance's drain takes its drain delay plus, at most, one request timeout and slack.
-    let stop_timeout = args.instance.drain_delay + web.request_timeout + Duration::from_secs(10);
+    // A worker's drain is bounded by its own drain timeout (10 s); the larger bound covers both.
+    let stop_timeout = (args.instance.drain_delay + web.request_timeout)
+        .max(Duration::from_secs(10))
+        + Duration::from_secs(10);
     let url = args.store.store_url()?;
     // Migrate once, up front, so the instances find the schema ready instead of queueing on
     // the migration lock, and a bad URL fails here with one message instead of N crash loops.
@@ -66,27 +69,69 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }));
     info!(%addr, "balancer listening");
 
-    let mut instance_args: Vec<OsString> = vec![
-        "serve".into(),
-        "--addr".into(),
-        "127.0.0.1:0".into(),
+    let parent = std::process::id().to_string();
+    let store_flags: Vec<OsString> = vec![
         "--backend".into(),
         args.store.backend.name().into(),
         "--data-dir".into(),
         args.store.data_dir.clone().into(),
         "--parent-pid".into(),
-        std::process::id().to_string().into(),
+        parent.clone().into(),
     ];
+    let mut web_args: Vec<OsString> = vec!["serve".into(), "--addr".into(), "127.0.0.1:0".into()];
+    web_args.extend(store_flags.iter().cloned());
     if !web.secure_cookies {
-        instance_args.push("--insecure-cookies".into());
+        web_args.push("--insecure-cookies".into());
     }
-    instance_args.extend(args.instance.to_args());
+    web_args.extend(args.instance.to_args());
+    let mut groups = vec![Group {
+        role: "web",
+        args: web_args,
+        count: args.instances.into(),
+    }];
+    // The provider keeps one port across restarts, so the workers' URL stays valid.
+    let provider_url = match &args.provider_url {
+        Some(url) => url.clone(),
+        None => {
+            let port = std::net::TcpListener::bind("127.0.0.1:0")?
+                .local_addr()?
+                .port();
+            let provider_args = vec![
+                "provider".into(),
+                "--addr".into(),
+                format!("127.0.0.1:{port}").into(),
+                "--parent-pid".into(),
+                parent.clone().into(),
+            ];
+            groups.push(Group {
+                role: "provider",
+                args: provider_args,
+                count: 1,
+            });
+            format!("http://127.0.0.1:{port}")
+        }
+    };
+    if args.workers > 0 {
+        let mut worker_args: Vec<OsString> = vec![
+            "worker".into(),
+            "--addr".into(),
+            "127.0.0.1:0".into(),
+            "--provider-url".into(),
+            provider_url.into(),
+        ];
+        worker_args.extend(store_flags);
+        worker_args.extend(args.jobs.to_args());
+        groups.push(Group {
+            role: "worker",
+            args: worker_args,
+            count: args.workers.into(),
+        });
+    }
     let supervisor = Supervisor::new(Options {
         program: std::env::current_exe().context("finding our own executable")?,
-        args: instance_args,
+        groups,
         // In the environment rather than argv, so a password does not show in `ps`.
         env: vec![("DATABASE_URL".into(), url.into())],
-        instances: args.instances.into(),
         instances_file: args.store.data_dir.join("run").join("instances.json"),
         balancer,
         start_timeout: Duration::from_secs(30),
@@ -114,15 +159,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One kind of process and how many of it to keep running.
+pub struct Group {
+    /// `web` (behind the balancer), `worker` or `provider`, as written to `instances.json`.
+    pub role: &'static str,
+    pub args: Vec<OsString>,
+    pub count: usize,
+}
+
 /// What to run, how many, and where to report them.
 pub struct Options {
-    /// The instance executable (normally our own) and its arguments. It must print
+    /// The executable (normally our own). Every process must print
     /// `HOLDFAST_LISTENING <addr>` on stdout once it accepts connections.
     pub program: PathBuf,
-    pub args: Vec<OsString>,
+    pub groups: Vec<Group>,
     pub env: Vec<(OsString, OsString)>,
-    /// How many instances to keep running.
-    pub instances: usize,
     /// Rewritten atomically on every change: `[{"role":"web","pid":…,"addr":"…"}, …]`.
     pub instances_file: PathBuf,
     /// Gets the listening addresses as upstreams and the same JSON for `GET /ops/instances`.
@@ -155,8 +206,9 @@ pub struct Instance {
 
 struct Shared {
     opts: Options,
-    /// Listening instances by slot. Held while publishing, so publications never reorder.
-    slots: Mutex<BTreeMap<usize, Instance>>,
+    /// Listening processes by (group, slot). Held while publishing, so publications never
+    /// reorder.
+    slots: Mutex<BTreeMap<(usize, usize), Instance>>,
     live: watch::Sender<Vec<Instance>>,
 }
 
@@ -182,7 +234,7 @@ impl Supervisor {
     pub fn handle(&self) -> Handle {
         Handle {
             live: self.shared.live.subscribe(),
-            instances: self.shared.opts.instances,
+            instances: self.shared.opts.groups.iter().map(|g| g.count).sum(),
         }
     }
 
@@ -197,11 +249,17 @@ impl Supervisor {
             .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         // Publishes the empty set, replacing whatever a previous, killed `up` left behind.
-        self.shared.set_slot(0, None);
+        self.shared.set_slot((0, 0), None);
         let (stop, stopping) = watch::channel(false);
         let mut slots = JoinSet::new();
-        for slot in 0..self.shared.opts.instances {
-            slots.spawn(self.shared.clone().keep_running(slot, stopping.clone()));
+        for (group, g) in self.shared.opts.groups.iter().enumerate() {
+            for slot in 0..g.count {
+                slots.spawn(
+                    self.shared
+                        .clone()
+                        .keep_running((group, slot), stopping.clone()),
+                );
+            }
         }
         shutdown.await;
         stop.send_replace(true);
@@ -226,17 +284,27 @@ impl Handle {
 
 impl Shared {
     /// One slot's life: run an instance, and whenever it exits, start another after a backoff.
-    async fn keep_running(self: Arc<Self>, slot: usize, mut stopping: watch::Receiver<bool>) {
+    async fn keep_running(
+        self: Arc<Self>,
+        slot: (usize, usize),
+        mut stopping: watch::Receiver<bool>,
+    ) {
         let mut backoff = Backoff::default();
         loop {
             let started = Instant::now();
+            let role = self.opts.groups[slot.0].role;
             match self.run_instance(slot, &mut stopping).await {
                 Ok(Ended::Stopped) => return,
-                Ok(Ended::Exited(status)) => warn!(slot, %status, "instance exited"),
-                Err(error) => warn!(slot, error = format!("{error:#}"), "instance failed"),
+                Ok(Ended::Exited(status)) => warn!(role, slot = slot.1, %status, "instance exited"),
+                Err(error) => warn!(
+                    role,
+                    slot = slot.1,
+                    error = format!("{error:#}"),
+                    "instance failed"
+                ),
             }
             let delay = backoff.after(started.elapsed());
-            info!(slot, ?delay, "restarting instance");
+            info!(role, slot = slot.1, ?delay, "restarting instance");
             tokio::select! {
                 () = sleep(delay) => {}
                 () = stopped(&mut stopping) => return,
@@ -247,12 +315,13 @@ impl Shared {
     /// Starts one instance, publishes it once it listens, and waits for it to end.
     async fn run_instance(
         &self,
-        slot: usize,
+        slot: (usize, usize),
         stopping: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<Ended> {
         let opts = &self.opts;
+        let group = &opts.groups[slot.0];
         let mut child = Command::new(&opts.program)
-            .args(&opts.args)
+            .args(&group.args)
             .envs(opts.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -287,12 +356,12 @@ impl Shared {
         self.set_slot(
             slot,
             Some(Instance {
-                role: "web",
+                role: group.role,
                 pid,
                 addr,
             }),
         );
-        info!(slot, pid, %addr, "instance listening");
+        info!(role = group.role, slot = slot.1, pid, %addr, "instance listening");
 
         let ended = tokio::select! {
             status = child.wait() => status.map(Ended::Exited).context("waiting for instance"),
@@ -320,7 +389,7 @@ impl Shared {
     /// Records what listens in `slot` (or that nothing does), then makes the balancer,
     /// `instances.json`, `/ops/instances` and the handles agree. The lock is held throughout,
     /// so publications never overtake each other.
-    fn set_slot(&self, slot: usize, instance: Option<Instance>) {
+    fn set_slot(&self, slot: (usize, usize), instance: Option<Instance>) {
         let mut slots = self.slots.lock().unwrap_or_else(PoisonError::into_inner);
         match instance {
             Some(instance) => slots.insert(slot, instance),
@@ -329,7 +398,12 @@ impl Shared {
         let live: Vec<Instance> = slots.values().cloned().collect();
         let json = serde_json::to_vec(&live).expect("instances serialize");
         let balancer = &self.opts.balancer;
-        balancer.set_upstreams(live.iter().map(|i| i.addr).collect());
+        balancer.set_upstreams(
+            live.iter()
+                .filter(|i| i.role == "web")
+                .map(|i| i.addr)
+                .collect(),
+        );
         balancer.publish_instances(json.clone().into());
         if let Err(error) = write_atomically(&self.opts.instances_file, &json) {
             warn!(

@@ -196,12 +196,24 @@ pub struct System {
     pub url: String,
     pub dir: tempfile::TempDir,
     pub up: Proc,
+    /// The store the system runs on, for checks the API does not expose.
+    pub store_url: String,
 }
 
 impl System {
     /// Starts `holdfast up` with `instances` web instances on `backend`; `None` when the
     /// backend is not available outside CI (Postgres without DATABASE_URL).
     pub async fn start(backend: Backend, instances: usize, test: &str) -> Option<System> {
+        Self::start_with(backend, instances, test, &[]).await
+    }
+
+    /// Like `start`, with more `up` flags; waits for every process `up` runs.
+    pub async fn start_with(
+        backend: Backend,
+        instances: usize,
+        test: &str,
+        extra: &[&str],
+    ) -> Option<System> {
         let dir = tempfile::tempdir().expect("tempdir");
         let (n, data_dir) = (
             instances.to_string(),
@@ -221,15 +233,23 @@ impl System {
             "--request-timeout",
             "2s",
         ];
-        let pg_url;
+        let store_url = match backend {
+            Backend::Postgres => holdfast_store::testing::fresh_postgres_url(test).await?,
+            Backend::Sqlite => format!("sqlite:{data_dir}/holdfast.sqlite"),
+        };
         if backend == Backend::Postgres {
-            pg_url = holdfast_store::testing::fresh_postgres_url(test).await?;
-            args.extend(["--backend", "postgres", "--database-url", &pg_url]);
+            args.extend(["--backend", "postgres", "--database-url", &store_url]);
         }
+        args.extend(extra);
         let up = Proc::spawn(&args);
         let line = up.line_after("Holdfast is up: ", Duration::from_secs(30));
         let url = line.split_whitespace().next().expect("url").to_owned();
-        let sys = System { url, dir, up };
+        let sys = System {
+            url,
+            dir,
+            up,
+            store_url,
+        };
         eventually(Duration::from_secs(30), "every instance listed", || async {
             (sys.web_pids().len() == instances).then_some(())
         })
@@ -244,6 +264,16 @@ impl System {
             .filter(|i| i.role == "web")
             .map(|i| i.pid)
             .collect()
+    }
+
+    /// The base URL of the payment provider `up` started.
+    pub fn provider_url(&self) -> String {
+        let provider = instances(self.dir.path())
+            .unwrap_or_default()
+            .into_iter()
+            .find(|i| i.role == "provider")
+            .expect("a provider");
+        format!("http://{}", provider.addr)
     }
 
     /// Signals one of this system's processes (never a recycled pid).

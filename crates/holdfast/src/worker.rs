@@ -1,0 +1,118 @@
+//! `holdfast worker`: one job worker, and `holdfast jobs …`: the queue's operator commands.
+//!
+//! A worker is as disposable as a web instance: SIGKILL it mid-payout and the job's lease
+//! lapses, another worker rescues it, and the effect ledger makes sure the order is charged
+//! and receipted once. SIGTERM drains it: it stops claiming, finishes what it runs (bounded)
+//! and gives the rest back. It serves `/healthz` and `/metrics` on `--addr`.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::routing::get;
+use holdfast_jobs::flows::{Flows, EMAIL_QUEUE, RECEIPT_KIND};
+use holdfast_jobs::{QueueConfig, Wakeup, Worker, WorkerOptions};
+use holdfast_provider::ProviderClient;
+use holdfast_store::{Dialect, Store, StoreOptions, PAYMENTS_QUEUE, PAYOUT_KIND};
+use tracing::info;
+
+use crate::cli::{JobsCommand, WorkerArgs};
+
+pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
+    crate::die_with_parent(args.parent_pid)?;
+    let terminated = crate::on_terminate()?;
+    let metrics = holdfast_web::install_metrics_recorder().map_err(anyhow::Error::msg)?;
+    let url = args.store.store_url()?;
+    let store = Store::open(&StoreOptions::new(url.clone()))
+        .await
+        .context("opening the store")?;
+    let wakeup = match store.dialect() {
+        Dialect::Postgres => Wakeup::Postgres(url.clone()),
+        Dialect::Sqlite => Wakeup::SqliteFile(
+            url.trim_start_matches("sqlite:")
+                .split('?')
+                .next()
+                .unwrap_or_default()
+                .into(),
+        ),
+    };
+    let jobs = &args.jobs;
+    let flows = Flows {
+        store: store.clone(),
+        provider: ProviderClient::new(&args.provider_url, jobs.provider_timeout)?,
+        bypass_ledger: jobs.unsafe_bypass_ledger,
+    };
+    if jobs.unsafe_bypass_ledger {
+        tracing::warn!("SABOTAGE: the effect ledger is bypassed; duplicate charges will follow");
+    }
+    let concurrency = jobs.job_concurrency.max(1);
+    let defaults = WorkerOptions::default();
+    let opts = WorkerOptions {
+        queues: vec![
+            QueueConfig {
+                name: PAYMENTS_QUEUE.into(),
+                concurrency,
+            },
+            QueueConfig {
+                name: EMAIL_QUEUE.into(),
+                concurrency,
+            },
+        ],
+        lease: jobs.job_lease,
+        heartbeat_every: (jobs.job_lease / 4).max(Duration::from_millis(50)),
+        rescue_every: (jobs.job_lease / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(1)),
+        backoff: holdfast_core::retry::RetryPolicy {
+            base: jobs.job_retry_base,
+            cap: Duration::from_secs(300),
+            ..defaults.backoff
+        },
+        wakeup,
+        ..defaults
+    };
+    let worker = Worker::new(store.clone(), opts)
+        .handle(PAYOUT_KIND, flows.payout_handler())
+        .handle(RECEIPT_KIND, flows.receipt_handler());
+
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("binding {}", args.addr))?;
+    let addr = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/metrics",
+            get(move || std::future::ready(metrics.render())),
+        );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    crate::announce_listening(addr)?;
+    info!(%addr, backend = store.dialect().name(), "worker serving /metrics");
+
+    worker
+        .run(async {
+            let signal = terminated.await;
+            info!(signal, "draining: no new jobs, finishing running ones");
+        })
+        .await?;
+    store.close().await;
+    Ok(())
+}
+
+pub async fn jobs_command(cmd: JobsCommand) -> anyhow::Result<()> {
+    let store_args = match &cmd {
+        JobsCommand::Stats(s) | JobsCommand::Dead(s) => &s.store,
+        JobsCommand::Redrive { store, .. } => store,
+    };
+    let store = Store::open(&StoreOptions::new(store_args.store_url()?))
+        .await
+        .context("opening the store")?;
+    let out = match cmd {
+        JobsCommand::Stats(_) => serde_json::to_string_pretty(&store.job_counts().await?)?,
+        JobsCommand::Dead(_) => serde_json::to_string_pretty(&store.job_dead(1000).await?)?,
+        JobsCommand::Redrive { id, .. } => {
+            let n = store.job_redrive(id, holdfast_core::now_ms()).await?;
+            format!("redriven: {n}")
+        }
+    };
+    println!("{out}");
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! Acceptance tests of jobs and the effect ledger, against the real binaries on SQLite and
+//! Postgres: SIGKILL workers at random points during 500 checkouts while the provider fails
+//! some calls and, on others, charges and then times out before answering. Afterwards every
+//! order is paid exactly once at the provider, has exactly one receipt, and no job is lost,
+//! stuck or dead. The same run with the ledger bypassed (a planted fault) must show
+//! duplicate charges, proving the check can fail.
+
+mod common;
+
+use common::{Backend, Shopper, System};
+use holdfast_store::{Store, StoreOptions};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+on_both_backends!(
+    every_order_paid_once_while_workers_die,
+    bypassing_the_ledger_is_caught
+);
+
+/// Fast leases and retries so rescues and retries happen within the test.
+const FLAGS: &[&str] = &[
+    "--workers",
+    "3",
+    "--job-lease",
+    "1s",
+    "--job-retry-base",
+    "100ms",
+    "--provider-timeout",
+    "400ms",
+];
+
+struct Run {
+    /// order id -> total, for every checkout answered 201.
+    orders: HashMap<String, i64>,
+    charges: Vec<Value>,
+    emails: Vec<Value>,
+    kills: usize,
+}
+
+/// `users` shoppers place `per_user` orders each while a killer SIGKILLs a random worker
+/// every 400 ms; then waits for every order to be paid and receipted (or the deadline).
+async fn run(sys: &System, users: usize, per_user: usize, faults: Value) -> Run {
+    let provider = sys.provider_url();
+    let http = reqwest::Client::new();
+    let r = http
+        .put(format!("{provider}/_faults"))
+        .json(&faults)
+        .send()
+        .await
+        .expect("set faults");
+    assert!(r.status().is_success(), "faults: {}", r.status());
+
+    let shopping = Arc::new(AtomicBool::new(true));
+    let killer = {
+        let (shopping, dir) = (shopping.clone(), sys.dir.path().to_owned());
+        tokio::spawn(async move {
+            let mut kills = 0;
+            let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+            while shopping.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+                let workers: Vec<u32> = common::instances(&dir)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|i| i.role == "worker")
+                    .map(|i| i.pid)
+                    .collect();
+                if workers.is_empty() {
+                    continue;
+                }
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let victim = workers[(seed % workers.len() as u64) as usize];
+                if common::runs_holdfast(victim) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(victim as i32),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    kills += 1;
+                }
+            }
+            kills
+        })
+    };
+    let shoppers = (0..users).map(|u| {
+        let base = sys.url.clone();
+        tokio::spawn(async move {
+            let s = Shopper::new(&base, &format!("payer{u}@example.com")).await;
+            let mut mine = HashMap::new();
+            for n in 0..per_user {
+                let add = s
+                    .retrying(
+                        "POST",
+                        "/api/cart/items",
+                        Some(json!({ "sku": "CARABINER", "qty": 1 + n % 3 })),
+                        Some(&format!("add-{u}-{n}")),
+                    )
+                    .await;
+                assert_eq!(add.status, StatusCode::OK, "add: {}", add.body);
+                let order = s
+                    .retrying("POST", "/api/checkout", None, Some(&format!("co-{u}-{n}")))
+                    .await;
+                assert_eq!(
+                    order.status,
+                    StatusCode::CREATED,
+                    "checkout: {}",
+                    order.body
+                );
+                mine.insert(
+                    order.body["order_id"].as_str().unwrap().to_owned(),
+                    order.body["total_cents"].as_i64().unwrap(),
+                );
+            }
+            mine
+        })
+    });
+    let mut orders = HashMap::new();
+    for s in futures::future::join_all(shoppers).await {
+        orders.extend(s.expect("shopper"));
+    }
+    shopping.store(false, Ordering::SeqCst);
+    let kills = killer.await.expect("killer");
+
+    // Faults off; wait until every order has its receipt (bounded).
+    http.put(format!("{provider}/_faults"))
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("clear faults");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (charges, emails) = loop {
+        let charges: Vec<Value> = http
+            .get(format!("{provider}/charges"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let emails: Vec<Value> = http
+            .get(format!("{provider}/emails"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let receipted: std::collections::HashSet<&str> = emails
+            .iter()
+            .filter_map(|e| e["order_id"].as_str())
+            .collect();
+        if orders.keys().all(|o| receipted.contains(o.as_str())) || Instant::now() > deadline {
+            // A moment more, so a straggling duplicate would have landed too.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let charges = http
+                .get(format!("{provider}/charges"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            let emails = http
+                .get(format!("{provider}/emails"))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            break (charges, emails);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    Run {
+        orders,
+        charges,
+        emails,
+        kills,
+    }
+}
+
+fn per_order(records: &[Value]) -> HashMap<String, usize> {
+    let mut n = HashMap::new();
+    for r in records {
+        *n.entry(r["order_id"].as_str().unwrap_or_default().to_owned())
+            .or_default() += 1;
+    }
+    n
+}
+
+async fn every_order_paid_once_while_workers_die(backend: Backend) {
+    let Some(sys) = System::start_with(backend, 2, "every_order_paid_once", FLAGS).await else {
+        return;
+    };
+    let faults =
+        json!({ "fail_rate": 0.05, "act_then_timeout_rate": 0.08, "hang_ms": 1500, "seed": 7 });
+    let r = run(&sys, 10, 50, faults).await;
+    assert_eq!(r.orders.len(), 500);
+    assert!(
+        r.kills >= 3,
+        "workers were killed during the run ({} kills)",
+        r.kills
+    );
+
+    let charges = per_order(&r.charges);
+    let emails = per_order(&r.emails);
+    for order in r.orders.keys() {
+        assert_eq!(
+            charges.get(order),
+            Some(&1),
+            "order {order}: charged exactly once"
+        );
+        assert_eq!(
+            emails.get(order),
+            Some(&1),
+            "order {order}: exactly one receipt"
+        );
+    }
+    assert_eq!(
+        r.charges.len(),
+        r.orders.len(),
+        "no charge for an order we do not know"
+    );
+    for c in &r.charges {
+        assert_eq!(
+            Some(&c["amount_cents"].as_i64().unwrap()),
+            r.orders.get(c["order_id"].as_str().unwrap()),
+            "charged the order's total"
+        );
+    }
+    // The API says paid, and the queue holds nothing running, waiting or dead.
+    let store = Store::open(&StoreOptions::new(sys.store_url.clone()))
+        .await
+        .expect("store");
+    let counts = store.job_counts().await.expect("counts");
+    let open: Vec<_> = counts.iter().filter(|c| c.state != "completed").collect();
+    assert!(open.is_empty(), "no job lost, stuck or dead: {open:?}");
+    let s = Shopper::new(&sys.url, "payer0@example.com").await;
+    let mine = s.retrying("GET", "/api/orders", None, None).await.body;
+    assert!(mine["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|o| o["status"] == "paid"));
+    eprintln!(
+        "{backend:?}: 500 orders, {} worker kills, {} charges, {} emails",
+        r.kills,
+        r.charges.len(),
+        r.emails.len()
+    );
+}
+
+async fn bypassing_the_ledger_is_caught(backend: Backend) {
+    let mut flags = FLAGS.to_vec();
+    flags.push("--unsafe-bypass-ledger");
+    let Some(sys) = System::start_with(backend, 2, "bypassing_the_ledger", &flags).await else {
+        return;
+    };
+    // Act-then-timeout on a third of the calls: every such call is retried under a new key.
+    let faults = json!({ "act_then_timeout_rate": 0.3, "hang_ms": 1500, "seed": 11 });
+    let r = run(&sys, 4, 15, faults).await;
+    let charges = per_order(&r.charges);
+    let duplicated = charges.values().filter(|&&n| n > 1).count();
+    assert!(
+        duplicated > 0,
+        "the planted fault must show up as duplicate charges ({} charges for {} orders)",
+        r.charges.len(),
+        r.orders.len()
+    );
+    eprintln!("{backend:?}: sabotage caught: {duplicated} orders charged more than once");
+}
