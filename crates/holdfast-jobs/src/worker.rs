@@ -373,6 +373,8 @@ async fn execute(shared: &Shared, job: JobRow) {
         }
     }
     shared.finished(&[fence]);
+    // A slot is free, and a retry may have been scheduled: look at the queue again.
+    shared.wake_queue(&queue);
 }
 
 /// Writes completions in batches: whatever is queued when a write starts goes with it, so

@@ -220,6 +220,17 @@ pub(crate) async fn insert_jobs(
     Ok(ids)
 }
 
+/// Wakes the workers of every queue (Postgres; on SQLite the write itself wakes them).
+async fn notify_all(conn: &mut AnyConnection, dialect: Dialect) -> Result<()> {
+    if dialect == Dialect::Postgres {
+        sqlx::query("SELECT pg_notify($1, '*')")
+            .bind(NOTIFY_CHANNEL)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Enqueues one job; `None` when its unique key already exists.
     pub async fn job_enqueue(&self, job: &JobInsert) -> Result<Option<i64>> {
@@ -364,6 +375,9 @@ impl Store {
                 .bind(&error),
             };
             let n = q.execute(&mut *tx).await?.rows_affected();
+            if n == 1 && retry_at.is_some() {
+                notify_all(&mut tx, self.dialect).await?;
+            }
             tx.commit().await?;
             Ok(n == 1)
         })
@@ -411,6 +425,9 @@ impl Store {
             .execute(&mut *tx)
             .await?
             .rows_affected();
+            if rescued > 0 {
+                notify_all(&mut tx, self.dialect).await?;
+            }
             tx.commit().await?;
             Ok((rescued, dead))
         })
@@ -473,11 +490,8 @@ impl Store {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-            if self.dialect == Dialect::Postgres && n > 0 {
-                sqlx::query("SELECT pg_notify($1, '*')")
-                    .bind(NOTIFY_CHANNEL)
-                    .execute(&mut *tx)
-                    .await?;
+            if n > 0 {
+                notify_all(&mut tx, self.dialect).await?;
             }
             tx.commit().await?;
             Ok(n)

@@ -119,7 +119,15 @@ impl Store {
             ),
             None => None,
         };
-        let tx = self.pool.begin_with(self.dialect.begin_write()).await?;
+        // Begun in its own task: sqlx-sqlite acknowledges a custom BEGIN before it builds the
+        // `Transaction`, and a caller dropped in between (a request deadline, a cancelled job)
+        // would leave a pooled connection holding the database's write lock with nobody to
+        // roll it back. A task is not cancelled with its caller; its `Transaction`, if the
+        // caller is gone, is dropped and rolled back.
+        let (pool, begin) = (self.pool.clone(), self.dialect.begin_write());
+        let tx = tokio::spawn(async move { pool.begin_with(begin).await })
+            .await
+            .map_err(|_| Error::Db(sqlx::Error::WorkerCrashed))??;
         Ok(WriteTx { tx, _gate: gate })
     }
 
