@@ -49,6 +49,19 @@ pub struct WebOptions {
     /// Expose `/bench/*` routes (the same handlers without the idempotency layer), for
     /// `holdfast bench` only.
     pub bench_routes: bool,
+    /// A deliberately broken build path, for proving that tests and the drill catch it.
+    /// Never set in production.
+    pub sabotage: Option<Sabotage>,
+}
+
+/// Ways to break the web tier on purpose (see `WebOptions::sabotage`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sabotage {
+    /// Ignore `Idempotency-Key`: every retry runs again.
+    NoIdempotency,
+    /// Answer a checkout 201 at once and commit it in the background a moment later: an
+    /// instance that dies in between has acknowledged an order that never existed.
+    AckBeforeCommit,
 }
 
 impl Default for WebOptions {
@@ -62,6 +75,7 @@ impl Default for WebOptions {
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 64 * 1024,
             bench_routes: false,
+            sabotage: None,
         }
     }
 }

@@ -6,7 +6,7 @@ use crate::body::{idempotency_key, parse_json, PathParam, RawBody};
 use crate::error::{AppError, AppResult};
 use crate::idempotency::{self, json_response, Begin};
 use crate::session::{self, Authed};
-use crate::AppState;
+use crate::{AppState, Sabotage};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -132,7 +132,7 @@ pub async fn cart_add(
     headers: HeaderMap,
     RawBody(body): RawBody,
 ) -> AppResult<Response> {
-    let key = idempotency_key(&headers)?;
+    let key = honoured_key(&st, idempotency_key(&headers)?);
     let (add, canonical) = parse_json::<CartAdd>(&headers, &body, false)?;
     let (sku, qty) = (Sku::parse(&add.sku)?, Quantity::parse(add.qty)?);
     let claim = match idempotency::begin(
@@ -164,7 +164,7 @@ pub async fn cart_remove(
     uri: Uri,
     headers: HeaderMap,
 ) -> AppResult<Response> {
-    let key = idempotency_key(&headers)?;
+    let key = honoured_key(&st, idempotency_key(&headers)?);
     let sku = Sku::parse(&sku)?;
     let claim = match idempotency::begin(&st, &user.user_id, key, method.as_str(), uri.path(), b"")
         .await?
@@ -202,10 +202,13 @@ pub async fn checkout(
         )
     })?;
     let (CheckoutBody {}, canonical) = parse_json(&headers, &body, true)?;
+    if st.opts.sabotage == Some(Sabotage::AckBeforeCommit) {
+        return ack_before_commit(st, user).await;
+    }
     let claim = match idempotency::begin(
         &st,
         &user.user_id,
-        Some(key),
+        honoured_key(&st, Some(key)),
         method.as_str(),
         uri.path(),
         &canonical,
@@ -218,6 +221,35 @@ pub async fn checkout(
     let commit = claim.as_ref().map(|c| c.commit(&render_order));
     let outcome = st.store.checkout(&user.user_id, commit.as_ref()).await;
     idempotency::finish(&st, claim, outcome, &render_order).await
+}
+
+/// The key, unless the `NoIdempotency` sabotage is on.
+fn honoured_key(
+    st: &AppState,
+    key: Option<holdfast_core::IdempotencyKey>,
+) -> Option<holdfast_core::IdempotencyKey> {
+    key.filter(|_| st.opts.sabotage != Some(Sabotage::NoIdempotency))
+}
+
+/// SABOTAGE: answers with an order made up from the cart, then commits the real checkout
+/// half a second later in the background. The answer promises what the store may never hold.
+async fn ack_before_commit(st: AppState, user: Authed) -> AppResult<Response> {
+    let cart = st.store.cart_get(&user.user_id).await?;
+    if cart.items.is_empty() {
+        return Err(holdfast_store::Error::EmptyCart.into());
+    }
+    let promised = serde_json::json!({
+        "order_id": OrderId::generate().to_string(),
+        "total_cents": cart.total_cents,
+        "status": "pending",
+        "created_at": holdfast_core::now_ms(),
+        "items": cart.items,
+    });
+    tokio::spawn(async move {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let _ = st.store.checkout(&user.user_id, None).await;
+    });
+    Ok((StatusCode::CREATED, Json(promised)).into_response())
 }
 
 /// The same checkout without the idempotency layer: the baseline `holdfast bench` compares

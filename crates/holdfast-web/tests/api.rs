@@ -749,3 +749,40 @@ mod fuzz {
         }
     }
 }
+
+/// The sabotage switches (for the drill's self-test) really break what they claim to break.
+#[tokio::test]
+async fn sabotage_switches_break_what_they_say() {
+    use holdfast_web::Sabotage;
+    let t = spawn_app(WebOptions {
+        sabotage: Some(Sabotage::NoIdempotency),
+        ..local()
+    })
+    .await;
+    let c = t.user("sab@example.com").await;
+    let k = [("idempotency-key", "same")];
+    let add = || Some(json!({ "sku": "HELMET", "qty": 1 }));
+    t.call("POST", "/api/cart/items", add(), Some(&c), &k).await;
+    t.call("POST", "/api/cart/items", add(), Some(&c), &k).await;
+    let cart = t.call("GET", "/api/cart", None, Some(&c), &[]).await.json();
+    assert_eq!(cart["items"][0]["qty"], 2, "a retried add ran twice");
+
+    let t = spawn_app(WebOptions {
+        sabotage: Some(Sabotage::AckBeforeCommit),
+        ..local()
+    })
+    .await;
+    let c = t.user("ack@example.com").await;
+    t.add(&c, "HELMET", 1).await;
+    let promised = t.checkout(&c, "k1").await;
+    assert_eq!(promised.status, StatusCode::CREATED);
+    let path = format!(
+        "/api/orders/{}",
+        promised.json()["order_id"].as_str().unwrap()
+    );
+    assert_eq!(
+        t.call("GET", &path, None, Some(&c), &[]).await.status,
+        StatusCode::NOT_FOUND,
+        "acknowledged, not committed"
+    );
+}

@@ -166,6 +166,17 @@ pub struct InstanceArgs {
     /// Expose `/bench/*` routes, for `holdfast bench` only.
     #[arg(long, hide = true)]
     pub bench_routes: bool,
+    /// SABOTAGE, for tests and drills only: break the web tier on purpose.
+    #[arg(long, value_enum, hide = true)]
+    pub unsafe_sabotage: Option<SabotageKind>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SabotageKind {
+    /// Ignore Idempotency-Key: retries run again.
+    NoIdempotency,
+    /// Answer checkouts before committing them.
+    AckBeforeCommit,
 }
 
 impl InstanceArgs {
@@ -186,6 +197,13 @@ impl InstanceArgs {
         }
         if self.bench_routes {
             args.push("--bench-routes".into());
+        }
+        if let Some(kind) = self.unsafe_sabotage {
+            let name = kind
+                .to_possible_value()
+                .map(|v| v.get_name().to_owned())
+                .unwrap_or_default();
+            args.extend(["--unsafe-sabotage".into(), name.into()]);
         }
         args
     }

@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tokio::time::sleep;
 use tracing::{info, warn};
 
-use crate::cli::{InstanceArgs, ServeArgs};
+use crate::cli::{InstanceArgs, SabotageKind, ServeArgs};
 
 /// The one stdout line a supervisor waits for: `HOLDFAST_LISTENING 127.0.0.1:45678`.
 pub const LISTENING: &str = "HOLDFAST_LISTENING";
@@ -89,6 +89,10 @@ pub fn web_options(args: &InstanceArgs, secure_cookies: bool) -> anyhow::Result<
         request_timeout: args.request_timeout.unwrap_or(d.request_timeout),
         secure_cookies,
         bench_routes: args.bench_routes,
+        sabotage: args.unsafe_sabotage.map(|k| match k {
+            SabotageKind::NoIdempotency => holdfast_web::Sabotage::NoIdempotency,
+            SabotageKind::AckBeforeCommit => holdfast_web::Sabotage::AckBeforeCommit,
+        }),
         ..d
     };
     ensure!(
