@@ -670,6 +670,14 @@ async fn health_readiness_metrics_and_page() {
     assert!(m.contains("holdfast_http_requests_total"), "{m}");
     assert!(m.contains("holdfast_http_request_duration_seconds_bucket"));
     assert!(m.contains("le=\"0.25\""), "a bucket sits at the SLO");
+    let c = t.user("met@example.com").await;
+    t.add(&c, "HELMET", 1).await;
+    t.checkout(&c, "m-1").await;
+    let m = String::from_utf8(t.call("GET", "/metrics", None, None, &[]).await.body).unwrap();
+    assert!(
+        m.contains(r#"holdfast_jobs{queue="payments",state="available"} 1"#),
+        "queue depth: {m}"
+    );
 }
 
 #[tokio::test]
