@@ -17,7 +17,7 @@
 use crate::{Done, Handler, JobError};
 use futures::FutureExt;
 use holdfast_provider::{ClientError, ProviderClient};
-use holdfast_store::{EffectSettle, JobInsert, JobRow, LedgerEntry, Store};
+use holdfast_store::{EffectSettle, JobInsert, JobRow, LedgerEntry, PayoutInfo, Store};
 use serde::Deserialize;
 use std::sync::Arc;
 
@@ -58,14 +58,8 @@ impl Flows {
 
     /// Charges the order's total once, marks it paid and enqueues its receipt.
     async fn payout(&self, job: JobRow) -> Result<Done, JobError> {
-        let OrderArgs { order_id } = serde_json::from_str(&job.args)
-            .map_err(|e| JobError::fatal(format!("bad args: {e}")))?;
-        let order = self
-            .store
-            .order_payout_info(&order_id)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| JobError::fatal(format!("no order {order_id}")))?;
+        let order = self.order_of(&job).await?;
+        let order_id = order.order_id.clone();
         let effect_key = format!("charge:{order_id}");
         let receipt = JobInsert::new(
             EMAIL_QUEUE,
@@ -109,14 +103,8 @@ impl Flows {
 
     /// Sends the order's receipt once.
     async fn receipt(&self, job: JobRow) -> Result<Done, JobError> {
-        let OrderArgs { order_id } = serde_json::from_str(&job.args)
-            .map_err(|e| JobError::fatal(format!("bad args: {e}")))?;
-        let order = self
-            .store
-            .order_payout_info(&order_id)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| JobError::fatal(format!("no order {order_id}")))?;
+        let order = self.order_of(&job).await?;
+        let order_id = order.order_id.clone();
         let effect_key = format!("receipt:{order_id}");
         let email_id = self
             .once(
@@ -197,6 +185,17 @@ impl Flows {
             }
         }
         call(key).await.map_err(client_err)
+    }
+
+    /// The order a job's `{"order_id": …}` names; a job for no order can never succeed.
+    async fn order_of(&self, job: &JobRow) -> Result<PayoutInfo, JobError> {
+        let OrderArgs { order_id } = serde_json::from_str(&job.args)
+            .map_err(|e| JobError::fatal(format!("bad args: {e}")))?;
+        self.store
+            .order_payout_info(&order_id)
+            .await
+            .map_err(store_err)?
+            .ok_or_else(|| JobError::fatal(format!("no order {order_id}")))
     }
 
     async fn settle(&self, s: &EffectSettle<'_>) -> Result<Done, JobError> {
