@@ -7,8 +7,9 @@
 
 use crate::{Dialect, Error, Result, Safety, Store};
 use serde::Serialize;
-use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::query::Query;
+use sqlx::{Any, AnyConnection, Row};
 use std::time::Duration;
 
 /// The queue payments and receipts run on, and the Postgres channel that wakes its workers.
@@ -130,13 +131,37 @@ pub struct PayoutInfo {
     pub status: String,
 }
 
-/// `(id, attempt)` pairs as a SQL row-value list. Integers only, so formatting is safe.
-fn fence_list(fences: &[JobFence]) -> String {
-    fences
-        .iter()
-        .map(|f| format!("({}, {})", f.id, f.attempt))
-        .collect::<Vec<_>>()
-        .join(", ")
+/// Fences as one JSON parameter, `[[id, attempt], …]`: the statement's text is the same for
+/// any number of fences, so it is prepared once per connection and planned cheaply, and a
+/// long list cannot outgrow the parser (Postgres refuses a row-value `IN` list of some
+/// thousands with "stack depth limit exceeded", and heartbeats cover every running job).
+fn fences_json(fences: &[JobFence]) -> String {
+    let mut out = String::with_capacity(2 + fences.len() * 16);
+    out.push('[');
+    for (i, f) in fences.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&format!("[{},{}]", f.id, f.attempt));
+    }
+    out.push(']');
+    out
+}
+
+/// A condition matching the jobs whose current attempt is one of the fences in JSON
+/// parameter `$n`, found by primary key on both engines. (Postgres plans a bare
+/// `(id, attempt) IN (subquery)` as a hash join over every running job; the `id = ANY(…)`
+/// gives it the index path. SQLite looks row-value `IN` subqueries up by key as it is.)
+fn fence_match(dialect: Dialect, n: usize) -> String {
+    match dialect {
+        Dialect::Postgres => format!(
+            "id = ANY(ARRAY(SELECT (f->>0)::bigint FROM json_array_elements(${n}::json) AS f)) \
+             AND (id, attempt) IN (SELECT (f->>0)::bigint, (f->>1)::bigint FROM json_array_elements(${n}::json) AS f)"
+        ),
+        Dialect::Sqlite => format!(
+            "(id, attempt) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(${n}))"
+        ),
+    }
 }
 
 fn job_from(r: &AnyRow) -> Result<JobRow> {
@@ -156,6 +181,64 @@ fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// Rows per INSERT: 8 parameters a row; 400 rows stays far below SQLite's parameter limit.
+const INSERT_CHUNK: usize = 400;
+
+/// The INSERT of `rows` jobs, returning the ids of those inserted (a unique key that already
+/// exists is skipped). On Postgres the same statement notifies the queue of each job it
+/// inserted (delivered when the transaction commits; Postgres folds repeats of one payload
+/// into one), so an enqueue outside a transaction is a single round trip.
+fn insert_sql(dialect: Dialect, rows: usize) -> String {
+    let values = (0..rows)
+        .map(|i| {
+            let p = |k: usize| format!("${}", i * 8 + k);
+            format!(
+                "({}, {}, {}, 'available', {}, {}, {}, {}, {})",
+                p(1),
+                p(2),
+                p(3),
+                p(4),
+                p(5),
+                p(6),
+                p(7),
+                p(8)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert = format!(
+        "INSERT INTO jobs (queue, kind, args, state, priority, unique_key, run_at, max_attempts, created_at) VALUES {values}
+         ON CONFLICT (unique_key) DO NOTHING"
+    );
+    match dialect {
+        Dialect::Sqlite => format!("{insert} RETURNING id"),
+        // `pg_notify` returns void; as text it is an empty column nobody reads.
+        Dialect::Postgres => format!(
+            "WITH ins AS ({insert} RETURNING id, queue)
+             SELECT ins.id, pg_notify('{NOTIFY_CHANNEL}', ins.queue)::text AS notified FROM ins"
+        ),
+    }
+}
+
+fn bind_jobs<'q>(
+    mut q: Query<'q, Any, AnyArguments<'q>>,
+    jobs: &'q [JobInsert],
+    now: i64,
+) -> Query<'q, Any, AnyArguments<'q>> {
+    for j in jobs {
+        q = q
+            .bind(&j.queue)
+            .bind(&j.kind)
+            .bind(&j.args)
+            .bind(j.priority)
+            .bind(&j.unique_key)
+            .bind(j.run_at)
+            .bind(j.max_attempts)
+            .bind(now);
+    }
+    q
+}
+
 /// Inserts `jobs` on `conn` (inside the caller's transaction); returns the ids of the ones
 /// inserted (a unique key that already exists is skipped). On Postgres the insert also
 /// notifies the queue's workers, delivered when the transaction commits.
@@ -166,55 +249,13 @@ pub(crate) async fn insert_jobs(
     now: i64,
 ) -> Result<Vec<i64>> {
     let mut ids = Vec::with_capacity(jobs.len());
-    // 8 parameters a row; 400 rows stays far below SQLite's parameter limit.
-    for chunk in jobs.chunks(400) {
-        let rows = (0..chunk.len())
-            .map(|i| {
-                let p = |k: usize| format!("${}", i * 8 + k);
-                format!(
-                    "({}, {}, {}, 'available', {}, {}, {}, {}, {})",
-                    p(1),
-                    p(2),
-                    p(3),
-                    p(4),
-                    p(5),
-                    p(6),
-                    p(7),
-                    p(8)
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = format!(
-            "INSERT INTO jobs (queue, kind, args, state, priority, unique_key, run_at, max_attempts, created_at) VALUES {rows}
-             ON CONFLICT (unique_key) DO NOTHING RETURNING id"
-        );
-        let mut q = sqlx::query(&sql);
-        for j in chunk {
-            q = q
-                .bind(&j.queue)
-                .bind(&j.kind)
-                .bind(&j.args)
-                .bind(j.priority)
-                .bind(&j.unique_key)
-                .bind(j.run_at)
-                .bind(j.max_attempts)
-                .bind(now);
-        }
-        for r in q.fetch_all(&mut *conn).await? {
+    for chunk in jobs.chunks(INSERT_CHUNK) {
+        let sql = insert_sql(dialect, chunk.len());
+        for r in bind_jobs(sqlx::query(&sql), chunk, now)
+            .fetch_all(&mut *conn)
+            .await?
+        {
             ids.push(r.try_get("id")?);
-        }
-    }
-    if dialect == Dialect::Postgres && !ids.is_empty() {
-        let mut queues: Vec<&str> = jobs.iter().map(|j| j.queue.as_str()).collect();
-        queues.sort_unstable();
-        queues.dedup();
-        for q in queues {
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(NOTIFY_CHANNEL)
-                .bind(q)
-                .execute(&mut *conn)
-                .await?;
         }
     }
     Ok(ids)
@@ -232,6 +273,35 @@ async fn notify_all(conn: &mut AnyConnection, dialect: Dialect) -> Result<()> {
 }
 
 impl Store {
+    /// One write statement as its own transaction. On Postgres a lone statement is atomic by
+    /// itself, so it runs in autocommit: one round trip instead of three (BEGIN, statement,
+    /// COMMIT). On SQLite it takes the path every write takes: the process's write gate,
+    /// then `BEGIN IMMEDIATE`.
+    async fn write_one<'q>(&self, q: Query<'q, Any, AnyArguments<'q>>) -> Result<u64> {
+        match self.dialect {
+            Dialect::Postgres => Ok(q.execute(&self.pool).await?.rows_affected()),
+            Dialect::Sqlite => {
+                let mut tx = self.begin_write().await?;
+                let n = q.execute(&mut *tx).await?.rows_affected();
+                tx.commit().await?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// [`Self::write_one`] for a statement that returns rows.
+    async fn write_one_rows<'q>(&self, q: Query<'q, Any, AnyArguments<'q>>) -> Result<Vec<AnyRow>> {
+        match self.dialect {
+            Dialect::Postgres => Ok(q.fetch_all(&self.pool).await?),
+            Dialect::Sqlite => {
+                let mut tx = self.begin_write().await?;
+                let rows = q.fetch_all(&mut *tx).await?;
+                tx.commit().await?;
+                Ok(rows)
+            }
+        }
+    }
+
     /// Enqueues one job; `None` when its unique key already exists.
     pub async fn job_enqueue(&self, job: &JobInsert) -> Result<Option<i64>> {
         Ok(self
@@ -249,9 +319,21 @@ impl Store {
         } else {
             Safety::Write
         };
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
         self.run(safety, "job_enqueue", || async {
+            let now = holdfast_core::now_ms();
+            if jobs.len() <= INSERT_CHUNK {
+                // One statement (insert and notify): its own transaction.
+                let sql = insert_sql(self.dialect, jobs.len());
+                let rows = self
+                    .write_one_rows(bind_jobs(sqlx::query(&sql), jobs, now))
+                    .await?;
+                return rows.iter().map(|r| Ok(r.try_get("id")?)).collect();
+            }
             let mut tx = self.begin_write().await?;
-            let ids = insert_jobs(&mut tx, self.dialect, jobs, holdfast_core::now_ms()).await?;
+            let ids = insert_jobs(&mut tx, self.dialect, jobs, now).await?;
             tx.commit().await?;
             Ok(ids)
         })
@@ -268,29 +350,34 @@ impl Store {
         now: i64,
         lease: Duration,
     ) -> Result<Vec<JobRow>> {
-        let skip_locked = match self.dialect {
-            Dialect::Postgres => " FOR UPDATE SKIP LOCKED",
-            Dialect::Sqlite => "",
+        let due = "SELECT id FROM jobs WHERE state = 'available' AND queue = $4 AND run_at <= $3
+                   ORDER BY priority, run_at, id LIMIT $5";
+        // Postgres: skip the rows other claimers hold, and reach the picked ones through the
+        // primary key: `id IN (subquery)` gets a generic plan that hash-joins the whole table
+        // (completed jobs included) on every claim. (The picked rows stay locked until the
+        // statement ends, so they are still available when it updates them.)
+        let picked = match self.dialect {
+            Dialect::Postgres => format!("id = ANY(ARRAY({due} FOR UPDATE SKIP LOCKED))"),
+            Dialect::Sqlite => format!("id IN ({due})"),
         };
         let sql = format!(
             "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_until = $1, worker_id = $2, started_at = $3
-             WHERE id IN (SELECT id FROM jobs WHERE state = 'available' AND queue = $4 AND run_at <= $3
-                          ORDER BY priority, run_at, id LIMIT $5{skip_locked})
+             WHERE {picked}
              RETURNING id, queue, kind, args, attempt, max_attempts, created_at, run_at"
         );
         // A claim that committed but whose answer was lost leaves jobs running under a lease
         // nobody holds; the rescuer frees them. So only retry when nothing can have committed.
         self.run(Safety::Write, "job_claim", || async {
-            let mut tx = self.begin_write().await?;
-            let rows = sqlx::query(&sql)
-                .bind(now.saturating_add(ms(lease)))
-                .bind(worker_id)
-                .bind(now)
-                .bind(queue)
-                .bind(limit)
-                .fetch_all(&mut *tx)
+            let rows = self
+                .write_one_rows(
+                    sqlx::query(&sql)
+                        .bind(now.saturating_add(ms(lease)))
+                        .bind(worker_id)
+                        .bind(now)
+                        .bind(queue)
+                        .bind(limit),
+                )
                 .await?;
-            tx.commit().await?;
             let mut jobs = rows.iter().map(job_from).collect::<Result<Vec<_>>>()?;
             jobs.sort_by_key(|j| j.id);
             Ok(jobs)
@@ -304,18 +391,13 @@ impl Store {
             return Ok(0);
         }
         let sql = format!(
-            "UPDATE jobs SET lease_until = $1 WHERE state = 'running' AND (id, attempt) IN ({})",
-            fence_list(fences)
+            "UPDATE jobs SET lease_until = $1 WHERE state = 'running' AND {}",
+            fence_match(self.dialect, 2)
         );
+        let fences = fences_json(fences);
         self.run(Safety::Idempotent, "job_heartbeat", || async {
-            let mut tx = self.begin_write().await?;
-            let n = sqlx::query(&sql)
-                .bind(lease_until)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            tx.commit().await?;
-            Ok(n)
+            self.write_one(sqlx::query(&sql).bind(lease_until).bind(&fences))
+                .await
         })
         .await
     }
@@ -328,18 +410,13 @@ impl Store {
         }
         let sql = format!(
             "UPDATE jobs SET state = 'completed', finished_at = $1, lease_until = NULL
-             WHERE state = 'running' AND (id, attempt) IN ({})",
-            fence_list(fences)
+             WHERE state = 'running' AND {}",
+            fence_match(self.dialect, 2)
         );
+        let fences = fences_json(fences);
         self.run(Safety::Idempotent, "job_complete", || async {
-            let mut tx = self.begin_write().await?;
-            let n = sqlx::query(&sql)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?
-                .rows_affected();
-            tx.commit().await?;
-            Ok(n)
+            self.write_one(sqlx::query(&sql).bind(now).bind(&fences))
+                .await
         })
         .await
     }
@@ -392,14 +469,12 @@ impl Store {
         }
         let sql = format!(
             "UPDATE jobs SET state = 'available', attempt = attempt - 1, lease_until = NULL
-             WHERE state = 'running' AND (id, attempt) IN ({})",
-            fence_list(fences)
+             WHERE state = 'running' AND {}",
+            fence_match(self.dialect, 1)
         );
+        let fences = fences_json(fences);
         self.run(Safety::Write, "job_release", || async {
-            let mut tx = self.begin_write().await?;
-            let n = sqlx::query(&sql).execute(&mut *tx).await?.rows_affected();
-            tx.commit().await?;
-            Ok(n)
+            self.write_one(sqlx::query(&sql).bind(&fences)).await
         })
         .await
     }
@@ -437,17 +512,14 @@ impl Store {
     /// Deletes up to `limit` jobs completed before `before`, so the table does not bloat.
     pub async fn job_prune(&self, before: i64, limit: i64) -> Result<u64> {
         self.run(Safety::Idempotent, "job_prune", || async {
-            let mut tx = self.begin_write().await?;
-            let n = sqlx::query(
-                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state = 'completed' AND finished_at < $1 LIMIT $2)",
+            self.write_one(
+                sqlx::query(
+                    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state = 'completed' AND finished_at < $1 LIMIT $2)",
+                )
+                .bind(before)
+                .bind(limit),
             )
-            .bind(before)
-            .bind(limit)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            tx.commit().await?;
-            Ok(n)
+            .await
         })
         .await
     }

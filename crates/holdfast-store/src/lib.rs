@@ -364,6 +364,8 @@ pub struct SessionRecord {
     pub user_id: String,
     pub created_at: i64,
     pub expires_at: i64,
+    /// Last recorded use (refreshed at most once per `touch_every`).
+    pub last_seen_at: i64,
 }
 
 #[cfg(test)]

@@ -66,6 +66,9 @@ conformance! {
     store "current_thread" session_absolute_expiry,
     store "current_thread" session_idle_expiry_and_touch_throttle,
     store "current_thread" session_delete,
+    store "current_thread" session_touch_many_moves_last_use_forward,
+    store "current_thread" password_change_ends_every_session_of_the_user,
+    store "current_thread" session_blobs,
     store "current_thread" cart_lines,
     store "current_thread" checkout_and_orders,
     store "current_thread" order_list_newest_first,
@@ -138,7 +141,7 @@ const T0: i64 = 1_700_000_000_000;
 const LOCK: Duration = Duration::from_secs(30);
 const HOUR: Duration = Duration::from_secs(3600);
 /// How many migrations a fresh database records.
-const MIGRATIONS: i64 = 2;
+const MIGRATIONS: i64 = 3;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -386,6 +389,7 @@ async fn session_absolute_expiry(store: Store) {
         user_id: u.clone(),
         created_at: T0,
         expires_at: T0 + 1000,
+        last_seen_at: T0,
     };
     assert_eq!(get(T0).await.unwrap(), Some(want.clone()));
     assert_eq!(get(T0 + 999).await.unwrap(), Some(want));
@@ -438,6 +442,136 @@ async fn session_delete(store: Store) {
     store.session_delete(&sid).await.unwrap();
     assert_eq!(store.session_get(&sid, T0, HOUR, HOUR).await.unwrap(), None);
     store.session_delete(&sid).await.unwrap(); // deleting twice is fine
+}
+
+/// The Redis tier's batched backstop writes: last use only moves forward, a deleted session
+/// is reported gone and never resurrected, and batches larger than one statement work.
+async fn session_touch_many_moves_last_use_forward(store: Store) {
+    let u = user(&store, "touch").await;
+    let (a, b) = (
+        new_session(&store, &u, T0, HOUR).await,
+        new_session(&store, &u, T0, HOUR).await,
+    );
+    store.session_delete(&b).await.unwrap();
+    let never = SessionId::generate();
+    let mut touches = vec![
+        (a.clone(), T0 + 50),
+        (a.clone(), T0 + 40),
+        (b.clone(), T0 + 50),
+    ];
+    touches.push((never.clone(), T0 + 50));
+    let strangers: Vec<SessionId> = (0..600).map(|_| SessionId::generate()).collect();
+    touches.extend(strangers.iter().map(|s| (s.clone(), T0)));
+    let gone = store.session_touch_many(&touches).await.unwrap();
+    assert_eq!(gone.len(), 602, "b, never and the 600 strangers");
+    assert!(gone.contains(&b) && gone.contains(&never) && !gone.contains(&a));
+    assert_eq!(
+        store.session_get(&b, T0, HOUR, HOUR).await.unwrap(),
+        None,
+        "not resurrected"
+    );
+    // An older touch does not move last use back.
+    assert!(store
+        .session_touch_many(&[(a.clone(), T0 + 10)])
+        .await
+        .unwrap()
+        .is_empty());
+    let get = |now| store.session_get(&a, now, ms(100), HOUR);
+    assert_eq!(
+        get(T0 + 149).await.unwrap().map(|r| r.last_seen_at),
+        Some(T0 + 50)
+    );
+    assert_eq!(get(T0 + 150).await.unwrap(), None);
+}
+
+async fn password_change_ends_every_session_of_the_user(store: Store) {
+    let (u, v) = (user(&store, "pw").await, user(&store, "other").await);
+    let (s1, s2, s3) = (
+        new_session(&store, &u, T0, HOUR).await,
+        new_session(&store, &u, T0, HOUR).await,
+        new_session(&store, &v, T0, HOUR).await,
+    );
+    store.user_set_password(&u, "argon2id$new").await.unwrap();
+    let creds = store
+        .user_credentials(&email("pw@example.com"))
+        .await
+        .unwrap();
+    assert_eq!(creds.unwrap().password_hash, "argon2id$new");
+    assert!(matches!(
+        store
+            .user_set_password(&UserId::generate().to_string(), "x")
+            .await,
+        Err(Error::NotFound)
+    ));
+    assert_eq!(store.user_sessions_valid_after(&u).await.unwrap(), Some(0));
+
+    let mut gone = store.session_delete_user(&u, T0 + 5).await.unwrap();
+    gone.sort();
+    let mut want = vec![s1.storage_hash(), s2.storage_hash()];
+    want.sort();
+    assert_eq!(gone, want, "exactly the user's sessions, by hash");
+    for s in [&s1, &s2] {
+        assert_eq!(store.session_get(s, T0, HOUR, HOUR).await.unwrap(), None);
+    }
+    assert!(store
+        .session_get(&s3, T0, HOUR, HOUR)
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        store.user_sessions_valid_after(&u).await.unwrap(),
+        Some(T0 + 5)
+    );
+    assert_eq!(store.user_sessions_valid_after(&v).await.unwrap(), Some(0));
+    // The epoch never moves back; a second call finds nothing left to delete.
+    assert!(store.session_delete_user(&u, T0).await.unwrap().is_empty());
+    assert_eq!(
+        store.user_sessions_valid_after(&u).await.unwrap(),
+        Some(T0 + 5)
+    );
+    assert_eq!(
+        store
+            .user_sessions_valid_after(&UserId::generate().to_string())
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+/// Opaque blobs (the tower-sessions adapter's table): create refuses a taken id, put
+/// replaces, expired blobs are invisible and reaped.
+async fn session_blobs(store: Store) {
+    assert!(store
+        .session_blob_insert("h1", b"\xff\x00one", T0 + 100)
+        .await
+        .unwrap());
+    assert!(!store
+        .session_blob_insert("h1", b"other", T0 + 100)
+        .await
+        .unwrap());
+    assert_eq!(
+        store.session_blob_get("h1", T0).await.unwrap(),
+        Some((b"\xff\x00one".to_vec(), T0 + 100))
+    );
+    store
+        .session_blob_put("h1", b"two", T0 + 200)
+        .await
+        .unwrap();
+    store.session_blob_put("h2", b"new", T0 + 50).await.unwrap();
+    assert_eq!(
+        store.session_blob_get("h1", T0 + 100).await.unwrap(),
+        Some((b"two".to_vec(), T0 + 200))
+    );
+    assert_eq!(
+        store.session_blob_get("h2", T0 + 50).await.unwrap(),
+        None,
+        "expired"
+    );
+    assert_eq!(store.session_blob_reap(T0 + 50).await.unwrap(), 1);
+    assert_eq!(store.session_blob_reap(T0 + 50).await.unwrap(), 0);
+    store.session_blob_delete("h1").await.unwrap();
+    store.session_blob_delete("h1").await.unwrap();
+    assert_eq!(store.session_blob_get("h1", T0).await.unwrap(), None);
 }
 
 // ---- cart --------------------------------------------------------------------------------

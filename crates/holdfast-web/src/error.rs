@@ -115,4 +115,14 @@ impl From<holdfast_store::Error> for AppError {
     }
 }
 
+impl From<holdfast_sessions::Error> for AppError {
+    fn from(e: holdfast_sessions::Error) -> Self {
+        match e {
+            holdfast_sessions::Error::Store(e) => e.into(),
+            e if e.is_unavailable() => Self::unavailable(e),
+            e => Self::internal(e),
+        }
+    }
+}
+
 pub type AppResult<T> = Result<T, AppError>;

@@ -2,7 +2,8 @@
 //!
 //! This is the only crate that knows HTTP. It parses every request into the core's newtypes,
 //! turns every failure into one [`AppError`] rendered as RFC 9457 problem+json, keeps sessions
-//! in the store (the instance holds nothing a SIGKILL could lose), and implements
+//! in one of `holdfast-sessions`' tiers (the store, Redis backed by the store, or signed
+//! cookies; the instance holds nothing a SIGKILL could lose), and implements
 //! Idempotency-Key (draft-ietf-httpapi-idempotency-key-header-07) over the store's two-phase
 //! claim/commit so a retried checkout replays its first answer instead of ordering twice.
 
@@ -13,6 +14,7 @@ mod session;
 mod shop;
 
 pub use error::{AppError, AppResult, PROBLEM_JSON};
+pub use holdfast_sessions::{Backend as SessionBackend, KeyRing, Sessions};
 pub use session::cookie_name;
 
 use axum::extract::{MatchedPath, Request, State};
@@ -35,6 +37,9 @@ pub struct WebOptions {
     pub session_idle_ttl: Duration,
     /// A session older than this is dead, however active.
     pub session_absolute_ttl: Duration,
+    /// Where sessions live (built by the binary: a Redis connection, a key ring). The store
+    /// tier and the Redis tier's backstop are the instance's store.
+    pub sessions: SessionBackend,
     /// Set the cookie's `Secure` flag. Off only when explicitly serving plain-HTTP localhost.
     pub secure_cookies: bool,
     /// How long an in-flight idempotent request holds its key before a retry may take over.
@@ -69,6 +74,7 @@ impl Default for WebOptions {
         Self {
             session_idle_ttl: Duration::from_secs(30 * 60),
             session_absolute_ttl: Duration::from_secs(12 * 3600),
+            sessions: SessionBackend::Store,
             secure_cookies: true,
             idempotency_lock_ttl: Duration::from_secs(20),
             idempotency_retention: Duration::from_secs(24 * 3600),
@@ -84,14 +90,20 @@ impl Default for WebOptions {
 #[derive(Clone)]
 pub struct AppState {
     pub(crate) store: Store,
+    pub(crate) sessions: Sessions,
     pub(crate) opts: Arc<WebOptions>,
     pub(crate) draining: Arc<AtomicBool>,
     pub(crate) metrics: Option<PrometheusHandle>,
 }
 
 impl AppState {
+    /// Builds the session tier too; for Redis that spawns its backstop writer, so call this
+    /// inside a tokio runtime.
     pub fn new(store: Store, opts: WebOptions, metrics: Option<PrometheusHandle>) -> Self {
+        let config =
+            holdfast_sessions::Config::new(opts.session_idle_ttl, opts.session_absolute_ttl);
         Self {
+            sessions: Sessions::new(opts.sessions.clone(), store.clone(), config),
             store,
             opts: Arc::new(opts),
             draining: Arc::new(AtomicBool::new(false)),
@@ -106,6 +118,10 @@ impl AppState {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn sessions(&self) -> &Sessions {
+        &self.sessions
     }
 
     pub fn options(&self) -> &WebOptions {
@@ -138,6 +154,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/signup", post(shop::signup))
         .route("/api/login", post(shop::login))
         .route("/api/logout", post(shop::logout))
+        .route("/api/password", post(shop::password))
         .route("/api/me", get(shop::me))
         .route("/api/products", get(shop::products))
         .route("/api/cart", get(shop::cart_get))
@@ -153,6 +170,10 @@ pub fn app(state: AppState) -> Router {
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             session::csrf_guard,
+        ))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            session::reissue_cookie,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(
             state.opts.max_body_bytes,

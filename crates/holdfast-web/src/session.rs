@@ -1,6 +1,9 @@
-//! Server-side sessions, kept in the durable store so any instance can serve any user and a
-//! SIGKILL loses nothing. The cookie carries only a random 256-bit id; the store keys the
-//! session by the id's hash and holds a pointer (the user id), never the cart itself.
+//! The session cookie and its checks. Where a session lives is `holdfast-sessions`' business
+//! (the store, Redis backed by the store, or the signed cookie itself); this module moves its
+//! token between the cookie and [`Sessions`](holdfast_sessions::Sessions) and sets the
+//! cookie's flags. Whatever the tier, a session holds a pointer (the user id), never the cart,
+//! and no instance keeps one in memory, so any instance can serve any user and a SIGKILL loses
+//! nothing.
 //!
 //! Also here: argon2id password hashing (off the async threads) and the CSRF rule for
 //! cookie-authenticated writes.
@@ -16,9 +19,9 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
-use holdfast_core::{Password, SessionId};
-use std::sync::LazyLock;
-use std::time::Duration;
+use holdfast_core::Password;
+use holdfast_sessions::Issued;
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 
 /// Cookie name. With `Secure` the `__Host-` prefix also pins it to this host and path `/`.
 pub fn cookie_name(secure: bool) -> &'static str {
@@ -29,9 +32,12 @@ pub fn cookie_name(secure: bool) -> &'static str {
     }
 }
 
-/// The session id from the request's cookies, if there is a well-formed one. A tampered or
-/// garbage value is simply no session.
-pub fn session_from_headers(headers: &HeaderMap, secure: bool) -> Option<SessionId> {
+/// Longer cookie values are not ours (a signed cookie is about 170 bytes).
+const MAX_TOKEN: usize = 1024;
+
+/// The session token from the request's cookies, if there is one. Whether it names a live
+/// session is for the tier to say; a tampered or garbage value is simply no session.
+pub fn token_from_headers(headers: &HeaderMap, secure: bool) -> Option<&str> {
     let name = cookie_name(secure);
     headers
         .get_all(header::COOKIE)
@@ -40,19 +46,21 @@ pub fn session_from_headers(headers: &HeaderMap, secure: bool) -> Option<Session
         .flat_map(|v| v.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
         .find(|(k, _)| *k == name)
-        .and_then(|(_, v)| SessionId::parse(v.trim_matches('"')).ok())
+        .map(|(_, v)| v.trim_matches('"'))
+        .filter(|v| !v.is_empty() && v.len() <= MAX_TOKEN)
 }
 
-pub fn set_cookie(id: &SessionId, state: &AppState) -> HeaderValue {
+/// The `Set-Cookie` for a session, living until the session's absolute expiry.
+pub fn set_cookie(issued: &Issued, state: &AppState) -> AppResult<HeaderValue> {
     let o = state.options();
     let secure = if o.secure_cookies { "; Secure" } else { "" };
+    let max_age = (issued.expires_at - holdfast_core::now_ms()).max(0) / 1000;
     let v = format!(
-        "{}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={}{secure}",
+        "{}={}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}{secure}",
         cookie_name(o.secure_cookies),
-        id.expose(),
-        o.session_absolute_ttl.as_secs()
+        issued.token(),
     );
-    HeaderValue::from_str(&v).expect("cookie is ASCII")
+    HeaderValue::from_str(&v).map_err(AppError::internal)
 }
 
 pub fn clear_cookie(state: &AppState) -> HeaderValue {
@@ -76,25 +84,55 @@ impl FromRequestParts<AppState> for Authed {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> AppResult<Self> {
-        let o = state.options();
-        let id = session_from_headers(&parts.headers, o.secure_cookies)
+        let token = token_from_headers(&parts.headers, state.options().secure_cookies)
             .ok_or_else(AppError::unauthorized)?;
-        // Refresh last-use at most every minute (or a quarter of the idle timeout).
-        let touch_every = (o.session_idle_ttl / 4).min(Duration::from_secs(60));
-        let rec = state
-            .store
-            .session_get(
-                &id,
-                holdfast_core::now_ms(),
-                o.session_idle_ttl,
-                touch_every,
-            )
+        let loaded = state
+            .sessions
+            .load(token)
             .await?
             .ok_or_else(AppError::unauthorized)?;
+        if let (Some(issued), Some(slot)) = (&loaded.reissue, parts.extensions.get::<Reissue>()) {
+            slot.put(set_cookie(issued, state)?);
+        }
         Ok(Authed {
-            user_id: rec.user_id,
+            user_id: loaded.user_id,
         })
     }
+}
+
+/// Where [`Authed`] leaves a re-issued cookie (a signed cookie re-signed with the current key
+/// or refreshed for the idle timeout) for [`reissue_cookie`] to put on the response.
+#[derive(Clone, Default)]
+struct Reissue(Arc<Mutex<Option<HeaderValue>>>);
+
+impl Reissue {
+    fn put(&self, v: HeaderValue) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(v);
+    }
+    fn take(&self) -> Option<HeaderValue> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+}
+
+/// Adds a re-issued session cookie to the response, unless the handler set the cookie itself
+/// (login, logout, password change). Only the cookie tier ever re-issues.
+pub async fn reissue_cookie(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if state.sessions.backend_name() != "cookie" {
+        return next.run(req).await;
+    }
+    let slot = Reissue::default();
+    req.extensions_mut().insert(slot.clone());
+    let mut resp = next.run(req).await;
+    if let Some(v) = slot.take() {
+        if !resp.headers().contains_key(header::SET_COOKIE) {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+        }
+    }
+    resp
 }
 
 /// CSRF protection for every unsafe request. Browsers say where a request comes from; a

@@ -2,155 +2,15 @@
 //! per test (the kill and concurrency tests that need real processes live in the binary's
 //! tests). Each test states a behaviour a client relies on.
 
+mod common;
+
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
-use axum::Router;
+use common::*;
 use holdfast_store::{Store, StoreOptions};
 use holdfast_web::{app, AppState, WebOptions};
-use http_body_util::BodyExt;
-use serde_json::{json, Value};
+use serde_json::json;
 use tower::ServiceExt;
-
-struct TestApp {
-    router: Router,
-    _dir: tempfile::TempDir,
-}
-
-struct Reply {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    body: Vec<u8>,
-}
-
-impl Reply {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
-    }
-    fn is_problem(&self) -> bool {
-        self.headers
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v == "application/problem+json")
-    }
-}
-
-async fn spawn_app(opts: WebOptions) -> TestApp {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreOptions::new(holdfast_store::testing::sqlite_url(
-        dir.path(),
-    )))
-    .await
-    .unwrap();
-    let metrics = holdfast_web::install_metrics_recorder().ok();
-    TestApp {
-        router: app(AppState::new(store, opts, metrics)),
-        _dir: dir,
-    }
-}
-
-fn local() -> WebOptions {
-    WebOptions {
-        secure_cookies: false,
-        ..WebOptions::default()
-    }
-}
-
-impl TestApp {
-    async fn send(&self, req: Request<Body>) -> Reply {
-        let resp = self.router.clone().oneshot(req).await.unwrap();
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .unwrap()
-            .to_bytes()
-            .to_vec();
-        Reply {
-            status,
-            headers,
-            body,
-        }
-    }
-
-    /// A request with optional JSON body, session cookie and extra headers.
-    async fn call(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<Value>,
-        cookie: Option<&str>,
-        extra: &[(&str, &str)],
-    ) -> Reply {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, "shop.test");
-        if let Some(c) = cookie {
-            b = b.header(header::COOKIE, c);
-        }
-        for (k, v) in extra {
-            b = b.header(*k, *v);
-        }
-        let body = match body {
-            Some(v) => {
-                b = b.header(header::CONTENT_TYPE, "application/json");
-                Body::from(v.to_string())
-            }
-            None => Body::empty(),
-        };
-        self.send(b.body(body).unwrap()).await
-    }
-
-    /// Signs up and logs in; returns the `Cookie` header value.
-    async fn user(&self, email: &str) -> String {
-        let creds = json!({ "email": email, "password": "correct horse battery" });
-        assert_eq!(
-            self.call("POST", "/api/signup", Some(creds.clone()), None, &[])
-                .await
-                .status,
-            StatusCode::CREATED
-        );
-        let r = self
-            .call("POST", "/api/login", Some(creds), None, &[])
-            .await;
-        assert_eq!(r.status, StatusCode::OK);
-        cookie_of(&r)
-    }
-
-    async fn add(&self, cookie: &str, sku: &str, qty: i64) -> Reply {
-        self.call(
-            "POST",
-            "/api/cart/items",
-            Some(json!({ "sku": sku, "qty": qty })),
-            Some(cookie),
-            &[],
-        )
-        .await
-    }
-
-    async fn checkout(&self, cookie: &str, key: &str) -> Reply {
-        self.call(
-            "POST",
-            "/api/checkout",
-            None,
-            Some(cookie),
-            &[("idempotency-key", key)],
-        )
-        .await
-    }
-}
-
-fn cookie_of(r: &Reply) -> String {
-    let set = r
-        .headers
-        .get(header::SET_COOKIE)
-        .expect("set-cookie")
-        .to_str()
-        .unwrap();
-    set.split(';').next().unwrap().to_owned()
-}
-
 #[tokio::test]
 async fn login_sets_a_hardened_cookie_and_rotates_the_session_id() {
     let t = spawn_app(WebOptions::default()).await;

@@ -40,12 +40,95 @@ pub enum Command {
     /// Side-by-side benchmarks (long runs that do not belong in the test suite).
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// A game day in one command: start a system, load it, inject faults, check invariants.
+    Drill(DrillArgs),
 }
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
     /// Checkout requests/s through the balancer, with and without the idempotency layer.
     Checkout(BenchArgs),
+    /// Job queue: burn-down jobs/s and insert-to-start latency, optionally against peers.
+    Jobs(BenchJobsArgs),
+    /// Sessions: load+save/s of the Redis tier (with its backstop) vs tower-sessions' Redis store.
+    Sessions(BenchSessionsArgs),
+}
+
+/// `holdfast bench sessions`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchSessionsArgs {
+    /// The Redis both systems use (each under its own keys; nothing else is touched).
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Distinct sessions the load cycles through.
+    #[arg(long, default_value_t = 2000)]
+    pub sessions: usize,
+    /// Concurrent clients (closed loop), the same for both systems.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Measured time per phase; phases alternate between the systems.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub duration: Duration,
+    /// Phases per system.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// `holdfast bench jobs`. The worker settings default to the tuned figures the bench reports.
+#[derive(Debug, Clone, Args)]
+pub struct BenchJobsArgs {
+    /// One backend; both when omitted (Postgres needs --database-url or DATABASE_URL).
+    #[arg(long, value_enum)]
+    pub backend: Option<Backend>,
+    /// A Postgres server to create throwaway benchmark databases on (one per system).
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// No-op jobs to insert and then work off (burn-down).
+    #[arg(long, default_value_t = 20_000)]
+    pub jobs: usize,
+    /// Also run the peers (graphile-worker, apalis) on the same server; see benches/peers.
+    #[arg(long)]
+    pub peers: bool,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Worker runtimes started in this process, sharing one store pool.
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    /// Jobs one worker runs at once.
+    #[arg(long, default_value_t = 2048)]
+    pub concurrency: usize,
+    /// Most jobs one claim takes.
+    #[arg(long, default_value_t = 1024)]
+    pub fetch_batch: usize,
+    /// Most completions one statement writes.
+    #[arg(long, default_value_t = 2048)]
+    pub complete_batch: usize,
+    /// Store connections (shared by all workers and the producer).
+    #[arg(long, default_value_t = 8)]
+    pub pool_size: u32,
+    /// Steady state: jobs enqueued per second, one at a time.
+    #[arg(long, default_value_t = 200)]
+    pub rate: u32,
+    /// Steady state: how long the producer runs.
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub steady: Duration,
+    /// Where the peers' install script and harnesses live (default: found from the
+    /// current directory or the executable, `benches/peers`).
+    #[arg(long)]
+    pub peers_dir: Option<PathBuf>,
+    /// Measure every system this many times, in turn, and report the medians.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// Extra flags for the graphile-worker harness, e.g. "--processes 2 --concurrency 32".
+    #[arg(long, allow_hyphen_values = true)]
+    pub graphile_args: Vec<String>,
+    /// Extra flags for the apalis harness, e.g. "--workers 4 --batch-size 200".
+    #[arg(long, allow_hyphen_values = true)]
+    pub apalis_args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -67,6 +150,57 @@ pub struct BenchArgs {
     /// Also write the figures as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+}
+
+/// `holdfast drill`. Exits 0 only when every invariant of DESIGN.md §2 held.
+#[derive(Debug, Clone, Args)]
+pub struct DrillArgs {
+    /// The durable store of the drilled system; `postgres` runs a throwaway cluster of its own
+    /// (initdb/pg_ctl; see scripts/install-drill-deps.sh).
+    #[arg(long, value_enum, default_value_t = Backend::Sqlite)]
+    pub backend: Backend,
+    /// How long virtual users shop (setup, settling and final reads come on top).
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub duration: Duration,
+    /// Concurrent virtual users.
+    #[arg(long, default_value_t = 32)]
+    pub users: usize,
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    pub instances: u16,
+    #[arg(long, default_value_t = 2)]
+    pub workers: u16,
+    /// `all`, `none`, or a comma-separated list of: kill-instance, pause-instance,
+    /// drain-instance, kill-worker, restart-db, slow-db, cut-db, provider-timeouts.
+    #[arg(long, default_value = "all")]
+    pub faults: holdfast_drill::FaultSet,
+    /// Seeds the fault schedule and the users' choices (default: from the clock; reported).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the report as one self-contained HTML page here.
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// Write the drilled system's own log here (default: discarded with the temporary dir).
+    #[arg(long)]
+    pub system_log: Option<PathBuf>,
+    /// Write the history (JSON Lines, Jepsen style: invoke, then ok/fail/info) here.
+    #[arg(long)]
+    pub history: Option<PathBuf>,
+    /// Drill a deliberately broken build; the drill must then fail (a self-test).
+    #[arg(long, value_enum)]
+    pub sabotage: Option<DrillSabotage>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DrillSabotage {
+    /// The web tier ignores Idempotency-Key (expect orders_duplicated).
+    NoIdempotency,
+    /// Checkout answers before its order commits (expect orders_lost).
+    AckBeforeCommit,
+    /// Workers skip the effect ledger (expect charges_duplicated).
+    LedgerBypass,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -169,6 +303,28 @@ pub struct InstanceArgs {
     /// SABOTAGE, for tests and drills only: break the web tier on purpose.
     #[arg(long, value_enum, hide = true)]
     pub unsafe_sabotage: Option<SabotageKind>,
+    /// Where sessions live: the durable store, Redis with the store as backstop, or signed
+    /// cookies (no server state; see holdfast-sessions for what that cannot revoke).
+    #[arg(long, value_enum, default_value_t = SessionMode::Store)]
+    pub sessions: SessionMode,
+    /// Redis for `--sessions redis`, e.g. `redis://127.0.0.1:6379/0`.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+    /// Prefix of the session keys in Redis (one per deployment sharing a Redis).
+    #[arg(long, default_value = "holdfast")]
+    pub redis_prefix: String,
+    /// Signing keys for `--sessions cookie`: `kid:base64key,…` (32+ bytes each); the first
+    /// signs, the others only verify (rotation). Unset, `up` generates one per run and shares
+    /// it with its instances, so restarting `up` logs cookie sessions out.
+    #[arg(long, env = "HOLDFAST_SESSION_KEYS", hide_env_values = true)]
+    pub session_keys: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SessionMode {
+    Store,
+    Redis,
+    Cookie,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -205,7 +361,42 @@ impl InstanceArgs {
                 .unwrap_or_default();
             args.extend(["--unsafe-sabotage".into(), name.into()]);
         }
+        let sessions = self
+            .sessions
+            .to_possible_value()
+            .map(|v| v.get_name().to_owned());
+        args.extend(["--sessions".into(), sessions.unwrap_or_default().into()]);
+        args.extend(["--redis-prefix".into(), self.redis_prefix.clone().into()]);
         args
+    }
+
+    /// What `up` hands its instances in the environment, not argv (secrets do not belong in
+    /// `ps`): the Redis URL, and the session keys — generated here for `--sessions cookie`
+    /// when none are given, so that every instance shares one ring.
+    pub fn session_env(&self) -> anyhow::Result<Vec<(OsString, OsString)>> {
+        Ok(match self.sessions {
+            SessionMode::Store => Vec::new(),
+            SessionMode::Redis => {
+                let url = self
+                    .redis_url
+                    .clone()
+                    .context("--sessions redis needs --redis-url or REDIS_URL")?;
+                vec![("REDIS_URL".into(), url.into())]
+            }
+            SessionMode::Cookie => {
+                let keys = match &self.session_keys {
+                    Some(spec) => {
+                        holdfast_sessions::KeyRing::parse(spec)?;
+                        spec.clone()
+                    }
+                    None => {
+                        let kid = format!("k{}", holdfast_core::now_ms() / 1000);
+                        holdfast_sessions::KeyRing::generate_spec(&kid)
+                    }
+                };
+                vec![("HOLDFAST_SESSION_KEYS".into(), keys.into())]
+            }
+        })
     }
 }
 

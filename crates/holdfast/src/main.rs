@@ -5,7 +5,10 @@
 //! supervisor can parse), start a runtime, run the command. See `cli.rs` for the flags.
 
 mod bench;
+mod bench_jobs;
+mod bench_sessions;
 mod cli;
+mod drill;
 mod provider;
 mod serve;
 mod up;
@@ -36,9 +39,12 @@ fn main() -> anyhow::Result<()> {
             Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::Up(args)) => up::run(args).await,
             Some(Command::Bench(BenchCommand::Checkout(args))) => bench::run(args).await,
+            Some(Command::Bench(BenchCommand::Jobs(args))) => bench_jobs::run(args).await,
+            Some(Command::Bench(BenchCommand::Sessions(args))) => bench_sessions::run(args).await,
             Some(Command::Worker(args)) => worker::run(args).await,
             Some(Command::Provider(args)) => provider::run(args).await,
             Some(Command::Jobs(cmd)) => worker::jobs_command(cmd).await,
+            Some(Command::Drill(args)) => drill::run(args).await,
             None => up::run(cli.up).await,
         }
     })

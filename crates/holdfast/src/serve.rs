@@ -19,7 +19,8 @@ use tokio::sync::oneshot;
 use tokio::time::sleep;
 use tracing::{info, warn};
 
-use crate::cli::{InstanceArgs, SabotageKind, ServeArgs};
+use crate::cli::{InstanceArgs, SabotageKind, ServeArgs, SessionMode};
+use holdfast_web::{KeyRing, SessionBackend};
 
 /// The one stdout line a supervisor waits for: `HOLDFAST_LISTENING 127.0.0.1:45678`.
 pub const LISTENING: &str = "HOLDFAST_LISTENING";
@@ -33,7 +34,8 @@ const SHUTDOWN_SLACK: Duration = Duration::from_secs(5);
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     crate::die_with_parent(args.parent_pid)?;
     let terminated = crate::on_terminate()?;
-    let opts = web_options(&args.instance, !args.insecure_cookies)?;
+    let mut opts = web_options(&args.instance, !args.insecure_cookies)?;
+    opts.sessions = session_backend(&args.instance)?;
     let grace = opts.request_timeout + SHUTDOWN_SLACK;
 
     let metrics = holdfast_web::install_metrics_recorder().map_err(anyhow::Error::msg)?;
@@ -46,7 +48,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.addr))?;
     let addr = listener.local_addr()?;
     crate::announce_listening(addr)?;
-    info!(%addr, backend = store.dialect().name(), "serving");
+    info!(%addr, backend = store.dialect().name(), sessions = state.sessions().backend_name(), "serving");
     tokio::spawn(holdfast_web::reap_forever(state.clone(), REAP_EVERY));
 
     let (stopping_tx, stopping_rx) = oneshot::channel();
@@ -62,6 +64,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             let _ = stopping_tx.send(());
         }
     };
+    let sessions = state.sessions().clone();
     let app = holdfast_web::app(state).into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(drain);
     let grace_over = async {
@@ -74,9 +77,39 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         served = server.into_future() => served.context("serving")?,
         () = grace_over => warn!("grace period over; dropping the requests still in flight"),
     }
+    // Queued backstop writes of the Redis session tier (last-use times) go in before the
+    // store closes; a SIGKILL loses them, which only shortens idle timeouts by one touch.
+    sessions.flush().await;
     store.close().await;
     info!("stopped");
     Ok(())
+}
+
+/// The session tier the flags name. The Redis connection is lazy: an instance starts, and
+/// serves sessions from the store, while Redis is down.
+pub fn session_backend(args: &InstanceArgs) -> anyhow::Result<SessionBackend> {
+    Ok(match args.sessions {
+        SessionMode::Store => SessionBackend::Store,
+        SessionMode::Redis => {
+            let url = args
+                .redis_url
+                .as_deref()
+                .context("--sessions redis needs --redis-url or REDIS_URL")?;
+            SessionBackend::Redis {
+                conn: holdfast_sessions::connect_redis(url).context("--redis-url")?,
+                prefix: args.redis_prefix.clone(),
+            }
+        }
+        SessionMode::Cookie => {
+            let spec = args
+                .session_keys
+                .as_deref()
+                .context("--sessions cookie needs --session-keys or HOLDFAST_SESSION_KEYS")?;
+            SessionBackend::Cookie {
+                keys: KeyRing::parse(spec)?,
+            }
+        }
+    })
 }
 
 /// The web crate's options with the flags' overrides; checked, so `up` can fail fast too.

@@ -89,9 +89,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         args: web_args,
         count: args.instances.into(),
     }];
-    // The provider keeps one port across restarts, so the workers' URL stays valid.
+    // The provider keeps one port across restarts, so the workers' URL stays valid; without
+    // workers nobody calls it, so none is started.
     let provider_url = match &args.provider_url {
         Some(url) => url.clone(),
+        None if args.workers == 0 => String::new(),
         None => {
             let port = std::net::TcpListener::bind("127.0.0.1:0")?
                 .local_addr()?
@@ -131,7 +133,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         program: std::env::current_exe().context("finding our own executable")?,
         groups,
         // In the environment rather than argv, so a password does not show in `ps`.
-        env: vec![("DATABASE_URL".into(), url.into())],
+        env: [("DATABASE_URL".into(), url.into())]
+            .into_iter()
+            .chain(args.instance.session_env()?)
+            .collect(),
         instances_file: args.store.data_dir.join("run").join("instances.json"),
         balancer,
         start_timeout: Duration::from_secs(30),

@@ -26,6 +26,9 @@ async fn start_up(dir: &Path, n: usize) -> (Proc, String, Vec<Instance>) {
         &n_arg,
         "--data-dir",
         data_dir,
+        // Web instances only: these tests are about the balancer's upstreams.
+        "--workers",
+        "0",
     ]);
     let line = up.line_after("Holdfast is up: ", WITHIN);
     let base = line.split_whitespace().next().unwrap().to_owned();

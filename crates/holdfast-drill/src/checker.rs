@@ -1,0 +1,939 @@
+//! The history checker: a pure function from what the clients saw (the history) and what the
+//! system holds at the end (the final state) to the violated invariants of DESIGN.md §2.
+//!
+//! Jepsen style. Every client operation is recorded with when it was invoked and how it
+//! completed: `ok` (acknowledged: a 2xx), `fail` (definitely not done: a 4xx, which a correct
+//! server answers only when it did nothing — a retry of a key that did act replays instead),
+//! or `unknown` (the client gave up without a definite answer: it may or may not have
+//! happened). The checker only holds the system to what it promised: an ok checkout's order
+//! must exist, an unknown one may or may not have made an order, so it widens what the final
+//! state may hold instead of being blamed.
+//!
+//! What each count means (keys of the JSON report; every one must be 0 for a pass):
+//! - §2.1 `orders_lost`: acknowledged orders absent from the final state;
+//!   `orders_missing_on_read`: acknowledged orders their owner's later read did not find
+//!   (even if they showed up afterwards: the acknowledgement came before the commit).
+//! - §2.2 `orders_duplicated`: orders beyond one per checkout key — a key acknowledged with
+//!   two different orders, or orders in the final state that no acknowledged or unknown
+//!   checkout can account for; `replays_mismatched`: a retry of an acknowledged key answered
+//!   with anything but the acknowledged order; `cart_items_duplicated`: cart quantity above
+//!   what keyed adds can explain (an add applied twice).
+//! - §2.3 per order in the final state: `charges_duplicated` (charges beyond one),
+//!   `orders_unpaid` (not paid, or paid without a charge), `charges_wrong_amount`,
+//!   `charges_orphaned` (a charge for an order that does not exist), `emails_duplicated`
+//!   (receipts beyond one), `emails_missing` (a paid order without a receipt).
+//! - §2.4 `sessions_lost`: a logged-in session refused (401) during the run or at the end;
+//!   `cart_items_lost`: acknowledged cart quantity missing from a later cart read, from the
+//!   order that consumed the cart, or from the final cart.
+//! - `final_state_unreadable`: an account whose final state could not be read (nothing can
+//!   be judged about it); `no_progress`: no order was acknowledged at all, so nothing was shown.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+/// Quantity per SKU.
+pub type Lines = BTreeMap<String, i64>;
+
+/// One client operation, from invocation to completion.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Op {
+    #[serde(flatten)]
+    pub kind: OpKind,
+    pub invoked_ms: u64,
+    pub completed_ms: u64,
+    pub outcome: Outcome,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum OpKind {
+    Signup,
+    Login,
+    CartAdd {
+        key: String,
+        sku: String,
+        qty: i64,
+    },
+    CartRead,
+    /// `late`: a re-send of an earlier, acknowledged key (a client's delayed retry).
+    Checkout {
+        key: String,
+        late: bool,
+    },
+    OrderRead {
+        order_id: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Outcome {
+    Ok { seen: Seen },
+    Fail { status: u16, problem: String },
+    Unknown { reason: String },
+}
+
+/// What an acknowledged operation returned, as far as the checks need it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Seen {
+    Nothing,
+    Cart(Lines),
+    Order(OrderSeen),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OrderSeen {
+    pub order_id: String,
+    pub total_cents: i64,
+    pub status: String,
+    pub items: Lines,
+}
+
+/// The operations of one account, in order (one virtual user at a time drives an account).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccountHistory {
+    pub email: String,
+    pub ops: Vec<Op>,
+}
+
+/// One account at the end, read through the API.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FinalAccount {
+    pub email: String,
+    /// `GET /api/me` with the account's last session was answered 200.
+    pub session_valid: bool,
+    /// `None`: could not be read.
+    pub orders: Option<Vec<OrderSeen>>,
+    pub cart: Option<Lines>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Charge {
+    pub order_id: String,
+    pub amount_cents: i64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Email {
+    pub order_id: String,
+    pub kind: String,
+}
+
+/// The system at the end. `accounts[i]` belongs to `histories[i]`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct FinalState {
+    pub accounts: Vec<FinalAccount>,
+    pub charges: Vec<Charge>,
+    pub emails: Vec<Email>,
+}
+
+/// Acknowledged orders, and how often each invariant was violated.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub orders_acknowledged: u64,
+    pub orders_lost: u64,
+    pub orders_missing_on_read: u64,
+    pub orders_duplicated: u64,
+    pub replays_mismatched: u64,
+    pub charges_duplicated: u64,
+    pub charges_wrong_amount: u64,
+    pub charges_orphaned: u64,
+    pub emails_duplicated: u64,
+    pub emails_missing: u64,
+    pub orders_unpaid: u64,
+    pub sessions_lost: u64,
+    pub cart_items_lost: u64,
+    pub cart_items_duplicated: u64,
+    pub final_state_unreadable: u64,
+    pub no_progress: u64,
+}
+
+impl Counts {
+    /// Every violation count by its report key (`orders_acknowledged` is not one).
+    pub fn violations(&self) -> [(&'static str, u64); 15] {
+        [
+            ("orders_lost", self.orders_lost),
+            ("orders_missing_on_read", self.orders_missing_on_read),
+            ("orders_duplicated", self.orders_duplicated),
+            ("replays_mismatched", self.replays_mismatched),
+            ("charges_duplicated", self.charges_duplicated),
+            ("charges_wrong_amount", self.charges_wrong_amount),
+            ("charges_orphaned", self.charges_orphaned),
+            ("emails_duplicated", self.emails_duplicated),
+            ("emails_missing", self.emails_missing),
+            ("orders_unpaid", self.orders_unpaid),
+            ("sessions_lost", self.sessions_lost),
+            ("cart_items_lost", self.cart_items_lost),
+            ("cart_items_duplicated", self.cart_items_duplicated),
+            ("final_state_unreadable", self.final_state_unreadable),
+            ("no_progress", self.no_progress),
+        ]
+    }
+
+    /// The report keys of the violated invariants.
+    pub fn violated(&self) -> Vec<&'static str> {
+        self.violations()
+            .into_iter()
+            .filter(|&(_, n)| n > 0)
+            .map(|(name, _)| name)
+            .collect()
+    }
+}
+
+/// One concrete violation, for the report.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    pub invariant: &'static str,
+    pub detail: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Verdict {
+    pub counts: Counts,
+    pub violations: Vec<Violation>,
+}
+
+impl Verdict {
+    pub fn passed(&self) -> bool {
+        self.counts.violated().is_empty()
+    }
+
+    fn add(&mut self, invariant: &'static str, n: u64, detail: impl FnOnce() -> String) {
+        if n == 0 {
+            return;
+        }
+        let c = &mut self.counts;
+        let count = match invariant {
+            "orders_lost" => &mut c.orders_lost,
+            "orders_missing_on_read" => &mut c.orders_missing_on_read,
+            "orders_duplicated" => &mut c.orders_duplicated,
+            "replays_mismatched" => &mut c.replays_mismatched,
+            "charges_duplicated" => &mut c.charges_duplicated,
+            "charges_wrong_amount" => &mut c.charges_wrong_amount,
+            "charges_orphaned" => &mut c.charges_orphaned,
+            "emails_duplicated" => &mut c.emails_duplicated,
+            "emails_missing" => &mut c.emails_missing,
+            "orders_unpaid" => &mut c.orders_unpaid,
+            "sessions_lost" => &mut c.sessions_lost,
+            "cart_items_lost" => &mut c.cart_items_lost,
+            "cart_items_duplicated" => &mut c.cart_items_duplicated,
+            "final_state_unreadable" => &mut c.final_state_unreadable,
+            "no_progress" => &mut c.no_progress,
+            other => unreachable!("unknown invariant {other}"),
+        };
+        *count += n;
+        self.violations.push(Violation {
+            invariant,
+            detail: detail(),
+        });
+    }
+}
+
+/// Checks every invariant; see the module docs for what each count means.
+pub fn check(histories: &[AccountHistory], fin: &FinalState) -> Verdict {
+    let mut v = Verdict::default();
+    let mut all_orders: BTreeMap<&str, (&str, &OrderSeen)> = BTreeMap::new();
+    let mut all_readable = true;
+    for (i, h) in histories.iter().enumerate() {
+        let account = fin.accounts.get(i).filter(|a| a.email == h.email);
+        check_account(h, account, &mut v);
+        match account.and_then(|a| a.orders.as_ref()) {
+            Some(orders) => {
+                for o in orders {
+                    all_orders.insert(&o.order_id, (&h.email, o));
+                }
+            }
+            None => all_readable = false,
+        }
+    }
+    check_payments(fin, &all_orders, all_readable, &mut v);
+    if v.counts.orders_acknowledged == 0 {
+        v.add("no_progress", 1, || {
+            "no checkout was acknowledged: the drill showed nothing".into()
+        });
+    }
+    v
+}
+
+/// What an account's cart may hold: `min` is what acknowledged adds guarantee, `max` what
+/// adds with an unknown outcome may also have put there. A shortfall or excess is reported
+/// once per cart (until a checkout empties it), however many later reads still show it.
+#[derive(Default)]
+struct CartModel {
+    min: Lines,
+    max: Lines,
+    reported_lost: Lines,
+    reported_extra: Lines,
+}
+
+impl CartModel {
+    fn add(&mut self, sku: &str, qty: i64, certain: bool) {
+        if certain {
+            *self.min.entry(sku.to_owned()).or_default() += qty;
+        }
+        *self.max.entry(sku.to_owned()).or_default() += qty;
+    }
+
+    /// (quantity newly found missing below `min`, newly found above `max`) in `seen`.
+    fn compare(&mut self, seen: &Lines) -> (i64, i64) {
+        let skus: BTreeSet<String> = self.max.keys().chain(seen.keys()).cloned().collect();
+        let (mut lost, mut extra) = (0, 0);
+        for sku in skus {
+            let got = seen.get(&sku).copied().unwrap_or(0);
+            let lo = self.min.get(&sku).copied().unwrap_or(0);
+            let hi = self.max.get(&sku).copied().unwrap_or(0);
+            let shown = self.reported_lost.entry(sku.clone()).or_default();
+            lost += (lo - got - *shown).max(0);
+            *shown = (*shown).max(lo - got);
+            let shown = self.reported_extra.entry(sku).or_default();
+            extra += (got - hi - *shown).max(0);
+            *shown = (*shown).max(got - hi);
+        }
+        (lost, extra)
+    }
+
+    /// A read settles what the unknown adds did, within what they could have done.
+    fn observe(&mut self, seen: &Lines) {
+        for (sku, hi) in &mut self.max {
+            let lo = self.min.get(sku).copied().unwrap_or(0);
+            let got = seen.get(sku).copied().unwrap_or(0).clamp(lo, *hi);
+            *hi = got;
+            self.min.insert(sku.clone(), got);
+        }
+    }
+
+    /// A checkout consumed the cart.
+    fn empty(&mut self) {
+        *self = CartModel::default();
+    }
+
+    /// A checkout may have consumed the cart, or not.
+    fn maybe_emptied(&mut self) {
+        self.min.clear();
+    }
+}
+
+fn check_account(h: &AccountHistory, fin: Option<&FinalAccount>, v: &mut Verdict) {
+    let who = &h.email;
+    let mut cart = CartModel::default();
+    let mut logged_in = false;
+    // Every acknowledged order: id -> (key, when acknowledged).
+    let mut acked: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
+    let mut ids_by_key: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+    let mut first_answer: BTreeMap<&str, &OrderSeen> = BTreeMap::new();
+    let mut unknown_keys: BTreeSet<&str> = BTreeSet::new();
+    let cart_check = |v: &mut Verdict, cart: &mut CartModel, seen: &Lines, when: String| {
+        let (lost, extra) = cart.compare(seen);
+        v.add("cart_items_lost", lost as u64, || {
+            format!("{who}: {lost} acknowledged cart item(s) missing from {when}")
+        });
+        v.add("cart_items_duplicated", extra as u64, || {
+            format!("{who}: {extra} cart item(s) beyond the acknowledged adds in {when}")
+        });
+    };
+    for op in &h.ops {
+        let at = op.completed_ms as f64 / 1000.0;
+        if let Outcome::Fail { status: 401, .. } = op.outcome {
+            if logged_in && !matches!(op.kind, OpKind::Signup | OpKind::Login) {
+                logged_in = false;
+                v.add("sessions_lost", 1, || {
+                    format!("{who}: session refused (401) at {at:.1} s")
+                });
+            }
+            continue;
+        }
+        match (&op.kind, &op.outcome) {
+            (OpKind::Login, Outcome::Ok { .. }) => logged_in = true,
+            (OpKind::CartAdd { sku, qty, .. }, Outcome::Ok { .. }) => cart.add(sku, *qty, true),
+            (OpKind::CartAdd { sku, qty, .. }, Outcome::Unknown { .. }) => {
+                cart.add(sku, *qty, false)
+            }
+            (
+                OpKind::CartRead,
+                Outcome::Ok {
+                    seen: Seen::Cart(lines),
+                },
+            ) => {
+                cart_check(v, &mut cart, lines, format!("the cart read at {at:.1} s"));
+                cart.observe(lines);
+            }
+            (
+                OpKind::Checkout { key, late },
+                Outcome::Ok {
+                    seen: Seen::Order(o),
+                },
+            ) => {
+                let id = o.order_id.as_str();
+                acked.entry(id).or_insert((key, op.completed_ms));
+                ids_by_key.entry(key).or_default().insert(id);
+                match first_answer.get(key.as_str()) {
+                    Some(first) if *late => {
+                        if *first != o {
+                            v.add("replays_mismatched", 1, || {
+                                format!(
+                                    "{who}: retry of key {key} at {at:.1} s answered order {id}, \
+                                     not the acknowledged {}",
+                                    first.order_id
+                                )
+                            });
+                            if first.order_id != o.order_id {
+                                // It ran again, on whatever the cart held then.
+                                cart.empty();
+                            }
+                        }
+                    }
+                    _ => {
+                        first_answer.insert(key, o);
+                        let when = format!("order {id} (checkout at {at:.1} s)");
+                        cart_check(v, &mut cart, &o.items, when);
+                        cart.empty();
+                    }
+                }
+            }
+            (OpKind::Checkout { key, late }, Outcome::Fail { status, problem }) if *late => {
+                v.add("replays_mismatched", 1, || {
+                    format!("{who}: retry of acknowledged key {key} at {at:.1} s failed: {status} {problem}")
+                });
+            }
+            (OpKind::Checkout { key, .. }, Outcome::Unknown { .. }) => {
+                unknown_keys.insert(key);
+                cart.maybe_emptied();
+            }
+            (OpKind::OrderRead { order_id }, Outcome::Fail { status: 404, .. }) => {
+                if let Some((key, acked_ms)) = acked.get(order_id.as_str()) {
+                    let acked_s = *acked_ms as f64 / 1000.0;
+                    v.add("orders_missing_on_read", 1, || {
+                        format!(
+                            "{who}: order {order_id} (key {key}) acknowledged at {acked_s:.1} s \
+                             was not found at {at:.1} s"
+                        )
+                    });
+                }
+            }
+            _ => {}
+        }
+    }
+    v.counts.orders_acknowledged += acked.len() as u64;
+
+    let Some(fin) = fin else {
+        v.add("final_state_unreadable", 1, || {
+            format!("{who}: no final state was read")
+        });
+        return;
+    };
+    if logged_in && !fin.session_valid {
+        v.add("sessions_lost", 1, || {
+            format!("{who}: session refused at the end")
+        });
+    }
+    if let Some(lines) = &fin.cart {
+        cart_check(v, &mut cart, lines, "the final cart".into());
+    }
+    let Some(orders) = &fin.orders else {
+        v.add("final_state_unreadable", 1, || {
+            format!("{who}: the final orders could not be read")
+        });
+        return;
+    };
+    let present: BTreeSet<&str> = orders.iter().map(|o| o.order_id.as_str()).collect();
+    for (id, (key, ms)) in &acked {
+        if !present.contains(id) {
+            let s = *ms as f64 / 1000.0;
+            v.add("orders_lost", 1, || {
+                format!("{who}: order {id} acknowledged at {s:.1} s (key {key}) is not in the final state")
+            });
+        }
+    }
+    for (key, ids) in &ids_by_key {
+        let extra = ids.len() as u64 - 1;
+        v.add("orders_duplicated", extra, || {
+            format!(
+                "{who}: key {key} was answered with {} different orders: {ids:?}",
+                ids.len()
+            )
+        });
+    }
+    // Orders nobody was told about: each unknown checkout key may account for one.
+    let explained: BTreeSet<&str> = ids_by_key.values().flatten().copied().collect();
+    let unexplained: Vec<&str> = present.difference(&explained).copied().collect();
+    let allowance = unknown_keys
+        .iter()
+        .filter(|k| !ids_by_key.contains_key(*k))
+        .count();
+    let extra = unexplained.len().saturating_sub(allowance) as u64;
+    v.add("orders_duplicated", extra, || {
+        format!(
+            "{who}: {} order(s) no acknowledged checkout made, only {allowance} checkout(s) with \
+             an unknown outcome to account for them: {unexplained:?}",
+            unexplained.len()
+        )
+    });
+}
+
+fn check_payments(
+    fin: &FinalState,
+    orders: &BTreeMap<&str, (&str, &OrderSeen)>,
+    all_readable: bool,
+    v: &mut Verdict,
+) {
+    let mut charges: BTreeMap<&str, Vec<&Charge>> = BTreeMap::new();
+    for c in &fin.charges {
+        charges.entry(&c.order_id).or_default().push(c);
+    }
+    let mut receipts: BTreeMap<&str, usize> = BTreeMap::new();
+    for e in fin.emails.iter().filter(|e| e.kind == "receipt") {
+        *receipts.entry(&e.order_id).or_default() += 1;
+    }
+    for (id, (who, o)) in orders {
+        let mine = charges.get(id).map(Vec::as_slice).unwrap_or_default();
+        let n = mine.len() as u64;
+        v.add("charges_duplicated", n.saturating_sub(1), || {
+            format!("{who}: order {id} was charged {n} times")
+        });
+        for c in mine.iter().filter(|c| c.amount_cents != o.total_cents) {
+            v.add("charges_wrong_amount", 1, || {
+                format!(
+                    "{who}: order {id} totals {} cents but was charged {}",
+                    o.total_cents, c.amount_cents
+                )
+            });
+        }
+        if o.status != "paid" {
+            v.add("orders_unpaid", 1, || {
+                format!("{who}: order {id} is still {:?}", o.status)
+            });
+        } else if n == 0 {
+            v.add("orders_unpaid", 1, || {
+                format!("{who}: order {id} is paid but was never charged")
+            });
+        }
+        let r = receipts.get(id).copied().unwrap_or(0) as u64;
+        v.add("emails_duplicated", r.saturating_sub(1), || {
+            format!("{who}: order {id} got {r} receipts")
+        });
+        if o.status == "paid" && r == 0 {
+            v.add("emails_missing", 1, || {
+                format!("{who}: paid order {id} got no receipt")
+            });
+        }
+    }
+    // Only when every account was read can a charge be said to belong to no order.
+    if all_readable {
+        for (id, mine) in &charges {
+            if !orders.contains_key(id) {
+                v.add("charges_orphaned", mine.len() as u64, || {
+                    format!(
+                        "{} charge(s) for order {id}, which does not exist",
+                        mine.len()
+                    )
+                });
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WHO: &str = "a@drill.example";
+
+    fn op(kind: OpKind, t: u64, outcome: Outcome) -> Op {
+        Op {
+            kind,
+            invoked_ms: t,
+            completed_ms: t + 5,
+            outcome,
+        }
+    }
+
+    fn ok(seen: Seen) -> Outcome {
+        Outcome::Ok { seen }
+    }
+
+    fn fail(status: u16) -> Outcome {
+        Outcome::Fail {
+            status,
+            problem: "x".into(),
+        }
+    }
+
+    fn unknown() -> Outcome {
+        Outcome::Unknown {
+            reason: "gave up".into(),
+        }
+    }
+
+    fn lines(items: &[(&str, i64)]) -> Lines {
+        items.iter().map(|&(s, q)| (s.to_owned(), q)).collect()
+    }
+
+    fn order(id: &str, items: &[(&str, i64)], status: &str) -> OrderSeen {
+        OrderSeen {
+            order_id: id.into(),
+            total_cents: items.iter().map(|(_, q)| q * 100).sum(),
+            status: status.into(),
+            items: lines(items),
+        }
+    }
+
+    fn add(key: &str, sku: &str, qty: i64) -> OpKind {
+        OpKind::CartAdd {
+            key: key.into(),
+            sku: sku.into(),
+            qty,
+        }
+    }
+
+    fn checkout(key: &str, late: bool) -> OpKind {
+        OpKind::Checkout {
+            key: key.into(),
+            late,
+        }
+    }
+
+    /// A clean run of one account: two orders, a faithful late replay, a pending cart item;
+    /// every order paid, charged and receipted once.
+    fn clean() -> (Vec<AccountHistory>, FinalState) {
+        let o1 = order("o1", &[("ROPE", 2), ("HELMET", 1)], "pending");
+        let o2 = order("o2", &[("CHALK", 1)], "pending");
+        let ops = vec![
+            op(OpKind::Signup, 0, ok(Seen::Nothing)),
+            op(OpKind::Login, 10, ok(Seen::Nothing)),
+            op(add("a1", "ROPE", 2), 20, ok(Seen::Nothing)),
+            op(add("a2", "HELMET", 1), 30, ok(Seen::Nothing)),
+            op(
+                OpKind::CartRead,
+                40,
+                ok(Seen::Cart(lines(&[("ROPE", 2), ("HELMET", 1)]))),
+            ),
+            op(checkout("c1", false), 50, ok(Seen::Order(o1.clone()))),
+            op(
+                OpKind::OrderRead {
+                    order_id: "o1".into(),
+                },
+                60,
+                ok(Seen::Order(o1.clone())),
+            ),
+            op(add("a3", "CHALK", 1), 70, ok(Seen::Nothing)),
+            op(checkout("c1", true), 80, ok(Seen::Order(o1.clone()))),
+            op(checkout("c2", false), 90, ok(Seen::Order(o2.clone()))),
+            op(add("a4", "HELMET", 3), 100, ok(Seen::Nothing)),
+        ];
+        let paid = |o: &OrderSeen| OrderSeen {
+            status: "paid".into(),
+            ..o.clone()
+        };
+        let fin = FinalState {
+            accounts: vec![FinalAccount {
+                email: WHO.into(),
+                session_valid: true,
+                orders: Some(vec![paid(&o1), paid(&o2)]),
+                cart: Some(lines(&[("HELMET", 3)])),
+            }],
+            charges: vec![
+                Charge {
+                    order_id: "o1".into(),
+                    amount_cents: o1.total_cents,
+                },
+                Charge {
+                    order_id: "o2".into(),
+                    amount_cents: o2.total_cents,
+                },
+            ],
+            emails: ["o1", "o2"]
+                .map(|id| Email {
+                    order_id: id.into(),
+                    kind: "receipt".into(),
+                })
+                .into(),
+        };
+        let h = vec![AccountHistory {
+            email: WHO.into(),
+            ops,
+        }];
+        (h, fin)
+    }
+
+    /// Plants a fault into the clean run and checks that exactly `expect` is reported.
+    fn check_planted(plant: impl FnOnce(&mut Vec<Op>, &mut FinalState), expect: &[(&str, u64)]) {
+        let (mut h, mut fin) = clean();
+        plant(&mut h[0].ops, &mut fin);
+        let verdict = check(&h, &fin);
+        let got: Vec<(&str, u64)> = verdict
+            .counts
+            .violations()
+            .into_iter()
+            .filter(|&(_, n)| n > 0)
+            .collect();
+        assert_eq!(got, expect, "violations: {:#?}", verdict.violations);
+        for (name, _) in expect {
+            assert!(
+                verdict.violations.iter().any(|x| x.invariant == *name),
+                "{name} has a detail"
+            );
+        }
+    }
+
+    fn final_orders(fin: &mut FinalState) -> &mut Vec<OrderSeen> {
+        fin.accounts[0].orders.as_mut().unwrap()
+    }
+
+    #[test]
+    fn a_clean_run_passes() {
+        let (h, fin) = clean();
+        let verdict = check(&h, &fin);
+        assert!(verdict.passed(), "{:#?}", verdict.violations);
+        assert_eq!(verdict.counts.orders_acknowledged, 2);
+    }
+
+    #[test]
+    fn an_acknowledged_order_missing_at_the_end_is_lost() {
+        check_planted(
+            |_, fin| {
+                final_orders(fin).retain(|o| o.order_id != "o2");
+                fin.charges.retain(|c| c.order_id != "o2");
+                fin.emails.retain(|e| e.order_id != "o2");
+            },
+            &[("orders_lost", 1)],
+        );
+    }
+
+    #[test]
+    fn an_acknowledged_order_not_found_by_a_later_read_is_reported() {
+        check_planted(
+            |ops, _| {
+                let read = OpKind::OrderRead {
+                    order_id: "o2".into(),
+                };
+                ops.push(op(read, 200, fail(404)));
+            },
+            &[("orders_missing_on_read", 1)],
+        );
+    }
+
+    #[test]
+    fn a_key_answered_with_a_second_order_is_a_duplicate_and_a_bad_replay() {
+        // The late retry of c1 ran again on the cart {CHALK: 1} instead of replaying o1.
+        check_planted(
+            |ops, fin| {
+                let o3 = order("o3", &[("CHALK", 1)], "pending");
+                ops[8] = op(checkout("c1", true), 80, ok(Seen::Order(o3.clone())));
+                // c2 then found the cart empty.
+                ops[9] = op(checkout("c2", false), 90, fail(422));
+                final_orders(fin).retain(|o| o.order_id != "o2");
+                final_orders(fin).push(OrderSeen {
+                    status: "paid".into(),
+                    ..o3
+                });
+                for c in &mut fin.charges {
+                    c.order_id = c.order_id.replace("o2", "o3");
+                }
+                for e in &mut fin.emails {
+                    e.order_id = e.order_id.replace("o2", "o3");
+                }
+            },
+            &[("orders_duplicated", 1), ("replays_mismatched", 1)],
+        );
+    }
+
+    #[test]
+    fn an_order_no_checkout_accounts_for_is_a_duplicate_unless_a_checkout_is_unknown() {
+        let plant_extra = |fin: &mut FinalState| {
+            final_orders(fin).push(order("o9", &[("ROPE", 1)], "paid"));
+            fin.charges.push(Charge {
+                order_id: "o9".into(),
+                amount_cents: 100,
+            });
+            fin.emails.push(Email {
+                order_id: "o9".into(),
+                kind: "receipt".into(),
+            });
+        };
+        // c2 was answered 422 after an attempt that did commit: the key ran twice.
+        check_planted(
+            |ops, fin| {
+                ops.push(op(add("a5", "ROPE", 1), 110, ok(Seen::Nothing)));
+                ops.push(op(checkout("c3", false), 120, fail(422)));
+                plant_extra(fin);
+                fin.accounts[0].cart = Some(lines(&[("HELMET", 3)]));
+            },
+            &[("orders_duplicated", 1), ("cart_items_lost", 1)],
+        );
+        // The same order is fine when a checkout's outcome is unknown: it may have made it.
+        check_planted(
+            |ops, fin| {
+                ops.push(op(add("a5", "ROPE", 1), 110, ok(Seen::Nothing)));
+                ops.push(op(checkout("c3", false), 120, unknown()));
+                plant_extra(fin);
+                fin.accounts[0].cart = Some(lines(&[("HELMET", 3)]));
+            },
+            &[],
+        );
+    }
+
+    #[test]
+    fn a_late_retry_that_fails_is_a_bad_replay() {
+        check_planted(
+            |ops, _| ops[8] = op(checkout("c1", true), 80, fail(422)),
+            &[("replays_mismatched", 1)],
+        );
+    }
+
+    #[test]
+    fn a_second_charge_for_an_order_is_a_duplicate() {
+        check_planted(
+            |_, fin| {
+                let again = fin.charges[0].clone();
+                fin.charges.push(again);
+            },
+            &[("charges_duplicated", 1)],
+        );
+    }
+
+    #[test]
+    fn a_charge_of_the_wrong_amount_is_reported() {
+        check_planted(
+            |_, fin| fin.charges[1].amount_cents += 1,
+            &[("charges_wrong_amount", 1)],
+        );
+    }
+
+    #[test]
+    fn a_charge_for_an_order_that_does_not_exist_is_orphaned() {
+        check_planted(
+            |_, fin| {
+                fin.charges.push(Charge {
+                    order_id: "ghost".into(),
+                    amount_cents: 100,
+                })
+            },
+            &[("charges_orphaned", 1)],
+        );
+    }
+
+    #[test]
+    fn a_second_receipt_is_a_duplicate() {
+        check_planted(
+            |_, fin| {
+                let again = fin.emails[1].clone();
+                fin.emails.push(again);
+            },
+            &[("emails_duplicated", 1)],
+        );
+    }
+
+    #[test]
+    fn a_paid_order_without_a_receipt_is_reported() {
+        check_planted(
+            |_, fin| fin.emails.retain(|e| e.order_id != "o1"),
+            &[("emails_missing", 1)],
+        );
+    }
+
+    #[test]
+    fn an_order_never_paid_or_never_charged_is_unpaid() {
+        check_planted(
+            |_, fin| {
+                final_orders(fin)[0].status = "pending".into();
+                fin.charges.retain(|c| c.order_id != "o1");
+            },
+            &[("orders_unpaid", 1)],
+        );
+        check_planted(
+            |_, fin| fin.charges.retain(|c| c.order_id != "o2"),
+            &[("orders_unpaid", 1)],
+        );
+    }
+
+    #[test]
+    fn a_refused_session_is_lost_during_the_run_and_at_the_end() {
+        check_planted(
+            |ops, _| {
+                ops.insert(7, op(OpKind::CartRead, 65, fail(401)));
+                ops.insert(8, op(OpKind::Login, 66, ok(Seen::Nothing)));
+            },
+            &[("sessions_lost", 1)],
+        );
+        check_planted(
+            |_, fin| fin.accounts[0].session_valid = false,
+            &[("sessions_lost", 1)],
+        );
+    }
+
+    #[test]
+    fn acknowledged_cart_items_missing_later_are_lost() {
+        // From a cart read.
+        check_planted(
+            |ops, _| ops[4] = op(OpKind::CartRead, 40, ok(Seen::Cart(lines(&[("ROPE", 2)])))),
+            &[("cart_items_lost", 1)],
+        );
+        // Still missing from the order that consumed that cart: the same item, counted once.
+        check_planted(
+            |ops, fin| {
+                ops[4] = op(OpKind::CartRead, 40, ok(Seen::Cart(lines(&[("ROPE", 2)]))));
+                let short = order("o1", &[("ROPE", 2)], "pending");
+                ops[5] = op(checkout("c1", false), 50, ok(Seen::Order(short.clone())));
+                ops[8] = op(checkout("c1", true), 80, ok(Seen::Order(short)));
+                final_orders(fin)[0].items.remove("HELMET");
+            },
+            &[("cart_items_lost", 1)],
+        );
+        // From the order that consumed the cart (no read in between).
+        check_planted(
+            |ops, fin| {
+                let short = order("o2", &[], "pending");
+                ops[9] = op(checkout("c2", false), 90, ok(Seen::Order(short)));
+                final_orders(fin)[1].items.clear();
+            },
+            &[("cart_items_lost", 1)],
+        );
+        // From the final cart.
+        check_planted(
+            |_, fin| fin.accounts[0].cart = Some(lines(&[("HELMET", 1)])),
+            &[("cart_items_lost", 2)],
+        );
+    }
+
+    #[test]
+    fn an_add_with_an_unknown_outcome_may_or_may_not_be_in_the_cart() {
+        let plant = |present: bool| {
+            move |ops: &mut Vec<Op>, fin: &mut FinalState| {
+                ops.push(op(add("a5", "ROPE", 4), 110, unknown()));
+                let cart = if present {
+                    lines(&[("HELMET", 3), ("ROPE", 4)])
+                } else {
+                    lines(&[("HELMET", 3)])
+                };
+                fin.accounts[0].cart = Some(cart);
+            }
+        };
+        check_planted(plant(true), &[]);
+        check_planted(plant(false), &[]);
+    }
+
+    #[test]
+    fn cart_quantity_beyond_the_adds_is_a_duplicated_add() {
+        check_planted(
+            |_, fin| fin.accounts[0].cart = Some(lines(&[("HELMET", 6)])),
+            &[("cart_items_duplicated", 3)],
+        );
+    }
+
+    #[test]
+    fn an_unreadable_account_cannot_pass() {
+        check_planted(
+            |_, fin| fin.accounts[0].orders = None,
+            &[("final_state_unreadable", 1)],
+        );
+    }
+
+    #[test]
+    fn a_run_without_acknowledged_orders_shows_nothing() {
+        let fin = FinalState::default();
+        let verdict = check(&[], &fin);
+        assert_eq!(verdict.counts.violated(), ["no_progress"]);
+    }
+}

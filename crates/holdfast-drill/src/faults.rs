@@ -1,0 +1,539 @@
+//! The fault schedule: which faults, when, against what, and how each one is undone.
+//!
+//! A drill must be reproducible to be debuggable, so the schedule is a pure function of the
+//! seed, the duration and the fault list, drawn from a small PRNG of our own (SplitMix64, no
+//! global random state). What cannot be reproduced is the system's own timing: the *victim* of
+//! a kill is chosen by a seeded index into the processes alive at that moment.
+//!
+//! Faults fall between 10% and 80% of the duration, so the system starts healthy and has the
+//! last fifth of the run to show it recovered. Every fault with a duration is undone by the
+//! injector itself — SIGCONT after a pause, the proxy re-enabled after a cut, the latency toxic
+//! removed, provider faults cleared — and [`Control::clear_faults`] undoes all of them again
+//! before the final state is read, whatever happened. Faults of one kind never overlap, so one
+//! fault's recovery cannot end another early.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use holdfast_faultproxy::{Toxic, ToxicSpec};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use serde_json::json;
+use tokio::task::JoinSet;
+
+use crate::system::{Control, DB_PROXY};
+use crate::users::Clock;
+use crate::{Backend, DrillOptions, Sabotage};
+
+/// One kind of fault the drill can inject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultKind {
+    /// SIGKILL a web instance.
+    KillInstance,
+    /// SIGSTOP a web instance for a few seconds, then SIGCONT: a long GC pause.
+    PauseInstance,
+    /// SIGTERM a web instance: it drains and the supervisor starts another (a rolling restart).
+    DrainInstance,
+    /// SIGKILL a job worker.
+    KillWorker,
+    /// `pg_ctl restart -m fast` of the drill's own cluster.
+    RestartDb,
+    /// 200 ± 50 ms of latency on every database connection, for a few seconds.
+    SlowDb,
+    /// The database link cut (connections closed, new ones refused) for a few seconds.
+    CutDb,
+    /// The payment provider acts and then times out on 20% of calls, for a few seconds.
+    ProviderTimeouts,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 8] = [
+        FaultKind::KillInstance,
+        FaultKind::PauseInstance,
+        FaultKind::DrainInstance,
+        FaultKind::KillWorker,
+        FaultKind::RestartDb,
+        FaultKind::SlowDb,
+        FaultKind::CutDb,
+        FaultKind::ProviderTimeouts,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::KillInstance => "kill-instance",
+            FaultKind::PauseInstance => "pause-instance",
+            FaultKind::DrainInstance => "drain-instance",
+            FaultKind::KillWorker => "kill-worker",
+            FaultKind::RestartDb => "restart-db",
+            FaultKind::SlowDb => "slow-db",
+            FaultKind::CutDb => "cut-db",
+            FaultKind::ProviderTimeouts => "provider-timeouts",
+        }
+    }
+
+    /// Why this fault cannot be injected on `backend`, if it cannot.
+    pub fn unsupported_on(self, backend: Backend) -> Option<&'static str> {
+        match (self, backend) {
+            (FaultKind::RestartDb | FaultKind::SlowDb | FaultKind::CutDb, Backend::Sqlite) => {
+                Some("SQLite is a file in each process, not a server: there is nothing to restart and no link to slow or cut")
+            }
+            _ => None,
+        }
+    }
+
+    /// How long the fault lasts before it is undone (ms range); 0 for instant ones.
+    fn hold_ms(self) -> (u64, u64) {
+        match self {
+            FaultKind::PauseInstance => (1500, 3000),
+            FaultKind::SlowDb => (3000, 5000),
+            FaultKind::CutDb => (2000, 3000),
+            FaultKind::ProviderTimeouts => (4000, 7000),
+            FaultKind::KillInstance
+            | FaultKind::DrainInstance
+            | FaultKind::KillWorker
+            | FaultKind::RestartDb => (0, 0),
+        }
+    }
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The faults a drill may inject: `all`, `none`, or a comma-separated list of kinds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FaultSet(pub Vec<FaultKind>);
+
+impl FaultSet {
+    pub fn all() -> Self {
+        FaultSet(FaultKind::ALL.to_vec())
+    }
+}
+
+impl FromStr for FaultSet {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "all" => return Ok(FaultSet::all()),
+            "none" | "" => return Ok(FaultSet(Vec::new())),
+            _ => {}
+        }
+        let mut kinds = Vec::new();
+        for name in s.split(',').map(str::trim) {
+            let kind = FaultKind::ALL
+                .into_iter()
+                .find(|k| k.name() == name)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+                    format!(
+                        "unknown fault {name:?}; use all, none or a list of: {}",
+                        known.join(", ")
+                    )
+                })?;
+            if !kinds.contains(&kind) {
+                kinds.push(kind);
+            }
+        }
+        Ok(FaultSet(kinds))
+    }
+}
+
+/// SplitMix64: tiny, fast, good enough to scatter faults and choices, and ours, so a seed
+/// means the same schedule on every machine and every version of every dependency.
+#[derive(Clone, Debug)]
+pub(crate) struct Rng(u64);
+
+impl Rng {
+    pub fn new(seed: u64) -> Self {
+        Rng(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in `0..n` (0 when `n` is 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next_u64() % n
+        }
+    }
+
+    /// Uniform in `lo..=hi`.
+    pub fn between(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi.saturating_sub(lo) + 1)
+    }
+
+    pub fn chance(&mut self, p: f64) -> bool {
+        ((self.next_u64() >> 11) as f64 / (1u64 << 53) as f64) < p
+    }
+
+    /// An independent stream for `salt` (a user, a fault).
+    pub fn fork(&self, salt: u64) -> Rng {
+        let mut r = Rng(self.0 ^ salt.wrapping_mul(0xd1b5_4a32_d192_ed03));
+        r.next_u64();
+        r
+    }
+}
+
+/// One fault of the schedule.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Planned {
+    pub kind: FaultKind,
+    /// Since the load started.
+    pub at: Duration,
+    /// How long before it is undone (0: instant).
+    pub hold: Duration,
+    /// Chooses the victim among the processes alive at `at`, and seeds provider faults.
+    pub pick: u64,
+}
+
+/// A fault that could not be injected at all in this drill.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    pub kind: FaultKind,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Schedule {
+    pub planned: Vec<Planned>,
+    pub skipped: Vec<Skipped>,
+    pub notes: Vec<String>,
+}
+
+/// How often the sabotage `ack-before-commit` kills an instance: a loss needs a kill between
+/// an acknowledgement and its delayed commit, so it must be frequent to show reliably.
+const DENSE_KILL_EVERY: Duration = Duration::from_millis(1500);
+/// Roughly one fault per this much of the fault window, and at least one of each kind.
+const FAULT_SPACING: Duration = Duration::from_secs(4);
+
+/// The schedule for these options, with the faults the backend cannot take set aside.
+pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
+    let mut s = Schedule::default();
+    let mut kinds = Vec::new();
+    for &kind in &opts.faults.0 {
+        match kind.unsupported_on(opts.backend) {
+            Some(reason) => s.skipped.push(Skipped {
+                kind,
+                reason: reason.into(),
+            }),
+            None => kinds.push(kind),
+        }
+    }
+    if opts.sabotage == Some(Sabotage::LedgerBypass)
+        && !kinds.contains(&FaultKind::ProviderTimeouts)
+    {
+        kinds.push(FaultKind::ProviderTimeouts);
+        s.notes.push(
+            "sabotage ledger-bypass: provider-timeouts added, the fault that makes a bypassed \
+             ledger charge twice"
+                .into(),
+        );
+    }
+    s.planned = plan(&kinds, opts.duration, rng);
+    if opts.sabotage == Some(Sabotage::AckBeforeCommit) {
+        let (start, end) = window(opts.duration);
+        let mut at = start;
+        while at < end {
+            s.planned.push(Planned {
+                kind: FaultKind::KillInstance,
+                at,
+                hold: Duration::ZERO,
+                pick: rng.next_u64(),
+            });
+            at += DENSE_KILL_EVERY;
+        }
+        s.planned.sort_by_key(|p| p.at);
+        s.notes.push(format!(
+            "sabotage ack-before-commit: a denser schedule, kill-instance every {:.1} s, so that \
+             kills land between acknowledgements and their delayed commits",
+            DENSE_KILL_EVERY.as_secs_f64()
+        ));
+    }
+    s
+}
+
+/// Faults fall in `[10%, 80%]` of the run (the first at 1 s at the earliest).
+fn window(duration: Duration) -> (Duration, Duration) {
+    let start = duration.mul_f64(0.1).max(Duration::from_secs(1));
+    let end = duration.mul_f64(0.8).max(start);
+    (start, end)
+}
+
+/// Spreads `kinds` over the fault window: every kind at least once (in a seeded order), more
+/// picked at random while the window has room, one per slot at a seeded point in the slot.
+/// A fault whose kind is still in force at its slot becomes a kill (or is dropped).
+pub(crate) fn plan(kinds: &[FaultKind], duration: Duration, rng: &mut Rng) -> Vec<Planned> {
+    if kinds.is_empty() {
+        return Vec::new();
+    }
+    let (start, end) = window(duration);
+    let span = end.saturating_sub(start);
+    let n = (span.as_millis() / FAULT_SPACING.as_millis()).max(kinds.len() as u128) as usize;
+    let mut order = kinds.to_vec();
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.below(i as u64 + 1) as usize);
+    }
+    while order.len() < n {
+        order.push(kinds[rng.below(kinds.len() as u64) as usize]);
+    }
+    let slot = span / n as u32;
+    let mut busy_until: BTreeMap<FaultKind, Duration> = BTreeMap::new();
+    let mut planned = Vec::with_capacity(n);
+    for (i, kind) in order.into_iter().enumerate() {
+        let offset = rng.below((slot.as_millis() / 2) as u64 + 1);
+        let at = start + slot * i as u32 + Duration::from_millis(offset);
+        let kind = if busy_until.get(&kind).is_some_and(|&until| at < until) {
+            if !kinds.contains(&FaultKind::KillInstance) {
+                continue;
+            }
+            FaultKind::KillInstance
+        } else {
+            kind
+        };
+        let (lo, hi) = kind.hold_ms();
+        let hold = Duration::from_millis(rng.between(lo, hi)).min(end.saturating_sub(at));
+        // Let the next fault of this kind wait for this one's recovery to settle, too.
+        busy_until.insert(kind, at + hold + Duration::from_millis(500));
+        planned.push(Planned {
+            kind,
+            at,
+            hold,
+            pick: rng.next_u64(),
+        });
+    }
+    planned
+}
+
+/// A fault as it happened, for the report.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Injected {
+    pub kind: FaultKind,
+    /// Seconds since the load started.
+    pub at_s: f64,
+    /// What was hit: `web pid 1234`, `worker pid 99`, `database`, `provider`.
+    pub target: String,
+    /// How long the fault was in force (0 for instant faults).
+    pub hold_s: f64,
+    /// Whether it could be injected; when not, `note` says why.
+    pub applied: bool,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+/// Runs the schedule in real time against the system and returns what happened, in order.
+pub(crate) async fn inject(
+    planned: Vec<Planned>,
+    ctl: Arc<Control>,
+    clock: Clock,
+) -> Vec<Injected> {
+    let mut tasks = JoinSet::new();
+    for p in planned {
+        let ctl = ctl.clone();
+        tasks.spawn(async move {
+            tokio::time::sleep(p.at.saturating_sub(clock.elapsed())).await;
+            let at_s = clock.elapsed().as_secs_f64();
+            let result = apply(&p, &ctl).await;
+            let hold_s = clock.elapsed().as_secs_f64() - at_s;
+            let (target, applied, note) = match result {
+                Ok(target) => (target, true, String::new()),
+                Err(note) => (String::new(), false, note),
+            };
+            if applied {
+                ctl.count_fault();
+            }
+            Injected {
+                kind: p.kind,
+                at_s,
+                target,
+                hold_s: if p.hold.is_zero() { 0.0 } else { hold_s },
+                applied,
+                note,
+            }
+        });
+    }
+    let mut done = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok(injected) = joined {
+            done.push(injected);
+        }
+    }
+    done.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+    done
+}
+
+/// Injects one fault and undoes it after its hold; the target, or why it could not be hit.
+async fn apply(p: &Planned, ctl: &Control) -> Result<String, String> {
+    match p.kind {
+        FaultKind::KillInstance => ctl.signal_one("web", p.pick, Signal::SIGKILL),
+        FaultKind::DrainInstance => ctl.signal_one("web", p.pick, Signal::SIGTERM),
+        FaultKind::KillWorker => ctl.signal_one("worker", p.pick, Signal::SIGKILL),
+        FaultKind::PauseInstance => {
+            let (pid, target) = ctl.pause_one(p.pick)?;
+            tokio::time::sleep(p.hold).await;
+            ctl.resume(pid);
+            Ok(target)
+        }
+        FaultKind::RestartDb => {
+            let db = ctl.db().ok_or("no database server in this drill")?;
+            let took = db.restart().await.map_err(|e| e.to_string())?;
+            Ok(format!("database (back after {:.1} s)", took.as_secs_f64()))
+        }
+        FaultKind::SlowDb => {
+            let proxy = ctl.proxy().ok_or("no database proxy in this drill")?;
+            let toxic = ToxicSpec::new(Toxic::Latency {
+                latency: 200,
+                jitter: 50,
+            })
+            .with_name("drill_slow");
+            proxy
+                .add_toxic(DB_PROXY, toxic)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::time::sleep(p.hold).await;
+            proxy
+                .remove_toxic(DB_PROXY, "drill_slow")
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok("database link (+200±50 ms)".into())
+        }
+        FaultKind::CutDb => {
+            let proxy = ctl.proxy().ok_or("no database proxy in this drill")?;
+            proxy
+                .set_enabled(DB_PROXY, false)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::time::sleep(p.hold).await;
+            ctl.reconnect_db().await?;
+            Ok("database link (cut)".into())
+        }
+        FaultKind::ProviderTimeouts => {
+            let faults = json!({
+                "act_then_timeout_rate": 0.2,
+                "hang_ms": 1500,
+                "seed": p.pick,
+            });
+            ctl.provider_faults(&faults).await?;
+            tokio::time::sleep(p.hold).await;
+            ctl.provider_faults(&json!({})).await?;
+            Ok("provider (20% act, then time out)".into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(faults: &str, backend: Backend, secs: u64) -> DrillOptions {
+        let mut o = DrillOptions::new("holdfast".into(), 7);
+        o.faults = faults.parse().unwrap();
+        o.backend = backend;
+        o.duration = Duration::from_secs(secs);
+        o
+    }
+
+    #[test]
+    fn fault_lists_parse() {
+        assert_eq!("all".parse::<FaultSet>().unwrap(), FaultSet::all());
+        assert_eq!("none".parse::<FaultSet>().unwrap(), FaultSet(vec![]));
+        assert_eq!(
+            "kill-worker, cut-db,kill-worker"
+                .parse::<FaultSet>()
+                .unwrap(),
+            FaultSet(vec![FaultKind::KillWorker, FaultKind::CutDb])
+        );
+        let err = "kill-everything".parse::<FaultSet>().unwrap_err();
+        assert!(err.contains("kill-instance"), "{err}");
+    }
+
+    #[test]
+    fn the_same_seed_gives_the_same_schedule_and_another_seed_another() {
+        let o = opts("all", Backend::Postgres, 60);
+        let a = schedule(&o, &mut Rng::new(1)).planned;
+        assert_eq!(a, schedule(&o, &mut Rng::new(1)).planned);
+        assert_ne!(a, schedule(&o, &mut Rng::new(2)).planned);
+    }
+
+    #[test]
+    fn every_kind_is_planned_inside_the_window_without_overlapping_itself() {
+        for seed in 0..200 {
+            for secs in [12, 30, 60, 300] {
+                let o = opts("all", Backend::Postgres, secs);
+                let planned = schedule(&o, &mut Rng::new(seed)).planned;
+                let (start, end) = window(o.duration);
+                for kind in FaultKind::ALL {
+                    assert!(planned.iter().any(|p| p.kind == kind), "{kind} planned");
+                }
+                let mut last_end: BTreeMap<FaultKind, Duration> = BTreeMap::new();
+                for p in &planned {
+                    assert!(p.at >= start && p.at + p.hold <= end, "{p:?} in window");
+                    if let Some(&until) = last_end.get(&p.kind) {
+                        assert!(p.at >= until, "{p:?} overlaps its own kind");
+                    }
+                    last_end.insert(p.kind, p.at + p.hold);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn sqlite_sets_database_server_faults_aside() {
+        let s = schedule(&opts("all", Backend::Sqlite, 60), &mut Rng::new(3));
+        let skipped: Vec<FaultKind> = s.skipped.iter().map(|k| k.kind).collect();
+        assert_eq!(
+            skipped,
+            [FaultKind::RestartDb, FaultKind::SlowDb, FaultKind::CutDb]
+        );
+        assert!(s
+            .planned
+            .iter()
+            .all(|p| p.kind.unsupported_on(Backend::Sqlite).is_none()));
+    }
+
+    #[test]
+    fn sabotage_brings_the_faults_it_needs() {
+        let mut o = opts("none", Backend::Sqlite, 12);
+        o.sabotage = Some(Sabotage::AckBeforeCommit);
+        let s = schedule(&o, &mut Rng::new(4));
+        let kills = s
+            .planned
+            .iter()
+            .filter(|p| p.kind == FaultKind::KillInstance)
+            .count();
+        assert!(kills >= 5, "{kills} kills");
+        assert_eq!(s.notes.len(), 1);
+        o.sabotage = Some(Sabotage::LedgerBypass);
+        let s = schedule(&o, &mut Rng::new(4));
+        assert!(s
+            .planned
+            .iter()
+            .any(|p| p.kind == FaultKind::ProviderTimeouts));
+    }
+
+    #[test]
+    fn rng_ranges_hold() {
+        let mut r = Rng::new(9);
+        for _ in 0..10_000 {
+            let x = r.between(3, 5);
+            assert!((3..=5).contains(&x));
+            assert!(r.below(7) < 7);
+        }
+        assert_eq!(r.below(0), 0);
+        assert_ne!(r.fork(1).next_u64(), r.fork(2).next_u64());
+    }
+}

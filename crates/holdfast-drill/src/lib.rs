@@ -1,0 +1,349 @@
+//! `holdfast drill`: a game day in one command.
+//!
+//! Resilience claims are only worth the bad day that tested them. A drill brings a whole
+//! Holdfast up in a temporary directory (on Postgres, with a throwaway cluster of its own behind
+//! an in-process fault proxy, so it may restart and cut a database nobody else uses), drives
+//! virtual shoppers through the public HTTP API, injects a seeded schedule of faults (SIGKILL,
+//! SIGSTOP, SIGTERM of instances and workers, database restarts, latency and partitions,
+//! provider timeouts), and then judges the run like Jepsen does: every client operation is
+//! recorded as invoked and then ok, failed or unknown, and a pure [`checker`] compares that
+//! history with the final state read back through the API and the payment provider against
+//! the invariants of DESIGN.md §2.
+//!
+//! Architecture Invariant: the drill knows the system only as a client and through the OS.
+//! It speaks HTTP to the balancer and the provider, reads `run/instances.json`, sends signals
+//! and drives the fault proxy; it never opens the store or links the server's crates, so it can
+//! judge any build honestly — including the deliberately broken ones `--sabotage` starts, which
+//! the drill must fail (that is how we know the checker can see what it claims to check).
+//!
+//! ```text
+//! run ─► System::start (tempdir, [initdb+pg_ctl, FaultProxy], holdfast up)
+//!     ─► users::drive ‖ faults::inject ‖ progress line        (for --duration)
+//!     ─► clear faults, settle (payouts drain), users::final_state
+//!     ─► System::stop ─► checker::check ─► Report
+//! ```
+
+pub mod checker;
+pub mod faults;
+pub mod report;
+mod system;
+mod users;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+pub use faults::{FaultKind, FaultSet};
+pub use report::Report;
+
+use crate::faults::Rng;
+use crate::system::System;
+
+/// Where the durable store lives in the drilled system.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "sqlite",
+            Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// A deliberately broken build path, to show that the drill catches what it claims to catch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Sabotage {
+    /// The web tier ignores `Idempotency-Key`: a retry runs again.
+    NoIdempotency,
+    /// Checkout answers 201 before its order commits (in the background, a moment later).
+    AckBeforeCommit,
+    /// Workers skip the effect ledger: a provider call that acted and timed out is repeated.
+    LedgerBypass,
+}
+
+impl Sabotage {
+    pub const ALL: [Sabotage; 3] = [
+        Sabotage::NoIdempotency,
+        Sabotage::AckBeforeCommit,
+        Sabotage::LedgerBypass,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Sabotage::NoIdempotency => "no-idempotency",
+            Sabotage::AckBeforeCommit => "ack-before-commit",
+            Sabotage::LedgerBypass => "ledger-bypass",
+        }
+    }
+
+    /// The `holdfast up` flags that break the build this way.
+    pub fn up_flags(self) -> &'static [&'static str] {
+        match self {
+            Sabotage::NoIdempotency => &["--unsafe-sabotage", "no-idempotency"],
+            Sabotage::AckBeforeCommit => &["--unsafe-sabotage", "ack-before-commit"],
+            Sabotage::LedgerBypass => &["--unsafe-bypass-ledger"],
+        }
+    }
+
+    /// The invariant this sabotage must break (a drill that misses it is itself broken).
+    pub fn expected_violation(self) -> &'static str {
+        match self {
+            Sabotage::NoIdempotency => "orders_duplicated",
+            Sabotage::AckBeforeCommit => "orders_lost",
+            Sabotage::LedgerBypass => "charges_duplicated",
+        }
+    }
+}
+
+/// Everything one drill needs to know.
+#[derive(Clone, Debug)]
+pub struct DrillOptions {
+    /// The `holdfast` executable to run `up` from (the CLI passes its own).
+    pub program: PathBuf,
+    pub backend: Backend,
+    /// How long virtual users shop; faults fall inside it. Setup, settling and the final
+    /// reads come on top.
+    pub duration: Duration,
+    /// Concurrent virtual users, each a closed loop.
+    pub users: usize,
+    pub instances: u16,
+    pub workers: u16,
+    pub faults: FaultSet,
+    /// Seeds the fault schedule and every user's choices; the report names it.
+    pub seed: u64,
+    pub sabotage: Option<Sabotage>,
+    /// A live progress line on stderr.
+    pub progress: bool,
+    /// Where the system's own log (stderr of `holdfast up` and its processes) goes; by default
+    /// into the temporary directory, which is deleted at the end.
+    pub system_log: Option<PathBuf>,
+    /// Where to write the history (JSON Lines: one `invoke` and one `ok`/`fail`/`info` event
+    /// per operation, in time order), for digging into a violation.
+    pub history: Option<PathBuf>,
+}
+
+impl DrillOptions {
+    /// Defaults for `program`: 60 s, SQLite, 32 users, 3 instances, 2 workers, all faults.
+    pub fn new(program: PathBuf, seed: u64) -> Self {
+        DrillOptions {
+            program,
+            backend: Backend::Sqlite,
+            duration: Duration::from_secs(60),
+            users: 32,
+            instances: 3,
+            workers: 2,
+            faults: FaultSet::all(),
+            seed,
+            sabotage: None,
+            progress: false,
+            system_log: None,
+            history: None,
+        }
+    }
+}
+
+/// Why a drill could not be run (as opposed to a drill that ran and failed its invariants,
+/// which is a [`Report`] whose verdict is `fail`).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A prerequisite is missing or a setting is unusable; the message says what to do.
+    #[error("{0}")]
+    Setup(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The throwaway Postgres cluster would not do what it was told.
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// `holdfast up` did not come up.
+    #[error("the system did not start: {0}")]
+    Start(String),
+    #[error("fault proxy: {0}")]
+    FaultProxy(#[from] holdfast_faultproxy::Error),
+    #[error("interrupted; the system was stopped and its directory removed")]
+    Interrupted,
+}
+
+impl Error {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+}
+
+/// Runs one drill and returns its report. Ctrl-C stops it early: the system is torn down
+/// (processes stopped, the throwaway cluster stopped, the directory removed) and
+/// [`Error::Interrupted`] returned.
+pub async fn run(opts: DrillOptions) -> Result<Report, Error> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(Error::io("handling SIGTERM"))?;
+    tokio::select! {
+        report = drill(opts) => report,
+        _ = tokio::signal::ctrl_c() => Err(Error::Interrupted),
+        _ = term.recv() => Err(Error::Interrupted),
+    }
+}
+
+async fn drill(opts: DrillOptions) -> Result<Report, Error> {
+    if opts.users == 0 || opts.instances == 0 {
+        return Err(Error::Setup(
+            "--users and --instances must be at least 1".into(),
+        ));
+    }
+    let mut rng = Rng::new(opts.seed);
+    let schedule = faults::schedule(&opts, &mut rng);
+    let started_setup = Instant::now();
+    let mut sys = System::start(&opts).await?;
+    let setup = started_setup.elapsed();
+
+    let clock = users::Clock::start();
+    let load = users::Load::new(&sys.url, clock, opts.duration)?;
+    let live = load.live();
+    let mut tasks = JoinSet::new();
+    let mut faults = Task(tokio::spawn(faults::inject(
+        schedule.planned.clone(),
+        sys.control(),
+        clock,
+    )));
+    let progress = opts.progress.then(|| {
+        let live = live.clone();
+        Task(tokio::spawn(users::progress(
+            live,
+            sys.control(),
+            clock,
+            opts.duration,
+        )))
+    });
+    for user in 0..opts.users {
+        tasks.spawn(load.clone().shopper(user, rng.fork(user as u64 + 1)).run());
+    }
+    let mut runs = Vec::with_capacity(opts.users);
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(run) => runs.push(run),
+            Err(e) => return Err(Error::Start(format!("a virtual user crashed: {e}"))),
+        }
+    }
+    let injected = match (&mut faults.0).await {
+        Ok(injected) => injected,
+        Err(e) => return Err(Error::Start(format!("the fault injector crashed: {e}"))),
+    };
+    let load_s = clock.elapsed().as_secs_f64();
+    if progress.is_some() {
+        drop(progress);
+        eprintln!();
+    }
+
+    // Everything healthy again, then let the workers catch up before judging.
+    let mut notes = schedule.notes.clone();
+    notes.extend(sys.control().clear_faults().await);
+    runs.sort_by_key(|r| r.user);
+    let accounts: Vec<users::AccountRun> = runs.iter().flat_map(|r| r.accounts.clone()).collect();
+    let settle_started = Instant::now();
+    if opts.progress {
+        eprintln!("drill: load over; waiting for payouts and receipts to settle");
+    }
+    let sessions = load.sessions(&accounts).await;
+    let cookies: Vec<_> = sessions.iter().map(|(_, s)| s.clone()).collect();
+    let settled = load
+        .settle(&cookies, &sys.provider_url, Duration::from_secs(90))
+        .await;
+    if !settled {
+        notes
+            .push("payouts had not all settled after 90 s; the final state was read anyway".into());
+    }
+    let settle = settle_started.elapsed();
+    let (fin, read_notes) = load
+        .final_state(&accounts, &sessions, &sys.provider_url)
+        .await;
+    notes.extend(read_notes);
+    notes.extend(sys.stop().await);
+
+    let histories: Vec<checker::AccountHistory> = accounts
+        .iter()
+        .map(|a| checker::AccountHistory {
+            email: a.email.clone(),
+            ops: a.ops.clone(),
+        })
+        .collect();
+    if let Some(path) = &opts.history {
+        write_history(path, &histories)?;
+    }
+    let verdict = checker::check(&histories, &fin);
+    let samples: Vec<users::Sample> = runs
+        .iter()
+        .flat_map(|r| r.samples.iter().copied())
+        .collect();
+    Ok(report::build(report::Inputs {
+        opts: &opts,
+        setup,
+        load_s,
+        settle,
+        samples: &samples,
+        injected: &injected,
+        skipped: &schedule.skipped,
+        verdict,
+        notes,
+    }))
+}
+
+/// A spawned task that is aborted when dropped, so an interrupted drill leaves none behind.
+struct Task<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for Task<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The history as Jepsen writes it: an `invoke` event when an operation started and an `ok`,
+/// `fail` or `info` (unknown) event when it completed, all in time order.
+fn write_history(
+    path: &std::path::Path,
+    histories: &[checker::AccountHistory],
+) -> Result<(), Error> {
+    use checker::Outcome;
+    let mut events: Vec<(u64, u8, serde_json::Value)> = Vec::new();
+    for h in histories {
+        for op in &h.ops {
+            let kind = serde_json::to_value(&op.kind).unwrap_or_default();
+            let invoke = serde_json::json!({ "type": "invoke", "t_ms": op.invoked_ms, "account": h.email, "f": kind });
+            let (type_, value) = match &op.outcome {
+                Outcome::Ok { seen } => ("ok", serde_json::to_value(seen).unwrap_or_default()),
+                Outcome::Fail { status, problem } => (
+                    "fail",
+                    serde_json::json!({ "status": status, "problem": problem }),
+                ),
+                Outcome::Unknown { reason } => ("info", serde_json::json!({ "reason": reason })),
+            };
+            let done = serde_json::json!({ "type": type_, "t_ms": op.completed_ms, "account": h.email, "f": kind, "value": value });
+            events.push((op.invoked_ms, 0, invoke));
+            events.push((op.completed_ms, 1, done));
+        }
+    }
+    events.sort_by_key(|(t, order, _)| (*t, *order));
+    let mut out = String::new();
+    for (_, _, e) in events {
+        out.push_str(&e.to_string());
+        out.push('\n');
+    }
+    std::fs::write(path, out).map_err(Error::io(format!("writing {}", path.display())))
+}
+
+/// Whether stderr is a terminal (the progress line then rewrites itself in place).
+pub(crate) fn stderr_is_terminal() -> bool {
+    std::io::stderr().is_terminal()
+}

@@ -1,0 +1,745 @@
+//! The drill's report: a table for the terminal, JSON for machines, one HTML page for people.
+//!
+//! The JSON keys are a contract (CI and the notes read them): `verdict`, `seed`, `duration_s`,
+//! `requests_total`, `client_errors` (4xx answers), `server_errors` (5xx answers),
+//! `transport_errors` (no answer), `latency_ms.{p50,p95,p99,max}` (every HTTP attempt),
+//! `faults` [{kind, at_s, target, …}], `orders_acknowledged` and one count per invariant
+//! (see [`crate::checker`]). Keys are only ever added.
+//!
+//! The HTML page is self-contained — inline CSS and SVG, no script, no network — so it can be
+//! archived with a CI run and opened anywhere: throughput and latency per second over the run,
+//! with every fault marked on the time axis.
+
+use std::fmt::Write;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::checker::{Counts, Verdict, Violation};
+use crate::faults::{Injected, Skipped};
+use crate::users::{by_second, percentile, Class, Sample};
+use crate::DrillOptions;
+
+/// At most this many example violations per invariant are kept.
+const EXAMPLES_PER_INVARIANT: usize = 10;
+/// Requests completing this long after a fault ends still count as "under faults".
+const RECOVERY_TAIL_MS: u64 = 2000;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Latency {
+    fn of(mut us: Vec<u64>) -> Latency {
+        us.sort_unstable();
+        let ms = |q: f64| percentile(&us, q) as f64 / 1000.0;
+        Latency {
+            p50: ms(0.50),
+            p95: ms(0.95),
+            p99: ms(0.99),
+            max: ms(1.0),
+        }
+    }
+}
+
+/// One second of the load.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Second {
+    pub t_s: u64,
+    pub requests: u64,
+    pub ok: u64,
+    pub client_errors: u64,
+    pub server_errors: u64,
+    pub transport_errors: u64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// `pass` when every invariant held, else `fail`.
+    pub verdict: &'static str,
+    /// The report keys of the violated invariants.
+    pub violated: Vec<&'static str>,
+    pub seed: u64,
+    pub backend: &'static str,
+    pub sabotage: Option<&'static str>,
+    /// The requested load duration.
+    pub duration_s: f64,
+    /// How long the load actually ran (the last operations finish after `duration_s`).
+    pub load_s: f64,
+    pub setup_s: f64,
+    /// Waiting for payouts and receipts after the load.
+    pub settle_s: f64,
+    pub users: usize,
+    pub instances: u16,
+    pub workers: u16,
+    pub requests_total: u64,
+    pub requests_per_s: f64,
+    pub client_errors: u64,
+    pub server_errors: u64,
+    pub transport_errors: u64,
+    pub latency_ms: Latency,
+    /// Requests that completed while a fault was in force (or within 2 s after).
+    pub latency_under_faults_ms: Latency,
+    pub requests_under_faults: u64,
+    pub faults: Vec<Injected>,
+    pub faults_skipped: Vec<Skipped>,
+    #[serde(flatten)]
+    pub counts: Counts,
+    pub violations: Vec<Violation>,
+    pub notes: Vec<String>,
+    pub timeline: Vec<Second>,
+}
+
+pub(crate) struct Inputs<'a> {
+    pub opts: &'a DrillOptions,
+    pub setup: Duration,
+    pub load_s: f64,
+    pub settle: Duration,
+    pub samples: &'a [Sample],
+    pub injected: &'a [Injected],
+    pub skipped: &'a [Skipped],
+    pub verdict: Verdict,
+    pub notes: Vec<String>,
+}
+
+pub(crate) fn build(i: Inputs<'_>) -> Report {
+    let count = |class: Class| i.samples.iter().filter(|s| s.class == class).count() as u64;
+    let under_fault = |s: &Sample| {
+        i.injected.iter().filter(|f| f.applied).any(|f| {
+            let from = (f.at_s * 1000.0) as u64;
+            let to = ((f.at_s + f.hold_s) * 1000.0) as u64 + RECOVERY_TAIL_MS;
+            (from..=to).contains(&s.t_ms)
+        })
+    };
+    let faulted: Vec<u64> = i
+        .samples
+        .iter()
+        .filter(|s| under_fault(s))
+        .map(|s| s.latency_us)
+        .collect();
+    // Every second of the load, the quiet ones too: a stall shows as a gap, not a slope.
+    let mut seconds = by_second(i.samples);
+    let last = seconds.keys().next_back().copied().unwrap_or(0);
+    for t in 0..=last {
+        seconds.entry(t).or_default();
+    }
+    let timeline = seconds
+        .into_iter()
+        .map(|(t_s, ss)| {
+            let n = |class: Class| ss.iter().filter(|s| s.class == class).count() as u64;
+            let mut us: Vec<u64> = ss.iter().map(|s| s.latency_us).collect();
+            us.sort_unstable();
+            Second {
+                t_s,
+                requests: ss.len() as u64,
+                ok: n(Class::Ok),
+                client_errors: n(Class::ClientError),
+                server_errors: n(Class::ServerError),
+                transport_errors: n(Class::NoAnswer),
+                p50_ms: percentile(&us, 0.5) as f64 / 1000.0,
+                p99_ms: percentile(&us, 0.99) as f64 / 1000.0,
+            }
+        })
+        .collect();
+    let mut violations = Vec::new();
+    for v in &i.verdict.violations {
+        let shown = violations
+            .iter()
+            .filter(|x: &&Violation| x.invariant == v.invariant)
+            .count();
+        if shown < EXAMPLES_PER_INVARIANT {
+            violations.push(v.clone());
+        }
+    }
+    let requests_total = i.samples.len() as u64;
+    let round = |x: f64| (x * 1000.0).round() / 1000.0;
+    Report {
+        verdict: if i.verdict.passed() { "pass" } else { "fail" },
+        violated: i.verdict.counts.violated(),
+        seed: i.opts.seed,
+        backend: i.opts.backend.name(),
+        sabotage: i.opts.sabotage.map(|s| s.name()),
+        duration_s: i.opts.duration.as_secs_f64(),
+        load_s: round(i.load_s),
+        setup_s: round(i.setup.as_secs_f64()),
+        settle_s: round(i.settle.as_secs_f64()),
+        users: i.opts.users,
+        instances: i.opts.instances,
+        workers: i.opts.workers,
+        requests_total,
+        requests_per_s: round(requests_total as f64 / i.load_s.max(0.001)),
+        client_errors: count(Class::ClientError),
+        server_errors: count(Class::ServerError),
+        transport_errors: count(Class::NoAnswer),
+        latency_ms: Latency::of(i.samples.iter().map(|s| s.latency_us).collect()),
+        requests_under_faults: faulted.len() as u64,
+        latency_under_faults_ms: Latency::of(faulted),
+        faults: i.injected.to_vec(),
+        faults_skipped: i.skipped.to_vec(),
+        counts: i.verdict.counts.clone(),
+        violations,
+        notes: i.notes,
+        timeline,
+    }
+}
+
+impl Report {
+    pub fn passed(&self) -> bool {
+        self.verdict == "pass"
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("a report serializes")
+    }
+
+    /// The end-of-run summary for the terminal.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let sabotage = self
+            .sabotage
+            .map(|k| format!(", SABOTAGE {k}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            s,
+            "holdfast drill: {}, {} s, {} users, {} instances, {} workers, seed {}{sabotage}",
+            self.backend, self.duration_s, self.users, self.instances, self.workers, self.seed
+        );
+        let l = &self.latency_ms;
+        let f = &self.latency_under_faults_ms;
+        let _ = writeln!(
+            s,
+            "  requests      {} ({:.1}/s)   4xx {}   5xx {}   no answer {}",
+            self.requests_total,
+            self.requests_per_s,
+            self.client_errors,
+            self.server_errors,
+            self.transport_errors
+        );
+        let _ = writeln!(
+            s,
+            "  latency ms    p50 {:.1}   p95 {:.1}   p99 {:.1}   max {:.1}",
+            l.p50, l.p95, l.p99, l.max
+        );
+        let _ = writeln!(
+            s,
+            "  under faults  p50 {:.1}   p95 {:.1}   p99 {:.1}   max {:.1}   ({} requests)",
+            f.p50, f.p95, f.p99, f.max, self.requests_under_faults
+        );
+        let _ = writeln!(
+            s,
+            "  phases        setup {:.1} s   load {:.1} s   settle {:.1} s",
+            self.setup_s, self.load_s, self.settle_s
+        );
+        let applied = self.faults.iter().filter(|f| f.applied).count();
+        let _ = writeln!(s, "  faults        {applied} injected");
+        for fault in &self.faults {
+            let detail = if fault.applied {
+                let hold = if fault.hold_s > 0.0 {
+                    format!(" for {:.1} s", fault.hold_s)
+                } else {
+                    String::new()
+                };
+                format!("{}{hold}", fault.target)
+            } else {
+                format!("not injected: {}", fault.note)
+            };
+            let _ = writeln!(
+                s,
+                "    t={:>6.1}s  {:<18} {detail}",
+                fault.at_s,
+                fault.kind.name()
+            );
+        }
+        for k in &self.faults_skipped {
+            let _ = writeln!(s, "    skipped    {:<18} {}", k.kind.name(), k.reason);
+        }
+        let _ = writeln!(s, "  {:<26}{:>8}", "invariant", "count");
+        let _ = writeln!(
+            s,
+            "    {:<24}{:>8}",
+            "orders_acknowledged", self.counts.orders_acknowledged
+        );
+        for (name, n) in self.counts.violations() {
+            let mark = if n == 0 { "ok" } else { "VIOLATED" };
+            let _ = writeln!(s, "    {name:<24}{n:>8}  {mark}");
+        }
+        for v in &self.violations {
+            let _ = writeln!(s, "  ! {}: {}", v.invariant, v.detail);
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "  note: {n}");
+        }
+        let verdict = if self.passed() {
+            "PASS: every invariant held".to_owned()
+        } else {
+            format!("FAIL: violated {}", self.violated.join(", "))
+        };
+        let _ = writeln!(s, "verdict: {verdict}");
+        s
+    }
+
+    /// One self-contained page: summary, charts with faults on the time axis, details.
+    pub fn to_html(&self) -> String {
+        let mut h = String::new();
+        let title = format!(
+            "holdfast drill: {} ({}, seed {})",
+            self.verdict.to_uppercase(),
+            self.backend,
+            self.seed
+        );
+        let _ = write!(
+            h,
+            "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\
+             <style>{CSS}</style></head><body>\n<h1>holdfast drill <span class=\"{}\">{}</span></h1>\n",
+            esc(&title),
+            self.verdict,
+            self.verdict.to_uppercase()
+        );
+        let sabotage = self
+            .sabotage
+            .map(|k| format!(", <b>sabotage {}</b>", esc(k)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            h,
+            "<p>{} · {} s · {} users · {} instances · {} workers · seed {}{sabotage}</p>",
+            esc(self.backend),
+            self.duration_s,
+            self.users,
+            self.instances,
+            self.workers,
+            self.seed
+        );
+        let l = &self.latency_ms;
+        let f = &self.latency_under_faults_ms;
+        let _ = writeln!(
+            h,
+            "<table class=\"kv\"><tr><th>requests</th><td>{} ({:.1}/s)</td></tr>\
+             <tr><th>errors</th><td>4xx {} · 5xx {} · no answer {}</td></tr>\
+             <tr><th>latency (ms)</th><td>p50 {:.1} · p95 {:.1} · p99 {:.1} · max {:.1}</td></tr>\
+             <tr><th>under faults (ms)</th><td>p50 {:.1} · p95 {:.1} · p99 {:.1} · max {:.1}</td></tr>\
+             <tr><th>orders acknowledged</th><td>{}</td></tr></table>",
+            self.requests_total,
+            self.requests_per_s,
+            self.client_errors,
+            self.server_errors,
+            self.transport_errors,
+            l.p50,
+            l.p95,
+            l.p99,
+            l.max,
+            f.p50,
+            f.p95,
+            f.p99,
+            f.max,
+            self.counts.orders_acknowledged
+        );
+        let t = |s: &Second| s.t_s as f64 + 0.5;
+        let throughput = [
+            Series {
+                label: "2xx/s",
+                color: "#2a7",
+                points: self.timeline.iter().map(|s| (t(s), s.ok as f64)).collect(),
+            },
+            Series {
+                label: "errors/s (4xx, 5xx, no answer)",
+                color: "#d33",
+                points: self
+                    .timeline
+                    .iter()
+                    .map(|s| (t(s), (s.requests - s.ok) as f64))
+                    .collect(),
+            },
+        ];
+        // A second in which nothing completed has no latency: the line breaks there.
+        let answered = || self.timeline.iter().filter(|s| s.requests > 0);
+        let latency = [
+            Series {
+                label: "p50 ms",
+                color: "#37c",
+                points: answered().map(|s| (t(s), s.p50_ms)).collect(),
+            },
+            Series {
+                label: "p99 ms",
+                color: "#a3c",
+                points: answered().map(|s| (t(s), s.p99_ms)).collect(),
+            },
+        ];
+        let span = self
+            .load_s
+            .max(self.duration_s)
+            .max(self.timeline.last().map_or(0.0, |s| s.t_s as f64 + 1.0));
+        h.push_str("<h2>Throughput (requests per second)</h2>\n");
+        h.push_str(&chart(&throughput, Scale::Linear, span, &self.faults));
+        h.push_str("<h2>Latency per second (ms, log scale)</h2>\n");
+        h.push_str(&chart(&latency, Scale::Log, span, &self.faults));
+
+        h.push_str("<h2>Invariants (DESIGN.md §2)</h2>\n<table><tr><th>check</th><th>count</th><th></th></tr>\n");
+        for (name, n) in self.counts.violations() {
+            let (class, mark) = if n == 0 {
+                ("pass", "ok")
+            } else {
+                ("fail", "violated")
+            };
+            let _ = writeln!(
+                h,
+                "<tr><td>{name}</td><td class=\"num\">{n}</td><td class=\"{class}\">{mark}</td></tr>"
+            );
+        }
+        h.push_str("</table>\n");
+        if !self.violations.is_empty() {
+            h.push_str("<h2>Violations (examples)</h2>\n<ul>\n");
+            for v in &self.violations {
+                let _ = writeln!(h, "<li><b>{}</b>: {}</li>", v.invariant, esc(&v.detail));
+            }
+            h.push_str("</ul>\n");
+        }
+        h.push_str("<h2>Faults</h2>\n<table><tr><th>t (s)</th><th>kind</th><th>target</th><th>held (s)</th></tr>\n");
+        for fault in &self.faults {
+            let target = if fault.applied {
+                esc(&fault.target)
+            } else {
+                format!("<i>not injected: {}</i>", esc(&fault.note))
+            };
+            let _ = writeln!(
+                h,
+                "<tr><td class=\"num\">{:.1}</td><td>{}</td><td>{target}</td><td class=\"num\">{:.1}</td></tr>",
+                fault.at_s,
+                fault.kind.name(),
+                fault.hold_s
+            );
+        }
+        for k in &self.faults_skipped {
+            let _ = writeln!(
+                h,
+                "<tr><td></td><td>{}</td><td><i>skipped: {}</i></td><td></td></tr>",
+                k.kind.name(),
+                esc(&k.reason)
+            );
+        }
+        h.push_str("</table>\n");
+        if !self.notes.is_empty() {
+            h.push_str("<h2>Notes</h2>\n<ul>\n");
+            for n in &self.notes {
+                let _ = writeln!(h, "<li>{}</li>", esc(n));
+            }
+            h.push_str("</ul>\n");
+        }
+        h.push_str("</body></html>\n");
+        h
+    }
+}
+
+const CSS: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;max-width:1040px}\
+h1{font-size:22px}h2{font-size:16px;margin-top:28px}\
+span.pass,td.pass{color:#fff;background:#2a7;padding:0 6px;border-radius:3px}\
+span.fail,td.fail{color:#fff;background:#d33;padding:0 6px;border-radius:3px}\
+table{border-collapse:collapse}td,th{padding:2px 10px;border-bottom:1px solid #eee;text-align:left}th,td:nth-child(2){white-space:nowrap}\
+td.num{text-align:right;font-variant-numeric:tabular-nums}\
+svg{background:#fcfcfc;border:1px solid #ddd}\
+.legend{font-size:12px;margin:4px 0}.legend span{display:inline-block;width:14px;height:4px;margin:0 4px 3px 10px}svg text{font:11px system-ui,sans-serif;fill:#444}";
+
+struct Series {
+    label: &'static str,
+    color: &'static str,
+    points: Vec<(f64, f64)>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Scale {
+    Linear,
+    Log,
+}
+
+const W: f64 = 1000.0;
+const H: f64 = 260.0;
+const LEFT: f64 = 60.0;
+const RIGHT: f64 = 20.0;
+const TOP: f64 = 40.0;
+const BOTTOM: f64 = 30.0;
+
+/// An SVG line chart over `0..span` seconds, faults drawn as bands (pauses, cuts, slow links,
+/// provider timeouts) or lines (kills, drains, restarts), each labelled with its kind.
+fn chart(series: &[Series], scale: Scale, span: f64, faults: &[Injected]) -> String {
+    let span = span.max(1.0);
+    let max = series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.1))
+        .fold(0.0_f64, f64::max);
+    let (lo, hi) = match scale {
+        Scale::Linear => (0.0, nice_ceiling(max.max(1.0))),
+        Scale::Log => (-1.0, max.max(1.0).log10().ceil().max(1.0)),
+    };
+    let plot_w = W - LEFT - RIGHT;
+    let plot_h = H - TOP - BOTTOM;
+    let x = |t: f64| LEFT + t / span * plot_w;
+    let y = |v: f64| {
+        let v = match scale {
+            Scale::Linear => v,
+            Scale::Log => v.max(0.1).log10(),
+        };
+        TOP + plot_h - (v - lo) / (hi - lo) * plot_h
+    };
+    let mut s = String::from("<div class=\"legend\">");
+    for se in series {
+        let _ = write!(
+            s,
+            "<span style=\"background:{}\"></span>{} ",
+            se.color,
+            esc(se.label)
+        );
+    }
+    s.push_str("<span style=\"background:#f90;opacity:.5\"></span>fault in force</div>\n");
+    let _ = writeln!(
+        s,
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{H}\" viewBox=\"0 0 {W} {H}\">"
+    );
+    // Y grid and ticks.
+    let ticks: Vec<f64> = match scale {
+        Scale::Linear => (0..=4).map(|i| hi * i as f64 / 4.0).collect(),
+        Scale::Log => (lo as i32..=hi as i32).map(|e| 10f64.powi(e)).collect(),
+    };
+    for v in ticks {
+        let yy = y(v);
+        let _ = writeln!(
+            s,
+            "<line x1=\"{LEFT}\" x2=\"{}\" y1=\"{yy:.1}\" y2=\"{yy:.1}\" stroke=\"#e4e4e4\"/>\
+             <text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\">{}</text>",
+            W - RIGHT,
+            LEFT - 6.0,
+            yy + 4.0,
+            short(v)
+        );
+    }
+    // X ticks every 5 or 10 seconds.
+    let step = if span > 120.0 {
+        30.0
+    } else if span > 40.0 {
+        10.0
+    } else {
+        5.0
+    };
+    let mut t = 0.0;
+    while t <= span + 0.001 {
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{t}s</text>",
+            x(t),
+            H - 10.0
+        );
+        t += step;
+    }
+    // Faults behind the data.
+    for (n, f) in faults.iter().filter(|f| f.applied).enumerate() {
+        let (x0, x1) = (x(f.at_s), x(f.at_s + f.hold_s));
+        let label_y = 12.0 + (n % 3) as f64 * 10.0;
+        let _ = writeln!(
+            s,
+            "<g><title>{} at {:.1} s: {}</title>\
+             <rect x=\"{x0:.1}\" y=\"{TOP}\" width=\"{:.1}\" height=\"{plot_h}\" fill=\"#f90\" fill-opacity=\"0.18\"/>\
+             <line x1=\"{x0:.1}\" x2=\"{x0:.1}\" y1=\"{:.1}\" y2=\"{}\" stroke=\"#e70\" stroke-width=\"1.5\"/>\
+             <text x=\"{:.1}\" y=\"{label_y}\" style=\"fill:#c50\">{}</text></g>",
+            f.kind.name(),
+            f.at_s,
+            esc(&f.target),
+            (x1 - x0).max(0.0),
+            label_y + 2.0,
+            TOP + plot_h,
+            x0 + 2.0,
+            f.kind.name()
+        );
+    }
+    for se in series {
+        // One polyline per run of consecutive seconds.
+        let mut runs: Vec<Vec<String>> = Vec::new();
+        let mut prev: Option<f64> = None;
+        for &(t, v) in &se.points {
+            if prev.is_none_or(|p| t - p > 1.5) {
+                runs.push(Vec::new());
+            }
+            prev = Some(t);
+            if let Some(run) = runs.last_mut() {
+                run.push(format!("{:.1},{:.1}", x(t), y(v)));
+            }
+        }
+        for run in runs {
+            let _ = writeln!(
+                s,
+                "<polyline fill=\"none\" stroke=\"{}\" stroke-width=\"1.8\" points=\"{}\"/>",
+                se.color,
+                run.join(" ")
+            );
+        }
+    }
+    let _ = writeln!(
+        s,
+        "<rect x=\"{LEFT}\" y=\"{TOP}\" width=\"{plot_w}\" height=\"{plot_h}\" fill=\"none\" stroke=\"#bbb\"/></svg>"
+    );
+    s
+}
+
+/// 1, 2 or 5 times a power of ten, at least `v`.
+fn nice_ceiling(v: f64) -> f64 {
+    let p = 10f64.powf(v.log10().floor());
+    [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * p)
+        .find(|&c| c >= v)
+        .unwrap_or(10.0 * p)
+}
+
+fn short(v: f64) -> String {
+    if v >= 1000.0 {
+        format!("{}k", v / 1000.0)
+    } else if v >= 1.0 || v == 0.0 {
+        format!("{v}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::faults::FaultKind;
+
+    fn sample(t_ms: u64, ms: u64, class: Class) -> Sample {
+        Sample {
+            t_ms,
+            latency_us: ms * 1000,
+            class,
+        }
+    }
+
+    fn report(verdict: Verdict) -> Report {
+        let opts = DrillOptions::new("holdfast".into(), 42);
+        let samples = [
+            sample(100, 5, Class::Ok),
+            sample(900, 7, Class::Ok),
+            sample(1500, 900, Class::ServerError),
+            sample(2500, 3, Class::ClientError),
+            sample(2600, 4000, Class::NoAnswer),
+            // Nothing completes in second 3.
+            sample(4500, 6, Class::Ok),
+        ];
+        let injected = [Injected {
+            kind: FaultKind::PauseInstance,
+            at_s: 1.2,
+            target: "web pid 7 <x>".into(),
+            hold_s: 0.5,
+            applied: true,
+            note: String::new(),
+        }];
+        build(Inputs {
+            opts: &opts,
+            setup: Duration::from_secs(1),
+            load_s: 3.0,
+            settle: Duration::from_secs(1),
+            samples: &samples,
+            injected: &injected,
+            skipped: &[],
+            verdict,
+            notes: vec![],
+        })
+    }
+
+    #[test]
+    fn the_json_has_the_stable_keys() {
+        let json: serde_json::Value =
+            serde_json::from_str(&report(Verdict::default()).to_json()).unwrap();
+        for key in [
+            "verdict",
+            "seed",
+            "duration_s",
+            "requests_total",
+            "client_errors",
+            "server_errors",
+            "faults",
+            "orders_acknowledged",
+            "orders_lost",
+            "orders_duplicated",
+            "charges_duplicated",
+            "emails_duplicated",
+            "orders_unpaid",
+            "sessions_lost",
+            "cart_items_lost",
+        ] {
+            assert!(json.get(key).is_some(), "{key} in {json:#}");
+        }
+        for q in ["p50", "p95", "p99", "max"] {
+            assert!(json["latency_ms"][q].is_number(), "latency_ms.{q}");
+        }
+        let fault = &json["faults"][0];
+        assert_eq!(fault["kind"], "pause-instance");
+        assert_eq!(fault["at_s"], 1.2);
+        assert_eq!(fault["target"], "web pid 7 <x>");
+        assert_eq!(json["seed"], 42);
+        assert_eq!(json["requests_total"], 6);
+        assert_eq!(json["client_errors"], 1);
+        assert_eq!(json["server_errors"], 1);
+        assert_eq!(json["transport_errors"], 1);
+        assert_eq!(json["latency_ms"]["max"], 4000.0);
+        // Samples from 1.2 s to 1.7 s + the 2 s tail count as under faults.
+        assert_eq!(json["requests_under_faults"], 3);
+    }
+
+    #[test]
+    fn a_failed_verdict_names_the_violated_invariants() {
+        let mut verdict = Verdict::default();
+        verdict.counts.orders_acknowledged = 3;
+        verdict.counts.orders_lost = 1;
+        verdict.violations.push(Violation {
+            invariant: "orders_lost",
+            detail: "order o1 is gone".into(),
+        });
+        let r = report(verdict);
+        assert_eq!(
+            (r.verdict, r.violated.clone()),
+            ("fail", vec!["orders_lost"])
+        );
+        assert!(r.table().contains("FAIL: violated orders_lost"));
+        assert!(r.to_html().contains("order o1 is gone"));
+    }
+
+    #[test]
+    fn the_html_is_self_contained_with_charts_and_faults() {
+        let html = report(Verdict::default()).to_html();
+        assert_eq!(html.matches("<svg").count(), 2);
+        assert!(html.contains("<polyline"));
+        assert!(html.contains("pause-instance"));
+        assert!(html.contains("web pid 7 &lt;x&gt;"), "escaped");
+        for external in ["<script", "http://", "https://", "<link"] {
+            let outside_svg_ns = html.replace("xmlns=\"http://www.w3.org/2000/svg\"", "");
+            assert!(!outside_svg_ns.contains(external), "no {external}");
+        }
+    }
+
+    #[test]
+    fn a_second_without_answers_is_a_gap() {
+        let r = report(Verdict::default());
+        let seconds: Vec<(u64, u64)> = r.timeline.iter().map(|s| (s.t_s, s.requests)).collect();
+        assert_eq!(seconds, [(0, 2), (1, 1), (2, 2), (3, 0), (4, 1)]);
+        // Throughput: two unbroken lines; latency: p50 and p99 each broken at second 3.
+        assert_eq!(r.to_html().matches("<polyline").count(), 2 + 2 * 2);
+    }
+
+    #[test]
+    fn nice_ceilings() {
+        assert_eq!(nice_ceiling(1.0), 1.0);
+        assert_eq!(nice_ceiling(1.5), 2.0);
+        assert_eq!(nice_ceiling(370.0), 500.0);
+        assert_eq!(nice_ceiling(501.0), 1000.0);
+    }
+}

@@ -1,0 +1,633 @@
+//! The system under drill, brought up and torn down by the drill itself.
+//!
+//! Everything lives in one temporary directory: `holdfast up`'s data dir (the SQLite file and
+//! `run/instances.json`) and, on Postgres, a throwaway cluster made with `initdb` and run with
+//! `pg_ctl` on a free port, listening on 127.0.0.1 only, with its socket in the directory too.
+//! The drill must be able to restart and cut the database, so it only ever uses a server it
+//! started: never the machine's own on 5432. Postgres refuses to run as root, so when the drill
+//! runs as root the cluster runs as the unprivileged `postgres` account (std's `Command::uid`:
+//! no `unsafe`, no `su`).
+//!
+//! The instances and workers reach the cluster through an in-process [`FaultProxy`], which is
+//! how the database link is slowed and cut. `up` runs in its own process group so that a
+//! Ctrl-C reaches only the drill, which then tears down in order: resume paused processes,
+//! stop `up` (which drains its instances), stop the cluster, delete the directory. [`System`]'s
+//! `Drop` does the same (with SIGKILL) on any early exit, errors and Ctrl-C included.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use holdfast_faultproxy::FaultProxy;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::{Backend, DrillOptions, Error};
+
+/// The fault proxy's name for the database link.
+pub(crate) const DB_PROXY: &str = "postgres";
+const INSTALL_HINT: &str =
+    "install the PostgreSQL server binaries with scripts/install-drill-deps.sh";
+/// `holdfast up` drains instances within its request timeout plus slack; then we SIGKILL.
+const UP_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The running system; stopped by [`System::stop`], or by `Drop` if that never happens.
+pub(crate) struct System {
+    pub url: String,
+    pub provider_url: String,
+    ctl: Arc<Control>,
+    up: Option<Child>,
+    /// Removes everything the drill created on disk once the last holder lets go: this, and
+    /// the cluster, which is stopped first.
+    dir: Arc<tempfile::TempDir>,
+}
+
+/// What the fault injector and the teardown need; shared with their tasks.
+pub(crate) struct Control {
+    program: PathBuf,
+    data_dir: PathBuf,
+    db: Option<Arc<Cluster>>,
+    proxy: Option<FaultProxy>,
+    provider_url: Mutex<String>,
+    http: reqwest::Client,
+    paused: Mutex<BTreeSet<u32>>,
+    faults: AtomicUsize,
+}
+
+impl System {
+    pub async fn start(opts: &DrillOptions) -> Result<System, Error> {
+        let dir = tempfile::Builder::new()
+            .prefix("holdfast-drill-")
+            .tempdir()
+            .map_err(Error::io("creating the drill's temporary directory"))?;
+        let dir = Arc::new(dir);
+        let data_dir = dir.path().join("data");
+        std::fs::create_dir_all(&data_dir).map_err(Error::io("creating the data dir"))?;
+        let program = std::fs::canonicalize(&opts.program)
+            .map_err(Error::io(format!("finding {}", opts.program.display())))?;
+        let (db, proxy) = match opts.backend {
+            Backend::Sqlite => (None, None),
+            Backend::Postgres => {
+                let db = Cluster::start(&dir).await?;
+                let proxy = FaultProxy::new();
+                let upstream = format!("127.0.0.1:{}", db.port);
+                proxy
+                    .create_proxy(DB_PROXY, "127.0.0.1:0", &upstream)
+                    .await?;
+                (Some(db), Some(proxy))
+            }
+        };
+        let mut sys = System {
+            url: String::new(),
+            provider_url: String::new(),
+            ctl: Arc::new(Control {
+                program,
+                data_dir,
+                db,
+                proxy,
+                provider_url: Mutex::default(),
+                http: reqwest::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .map_err(|e| Error::Start(format!("http client: {e}")))?,
+                paused: Mutex::default(),
+                faults: AtomicUsize::new(0),
+            }),
+            up: None,
+            dir,
+        };
+        let log_path = match &opts.system_log {
+            Some(path) => path.clone(),
+            None => sys.dir.path().join("system.log"),
+        };
+        sys.start_up(opts, &log_path).await?;
+        Ok(sys)
+    }
+
+    /// Starts `holdfast up` and waits for its "Holdfast is up" line.
+    async fn start_up(&mut self, opts: &DrillOptions, log_path: &Path) -> Result<(), Error> {
+        let ctl = &self.ctl;
+        let log = std::fs::File::create(log_path)
+            .map_err(Error::io(format!("creating {}", log_path.display())))?;
+        let mut cmd = Command::new(&ctl.program);
+        cmd.arg("up")
+            .args(["--port", "0"])
+            .args(["--instances", &opts.instances.to_string()])
+            .args(["--workers", &opts.workers.to_string()])
+            .arg("--data-dir")
+            .arg(&ctl.data_dir)
+            // Short locks, leases and timeouts: a killed process's leftovers clear within the
+            // drill instead of after production-sized waits.
+            .args(["--idempotency-lock-ttl", "3s", "--request-timeout", "2s"])
+            .args(["--job-lease", "2s", "--job-retry-base", "200ms"])
+            .args(["--provider-timeout", "1s"]);
+        if let Some(proxy) = &ctl.proxy {
+            let link = proxy.proxy(DB_PROXY).await?;
+            let url = format!("postgres://postgres@{}/holdfast", link.listen);
+            cmd.args(["--backend", "postgres", "--database-url", &url]);
+        }
+        if let Some(sabotage) = opts.sabotage {
+            cmd.args(sabotage.up_flags());
+        }
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        cmd.env_remove("DATABASE_URL")
+            .env("RUST_LOG", rust_log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = cmd
+            .spawn()
+            .map_err(Error::io(format!("starting {} up", ctl.program.display())))?;
+        let stdout = child.stdout.take();
+        self.up = Some(child);
+        let Some(stdout) = stdout else {
+            return Err(Error::Start("no stdout from holdfast up".into()));
+        };
+        let mut lines = BufReader::new(stdout).lines();
+        let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.strip_prefix("Holdfast is up: ") {
+                    return rest.split_whitespace().next().map(str::to_owned);
+                }
+            }
+            None
+        })
+        .await;
+        let url = match ready {
+            Ok(Some(url)) => url,
+            Ok(None) => return Err(self.start_failed(log_path, "holdfast up exited")),
+            Err(_) => return Err(self.start_failed(log_path, "holdfast up was not up within 60 s")),
+        };
+        // Keep reading, so `up` never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let provider = ctl
+            .instances("provider")
+            .first()
+            .map(|i| format!("http://{}", i.addr))
+            .ok_or_else(|| Error::Start("no provider in instances.json".into()))?;
+        *lock(&ctl.provider_url) = provider.clone();
+        self.provider_url = provider;
+        self.url = url;
+        Ok(())
+    }
+
+    fn start_failed(&self, log_path: &Path, what: &str) -> Error {
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(20).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        Error::Start(format!("{what}; the end of its log:\n{}", tail.join("\n")))
+    }
+
+    pub fn control(&self) -> Arc<Control> {
+        self.ctl.clone()
+    }
+
+    /// Stops everything in order: resume paused processes, drain `up`, stop the cluster.
+    /// Returns a note if `up` itself had died during the drill (it must not: it is the
+    /// supervisor, and nothing the drill does is aimed at it).
+    pub async fn stop(&mut self) -> Option<String> {
+        self.ctl.resume_all();
+        let mut note = None;
+        if let Some(mut up) = self.up.take() {
+            if let Ok(Some(status)) = up.try_wait() {
+                note = Some(format!("holdfast up exited during the drill ({status})"));
+            }
+            if let Some(pid) = up.id() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            }
+            if tokio::time::timeout(UP_STOP_TIMEOUT, up.wait())
+                .await
+                .is_err()
+            {
+                tracing::warn!("holdfast up did not stop within {UP_STOP_TIMEOUT:?}; killing it");
+                let _ = up.kill().await;
+            }
+        }
+        if let Some(db) = &self.ctl.db {
+            db.stop().await;
+        }
+        note
+    }
+}
+
+impl Drop for System {
+    /// The early-exit path (error, Ctrl-C): SIGKILL `up` (its instances die with it through
+    /// their parent-death signal), stop the cluster at once, then the directory goes.
+    fn drop(&mut self) {
+        self.ctl.resume_all();
+        if let Some(mut up) = self.up.take() {
+            let _ = up.start_kill();
+        }
+        if let Some(db) = &self.ctl.db {
+            db.stop_blocking();
+        }
+    }
+}
+
+/// One process `up` lists in `instances.json`.
+#[derive(Clone, Debug, Deserialize)]
+pub(crate) struct Instance {
+    pub role: String,
+    pub pid: u32,
+    pub addr: String,
+}
+
+impl Control {
+    /// The processes of `role` alive now, in `up`'s slot order.
+    pub fn instances(&self, role: &str) -> Vec<Instance> {
+        let path = self.data_dir.join("run").join("instances.json");
+        let Ok(json) = std::fs::read(&path) else {
+            return Vec::new();
+        };
+        let all: Vec<Instance> = serde_json::from_slice(&json).unwrap_or_default();
+        all.into_iter().filter(|i| i.role == role).collect()
+    }
+
+    pub fn db(&self) -> Option<&Arc<Cluster>> {
+        self.db.as_ref()
+    }
+
+    pub fn proxy(&self) -> Option<&FaultProxy> {
+        self.proxy.as_ref()
+    }
+
+    pub fn faults_injected(&self) -> usize {
+        self.faults.load(Ordering::Relaxed)
+    }
+
+    pub fn count_fault(&self) {
+        self.faults.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether `pid` is a live process running our program, so a signal never hits a pid the
+    /// kernel has since given to someone else.
+    fn is_ours(&self, pid: u32) -> bool {
+        let Ok(exe) = std::fs::read_link(format!("/proc/{pid}/exe")) else {
+            return false;
+        };
+        // A binary rebuilt while the drill runs shows as "<path> (deleted)".
+        let exe = exe.to_string_lossy();
+        let exe = exe.trim_end_matches(" (deleted)");
+        exe == self.program.to_string_lossy()
+    }
+
+    /// Sends `signal` to the `pick`-th live process of `role`; names the victim.
+    pub fn signal_one(&self, role: &str, pick: u64, signal: Signal) -> Result<String, String> {
+        let pid = self.pick(role, pick)?;
+        kill(Pid::from_raw(pid as i32), signal).map_err(|e| format!("{signal}: {e}"))?;
+        Ok(format!("{role} pid {pid}"))
+    }
+
+    fn pick(&self, role: &str, pick: u64) -> Result<u32, String> {
+        let live: Vec<u32> = self
+            .instances(role)
+            .into_iter()
+            .map(|i| i.pid)
+            .filter(|&pid| self.is_ours(pid))
+            .collect();
+        if live.is_empty() {
+            return Err(format!("no live {role} process to hit"));
+        }
+        Ok(live[(pick % live.len() as u64) as usize])
+    }
+
+    /// SIGSTOPs a web instance (remembered, so teardown can always SIGCONT it).
+    pub fn pause_one(&self, pick: u64) -> Result<(u32, String), String> {
+        let pid = self.pick("web", pick)?;
+        lock(&self.paused).insert(pid);
+        kill(Pid::from_raw(pid as i32), Signal::SIGSTOP).map_err(|e| format!("SIGSTOP: {e}"))?;
+        Ok((pid, format!("web pid {pid}")))
+    }
+
+    pub fn resume(&self, pid: u32) {
+        if lock(&self.paused).remove(&pid) && self.is_ours(pid) {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+        }
+    }
+
+    fn resume_all(&self) {
+        let paused: Vec<u32> = lock(&self.paused).iter().copied().collect();
+        for pid in paused {
+            self.resume(pid);
+        }
+    }
+
+    /// Re-enables the database link (retrying: the port may take a moment to be free).
+    pub async fn reconnect_db(&self) -> Result<(), String> {
+        let Some(proxy) = &self.proxy else {
+            return Ok(());
+        };
+        let mut last = String::new();
+        for _ in 0..50 {
+            match proxy.set_enabled(DB_PROXY, true).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("could not restore the database link: {last}"))
+    }
+
+    /// `PUT /_faults` on the provider.
+    pub async fn provider_faults(&self, faults: &Value) -> Result<(), String> {
+        let url = format!("{}/_faults", lock(&self.provider_url));
+        let mut last = String::new();
+        for _ in 0..10 {
+            match self.http.put(&url).json(faults).send().await {
+                Ok(r) if r.status().is_success() => return Ok(()),
+                Ok(r) => last = format!("{} answered {}", url, r.status()),
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Err(last)
+    }
+
+    /// Undoes every fault, whatever state the injector left: the system should be healthy
+    /// when its final state is read. Returns what could not be undone.
+    pub async fn clear_faults(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        self.resume_all();
+        if let Some(proxy) = &self.proxy {
+            proxy.reset().await;
+            if let Err(e) = self.reconnect_db().await {
+                problems.push(e);
+            }
+        }
+        if let Err(e) = self.provider_faults(&serde_json::json!({})).await {
+            problems.push(format!("could not clear the provider's faults: {e}"));
+        }
+        problems
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A throwaway PostgreSQL cluster in the drill's directory.
+///
+/// A `pg_ctl start` or `restart` that is cancelled half-way would go on and start a server
+/// after the drill has stopped it, orphaning it on a deleted directory. So every command runs
+/// to its end as a blocking task holding the cluster (the runtime waits for those when it shuts
+/// down), a server-starting one is marked `busy`, and stopping first waits for it. The
+/// cluster holds the temporary directory, so the directory goes only after the server.
+pub(crate) struct Cluster {
+    bin: PathBuf,
+    /// Owned by the cluster's user: holds `data/`, the log and the Unix socket.
+    root: PathBuf,
+    data: PathBuf,
+    log: PathBuf,
+    pub port: u16,
+    /// `(uid, gid)` to run as, when the drill runs as root.
+    owner: Option<(u32, u32)>,
+    state: Mutex<ClusterState>,
+    /// Dropped after [`Cluster`]'s `Drop` stopped the server.
+    _dir: Arc<tempfile::TempDir>,
+}
+
+#[derive(Default)]
+struct ClusterState {
+    /// Started and not yet stopped (or being stopped).
+    running: bool,
+    /// A `pg_ctl start`/`restart` is in flight.
+    busy: bool,
+}
+
+impl Cluster {
+    /// initdb, start on a free port, create the `holdfast` database.
+    async fn start(dir: &Arc<tempfile::TempDir>) -> Result<Arc<Cluster>, Error> {
+        let tmp = dir.path();
+        let bin = pg_bin_dir()?;
+        let root = tmp.join("pg");
+        std::fs::create_dir_all(&root).map_err(Error::io("creating the cluster directory"))?;
+        let owner = if nix::unistd::geteuid().is_root() {
+            let user = nix::unistd::User::from_name("postgres")
+                .ok()
+                .flatten()
+                .ok_or_else(|| {
+                    Error::Setup(format!(
+                        "running as root, the drill runs Postgres as the `postgres` user, which \
+                         does not exist; {INSTALL_HINT} (it creates it)"
+                    ))
+                })?;
+            let (uid, gid) = (user.uid.as_raw(), user.gid.as_raw());
+            // The temporary directory must be traversable for the cluster's user.
+            std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(0o711))
+                .map_err(Error::io("opening the temporary directory to postgres"))?;
+            std::os::unix::fs::chown(&root, Some(uid), Some(gid))
+                .map_err(Error::io("giving the cluster directory to postgres"))?;
+            Some((uid, gid))
+        } else {
+            None
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(Error::io("finding a free port"))?
+            .port();
+        let cluster = Arc::new(Cluster {
+            bin,
+            data: root.join("data"),
+            log: root.join("postgres.log"),
+            root,
+            port,
+            owner,
+            state: Mutex::default(),
+            _dir: dir.clone(),
+        });
+        let mut initdb = cluster.command("initdb");
+        initdb
+            .arg("-D")
+            .arg(&cluster.data)
+            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C"])
+            .arg("--no-sync");
+        cluster.run("initdb", initdb).await?;
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={} \
+             -c max_connections=200",
+            cluster.root.display()
+        );
+        cluster
+            .server("pg_ctl start", &["start", "-w", "-t", "60", "-o", &options])
+            .await?;
+        let mut createdb = cluster.command("createdb");
+        createdb
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-U", "postgres", "holdfast"]);
+        cluster.run("createdb", createdb).await?;
+        Ok(cluster)
+    }
+
+    fn command(&self, program: &str) -> std::process::Command {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = std::process::Command::new(self.bin.join(program));
+        if let Some((uid, gid)) = self.owner {
+            cmd.uid(uid).gid(gid);
+        }
+        cmd.current_dir(&self.root)
+            .env_remove("PGDATA")
+            .env_remove("PGHOST")
+            .env_remove("PGPORT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        cmd
+    }
+
+    /// `pg_ctl ACTION -D data -l log ARGS` (a server started without `-l` would hold our
+    /// pipe open forever).
+    fn pg_ctl(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = self.command("pg_ctl");
+        cmd.arg(args[0])
+            .arg("-D")
+            .arg(&self.data)
+            .arg("-l")
+            .arg(&self.log)
+            .args(&args[1..]);
+        cmd
+    }
+
+    /// Runs a command that starts no server (initdb, createdb) to its end.
+    async fn run(
+        self: &Arc<Self>,
+        what: &str,
+        mut cmd: std::process::Command,
+    ) -> Result<(), Error> {
+        let me = self.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            let out = cmd.output();
+            drop(me);
+            out
+        })
+        .await
+        .map_err(|e| Error::Postgres(format!("{what}: {e}")))?
+        .map_err(Error::io(format!("running {what}")))?;
+        self.check(what, &out)
+    }
+
+    /// Runs a `pg_ctl` that starts a server to its end, whatever happens to the caller.
+    async fn server(self: &Arc<Self>, what: &str, args: &[&str]) -> Result<(), Error> {
+        {
+            let mut state = lock(&self.state);
+            if args[0] == "restart" && !state.running {
+                return Err(Error::Postgres("the cluster is being stopped".into()));
+            }
+            state.running = true;
+            state.busy = true;
+        }
+        let me = self.clone();
+        let mut cmd = self.pg_ctl(args);
+        let out = tokio::task::spawn_blocking(move || {
+            let out = cmd.output();
+            lock(&me.state).busy = false;
+            out
+        })
+        .await
+        .map_err(|e| Error::Postgres(format!("{what}: {e}")))?
+        .map_err(Error::io(format!("running {what}")))?;
+        self.check(what, &out)
+    }
+
+    fn check(&self, what: &str, out: &std::process::Output) -> Result<(), Error> {
+        if out.status.success() {
+            return Ok(());
+        }
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(10).collect();
+        Err(Error::Postgres(format!(
+            "{what} failed ({}): {}{}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )))
+    }
+
+    /// `pg_ctl restart -m fast`: sessions are terminated, the server comes back on the same
+    /// port. Returns how long it took.
+    pub async fn restart(self: &Arc<Self>) -> Result<Duration, Error> {
+        let started = Instant::now();
+        self.server(
+            "pg_ctl restart",
+            &["restart", "-m", "fast", "-w", "-t", "60"],
+        )
+        .await?;
+        Ok(started.elapsed())
+    }
+
+    /// Stops the server at once (`-m immediate`: it is thrown away), after any start or
+    /// restart in flight has finished. Idempotent.
+    fn stop_blocking(&self) {
+        if !std::mem::take(&mut lock(&self.state).running) {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while lock(&self.state).busy && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let stopped = self
+            .pg_ctl(&["stop", "-m", "immediate", "-w"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if let Err(e) = stopped {
+            tracing::warn!("stopping the drill's postgres: {e}");
+        }
+    }
+
+    async fn stop(self: &Arc<Self>) {
+        let me = self.clone();
+        let _ = tokio::task::spawn_blocking(move || me.stop_blocking()).await;
+    }
+}
+
+impl Drop for Cluster {
+    /// Also covers a cluster that failed half-way through [`Cluster::start`].
+    fn drop(&mut self) {
+        self.stop_blocking();
+    }
+}
+
+/// Where `initdb` and `pg_ctl` live: next to the `initdb` on `PATH`, else the newest
+/// `/usr/lib/postgresql/*/bin` (Debian keeps the server binaries off `PATH`).
+fn pg_bin_dir() -> Result<PathBuf, Error> {
+    let has_tools = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("initdb"))
+            .find(|p| p.is_file())
+            .and_then(|p| std::fs::canonicalize(p).ok())
+            .and_then(|p| p.parent().map(Path::to_path_buf))
+    });
+    if let Some(dir) = on_path.filter(|d| has_tools(d)) {
+        return Ok(dir);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            Some((version, e.path().join("bin")))
+        })
+        .filter(|(_, dir)| has_tools(dir))
+        .collect();
+    versions.sort();
+    versions.pop().map(|(_, dir)| dir).ok_or_else(|| {
+        Error::Setup(format!(
+            "--backend postgres runs its own throwaway cluster and needs initdb and pg_ctl, \
+             found neither on PATH nor in /usr/lib/postgresql/*/bin; {INSTALL_HINT}"
+        ))
+    })
+}

@@ -1,0 +1,57 @@
+//! `holdfast drill`: flags in, report out. The drill itself lives in `holdfast-drill`; this
+//! glue turns `DrillArgs` into its options (running `up` from this very executable), prints
+//! the table, writes the JSON and HTML, and turns a failed verdict into a non-zero exit.
+
+use anyhow::{bail, Context};
+use holdfast_drill::{Backend, DrillOptions, Sabotage};
+
+use crate::cli::{self, DrillArgs, DrillSabotage};
+
+pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    let mut opts = DrillOptions::new(
+        std::env::current_exe().context("finding our own executable")?,
+        seed,
+    );
+    opts.backend = match args.backend {
+        cli::Backend::Sqlite => Backend::Sqlite,
+        cli::Backend::Postgres => Backend::Postgres,
+    };
+    opts.duration = args.duration;
+    opts.users = args.users;
+    opts.instances = args.instances;
+    opts.workers = args.workers;
+    opts.faults = args.faults;
+    opts.sabotage = args.sabotage.map(|s| match s {
+        DrillSabotage::NoIdempotency => Sabotage::NoIdempotency,
+        DrillSabotage::AckBeforeCommit => Sabotage::AckBeforeCommit,
+        DrillSabotage::LedgerBypass => Sabotage::LedgerBypass,
+    });
+    opts.progress = true;
+    opts.system_log = args.system_log;
+    opts.history = args.history;
+    eprintln!(
+        "drill: {} for {:?}, {} users, seed {seed} (repeat with --seed {seed})",
+        opts.backend.name(),
+        opts.duration,
+        opts.users
+    );
+    let report = holdfast_drill::run(opts).await?;
+    print!("{}", report.table());
+    if let Some(path) = &args.json {
+        std::fs::write(path, report.to_json())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(path) = &args.html {
+        std::fs::write(path, report.to_html())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if !report.passed() {
+        bail!("drill failed: violated {}", report.violated.join(", "));
+    }
+    Ok(())
+}
