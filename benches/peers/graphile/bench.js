@@ -270,7 +270,7 @@ async function parent(o) {
       backend: "postgres",
       jobs: o.jobs,
       burn_down_jobs_per_s: o.jobs / burnSecs,
-      latency_ms: { p50: quantileMs(lat, 0.5), p99: quantileMs(lat, 0.99) },
+      latency_ms: { p50: quantileMs(lat, 0.5), p99: quantileMs(lat, 0.99), max: quantileMs(lat, 1) },
       settings: {
         processes: o.processes,
         concurrency: o.concurrency,

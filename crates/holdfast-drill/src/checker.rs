@@ -22,7 +22,8 @@
 //!   `orders_unpaid` (not paid, or paid without a charge), `charges_wrong_amount`,
 //!   `charges_orphaned` (a charge for an order that does not exist), `emails_duplicated`
 //!   (receipts beyond one), `emails_missing` (a paid order without a receipt).
-//! - §2.4 `sessions_lost`: a logged-in session refused (401) during the run or at the end;
+//! - §2.4 `sessions_lost`: a logged-in session refused (401) during the run or at the end
+//!   (the ones during the run are also counted as `forced_relogins`, out of `logins`);
 //!   `cart_items_lost`: acknowledged cart quantity missing from a later cart read, from the
 //!   order that consumed the cart, or from the final cart.
 //! - `final_state_unreadable`: an account whose final state could not be read (nothing can
@@ -144,6 +145,11 @@ pub struct Counts {
     pub emails_missing: u64,
     pub orders_unpaid: u64,
     pub sessions_lost: u64,
+    /// Not an invariant of its own (each one is also a `sessions_lost`): how often a logged-in
+    /// user was refused (401) during the run without having logged out, and had to log in
+    /// again; `logins` (acknowledged) is what it is a share of.
+    pub forced_relogins: u64,
+    pub logins: u64,
     pub cart_items_lost: u64,
     pub cart_items_duplicated: u64,
     pub final_state_unreadable: u64,
@@ -338,6 +344,7 @@ fn check_account(h: &AccountHistory, fin: Option<&FinalAccount>, v: &mut Verdict
         if let Outcome::Fail { status: 401, .. } = op.outcome {
             if logged_in && !matches!(op.kind, OpKind::Signup | OpKind::Login) {
                 logged_in = false;
+                v.counts.forced_relogins += 1;
                 v.add("sessions_lost", 1, || {
                     format!("{who}: session refused (401) at {at:.1} s")
                 });
@@ -345,7 +352,10 @@ fn check_account(h: &AccountHistory, fin: Option<&FinalAccount>, v: &mut Verdict
             continue;
         }
         match (&op.kind, &op.outcome) {
-            (OpKind::Login, Outcome::Ok { .. }) => logged_in = true,
+            (OpKind::Login, Outcome::Ok { .. }) => {
+                logged_in = true;
+                v.counts.logins += 1;
+            }
             (OpKind::CartAdd { sku, qty, .. }, Outcome::Ok { .. }) => cart.add(sku, *qty, true),
             (OpKind::CartAdd { sku, qty, .. }, Outcome::Unknown { .. }) => {
                 cart.add(sku, *qty, false)

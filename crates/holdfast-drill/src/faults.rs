@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 
 use crate::system::{Control, DB_PROXY};
 use crate::users::Clock;
-use crate::{Backend, DrillOptions, Sabotage};
+use crate::{Backend, DrillOptions, Sabotage, Sessions};
 
 /// One kind of fault the drill can inject.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -48,10 +48,20 @@ pub enum FaultKind {
     CutDb,
     /// The payment provider acts and then times out on 20% of calls, for a few seconds.
     ProviderTimeouts,
+    /// SIGKILL the drill's own (non-persistent) redis-server and start it again on the same
+    /// port: every session and cache key in Redis is gone. `--sessions redis` only.
+    RestartRedis,
+    /// `FLUSHDB` on the drill's Redis: sessions and any Redis cache keys gone, Redis up.
+    /// `--sessions redis` only (the in-process caches cannot be flushed from outside).
+    FlushCache,
+    /// Rotate the cookie signing keys with rolling drains of the web instances, in two
+    /// phases: the new key added verify-only, then made current (the old one verify-only).
+    /// `--sessions cookie` only.
+    RotateKeys,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 8] = [
+    pub const ALL: [FaultKind; 11] = [
         FaultKind::KillInstance,
         FaultKind::PauseInstance,
         FaultKind::DrainInstance,
@@ -60,6 +70,9 @@ impl FaultKind {
         FaultKind::SlowDb,
         FaultKind::CutDb,
         FaultKind::ProviderTimeouts,
+        FaultKind::RestartRedis,
+        FaultKind::FlushCache,
+        FaultKind::RotateKeys,
     ];
 
     pub fn name(self) -> &'static str {
@@ -72,6 +85,9 @@ impl FaultKind {
             FaultKind::SlowDb => "slow-db",
             FaultKind::CutDb => "cut-db",
             FaultKind::ProviderTimeouts => "provider-timeouts",
+            FaultKind::RestartRedis => "restart-redis",
+            FaultKind::FlushCache => "flush-cache",
+            FaultKind::RotateKeys => "rotate-keys",
         }
     }
 
@@ -85,6 +101,23 @@ impl FaultKind {
         }
     }
 
+    /// Why this fault cannot be injected in a drill with these options, if it cannot.
+    pub fn unsupported(self, opts: &DrillOptions) -> Option<&'static str> {
+        match (self, opts.sessions) {
+            (FaultKind::RestartRedis, s) if s != Sessions::Redis => {
+                Some("no Redis in this drill (it runs its own with --sessions redis)")
+            }
+            (FaultKind::FlushCache, s) if s != Sessions::Redis => Some(
+                "no Redis in this drill (--sessions redis): the in-process caches cannot be \
+                 flushed from outside",
+            ),
+            (FaultKind::RotateKeys, s) if s != Sessions::Cookie => {
+                Some("no signing keys to rotate (--sessions cookie only)")
+            }
+            _ => self.unsupported_on(opts.backend),
+        }
+    }
+
     /// How long the fault lasts before it is undone (ms range); 0 for instant ones.
     fn hold_ms(self) -> (u64, u64) {
         match self {
@@ -95,7 +128,10 @@ impl FaultKind {
             FaultKind::KillInstance
             | FaultKind::DrainInstance
             | FaultKind::KillWorker
-            | FaultKind::RestartDb => (0, 0),
+            | FaultKind::RestartDb
+            | FaultKind::RestartRedis
+            | FaultKind::FlushCache
+            | FaultKind::RotateKeys => (0, 0),
         }
     }
 }
@@ -225,8 +261,12 @@ const FAULT_SPACING: Duration = Duration::from_secs(4);
 pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
     let mut s = Schedule::default();
     let mut kinds = Vec::new();
-    for &kind in &opts.faults.0 {
-        match kind.unsupported_on(opts.backend) {
+    let mut wanted = opts.faults.0.clone();
+    if opts.restart_redis_every.is_some() && !wanted.contains(&FaultKind::RestartRedis) {
+        wanted.push(FaultKind::RestartRedis);
+    }
+    for &kind in &wanted {
+        match kind.unsupported(opts) {
             Some(reason) => s.skipped.push(Skipped {
                 kind,
                 reason: reason.into(),
@@ -244,7 +284,39 @@ pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
                 .into(),
         );
     }
+    let every = opts.restart_redis_every.filter(|d| !d.is_zero());
+    let periodic = every.is_some() && kinds.contains(&FaultKind::RestartRedis);
+    if periodic {
+        kinds.retain(|&k| k != FaultKind::RestartRedis);
+    }
+    // A rotation is two rolling restarts of every web instance: once per drill, mid-load.
+    let rotate = kinds.contains(&FaultKind::RotateKeys);
+    kinds.retain(|&k| k != FaultKind::RotateKeys);
     s.planned = plan(&kinds, opts.duration, rng);
+    if rotate {
+        s.planned.push(Planned {
+            kind: FaultKind::RotateKeys,
+            at: opts.duration.mul_f64(0.3),
+            hold: Duration::ZERO,
+            pick: rng.next_u64(),
+        });
+        s.planned.sort_by_key(|p| p.at);
+    }
+    if let (true, Some(every)) = (periodic, every) {
+        // Every `every` while the load runs, leaving the last 10% to show the recovery.
+        let end = opts.duration.mul_f64(0.9);
+        let mut at = every;
+        while at < end {
+            s.planned.push(Planned {
+                kind: FaultKind::RestartRedis,
+                at,
+                hold: Duration::ZERO,
+                pick: rng.next_u64(),
+            });
+            at += every;
+        }
+        s.planned.sort_by_key(|p| p.at);
+    }
     if opts.sabotage == Some(Sabotage::AckBeforeCommit) {
         let (start, end) = window(opts.duration);
         let mut at = start;
@@ -421,6 +493,21 @@ async fn apply(p: &Planned, ctl: &Control) -> Result<String, String> {
             ctl.reconnect_db().await?;
             Ok("database link (cut)".into())
         }
+        FaultKind::RestartRedis => {
+            let redis = ctl.redis().ok_or("no Redis in this drill")?;
+            let took = redis.restart().await.map_err(|e| e.to_string())?;
+            Ok(format!(
+                "redis-server :{} (SIGKILL, back empty after {:.2} s)",
+                redis.port,
+                took.as_secs_f64()
+            ))
+        }
+        FaultKind::FlushCache => {
+            let redis = ctl.redis().ok_or("no Redis in this drill")?;
+            redis.command("FLUSHDB").await.map_err(|e| e.to_string())?;
+            Ok(format!("redis-server :{} (FLUSHDB)", redis.port))
+        }
+        FaultKind::RotateKeys => ctl.rotate_keys().await,
         FaultKind::ProviderTimeouts => {
             let faults = json!({
                 "act_then_timeout_rate": 0.2,
@@ -476,7 +563,10 @@ mod tests {
                 let o = opts("all", Backend::Postgres, secs);
                 let planned = schedule(&o, &mut Rng::new(seed)).planned;
                 let (start, end) = window(o.duration);
-                for kind in FaultKind::ALL {
+                for kind in FaultKind::ALL
+                    .into_iter()
+                    .filter(|k| k.unsupported(&o).is_none())
+                {
                     assert!(planned.iter().any(|p| p.kind == kind), "{kind} planned");
                 }
                 let mut last_end: BTreeMap<FaultKind, Duration> = BTreeMap::new();
@@ -497,7 +587,14 @@ mod tests {
         let skipped: Vec<FaultKind> = s.skipped.iter().map(|k| k.kind).collect();
         assert_eq!(
             skipped,
-            [FaultKind::RestartDb, FaultKind::SlowDb, FaultKind::CutDb]
+            [
+                FaultKind::RestartDb,
+                FaultKind::SlowDb,
+                FaultKind::CutDb,
+                FaultKind::RestartRedis,
+                FaultKind::FlushCache,
+                FaultKind::RotateKeys
+            ]
         );
         assert!(s
             .planned
@@ -523,6 +620,30 @@ mod tests {
             .planned
             .iter()
             .any(|p| p.kind == FaultKind::ProviderTimeouts));
+    }
+
+    #[test]
+    fn redis_faults_need_redis_sessions_and_restarts_can_be_periodic() {
+        let mut o = opts("restart-redis,kill-instance", Backend::Sqlite, 60);
+        let s = schedule(&o, &mut Rng::new(5));
+        assert!(s.planned.iter().all(|p| p.kind == FaultKind::KillInstance));
+        assert_eq!(s.skipped.len(), 1);
+        o.sessions = Sessions::Redis;
+        o.restart_redis_every = Some(Duration::from_secs(15));
+        let s = schedule(&o, &mut Rng::new(5));
+        let restarts: Vec<u64> = s
+            .planned
+            .iter()
+            .filter(|p| p.kind == FaultKind::RestartRedis)
+            .map(|p| p.at.as_secs())
+            .collect();
+        assert_eq!(restarts, [15, 30, 45]);
+        assert!(s.planned.windows(2).all(|w| w[0].at <= w[1].at));
+        o.sessions = Sessions::Cookie;
+        o.faults = "rotate-keys".parse().unwrap();
+        o.restart_redis_every = None;
+        let s = schedule(&o, &mut Rng::new(5));
+        assert_eq!(s.planned.len(), 1);
     }
 
     #[test]

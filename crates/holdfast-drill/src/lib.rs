@@ -38,6 +38,7 @@ use tokio::task::JoinSet;
 
 pub use faults::{FaultKind, FaultSet};
 pub use report::Report;
+pub use system::KEYS_FILE_ENV;
 
 use crate::faults::Rng;
 use crate::system::System;
@@ -55,6 +56,28 @@ impl Backend {
         match self {
             Backend::Sqlite => "sqlite",
             Backend::Postgres => "postgres",
+        }
+    }
+}
+
+/// Where the drilled system keeps sessions (`holdfast up --sessions`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Sessions {
+    /// The durable store's sessions table.
+    Store,
+    /// Redis (the drill's own `redis-server`, on a free port) with the store as backstop.
+    Redis,
+    /// Signed cookies; the drill generates the key ring (and rotates it with `rotate-keys`).
+    Cookie,
+}
+
+impl Sessions {
+    pub fn name(self) -> &'static str {
+        match self {
+            Sessions::Store => "store",
+            Sessions::Redis => "redis",
+            Sessions::Cookie => "cookie",
         }
     }
 }
@@ -111,6 +134,16 @@ pub struct DrillOptions {
     /// The `holdfast` executable to run `up` from (the CLI passes its own).
     pub program: PathBuf,
     pub backend: Backend,
+    pub sessions: Sessions,
+    /// When set, `restart-redis` is not scattered by the seed but placed every this often
+    /// (from this far into the load, while the load runs), and implied by the fault list.
+    pub restart_redis_every: Option<Duration>,
+    /// A pause (± 50%, seeded) before each of a user's requests after login, so many users are
+    /// active sessions rather than a stress test; zero keeps the closed loop tight.
+    pub think: Duration,
+    /// Users start spread evenly over this long (signup and login hash passwords: 500 users
+    /// logging in in the same second would measure argon2, not the drill).
+    pub ramp_up: Duration,
     /// How long virtual users shop; faults fall inside it. Setup, settling and the final
     /// reads come on top.
     pub duration: Duration,
@@ -138,6 +171,10 @@ impl DrillOptions {
         DrillOptions {
             program,
             backend: Backend::Sqlite,
+            sessions: Sessions::Store,
+            restart_redis_every: None,
+            think: Duration::ZERO,
+            ramp_up: Duration::ZERO,
             duration: Duration::from_secs(60),
             users: 32,
             instances: 3,
@@ -168,6 +205,9 @@ pub enum Error {
     /// The throwaway Postgres cluster would not do what it was told.
     #[error("postgres: {0}")]
     Postgres(String),
+    /// The drill's own redis-server would not do what it was told.
+    #[error("redis: {0}")]
+    Redis(String),
     /// `holdfast up` did not come up.
     #[error("the system did not start: {0}")]
     Start(String),
@@ -210,7 +250,7 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
     let setup = started_setup.elapsed();
 
     let clock = users::Clock::start();
-    let load = users::Load::new(&sys.url, clock, opts.duration)?;
+    let load = users::Load::new(&sys.url, clock, opts.duration, opts.think)?;
     let live = load.live();
     let mut tasks = JoinSet::new();
     let mut faults = Task(tokio::spawn(faults::inject(
@@ -228,7 +268,12 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         )))
     });
     for user in 0..opts.users {
-        tasks.spawn(load.clone().shopper(user, rng.fork(user as u64 + 1)).run());
+        let start = opts.ramp_up.mul_f64(user as f64 / opts.users as f64);
+        let shopper = load.clone().shopper(user, rng.fork(user as u64 + 1));
+        tasks.spawn(async move {
+            tokio::time::sleep(start).await;
+            shopper.run().await
+        });
     }
     let mut runs = Vec::with_capacity(opts.users);
     while let Some(joined) = tasks.join_next().await {
@@ -283,6 +328,10 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         write_history(path, &histories)?;
     }
     let verdict = checker::check(&histories, &fin);
+    let active_users = runs
+        .iter()
+        .filter(|r| r.accounts.iter().any(|a| a.ever_logged_in()))
+        .count();
     let samples: Vec<users::Sample> = runs
         .iter()
         .flat_map(|r| r.samples.iter().copied())
@@ -297,6 +346,7 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         skipped: &schedule.skipped,
         verdict,
         notes,
+        active_users,
     }))
 }
 

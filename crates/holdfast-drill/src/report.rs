@@ -68,6 +68,14 @@ pub struct Report {
     pub seed: u64,
     pub backend: &'static str,
     pub sabotage: Option<&'static str>,
+    /// Where the drilled system kept sessions: `store`, `redis` or `cookie`.
+    pub sessions: &'static str,
+    /// Virtual users that logged in at least once.
+    pub active_users: usize,
+    /// `forced_relogins` as a percentage of `logins`.
+    pub forced_relogins_pct: f64,
+    /// How often the drill's redis-server was restarted (memory lost).
+    pub redis_restarts: usize,
     /// The requested load duration.
     pub duration_s: f64,
     /// How long the load actually ran (the last operations finish after `duration_s`).
@@ -106,6 +114,7 @@ pub(crate) struct Inputs<'a> {
     pub skipped: &'a [Skipped],
     pub verdict: Verdict,
     pub notes: Vec<String>,
+    pub active_users: usize,
 }
 
 pub(crate) fn build(i: Inputs<'_>) -> Report {
@@ -165,6 +174,16 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         seed: i.opts.seed,
         backend: i.opts.backend.name(),
         sabotage: i.opts.sabotage.map(|s| s.name()),
+        sessions: i.opts.sessions.name(),
+        active_users: i.active_users,
+        forced_relogins_pct: round(
+            100.0 * i.verdict.counts.forced_relogins as f64 / i.verdict.counts.logins.max(1) as f64,
+        ),
+        redis_restarts: i
+            .injected
+            .iter()
+            .filter(|f| f.applied && f.kind == crate::FaultKind::RestartRedis)
+            .count(),
         duration_s: i.opts.duration.as_secs_f64(),
         load_s: round(i.load_s),
         setup_s: round(i.setup.as_secs_f64()),
@@ -207,8 +226,23 @@ impl Report {
             .unwrap_or_default();
         let _ = writeln!(
             s,
-            "holdfast drill: {}, {} s, {} users, {} instances, {} workers, seed {}{sabotage}",
-            self.backend, self.duration_s, self.users, self.instances, self.workers, self.seed
+            "holdfast drill: {}, sessions {}, {} s, {} users, {} instances, {} workers, seed {}{sabotage}",
+            self.backend,
+            self.sessions,
+            self.duration_s,
+            self.users,
+            self.instances,
+            self.workers,
+            self.seed
+        );
+        let _ = writeln!(
+            s,
+            "  sessions      {} active users   {} logins   forced re-logins {} ({:.3}%)   redis restarts {}",
+            self.active_users,
+            self.counts.logins,
+            self.counts.forced_relogins,
+            self.forced_relogins_pct,
+            self.redis_restarts
         );
         let l = &self.latency_ms;
         let f = &self.latency_under_faults_ms;
@@ -652,6 +686,7 @@ mod tests {
             skipped: &[],
             verdict,
             notes: vec![],
+            active_users: 0,
         })
     }
 

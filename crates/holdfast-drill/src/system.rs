@@ -30,7 +30,11 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::{Backend, DrillOptions, Error};
+use crate::{Backend, DrillOptions, Error, Sessions};
+
+/// `holdfast up` re-reads the session key ring from the file this names each time it starts an
+/// instance, so a drill (or an operator) can rotate keys with a rolling restart.
+pub const KEYS_FILE_ENV: &str = "HOLDFAST_SESSION_KEYS_FILE";
 
 /// The fault proxy's name for the database link.
 pub(crate) const DB_PROXY: &str = "postgres";
@@ -60,6 +64,9 @@ pub(crate) struct Control {
     http: reqwest::Client,
     paused: Mutex<BTreeSet<u32>>,
     faults: AtomicUsize,
+    redis: Option<Arc<RedisServer>>,
+    /// `--sessions cookie`: the key file `up` re-reads, and the rings written so far.
+    keys: Option<KeyFile>,
 }
 
 impl System {
@@ -85,6 +92,14 @@ impl System {
                 (Some(db), Some(proxy))
             }
         };
+        let redis = match opts.sessions {
+            Sessions::Redis => Some(RedisServer::start(&dir).await?),
+            _ => None,
+        };
+        let keys = match opts.sessions {
+            Sessions::Cookie => Some(KeyFile::create(dir.path())?),
+            _ => None,
+        };
         let mut sys = System {
             url: String::new(),
             provider_url: String::new(),
@@ -100,6 +115,8 @@ impl System {
                     .map_err(|e| Error::Start(format!("http client: {e}")))?,
                 paused: Mutex::default(),
                 faults: AtomicUsize::new(0),
+                redis,
+                keys,
             }),
             up: None,
             dir,
@@ -136,6 +153,21 @@ impl System {
         }
         if let Some(sabotage) = opts.sabotage {
             cmd.args(sabotage.up_flags());
+        }
+        cmd.args(["--sessions", opts.sessions.name()])
+            .env_remove("REDIS_URL")
+            .env_remove("HOLDFAST_SESSION_KEYS")
+            .env_remove(KEYS_FILE_ENV);
+        if let Some(redis) = &ctl.redis {
+            // Our own server, never the machine's; a prefix of the drill's own, too.
+            cmd.args(["--redis-prefix", "drill"])
+                .env("REDIS_URL", format!("redis://127.0.0.1:{}", redis.port));
+        }
+        if let Some(keys) = &ctl.keys {
+            // The ring goes in the environment (a secret), and the file `up` re-reads on each
+            // instance start, so that `rotate-keys` can change it under a rolling restart.
+            cmd.env("HOLDFAST_SESSION_KEYS", keys.current())
+                .env(KEYS_FILE_ENV, &keys.path);
         }
         let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
         cmd.env_remove("DATABASE_URL")
@@ -216,6 +248,9 @@ impl System {
         if let Some(db) = &self.ctl.db {
             db.stop().await;
         }
+        if let Some(redis) = &self.ctl.redis {
+            redis.stop();
+        }
         note
     }
 }
@@ -230,6 +265,9 @@ impl Drop for System {
         }
         if let Some(db) = &self.ctl.db {
             db.stop_blocking();
+        }
+        if let Some(redis) = &self.ctl.redis {
+            redis.stop();
         }
     }
 }
@@ -255,6 +293,61 @@ impl Control {
 
     pub fn db(&self) -> Option<&Arc<Cluster>> {
         self.db.as_ref()
+    }
+
+    pub fn redis(&self) -> Option<&Arc<RedisServer>> {
+        self.redis.as_ref()
+    }
+
+    /// `rotate-keys`: a new key, first added verify-only and rolled out to every web instance
+    /// (so that every instance can verify what the next phase signs), then made current with
+    /// the old one verify-only, rolled out again. No cookie is ever refused on the way.
+    pub async fn rotate_keys(&self) -> Result<String, String> {
+        let keys = self.keys.as_ref().ok_or("no signing keys in this drill")?;
+        let (old, new) = keys.add_key()?;
+        keys.write(&format!("{old},{new}"))?;
+        let a = self.rolling_drain().await?;
+        keys.write(&format!("{new},{old}"))?;
+        let b = self.rolling_drain().await?;
+        let kid = |k: &str| k.split(':').next().unwrap_or_default().to_owned();
+        Ok(format!(
+            "web instances: key {} added ({a} drained), then made current over {} ({b} drained)",
+            kid(&new),
+            kid(&old)
+        ))
+    }
+
+    /// SIGTERMs each live web instance in turn, each time waiting until `up` has replaced it;
+    /// returns how many were drained.
+    async fn rolling_drain(&self) -> Result<usize, String> {
+        let pids: Vec<u32> = self
+            .instances("web")
+            .into_iter()
+            .map(|i| i.pid)
+            .filter(|&pid| self.is_ours(pid))
+            .collect();
+        let want = pids.len();
+        let mut drained = 0;
+        for pid in pids {
+            if !self.is_ours(pid) {
+                continue; // killed meanwhile: its replacement reads the new ring anyway
+            }
+            kill(Pid::from_raw(pid as i32), Signal::SIGTERM)
+                .map_err(|e| format!("SIGTERM: {e}"))?;
+            drained += 1;
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let web = self.instances("web");
+                if !web.iter().any(|i| i.pid == pid) && web.len() >= want {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!("web pid {pid} was not replaced within 30 s"));
+                }
+            }
+        }
+        Ok(drained)
     }
 
     pub fn proxy(&self) -> Option<&FaultProxy> {
@@ -630,4 +723,238 @@ fn pg_bin_dir() -> Result<PathBuf, Error> {
              found neither on PATH nor in /usr/lib/postgresql/*/bin; {INSTALL_HINT}"
         ))
     })
+}
+
+/// The drill's own `redis-server`: `redis-server` from PATH, on a free 127.0.0.1 port, with
+/// no persistence (`--save "" --appendonly no`), its files in the drill's directory. Never the
+/// machine's Redis. A restart is a SIGKILL and a fresh start on the same port: memory lost.
+pub(crate) struct RedisServer {
+    bin: PathBuf,
+    dir: PathBuf,
+    pub port: u16,
+    child: Mutex<Option<std::process::Child>>,
+}
+
+impl RedisServer {
+    async fn start(dir: &Arc<tempfile::TempDir>) -> Result<Arc<RedisServer>, Error> {
+        let bin = std::env::var_os("PATH")
+            .and_then(|path| {
+                std::env::split_paths(&path)
+                    .map(|d| d.join("redis-server"))
+                    .find(|p| p.is_file())
+            })
+            .ok_or_else(|| {
+                Error::Setup(
+                    "--sessions redis runs its own redis-server, found none on PATH; install \
+                     it with scripts/install-drill-deps.sh"
+                        .into(),
+                )
+            })?;
+        let root = dir.path().join("redis");
+        std::fs::create_dir_all(&root).map_err(Error::io("creating the redis directory"))?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(Error::io("finding a free port"))?
+            .port();
+        let redis = Arc::new(RedisServer {
+            bin,
+            dir: root,
+            port,
+            child: Mutex::new(None),
+        });
+        redis.spawn().await.map_err(Error::Redis)?;
+        Ok(redis)
+    }
+
+    /// Starts the server and waits until it answers PING.
+    async fn spawn(&self) -> Result<(), String> {
+        use std::os::unix::process::CommandExt;
+        let mut last = String::new();
+        for _ in 0..5 {
+            let child = std::process::Command::new(&self.bin)
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .arg("--dir")
+                .arg(&self.dir)
+                .arg("--logfile")
+                .arg(self.dir.join("redis.log"))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .map_err(|e| format!("starting {}: {e}", self.bin.display()))?;
+            *lock(&self.child) = Some(child);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                match self.command("PING").await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = e,
+                }
+                let exited = lock(&self.child)
+                    .as_mut()
+                    .map(|c| matches!(c.try_wait(), Ok(Some(_))))
+                    .unwrap_or(true);
+                if exited {
+                    break; // e.g. the port not free yet: start it again
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.kill();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let log = std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        Err(format!(
+            "redis-server on port {} did not answer: {last}; its log ends:\n{}",
+            self.port,
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        ))
+    }
+
+    /// One inline command; the reply's first line, or the error it answered.
+    pub async fn command(&self, cmd: &str) -> Result<String, String> {
+        use tokio::io::AsyncWriteExt;
+        let io = async {
+            let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .map_err(|e| e.to_string())?;
+            conn.write_all(format!("{cmd}\r\n").as_bytes())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut reply = String::new();
+            BufReader::new(conn)
+                .read_line(&mut reply)
+                .await
+                .map_err(|e| e.to_string())?;
+            match reply.trim_end() {
+                r if r.starts_with('+') || r.starts_with(':') => Ok(r[1..].to_owned()),
+                r => Err(format!("{cmd}: {r:?}")),
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(2), io)
+            .await
+            .map_err(|_| format!("{cmd}: no answer within 2 s"))?
+    }
+
+    /// SIGKILL (everything in memory is gone) and start again on the same port.
+    pub async fn restart(&self) -> Result<Duration, String> {
+        let started = Instant::now();
+        self.kill();
+        self.spawn().await?;
+        Ok(started.elapsed())
+    }
+
+    fn kill(&self) {
+        if let Some(mut child) = lock(&self.child).take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Idempotent; also on every early exit (through `System`'s and its own `Drop`).
+    pub fn stop(&self) {
+        self.kill();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `--sessions cookie`: the key ring file `holdfast up` re-reads at each instance start.
+pub(crate) struct KeyFile {
+    pub path: PathBuf,
+    /// `kid:base64key` of every key made so far, oldest first.
+    made: Mutex<Vec<String>>,
+}
+
+impl KeyFile {
+    fn create(dir: &Path) -> Result<KeyFile, Error> {
+        let keys = KeyFile {
+            path: dir.join("session-keys"),
+            made: Mutex::new(vec![new_key(0).map_err(Error::io("reading /dev/urandom"))?]),
+        };
+        keys.write(&keys.current())
+            .map_err(|e| Error::Setup(format!("writing the session key file: {e}")))?;
+        Ok(keys)
+    }
+
+    fn current(&self) -> String {
+        lock(&self.made).last().cloned().unwrap_or_default()
+    }
+
+    /// Makes a key; returns the (previously) current one and the new one.
+    fn add_key(&self) -> Result<(String, String), String> {
+        let mut made = lock(&self.made);
+        let old = made.last().cloned().unwrap_or_default();
+        let new = new_key(made.len()).map_err(|e| format!("reading /dev/urandom: {e}"))?;
+        made.push(new.clone());
+        Ok((old, new))
+    }
+
+    /// Replaces the file atomically (0600: it holds secrets).
+    fn write(&self, ring: &str) -> Result<(), String> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = self.path.with_extension("tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(|e| e.to_string())?;
+        f.write_all(ring.as_bytes()).map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &self.path).map_err(|e| e.to_string())
+    }
+}
+
+/// `drill<n>:<32 random bytes, base64>`.
+fn new_key(n: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(format!("drill{n}:{}", base64(&bytes)))
+}
+
+/// Standard base64 with padding (the drill links no server crate, and this is all it needs).
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_matches_the_standard_vectors() {
+        for (raw, b64) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(super::base64(raw.as_bytes()), b64);
+        }
+    }
 }

@@ -124,7 +124,7 @@ pub(crate) struct AccountRun {
 }
 
 impl AccountRun {
-    fn ever_logged_in(&self) -> bool {
+    pub(crate) fn ever_logged_in(&self) -> bool {
         self.ops
             .iter()
             .any(|op| op.kind == OpKind::Login && matches!(op.outcome, Outcome::Ok { .. }))
@@ -200,11 +200,18 @@ pub(crate) struct Load {
     http: reqwest::Client,
     clock: Clock,
     duration: Duration,
+    /// Pause before each request with a session (see `DrillOptions::think`).
+    think: Duration,
     live: Arc<Live>,
 }
 
 impl Load {
-    pub fn new(base: &str, clock: Clock, duration: Duration) -> Result<Load, Error> {
+    pub fn new(
+        base: &str,
+        clock: Clock,
+        duration: Duration,
+        think: Duration,
+    ) -> Result<Load, Error> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(1))
@@ -215,6 +222,7 @@ impl Load {
             http,
             clock,
             duration,
+            think,
             live: Arc::default(),
         })
     }
@@ -722,6 +730,11 @@ impl Shopper {
         req: &Req,
         seen: fn(&Value) -> Option<Seen>,
     ) -> Result<Answer, Failure> {
+        if !self.load.think.is_zero() && !self.load.over() {
+            let ms = self.load.think.as_millis() as u64;
+            let pause = self.rng.between(ms / 2, ms + ms / 2);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
         let result = self.op(i, kind, req, true, seen).await;
         if let Err(Failure::Status(401)) = result {
             self.login(i).await;

@@ -16,6 +16,7 @@ mod shop;
 pub use error::{AppError, AppResult, PROBLEM_JSON};
 pub use holdfast_sessions::{Backend as SessionBackend, KeyRing, Sessions};
 pub use session::cookie_name;
+pub use shop::{Catalog, CatalogBody};
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -51,12 +52,45 @@ pub struct WebOptions {
     pub request_timeout: Duration,
     /// Largest accepted request body; more is a 413.
     pub max_body_bytes: usize,
+    /// Where the catalog cache (`GET /api/products`) keeps its entries: in this process, or
+    /// shared by the fleet in Redis. Either way the store is the origin; the cache is a copy.
+    pub catalog_cache: CatalogCache,
+    /// How long a cached catalog is served without asking the store.
+    pub catalog_ttl: Duration,
+    /// How long past its TTL a cached catalog still stands in while the store fails.
+    pub catalog_stale_if_error: Duration,
     /// Expose `/bench/*` routes (the same handlers without the idempotency layer), for
     /// `holdfast bench` only.
     pub bench_routes: bool,
     /// A deliberately broken build path, for proving that tests and the drill catch it.
     /// Never set in production.
     pub sabotage: Option<Sabotage>,
+}
+
+/// The catalog cache's tier (see `WebOptions::catalog_cache`).
+#[derive(Clone, Default)]
+pub enum CatalogCache {
+    /// One copy per instance.
+    #[default]
+    Local,
+    /// One copy per fleet, under `prefix` (e.g. `holdfast:catalog:v1`), with fleet-wide
+    /// single flight. A Redis outage falls back to the store.
+    Redis {
+        conn: holdfast_cache::redis::aio::ConnectionManager,
+        prefix: String,
+    },
+}
+
+impl std::fmt::Debug for CatalogCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CatalogCache::Local => f.write_str("Local"),
+            CatalogCache::Redis { prefix, .. } => f
+                .debug_struct("Redis")
+                .field("prefix", prefix)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 /// Ways to break the web tier on purpose (see `WebOptions::sabotage`).
@@ -80,6 +114,9 @@ impl Default for WebOptions {
             idempotency_retention: Duration::from_secs(24 * 3600),
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 64 * 1024,
+            catalog_cache: CatalogCache::Local,
+            catalog_ttl: Duration::from_secs(30),
+            catalog_stale_if_error: Duration::from_secs(5 * 60),
             bench_routes: false,
             sabotage: None,
         }
@@ -94,6 +131,7 @@ pub struct AppState {
     pub(crate) opts: Arc<WebOptions>,
     pub(crate) draining: Arc<AtomicBool>,
     pub(crate) metrics: Option<PrometheusHandle>,
+    pub(crate) catalog: shop::Catalog,
 }
 
 impl AppState {
@@ -104,6 +142,7 @@ impl AppState {
             holdfast_sessions::Config::new(opts.session_idle_ttl, opts.session_absolute_ttl);
         Self {
             sessions: Sessions::new(opts.sessions.clone(), store.clone(), config),
+            catalog: shop::catalog_cache(&opts),
             store,
             opts: Arc::new(opts),
             draining: Arc::new(AtomicBool::new(false)),
@@ -126,6 +165,11 @@ impl AppState {
 
     pub fn options(&self) -> &WebOptions {
         &self.opts
+    }
+
+    /// The catalog cache: flushing it loses nothing (the next read asks the store).
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
     }
 }
 

@@ -6,14 +6,16 @@ use crate::body::{idempotency_key, parse_json, PathParam, RawBody};
 use crate::error::{AppError, AppResult};
 use crate::idempotency::{self, json_response, Begin};
 use crate::session::{self, Authed};
-use crate::{AppState, Sabotage};
+use crate::{AppState, Sabotage, WebOptions};
 use axum::extract::State;
-use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use bytes::Bytes;
+use holdfast_cache::Ttl;
 use holdfast_core::{Email, OrderId, Password, Quantity, Sku};
 use holdfast_store::{Cart, Order, StoredResponse};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 #[derive(Deserialize)]
@@ -147,8 +149,74 @@ pub async fn me(State(st): State<AppState>, user: Authed) -> AppResult<Response>
     Ok(Json(json!({ "id": u.id, "email": u.email })).into_response())
 }
 
+/// The catalog's one cache key.
+const CATALOG_KEY: &str = "products";
+
+/// The catalog cache: the rendered `GET /api/products` body, read through from the store.
+pub type Catalog = holdfast_cache::Cache<&'static str, CatalogBody>;
+
+/// A rendered JSON body: cheap to clone on a hit, stored in Redis as a JSON string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogBody(Bytes);
+
+impl Serialize for CatalogBody {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text = std::str::from_utf8(&self.0).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(text)
+    }
+}
+
+impl<'de> Deserialize<'de> for CatalogBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| CatalogBody(Bytes::from(s)))
+    }
+}
+
+pub(crate) fn catalog_cache(opts: &WebOptions) -> Catalog {
+    let builder = Catalog::builder(Ttl::new(opts.catalog_ttl))
+        .name("catalog")
+        .beta(1.0)
+        .stale_if_error(opts.catalog_stale_if_error);
+    match &opts.catalog_cache {
+        crate::CatalogCache::Local => builder.build(),
+        crate::CatalogCache::Redis { conn, prefix } => {
+            builder.redis(conn.clone(), prefix.clone()).build()
+        }
+    }
+}
+
+/// The catalog, read through the cache: one store query per TTL per instance (per fleet with
+/// Redis), and while the store is down the last catalog is served for up to
+/// `catalog_stale_if_error` past its TTL.
 pub async fn products(State(st): State<AppState>) -> AppResult<Response> {
-    Ok(Json(json!({ "products": st.store.product_list().await? })).into_response())
+    let store = st.store.clone();
+    let body = st
+        .catalog
+        .get_with(CATALOG_KEY, move || async move {
+            let products = store.product_list().await?;
+            let body = json!({ "products": products }).to_string();
+            Ok::<_, holdfast_store::Error>(Some(CatalogBody(Bytes::from(body))))
+        })
+        .await
+        .map_err(|e| {
+            match e
+                .origin_error()
+                .and_then(|o| o.downcast_ref::<holdfast_store::Error>())
+            {
+                Some(se) if se.is_unavailable() => AppError::unavailable(se),
+                Some(se) => AppError::internal(se),
+                None => AppError::internal(e),
+            }
+        })?
+        .ok_or_else(|| AppError::internal("the catalog origin answered nothing"))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.0,
+    )
+        .into_response())
 }
 
 pub async fn cart_get(State(st): State<AppState>, user: Authed) -> AppResult<Json<Cart>> {

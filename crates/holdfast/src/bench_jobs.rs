@@ -59,6 +59,9 @@ pub struct Figures {
 pub struct Latency {
     pub p50: f64,
     pub p99: f64,
+    /// The slowest job, to tell a stall from a slow tail.
+    #[serde(default)]
+    pub max: f64,
 }
 
 /// Holdfast over a peer, for one backend and one figure.
@@ -174,6 +177,7 @@ fn median(runs: &[Figures]) -> Figures {
         latency_ms: Latency {
             p50: pick(|f| f.latency_ms.p50),
             p99: pick(|f| f.latency_ms.p99),
+            max: pick(|f| f.latency_ms.max),
         },
         ..runs[0].clone()
     }
@@ -181,8 +185,8 @@ fn median(runs: &[Figures]) -> Figures {
 
 fn summary(f: &Figures) -> String {
     format!(
-        "{:.0} jobs/s burn-down, latency p50 {:.2} ms p99 {:.2} ms",
-        f.burn_down_jobs_per_s, f.latency_ms.p50, f.latency_ms.p99
+        "{:.0} jobs/s burn-down, latency p50 {:.2} ms p99 {:.2} ms max {:.2} ms",
+        f.burn_down_jobs_per_s, f.latency_ms.p50, f.latency_ms.p99, f.latency_ms.max
     )
 }
 
@@ -444,6 +448,7 @@ async fn holdfast_steady_state(
     Ok(Latency {
         p50: hist.value_at_quantile(0.5) as f64 / 1000.0,
         p99: hist.value_at_quantile(0.99) as f64 / 1000.0,
+        max: hist.max() as f64 / 1000.0,
     })
 }
 
@@ -647,8 +652,8 @@ fn div(a: f64, b: f64) -> f64 {
 
 fn print_table(results: &[Figures], ratios: &[Ratio]) {
     println!(
-        "\n{:<9} {:<18} {:>10} {:>14} {:>9} {:>9} {:>14}",
-        "backend", "system", "version", "burn-down/s", "p50 ms", "p99 ms", "holdfast ÷"
+        "\n{:<9} {:<18} {:>8} {:>12} {:>8} {:>8} {:>9} {:>11}",
+        "backend", "system", "version", "burn-down/s", "p50 ms", "p99 ms", "max ms", "holdfast ÷"
     );
     for f in results {
         let ratio = ratios
@@ -657,13 +662,14 @@ fn print_table(results: &[Figures], ratios: &[Ratio]) {
             .map(|r| format!("{:.2}×", r.throughput))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{:<9} {:<18} {:>10} {:>14.0} {:>9.2} {:>9.2} {:>14}",
+            "{:<9} {:<18} {:>8} {:>12.0} {:>8.2} {:>8.2} {:>9.2} {:>11}",
             f.backend,
             f.peer,
             f.version,
             f.burn_down_jobs_per_s,
             f.latency_ms.p50,
             f.latency_ms.p99,
+            f.latency_ms.max,
             ratio
         );
     }
@@ -726,7 +732,7 @@ mod tests {
             backend: "sqlite".into(),
             jobs: 1,
             burn_down_jobs_per_s: b,
-            latency_ms: Latency { p50, p99 },
+            latency_ms: Latency { p50, p99, max: p99 },
             settings: serde_json::Value::Null,
         };
         let m = median(&[f(3.0, 1.0, 9.0), f(1.0, 3.0, 7.0), f(2.0, 2.0, 8.0)]);

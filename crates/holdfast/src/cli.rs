@@ -52,6 +52,34 @@ pub enum BenchCommand {
     Jobs(BenchJobsArgs),
     /// Sessions: load+save/s of the Redis tier (with its backstop) vs tower-sessions' Redis store.
     Sessions(BenchSessionsArgs),
+    /// Cache: hit-path gets/s of holdfast-cache (in-process tier) vs moka used directly.
+    Cache(BenchCacheArgs),
+}
+
+/// `holdfast bench cache`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchCacheArgs {
+    /// Distinct warm keys the readers cycle through.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: usize,
+    /// Concurrent reader tasks (on the runtime's worker threads, the same for both caches).
+    #[arg(long, default_value_t = 8)]
+    pub tasks: usize,
+    /// Zipf exponent of the key popularity; 0 is uniform.
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf: f64,
+    /// Measured time per phase; phases alternate between the caches.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    pub duration: Duration,
+    /// Phases per cache.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Run without the Prometheus recorder `serve` installs (hit counters become no-ops).
+    #[arg(long)]
+    pub no_metrics: bool,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// `holdfast bench sessions`.
@@ -170,7 +198,8 @@ pub struct DrillArgs {
     #[arg(long, default_value_t = 2)]
     pub workers: u16,
     /// `all`, `none`, or a comma-separated list of: kill-instance, pause-instance,
-    /// drain-instance, kill-worker, restart-db, slow-db, cut-db, provider-timeouts.
+    /// drain-instance, kill-worker, restart-db, slow-db, cut-db, provider-timeouts,
+    /// restart-redis and flush-cache (`--sessions redis`), rotate-keys (`--sessions cookie`).
     #[arg(long, default_value = "all")]
     pub faults: holdfast_drill::FaultSet,
     /// Seeds the fault schedule and the users' choices (default: from the clock; reported).
@@ -191,6 +220,21 @@ pub struct DrillArgs {
     /// Drill a deliberately broken build; the drill must then fail (a self-test).
     #[arg(long, value_enum)]
     pub sabotage: Option<DrillSabotage>,
+    /// Where the drilled system keeps sessions; `redis` runs a redis-server of its own on a
+    /// free port (see scripts/install-drill-deps.sh), `cookie` a key ring of its own.
+    #[arg(long, value_enum, default_value_t = SessionMode::Store)]
+    pub sessions: SessionMode,
+    /// Restart the drill's Redis every this often (e.g. `15s`) instead of at seeded times;
+    /// implies the `restart-redis` fault. Needs `--sessions redis`.
+    #[arg(long, value_parser = parse_duration)]
+    pub restart_redis_every: Option<Duration>,
+    /// Each user pauses about this long (± 50%) before each request with its session, so that
+    /// `--users` are active users rather than a stress test (e.g. `1s`; default: none).
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub think_time: Duration,
+    /// Start the users spread evenly over this long (default: all at once).
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub ramp_up: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

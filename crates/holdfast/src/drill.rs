@@ -3,7 +3,7 @@
 //! the table, writes the JSON and HTML, and turns a failed verdict into a non-zero exit.
 
 use anyhow::{bail, Context};
-use holdfast_drill::{Backend, DrillOptions, Sabotage};
+use holdfast_drill::{Backend, DrillOptions, Sabotage, Sessions};
 
 use crate::cli::{self, DrillArgs, DrillSabotage};
 
@@ -21,6 +21,17 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         cli::Backend::Sqlite => Backend::Sqlite,
         cli::Backend::Postgres => Backend::Postgres,
     };
+    opts.sessions = match args.sessions {
+        cli::SessionMode::Store => Sessions::Store,
+        cli::SessionMode::Redis => Sessions::Redis,
+        cli::SessionMode::Cookie => Sessions::Cookie,
+    };
+    if args.restart_redis_every.is_some() && opts.sessions != Sessions::Redis {
+        bail!("--restart-redis-every needs --sessions redis (the drill restarts its own Redis)");
+    }
+    opts.restart_redis_every = args.restart_redis_every;
+    opts.think = args.think_time;
+    opts.ramp_up = args.ramp_up;
     opts.duration = args.duration;
     opts.users = args.users;
     opts.instances = args.instances;
@@ -35,8 +46,9 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     opts.system_log = args.system_log;
     opts.history = args.history;
     eprintln!(
-        "drill: {} for {:?}, {} users, seed {seed} (repeat with --seed {seed})",
+        "drill: {}, sessions {}, for {:?}, {} users, seed {seed} (repeat with --seed {seed})",
         opts.backend.name(),
+        opts.sessions.name(),
         opts.duration,
         opts.users
     );

@@ -5,6 +5,7 @@
 //! supervisor can parse), start a runtime, run the command. See `cli.rs` for the flags.
 
 mod bench;
+mod bench_cache;
 mod bench_jobs;
 mod bench_sessions;
 mod cli;
@@ -41,6 +42,7 @@ fn main() -> anyhow::Result<()> {
             Some(Command::Bench(BenchCommand::Checkout(args))) => bench::run(args).await,
             Some(Command::Bench(BenchCommand::Jobs(args))) => bench_jobs::run(args).await,
             Some(Command::Bench(BenchCommand::Sessions(args))) => bench_sessions::run(args).await,
+            Some(Command::Bench(BenchCommand::Cache(args))) => bench_cache::run(args).await,
             Some(Command::Worker(args)) => worker::run(args).await,
             Some(Command::Provider(args)) => provider::run(args).await,
             Some(Command::Jobs(cmd)) => worker::jobs_command(cmd).await,

@@ -36,6 +36,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let terminated = crate::on_terminate()?;
     let mut opts = web_options(&args.instance, !args.insecure_cookies)?;
     opts.sessions = session_backend(&args.instance)?;
+    opts.catalog_cache = catalog_cache(&args.instance, &opts.sessions)?;
     let grace = opts.request_timeout + SHUTDOWN_SLACK;
 
     let metrics = holdfast_web::install_metrics_recorder().map_err(anyhow::Error::msg)?;
@@ -109,6 +110,28 @@ pub fn session_backend(args: &InstanceArgs) -> anyhow::Result<SessionBackend> {
                 keys: KeyRing::parse(spec)?,
             }
         }
+    })
+}
+
+/// The catalog cache's tier: Redis (under `<redis-prefix>:catalog:v1`, so deployments that
+/// share a Redis do not share catalogs) when the instance has a Redis URL, reusing the session
+/// tier's connection when there is one; otherwise in-process. Lazy like the session tier: a
+/// Redis outage falls back to the store.
+fn catalog_cache(
+    args: &InstanceArgs,
+    sessions: &SessionBackend,
+) -> anyhow::Result<holdfast_web::CatalogCache> {
+    let prefix = format!("{}:catalog:v1", args.redis_prefix);
+    Ok(match (sessions, args.redis_url.as_deref()) {
+        (SessionBackend::Redis { conn, .. }, _) => holdfast_web::CatalogCache::Redis {
+            conn: conn.clone(),
+            prefix,
+        },
+        (_, Some(url)) => holdfast_web::CatalogCache::Redis {
+            conn: holdfast_sessions::connect_redis(url).context("--redis-url")?,
+            prefix,
+        },
+        (_, None) => holdfast_web::CatalogCache::Local,
     })
 }
 

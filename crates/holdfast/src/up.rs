@@ -137,6 +137,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .into_iter()
             .chain(args.instance.session_env()?)
             .collect(),
+        env_files: session_keys_file(&args.instance),
         instances_file: args.store.data_dir.join("run").join("instances.json"),
         balancer,
         start_timeout: Duration::from_secs(30),
@@ -179,6 +180,9 @@ pub struct Options {
     pub program: PathBuf,
     pub groups: Vec<Group>,
     pub env: Vec<(OsString, OsString)>,
+    /// Variables re-read from a file each time an instance (re)starts, overriding `env`: how
+    /// the session key ring is rotated under a rolling restart (see [`session_keys_file`]).
+    pub env_files: Vec<(OsString, PathBuf)>,
     /// Rewritten atomically on every change: `[{"role":"web","pid":…,"addr":"…"}, …]`.
     pub instances_file: PathBuf,
     /// Gets the listening addresses as upstreams and the same JSON for `GET /ops/instances`.
@@ -328,6 +332,11 @@ impl Shared {
         let mut child = Command::new(&opts.program)
             .args(&group.args)
             .envs(opts.env.iter().map(|(k, v)| (k, v)))
+            .envs(opts.env_files.iter().filter_map(|(k, path)| {
+                // Unreadable: the ring `up` started with (in `env`) stays.
+                let value = std::fs::read_to_string(path).ok()?;
+                Some((k, value.trim().to_owned()))
+            }))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -500,5 +509,20 @@ mod tests {
         assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         assert_eq!(b.after(Duration::from_secs(10)), Duration::from_millis(100));
         assert_eq!(b.after(crash), Duration::from_millis(200));
+    }
+}
+
+/// `HOLDFAST_SESSION_KEYS_FILE` (in `up`'s environment), with `--sessions cookie`: a file
+/// holding a key ring (`kid:base64key,…`) that `up` re-reads each time it starts an instance,
+/// so keys rotate without restarting `up`: rewrite the file, then SIGTERM the web instances one
+/// at a time (each drains and its replacement reads the new ring). Rotate in two rounds — the
+/// new key added verify-only, then made current — so that no instance meets a cookie signed by
+/// a key it does not have. `holdfast drill`'s `rotate-keys` does exactly that.
+fn session_keys_file(instance: &crate::cli::InstanceArgs) -> Vec<(OsString, PathBuf)> {
+    match std::env::var_os("HOLDFAST_SESSION_KEYS_FILE") {
+        Some(path) if instance.sessions == crate::cli::SessionMode::Cookie => {
+            vec![("HOLDFAST_SESSION_KEYS".into(), PathBuf::from(path))]
+        }
+        _ => Vec::new(),
     }
 }

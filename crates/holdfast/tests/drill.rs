@@ -144,6 +144,54 @@ fn every_sabotage_fails_the_drill_naming_the_broken_invariant() {
     }
 }
 
+/// `--sessions redis`: the drill's own redis-server is SIGKILLed and restarted mid-load (and
+/// flushed), and no logged-in user is sent back to the login page. Needs `redis-server` on
+/// PATH (scripts/install-drill-deps.sh), like the Postgres drill needs initdb.
+#[test]
+fn a_redis_restart_loses_no_session() {
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("redis-server").is_file()))
+        .unwrap_or(false);
+    if !on_path {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but redis-server is missing: run scripts/install-drill-deps.sh"
+        );
+        eprintln!("skipped: no redis-server (scripts/install-drill-deps.sh installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--duration",
+        "10s",
+        "--users",
+        "50",
+        "--instances",
+        "2",
+        "--workers",
+        "1",
+        "--think-time",
+        "200ms",
+        "--sessions",
+        "redis",
+        "--faults",
+        "flush-cache",
+        "--restart-redis-every",
+        "5s",
+        "--seed",
+        "13",
+    ];
+    let (out, r, _) = drill(dir.path(), "redis", &args);
+    assert_eq!(r["verdict"], "pass", "violated: {}", r["violated"]);
+    assert!(out.status.success(), "exit status {}", out.status);
+    assert_eq!(r["sessions"], "redis");
+    assert_eq!(r["redis_restarts"], 1, "{:#}", r["faults"]);
+    assert_eq!(r["forced_relogins"], 0);
+    assert_eq!(r["sessions_lost"], 0);
+    assert_eq!(r["cart_items_lost"], 0);
+    assert_eq!(r["active_users"], 50);
+}
+
 /// Whether initdb and pg_ctl are on PATH or in Debian's /usr/lib/postgresql/*/bin.
 fn postgres_server_binaries() -> bool {
     let has = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();

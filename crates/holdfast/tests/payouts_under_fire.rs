@@ -133,14 +133,6 @@ async fn run(sys: &System, users: usize, per_user: usize, faults: Value) -> Run 
         .expect("clear faults");
     let deadline = Instant::now() + Duration::from_secs(90);
     let (charges, emails) = loop {
-        let charges: Vec<Value> = http
-            .get(format!("{provider}/charges"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
         let emails: Vec<Value> = http
             .get(format!("{provider}/emails"))
             .send()

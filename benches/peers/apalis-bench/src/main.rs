@@ -59,8 +59,11 @@ struct Opts {
     /// `Config::lock_tasks`: an extra `Running` update per task before it runs.
     lock_tasks: bool,
     pool_size: u32,
-    /// Fallback poll while idle, besides the insert notifications (ms).
+    /// Fallback poll while idle, besides the insert notifications (ms; 0: none).
     poll_ms: u64,
+    /// `Config::heartbeat_interval` (ms). Besides liveness, a heartbeat is what rouses a
+    /// worker that missed a wake-up, so it bounds the stalls described in the README.
+    heartbeat_ms: u64,
     /// SQLite only: `off`, `normal` or `full` (Holdfast runs FULL).
     sqlite_synchronous: String,
 }
@@ -79,6 +82,7 @@ impl Opts {
             lock_tasks: false,
             pool_size: 0,
             poll_ms: 50,
+            heartbeat_ms: 1000,
             sqlite_synchronous: "full".into(),
         };
         let mut it = std::env::args().skip(1);
@@ -96,6 +100,7 @@ impl Opts {
                 "--lock-tasks" => o.lock_tasks = val()?.parse()?,
                 "--pool-size" => o.pool_size = val()?.parse()?,
                 "--poll-ms" => o.poll_ms = val()?.parse()?,
+                "--heartbeat-ms" => o.heartbeat_ms = val()?.parse()?,
                 "--sqlite-synchronous" => o.sqlite_synchronous = val()?,
                 other => return Err(format!("unknown flag {other}").into()),
             }
@@ -197,6 +202,15 @@ async fn join(mut set: JoinSet<Result<(), WorkerError>>) -> Result<(), Error> {
     Ok(())
 }
 
+/// Adds a fallback poll every `ms` (0: notifications only).
+fn with_poll(strategy: Strategy, ms: u64) -> Strategy {
+    if ms == 0 {
+        strategy
+    } else {
+        strategy.interval(Duration::from_millis(ms))
+    }
+}
+
 // ---- the two storages ---------------------------------------------------------------------
 
 /// Starts `o.workers` workers on backends made by `make(k)`, each stopping when `stop` flips.
@@ -222,7 +236,7 @@ macro_rules! spawn_workers {
     }};
 }
 
-async fn postgres(o: &Opts) -> Result<(f64, (f64, f64), serde_json::Value), Error> {
+async fn postgres(o: &Opts) -> Result<(f64, (f64, f64, f64), serde_json::Value), Error> {
     let pool = PgPoolOptions::new()
         .max_connections(o.pool_size)
         .connect(&o.url)
@@ -231,16 +245,15 @@ async fn postgres(o: &Opts) -> Result<(f64, (f64, f64), serde_json::Value), Erro
     let config = apalis_postgres::Config::default()
         .queue(QUEUE)
         .batch_size(o.batch_size)
+        .heartbeat_interval(Duration::from_millis(o.heartbeat_ms))
         .lock_tasks(o.lock_tasks);
     let mut storage = PostgresStorage::<Job>::new(&pool).with_config(config);
     let backend = |storage: &PostgresStorage<Job>| {
         // LISTEN for inserts (apalis' trigger NOTIFYs on insert), plus a short fallback poll.
         let listen = apalis_postgres::Pubsub::new(pool.clone(), QUEUE.to_owned());
-        storage.clone().poll_with_strategy(
-            Strategy::new()
-                .stream(listen)
-                .interval(Duration::from_millis(o.poll_ms)),
-        )
+        storage
+            .clone()
+            .poll_with_strategy(with_poll(Strategy::new().stream(listen), o.poll_ms))
     };
 
     // Burn-down.
@@ -287,7 +300,7 @@ async fn postgres(o: &Opts) -> Result<(f64, (f64, f64), serde_json::Value), Erro
     ))
 }
 
-async fn sqlite(o: &Opts) -> Result<(f64, (f64, f64), serde_json::Value), Error> {
+async fn sqlite(o: &Opts) -> Result<(f64, (f64, f64, f64), serde_json::Value), Error> {
     // Insert notifications, in process: an update hook on every pooled connection fans out
     // to one channel per worker (what apalis-sqlite's own hook listener does for one).
     let subscribers: Arc<Mutex<Vec<UnboundedSender<()>>>> = Arc::default();
@@ -326,16 +339,15 @@ async fn sqlite(o: &Opts) -> Result<(f64, (f64, f64), serde_json::Value), Error>
     let config = apalis_sqlite::Config::default()
         .queue(QUEUE)
         .batch_size(o.batch_size)
+        .heartbeat_interval(Duration::from_millis(o.heartbeat_ms))
         .lock_tasks(o.lock_tasks);
     let mut storage = SqliteStorage::<Job>::new(&pool).with_config(config);
     let backend = |storage: &SqliteStorage<Job>| {
         let (tx, rx) = unbounded::<()>();
         subscribers.lock().unwrap().push(tx);
-        storage.clone().poll_with_strategy(
-            Strategy::new()
-                .stream(rx)
-                .interval(Duration::from_millis(o.poll_ms)),
-        )
+        storage
+            .clone()
+            .poll_with_strategy(with_poll(Strategy::new().stream(rx), o.poll_ms))
     };
 
     let t = Instant::now();
@@ -385,8 +397,8 @@ async fn sqlite(o: &Opts) -> Result<(f64, (f64, f64), serde_json::Value), Error>
     ))
 }
 
-/// Workers idle; one insert at a time at `o.rate`; returns (p50, p99) insert→start in ms.
-async fn steady<P, PF, S>(o: &Opts, push: P, start: S) -> Result<(f64, f64), Error>
+/// Workers idle; one insert at a time at `o.rate`; returns (p50, p99, max) insert→start in ms.
+async fn steady<P, PF, S>(o: &Opts, push: P, start: S) -> Result<(f64, f64, f64), Error>
 where
     P: Fn(Job) -> PF,
     PF: std::future::Future<Output = Result<(), Error>>,
@@ -413,13 +425,13 @@ where
     join(set).await?;
     let mut l = tally().latencies_us.lock().unwrap().clone();
     l.sort_unstable();
-    Ok((quantile_ms(&l, 0.5), quantile_ms(&l, 0.99)))
+    Ok((quantile_ms(&l, 0.5), quantile_ms(&l, 0.99), quantile_ms(&l, 1.0)))
 }
 
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let o = Opts::parse()?;
-    let (burn, (p50, p99), extra) = match o.backend.as_str() {
+    let (burn, (p50, p99, max), extra) = match o.backend.as_str() {
         "postgres" => postgres(&o).await?,
         "sqlite" => sqlite(&o).await?,
         other => return Err(format!("--backend must be postgres or sqlite, not {other}").into()),
@@ -431,6 +443,7 @@ async fn main() -> Result<(), Error> {
         "lock_tasks": o.lock_tasks,
         "pool_size": o.pool_size,
         "poll_ms": o.poll_ms,
+        "heartbeat_ms": o.heartbeat_ms,
     });
     if let (Some(s), Some(e)) = (settings.as_object_mut(), extra.as_object()) {
         s.extend(e.clone());
@@ -443,7 +456,7 @@ async fn main() -> Result<(), Error> {
             "backend": o.backend,
             "jobs": o.jobs,
             "burn_down_jobs_per_s": burn,
-            "latency_ms": { "p50": p50, "p99": p99 },
+            "latency_ms": { "p50": p50, "p99": p99, "max": max },
             "settings": settings,
         })
     );
