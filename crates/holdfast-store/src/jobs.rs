@@ -511,15 +511,15 @@ impl Store {
 
     /// Deletes up to `limit` jobs completed before `before`, so the table does not bloat.
     pub async fn job_prune(&self, before: i64, limit: i64) -> Result<u64> {
+        let old = "SELECT id FROM jobs WHERE state = 'completed' AND finished_at < $1 LIMIT $2";
+        // By primary key on Postgres, as in `job_claim`: `id IN (…)` scans the whole table.
+        let sql = match self.dialect {
+            Dialect::Postgres => format!("DELETE FROM jobs WHERE id = ANY(ARRAY({old}))"),
+            Dialect::Sqlite => format!("DELETE FROM jobs WHERE id IN ({old})"),
+        };
         self.run(Safety::Idempotent, "job_prune", || async {
-            self.write_one(
-                sqlx::query(
-                    "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state = 'completed' AND finished_at < $1 LIMIT $2)",
-                )
-                .bind(before)
-                .bind(limit),
-            )
-            .await
+            self.write_one(sqlx::query(&sql).bind(before).bind(limit))
+                .await
         })
         .await
     }

@@ -127,13 +127,13 @@ pub struct BenchJobsArgs {
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
     /// Jobs one worker runs at once.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 4096)]
     pub concurrency: usize,
     /// Most jobs one claim takes.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 2048)]
     pub fetch_batch: usize,
     /// Most completions one statement writes.
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, default_value_t = 4096)]
     pub complete_batch: usize,
     /// Store connections (shared by all workers and the producer).
     #[arg(long, default_value_t = 8)]

@@ -21,8 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqliteOperation, SqlitePoolOptions,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqliteOperation, SqlitePoolOptions, SqliteSynchronous,
 };
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -112,7 +111,15 @@ impl Opts {
         // more than one worker fails: apalis' deferred transactions upgrade to writes and
         // collide with SQLITE_BUSY ("database is locked") that no busy timeout resolves.
         let sqlite = o.backend == "sqlite";
-        let pick = |v: usize, pg: usize, sq: usize| if v > 0 { v } else if sqlite { sq } else { pg };
+        let pick = |v: usize, pg: usize, sq: usize| {
+            if v > 0 {
+                v
+            } else if sqlite {
+                sq
+            } else {
+                pg
+            }
+        };
         o.workers = pick(o.workers, 4, 1);
         o.concurrency = pick(o.concurrency, 2048, 256);
         o.batch_size = pick(o.batch_size, 1000, 100);
@@ -277,20 +284,29 @@ async fn postgres(o: &Opts) -> Result<(f64, (f64, f64, f64), serde_json::Value),
     stop_tx.send(true)?;
     join(set).await?;
     let burn = o.jobs as f64 / started.elapsed().as_secs_f64();
-    let done: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND status = 'Done'")
-            .bind(QUEUE)
-            .fetch_one(&pool)
-            .await?;
+    let done: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM apalis.jobs WHERE job_type = $1 AND status = 'Done'",
+    )
+    .bind(QUEUE)
+    .fetch_one(&pool)
+    .await?;
     if done as usize != o.jobs {
         return Err(format!("burn-down: {done} of {} jobs are Done", o.jobs).into());
     }
 
     // Steady state.
-    let lat = steady(o, |job| {
-        let mut s = storage.clone();
-        async move { s.push(job).await.map_err(|e| -> Error { format!("{e:?}").into() }) }
-    }, |stop| spawn_workers!(o, "steady", stop, |_k| backend(&storage)))
+    let lat = steady(
+        o,
+        |job| {
+            let mut s = storage.clone();
+            async move {
+                s.push(job)
+                    .await
+                    .map_err(|e| -> Error { format!("{e:?}").into() })
+            }
+        },
+        |stop| spawn_workers!(o, "steady", stop, |_k| backend(&storage)),
+    )
     .await?;
     pool.close().await;
     Ok((
@@ -379,12 +395,22 @@ async fn sqlite(o: &Opts) -> Result<(f64, (f64, f64, f64), serde_json::Value), E
         return Err(format!("burn-down: {done} of {} jobs are Done", o.jobs).into());
     }
 
-    let lat = steady(o, |job| {
-        let mut s = storage.clone();
-        async move { s.push(job).await.map_err(|e| -> Error { format!("{e:?}").into() }) }
-    }, |stop| spawn_workers!(o, "steady", stop, |_k| backend(&storage)))
+    let lat = steady(
+        o,
+        |job| {
+            let mut s = storage.clone();
+            async move {
+                s.push(job)
+                    .await
+                    .map_err(|e| -> Error { format!("{e:?}").into() })
+            }
+        },
+        |stop| spawn_workers!(o, "steady", stop, |_k| backend(&storage)),
+    )
     .await?;
-    let sync_now: i64 = sqlx::query_scalar("PRAGMA synchronous").fetch_one(&pool).await?;
+    let sync_now: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(&pool)
+        .await?;
     pool.close().await;
     Ok((
         burn,
@@ -418,14 +444,21 @@ where
     }
     let achieved = total as f64 / t.elapsed().as_secs_f64();
     if achieved < 0.9 * f64::from(o.rate) {
-        eprintln!("  apalis: the producer only reached {achieved:.0}/s of {}/s", o.rate);
+        eprintln!(
+            "  apalis: the producer only reached {achieved:.0}/s of {}/s",
+            o.rate
+        );
     }
     wait_all("steady state", Duration::from_secs(60)).await?;
     stop_tx.send(true)?;
     join(set).await?;
     let mut l = tally().latencies_us.lock().unwrap().clone();
     l.sort_unstable();
-    Ok((quantile_ms(&l, 0.5), quantile_ms(&l, 0.99), quantile_ms(&l, 1.0)))
+    Ok((
+        quantile_ms(&l, 0.5),
+        quantile_ms(&l, 0.99),
+        quantile_ms(&l, 1.0),
+    ))
 }
 
 #[tokio::main]
