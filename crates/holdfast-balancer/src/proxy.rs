@@ -13,14 +13,13 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use serde::Serialize;
 use tokio::time::timeout;
 
 use crate::{Balancer, Upstream};
 
 pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
-const IDEMPOTENCY_KEY: &str = "idempotency-key";
+use holdfast_http::IDEMPOTENCY_KEY;
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// Why an attempt produced no response to pass on.
@@ -301,31 +300,12 @@ pub(crate) fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
-/// An RFC 9457 problem response made by the balancer itself.
+/// An RFC 9457 problem response made by the balancer itself (type `about:blank`: the
+/// status is the whole story, the detail says which upstream and why).
 pub(crate) fn problem(status: StatusCode, detail: impl Into<String>) -> Response<Body> {
-    #[derive(Serialize)]
-    struct Problem<'a> {
-        #[serde(rename = "type")]
-        kind: &'a str,
-        title: &'a str,
-        status: u16,
-        detail: String,
-    }
-    let problem = Problem {
-        kind: "about:blank",
-        title: status.canonical_reason().unwrap_or("Error"),
-        status: status.as_u16(),
-        detail: detail.into(),
-    };
-    // Serializing strings and a number cannot fail; fall back to an empty object anyway.
-    let json = serde_json::to_vec(&problem).unwrap_or_else(|_| b"{}".to_vec());
-    let mut resp = Response::new(full(json.into()));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/problem+json"),
-    );
-    resp
+    holdfast_http::Problem::of_status(status, detail)
+        .to_response()
+        .map(full)
 }
 
 #[cfg(test)]

@@ -7,19 +7,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use holdfast_http::Problem;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use crate::faults::Faults;
 use crate::ledger::{lock, Claim, Hold, Ledger};
 use crate::{Charge, Email, ProviderState};
 
-pub(crate) const IDEMPOTENCY_KEY: &str = "idempotency-key";
+pub(crate) use holdfast_http::IDEMPOTENCY_KEY;
 pub(crate) const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
 const MAX_KEY_LEN: usize = 255;
 const MAX_FIELD_LEN: usize = 255;
@@ -31,9 +31,9 @@ pub(crate) fn router(state: ProviderState) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/_faults", get(get_faults).put(put_faults))
         .route("/_stats", get(get_stats))
-        .fallback(|| async { Problem::new(StatusCode::NOT_FOUND, "not-found", "no such route") })
+        .fallback(|| async { problem(StatusCode::NOT_FOUND, "not-found", "no such route") })
         .method_not_allowed_fallback(|| async {
-            Problem::new(
+            problem(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method-not-allowed",
                 "method not allowed on this route",
@@ -70,7 +70,7 @@ async fn create_charge(
     body: Bytes,
 ) -> Result<Response, Problem> {
     let key = idempotency_key(&headers)?.ok_or_else(|| {
-        Problem::bad_request(
+        bad_request(
             "idempotency-key-missing",
             "an Idempotency-Key header is required",
         )
@@ -78,7 +78,7 @@ async fn create_charge(
     let req: ChargeRequest = parse_body(&body)?;
     check_field("order_id", &req.order_id)?;
     if req.amount_cents <= 0 {
-        return Err(Problem::unprocessable(
+        return Err(unprocessable(
             "invalid-field",
             "amount_cents must be a positive integer",
         ));
@@ -112,7 +112,7 @@ async fn send_email(
     check_field("to", &req.to)?;
     check_field("kind", &req.kind)?;
     if !req.to.contains('@') {
-        return Err(Problem::unprocessable(
+        return Err(unprocessable(
             "invalid-field",
             "to must be an email address",
         ));
@@ -140,7 +140,7 @@ async fn list_charges(
     State(state): State<ProviderState>,
     filter: Result<Query<KeyFilter>, QueryRejection>,
 ) -> Result<Json<Vec<Charge>>, Problem> {
-    let Query(filter) = filter.map_err(|e| Problem::bad_request("invalid-query", e.body_text()))?;
+    let Query(filter) = filter.map_err(|e| bad_request("invalid-query", e.body_text()))?;
     Ok(Json(
         lock(&state.0.charges).list(filter.idempotency_key.as_deref()),
     ))
@@ -150,7 +150,7 @@ async fn list_emails(
     State(state): State<ProviderState>,
     filter: Result<Query<KeyFilter>, QueryRejection>,
 ) -> Result<Json<Vec<Email>>, Problem> {
-    let Query(filter) = filter.map_err(|e| Problem::bad_request("invalid-query", e.body_text()))?;
+    let Query(filter) = filter.map_err(|e| bad_request("invalid-query", e.body_text()))?;
     Ok(Json(
         lock(&state.0.emails).list(filter.idempotency_key.as_deref()),
     ))
@@ -167,7 +167,7 @@ async fn put_faults(
     let faults: Faults = parse_body(&body)?;
     state
         .set_faults(faults.clone())
-        .map_err(|e| Problem::unprocessable("invalid-field", e))?;
+        .map_err(|e| unprocessable("invalid-field", e))?;
     Ok(Json(faults))
 }
 
@@ -203,7 +203,7 @@ impl crate::Shared {
         }
         if decision.fail {
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
-            return Err(Problem::new(
+            return Err(problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "injected-failure",
                 "injected failure: nothing was done, retry",
@@ -211,14 +211,14 @@ impl crate::Shared {
         }
         let (status, record) = match claim {
             Claim::Busy => {
-                return Err(Problem::new(
+                return Err(problem(
                     StatusCode::CONFLICT,
                     "idempotency-key-in-flight",
                     "a request with this Idempotency-Key is still being processed; retry later",
                 ))
             }
             Claim::Mismatch => {
-                return Err(Problem::unprocessable(
+                return Err(unprocessable(
                     "idempotency-key-reused",
                     "this Idempotency-Key was used with a different payload",
                 ))
@@ -279,7 +279,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
     let Some(value) = values.next() else {
         return Ok(None);
     };
-    let bad = |detail| Err(Problem::bad_request("idempotency-key-invalid", detail));
+    let bad = |detail| Err(bad_request("idempotency-key-invalid", detail));
     if values.next().is_some() {
         return bad("send exactly one Idempotency-Key header");
     }
@@ -299,16 +299,16 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
     serde_json::from_slice(body).map_err(|e| {
         if e.is_data() {
-            Problem::unprocessable("invalid-body", e.to_string())
+            unprocessable("invalid-body", e.to_string())
         } else {
-            Problem::bad_request("malformed-json", e.to_string())
+            bad_request("malformed-json", e.to_string())
         }
     })
 }
 
 fn check_field(name: &str, value: &str) -> Result<(), Problem> {
     if value.trim().is_empty() || value.len() > MAX_FIELD_LEN {
-        return Err(Problem::unprocessable(
+        return Err(unprocessable(
             "invalid-field",
             format!("{name} must be 1 to {MAX_FIELD_LEN} characters"),
         ));
@@ -327,49 +327,23 @@ fn now_ms() -> u64 {
 }
 
 /// An RFC 9457 problem; the `type` is `/problems/<slug>`, as in `holdfast-web`.
-#[derive(Debug)]
-pub(crate) struct Problem {
-    status: StatusCode,
-    slug: &'static str,
-    detail: String,
-}
-
-impl Problem {
-    fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
-        Self {
-            status,
-            slug,
-            detail: detail.into(),
-        }
-    }
-    fn bad_request(slug: &'static str, detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, slug, detail)
-    }
-    fn unprocessable(slug: &'static str, detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, slug, detail)
+/// Errors are problems; a 409 and a 503 also say when to come back.
+fn problem(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Problem {
+    let p = Problem::new(status, slug, detail);
+    if matches!(
+        status,
+        StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE
+    ) {
+        p.retry_after(1)
+    } else {
+        p
     }
 }
 
-impl IntoResponse for Problem {
-    fn into_response(self) -> Response {
-        let body = json!({
-            "type": format!("/problems/{}", self.slug),
-            "title": self.status.canonical_reason().unwrap_or("Error"),
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
-        let mut resp = (self.status, body.to_string()).into_response();
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if matches!(
-            self.status,
-            StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE
-        ) {
-            h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        resp
-    }
+fn bad_request(slug: &'static str, detail: impl Into<String>) -> Problem {
+    problem(StatusCode::BAD_REQUEST, slug, detail)
+}
+
+fn unprocessable(slug: &'static str, detail: impl Into<String>) -> Problem {
+    problem(StatusCode::UNPROCESSABLE_ENTITY, slug, detail)
 }

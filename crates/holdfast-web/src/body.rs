@@ -9,6 +9,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderMap, StatusCode};
 use bytes::Bytes;
 use holdfast_core::IdempotencyKey;
+use holdfast_http::IDEMPOTENCY_KEY;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -110,8 +111,6 @@ pub fn canonical_json(v: &Value) -> Vec<u8> {
     write(v, &mut out);
     out
 }
-
-pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
 
 /// The request's `Idempotency-Key`, if any. More than one such header is a client error.
 pub fn idempotency_key(headers: &HeaderMap) -> AppResult<Option<IdempotencyKey>> {

@@ -3,30 +3,20 @@
 //! Client mistakes are 4xx and are not logged as errors; a failure of ours is logged with its
 //! cause while the client gets a generic body (no SQL, no stack, no secrets).
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use holdfast_core::ParseError;
-use serde_json::json;
+use holdfast_http::Problem;
 
-pub const PROBLEM_JSON: &str = "application/problem+json";
+pub use holdfast_http::PROBLEM_JSON;
 
+/// A failed request, as the client will see it (a [`Problem`]).
 #[derive(Debug)]
-pub struct AppError {
-    status: StatusCode,
-    /// Short machine-readable name; the problem `type` is `/problems/<slug>`.
-    slug: &'static str,
-    detail: String,
-    retry_after_s: Option<u32>,
-}
+pub struct AppError(Problem);
 
 impl AppError {
     pub fn new(status: StatusCode, slug: &'static str, detail: impl Into<String>) -> Self {
-        Self {
-            status,
-            slug,
-            detail: detail.into(),
-            retry_after_s: None,
-        }
+        Self(Problem::new(status, slug, detail))
     }
     pub fn bad_request(slug: &'static str, detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, slug, detail)
@@ -62,30 +52,17 @@ impl AppError {
         )
         .retry_after(1)
     }
-    pub fn retry_after(mut self, seconds: u32) -> Self {
-        self.retry_after_s = Some(seconds);
-        self
+    pub fn retry_after(self, seconds: u32) -> Self {
+        Self(self.0.retry_after(seconds))
     }
     pub fn status(&self) -> StatusCode {
-        self.status
+        self.0.status()
     }
 }
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        let body = json!({
-            "type": format!("/problems/{}", self.slug),
-            "title": self.status.canonical_reason().unwrap_or("Error"),
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-        });
-        let mut resp = (self.status, body.to_string()).into_response();
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
-        if let Some(s) = self.retry_after_s {
-            h.insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        resp
+        self.0.into_response()
     }
 }
 
