@@ -1,20 +1,21 @@
-//! The domain of Holdfast's reference shop, with no I/O in it.
+//! Holdfast's shared vocabulary, with no I/O in it.
 //!
-//! Everything that crosses a boundary (an HTTP header, a JSON field, a cookie) is parsed here
-//! into a newtype that can only hold a valid value, so the store and the web tier never juggle
-//! raw strings. The crate also owns the retry policy (full-jitter backoff, a retry budget and a
+//! What every service built on Holdfast parses at its boundary (an email, a password, a
+//! session id, an `Idempotency-Key`) becomes a newtype here that can only hold a valid value,
+//! so the store and the web tier never juggle raw strings. Which database engine holds the
+//! state is a [`Backend`]. The crate also owns the retry policy (full-jitter backoff, a retry budget and a
 //! deadline) because it is a rule about time and failure, not about any particular backend.
 //!
 //! Architecture invariant: this crate knows nothing about axum, sqlx, tokio or HTTP.
 
-pub mod catalog;
+mod backend;
 mod ids;
 pub mod retry;
+pub mod sabotage;
 
-pub use catalog::{Product, CATALOG};
-pub use ids::{
-    Email, IdempotencyKey, OrderId, Password, Quantity, RequestFingerprint, SessionId, Sku, UserId,
-};
+pub use backend::Backend;
+pub use ids::{Email, IdempotencyKey, Password, RequestFingerprint, SessionId, UserId};
+pub use sabotage::Sabotage;
 
 /// A value from outside failed to parse. The message is safe to show to the client.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +34,27 @@ impl ParseError {
     }
 }
 
+/// `500ms`, `20s`, `30m`, `12h`, `7d`: one whole number and one unit.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    use std::time::Duration;
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number and a unit, e.g. 30s"))?;
+    let secs = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("{s:?}: unit must be one of ms, s, m, h, d")),
+    };
+    n.checked_mul(secs)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?}: too long"))
+}
+
 /// Milliseconds since the Unix epoch: the one time unit the store persists.
 pub fn now_ms() -> i64 {
     use std::time::{SystemTime, UNIX_EPOCH};
@@ -40,4 +62,26 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations() {
+        let check = |s: &str, want: Option<Duration>| assert_eq!(parse_duration(s).ok(), want);
+        check("500ms", Some(Duration::from_millis(500)));
+        check("20s", Some(Duration::from_secs(20)));
+        check("30m", Some(Duration::from_secs(1800)));
+        check("12h", Some(Duration::from_secs(43_200)));
+        check("1d", Some(Duration::from_secs(86_400)));
+        check("0s", Some(Duration::ZERO));
+        check("10", None);
+        check("s", None);
+        check("1.5s", None);
+        check("-1s", None);
+        check("5 s", None);
+    }
 }

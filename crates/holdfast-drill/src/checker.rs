@@ -1,5 +1,5 @@
 //! The history checker: a pure function from what the clients saw (the history) and what the
-//! system holds at the end (the final state) to the violated invariants of DESIGN.md §2.
+//! system holds at the end (the final state) to the violated invariants (`docs/INVARIANTS.md`).
 //!
 //! Jepsen style. Every client operation is recorded with when it was invoked and how it
 //! completed: `ok` (acknowledged: a 2xx), `fail` (definitely not done: a 4xx, which a correct

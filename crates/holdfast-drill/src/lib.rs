@@ -8,7 +8,7 @@
 //! provider timeouts), and then judges the run like Jepsen does: every client operation is
 //! recorded as invoked and then ok, failed or unknown, and a pure [`checker`] compares that
 //! history with the final state read back through the API and the payment provider against
-//! the invariants of DESIGN.md §2.
+//! the invariants in `docs/INVARIANTS.md`.
 //!
 //! Architecture Invariant: the drill knows the system only as a client and through the OS.
 //! It speaks HTTP to the balancer and the provider, reads `run/instances.json`, sends signals
@@ -26,7 +26,7 @@
 pub mod checker;
 pub mod faults;
 pub mod report;
-mod system;
+pub mod system;
 mod users;
 
 use std::io::IsTerminal;
@@ -37,28 +37,11 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 pub use faults::{FaultKind, FaultSet};
+pub use holdfast_core::{Backend, Sabotage};
 pub use report::Report;
-pub use system::KEYS_FILE_ENV;
+pub use system::{Database, Instance, System, SystemSpec, KEYS_FILE_ENV};
 
 use crate::faults::Rng;
-use crate::system::System;
-
-/// Where the durable store lives in the drilled system.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-impl Backend {
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "sqlite",
-            Backend::Postgres => "postgres",
-        }
-    }
-}
 
 /// Where the drilled system keeps sessions (`holdfast up --sessions`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -82,49 +65,12 @@ impl Sessions {
     }
 }
 
-/// A deliberately broken build path, to show that the drill catches what it claims to catch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Sabotage {
-    /// The web tier ignores `Idempotency-Key`: a retry runs again.
-    NoIdempotency,
-    /// Checkout answers 201 before its order commits (in the background, a moment later).
-    AckBeforeCommit,
-    /// Workers skip the effect ledger: a provider call that acted and timed out is repeated.
-    LedgerBypass,
-}
-
-impl Sabotage {
-    pub const ALL: [Sabotage; 3] = [
-        Sabotage::NoIdempotency,
-        Sabotage::AckBeforeCommit,
-        Sabotage::LedgerBypass,
-    ];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Sabotage::NoIdempotency => "no-idempotency",
-            Sabotage::AckBeforeCommit => "ack-before-commit",
-            Sabotage::LedgerBypass => "ledger-bypass",
-        }
-    }
-
-    /// The `holdfast up` flags that break the build this way.
-    pub fn up_flags(self) -> &'static [&'static str] {
-        match self {
-            Sabotage::NoIdempotency => &["--unsafe-sabotage", "no-idempotency"],
-            Sabotage::AckBeforeCommit => &["--unsafe-sabotage", "ack-before-commit"],
-            Sabotage::LedgerBypass => &["--unsafe-bypass-ledger"],
-        }
-    }
-
-    /// The invariant this sabotage must break (a drill that misses it is itself broken).
-    pub fn expected_violation(self) -> &'static str {
-        match self {
-            Sabotage::NoIdempotency => "orders_duplicated",
-            Sabotage::AckBeforeCommit => "orders_lost",
-            Sabotage::LedgerBypass => "charges_duplicated",
-        }
+/// The invariant a sabotaged build must break (a drill that misses it is itself broken).
+pub fn expected_violation(sabotage: Sabotage) -> &'static str {
+    match sabotage {
+        Sabotage::NoIdempotency => "orders_duplicated",
+        Sabotage::AckBeforeCommit => "orders_lost",
+        Sabotage::LedgerBypass => "charges_duplicated",
     }
 }
 
@@ -246,7 +192,20 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
     let mut rng = Rng::new(opts.seed);
     let schedule = faults::schedule(&opts, &mut rng);
     let started_setup = Instant::now();
-    let mut sys = System::start(&opts).await?;
+    let mut sys = System::start(&SystemSpec {
+        program: opts.program.clone(),
+        database: match opts.backend {
+            Backend::Sqlite => Database::Sqlite,
+            Backend::Postgres => Database::ThrowawayPostgres,
+        },
+        instances: opts.instances,
+        workers: opts.workers,
+        sessions: opts.sessions,
+        sabotage: opts.sabotage,
+        up_args: Vec::new(),
+        system_log: opts.system_log.clone(),
+    })
+    .await?;
     let setup = started_setup.elapsed();
 
     let clock = users::Clock::start();

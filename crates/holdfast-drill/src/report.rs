@@ -413,7 +413,7 @@ impl Report {
         h.push_str("<h2>Latency per second (ms, log scale)</h2>\n");
         h.push_str(&chart(&latency, Scale::Log, span, &self.faults));
 
-        h.push_str("<h2>Invariants (DESIGN.md §2)</h2>\n<table><tr><th>check</th><th>count</th><th></th></tr>\n");
+        h.push_str("<h2>Invariants (docs/INVARIANTS.md)</h2>\n<table><tr><th>check</th><th>count</th><th></th></tr>\n");
         for (name, n) in self.counts.violations() {
             let (class, mark) = if n == 0 {
                 ("pass", "ok")

@@ -1,4 +1,6 @@
-//! The system under drill, brought up and torn down by the drill itself.
+//! A whole Holdfast system, brought up and torn down from the outside: the drill's system
+//! under test, and the one the kill tests spawn (through `holdfast-testkit`), so that both
+//! judge the same thing started the same way.
 //!
 //! Everything lives in one temporary directory: `holdfast up`'s data dir (the SQLite file and
 //! `run/instances.json`) and, on Postgres, a throwaway cluster made with `initdb` and run with
@@ -30,7 +32,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::{Backend, DrillOptions, Error, Sessions};
+use crate::{Error, Sabotage, Sessions};
 
 /// `holdfast up` re-reads the session key ring from the file this names each time it starts an
 /// instance, so a drill (or an operator) can rotate keys with a rolling restart.
@@ -43,13 +45,70 @@ const INSTALL_HINT: &str =
 /// `holdfast up` drains instances within its request timeout plus slack; then we SIGKILL.
 const UP_STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Where the system's durable store lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Database {
+    /// The SQLite file in the system's data directory.
+    Sqlite,
+    /// A throwaway PostgreSQL cluster of the system's own, behind a fault proxy, so it may be
+    /// restarted, slowed and cut (the drill's faults).
+    ThrowawayPostgres,
+    /// An existing Postgres database (a test's fresh one); no database faults.
+    Postgres(String),
+}
+
+/// What to start: `holdfast up` from `program` with these settings.
+#[derive(Clone, Debug)]
+pub struct SystemSpec {
+    /// The `holdfast` executable.
+    pub program: PathBuf,
+    pub database: Database,
+    pub instances: u16,
+    pub workers: u16,
+    pub sessions: Sessions,
+    pub sabotage: Option<Sabotage>,
+    /// More `up` flags. A flag given here replaces the default of the same name: the short
+    /// timings (see [`SystemSpec::SHORT_TIMEOUTS`]) and `--sessions`.
+    pub up_args: Vec<String>,
+    /// Where the system's own log goes (default: the temporary directory).
+    pub system_log: Option<PathBuf>,
+}
+
+impl SystemSpec {
+    /// Short locks, leases and timeouts: a killed process's leftovers clear within a drill or
+    /// a test instead of after production-sized waits.
+    pub const SHORT_TIMEOUTS: &'static [(&'static str, &'static str)] = &[
+        ("--idempotency-lock-ttl", "3s"),
+        ("--request-timeout", "2s"),
+        ("--job-lease", "2s"),
+        ("--job-retry-base", "200ms"),
+        ("--provider-timeout", "1s"),
+    ];
+
+    /// `instances` web instances and `workers` workers of `program` on SQLite, store sessions.
+    pub fn new(program: impl Into<PathBuf>, instances: u16, workers: u16) -> Self {
+        SystemSpec {
+            program: program.into(),
+            database: Database::Sqlite,
+            instances,
+            workers,
+            sessions: Sessions::Store,
+            sabotage: None,
+            up_args: Vec::new(),
+            system_log: None,
+        }
+    }
+}
+
 /// The running system; stopped by [`System::stop`], or by `Drop` if that never happens.
-pub(crate) struct System {
+pub struct System {
+    /// The balancer's base URL.
     pub url: String,
     pub provider_url: String,
+    store_url: String,
     ctl: Arc<Control>,
     up: Option<Child>,
-    /// Removes everything the drill created on disk once the last holder lets go: this, and
+    /// Removes everything the system created on disk once the last holder lets go: this, and
     /// the cluster, which is stopped first.
     dir: Arc<tempfile::TempDir>,
 }
@@ -70,7 +129,8 @@ pub(crate) struct Control {
 }
 
 impl System {
-    pub async fn start(opts: &DrillOptions) -> Result<System, Error> {
+    pub async fn start(spec: &SystemSpec) -> Result<System, Error> {
+        let opts = spec;
         let dir = tempfile::Builder::new()
             .prefix("holdfast-drill-")
             .tempdir()
@@ -80,9 +140,9 @@ impl System {
         std::fs::create_dir_all(&data_dir).map_err(Error::io("creating the data dir"))?;
         let program = std::fs::canonicalize(&opts.program)
             .map_err(Error::io(format!("finding {}", opts.program.display())))?;
-        let (db, proxy) = match opts.backend {
-            Backend::Sqlite => (None, None),
-            Backend::Postgres => {
+        let (db, proxy) = match &opts.database {
+            Database::Sqlite | Database::Postgres(_) => (None, None),
+            Database::ThrowawayPostgres => {
                 let db = Cluster::start(&dir).await?;
                 let proxy = FaultProxy::new();
                 let upstream = format!("127.0.0.1:{}", db.port);
@@ -100,9 +160,14 @@ impl System {
             Sessions::Cookie => Some(KeyFile::create(dir.path())?),
             _ => None,
         };
+        let store_url = match &opts.database {
+            Database::Postgres(url) => url.clone(),
+            _ => format!("sqlite:{}", data_dir.join("holdfast.sqlite").display()),
+        };
         let mut sys = System {
             url: String::new(),
             provider_url: String::new(),
+            store_url,
             ctl: Arc::new(Control {
                 program,
                 data_dir,
@@ -130,7 +195,7 @@ impl System {
     }
 
     /// Starts `holdfast up` and waits for its "Holdfast is up" line.
-    async fn start_up(&mut self, opts: &DrillOptions, log_path: &Path) -> Result<(), Error> {
+    async fn start_up(&mut self, opts: &SystemSpec, log_path: &Path) -> Result<(), Error> {
         let ctl = &self.ctl;
         let log = std::fs::File::create(log_path)
             .map_err(Error::io(format!("creating {}", log_path.display())))?;
@@ -140,22 +205,28 @@ impl System {
             .args(["--instances", &opts.instances.to_string()])
             .args(["--workers", &opts.workers.to_string()])
             .arg("--data-dir")
-            .arg(&ctl.data_dir)
-            // Short locks, leases and timeouts: a killed process's leftovers clear within the
-            // drill instead of after production-sized waits.
-            .args(["--idempotency-lock-ttl", "3s", "--request-timeout", "2s"])
-            .args(["--job-lease", "2s", "--job-retry-base", "200ms"])
-            .args(["--provider-timeout", "1s"]);
+            .arg(&ctl.data_dir);
+        for (flag, value) in SystemSpec::SHORT_TIMEOUTS {
+            if !opts.up_args.iter().any(|a| a == flag) {
+                cmd.args([flag, value]);
+            }
+        }
+        cmd.args(&opts.up_args);
         if let Some(proxy) = &ctl.proxy {
             let link = proxy.proxy(DB_PROXY).await?;
             let url = format!("postgres://postgres@{}/holdfast", link.listen);
             cmd.args(["--backend", "postgres", "--database-url", &url]);
         }
-        if let Some(sabotage) = opts.sabotage {
-            cmd.args(sabotage.up_flags());
+        if let Database::Postgres(url) = &opts.database {
+            cmd.args(["--backend", "postgres", "--database-url", url]);
         }
-        cmd.args(["--sessions", opts.sessions.name()])
-            .env_remove("REDIS_URL")
+        if let Some(sabotage) = opts.sabotage {
+            cmd.args(["--unsafe-sabotage", sabotage.name()]);
+        }
+        if !opts.up_args.iter().any(|a| a == "--sessions") {
+            cmd.args(["--sessions", opts.sessions.name()]);
+        }
+        cmd.env_remove("REDIS_URL")
             .env_remove("HOLDFAST_SESSION_KEYS")
             .env_remove(KEYS_FILE_ENV);
         if let Some(redis) = &ctl.redis {
@@ -202,14 +273,27 @@ impl System {
         };
         // Keep reading, so `up` never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Without workers `up` starts no provider.
         let provider = ctl
             .instances("provider")
             .first()
-            .map(|i| format!("http://{}", i.addr))
-            .ok_or_else(|| Error::Start("no provider in instances.json".into()))?;
+            .map(|i| format!("http://{}", i.addr));
+        if opts.workers > 0 && provider.is_none() {
+            return Err(Error::Start("no provider in instances.json".into()));
+        }
+        let provider = provider.unwrap_or_default();
         *lock(&ctl.provider_url) = provider.clone();
         self.provider_url = provider;
         self.url = url;
+        // Every process `up` runs is listed once it listens; wait for all of them.
+        let want = usize::from(opts.instances) + usize::from(opts.workers);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while ctl.instances("web").len() + ctl.instances("worker").len() < want {
+            if Instant::now() >= deadline {
+                return Err(self.start_failed(log_path, "not every process was up within 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         Ok(())
     }
 
@@ -220,8 +304,36 @@ impl System {
         Error::Start(format!("{what}; the end of its log:\n{}", tail.join("\n")))
     }
 
-    pub fn control(&self) -> Arc<Control> {
+    pub(crate) fn control(&self) -> Arc<Control> {
         self.ctl.clone()
+    }
+
+    /// `up`'s data directory (`holdfast.sqlite`, `run/instances.json`).
+    pub fn data_dir(&self) -> &Path {
+        &self.ctl.data_dir
+    }
+
+    /// The URL of the system's durable store, for checks the API does not expose.
+    pub fn store_url(&self) -> &str {
+        &self.store_url
+    }
+
+    /// The processes of `role` (`web`, `worker`, `provider`) alive now, in `up`'s slot order.
+    pub fn instances(&self, role: &str) -> Vec<Instance> {
+        self.ctl.instances(role)
+    }
+
+    /// Sends `signal` to `pid` if it is one of this system's processes (never a pid the kernel
+    /// has since given to someone else); whether it was.
+    pub fn signal(&self, pid: u32, signal: Signal) -> bool {
+        self.ctl.is_ours(pid) && kill(Pid::from_raw(pid as i32), signal).is_ok()
+    }
+
+    /// Whether `up` itself is still running.
+    pub fn is_up(&mut self) -> bool {
+        self.up
+            .as_mut()
+            .is_some_and(|up| matches!(up.try_wait(), Ok(None)))
     }
 
     /// Stops everything in order: resume paused processes, drain `up`, stop the cluster.
@@ -273,8 +385,8 @@ impl Drop for System {
 }
 
 /// One process `up` lists in `instances.json`.
-#[derive(Clone, Debug, Deserialize)]
-pub(crate) struct Instance {
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
+pub struct Instance {
     pub role: String,
     pub pid: u32,
     pub addr: String,

@@ -1,8 +1,8 @@
 //! Durable jobs: at-least-once delivery on the durable store, made exactly-once in effect by
-//! the effect ledger (see [`flows`]).
+//! the effect ledger (see [`ledger`]).
 //!
-//! The queue's SQL lives in `holdfast-store` (a job enqueued by a checkout commits in the
-//! checkout's transaction); this crate is the runtime that works it: a [`Worker`] claims jobs
+//! The queue's SQL lives in `holdfast-store` (a job is enqueued inside the transaction that
+//! makes it necessary, with `Tx::job_enqueue`); this crate is the runtime that works it: a [`Worker`] claims jobs
 //! in batches under a lease, heartbeats the leases of what it runs, completes in batches,
 //! retries failures with full-jitter backoff, rescues jobs whose worker died, prunes finished
 //! ones, and drains on shutdown.
@@ -17,11 +17,13 @@
 //!     └──────────────────────────────────────────────────────────────┘
 //! ```
 //!
-//! Every transition out of `running` names the attempt it belongs to. A worker that was
+//! Every transition out of `running` names the claim it belongs to (its fence, unique forever:
+//! a redrive or a release never hands out a claim number twice). A worker that was
 //! paused past its lease and resumes finds its attempt fenced out: its completion, failure or
 //! settlement changes nothing, and the newer attempt's result stands.
 
-pub mod flows;
+pub mod ledger;
 mod worker;
 
+pub use ledger::Ledger;
 pub use worker::{Done, Handler, JobError, QueueConfig, Wakeup, Worker, WorkerOptions};

@@ -19,7 +19,7 @@ use tokio::task::JoinSet;
 pub enum Done {
     /// Finished; the runtime completes it (batched).
     Complete,
-    /// The handler already completed it in its own transaction (`Store::effect_settle`), or
+    /// The handler already completed it in its own transaction (`Ledger::settle`), or
     /// found its attempt fenced out: nothing left to do.
     Settled,
 }

@@ -40,8 +40,9 @@
 //! `touch_every` after its last refresh. Removing a key from the ring kills every cookie it
 //! signed, at once.
 //!
-//! [`tower::HoldfastStore`] implements tower-sessions' `SessionStore` over the same durable
-//! store, for axum applications that want Holdfast's storage without the rest of it.
+//! With the `tower-sessions` feature, `tower::HoldfastStore` implements tower-sessions'
+//! `SessionStore` over the same durable store, for axum applications that want Holdfast's
+//! storage without the rest of it.
 //!
 //! Architecture invariant: no session id or signing key is logged or stored in the clear;
 //! the store and Redis key sessions by the id's SHA-256.
@@ -49,6 +50,7 @@
 mod cookie;
 mod redis_tier;
 pub mod testing;
+#[cfg(feature = "tower-sessions")]
 pub mod tower;
 
 pub use cookie::KeyRing;
@@ -127,7 +129,7 @@ impl Config {
 /// Where sessions live. Built by the binary; the store is passed to [`Sessions::new`] apart,
 /// because every tier uses it (as the sessions, as the backstop, as the revocation epoch).
 #[derive(Clone, Default)]
-pub enum Backend {
+pub enum SessionTier {
     #[default]
     Store,
     /// Keys live under `<prefix>:s:<sha256 of id>`.
@@ -140,24 +142,24 @@ pub enum Backend {
     },
 }
 
-impl Backend {
+impl SessionTier {
     pub fn name(&self) -> &'static str {
         match self {
-            Backend::Store => "store",
-            Backend::Redis { .. } => "redis",
-            Backend::Cookie { .. } => "cookie",
+            SessionTier::Store => "store",
+            SessionTier::Redis { .. } => "redis",
+            SessionTier::Cookie { .. } => "cookie",
         }
     }
 }
 
-impl fmt::Debug for Backend {
+impl fmt::Debug for SessionTier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Backend::Store => f.write_str("Store"),
-            Backend::Redis { prefix, .. } => {
+            SessionTier::Store => f.write_str("Store"),
+            SessionTier::Redis { prefix, .. } => {
                 f.debug_struct("Redis").field("prefix", prefix).finish()
             }
-            Backend::Cookie { keys } => f.debug_struct("Cookie").field("keys", keys).finish(),
+            SessionTier::Cookie { keys } => f.debug_struct("Cookie").field("keys", keys).finish(),
         }
     }
 }
@@ -292,20 +294,20 @@ enum Tier {
 }
 
 impl Sessions {
-    /// The tier `backend` over `store`. For Redis this spawns the backstop writer, so call it
+    /// The tier `tier` over `store`. For Redis this spawns the backstop writer, so call it
     /// inside a tokio runtime.
-    pub fn new(backend: Backend, store: Store, config: Config) -> Self {
+    pub fn new(tier: SessionTier, store: Store, config: Config) -> Self {
         let counters = Arc::new(Counters::default());
-        let tier = match backend {
-            Backend::Store => Tier::Store,
-            Backend::Redis { conn, prefix } => Tier::Redis(RedisTier::start(
+        let tier = match tier {
+            SessionTier::Store => Tier::Store,
+            SessionTier::Redis { conn, prefix } => Tier::Redis(RedisTier::start(
                 conn,
                 &prefix,
                 store.clone(),
                 config,
                 counters.clone(),
             )),
-            Backend::Cookie { keys } => Tier::Cookie(keys),
+            SessionTier::Cookie { keys } => Tier::Cookie(keys),
         };
         Self(Arc::new(Inner {
             store,
@@ -316,7 +318,7 @@ impl Sessions {
     }
 
     /// `store`, `redis` or `cookie`.
-    pub fn backend_name(&self) -> &'static str {
+    pub fn tier_name(&self) -> &'static str {
         match self.0.tier {
             Tier::Store => "store",
             Tier::Redis(_) => "redis",

@@ -33,7 +33,7 @@ impl HoldfastStore {
 impl fmt::Debug for HoldfastStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HoldfastStore")
-            .field("dialect", &self.store.dialect())
+            .field("backend", &self.store.backend())
             .finish()
     }
 }

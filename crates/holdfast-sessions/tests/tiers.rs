@@ -5,7 +5,7 @@
 
 use holdfast_faultproxy::FaultProxy;
 use holdfast_sessions::redis::aio::ConnectionManager;
-use holdfast_sessions::{testing::flush_prefix, Backend, Config, KeyRing, Sessions};
+use holdfast_sessions::{testing::flush_prefix, Config, KeyRing, SessionTier, Sessions};
 use holdfast_store::{Store, StoreOptions};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -45,7 +45,7 @@ async fn redis(test: &str) -> Option<(ConnectionManager, String, String)> {
 
 fn tier(url: &str, prefix: &str, store: &Store, config: Config) -> Sessions {
     let conn = holdfast_sessions::connect_redis(url).unwrap();
-    let backend = Backend::Redis {
+    let backend = SessionTier::Redis {
         conn,
         prefix: prefix.to_owned(),
     };
@@ -76,7 +76,7 @@ async fn load_user(s: &Sessions, token: &str) -> Option<String> {
 async fn store_tier_creates_rotates_and_revokes() {
     let db = db().await;
     let u = users(&db.store, 2).await;
-    let s = Sessions::new(Backend::Store, db.store.clone(), config());
+    let s = Sessions::new(SessionTier::Store, db.store.clone(), config());
     let first = s.login(&u[0], None).await.unwrap();
     assert_eq!(load_user(&s, first.token()).await.as_ref(), Some(&u[0]));
     let second = s.login(&u[0], Some(first.token())).await.unwrap();
@@ -364,7 +364,7 @@ async fn idle_and_absolute_ttls_hold_on_both_paths() {
 
 fn cookie_tier(store: &Store, spec: &str, config: Config) -> Sessions {
     let keys = KeyRing::parse(spec).unwrap();
-    Sessions::new(Backend::Cookie { keys }, store.clone(), config)
+    Sessions::new(SessionTier::Cookie { keys }, store.clone(), config)
 }
 
 /// Rotation without logging anyone out: an old-key cookie is accepted and re-signed with the

@@ -1,18 +1,23 @@
 //! The job queue's and the effect ledger's SQL. The worker runtime that drives it (leases,
 //! heartbeats, wake-ups, drain) lives in `holdfast-jobs`; the state machine is drawn there.
 //!
-//! Every change to a claimed job is fenced by its `attempt`: a claim increments it, and a
-//! completion, failure or heartbeat names the attempt it belongs to. A worker that stalled
-//! past its lease and comes back late matches no row and changes nothing.
+//! Every change to a claimed job is fenced by its claim: each claim increments the job's
+//! `claim` counter (which never goes back, not at a redrive nor at a drain's release), and a
+//! completion, failure or heartbeat names the claim it belongs to. A worker that stalled past
+//! its lease and comes back late matches no row and changes nothing. `attempt` is separate: it
+//! counts towards `max_attempts`, starts again at a redrive and is given back at a release.
 
-use crate::{Dialect, Error, Result, Safety, Store};
+use crate::accounts::ms;
+use crate::{Backend, Error, Rerun, Result, Store, Tx, TxError};
+use scoped_futures::ScopedFutureExt;
 use serde::Serialize;
 use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::query::Query;
 use sqlx::{Any, AnyConnection, Row};
+use std::convert::Infallible;
 use std::time::Duration;
 
-/// The queue payments and receipts run on, and the Postgres channel that wakes its workers.
+/// The Postgres channel that wakes the workers of a queue (the payload names the queue).
 pub const NOTIFY_CHANNEL: &str = "holdfast_jobs";
 
 /// A job to enqueue.
@@ -49,15 +54,18 @@ impl JobInsert {
     }
 }
 
-/// A claimed job. `(id, attempt)` is its fence.
+/// A claimed job. `(id, claim)` is its fence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct JobRow {
     pub id: i64,
     pub queue: String,
     pub kind: String,
     pub args: String,
+    /// Attempts so far, this one included (counts towards `max_attempts`).
     pub attempt: i64,
     pub max_attempts: i64,
+    /// Claims so far, this one included: unique to this attempt, forever.
+    pub claim: i64,
     pub created_at: i64,
     pub run_at: i64,
 }
@@ -66,16 +74,16 @@ impl JobRow {
     pub fn fence(&self) -> JobFence {
         JobFence {
             id: self.id,
-            attempt: self.attempt,
+            claim: self.claim,
         }
     }
 }
 
-/// Names one attempt of one job.
+/// Names one claim of one job: no other claim of it, before or after, has the same fence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 pub struct JobFence {
     pub id: i64,
-    pub attempt: i64,
+    pub claim: i64,
 }
 
 /// A job in the dead-letter state, for inspection.
@@ -109,29 +117,7 @@ pub struct LedgerEntry {
     pub external_id: Option<String>,
 }
 
-/// Confirms an external effect and applies what follows from it on our own store, in one
-/// transaction with completing the job that did it.
-#[derive(Debug, Clone)]
-pub struct EffectSettle<'a> {
-    pub job: JobFence,
-    pub effect_key: &'a str,
-    pub external_id: &'a str,
-    /// Mark this order paid (if it is still pending).
-    pub order_paid: Option<&'a str>,
-    /// Enqueue this follow-up job.
-    pub then: Option<JobInsert>,
-}
-
-/// What a payout needs to know about an order.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PayoutInfo {
-    pub order_id: String,
-    pub email: String,
-    pub total_cents: i64,
-    pub status: String,
-}
-
-/// Fences as one JSON parameter, `[[id, attempt], …]`: the statement's text is the same for
+/// Fences as one JSON parameter, `[[id, claim], …]`: the statement's text is the same for
 /// any number of fences, so it is prepared once per connection and planned cheaply, and a
 /// long list cannot outgrow the parser (Postgres refuses a row-value `IN` list of some
 /// thousands with "stack depth limit exceeded", and heartbeats cover every running job).
@@ -142,24 +128,24 @@ fn fences_json(fences: &[JobFence]) -> String {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&format!("[{},{}]", f.id, f.attempt));
+        out.push_str(&format!("[{},{}]", f.id, f.claim));
     }
     out.push(']');
     out
 }
 
-/// A condition matching the jobs whose current attempt is one of the fences in JSON
+/// A condition matching the jobs whose current claim is one of the fences in JSON
 /// parameter `$n`, found by primary key on both engines. (Postgres plans a bare
-/// `(id, attempt) IN (subquery)` as a hash join over every running job; the `id = ANY(…)`
+/// `(id, claim) IN (subquery)` as a hash join over every running job; the `id = ANY(…)`
 /// gives it the index path. SQLite looks row-value `IN` subqueries up by key as it is.)
-fn fence_match(dialect: Dialect, n: usize) -> String {
-    match dialect {
-        Dialect::Postgres => format!(
+fn fence_match(backend: Backend, n: usize) -> String {
+    match backend {
+        Backend::Postgres => format!(
             "id = ANY(ARRAY(SELECT (f->>0)::bigint FROM json_array_elements(${n}::json) AS f)) \
-             AND (id, attempt) IN (SELECT (f->>0)::bigint, (f->>1)::bigint FROM json_array_elements(${n}::json) AS f)"
+             AND (id, claim) IN (SELECT (f->>0)::bigint, (f->>1)::bigint FROM json_array_elements(${n}::json) AS f)"
         ),
-        Dialect::Sqlite => format!(
-            "(id, attempt) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(${n}))"
+        Backend::Sqlite => format!(
+            "(id, claim) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(${n}))"
         ),
     }
 }
@@ -172,13 +158,10 @@ fn job_from(r: &AnyRow) -> Result<JobRow> {
         args: r.try_get("args")?,
         attempt: r.try_get("attempt")?,
         max_attempts: r.try_get("max_attempts")?,
+        claim: r.try_get("claim")?,
         created_at: r.try_get("created_at")?,
         run_at: r.try_get("run_at")?,
     })
-}
-
-fn ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 /// Rows per INSERT: 8 parameters a row; 400 rows stays far below SQLite's parameter limit.
@@ -188,7 +171,7 @@ const INSERT_CHUNK: usize = 400;
 /// exists is skipped). On Postgres the same statement notifies the queue of each job it
 /// inserted (delivered when the transaction commits; Postgres folds repeats of one payload
 /// into one), so an enqueue outside a transaction is a single round trip.
-fn insert_sql(dialect: Dialect, rows: usize) -> String {
+fn insert_sql(backend: Backend, rows: usize) -> String {
     let values = (0..rows)
         .map(|i| {
             let p = |k: usize| format!("${}", i * 8 + k);
@@ -210,10 +193,10 @@ fn insert_sql(dialect: Dialect, rows: usize) -> String {
         "INSERT INTO jobs (queue, kind, args, state, priority, unique_key, run_at, max_attempts, created_at) VALUES {values}
          ON CONFLICT (unique_key) DO NOTHING"
     );
-    match dialect {
-        Dialect::Sqlite => format!("{insert} RETURNING id"),
+    match backend {
+        Backend::Sqlite => format!("{insert} RETURNING id"),
         // `pg_notify` returns void; as text it is an empty column nobody reads.
-        Dialect::Postgres => format!(
+        Backend::Postgres => format!(
             "WITH ins AS ({insert} RETURNING id, queue)
              SELECT ins.id, pg_notify('{NOTIFY_CHANNEL}', ins.queue)::text AS notified FROM ins"
         ),
@@ -239,18 +222,18 @@ fn bind_jobs<'q>(
     q
 }
 
-/// Inserts `jobs` on `conn` (inside the caller's transaction); returns the ids of the ones
-/// inserted (a unique key that already exists is skipped). On Postgres the insert also
-/// notifies the queue's workers, delivered when the transaction commits.
-pub(crate) async fn insert_jobs(
+/// Inserts `jobs` on `conn`; returns the ids of the ones inserted (a unique key that already
+/// exists is skipped). On Postgres the insert also notifies the queue's workers, delivered
+/// when the transaction commits.
+async fn insert_jobs(
     conn: &mut AnyConnection,
-    dialect: Dialect,
+    backend: Backend,
     jobs: &[JobInsert],
     now: i64,
 ) -> Result<Vec<i64>> {
     let mut ids = Vec::with_capacity(jobs.len());
     for chunk in jobs.chunks(INSERT_CHUNK) {
-        let sql = insert_sql(dialect, chunk.len());
+        let sql = insert_sql(backend, chunk.len());
         for r in bind_jobs(sqlx::query(&sql), chunk, now)
             .fetch_all(&mut *conn)
             .await?
@@ -262,44 +245,103 @@ pub(crate) async fn insert_jobs(
 }
 
 /// Wakes the workers of every queue (Postgres; on SQLite the write itself wakes them).
-async fn notify_all(conn: &mut AnyConnection, dialect: Dialect) -> Result<()> {
-    if dialect == Dialect::Postgres {
+async fn notify_all(tx: &mut Tx) -> Result<()> {
+    if tx.backend() == Backend::Postgres {
         sqlx::query("SELECT pg_notify($1, '*')")
             .bind(NOTIFY_CHANNEL)
-            .execute(&mut *conn)
+            .execute(tx.conn())
             .await?;
     }
     Ok(())
 }
 
-impl Store {
-    /// One write statement as its own transaction. On Postgres a lone statement is atomic by
-    /// itself, so it runs in autocommit: one round trip instead of three (BEGIN, statement,
-    /// COMMIT). On SQLite it takes the path every write takes: the process's write gate,
-    /// then `BEGIN IMMEDIATE`.
-    async fn write_one<'q>(&self, q: Query<'q, Any, AnyArguments<'q>>) -> Result<u64> {
-        match self.dialect {
-            Dialect::Postgres => Ok(q.execute(&self.pool).await?.rows_affected()),
-            Dialect::Sqlite => {
-                let mut tx = self.begin_write().await?;
-                let n = q.execute(&mut *tx).await?.rows_affected();
-                tx.commit().await?;
-                Ok(n)
-            }
-        }
+fn ledger_entry(r: &AnyRow) -> Result<LedgerEntry> {
+    Ok(LedgerEntry {
+        effect_key: r.try_get("effect_key")?,
+        state: r.try_get("state")?,
+        external_key: r.try_get("external_key")?,
+        external_id: r.try_get("external_id")?,
+    })
+}
+
+/// The generic primitives, composed into the caller's transaction.
+impl Tx {
+    /// Enqueues `jobs` in this transaction: they exist if and only if it commits. Returns the
+    /// ids of those inserted (a unique key that already exists is skipped).
+    pub async fn job_enqueue(&mut self, jobs: &[JobInsert]) -> Result<Vec<i64>> {
+        let backend = self.backend();
+        insert_jobs(self.conn(), backend, jobs, holdfast_core::now_ms()).await
     }
 
-    /// [`Self::write_one`] for a statement that returns rows.
-    async fn write_one_rows<'q>(&self, q: Query<'q, Any, AnyArguments<'q>>) -> Result<Vec<AnyRow>> {
-        match self.dialect {
-            Dialect::Postgres => Ok(q.fetch_all(&self.pool).await?),
-            Dialect::Sqlite => {
-                let mut tx = self.begin_write().await?;
-                let rows = q.fetch_all(&mut *tx).await?;
-                tx.commit().await?;
-                Ok(rows)
-            }
+    /// Completes the claim `fence`, or fails with [`Error::JobLost`] when it is no longer the
+    /// job's current claim (its lease lapsed and another worker took over).
+    pub async fn job_complete(&mut self, fence: JobFence) -> Result<()> {
+        let completed = sqlx::query(
+            "UPDATE jobs SET state = 'completed', finished_at = $3, lease_until = NULL WHERE id = $1 AND claim = $2 AND state = 'running'",
+        )
+        .bind(fence.id)
+        .bind(fence.claim)
+        .bind(holdfast_core::now_ms())
+        .execute(self.conn())
+        .await?
+        .rows_affected();
+        if completed != 1 {
+            return Err(Error::JobLost);
         }
+        Ok(())
+    }
+
+    /// Records the intent to cause `effect_key` with the dependency's idempotency key
+    /// `external_key` before calling it, and returns the entry as it stands (an earlier
+    /// attempt's entry wins: its key is the one to reuse) and whether this call created it.
+    pub async fn ledger_begin(
+        &mut self,
+        effect_key: &str,
+        external_key: &str,
+    ) -> Result<(LedgerEntry, bool)> {
+        let created = sqlx::query(
+            "INSERT INTO effect_ledger (effect_key, state, external_key, created_at, updated_at) VALUES ($1, 'pending', $2, $3, $3)
+             ON CONFLICT (effect_key) DO NOTHING",
+        )
+        .bind(effect_key)
+        .bind(external_key)
+        .bind(holdfast_core::now_ms())
+        .execute(self.conn())
+        .await?
+        .rows_affected()
+            == 1;
+        let r = sqlx::query("SELECT effect_key, state, external_key, external_id FROM effect_ledger WHERE effect_key = $1")
+            .bind(effect_key)
+            .fetch_one(self.conn())
+            .await?;
+        Ok((ledger_entry(&r)?, created))
+    }
+
+    /// The effect happened, and the dependency knows it as `external_id`: its entry is done.
+    pub async fn ledger_settle(&mut self, effect_key: &str, external_id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO effect_ledger (effect_key, state, external_key, external_id, created_at, updated_at) VALUES ($1, 'done', $1, $2, $3, $3)
+             ON CONFLICT (effect_key) DO UPDATE SET state = 'done', external_id = excluded.external_id, updated_at = excluded.updated_at",
+        )
+        .bind(effect_key)
+        .bind(external_id)
+        .bind(holdfast_core::now_ms())
+        .execute(self.conn())
+        .await?;
+        Ok(())
+    }
+}
+
+impl Store {
+    /// A transaction of the store's own, which never aborts.
+    async fn tx<'a, T, F>(&self, op: &'static str, rerun: Rerun, body: F) -> Result<T>
+    where
+        F: for<'t> FnMut(&'t mut Tx) -> crate::tx::TxBody<'a, 't, T, Infallible> + Send + 'a,
+        T: Send + 'a,
+    {
+        self.transaction(op, rerun, body)
+            .await
+            .map_err(TxError::into_db)
     }
 
     /// Enqueues one job; `None` when its unique key already exists.
@@ -314,26 +356,26 @@ impl Store {
     /// Enqueues many jobs in one transaction; returns the ids of those inserted.
     pub async fn job_enqueue_many(&self, jobs: &[JobInsert]) -> Result<Vec<i64>> {
         // Idempotent only when every job is unique; otherwise a re-run could double them.
-        let safety = if jobs.iter().all(|j| j.unique_key.is_some()) {
-            Safety::Idempotent
+        let rerun = if jobs.iter().all(|j| j.unique_key.is_some()) {
+            Rerun::Always
         } else {
-            Safety::Write
+            Rerun::IfUncommitted
         };
         if jobs.is_empty() {
             return Ok(Vec::new());
         }
-        self.run(safety, "job_enqueue", || async {
+        self.run(rerun, "job_enqueue", || async {
             let now = holdfast_core::now_ms();
             if jobs.len() <= INSERT_CHUNK {
                 // One statement (insert and notify): its own transaction.
-                let sql = insert_sql(self.dialect, jobs.len());
+                let sql = insert_sql(self.backend, jobs.len());
                 let rows = self
                     .write_one_rows(bind_jobs(sqlx::query(&sql), jobs, now))
                     .await?;
                 return rows.iter().map(|r| Ok(r.try_get("id")?)).collect();
             }
             let mut tx = self.begin_write().await?;
-            let ids = insert_jobs(&mut tx, self.dialect, jobs, now).await?;
+            let ids = tx.job_enqueue(jobs).await?;
             tx.commit().await?;
             Ok(ids)
         })
@@ -341,7 +383,7 @@ impl Store {
     }
 
     /// Claims up to `limit` available jobs of `queue` due by `now`, most urgent first, for
-    /// `lease`; each claim increments the job's attempt (its fence).
+    /// `lease`; each claim increments the job's attempt and its claim (the fence).
     pub async fn job_claim(
         &self,
         queue: &str,
@@ -356,18 +398,18 @@ impl Store {
         // primary key: `id IN (subquery)` gets a generic plan that hash-joins the whole table
         // (completed jobs included) on every claim. (The picked rows stay locked until the
         // statement ends, so they are still available when it updates them.)
-        let picked = match self.dialect {
-            Dialect::Postgres => format!("id = ANY(ARRAY({due} FOR UPDATE SKIP LOCKED))"),
-            Dialect::Sqlite => format!("id IN ({due})"),
+        let picked = match self.backend {
+            Backend::Postgres => format!("id = ANY(ARRAY({due} FOR UPDATE SKIP LOCKED))"),
+            Backend::Sqlite => format!("id IN ({due})"),
         };
         let sql = format!(
-            "UPDATE jobs SET state = 'running', attempt = attempt + 1, lease_until = $1, worker_id = $2, started_at = $3
+            "UPDATE jobs SET state = 'running', attempt = attempt + 1, claim = claim + 1, lease_until = $1, worker_id = $2, started_at = $3
              WHERE {picked}
-             RETURNING id, queue, kind, args, attempt, max_attempts, created_at, run_at"
+             RETURNING id, queue, kind, args, attempt, max_attempts, claim, created_at, run_at"
         );
         // A claim that committed but whose answer was lost leaves jobs running under a lease
         // nobody holds; the rescuer frees them. So only retry when nothing can have committed.
-        self.run(Safety::Write, "job_claim", || async {
+        self.run(Rerun::IfUncommitted, "job_claim", || async {
             let rows = self
                 .write_one_rows(
                     sqlx::query(&sql)
@@ -392,10 +434,10 @@ impl Store {
         }
         let sql = format!(
             "UPDATE jobs SET lease_until = $1 WHERE state = 'running' AND {}",
-            fence_match(self.dialect, 2)
+            fence_match(self.backend, 2)
         );
         let fences = fences_json(fences);
-        self.run(Safety::Idempotent, "job_heartbeat", || async {
+        self.run(Rerun::Always, "job_heartbeat", || async {
             self.write_one(sqlx::query(&sql).bind(lease_until).bind(&fences))
                 .await
         })
@@ -411,10 +453,10 @@ impl Store {
         let sql = format!(
             "UPDATE jobs SET state = 'completed', finished_at = $1, lease_until = NULL
              WHERE state = 'running' AND {}",
-            fence_match(self.dialect, 2)
+            fence_match(self.backend, 2)
         );
         let fences = fences_json(fences);
-        self.run(Safety::Idempotent, "job_complete", || async {
+        self.run(Rerun::Always, "job_complete", || async {
             self.write_one(sqlx::query(&sql).bind(now).bind(&fences))
                 .await
         })
@@ -431,29 +473,29 @@ impl Store {
         now: i64,
     ) -> Result<bool> {
         let error: String = error.chars().take(2000).collect();
-        self.run(Safety::Idempotent, "job_fail", || async {
+        self.run(Rerun::Always, "job_fail", || async {
             let mut tx = self.begin_write().await?;
             let q = match retry_at {
                 Some(at) => sqlx::query(
                     "UPDATE jobs SET state = 'available', run_at = $3, last_error = $4, lease_until = NULL
-                     WHERE id = $1 AND attempt = $2 AND state = 'running'",
+                     WHERE id = $1 AND claim = $2 AND state = 'running'",
                 )
                 .bind(job.id)
-                .bind(job.attempt)
+                .bind(job.claim)
                 .bind(at)
                 .bind(&error),
                 None => sqlx::query(
                     "UPDATE jobs SET state = 'dead', finished_at = $3, last_error = $4, lease_until = NULL
-                     WHERE id = $1 AND attempt = $2 AND state = 'running'",
+                     WHERE id = $1 AND claim = $2 AND state = 'running'",
                 )
                 .bind(job.id)
-                .bind(job.attempt)
+                .bind(job.claim)
                 .bind(now)
                 .bind(&error),
             };
-            let n = q.execute(&mut *tx).await?.rows_affected();
+            let n = q.execute(tx.conn()).await?.rows_affected();
             if n == 1 && retry_at.is_some() {
-                notify_all(&mut tx, self.dialect).await?;
+                notify_all(&mut tx).await?;
             }
             tx.commit().await?;
             Ok(n == 1)
@@ -470,10 +512,10 @@ impl Store {
         let sql = format!(
             "UPDATE jobs SET state = 'available', attempt = attempt - 1, lease_until = NULL
              WHERE state = 'running' AND {}",
-            fence_match(self.dialect, 1)
+            fence_match(self.backend, 1)
         );
         let fences = fences_json(fences);
-        self.run(Safety::Write, "job_release", || async {
+        self.run(Rerun::IfUncommitted, "job_release", || async {
             self.write_one(sqlx::query(&sql).bind(&fences)).await
         })
         .await
@@ -482,14 +524,14 @@ impl Store {
     /// Frees jobs whose worker stopped heartbeating: available again, or dead when their
     /// attempts are spent. Returns (rescued, dead).
     pub async fn job_rescue(&self, now: i64) -> Result<(u64, u64)> {
-        self.run(Safety::Idempotent, "job_rescue", || async {
+        self.run(Rerun::Always, "job_rescue", || async {
             let mut tx = self.begin_write().await?;
             let dead = sqlx::query(
                 "UPDATE jobs SET state = 'dead', finished_at = $1, lease_until = NULL, last_error = 'lease expired on the last attempt'
                  WHERE state = 'running' AND lease_until < $1 AND attempt >= max_attempts",
             )
             .bind(now)
-            .execute(&mut *tx)
+            .execute(tx.conn())
             .await?
             .rows_affected();
             let rescued = sqlx::query(
@@ -497,11 +539,11 @@ impl Store {
                  WHERE state = 'running' AND lease_until < $1",
             )
             .bind(now)
-            .execute(&mut *tx)
+            .execute(tx.conn())
             .await?
             .rows_affected();
             if rescued > 0 {
-                notify_all(&mut tx, self.dialect).await?;
+                notify_all(&mut tx).await?;
             }
             tx.commit().await?;
             Ok((rescued, dead))
@@ -513,11 +555,11 @@ impl Store {
     pub async fn job_prune(&self, before: i64, limit: i64) -> Result<u64> {
         let old = "SELECT id FROM jobs WHERE state = 'completed' AND finished_at < $1 LIMIT $2";
         // By primary key on Postgres, as in `job_claim`: `id IN (…)` scans the whole table.
-        let sql = match self.dialect {
-            Dialect::Postgres => format!("DELETE FROM jobs WHERE id = ANY(ARRAY({old}))"),
-            Dialect::Sqlite => format!("DELETE FROM jobs WHERE id IN ({old})"),
+        let sql = match self.backend {
+            Backend::Postgres => format!("DELETE FROM jobs WHERE id = ANY(ARRAY({old}))"),
+            Backend::Sqlite => format!("DELETE FROM jobs WHERE id IN ({old})"),
         };
-        self.run(Safety::Idempotent, "job_prune", || async {
+        self.run(Rerun::Always, "job_prune", || async {
             self.write_one(sqlx::query(&sql).bind(before).bind(limit))
                 .await
         })
@@ -525,7 +567,7 @@ impl Store {
     }
 
     pub async fn job_dead(&self, limit: i64) -> Result<Vec<DeadJob>> {
-        self.run(Safety::Idempotent, "job_dead", || async {
+        self.run(Rerun::Always, "job_dead", || async {
             let rows = sqlx::query(
                 "SELECT id, queue, kind, args, attempt, last_error, finished_at FROM jobs WHERE state = 'dead' ORDER BY id LIMIT $1",
             )
@@ -551,7 +593,7 @@ impl Store {
 
     /// Sends dead jobs back to work with a fresh attempt budget: one by id, or all.
     pub async fn job_redrive(&self, id: Option<i64>, now: i64) -> Result<u64> {
-        self.run(Safety::Idempotent, "job_redrive", || async {
+        self.run(Rerun::Always, "job_redrive", || async {
             let mut tx = self.begin_write().await?;
             let n = sqlx::query(
                 "UPDATE jobs SET state = 'available', attempt = 0, run_at = $1, finished_at = NULL
@@ -559,11 +601,11 @@ impl Store {
             )
             .bind(now)
             .bind(id.unwrap_or(-1))
-            .execute(&mut *tx)
+            .execute(tx.conn())
             .await?
             .rows_affected();
             if n > 0 {
-                notify_all(&mut tx, self.dialect).await?;
+                notify_all(&mut tx).await?;
             }
             tx.commit().await?;
             Ok(n)
@@ -572,7 +614,7 @@ impl Store {
     }
 
     pub async fn job_counts(&self) -> Result<Vec<QueueCount>> {
-        self.run(Safety::Idempotent, "job_counts", || async {
+        self.run(Rerun::Always, "job_counts", || async {
             let rows = sqlx::query("SELECT queue, state, COUNT(*) AS n FROM jobs GROUP BY queue, state ORDER BY queue, state")
                 .fetch_all(&self.pool)
                 .await?;
@@ -585,7 +627,7 @@ impl Store {
 
     /// When the next scheduled job of `queue` becomes due, if any is waiting.
     pub async fn job_next_run_at(&self, queue: &str) -> Result<Option<i64>> {
-        self.run(Safety::Idempotent, "job_next_run_at", || async {
+        self.run(Rerun::Always, "job_next_run_at", || async {
             let row = sqlx::query(
                 "SELECT MIN(run_at) AS t FROM jobs WHERE state = 'available' AND queue = $1",
             )
@@ -600,112 +642,24 @@ impl Store {
     // ---- the effect ledger -------------------------------------------------------------
 
     pub async fn ledger_get(&self, effect_key: &str) -> Result<Option<LedgerEntry>> {
-        self.run(Safety::Idempotent, "ledger_get", || async {
+        self.run(Rerun::Always, "ledger_get", || async {
             let row = sqlx::query("SELECT effect_key, state, external_key, external_id FROM effect_ledger WHERE effect_key = $1")
                 .bind(effect_key)
                 .fetch_optional(&self.pool)
                 .await?;
-            row.map(|r| {
-                Ok(LedgerEntry {
-                    effect_key: r.try_get("effect_key")?,
-                    state: r.try_get("state")?,
-                    external_key: r.try_get("external_key")?,
-                    external_id: r.try_get("external_id")?,
-                })
-            })
-            .transpose()
+            row.as_ref().map(ledger_entry).transpose()
         })
         .await
     }
 
-    /// Records the intent to cause `effect_key` with the dependency's idempotency key
-    /// `external_key` before calling it, and returns the entry as it stands (an earlier
-    /// attempt's entry wins: its key is the one to reuse) and whether this call created it.
+    /// [`Tx::ledger_begin`] as its own transaction.
     pub async fn ledger_begin(
         &self,
         effect_key: &str,
         external_key: &str,
     ) -> Result<(LedgerEntry, bool)> {
-        let now = holdfast_core::now_ms();
-        self.run(Safety::Idempotent, "ledger_begin", || async {
-            let mut tx = self.begin_write().await?;
-            let created = sqlx::query(
-                "INSERT INTO effect_ledger (effect_key, state, external_key, created_at, updated_at) VALUES ($1, 'pending', $2, $3, $3)
-                 ON CONFLICT (effect_key) DO NOTHING",
-            )
-            .bind(effect_key)
-            .bind(external_key)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-                == 1;
-            let r = sqlx::query("SELECT effect_key, state, external_key, external_id FROM effect_ledger WHERE effect_key = $1")
-                .bind(effect_key)
-                .fetch_one(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            let entry = LedgerEntry {
-                effect_key: r.try_get("effect_key")?,
-                state: r.try_get("state")?,
-                external_key: r.try_get("external_key")?,
-                external_id: r.try_get("external_id")?,
-            };
-            Ok((entry, created))
-        })
-        .await
-    }
-
-    /// The effect happened: mark it done, apply its consequences on our store and complete
-    /// the job, all in one transaction. A stale attempt (fenced out) changes nothing and gets
-    /// `Error::JobLost`; the current attempt will settle the same effect.
-    pub async fn effect_settle(&self, s: &EffectSettle<'_>) -> Result<()> {
-        self.run(Safety::Idempotent, "effect_settle", || async {
-            let now = holdfast_core::now_ms();
-            let mut tx = self.begin_write().await?;
-            let completed = sqlx::query(
-                "UPDATE jobs SET state = 'completed', finished_at = $3, lease_until = NULL WHERE id = $1 AND attempt = $2 AND state = 'running'",
-            )
-            .bind(s.job.id)
-            .bind(s.job.attempt)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if completed != 1 {
-                return Err(Error::JobLost);
-            }
-            sqlx::query(
-                "INSERT INTO effect_ledger (effect_key, state, external_key, external_id, created_at, updated_at) VALUES ($1, 'done', $1, $2, $3, $3)
-                 ON CONFLICT (effect_key) DO UPDATE SET state = 'done', external_id = excluded.external_id, updated_at = excluded.updated_at",
-            )
-            .bind(s.effect_key)
-            .bind(s.external_id)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            if let Some(order_id) = s.order_paid {
-                sqlx::query("UPDATE orders SET status = 'paid' WHERE id = $1 AND status = 'pending'").bind(order_id).execute(&mut *tx).await?;
-            }
-            if let Some(job) = &s.then {
-                insert_jobs(&mut tx, self.dialect, std::slice::from_ref(job), now).await?;
-            }
-            tx.commit().await?;
-            Ok(())
-        })
-        .await
-    }
-
-    pub async fn order_payout_info(&self, order_id: &str) -> Result<Option<PayoutInfo>> {
-        self.run(Safety::Idempotent, "order_payout_info", || async {
-            let row = sqlx::query(
-                "SELECT o.id, u.email, o.total_cents, o.status FROM orders o JOIN users u ON u.id = o.user_id WHERE o.id = $1",
-            )
-            .bind(order_id)
-            .fetch_optional(&self.pool)
-            .await?;
-            row.map(|r| Ok(PayoutInfo { order_id: r.try_get("id")?, email: r.try_get("email")?, total_cents: r.try_get("total_cents")?, status: r.try_get("status")? }))
-                .transpose()
+        self.tx("ledger_begin", Rerun::Always, |tx| {
+            async move { Ok(tx.ledger_begin(effect_key, external_key).await?) }.scope_boxed()
         })
         .await
     }

@@ -4,39 +4,41 @@
 //! file in WAL mode, shared by every local process) or PostgreSQL is a matter of the URL.
 //! Both run the same SQL through sqlx's `Any` driver; the few places where the engines differ
 //! (how a write transaction starts, row locks, the migration lock, DDL types) are spelled out
-//! by [`Dialect`]. One conformance suite (`tests/conformance.rs`) runs against both.
+//! per [`Backend`]. One conformance suite (`tests/conformance.rs`) runs against both.
 //!
-//! Each operation is one transaction, retried with full-jitter backoff, a budget and a
-//! deadline when the failure is transient. Writes that are not protected by an idempotency
-//! token retry only on failures that guarantee nothing was committed.
+//! The store knows generic records only: accounts and sessions, idempotency keys, the job
+//! queue and the effect ledger. An application brings its own tables as a [`Schema`] and its
+//! own SQL, and composes it with these primitives in one [`Store::transaction`]: the closure
+//! gets a [`Tx`], runs the application's statements on [`Tx::conn`] and the generic ones as
+//! methods (`tx.job_enqueue`, `tx.idem_finish`, `tx.ledger_settle`), and commits them all or
+//! nothing. A transaction is retried with full-jitter backoff, a budget and a deadline when
+//! the failure is transient; [`Rerun`] says whether its body may run twice.
 //!
-//! The job queue and the effect ledger live here too (`jobs.rs`): a job enqueued by a
-//! checkout must commit in the checkout's transaction, so the queue shares the store.
-//!
-//! Architecture invariant: this crate knows nothing about HTTP. It stores the bytes of an
-//! idempotent response but never looks inside them.
+//! Architecture invariant: this crate knows nothing about HTTP, and nothing about any
+//! application's records. It stores the bytes of an idempotent response but never looks
+//! inside them, and it never calls back into another crate.
 
+mod accounts;
+mod idempotency;
 mod jobs;
 mod migrate;
-mod ops;
 pub mod testing;
+mod tx;
+
+pub use accounts::SessionCreate;
+pub use holdfast_core::Backend;
+pub use idempotency::{ClaimOutcome, IdemClaim, IdemLock, StoredResponse};
+pub use jobs::{DeadJob, JobFence, JobInsert, JobRow, LedgerEntry, QueueCount, NOTIFY_CHANNEL};
+pub use migrate::{Migration, Schema};
+pub use tx::{Rerun, ScopedFutureExt, Tx, TxBody, TxError};
 
 use holdfast_core::retry::{RetryBudget, RetryPolicy};
 use serde::Serialize;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
-use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-pub use jobs::{
-    DeadJob, EffectSettle, JobFence, JobInsert, JobRow, LedgerEntry, PayoutInfo, QueueCount,
-    NOTIFY_CHANNEL,
-};
-pub use ops::{
-    ClaimOutcome, IdemClaim, IdemCommit, SessionCreate, StoredResponse, PAYMENTS_QUEUE, PAYOUT_KIND,
-};
 
 /// What went wrong, in words the caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -45,24 +47,32 @@ pub enum Error {
     NotFound,
     #[error("this email is already registered")]
     EmailTaken,
-    #[error("unknown sku {0}")]
-    UnknownSku(String),
-    #[error("a cart line holds at most 99 of one item")]
-    QuantityLimit,
-    #[error("the cart is empty")]
-    EmptyCart,
     /// The idempotency key was claimed by another attempt after this one's lock expired
     /// (or this attempt's earlier try already committed). The caller should re-read the key.
     #[error("the idempotency key is no longer held by this request")]
     IdempotencyLockLost,
-    /// A job attempt is no longer current: its lease expired and a newer attempt took over.
+    /// A job attempt is no longer current: its lease expired and a newer claim took over.
     /// Whatever this attempt did externally was idempotent; the newer one settles it.
     #[error("this job attempt is no longer current")]
     JobLost,
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
-    #[error("migration {version} failed: {source}")]
-    Migration { version: i64, source: sqlx::Error },
+    #[error("migration {file} failed: {source}")]
+    Migration {
+        file: &'static str,
+        source: sqlx::Error,
+    },
+    /// A migration this database already ran has different contents in this build.
+    #[error(
+        "migration {file} was changed after this database applied it (recorded checksum \
+         {recorded}, this build has {built}); released migrations are append-only: restore \
+         the file and put the change in a new migration"
+    )]
+    MigrationChanged {
+        file: &'static str,
+        recorded: String,
+        built: String,
+    },
     #[error("unsupported database url (want sqlite:… or postgres://…)")]
     UnsupportedUrl,
 }
@@ -122,37 +132,6 @@ fn transient(e: &sqlx::Error, must_be_uncommitted: bool) -> bool {
     }
 }
 
-/// Where the engines differ.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Dialect {
-    Sqlite,
-    Postgres,
-}
-
-impl Dialect {
-    pub fn name(self) -> &'static str {
-        match self {
-            Dialect::Sqlite => "sqlite",
-            Dialect::Postgres => "postgres",
-        }
-    }
-    /// SQLite must take the write lock up front: a deferred transaction that reads and then
-    /// writes can fail with SQLITE_BUSY at the upgrade, after its reads, with no busy wait.
-    fn begin_write(self) -> &'static str {
-        match self {
-            Dialect::Sqlite => "BEGIN IMMEDIATE",
-            Dialect::Postgres => "BEGIN",
-        }
-    }
-    /// Row locks for read-then-write; SQLite's write transaction already excludes writers.
-    fn for_update(self) -> &'static str {
-        match self {
-            Dialect::Sqlite => "",
-            Dialect::Postgres => " FOR UPDATE",
-        }
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
     /// `sqlite:PATH` (created if missing) or `postgres://…`.
@@ -161,6 +140,8 @@ pub struct StoreOptions {
     pub retry: RetryPolicy,
     /// How long an acquired connection may be waited for before the attempt fails.
     pub acquire_timeout: Duration,
+    /// The application's tables, migrated after the store's own, in this order.
+    pub schemas: Vec<&'static Schema>,
 }
 
 impl StoreOptions {
@@ -170,7 +151,14 @@ impl StoreOptions {
             max_connections: 8,
             retry: RetryPolicy::default(),
             acquire_timeout: Duration::from_secs(3),
+            schemas: Vec::new(),
         }
+    }
+
+    /// Adds an application schema (see [`Schema`]).
+    pub fn schema(mut self, schema: &'static Schema) -> Self {
+        self.schemas.push(schema);
+        self
     }
 }
 
@@ -178,36 +166,21 @@ impl StoreOptions {
 #[derive(Clone)]
 pub struct Store {
     pool: AnyPool,
-    dialect: Dialect,
+    backend: Backend,
     retry: RetryPolicy,
     budget: RetryBudget,
-    /// SQLite only: one write transaction at a time per process (see `begin_write`).
+    /// SQLite only: one write transaction at a time per process (see `Store::begin_write`).
     write_gate: Option<Arc<tokio::sync::Semaphore>>,
 }
 
-/// How an operation may be retried.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Safety {
-    /// Reads, and writes guarded by an idempotency token: any transient failure may retry.
-    Idempotent,
-    /// Plain writes: only failures that guarantee nothing committed may retry.
-    Write,
-}
-
 impl Store {
-    /// Connects, then brings the schema up to date under a lock (so instances that start
-    /// together do not race each other's migrations).
+    /// Connects, then brings the store's schema and `opts.schemas` up to date under a lock (so
+    /// instances that start together do not race each other's migrations).
     pub async fn open(opts: &StoreOptions) -> Result<Self> {
         sqlx::any::install_default_drivers();
-        let dialect = if opts.url.starts_with("sqlite:") {
-            Dialect::Sqlite
-        } else if opts.url.starts_with("postgres://") || opts.url.starts_with("postgresql://") {
-            Dialect::Postgres
-        } else {
-            return Err(Error::UnsupportedUrl);
-        };
-        let url = match dialect {
-            Dialect::Sqlite if !opts.url.contains('?') => format!("{}?mode=rwc", opts.url),
+        let backend = Backend::of_url(&opts.url).ok_or(Error::UnsupportedUrl)?;
+        let url = match backend {
+            Backend::Sqlite if !opts.url.contains('?') => format!("{}?mode=rwc", opts.url),
             _ => opts.url.clone(),
         };
         let connect = AnyConnectOptions::from_str(&url)?;
@@ -216,7 +189,7 @@ impl Store {
             .acquire_timeout(opts.acquire_timeout)
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
-                    if dialect == Dialect::Sqlite {
+                    if backend == Backend::Sqlite {
                         // WAL: readers never block the writer, and several processes share
                         // the file safely. synchronous=FULL: an acknowledged order survives
                         // a power cut, not only a killed process. busy_timeout: wait for
@@ -233,22 +206,24 @@ impl Store {
             .connect_with(connect)
             .await?;
         let write_gate =
-            (dialect == Dialect::Sqlite).then(|| Arc::new(tokio::sync::Semaphore::new(1)));
+            (backend == Backend::Sqlite).then(|| Arc::new(tokio::sync::Semaphore::new(1)));
         let store = Self {
             pool,
-            dialect,
+            backend,
             retry: opts.retry.clone(),
             budget: RetryBudget::default(),
             write_gate,
         };
+        let mut schemas = vec![&migrate::SCHEMA];
+        schemas.extend(opts.schemas.iter().copied());
         store
-            .run(Safety::Idempotent, "migrate", || migrate::run(&store))
+            .run(Rerun::Always, "migrate", || migrate::run(&store, &schemas))
             .await?;
         Ok(store)
     }
 
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
+    pub fn backend(&self) -> Backend {
+        self.backend
     }
 
     /// Connections in use and idle, for the pool gauges.
@@ -266,12 +241,41 @@ impl Store {
         self.pool.close().await;
     }
 
-    /// One attempt, then retries while the failure is transient, the policy allows another
-    /// attempt before the deadline, and the process-wide budget has a token.
-    async fn run<T, F, Fut>(&self, safety: Safety, op: &'static str, mut attempt: F) -> Result<T>
+    /// Whether `err` may be retried now, and after how long: the failure is transient (and,
+    /// for [`Rerun::IfUncommitted`], certainly uncommitted), the policy allows another attempt
+    /// before the deadline, and the process-wide budget has a token.
+    fn retry_delay(
+        &self,
+        rerun: Rerun,
+        op: &'static str,
+        attempts: u32,
+        started: Instant,
+        err: &Error,
+    ) -> Option<Duration> {
+        let retryable = match rerun {
+            Rerun::Always => err.is_retryable(),
+            Rerun::IfUncommitted => err.is_retryable_uncommitted(),
+        };
+        if !retryable {
+            return None;
+        }
+        let delay = self.retry.next_delay(attempts, started)?;
+        if !self.budget.try_withdraw() {
+            metrics::counter!("holdfast_store_retry_budget_exhausted_total", "op" => op)
+                .increment(1);
+            return None;
+        }
+        metrics::counter!("holdfast_store_retries_total", "op" => op).increment(1);
+        tracing::debug!(op, attempts, ?delay, error = %err, "retrying store operation");
+        Some(delay)
+    }
+
+    /// One attempt of a store-internal operation, then retries while [`Store::retry_delay`]
+    /// allows.
+    async fn run<T, F, Fut>(&self, rerun: Rerun, op: &'static str, mut attempt: F) -> Result<T>
     where
         F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T>>,
+        Fut: std::future::Future<Output = Result<T>>,
     {
         let started = Instant::now();
         self.budget.record_attempt();
@@ -282,24 +286,10 @@ impl Store {
                 Ok(v) => return Ok(v),
                 Err(e) => e,
             };
-            let retryable = match safety {
-                Safety::Idempotent => err.is_retryable(),
-                Safety::Write => err.is_retryable_uncommitted(),
-            };
-            if !retryable {
-                return Err(err);
+            match self.retry_delay(rerun, op, attempts, started, &err) {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return Err(err),
             }
-            let Some(delay) = self.retry.next_delay(attempts, started) else {
-                return Err(err);
-            };
-            if !self.budget.try_withdraw() {
-                metrics::counter!("holdfast_store_retry_budget_exhausted_total", "op" => op)
-                    .increment(1);
-                return Err(err);
-            }
-            metrics::counter!("holdfast_store_retries_total", "op" => op).increment(1);
-            tracing::debug!(op, attempts, ?delay, error = %err, "retrying store operation");
-            tokio::time::sleep(delay).await;
         }
     }
 }
@@ -317,45 +307,6 @@ pub struct User {
 pub struct Credentials {
     pub user: User,
     pub password_hash: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ProductRow {
-    pub sku: String,
-    pub name: String,
-    pub price_cents: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CartLine {
-    pub sku: String,
-    pub name: String,
-    pub qty: i64,
-    pub unit_price_cents: i64,
-    pub line_total_cents: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Cart {
-    pub items: Vec<CartLine>,
-    pub total_cents: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct OrderLine {
-    pub sku: String,
-    pub name: String,
-    pub qty: i64,
-    pub unit_price_cents: i64,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Order {
-    pub order_id: String,
-    pub total_cents: i64,
-    pub status: String,
-    pub created_at: i64,
-    pub items: Vec<OrderLine>,
 }
 
 /// A live session: who it belongs to.
@@ -392,13 +343,13 @@ mod tests {
     /// Fails with `err()` for the first `failures` attempts, then succeeds; counts attempts.
     async fn flaky(
         s: &Store,
-        safety: Safety,
+        rerun: Rerun,
         failures: u32,
         err: fn() -> Error,
     ) -> (Result<()>, u32) {
         let calls = AtomicU32::new(0);
         let r = s
-            .run(safety, "test", || async {
+            .run(rerun, "test", || async {
                 let n = calls.fetch_add(1, Ordering::SeqCst);
                 if n < failures {
                     Err(err())
@@ -414,9 +365,9 @@ mod tests {
     async fn transient_failures_are_retried_until_success_or_the_attempt_limit() {
         let (s, _d) = store(quick()).await;
         let timeout = || Error::Db(sqlx::Error::PoolTimedOut);
-        let (r, calls) = flaky(&s, Safety::Write, 3, timeout).await;
+        let (r, calls) = flaky(&s, Rerun::IfUncommitted, 3, timeout).await;
         assert!(r.is_ok() && calls == 4);
-        let (r, calls) = flaky(&s, Safety::Idempotent, 100, timeout).await;
+        let (r, calls) = flaky(&s, Rerun::Always, 100, timeout).await;
         assert!(
             r.unwrap_err().is_retryable() && calls == 5,
             "gave up after max_attempts"
@@ -432,15 +383,13 @@ mod tests {
             )))
         };
         assert_eq!(
-            flaky(&s, Safety::Write, 1, io).await.1,
+            flaky(&s, Rerun::IfUncommitted, 1, io).await.1,
             1,
             "a plain write is not re-run after a lost connection"
         );
-        assert_eq!(flaky(&s, Safety::Idempotent, 1, io).await.1, 2);
+        assert_eq!(flaky(&s, Rerun::Always, 1, io).await.1, 2);
         assert_eq!(
-            flaky(&s, Safety::Idempotent, 1, || Error::EmptyCart)
-                .await
-                .1,
+            flaky(&s, Rerun::Always, 1, || Error::NotFound).await.1,
             1,
             "domain errors never retry"
         );
@@ -454,7 +403,7 @@ mod tests {
         })
         .await;
         assert_eq!(
-            flaky(&s, Safety::Write, 10, || Error::Db(
+            flaky(&s, Rerun::IfUncommitted, 10, || Error::Db(
                 sqlx::Error::PoolTimedOut
             ))
             .await
@@ -464,7 +413,7 @@ mod tests {
         let (mut s, _d) = store(quick()).await;
         s.budget = RetryBudget::new(0.0, 2);
         assert_eq!(
-            flaky(&s, Safety::Write, 10, || Error::Db(
+            flaky(&s, Rerun::IfUncommitted, 10, || Error::Db(
                 sqlx::Error::PoolTimedOut
             ))
             .await

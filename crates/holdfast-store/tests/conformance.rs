@@ -2,32 +2,35 @@
 //!
 //! Every case below runs twice, as `sqlite::<case>` and `postgres::<case>`, each on a brand-new
 //! database. Passing on both proves that the one `Store` API behaves identically on either
-//! engine: migrations seed the catalog and are safe to race; users, sessions (absolute and idle
-//! expiry, throttled touches), carts (the 99 cap, unknown SKUs) and checkout behave as
+//! engine: migrations are safe to race, are recorded with checksums that refuse a changed file,
+//! and adopt a database made before schemas were split; a composed transaction commits all or
+//! nothing, keeps a caller's abort apart from a database failure and re-runs only what may be
+//! re-run; users and sessions (absolute and idle expiry, throttled touches) behave as
 //! documented; the two-phase idempotency protocol answers Claimed / InFlight / Mismatch / Replay
-//! correctly, fences a stalled claimant out by its token so it can never create an order, and is
-//! scoped per user; reaping removes exactly the dead records; and under real concurrency (50
-//! racers on one key across several pools, double checkouts, adds racing a checkout) exactly one
-//! order exists and no cart line is lost. Error predicates are checked on real engine errors.
+//! correctly, fences a stalled claimant out by its token so its effect never commits, and is
+//! scoped; reaping removes exactly the dead records; 50 racers on one key across several pools
+//! cause one effect; jobs are claimed once, fenced forever by their claim, and the ledger
+//! settles once. Error predicates are checked on real engine errors.
 //!
-//! Time is passed explicitly (`now` in ms) wherever the API takes it, so expiry is tested without
-//! sleeping. Postgres cases need `DATABASE_URL`; without it they skip with a note, except under
-//! `CI=true`, where they fail.
+//! The effect these cases commit under an idempotency key is the store's own generic record,
+//! a job: the application's records (the shop's orders) have their own suite in
+//! `holdfast-shop`. Time is passed explicitly (`now` in ms) wherever the API takes it, so
+//! expiry is tested without sleeping. Postgres cases need `DATABASE_URL`; without it they skip
+//! with a note, except under `CI=true`, where they fail.
 
 use futures::future::join_all;
-use holdfast_core::{
-    Email, IdempotencyKey, OrderId, Quantity, RequestFingerprint, SessionId, Sku, UserId, CATALOG,
-};
+use holdfast_core::{Email, IdempotencyKey, RequestFingerprint, SessionId, UserId};
 use holdfast_store::{
-    testing, Cart, CartLine,
+    Backend,
     ClaimOutcome::{self, InFlight, Mismatch, Replay},
-    Dialect, EffectSettle, Error, IdemClaim, IdemCommit, JobFence, JobInsert, JobRow, Order,
-    OrderLine, ProductRow, SessionCreate, SessionRecord, Store, StoreOptions, StoredResponse,
+    Error, IdemClaim, IdemLock, JobFence, JobInsert, JobRow, Rerun, ScopedFutureExt, SessionCreate,
+    SessionRecord, Store, StoreOptions, StoredResponse, TxError,
 };
-use serde::Serialize;
+use holdfast_testkit::db::with_fresh_db;
 use sqlx::{Connection, Executor, Row};
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 // ---- harness -----------------------------------------------------------------------------
 
@@ -44,7 +47,7 @@ macro_rules! conformance {
                 #[tokio::test(flavor = $flavor)]
                 async fn $name() {
                     let test = concat!(stringify!($m), "::", stringify!($name));
-                    super::with_db(super::Backend::$b, test, conformance!(@fixture $fixture $name))
+                    super::with_fresh_db(super::Backend::$b, test, conformance!(@fixture $fixture $name))
                         .await;
                 }
             )*
@@ -59,9 +62,12 @@ macro_rules! conformance {
 }
 
 conformance! {
-    store "current_thread" catalog_is_seeded,
     url   "current_thread" reopening_is_a_no_op,
     url   "multi_thread"   concurrent_opens_migrate_once,
+    url   "current_thread" a_changed_migration_is_refused_by_name,
+    url   "current_thread" a_database_from_before_the_split_is_adopted,
+    store "current_thread" a_transaction_commits_all_or_nothing,
+    store "current_thread" a_transaction_reruns_only_what_may_rerun,
     store "current_thread" users,
     store "current_thread" session_absolute_expiry,
     store "current_thread" session_idle_expiry_and_touch_throttle,
@@ -69,54 +75,17 @@ conformance! {
     store "current_thread" session_touch_many_moves_last_use_forward,
     store "current_thread" password_change_ends_every_session_of_the_user,
     store "current_thread" session_blobs,
-    store "current_thread" cart_lines,
-    store "current_thread" checkout_and_orders,
-    store "current_thread" order_list_newest_first,
-    store "current_thread" idem_claim_commit_replay,
+    store "current_thread" idem_claim_finish_replay,
     store "current_thread" idem_expired_lock_fences_old_token,
-    store "current_thread" idem_release_and_user_scope,
+    store "current_thread" idem_release_and_scope,
     store "current_thread" reap_removes_only_dead_records,
-    url   "multi_thread"   fifty_racers_one_key_one_order,
-    store "multi_thread"   concurrent_checkouts_with_different_keys,
-    url   "multi_thread"   add_racing_checkout_is_not_lost,
+    url   "multi_thread"   fifty_racers_one_key_one_effect,
     url   "multi_thread"   error_predicates,
     store "current_thread" job_lifecycle,
     store "current_thread" job_attempts_are_fenced,
-    store "current_thread" checkout_enqueues_its_payout_atomically,
+    store "current_thread" fences_are_unique_forever,
     url   "multi_thread"   concurrent_claimers_never_share_a_job,
     store "current_thread" ledger_settles_once,
-}
-
-#[derive(Clone, Copy)]
-enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-/// Runs `case` on a fresh database of `backend`; a Postgres database is dropped afterwards
-/// (only if the case passed: a failed case leaves its database for inspection).
-async fn with_db<F, Fut>(backend: Backend, test: &str, case: F)
-where
-    F: FnOnce(String) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    match backend {
-        Backend::Sqlite => {
-            let dir = tempfile::tempdir().expect("tempdir");
-            case(testing::sqlite_url(dir.path())).await;
-        }
-        Backend::Postgres => {
-            let Some(url) = testing::fresh_postgres_url(test).await else {
-                return;
-            };
-            case(url.clone()).await;
-            let admin = std::env::var("DATABASE_URL").expect("DATABASE_URL");
-            let name = url.rsplit('/').next().and_then(|s| s.split('?').next());
-            testing::drop_database(&admin, name.expect("database name"))
-                .await
-                .expect("drop test database");
-        }
-    }
 }
 
 async fn open(url: &str) -> Store {
@@ -125,13 +94,16 @@ async fn open(url: &str) -> Store {
         .unwrap_or_else(|e| panic!("open {url}: {e}"))
 }
 
+async fn raw(url: &str) -> sqlx::AnyConnection {
+    sqlx::any::install_default_drivers();
+    sqlx::AnyConnection::connect(url)
+        .await
+        .expect("raw connect")
+}
+
 /// One integer from a raw query (for facts the API does not expose, like migration rows).
 async fn scalar(url: &str, sql: &str) -> i64 {
-    sqlx::any::install_default_drivers();
-    let mut conn = sqlx::AnyConnection::connect(url)
-        .await
-        .expect("raw connect");
-    conn.fetch_one(sql).await.expect(sql).get(0)
+    raw(url).await.fetch_one(sql).await.expect(sql).get(0)
 }
 
 // ---- fixtures ----------------------------------------------------------------------------
@@ -140,8 +112,10 @@ async fn scalar(url: &str, sql: &str) -> i64 {
 const T0: i64 = 1_700_000_000_000;
 const LOCK: Duration = Duration::from_secs(30);
 const HOUR: Duration = Duration::from_secs(3600);
-/// How many migrations a fresh database records.
-const MIGRATIONS: i64 = 3;
+/// How many migrations a fresh database records (the store's own schema).
+const MIGRATIONS: i64 = 4;
+/// The queue the idempotent effects of these cases enqueue on.
+const EFFECTS: &str = "effects";
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -149,17 +123,11 @@ fn ms(n: u64) -> Duration {
 fn email(s: &str) -> Email {
     Email::parse(s).unwrap()
 }
-fn sku(s: &str) -> Sku {
-    Sku::parse(s).unwrap()
-}
-fn qty(n: i64) -> Quantity {
-    Quantity::parse(n).unwrap()
-}
 fn key(s: &str) -> IdempotencyKey {
     IdempotencyKey::parse(s.as_bytes()).unwrap()
 }
 fn fp(body: &str) -> RequestFingerprint {
-    RequestFingerprint::of("POST", "/api/checkout", body.as_bytes())
+    RequestFingerprint::of("POST", "/effects", body.as_bytes())
 }
 
 async fn user(store: &Store, name: &str) -> String {
@@ -167,36 +135,23 @@ async fn user(store: &Store, name: &str) -> String {
     store.user_create(&e, "argon2id$fake").await.unwrap().id
 }
 
-/// The response an idempotent request keeps: not valid UTF-8, to prove the bytes are opaque.
-fn render<T: Serialize>(v: &T) -> StoredResponse {
+/// The answer an idempotent request keeps: not valid UTF-8, to prove the bytes are opaque.
+fn render(n: i64) -> StoredResponse {
     let mut body = vec![0xff, 0x00];
-    body.extend(serde_json::to_vec(v).unwrap());
+    body.extend(n.to_string().into_bytes());
     StoredResponse { status: 201, body }
-}
-
-fn commit<'a, T: Serialize>(
-    user_id: &'a str,
-    key: &'a IdempotencyKey,
-    token: &'a str,
-) -> IdemCommit<'a, T> {
-    IdemCommit {
-        user_id,
-        key,
-        token,
-        render: &render::<T>,
-    }
 }
 
 async fn claim(
     store: &Store,
-    user_id: &str,
+    scope: &str,
     k: &IdempotencyKey,
     f: &RequestFingerprint,
     now: i64,
     ttl: Duration,
 ) -> ClaimOutcome {
     let c = IdemClaim {
-        user_id,
+        scope,
         key: k,
         fingerprint: f,
         now,
@@ -212,52 +167,43 @@ fn token(outcome: ClaimOutcome) -> String {
     }
 }
 
-async fn add(store: &Store, user_id: &str, s: &str, n: i64) -> Cart {
+/// Phase two under `token`: effect number `n` (a job) and its answer, in one transaction.
+async fn effect(
+    store: &Store,
+    scope: &str,
+    k: &IdempotencyKey,
+    token: &str,
+    n: i64,
+) -> Result<StoredResponse, Error> {
+    let lock = IdemLock {
+        scope,
+        key: k,
+        token,
+    };
     store
-        .cart_add(user_id, &sku(s), qty(n), None)
+        .transaction("effect", Rerun::Always, |tx| {
+            async move {
+                tx.job_enqueue(&[job(EFFECTS, n)]).await?;
+                let answer = render(n);
+                tx.idem_finish(lock, &answer).await?;
+                Ok(answer)
+            }
+            .scope_boxed()
+        })
+        .await
+        .map_err(TxError::<Infallible>::into_db)
+}
+
+/// How many effects were committed (jobs on the effects queue, in any state).
+async fn effects(store: &Store) -> i64 {
+    store
+        .job_counts()
         .await
         .unwrap()
-        .0
-}
-
-async fn cart(store: &Store, user_id: &str) -> Cart {
-    store.cart_get(user_id).await.unwrap()
-}
-
-fn product(s: &str) -> &'static holdfast_core::Product {
-    CATALOG.iter().find(|p| p.sku == s).unwrap()
-}
-
-/// The cart that holds `lines` (given in sku order), priced from the catalog.
-fn cart_of(lines: &[(&str, i64)]) -> Cart {
-    let items: Vec<CartLine> = lines
         .iter()
-        .map(|&(s, q)| {
-            let p = product(s);
-            CartLine {
-                sku: s.into(),
-                name: p.name.into(),
-                qty: q,
-                unit_price_cents: p.price_cents,
-                line_total_cents: q * p.price_cents,
-            }
-        })
-        .collect();
-    let total_cents = items.iter().map(|l| l.line_total_cents).sum();
-    Cart { items, total_cents }
-}
-
-fn order_lines(lines: &[(&str, i64)]) -> Vec<OrderLine> {
-    cart_of(lines)
-        .items
-        .into_iter()
-        .map(|l| OrderLine {
-            sku: l.sku,
-            name: l.name,
-            qty: l.qty,
-            unit_price_cents: l.unit_price_cents,
-        })
-        .collect()
+        .filter(|c| c.queue == EFFECTS)
+        .map(|c| c.count)
+        .sum()
 }
 
 fn err_kind<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
@@ -266,32 +212,17 @@ fn err_kind<T: std::fmt::Debug>(r: Result<T, Error>) -> String {
 
 // ---- migrations --------------------------------------------------------------------------
 
-async fn catalog_is_seeded(store: Store) {
-    let mut want: Vec<ProductRow> = CATALOG
-        .iter()
-        .map(|p| ProductRow {
-            sku: p.sku.into(),
-            name: p.name.into(),
-            price_cents: p.price_cents,
-        })
-        .collect();
-    want.sort_by(|a, b| a.sku.cmp(&b.sku));
-    assert_eq!(store.product_list().await.unwrap(), want);
-}
-
 async fn reopening_is_a_no_op(url: String) {
     let first = open(&url).await;
     let u = user(&first, "keep").await;
-    add(&first, &u, "HELMET", 2).await;
     first.close().await;
 
     let second = open(&url).await;
     let third = open(&url).await;
-    assert_eq!(second.product_list().await.unwrap().len(), CATALOG.len());
-    assert_eq!(cart(&third, &u).await, cart_of(&[("HELMET", 2)]));
+    assert!(second.user_get(&u).await.unwrap().is_some());
     assert!(third.user_get(&u).await.unwrap().is_some());
     assert_eq!(
-        scalar(&url, "SELECT COUNT(*) FROM holdfast_migrations").await,
+        scalar(&url, "SELECT COUNT(*) FROM holdfast_schema_migrations").await,
         MIGRATIONS
     );
 }
@@ -307,13 +238,194 @@ async fn concurrent_opens_migrate_once(url: String) {
         let store = res
             .unwrap()
             .unwrap_or_else(|e| panic!("concurrent open #{i}: {e}"));
-        assert_eq!(store.product_list().await.unwrap().len(), CATALOG.len());
+        user(&store, &format!("opener{i}")).await;
     }
-    assert_eq!(scalar(&url, "SELECT COUNT(*) FROM products").await, 6);
+    assert_eq!(scalar(&url, "SELECT COUNT(*) FROM users").await, 4);
     assert_eq!(
-        scalar(&url, "SELECT COUNT(*) FROM holdfast_migrations").await,
+        scalar(&url, "SELECT COUNT(*) FROM holdfast_schema_migrations").await,
         MIGRATIONS
     );
+}
+
+/// A database that ran a migration whose file this build has with other contents refuses to
+/// open, and the error names the file.
+async fn a_changed_migration_is_refused_by_name(url: String) {
+    open(&url).await.close().await;
+    raw(&url)
+        .await
+        .execute("UPDATE holdfast_schema_migrations SET checksum = 'edited' WHERE schema_name = 'store' AND version = 2")
+        .await
+        .unwrap();
+    let refused = Store::open(&StoreOptions::new(&url)).await;
+    let Err(e) = refused else {
+        panic!("a changed migration was accepted")
+    };
+    assert!(
+        matches!(&e, Error::MigrationChanged { file, .. } if *file == "crates/holdfast-store/migrations/0002_jobs.sql"),
+        "{e:?}"
+    );
+    let said = e.to_string();
+    assert!(
+        said.contains("crates/holdfast-store/migrations/0002_jobs.sql")
+            && said.contains("append-only"),
+        "{said}"
+    );
+}
+
+/// A database made when all migrations were one list (`holdfast_migrations`, versions 1 to 3)
+/// is adopted: those migrations are recorded, not run again (they would fail: their tables
+/// exist), the newer ones run, and the data stays.
+async fn a_database_from_before_the_split_is_adopted(url: String) {
+    let store = open(&url).await;
+    let u = user(&store, "old-timer").await;
+    store.close().await;
+    let mut conn = raw(&url).await;
+    for sql in [
+        "DROP TABLE holdfast_schema_migrations",
+        "ALTER TABLE jobs DROP COLUMN claim",
+        "CREATE TABLE holdfast_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        "INSERT INTO holdfast_migrations VALUES (1, 'shop', 1), (2, 'jobs', 2), (3, 'sessions', 3)",
+    ] {
+        conn.execute(sql).await.expect(sql);
+    }
+    let store = open(&url).await;
+    assert!(store.user_get(&u).await.unwrap().is_some(), "data kept");
+    assert_eq!(
+        scalar(&url, "SELECT COUNT(*) FROM holdfast_schema_migrations").await,
+        MIGRATIONS
+    );
+    assert_eq!(
+        scalar(
+            &url,
+            "SELECT COUNT(*) FROM holdfast_schema_migrations WHERE applied_at <= 3"
+        )
+        .await,
+        3,
+        "the legacy versions keep their dates"
+    );
+    // The migration that came after the split ran: claims have their fence column.
+    store.job_enqueue(&job("q", 1)).await.unwrap();
+    let claimed = store.job_claim("q", "w", 1, T0, LEASE).await.unwrap();
+    assert_eq!(claimed[0].claim, 1);
+    open(&url).await;
+}
+
+// ---- transactions ------------------------------------------------------------------------
+
+/// What the caller composes commits together or not at all, and its own abort comes back as
+/// `Abort`, apart from database failures.
+async fn a_transaction_commits_all_or_nothing(store: Store) {
+    #[derive(Debug, PartialEq)]
+    struct Changed;
+    let u = user(&store, "tx").await;
+    let aborted = store
+        .transaction("abort", Rerun::Always, |tx| {
+            async {
+                tx.job_enqueue(&[job(EFFECTS, 1)]).await?;
+                sqlx::query("UPDATE users SET password_hash = 'new' WHERE id = $1")
+                    .bind(&u)
+                    .execute(tx.conn())
+                    .await?;
+                Err::<(), _>(TxError::Abort(Changed))
+            }
+            .scope_boxed()
+        })
+        .await;
+    assert!(matches!(aborted, Err(TxError::Abort(Changed))));
+    assert_eq!(effects(&store).await, 0, "the job rolled back");
+    let hash = store
+        .user_credentials(&email("tx@example.com"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        hash.password_hash, "argon2id$fake",
+        "the update rolled back"
+    );
+
+    let failed = store
+        .transaction("bad_sql", Rerun::Always, |tx| {
+            async {
+                tx.job_enqueue(&[job(EFFECTS, 2)]).await?;
+                sqlx::query("INSERT INTO no_such_table VALUES (1)")
+                    .execute(tx.conn())
+                    .await?;
+                Ok::<_, TxError<Infallible>>(())
+            }
+            .scope_boxed()
+        })
+        .await;
+    assert!(
+        matches!(&failed, Err(TxError::Db(e)) if !e.is_retryable()),
+        "{failed:?}"
+    );
+    assert_eq!(effects(&store).await, 0);
+
+    let ids = store
+        .transaction("both", Rerun::IfUncommitted, |tx| {
+            async {
+                let ids = tx.job_enqueue(&[job(EFFECTS, 3), job(EFFECTS, 4)]).await?;
+                tx.ledger_begin("effect:3", "ext-3").await?;
+                Ok::<_, TxError<Infallible>>(ids)
+            }
+            .scope_boxed()
+        })
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(effects(&store).await, 2);
+    assert!(store.ledger_get("effect:3").await.unwrap().is_some());
+}
+
+/// A transient failure re-runs the body (from a fresh transaction); a maybe-committed one
+/// re-runs only a body that says it may.
+async fn a_transaction_reruns_only_what_may_rerun(store: Store) {
+    let timed_out = || Error::Db(sqlx::Error::PoolTimedOut);
+    let reset = || Error::Db(sqlx::Error::Io(std::io::ErrorKind::ConnectionReset.into()));
+
+    let (r, runs) = flaky(&store, Rerun::IfUncommitted, timed_out).await;
+    assert!(r.is_ok());
+    assert_eq!(
+        (runs, effects(&store).await),
+        (2, 1),
+        "re-run once, committed once"
+    );
+
+    let (r, runs) = flaky(&store, Rerun::IfUncommitted, reset).await;
+    assert!(matches!(r, Err(TxError::Db(_))));
+    assert_eq!(
+        (runs, effects(&store).await),
+        (1, 1),
+        "a plain write is not re-run"
+    );
+
+    let (r, runs) = flaky(&store, Rerun::Always, reset).await;
+    assert!(r.is_ok());
+    assert_eq!((runs, effects(&store).await), (2, 2));
+}
+
+/// A transaction that enqueues an effect and then fails with `fail()` on its first run only;
+/// how it ended and how many times the body ran.
+async fn flaky(
+    store: &Store,
+    rerun: Rerun,
+    fail: fn() -> Error,
+) -> (Result<(), TxError<Infallible>>, u32) {
+    let runs = AtomicU32::new(0);
+    let r = store
+        .transaction("flaky", rerun, |tx| {
+            let runs = &runs;
+            async move {
+                tx.job_enqueue(&[job(EFFECTS, 1)]).await?;
+                if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                    return Err(TxError::Db(fail()));
+                }
+                Ok(())
+            }
+            .scope_boxed()
+        })
+        .await;
+    (r, runs.load(Ordering::SeqCst))
 }
 
 // ---- users -------------------------------------------------------------------------------
@@ -574,119 +686,18 @@ async fn session_blobs(store: Store) {
     assert_eq!(store.session_blob_get("h1", T0).await.unwrap(), None);
 }
 
-// ---- cart --------------------------------------------------------------------------------
-
-async fn cart_lines(store: Store) {
-    enum Op {
-        Add(&'static str, i64),
-        Remove(&'static str),
-    }
-    use Op::*;
-    let u = user(&store, "cart").await;
-    let other = user(&store, "other").await;
-    add(&store, &other, "HARNESS", 1).await;
-
-    // Each step: the operation, then the resulting cart or the error (which leaves it unchanged).
-    let steps: &[(Op, Result<&[(&str, i64)], &str>)] = &[
-        (Add("ROPE-10M", 2), Ok(&[("ROPE-10M", 2)])),
-        (
-            Add("CARABINER", 3),
-            Ok(&[("CARABINER", 3), ("ROPE-10M", 2)]),
-        ),
-        (Add("ROPE-10M", 3), Ok(&[("CARABINER", 3), ("ROPE-10M", 5)])),
-        (Add("ROPE-10M", 95), Err("QuantityLimit")),
-        (
-            Add("ROPE-10M", 94),
-            Ok(&[("CARABINER", 3), ("ROPE-10M", 99)]),
-        ),
-        (Add("ROPE-10M", 1), Err("QuantityLimit")),
-        (Add("NOPE", 1), Err(r#"UnknownSku("NOPE")"#)),
-        (Remove("HELMET"), Ok(&[("CARABINER", 3), ("ROPE-10M", 99)])),
-        (Remove("CARABINER"), Ok(&[("ROPE-10M", 99)])),
-    ];
-    let mut want = cart_of(&[]);
-    for (i, (op, expect)) in steps.iter().enumerate() {
-        let got = match op {
-            Add(s, n) => store.cart_add(&u, &sku(s), qty(*n), None).await,
-            Remove(s) => store.cart_remove(&u, &sku(s), None).await,
-        };
-        match expect {
-            Ok(lines) => {
-                want = cart_of(lines);
-                assert_eq!(got.unwrap(), (want.clone(), None), "step {i}");
-            }
-            Err(kind) => assert_eq!(err_kind(got), *kind, "step {i}"),
-        }
-        assert_eq!(cart(&store, &u).await, want, "step {i}: stored cart");
-    }
-    // Carts are per user.
-    assert_eq!(cart(&store, &other).await, cart_of(&[("HARNESS", 1)]));
-}
-
-// ---- checkout and orders -----------------------------------------------------------------
-
-async fn checkout_and_orders(store: Store) {
-    let u = user(&store, "buyer").await;
-    let v = user(&store, "snoop").await;
-    assert_eq!(err_kind(store.checkout(&u, None).await), "EmptyCart");
-
-    add(&store, &u, "ROPE-10M", 1).await;
-    add(&store, &u, "HELMET", 2).await;
-    let (order, stored) = store.checkout(&u, None).await.unwrap();
-    assert_eq!(stored, None);
-    assert_eq!(order.status, "pending");
-    assert_eq!(order.total_cents, 8900 + 2 * 5900);
-    assert_eq!(order.items, order_lines(&[("HELMET", 2), ("ROPE-10M", 1)]));
-    assert_eq!(cart(&store, &u).await, cart_of(&[]));
-    assert_eq!(err_kind(store.checkout(&u, None).await), "EmptyCart");
-
-    let id = OrderId::parse(&order.order_id).unwrap();
-    assert_eq!(store.order_get(&u, &id).await.unwrap(), Some(order.clone()));
-    assert_eq!(store.order_get(&v, &id).await.unwrap(), None, "owner-only");
-    assert_eq!(
-        store.order_get(&u, &OrderId::generate()).await.unwrap(),
-        None
-    );
-    assert_eq!(store.order_list(&u, 10).await.unwrap(), vec![order]);
-    assert_eq!(store.order_list(&v, 10).await.unwrap(), vec![]);
-}
-
-async fn order_list_newest_first(store: Store) {
-    let u = user(&store, "regular").await;
-    let mut placed: Vec<Order> = Vec::new();
-    for (s, n) in [("CHALK-BAG", 1), ("HARNESS", 2), ("BELAY-DEV", 3)] {
-        // order_list sorts by created_at (ms from the store's clock, which the API does not
-        // take): let the clock tick past the previous order so the order is defined.
-        if let Some(prev) = placed.last() {
-            while holdfast_core::now_ms() <= prev.created_at {
-                tokio::task::yield_now().await;
-            }
-        }
-        store.cart_add(&u, &sku(s), qty(n), None).await.unwrap();
-        placed.push(store.checkout(&u, None).await.unwrap().0);
-    }
-    placed.reverse();
-    assert_eq!(store.order_list(&u, 10).await.unwrap(), placed);
-    assert_eq!(store.order_list(&u, 2).await.unwrap(), placed[..2]);
-}
-
 // ---- idempotency -------------------------------------------------------------------------
 
-async fn idem_claim_commit_replay(store: Store) {
+async fn idem_claim_finish_replay(store: Store) {
     let u = user(&store, "idem").await;
-    let (k, f, g) = (key("checkout-1"), fp(r#"{"a":1}"#), fp(r#"{"a":2}"#));
-    add(&store, &u, "ROPE-10M", 1).await;
+    let (k, f, g) = (key("effect-1"), fp(r#"{"a":1}"#), fp(r#"{"a":2}"#));
 
     let tok = token(claim(&store, &u, &k, &f, T0, LOCK).await);
     assert_eq!(claim(&store, &u, &k, &f, T0 + 1, LOCK).await, InFlight);
     assert_eq!(claim(&store, &u, &k, &g, T0 + 1, LOCK).await, Mismatch);
 
-    let (order, stored) = store
-        .checkout(&u, Some(&commit(&u, &k, &tok)))
-        .await
-        .unwrap();
-    let stored = stored.expect("a committed response");
-    assert_eq!(stored, render(&order));
+    let stored = effect(&store, &u, &k, &tok, 1).await.unwrap();
+    assert_eq!(stored, render(1));
     // Replays return the exact bytes, and a done key never expires by its lock.
     for now in [T0 + 2, T0 + 10 * 3_600_000] {
         assert_eq!(
@@ -696,18 +707,18 @@ async fn idem_claim_commit_replay(store: Store) {
     }
     assert_eq!(claim(&store, &u, &k, &g, T0 + 2, LOCK).await, Mismatch);
 
-    // A re-run of the attempt that already committed (an ambiguous commit retried) is fenced.
-    add(&store, &u, "HELMET", 1).await;
-    let rerun = store.checkout(&u, Some(&commit(&u, &k, &tok))).await;
-    assert_eq!(err_kind(rerun), "IdempotencyLockLost");
-    assert_eq!(store.order_list(&u, 10).await.unwrap(), vec![order]);
-    assert_eq!(cart(&store, &u).await, cart_of(&[("HELMET", 1)]));
+    // A re-run of the attempt that already committed (an ambiguous commit retried) is fenced,
+    // and its effect rolls back.
+    assert_eq!(
+        err_kind(effect(&store, &u, &k, &tok, 2).await),
+        "IdempotencyLockLost"
+    );
+    assert_eq!(effects(&store).await, 1);
 }
 
 async fn idem_expired_lock_fences_old_token(store: Store) {
     let u = user(&store, "stall").await;
     let (k, f) = (key("slow-1"), fp("{}"));
-    add(&store, &u, "HARNESS", 1).await;
 
     // Claims with a 1 s lock, at T0 + `at` ms.
     let at = |at: i64| claim(&store, &u, &k, &f, T0 + at, ms(1000));
@@ -718,47 +729,51 @@ async fn idem_expired_lock_fences_old_token(store: Store) {
     assert_eq!(at(1001).await, InFlight);
 
     // The stalled claimant can neither free the key nor commit under it.
-    store.idem_release(&u, &k, &old).await.unwrap();
-    assert_eq!(at(1002).await, InFlight);
-    let late = store.checkout(&u, Some(&commit(&u, &k, &old))).await;
-    assert_eq!(err_kind(late), "IdempotencyLockLost");
-    let none: Vec<Order> = vec![];
-    assert_eq!(store.order_list(&u, 10).await.unwrap(), none, "fenced");
-    assert_eq!(cart(&store, &u).await, cart_of(&[("HARNESS", 1)]));
-
-    let (order, stored) = store
-        .checkout(&u, Some(&commit(&u, &k, &new)))
+    store
+        .idem_release(IdemLock {
+            scope: &u,
+            key: &k,
+            token: &old,
+        })
         .await
         .unwrap();
-    assert_eq!(at(1003).await, Replay(stored.unwrap()));
-    assert_eq!(store.order_list(&u, 10).await.unwrap(), vec![order]);
+    assert_eq!(at(1002).await, InFlight);
+    assert_eq!(
+        err_kind(effect(&store, &u, &k, &old, 1).await),
+        "IdempotencyLockLost"
+    );
+    assert_eq!(effects(&store).await, 0, "fenced");
+
+    let stored = effect(&store, &u, &k, &new, 2).await.unwrap();
+    assert_eq!(at(1003).await, Replay(stored));
+    assert_eq!(effects(&store).await, 1);
 }
 
-async fn idem_release_and_user_scope(store: Store) {
+async fn idem_release_and_scope(store: Store) {
     let (u, v) = (user(&store, "rel-u").await, user(&store, "rel-v").await);
     let (k, f, g) = (key("\"shared key\""), fp("x"), fp("y"));
 
     let tok = token(claim(&store, &u, &k, &f, T0, LOCK).await);
-    store.idem_release(&u, &k, "not-the-token").await.unwrap();
+    let release = |scope, token| {
+        store.idem_release(IdemLock {
+            scope,
+            key: &k,
+            token,
+        })
+    };
+    release(&u, "not-the-token").await.unwrap();
     assert_eq!(claim(&store, &u, &k, &f, T0, LOCK).await, InFlight);
-    store.idem_release(&u, &k, &tok).await.unwrap();
+    release(&u, &tok).await.unwrap();
     // Released means gone: even a different payload may now claim it.
     let tok2 = token(claim(&store, &u, &k, &g, T0, LOCK).await);
     assert_ne!(tok, tok2);
 
-    // Keys are per user: the same key is free for someone else.
+    // Keys are scoped: the same key is free for someone else.
     let vtok = token(claim(&store, &v, &k, &f, T0, LOCK).await);
-    let (cart, stored) = store
-        .cart_add(&v, &sku("HELMET"), qty(1), Some(&commit(&v, &k, &vtok)))
-        .await
-        .unwrap();
-    assert_eq!(stored.as_ref(), Some(&render(&cart)));
+    let stored = effect(&store, &v, &k, &vtok, 1).await.unwrap();
     // Releasing a done key does nothing.
-    store.idem_release(&v, &k, &vtok).await.unwrap();
-    assert_eq!(
-        claim(&store, &v, &k, &f, T0, LOCK).await,
-        Replay(stored.unwrap())
-    );
+    release(&v, &vtok).await.unwrap();
+    assert_eq!(claim(&store, &v, &k, &f, T0, LOCK).await, Replay(stored));
     assert_eq!(claim(&store, &u, &k, &g, T0, LOCK).await, InFlight);
 }
 
@@ -777,11 +792,7 @@ async fn reap_removes_only_dead_records(store: Store) {
         async move {
             let k = key(k);
             let tok = token(claim(store, u, &k, f, now, LOCK).await);
-            store
-                .cart_add(u, &sku("HELMET"), qty(1), Some(&commit(u, &k, &tok)))
-                .await
-                .unwrap();
-            store.cart_remove(u, &sku("HELMET"), None).await.unwrap();
+            effect(store, u, &k, &tok, now).await.unwrap();
         }
     };
     done("old-done", r - 2000).await;
@@ -789,8 +800,14 @@ async fn reap_removes_only_dead_records(store: Store) {
     token(claim(&store, &u, &key("old-expired"), &f, r - 2000, ms(500)).await);
     token(claim(&store, &u, &key("old-live"), &f, r - 2000, HOUR).await);
 
-    assert_eq!(store.reap(r, idle, retention).await.unwrap(), (2, 2));
-    assert_eq!(store.reap(r, idle, retention).await.unwrap(), (0, 0));
+    let reap = || async {
+        (
+            store.session_reap(r, idle).await.unwrap(),
+            store.idem_reap(r, retention).await.unwrap(),
+        )
+    };
+    assert_eq!(reap().await, (2, 2));
+    assert_eq!(reap().await, (0, 0));
     assert!(store
         .session_get(&live, r, idle, idle)
         .await
@@ -814,24 +831,23 @@ async fn reap_removes_only_dead_records(store: Store) {
 
 #[derive(Debug)]
 enum Raced {
-    Committed(Order, StoredResponse),
+    Committed(StoredResponse),
     Replay(StoredResponse),
     InFlight,
 }
 
 /// 50 requests with one key and payload, spread over three stores (three pools) on one
-/// database: exactly one does the work; the others see InFlight or replay its answer.
-async fn fifty_racers_one_key_one_order(url: String) {
+/// database: exactly one causes its effect; the others see InFlight or replay its answer.
+async fn fifty_racers_one_key_one_effect(url: String) {
     let stores: Vec<Store> = join_all((0..3).map(|_| open(&url))).await;
     let u = user(&stores[0], "racer").await;
-    add(&stores[0], &u, "HELMET", 2).await;
     let (k, f) = (key("race"), fp("{}"));
 
     let tasks = (0..50).map(|i| {
         let (store, u, k, f) = (stores[i % 3].clone(), u.clone(), k.clone(), f.clone());
         tokio::spawn(async move {
             let c = IdemClaim {
-                user_id: &u,
+                scope: &u,
                 key: &k,
                 fingerprint: &f,
                 now: T0,
@@ -839,8 +855,7 @@ async fn fifty_racers_one_key_one_order(url: String) {
             };
             Ok::<_, Error>(match store.idem_claim(c).await? {
                 ClaimOutcome::Claimed { token } => {
-                    let (order, stored) = store.checkout(&u, Some(&commit(&u, &k, &token))).await?;
-                    Raced::Committed(order, stored.unwrap())
+                    Raced::Committed(effect(&store, &u, &k, &token, i as i64).await?)
                 }
                 Replay(r) => Raced::Replay(r),
                 InFlight => Raced::InFlight,
@@ -858,158 +873,25 @@ async fn fifty_racers_one_key_one_order(url: String) {
         })
         .collect();
 
-    let committed: Vec<_> = results
+    let committed: Vec<&StoredResponse> = results
         .iter()
         .filter_map(|r| match r {
-            Raced::Committed(o, s) => Some((o, s)),
+            Raced::Committed(s) => Some(s),
             _ => None,
         })
         .collect();
     assert_eq!(committed.len(), 1, "{results:?}");
-    let (order, stored) = committed[0];
+    let stored = committed[0];
     for r in &results {
         if let Raced::Replay(got) = r {
             assert_eq!(got, stored);
         }
     }
-    assert_eq!(
-        stores[1].order_list(&u, 100).await.unwrap(),
-        vec![order.clone()]
-    );
-    assert_eq!(cart(&stores[2], &u).await, cart_of(&[]));
+    assert_eq!(effects(&stores[1]).await, 1);
     assert_eq!(
         claim(&stores[2], &u, &k, &f, T0 + 1, LOCK).await,
         Replay(stored.clone())
     );
-}
-
-/// Two checkouts of one cart under different keys, truly in parallel: one order, one EmptyCart
-/// (on Postgres this rests on the cart rows being locked `FOR UPDATE OF c`).
-async fn concurrent_checkouts_with_different_keys(store: Store) {
-    let u = user(&store, "double").await;
-    let f = fp("{}");
-    const ROUNDS: usize = 15;
-    for round in 0..ROUNDS {
-        add(&store, &u, "ROPE-10M", 1).await;
-        add(&store, &u, "CARABINER", 2).await;
-        let keys = [key(&format!("a{round}")), key(&format!("b{round}"))];
-        let mut tasks = Vec::new();
-        for k in &keys {
-            let tok = token(claim(&store, &u, k, &f, T0, LOCK).await);
-            let (store, u, k) = (store.clone(), u.clone(), k.clone());
-            tasks.push(tokio::spawn(async move {
-                let res = store.checkout(&u, Some(&commit(&u, &k, &tok))).await;
-                if matches!(res, Err(Error::EmptyCart)) {
-                    store.idem_release(&u, &k, &tok).await.unwrap();
-                }
-                res.map(|(o, _)| o)
-            }));
-        }
-        let mut results: Vec<_> = join_all(tasks)
-            .await
-            .into_iter()
-            .map(Result::unwrap)
-            .collect();
-        results.sort_by_key(Result::is_err);
-        assert!(results[0].is_ok(), "round {round}: {results:?}");
-        assert_eq!(
-            results[0].as_ref().unwrap().items,
-            order_lines(&[("CARABINER", 2), ("ROPE-10M", 1)])
-        );
-        assert!(
-            matches!(results[1], Err(Error::EmptyCart)),
-            "round {round}: {results:?}"
-        );
-    }
-    assert_eq!(store.order_list(&u, 100).await.unwrap().len(), ROUNDS);
-    assert_eq!(cart(&store, &u).await, cart_of(&[]));
-}
-
-/// A line added while a checkout is running ends up either in the order or still in the cart,
-/// never silently deleted. On Postgres the worst interleaving is forced: the checkout has read
-/// (and locked) the cart, then is held at its INSERT into `orders` while the add commits.
-/// SQLite's write transaction excludes that interleaving by construction; both also race freely.
-async fn add_racing_checkout_is_not_lost(url: String) {
-    let store = open(&url).await;
-    let u = user(&store, "busy-hands").await;
-    let mut added = 0;
-    if store.dialect() == Dialect::Postgres {
-        add(&store, &u, "HELMET", 1).await;
-        let mut blocker = sqlx::PgConnection::connect(&url).await.unwrap();
-        blocker
-            .execute("BEGIN; LOCK TABLE orders IN EXCLUSIVE MODE")
-            .await
-            .unwrap();
-        let checkout = tokio::spawn({
-            let (store, u) = (store.clone(), u.clone());
-            async move { store.checkout(&u, None).await }
-        });
-        wait_for_lock_wait(&url, "INSERT INTO orders%").await;
-        add(&store, &u, "CHALK-BAG", 1).await;
-        added += 1;
-        blocker.execute("COMMIT").await.unwrap();
-        let (order, _) = checkout.await.unwrap().unwrap();
-        assert_eq!(order.items, order_lines(&[("HELMET", 1)]));
-        assert_eq!(
-            cart(&store, &u).await,
-            cart_of(&[("CHALK-BAG", 1)]),
-            "line added mid-checkout was lost"
-        );
-    }
-    for _ in 0..20 {
-        add(&store, &u, "HELMET", 1).await;
-        let (s1, u1) = (store.clone(), u.clone());
-        let checkout = tokio::spawn(async move { s1.checkout(&u1, None).await });
-        add(&store, &u, "CHALK-BAG", 1).await;
-        added += 1;
-        checkout.await.unwrap().unwrap();
-    }
-    let in_orders: i64 = store
-        .order_list(&u, 1000)
-        .await
-        .unwrap()
-        .iter()
-        .flat_map(|o| &o.items)
-        .filter(|l| l.sku == "CHALK-BAG")
-        .map(|l| l.qty)
-        .sum();
-    let in_cart: i64 = cart(&store, &u)
-        .await
-        .items
-        .iter()
-        .filter(|l| l.sku == "CHALK-BAG")
-        .map(|l| l.qty)
-        .sum();
-    assert_eq!(
-        in_orders + in_cart,
-        added,
-        "orders {in_orders} + cart {in_cart}"
-    );
-}
-
-/// Polls until some backend of this database waits on a lock while running `query_like`.
-async fn wait_for_lock_wait(url: &str, query_like: &str) {
-    let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
-    let started = Instant::now();
-    loop {
-        let n: i64 = sqlx::query(
-            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database()
-             AND wait_event_type = 'Lock' AND query LIKE $1",
-        )
-        .bind(query_like)
-        .fetch_one(&mut conn)
-        .await
-        .unwrap()
-        .get(0);
-        if n > 0 {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "nothing waited on {query_like}"
-        );
-        tokio::time::sleep(ms(5)).await;
-    }
 }
 
 // ---- error predicates --------------------------------------------------------------------
@@ -1042,9 +924,7 @@ async fn error_predicates(url: String) {
     let mut cases: Vec<(String, Error, Class)> = vec![
         ("NotFound".into(), Error::NotFound, DOMAIN),
         ("EmailTaken".into(), Error::EmailTaken, DOMAIN),
-        ("UnknownSku".into(), Error::UnknownSku("X".into()), DOMAIN),
-        ("QuantityLimit".into(), Error::QuantityLimit, DOMAIN),
-        ("EmptyCart".into(), Error::EmptyCart, DOMAIN),
+        ("JobLost".into(), Error::JobLost, DOMAIN),
         ("LockLost".into(), Error::IdempotencyLockLost, DOMAIN),
         (
             "PoolTimedOut".into(),
@@ -1064,8 +944,8 @@ async fn error_predicates(url: String) {
         DOMAIN,
     ));
 
-    match store.dialect() {
-        Dialect::Sqlite => {
+    match store.backend() {
+        Backend::Sqlite => {
             use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection};
             use sqlx::ConnectOptions;
             use std::str::FromStr;
@@ -1078,11 +958,12 @@ async fn error_predicates(url: String) {
             assert_eq!(db_code(&busy).as_deref(), Some("5"), "{busy:?}");
             cases.push(("SQLITE_BUSY".into(), busy.into(), ROLLED_BACK));
             holder.execute("ROLLBACK").await.unwrap();
-            let dup = "INSERT INTO products VALUES ('HELMET', 'x', 1)";
+            let dup = "INSERT INTO users (id, email, password_hash, created_at) VALUES ('u', 'u@x', 'h', 0)";
+            impatient.execute(dup).await.unwrap();
             let dup = impatient.execute(dup).await.unwrap_err();
             cases.push(("SQLITE_CONSTRAINT".into(), dup.into(), PERMANENT));
         }
-        Dialect::Postgres => {
+        Backend::Postgres => {
             // Real server errors with chosen SQLSTATEs, through the Any driver the store uses.
             let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
             for (code, want) in [
@@ -1165,7 +1046,7 @@ async fn job_lifecycle(store: Store) {
     assert_eq!(rest.len(), 1, "the scheduled job is not due");
     assert_eq!(rest[0].args, r#"{"n":1}"#);
     let got = [first, rest].concat();
-    assert!(got.iter().all(|j| j.attempt == 1));
+    assert!(got.iter().all(|j| j.attempt == 1 && j.claim == 1));
     assert_eq!(
         store.job_next_run_at("q").await.unwrap(),
         Some(now + 60_000)
@@ -1195,16 +1076,17 @@ async fn job_lifecycle(store: Store) {
         (dead.len(), dead[0].last_error.as_deref()),
         (1, Some("boom again"))
     );
-    // Redrive: available again with a fresh budget.
+    // Redrive: available again with a fresh budget (and a new claim).
     assert_eq!(store.job_redrive(Some(dead[0].id), now).await.unwrap(), 1);
     let redriven = store.job_claim("q", "w1", 1, now, LEASE).await.unwrap();
-    assert_eq!((redriven[0].id, redriven[0].attempt), (dead[0].id, 1));
+    assert_eq!(
+        (redriven[0].id, redriven[0].attempt, redriven[0].claim),
+        (dead[0].id, 1, 3)
+    );
     // Release (drain) gives the attempt back without counting it.
     assert_eq!(store.job_release(&fences(&redriven)).await.unwrap(), 1);
-    assert_eq!(
-        store.job_claim("q", "w1", 1, now, LEASE).await.unwrap()[0].attempt,
-        1
-    );
+    let released = store.job_claim("q", "w1", 1, now, LEASE).await.unwrap();
+    assert_eq!((released[0].attempt, released[0].claim), (1, 4));
     let counts = store.job_counts().await.unwrap();
     assert_eq!(
         (
@@ -1262,14 +1144,10 @@ async fn job_attempts_are_fenced(store: Store) {
         .job_fail(first.fence(), "late", None, now)
         .await
         .unwrap());
-    let settle = EffectSettle {
-        job: first.fence(),
-        effect_key: "charge:x",
-        external_id: "ch_1",
-        order_paid: None,
-        then: None,
-    };
-    assert_eq!(err_kind(store.effect_settle(&settle).await), "JobLost");
+    assert_eq!(
+        err_kind(settle(&store, first.fence(), "charge:x", "ch_1").await),
+        "JobLost"
+    );
     assert!(
         store.ledger_get("charge:x").await.unwrap().is_none(),
         "a fenced settlement writes nothing"
@@ -1295,48 +1173,86 @@ async fn job_attempts_are_fenced(store: Store) {
     assert_eq!(store.job_rescue(now + 60_000).await.unwrap(), (0, 1));
 }
 
-async fn checkout_enqueues_its_payout_atomically(store: Store) {
-    let u = user(&store, "pay").await;
-    assert_eq!(err_kind(store.checkout(&u, None).await), "EmptyCart");
-    assert!(
-        store.job_counts().await.unwrap().is_empty(),
-        "a failed checkout enqueues nothing"
-    );
-    add(&store, &u, "HELMET", 1).await;
-    let (order, _) = store.checkout(&u, None).await.unwrap();
-    let jobs = store
-        .job_claim(
-            holdfast_store::PAYMENTS_QUEUE,
-            "w",
-            10,
-            holdfast_core::now_ms() + 1,
-            LEASE,
-        )
+/// A claim number is never handed out twice for one job, whatever happened in between: a
+/// worker that stalled before a redrive or a release cannot settle a later attempt. (With
+/// `(id, attempt)` as the fence, a redrive restarted at attempt 1 and a release gave the
+/// attempt number back, so an old fence matched again.)
+async fn fences_are_unique_forever(store: Store) {
+    let now = holdfast_core::now_ms();
+    store.job_enqueue(&job("q", 1)).await.unwrap();
+    let claim = || async {
+        store
+            .job_claim("q", "w", 1, now, LEASE)
+            .await
+            .unwrap()
+            .remove(0)
+    };
+    let mut seen = vec![];
+
+    let first = claim().await;
+    seen.push(first.fence());
+    // Dies for good (stalled past its lease meanwhile); an operator redrives it.
+    assert!(store
+        .job_fail(first.fence(), "boom", None, now)
         .await
-        .unwrap();
-    assert_eq!(jobs.len(), 1);
-    assert_eq!(jobs[0].kind, holdfast_store::PAYOUT_KIND);
-    let args: serde_json::Value = serde_json::from_str(&jobs[0].args).unwrap();
-    assert_eq!(args["order_id"], order.order_id.as_str());
-    // A fenced-out idempotent checkout rolls back its payout job with its order.
-    add(&store, &u, "HELMET", 1).await;
-    let k = key("pay-1");
-    let stale = token(claim(&store, &u, &k, &fp("{}"), T0, ms(1)).await);
-    token(claim(&store, &u, &k, &fp("{}"), T0 + 10, LOCK).await);
+        .unwrap());
+    assert_eq!(store.job_redrive(Some(first.id), now).await.unwrap(), 1);
+    let after_redrive = claim().await;
+    assert_eq!(after_redrive.attempt, 1, "a fresh budget");
+    seen.push(after_redrive.fence());
+    // A draining worker gives it back; the next claim must not reuse the fence either.
     assert_eq!(
-        err_kind(
-            store
-                .checkout(&u, Some(&commit::<Order>(&u, &k, &stale)))
-                .await
-        ),
-        "IdempotencyLockLost"
+        store.job_release(&[after_redrive.fence()]).await.unwrap(),
+        1
     );
-    let counts = store.job_counts().await.unwrap();
+    let after_release = claim().await;
+    seen.push(after_release.fence());
+    let mut unique = seen.clone();
+    unique.sort_by_key(|f| f.claim);
+    unique.dedup();
+    assert_eq!(unique.len(), seen.len(), "fences reused: {seen:?}");
+
+    // Every stale claim is refused: heartbeat, completion, failure, settlement.
+    for stale in &seen[..2] {
+        assert_eq!(store.job_heartbeat(&[*stale], now + 1).await.unwrap(), 0);
+        assert_eq!(store.job_complete(&[*stale], now).await.unwrap(), 0);
+        assert!(!store.job_fail(*stale, "late", None, now).await.unwrap());
+        assert_eq!(
+            err_kind(settle(&store, *stale, "e:stale", "x").await),
+            "JobLost"
+        );
+    }
     assert_eq!(
-        count(&counts, holdfast_store::PAYMENTS_QUEUE, "available"),
-        0
+        store
+            .job_complete(&[after_release.fence()], now)
+            .await
+            .unwrap(),
+        1
     );
-    assert_eq!(count(&counts, holdfast_store::PAYMENTS_QUEUE, "running"), 1);
+}
+
+/// Settles `effect_key` as `external_id` for the claim `fence`, with a follow-up job: what the
+/// effect ledger's last step composes.
+async fn settle(
+    store: &Store,
+    fence: JobFence,
+    effect_key: &str,
+    external_id: &str,
+) -> Result<(), Error> {
+    store
+        .transaction("settle", Rerun::Always, |tx| {
+            async move {
+                tx.job_complete(fence).await?;
+                tx.ledger_settle(effect_key, external_id).await?;
+                tx.job_enqueue(&[JobInsert::new("followup", "next", "{}".into())
+                    .unique(format!("followup:{effect_key}"))])
+                    .await?;
+                Ok::<_, TxError<Infallible>>(())
+            }
+            .scope_boxed()
+        })
+        .await
+        .map_err(TxError::into_db)
 }
 
 async fn concurrent_claimers_never_share_a_job(url: String) {
@@ -1379,65 +1295,48 @@ async fn concurrent_claimers_never_share_a_job(url: String) {
 }
 
 async fn ledger_settles_once(store: Store) {
-    let u = user(&store, "led").await;
-    add(&store, &u, "HARNESS", 1).await;
-    let (order, _) = store.checkout(&u, None).await.unwrap();
+    store
+        .job_enqueue(&JobInsert::new("payments", "pay", "{}".into()))
+        .await
+        .unwrap();
     let payout = store
-        .job_claim(
-            holdfast_store::PAYMENTS_QUEUE,
-            "w",
-            1,
-            holdfast_core::now_ms() + 1,
-            LEASE,
-        )
+        .job_claim("payments", "w", 1, holdfast_core::now_ms() + 1, LEASE)
         .await
         .unwrap()
         .remove(0);
-    let effect = format!("charge:{}", order.order_id);
-    let (entry, fresh) = store.ledger_begin(&effect, "ext-key-1").await.unwrap();
+    let effect_key = "charge:o1";
+    let (entry, fresh) = store.ledger_begin(effect_key, "ext-key-1").await.unwrap();
     assert!(fresh && entry.state == "pending" && entry.external_key == "ext-key-1");
-    let (again, fresh) = store.ledger_begin(&effect, "ext-key-2").await.unwrap();
+    let (again, fresh) = store.ledger_begin(effect_key, "ext-key-2").await.unwrap();
     assert!(
         !fresh && again.external_key == "ext-key-1",
         "a later attempt reuses the first key"
     );
-    let receipt = JobInsert::new("email", "receipt_email", "{}".into())
-        .unique(format!("receipt:{}", order.order_id));
-    let settle = EffectSettle {
-        job: payout.fence(),
-        effect_key: &effect,
-        external_id: "ch_9",
-        order_paid: Some(&order.order_id),
-        then: Some(receipt),
-    };
-    store.effect_settle(&settle).await.unwrap();
-    let done = store.ledger_get(&effect).await.unwrap().unwrap();
+    settle(&store, payout.fence(), effect_key, "ch_9")
+        .await
+        .unwrap();
+    let done = store.ledger_get(effect_key).await.unwrap().unwrap();
     assert_eq!(
         (done.state.as_str(), done.external_id.as_deref()),
         ("done", Some("ch_9"))
     );
+    // Settling the same claim twice is refused, and writes nothing: the follow-up exists once.
     assert_eq!(
-        store
-            .order_payout_info(&order.order_id)
-            .await
-            .unwrap()
-            .unwrap()
-            .status,
-        "paid"
+        err_kind(settle(&store, payout.fence(), effect_key, "ch_10").await),
+        "JobLost"
     );
     assert_eq!(
         store
-            .order_get(&u, &OrderId::parse(&order.order_id).unwrap())
+            .ledger_get(effect_key)
             .await
             .unwrap()
             .unwrap()
-            .status,
-        "paid"
+            .external_id
+            .as_deref(),
+        Some("ch_9")
     );
-    // Settling the same attempt twice is refused; the receipt job exists once.
-    assert_eq!(err_kind(store.effect_settle(&settle).await), "JobLost");
     assert_eq!(
-        count(&store.job_counts().await.unwrap(), "email", "available"),
+        count(&store.job_counts().await.unwrap(), "followup", "available"),
         1
     );
 }

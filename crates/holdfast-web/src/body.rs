@@ -75,6 +75,29 @@ pub fn parse_json<T: DeserializeOwned>(
     Ok((parsed, canonical))
 }
 
+/// A request body an [`Idempotent`](crate::Idempotent) handler takes: parsed (and validated
+/// into the application's types) at the boundary, before the key is claimed, together with its
+/// canonical bytes for the key's fingerprint.
+pub trait FromBody: Sized {
+    fn from_body(headers: &HeaderMap, body: &[u8]) -> AppResult<(Self, Vec<u8>)>;
+}
+
+/// A JSON body; `Content-Type: application/json` is required.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned> FromBody for JsonBody<T> {
+    fn from_body(headers: &HeaderMap, body: &[u8]) -> AppResult<(Self, Vec<u8>)> {
+        parse_json(headers, body, false).map(|(v, canonical)| (JsonBody(v), canonical))
+    }
+}
+
+/// No body: whatever was sent is ignored, and not part of the fingerprint.
+impl FromBody for () {
+    fn from_body(_: &HeaderMap, _: &[u8]) -> AppResult<(Self, Vec<u8>)> {
+        Ok(((), Vec::new()))
+    }
+}
+
 /// JSON with object keys sorted at every depth and no insignificant white space, so that two
 /// encodings of the same payload fingerprint the same.
 pub fn canonical_json(v: &Value) -> Vec<u8> {

@@ -78,9 +78,6 @@ impl From<holdfast_store::Error> for AppError {
         match e {
             E::NotFound => Self::not_found("no such record"),
             E::EmailTaken => Self::conflict("email-taken", e.to_string()),
-            E::UnknownSku(_) => Self::unprocessable("unknown-sku", e.to_string()),
-            E::QuantityLimit => Self::unprocessable("quantity-limit", e.to_string()),
-            E::EmptyCart => Self::unprocessable("empty-cart", e.to_string()),
             E::IdempotencyLockLost => Self::conflict(
                 "idempotency-key-in-use",
                 "another request holds this Idempotency-Key",
@@ -89,6 +86,26 @@ impl From<holdfast_store::Error> for AppError {
             e if e.is_unavailable() => Self::unavailable(e),
             e => Self::internal(e),
         }
+    }
+}
+
+/// A transaction's failure: the body's own error as the body's type says, the store's as
+/// the store's.
+impl<E> From<holdfast_store::TxError<E>> for AppError
+where
+    AppError: From<E>,
+{
+    fn from(e: holdfast_store::TxError<E>) -> Self {
+        match e {
+            holdfast_store::TxError::Abort(e) => e.into(),
+            holdfast_store::TxError::Db(e) => e.into(),
+        }
+    }
+}
+
+impl From<std::convert::Infallible> for AppError {
+    fn from(never: std::convert::Infallible) -> Self {
+        match never {}
     }
 }
 

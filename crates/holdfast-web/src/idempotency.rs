@@ -1,96 +1,250 @@
-//! `Idempotency-Key` for unsafe requests (draft-ietf-httpapi-idempotency-key-header-07).
+//! `Idempotency-Key` for unsafe requests (draft-ietf-httpapi-idempotency-key-header-07), as
+//! one extractor a handler opts into.
 //!
-//! Two phases over the store. [`begin`] claims the key (scoped to the user) before any work:
-//! a finished key replays its stored answer, a key held by a live request is a 409, a key
-//! used for a different payload is a 422. The handler then runs its store operation with an
-//! `IdemCommit`, which writes the response into the key's row in the same transaction as the
-//! effect. [`finish`] turns the outcome into a response; on failure it releases the claim so
-//! the client's retry runs afresh.
+//! [`Idempotent`] parses the request body at the boundary (its [`FromBody`] type), then claims
+//! the key — scoped to the session's user — before the handler runs: a finished key replays its
+//! stored answer without reaching the handler, a key held by a live request is a 409, a key
+//! used for a different payload is a 422. The handler then hands its transaction to
+//! [`Claim::run`], which stores the rendered answer in the key's row in the same commit as the
+//! effect, and on failure releases the claim so the client's retry runs afresh.
 //!
 //! A request that crosses a timeout boundary is covered both ways: if the server committed
 //! after the client gave up, the retry replays the answer; if the instance died first, the
 //! claim's lock expires and the retry does the work once.
+//!
+//! ```ignore
+//! async fn create(user: Authed, Idempotent { body: JsonBody(input), claim, .. }: Idempotent<JsonBody<Input>>)
+//!     -> AppResult<Response> {
+//!     claim.run("create", |tx| my_insert(tx, &user.user_id, &input).scope_boxed(),
+//!               |row| json_response(StatusCode::CREATED, row)).await
+//! }
+//! ```
 
+use crate::body::{idempotency_key, FromBody, RawBody};
 use crate::error::{AppError, AppResult};
+use crate::session::Authed;
 use crate::AppState;
+use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use holdfast_core::{IdempotencyKey, RequestFingerprint};
-use holdfast_store::{ClaimOutcome, IdemClaim, IdemCommit, StoredResponse};
+use holdfast_store::{
+    ClaimOutcome, IdemClaim, IdemLock, Rerun, ScopedFutureExt, StoredResponse, Tx, TxBody, TxError,
+};
+use std::marker::PhantomData;
 
-/// A key this request owns until it commits or releases it.
+/// The key may be absent (the request then runs without replay protection).
+pub struct Optional;
+/// The key must be present: a request without one is a 400 (for requests a client must be
+/// able to retry blindly, like a checkout).
+pub struct Required;
+
+/// Whether a route requires the key.
+pub trait KeyRule {
+    const REQUIRED: bool;
+}
+impl KeyRule for Optional {
+    const REQUIRED: bool = false;
+}
+impl KeyRule for Required {
+    const REQUIRED: bool = true;
+}
+
+/// An unsafe request's parsed body and the claim on its `Idempotency-Key` (see the module
+/// docs). Its rejection is the answer: a replay, a 409, a 422, or the body's own error.
+pub struct Idempotent<B, K = Optional> {
+    pub body: B,
+    pub claim: Claim,
+    pub rule: PhantomData<K>,
+}
+
+/// A claimed key (or none, when the request carried none), to be spent by [`Claim::run`].
+/// Dropped unspent (the handler failed before running), it gives the key back.
 pub struct Claim {
-    pub user_id: String,
-    pub key: IdempotencyKey,
+    edge: AppState,
+    scope: String,
+    held: Option<Held>,
+}
+
+struct Held {
+    key: IdempotencyKey,
     fingerprint: RequestFingerprint,
     token: String,
 }
 
-impl Claim {
-    pub fn commit<'a, T>(
-        &'a self,
-        render: &'a (dyn Fn(&T) -> StoredResponse + Sync),
-    ) -> IdemCommit<'a, T> {
-        IdemCommit {
-            user_id: &self.user_id,
+impl Held {
+    fn lock<'a>(&'a self, scope: &'a str) -> IdemLock<'a> {
+        IdemLock {
+            scope,
             key: &self.key,
             token: &self.token,
-            render,
         }
     }
 }
 
-pub enum Begin {
-    /// Do the work (with the claim, when the request carried a key).
-    Run(Option<Claim>),
-    /// Answer with this; the work was done before.
-    Replay(Response),
-}
+impl<S, B, K> FromRequest<S> for Idempotent<B, K>
+where
+    S: Send + Sync,
+    AppState: FromRef<S>,
+    B: FromBody + Send,
+    K: KeyRule,
+{
+    type Rejection = Response;
 
-pub async fn begin(
-    state: &AppState,
-    user_id: &str,
-    key: Option<IdempotencyKey>,
-    method: &str,
-    path: &str,
-    canonical_body: &[u8],
-) -> AppResult<Begin> {
-    let Some(key) = key else {
-        return Ok(Begin::Run(None));
-    };
-    let fingerprint = RequestFingerprint::of(method, path, canonical_body);
-    match claim_key(state, user_id, &key, &fingerprint).await? {
-        ClaimOutcome::Claimed { token } => Ok(Begin::Run(Some(Claim {
-            user_id: user_id.to_owned(),
-            key,
-            fingerprint,
-            token,
-        }))),
-        ClaimOutcome::Replay(stored) => Ok(Begin::Replay(respond(stored, true))),
-        ClaimOutcome::InFlight => Err(in_flight()),
-        ClaimOutcome::Mismatch => Err(AppError::unprocessable(
-            "idempotency-key-reused",
-            "this Idempotency-Key was already used for a different request",
-        )),
+    async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
+        let edge = AppState::from_ref(state);
+        let (mut parts, body) = req.into_parts();
+        let user = Authed::from_request_parts(&mut parts, state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let key = idempotency_key(&parts.headers).map_err(IntoResponse::into_response)?;
+        if K::REQUIRED && key.is_none() {
+            return Err(AppError::bad_request(
+                "idempotency-key-missing",
+                "this request requires an Idempotency-Key header",
+            )
+            .into_response());
+        }
+        let (headers, method, path) = (
+            parts.headers.clone(),
+            parts.method.clone(),
+            parts.uri.path().to_owned(),
+        );
+        let RawBody(bytes) = RawBody::from_request(Request::from_parts(parts, body), state)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let (body, canonical) =
+            B::from_body(&headers, &bytes).map_err(IntoResponse::into_response)?;
+        let mut claim = Claim {
+            edge,
+            scope: user.user_id,
+            held: None,
+        };
+        if let Some(key) = key {
+            let fingerprint = RequestFingerprint::of(method.as_str(), &path, &canonical);
+            match claim.claim(&key, &fingerprint).await? {
+                ClaimOutcome::Claimed { token } => {
+                    claim.held = Some(Held {
+                        key,
+                        fingerprint,
+                        token,
+                    })
+                }
+                ClaimOutcome::Replay(stored) => return Err(respond(stored, true)),
+                ClaimOutcome::InFlight => return Err(in_flight().into_response()),
+                ClaimOutcome::Mismatch => {
+                    return Err(AppError::unprocessable(
+                        "idempotency-key-reused",
+                        "this Idempotency-Key was already used for a different request",
+                    )
+                    .into_response())
+                }
+            }
+        }
+        Ok(Idempotent {
+            body,
+            claim,
+            rule: PhantomData,
+        })
     }
 }
 
-async fn claim_key(
-    state: &AppState,
-    user_id: &str,
-    key: &IdempotencyKey,
-    fingerprint: &RequestFingerprint,
-) -> AppResult<ClaimOutcome> {
-    Ok(state
-        .store
-        .idem_claim(IdemClaim {
-            user_id,
-            key,
-            fingerprint,
-            now: holdfast_core::now_ms(),
-            lock_ttl: state.opts.idempotency_lock_ttl,
-        })
-        .await?)
+impl Claim {
+    /// The request's key, if it carried one.
+    pub fn key(&self) -> Option<&IdempotencyKey> {
+        self.held.as_ref().map(|h| &h.key)
+    }
+
+    async fn claim(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &RequestFingerprint,
+    ) -> Result<ClaimOutcome, Response> {
+        self.edge
+            .store
+            .idem_claim(IdemClaim {
+                scope: &self.scope,
+                key,
+                fingerprint,
+                now: holdfast_core::now_ms(),
+                lock_ttl: self.edge.opts.idempotency_lock_ttl,
+            })
+            .await
+            .map_err(|e| AppError::from(e).into_response())
+    }
+
+    /// Runs `body` in one store transaction named `op` and answers with `render` of its
+    /// value. With a key, the rendered answer is stored in the key's row in the same commit
+    /// (so a retry replays it), and a failure gives the key back; without one, the transaction
+    /// is a plain write, re-run only when nothing can have committed.
+    pub async fn run<'a, T, E, F, R>(
+        mut self,
+        op: &'static str,
+        body: F,
+        render: R,
+    ) -> AppResult<Response>
+    where
+        F: for<'t> Fn(&'t mut Tx) -> TxBody<'a, 't, T, E> + Sync + 'a,
+        R: Fn(&T) -> StoredResponse + Sync + 'a,
+        T: Send + 'a,
+        E: Send + 'a,
+        AppError: From<E>,
+    {
+        let store = self.edge.store.clone();
+        let (body, render) = (&body, &render);
+        let Some(held) = self.held.take() else {
+            let value = store
+                .transaction(op, Rerun::IfUncommitted, move |tx| {
+                    async move { body(tx).await }.scope_boxed()
+                })
+                .await?;
+            return Ok(respond(render(&value), false));
+        };
+        let lock = held.lock(&self.scope);
+        let outcome = store
+            .transaction(op, Rerun::Always, move |tx| {
+                async move {
+                    let value = body(tx).await?;
+                    let answer = render(&value);
+                    tx.idem_finish(lock, &answer).await?;
+                    Ok(answer)
+                }
+                .scope_boxed()
+            })
+            .await;
+        match outcome {
+            Ok(answer) => Ok(respond(answer, false)),
+            Err(TxError::Db(holdfast_store::Error::IdempotencyLockLost)) => {
+                // Either an earlier try of our own transaction committed (its ack was lost), or
+                // a newer claimant took over. Look again rather than guess.
+                match self.claim(&held.key, &held.fingerprint).await {
+                    Ok(ClaimOutcome::Replay(stored)) => Ok(respond(stored, true)),
+                    Ok(_) => Err(in_flight()),
+                    Err(resp) => Ok(resp),
+                }
+            }
+            Err(e) => {
+                if let Err(release) = store.idem_release(lock).await {
+                    // The lock expires on its own; the retry waits for it, nothing is lost.
+                    tracing::warn!(error = %release, "could not release an idempotency key");
+                }
+                Err(e.into())
+            }
+        }
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let Some(held) = self.held.take() else { return };
+        let (store, scope) = (self.edge.store.clone(), std::mem::take(&mut self.scope));
+        // The handler failed before running: give the key back so a retry runs afresh.
+        tokio::spawn(async move {
+            if let Err(e) = store.idem_release(held.lock(&scope)).await {
+                tracing::warn!(error = %e, "could not release an unused idempotency key");
+            }
+        });
+    }
 }
 
 fn in_flight() -> AppError {
@@ -101,36 +255,7 @@ fn in_flight() -> AppError {
     .retry_after(1)
 }
 
-/// Turns a store outcome into the answer, keeping the claim's promises.
-pub async fn finish<T>(
-    state: &AppState,
-    claim: Option<Claim>,
-    outcome: holdfast_store::Result<(T, Option<StoredResponse>)>,
-    render: &(dyn Fn(&T) -> StoredResponse + Sync),
-) -> AppResult<Response> {
-    match (outcome, claim) {
-        (Ok((_, Some(stored))), _) => Ok(respond(stored, false)),
-        (Ok((value, None)), _) => Ok(respond(render(&value), false)),
-        (Err(holdfast_store::Error::IdempotencyLockLost), Some(c)) => {
-            // Either an earlier try of our own transaction committed (its ack was lost), or a
-            // newer claimant took over. Look again rather than guess.
-            match claim_key(state, &c.user_id, &c.key, &c.fingerprint).await? {
-                ClaimOutcome::Replay(stored) => Ok(respond(stored, true)),
-                _ => Err(in_flight()),
-            }
-        }
-        (Err(e), claim) => {
-            if let Some(c) = claim {
-                if let Err(release) = state.store.idem_release(&c.user_id, &c.key, &c.token).await {
-                    // The lock expires on its own; the retry waits for it, nothing is lost.
-                    tracing::warn!(error = %release, "could not release an idempotency key");
-                }
-            }
-            Err(e.into())
-        }
-    }
-}
-
+/// An answer as the client gets it: stored bytes as JSON, marked when replayed.
 pub fn respond(stored: StoredResponse, replayed: bool) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
     let mut resp = (status, stored.body).into_response();

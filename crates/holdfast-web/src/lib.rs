@@ -1,31 +1,46 @@
-//! The HTTP edge of Holdfast: the reference shop as an axum [`Router`].
+//! The HTTP edge of a Holdfast service, without the service: sessions, idempotency keys,
+//! problem+json errors, health, readiness and metrics, as pieces an axum application composes.
 //!
-//! This is the only crate that knows HTTP. It parses every request into the core's newtypes,
-//! turns every failure into one [`AppError`] rendered as RFC 9457 problem+json, keeps sessions
-//! in one of `holdfast-sessions`' tiers (the store, Redis backed by the store, or signed
-//! cookies; the instance holds nothing a SIGKILL could lose), and implements
-//! Idempotency-Key (draft-ietf-httpapi-idempotency-key-header-07) over the store's two-phase
-//! claim/commit so a retried checkout replays its first answer instead of ordering twice.
+//! [`app`] wraps an application's routes in everything an instance needs: accounts
+//! (`/api/signup`, `/api/login`, `/api/logout`, `/api/password`, `/api/me`), `/healthz`,
+//! `/readyz` (503 while draining), `/metrics`, the CSRF guard, a body limit, a request
+//! deadline and panic containment. A handler opts into the rest by taking an extractor:
+//! [`Authed`] is the session's user (its id is the authorization filter), and
+//! [`Idempotent`] claims the request's `Idempotency-Key`
+//! (draft-ietf-httpapi-idempotency-key-header-07) and runs the handler's transaction so that
+//! its answer is stored with its effect, and a retry replays it instead of acting twice.
+//! Every failure is one [`AppError`], rendered as RFC 9457 problem+json.
+//!
+//! The application's own state reaches handlers through axum's `FromRef`: any state from
+//! which an [`AppState`] can be had works.
+//!
+//! Architecture invariant: an instance holds nothing a user needs. Sessions live in one of
+//! `holdfast-sessions`' tiers, idempotency keys in the store; a SIGKILL loses only requests in
+//! flight.
 
+mod accounts;
 mod body;
 mod error;
 mod idempotency;
 mod session;
-mod shop;
 
+pub use body::{
+    canonical_json, idempotency_key, parse_json, FromBody, JsonBody, PathParam, RawBody,
+};
 pub use error::{AppError, AppResult, PROBLEM_JSON};
-pub use holdfast_sessions::{Backend as SessionBackend, KeyRing, Sessions};
-pub use session::cookie_name;
-pub use shop::{Catalog, CatalogBody};
+pub use holdfast_sessions::{KeyRing, SessionTier, Sessions};
+pub use idempotency::{json_response, respond, Idempotent, Optional, Required};
+pub use metrics_exporter_prometheus::PrometheusHandle;
+pub use session::{cookie_name, Authed};
 
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{FromRef, MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
 use axum::{Json, Router};
 use holdfast_store::Store;
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use serde_json::json;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -40,7 +55,7 @@ pub struct WebOptions {
     pub session_absolute_ttl: Duration,
     /// Where sessions live (built by the binary: a Redis connection, a key ring). The store
     /// tier and the Redis tier's backstop are the instance's store.
-    pub sessions: SessionBackend,
+    pub sessions: SessionTier,
     /// Set the cookie's `Secure` flag. Off only when explicitly serving plain-HTTP localhost.
     pub secure_cookies: bool,
     /// How long an in-flight idempotent request holds its key before a retry may take over.
@@ -52,55 +67,6 @@ pub struct WebOptions {
     pub request_timeout: Duration,
     /// Largest accepted request body; more is a 413.
     pub max_body_bytes: usize,
-    /// Where the catalog cache (`GET /api/products`) keeps its entries: in this process, or
-    /// shared by the fleet in Redis. Either way the store is the origin; the cache is a copy.
-    pub catalog_cache: CatalogCache,
-    /// How long a cached catalog is served without asking the store.
-    pub catalog_ttl: Duration,
-    /// How long past its TTL a cached catalog still stands in while the store fails.
-    pub catalog_stale_if_error: Duration,
-    /// Expose `/bench/*` routes (the same handlers without the idempotency layer), for
-    /// `holdfast bench` only.
-    pub bench_routes: bool,
-    /// A deliberately broken build path, for proving that tests and the drill catch it.
-    /// Never set in production.
-    pub sabotage: Option<Sabotage>,
-}
-
-/// The catalog cache's tier (see `WebOptions::catalog_cache`).
-#[derive(Clone, Default)]
-pub enum CatalogCache {
-    /// One copy per instance.
-    #[default]
-    Local,
-    /// One copy per fleet, under `prefix` (e.g. `holdfast:catalog:v1`), with fleet-wide
-    /// single flight. A Redis outage falls back to the store.
-    Redis {
-        conn: holdfast_cache::redis::aio::ConnectionManager,
-        prefix: String,
-    },
-}
-
-impl std::fmt::Debug for CatalogCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            CatalogCache::Local => f.write_str("Local"),
-            CatalogCache::Redis { prefix, .. } => f
-                .debug_struct("Redis")
-                .field("prefix", prefix)
-                .finish_non_exhaustive(),
-        }
-    }
-}
-
-/// Ways to break the web tier on purpose (see `WebOptions::sabotage`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sabotage {
-    /// Ignore `Idempotency-Key`: every retry runs again.
-    NoIdempotency,
-    /// Answer a checkout 201 at once and commit it in the background a moment later: an
-    /// instance that dies in between has acknowledged an order that never existed.
-    AckBeforeCommit,
 }
 
 impl Default for WebOptions {
@@ -108,22 +74,18 @@ impl Default for WebOptions {
         Self {
             session_idle_ttl: Duration::from_secs(30 * 60),
             session_absolute_ttl: Duration::from_secs(12 * 3600),
-            sessions: SessionBackend::Store,
+            sessions: SessionTier::Store,
             secure_cookies: true,
             idempotency_lock_ttl: Duration::from_secs(20),
             idempotency_retention: Duration::from_secs(24 * 3600),
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 64 * 1024,
-            catalog_cache: CatalogCache::Local,
-            catalog_ttl: Duration::from_secs(30),
-            catalog_stale_if_error: Duration::from_secs(5 * 60),
-            bench_routes: false,
-            sabotage: None,
         }
     }
 }
 
-/// Everything a handler needs. Cheap to clone.
+/// What the edge's handlers and extractors need: the store, the session tier, the options.
+/// Cheap to clone. An application keeps one in its own state and implements `FromRef`.
 #[derive(Clone)]
 pub struct AppState {
     pub(crate) store: Store,
@@ -131,7 +93,6 @@ pub struct AppState {
     pub(crate) opts: Arc<WebOptions>,
     pub(crate) draining: Arc<AtomicBool>,
     pub(crate) metrics: Option<PrometheusHandle>,
-    pub(crate) catalog: shop::Catalog,
 }
 
 impl AppState {
@@ -142,7 +103,6 @@ impl AppState {
             holdfast_sessions::Config::new(opts.session_idle_ttl, opts.session_absolute_ttl);
         Self {
             sessions: Sessions::new(opts.sessions.clone(), store.clone(), config),
-            catalog: shop::catalog_cache(&opts),
             store,
             opts: Arc::new(opts),
             draining: Arc::new(AtomicBool::new(false)),
@@ -166,11 +126,6 @@ impl AppState {
     pub fn options(&self) -> &WebOptions {
         &self.opts
     }
-
-    /// The catalog cache: flushing it loses nothing (the next read asks the store).
-    pub fn catalog(&self) -> &Catalog {
-        &self.catalog
-    }
 }
 
 /// Histogram buckets in seconds; 0.25 s is the checkout latency objective.
@@ -192,38 +147,29 @@ pub fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
         .clone()
 }
 
-/// The whole shop as a router.
-pub fn app(state: AppState) -> Router {
-    let mut api = Router::new()
-        .route("/api/signup", post(shop::signup))
-        .route("/api/login", post(shop::login))
-        .route("/api/logout", post(shop::logout))
-        .route("/api/password", post(shop::password))
-        .route("/api/me", get(shop::me))
-        .route("/api/products", get(shop::products))
-        .route("/api/cart", get(shop::cart_get))
-        .route("/api/cart/items", post(shop::cart_add))
-        .route("/api/cart/items/{sku}", delete(shop::cart_remove))
-        .route("/api/checkout", post(shop::checkout))
-        .route("/api/orders", get(shop::orders))
-        .route("/api/orders/{id}", get(shop::order));
-    if state.opts.bench_routes {
-        api = api.route("/bench/checkout", post(shop::bench_checkout));
-    }
-    let api = api
+/// An instance's router: the application's `routes`, the accounts API and the operator
+/// endpoints, behind the edge's layers. The CSRF guard and the body limit cover every route
+/// given here; `/healthz`, `/readyz` and `/metrics` answer without a session.
+pub fn app<S>(state: S, routes: Router<S>) -> Router
+where
+    S: Clone + Send + Sync + 'static,
+    AppState: FromRef<S>,
+{
+    let edge = AppState::from_ref(&state);
+    let api = accounts::routes::<S>()
+        .merge(routes)
         .route_layer(middleware::from_fn_with_state(
-            state.clone(),
+            edge.clone(),
             session::csrf_guard,
         ))
         .route_layer(middleware::from_fn_with_state(
-            state.clone(),
+            edge.clone(),
             session::reissue_cookie,
         ))
         .layer(axum::extract::DefaultBodyLimit::max(
-            state.opts.max_body_bytes,
+            edge.opts.max_body_bytes,
         ));
     Router::new()
-        .route("/", get(|| async { Html(include_str!("page.html")) }))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
@@ -237,7 +183,7 @@ pub fn app(state: AppState) -> Router {
                 "method not allowed on this route",
             )
         })
-        .layer(middleware::from_fn_with_state(state.clone(), deadline))
+        .layer(middleware::from_fn_with_state(edge, deadline))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             AppError::internal("a handler panicked").into_response()
         }))
@@ -332,16 +278,13 @@ pub async fn reap_forever(state: AppState, every: Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
         tick.tick().await;
-        let o = &state.opts;
-        match state
-            .store
-            .reap(
-                holdfast_core::now_ms(),
-                o.session_idle_ttl,
-                o.idempotency_retention,
-            )
-            .await
-        {
+        let (o, now) = (&state.opts, holdfast_core::now_ms());
+        let reaped = async {
+            let sessions = state.store.session_reap(now, o.session_idle_ttl).await?;
+            let keys = state.store.idem_reap(now, o.idempotency_retention).await?;
+            Ok::<_, holdfast_store::Error>((sessions, keys))
+        };
+        match reaped.await {
             Ok((sessions, keys)) if sessions + keys > 0 => tracing::info!(sessions, keys, "reaped"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reaper failed; will try again"),

@@ -14,7 +14,7 @@ use argon2::password_hash::{
     rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
 };
 use argon2::Argon2;
-use axum::extract::{FromRequestParts, Request, State};
+use axum::extract::{FromRef, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
@@ -80,10 +80,20 @@ pub struct Authed {
     pub user_id: String,
 }
 
-impl FromRequestParts<AppState> for Authed {
+impl<S> FromRequestParts<S> for Authed
+where
+    S: Send + Sync,
+    AppState: FromRef<S>,
+{
     type Rejection = AppError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> AppResult<Self> {
+    /// Loads the session once per request: a second extraction (a handler's `Authed` and an
+    /// [`Idempotent`](crate::Idempotent) scoping its key) reuses the first.
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> AppResult<Self> {
+        if let Some(authed) = parts.extensions.get::<Authed>() {
+            return Ok(authed.clone());
+        }
+        let state = AppState::from_ref(state);
         let token = token_from_headers(&parts.headers, state.options().secure_cookies)
             .ok_or_else(AppError::unauthorized)?;
         let loaded = state
@@ -92,11 +102,13 @@ impl FromRequestParts<AppState> for Authed {
             .await?
             .ok_or_else(AppError::unauthorized)?;
         if let (Some(issued), Some(slot)) = (&loaded.reissue, parts.extensions.get::<Reissue>()) {
-            slot.put(set_cookie(issued, state)?);
+            slot.put(set_cookie(issued, &state)?);
         }
-        Ok(Authed {
+        let authed = Authed {
             user_id: loaded.user_id,
-        })
+        };
+        parts.extensions.insert(authed.clone());
+        Ok(authed)
     }
 }
 
@@ -121,7 +133,7 @@ pub async fn reissue_cookie(
     mut req: Request,
     next: Next,
 ) -> Response {
-    if state.sessions.backend_name() != "cookie" {
+    if state.sessions.tier_name() != "cookie" {
         return next.run(req).await;
     }
     let slot = Reissue::default();

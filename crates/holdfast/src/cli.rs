@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use holdfast_core::{Backend, Sabotage};
 
 #[derive(Debug, Parser)]
 #[command(name = "holdfast", version, about = "A shop that survives a bad day.")]
@@ -37,155 +38,24 @@ pub enum Command {
     /// Inspect and redrive the job queue.
     #[command(subcommand)]
     Jobs(JobsCommand),
-    /// Side-by-side benchmarks (long runs that do not belong in the test suite).
-    #[command(subcommand)]
-    Bench(BenchCommand),
+    /// Side-by-side benchmarks against peers: runs `holdfast-bench` from beside this binary
+    /// (`cargo build --release -p holdfast-bench`), so production links no peer crate.
+    #[command(disable_help_flag = true)]
+    Bench {
+        /// `checkout`, `jobs`, `sessions` or `cache`, and their flags (`holdfast bench --help`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
     /// A game day in one command: start a system, load it, inject faults, check invariants.
     Drill(DrillArgs),
 }
 
-#[derive(Debug, Subcommand)]
-pub enum BenchCommand {
-    /// Checkout requests/s through the balancer, with and without the idempotency layer.
-    Checkout(BenchArgs),
-    /// Job queue: burn-down jobs/s and insert-to-start latency, optionally against peers.
-    Jobs(BenchJobsArgs),
-    /// Sessions: load+save/s of the Redis tier (with its backstop) vs tower-sessions' Redis store.
-    Sessions(BenchSessionsArgs),
-    /// Cache: hit-path gets/s of holdfast-cache (in-process tier) vs moka used directly.
-    Cache(BenchCacheArgs),
-}
-
-/// `holdfast bench cache`.
-#[derive(Debug, Clone, Args)]
-pub struct BenchCacheArgs {
-    /// Distinct warm keys the readers cycle through.
-    #[arg(long, default_value_t = 10_000)]
-    pub keys: usize,
-    /// Concurrent reader tasks (on the runtime's worker threads, the same for both caches).
-    #[arg(long, default_value_t = 8)]
-    pub tasks: usize,
-    /// Zipf exponent of the key popularity; 0 is uniform.
-    #[arg(long, default_value_t = 1.0)]
-    pub zipf: f64,
-    /// Measured time per phase; phases alternate between the caches.
-    #[arg(long, value_parser = parse_duration, default_value = "3s")]
-    pub duration: Duration,
-    /// Phases per cache.
-    #[arg(long, default_value_t = 3)]
-    pub rounds: usize,
-    /// Run without the Prometheus recorder `serve` installs (hit counters become no-ops).
-    #[arg(long)]
-    pub no_metrics: bool,
-    /// Also write the figures as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-}
-
-/// `holdfast bench sessions`.
-#[derive(Debug, Clone, Args)]
-pub struct BenchSessionsArgs {
-    /// The Redis both systems use (each under its own keys; nothing else is touched).
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
-    pub redis_url: String,
-    /// Distinct sessions the load cycles through.
-    #[arg(long, default_value_t = 2000)]
-    pub sessions: usize,
-    /// Concurrent clients (closed loop), the same for both systems.
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: usize,
-    /// Measured time per phase; phases alternate between the systems.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
-    pub duration: Duration,
-    /// Phases per system.
-    #[arg(long, default_value_t = 3)]
-    pub rounds: usize,
-    /// Also write the figures as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-}
-
-/// `holdfast bench jobs`. The worker settings default to the tuned figures the bench reports.
-#[derive(Debug, Clone, Args)]
-pub struct BenchJobsArgs {
-    /// One backend; both when omitted (Postgres needs --database-url or DATABASE_URL).
-    #[arg(long, value_enum)]
-    pub backend: Option<Backend>,
-    /// A Postgres server to create throwaway benchmark databases on (one per system).
-    #[arg(long)]
-    pub database_url: Option<String>,
-    /// No-op jobs to insert and then work off (burn-down).
-    #[arg(long, default_value_t = 20_000)]
-    pub jobs: usize,
-    /// Also run the peers (graphile-worker, apalis) on the same server; see benches/peers.
-    #[arg(long)]
-    pub peers: bool,
-    /// Also write the figures as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// Worker runtimes started in this process, sharing one store pool.
-    #[arg(long, default_value_t = 1)]
-    pub workers: usize,
-    /// Jobs one worker runs at once.
-    #[arg(long, default_value_t = 4096)]
-    pub concurrency: usize,
-    /// Most jobs one claim takes.
-    #[arg(long, default_value_t = 2048)]
-    pub fetch_batch: usize,
-    /// Most completions one statement writes.
-    #[arg(long, default_value_t = 4096)]
-    pub complete_batch: usize,
-    /// Store connections (shared by all workers and the producer).
-    #[arg(long, default_value_t = 8)]
-    pub pool_size: u32,
-    /// Steady state: jobs enqueued per second, one at a time.
-    #[arg(long, default_value_t = 200)]
-    pub rate: u32,
-    /// Steady state: how long the producer runs.
-    #[arg(long, value_parser = parse_duration, default_value = "5s")]
-    pub steady: Duration,
-    /// Where the peers' install script and harnesses live (default: found from the
-    /// current directory or the executable, `benches/peers`).
-    #[arg(long)]
-    pub peers_dir: Option<PathBuf>,
-    /// Measure every system this many times, in turn, and report the medians.
-    #[arg(long, default_value_t = 1)]
-    pub repeat: usize,
-    /// Extra flags for the graphile-worker harness, e.g. "--processes 2 --concurrency 32".
-    #[arg(long, allow_hyphen_values = true)]
-    pub graphile_args: Vec<String>,
-    /// Extra flags for the apalis harness, e.g. "--workers 4 --batch-size 200".
-    #[arg(long, allow_hyphen_values = true)]
-    pub apalis_args: Vec<String>,
-}
-
-#[derive(Debug, Args)]
-pub struct BenchArgs {
-    /// One backend; both when omitted (Postgres needs --database-url or DATABASE_URL).
-    #[arg(long, value_enum)]
-    pub backend: Option<Backend>,
-    /// A Postgres server to create a throwaway benchmark database on.
-    #[arg(long)]
-    pub database_url: Option<String>,
-    #[arg(long, default_value_t = 3)]
-    pub instances: u16,
-    /// Concurrent shoppers, each in a closed loop.
-    #[arg(long, default_value_t = 32)]
-    pub users: usize,
-    /// Measured time per phase.
-    #[arg(long, value_parser = parse_duration, default_value = "10s")]
-    pub duration: Duration,
-    /// Also write the figures as JSON here.
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-}
-
-/// `holdfast drill`. Exits 0 only when every invariant of DESIGN.md §2 held.
+/// `holdfast drill`. Exits 0 only when every invariant in docs/INVARIANTS.md held.
 #[derive(Debug, Clone, Args)]
 pub struct DrillArgs {
     /// The durable store of the drilled system; `postgres` runs a throwaway cluster of its own
     /// (initdb/pg_ctl; see scripts/install-drill-deps.sh).
-    #[arg(long, value_enum, default_value_t = Backend::Sqlite)]
+    #[arg(long, value_parser = parse_backend, default_value = "sqlite")]
     pub backend: Backend,
     /// How long virtual users shop (setup, settling and final reads come on top).
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
@@ -217,9 +87,10 @@ pub struct DrillArgs {
     /// Write the history (JSON Lines, Jepsen style: invoke, then ok/fail/info) here.
     #[arg(long)]
     pub history: Option<PathBuf>,
-    /// Drill a deliberately broken build; the drill must then fail (a self-test).
-    #[arg(long, value_enum)]
-    pub sabotage: Option<DrillSabotage>,
+    /// Drill a deliberately broken build (no-idempotency, ack-before-commit, ledger-bypass);
+    /// the drill must then fail (a self-test).
+    #[arg(long, value_parser = parse_sabotage)]
+    pub sabotage: Option<Sabotage>,
     /// Where the drilled system keeps sessions; `redis` runs a redis-server of its own on a
     /// free port (see scripts/install-drill-deps.sh), `cookie` a key ring of its own.
     #[arg(long, value_enum, default_value_t = SessionMode::Store)]
@@ -237,46 +108,21 @@ pub struct DrillArgs {
     pub ramp_up: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum DrillSabotage {
-    /// The web tier ignores Idempotency-Key (expect orders_duplicated).
-    NoIdempotency,
-    /// Checkout answers before its order commits (expect orders_lost).
-    AckBeforeCommit,
-    /// Workers skip the effect ledger (expect charges_duplicated).
-    LedgerBypass,
+/// `sqlite` or `postgres`.
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    s.parse()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Backend {
-    Sqlite,
-    Postgres,
-}
-
-impl Backend {
-    fn of_url(url: &str) -> Option<Backend> {
-        if url.starts_with("sqlite:") {
-            Some(Backend::Sqlite)
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            Some(Backend::Postgres)
-        } else {
-            None
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Backend::Sqlite => "sqlite",
-            Backend::Postgres => "postgres",
-        }
-    }
+/// A [`Sabotage`] by name.
+fn parse_sabotage(s: &str) -> Result<Sabotage, String> {
+    s.parse()
 }
 
 /// Where the durable store lives; shared by `up` and `serve`.
 #[derive(Debug, Clone, Args)]
 pub struct StoreArgs {
-    /// Which database engine holds the durable state.
-    #[arg(long, value_enum, default_value_t = Backend::Sqlite)]
+    /// Which database engine holds the durable state: sqlite or postgres.
+    #[arg(long, value_parser = parse_backend, default_value = "sqlite")]
     pub backend: Backend,
     /// Local state: the SQLite file (`holdfast.sqlite`) and `run/instances.json`.
     #[arg(long, default_value = "./holdfast-data")]
@@ -344,9 +190,6 @@ pub struct InstanceArgs {
     /// Expose `/bench/*` routes, for `holdfast bench` only.
     #[arg(long, hide = true)]
     pub bench_routes: bool,
-    /// SABOTAGE, for tests and drills only: break the web tier on purpose.
-    #[arg(long, value_enum, hide = true)]
-    pub unsafe_sabotage: Option<SabotageKind>,
     /// Where sessions live: the durable store, Redis with the store as backstop, or signed
     /// cookies (no server state; see holdfast-sessions for what that cannot revoke).
     #[arg(long, value_enum, default_value_t = SessionMode::Store)]
@@ -371,12 +214,22 @@ pub enum SessionMode {
     Cookie,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum SabotageKind {
-    /// Ignore Idempotency-Key: retries run again.
-    NoIdempotency,
-    /// Answer checkouts before committing them.
-    AckBeforeCommit,
+/// SABOTAGE, for tests and drills only: `--unsafe-sabotage KIND` breaks the system on purpose
+/// (see `holdfast_core::Sabotage`). `up` passes it to its web instances and workers; each
+/// applies what concerns it.
+#[derive(Debug, Clone, Default, Args)]
+pub struct SabotageArgs {
+    #[arg(long, value_parser = parse_sabotage, hide = true)]
+    pub unsafe_sabotage: Option<Sabotage>,
+}
+
+impl SabotageArgs {
+    pub fn to_args(&self) -> Vec<OsString> {
+        match self.unsafe_sabotage {
+            Some(kind) => vec!["--unsafe-sabotage".into(), kind.name().into()],
+            None => Vec::new(),
+        }
+    }
 }
 
 impl InstanceArgs {
@@ -397,13 +250,6 @@ impl InstanceArgs {
         }
         if self.bench_routes {
             args.push("--bench-routes".into());
-        }
-        if let Some(kind) = self.unsafe_sabotage {
-            let name = kind
-                .to_possible_value()
-                .map(|v| v.get_name().to_owned())
-                .unwrap_or_default();
-            args.extend(["--unsafe-sabotage".into(), name.into()]);
         }
         let sessions = self
             .sessions
@@ -467,6 +313,8 @@ pub struct UpArgs {
     pub provider_url: Option<String>,
     #[command(flatten)]
     pub jobs: JobArgs,
+    #[command(flatten)]
+    pub sabotage: SabotageArgs,
 }
 
 /// How each worker behaves. `worker` takes them; `up` passes them on to its workers.
@@ -485,14 +333,11 @@ pub struct JobArgs {
     /// How long a call to the payment provider may take before its outcome counts as unknown.
     #[arg(long, value_parser = parse_duration, default_value = "3s")]
     pub provider_timeout: Duration,
-    /// SABOTAGE, for tests and drills only: skip the effect ledger (duplicate charges follow).
-    #[arg(long, hide = true)]
-    pub unsafe_bypass_ledger: bool,
 }
 
 impl JobArgs {
     pub fn to_args(&self) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec![
+        vec![
             "--job-concurrency".into(),
             self.job_concurrency.to_string().into(),
             "--job-lease".into(),
@@ -501,11 +346,7 @@ impl JobArgs {
             format!("{}ms", self.job_retry_base.as_millis()).into(),
             "--provider-timeout".into(),
             format!("{}ms", self.provider_timeout.as_millis()).into(),
-        ];
-        if self.unsafe_bypass_ledger {
-            args.push("--unsafe-bypass-ledger".into());
-        }
-        args
+        ]
     }
 }
 
@@ -521,6 +362,8 @@ pub struct WorkerArgs {
     pub provider_url: String,
     #[command(flatten)]
     pub jobs: JobArgs,
+    #[command(flatten)]
+    pub sabotage: SabotageArgs,
     /// Set by `up`: exit if that process dies.
     #[arg(long, hide = true)]
     pub parent_pid: Option<i32>,
@@ -578,6 +421,8 @@ pub struct ServeArgs {
     pub insecure_cookies: bool,
     #[command(flatten)]
     pub instance: InstanceArgs,
+    #[command(flatten)]
+    pub sabotage: SabotageArgs,
     /// Set by `up`: the supervisor's pid; this instance dies with it (Linux).
     #[arg(long, hide = true)]
     pub parent_pid: Option<i32>,
@@ -585,43 +430,12 @@ pub struct ServeArgs {
 
 /// `500ms`, `20s`, `30m`, `12h`, `7d`: one whole number and one unit.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (digits, unit) = s.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a number and a unit, e.g. 30s"))?;
-    let secs = match unit {
-        "ms" => return Ok(Duration::from_millis(n)),
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(format!("{s:?}: unit must be one of ms, s, m, h, d")),
-    };
-    n.checked_mul(secs)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{s:?}: too long"))
+    holdfast_core::parse_duration(s)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations() {
-        let check = |s: &str, want: Option<Duration>| assert_eq!(parse_duration(s).ok(), want);
-        check("500ms", Some(Duration::from_millis(500)));
-        check("20s", Some(Duration::from_secs(20)));
-        check("30m", Some(Duration::from_secs(1800)));
-        check("12h", Some(Duration::from_secs(43_200)));
-        check("1d", Some(Duration::from_secs(86_400)));
-        check("0s", Some(Duration::ZERO));
-        check("10", None);
-        check("s", None);
-        check("1.5s", None);
-        check("-1s", None);
-        check("5 s", None);
-    }
 
     #[test]
     fn bare_holdfast_is_up() {

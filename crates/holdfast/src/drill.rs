@@ -3,9 +3,9 @@
 //! the table, writes the JSON and HTML, and turns a failed verdict into a non-zero exit.
 
 use anyhow::{bail, Context};
-use holdfast_drill::{Backend, DrillOptions, Sabotage, Sessions};
+use holdfast_drill::{DrillOptions, Sessions};
 
-use crate::cli::{self, DrillArgs, DrillSabotage};
+use crate::cli::{self, DrillArgs};
 
 pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     let seed = args.seed.unwrap_or_else(|| {
@@ -17,10 +17,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         std::env::current_exe().context("finding our own executable")?,
         seed,
     );
-    opts.backend = match args.backend {
-        cli::Backend::Sqlite => Backend::Sqlite,
-        cli::Backend::Postgres => Backend::Postgres,
-    };
+    opts.backend = args.backend;
     opts.sessions = match args.sessions {
         cli::SessionMode::Store => Sessions::Store,
         cli::SessionMode::Redis => Sessions::Redis,
@@ -37,11 +34,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     opts.instances = args.instances;
     opts.workers = args.workers;
     opts.faults = args.faults;
-    opts.sabotage = args.sabotage.map(|s| match s {
-        DrillSabotage::NoIdempotency => Sabotage::NoIdempotency,
-        DrillSabotage::AckBeforeCommit => Sabotage::AckBeforeCommit,
-        DrillSabotage::LedgerBypass => Sabotage::LedgerBypass,
-    });
+    opts.sabotage = args.sabotage;
     opts.progress = true;
     opts.system_log = args.system_log;
     opts.history = args.history;

@@ -1,13 +1,10 @@
 //! `holdfast`: the one binary. `holdfast up` runs the whole system on one machine,
-//! `holdfast serve` runs one stateless instance, `holdfast bench` measures.
+//! `holdfast serve` runs one stateless instance, `holdfast worker` works the queues,
+//! `holdfast drill` runs a game day; `holdfast bench` hands over to `holdfast-bench`.
 //!
 //! This file only wires: parse flags, set up logging (to stderr, so stdout stays a channel the
 //! supervisor can parse), start a runtime, run the command. See `cli.rs` for the flags.
 
-mod bench;
-mod bench_cache;
-mod bench_jobs;
-mod bench_sessions;
 mod cli;
 mod drill;
 mod provider;
@@ -23,7 +20,7 @@ use tracing_subscriber::EnvFilter;
 
 use anyhow::Context;
 
-use crate::cli::{BenchCommand, Cli, Command};
+use crate::cli::{Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -39,10 +36,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Some(Command::Serve(args)) => serve::run(args).await,
             Some(Command::Up(args)) => up::run(args).await,
-            Some(Command::Bench(BenchCommand::Checkout(args))) => bench::run(args).await,
-            Some(Command::Bench(BenchCommand::Jobs(args))) => bench_jobs::run(args).await,
-            Some(Command::Bench(BenchCommand::Sessions(args))) => bench_sessions::run(args).await,
-            Some(Command::Bench(BenchCommand::Cache(args))) => bench_cache::run(args).await,
+            Some(Command::Bench { args }) => run_bench(&args),
             Some(Command::Worker(args)) => worker::run(args).await,
             Some(Command::Provider(args)) => provider::run(args).await,
             Some(Command::Jobs(cmd)) => worker::jobs_command(cmd).await,
@@ -50,6 +44,21 @@ fn main() -> anyhow::Result<()> {
             None => up::run(cli.up).await,
         }
     })
+}
+
+/// `holdfast bench ARGS` is `holdfast-bench ARGS`, run from beside this executable: the
+/// benchmarks link the peers they measure against, and the production binary links none.
+fn run_bench(args: &[std::ffi::OsString]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let me = std::env::current_exe().context("finding our own executable")?;
+    let bench = me.with_file_name("holdfast-bench");
+    anyhow::ensure!(
+        bench.is_file(),
+        "holdfast bench runs {}, which is not built; run `cargo build --release -p holdfast-bench`",
+        bench.display()
+    );
+    let err = std::process::Command::new(&bench).args(args).exec();
+    Err(anyhow::Error::new(err).context(format!("running {}", bench.display())))
 }
 
 /// Installs SIGTERM and SIGINT handlers now (so a signal that comes early is not fatal) and
@@ -64,6 +73,14 @@ pub(crate) fn on_terminate() -> std::io::Result<impl Future<Output = &'static st
             _ = int.recv() => "SIGINT",
         }
     })
+}
+
+/// Opens the store the flags name, with the shop's schema (migrated if it is behind).
+pub(crate) async fn open_store(args: &cli::StoreArgs) -> anyhow::Result<holdfast_store::Store> {
+    let opts = holdfast_store::StoreOptions::new(args.store_url()?).schema(&holdfast_shop::SCHEMA);
+    holdfast_store::Store::open(&opts)
+        .await
+        .context("opening the store")
 }
 
 /// Tells a supervisor where we listen: one line `HOLDFAST_LISTENING <addr>` on stdout.

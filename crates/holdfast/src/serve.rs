@@ -12,15 +12,15 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use holdfast_store::{Store, StoreOptions};
+use holdfast_shop::{CatalogCache, Shop, ShopOptions};
 use holdfast_web::{AppState, WebOptions};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::sleep;
 use tracing::{info, warn};
 
-use crate::cli::{InstanceArgs, SabotageKind, ServeArgs, SessionMode};
-use holdfast_web::{KeyRing, SessionBackend};
+use crate::cli::{InstanceArgs, ServeArgs, SessionMode};
+use holdfast_web::{KeyRing, SessionTier};
 
 /// The one stdout line a supervisor waits for: `HOLDFAST_LISTENING 127.0.0.1:45678`.
 pub const LISTENING: &str = "HOLDFAST_LISTENING";
@@ -35,21 +35,27 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     crate::die_with_parent(args.parent_pid)?;
     let terminated = crate::on_terminate()?;
     let mut opts = web_options(&args.instance, !args.insecure_cookies)?;
-    opts.sessions = session_backend(&args.instance)?;
-    opts.catalog_cache = catalog_cache(&args.instance, &opts.sessions)?;
+    opts.sessions = session_tier(&args.instance)?;
+    let shop_opts = ShopOptions {
+        catalog_cache: catalog_cache(&args.instance, &opts.sessions)?,
+        bench_routes: args.instance.bench_routes,
+        sabotage: args.sabotage.unsafe_sabotage,
+        ..ShopOptions::default()
+    };
+    if let Some(kind) = shop_opts.sabotage {
+        warn!(%kind, "SABOTAGE: this instance is broken on purpose");
+    }
     let grace = opts.request_timeout + SHUTDOWN_SLACK;
 
     let metrics = holdfast_web::install_metrics_recorder().map_err(anyhow::Error::msg)?;
-    let store = Store::open(&StoreOptions::new(args.store.store_url()?))
-        .await
-        .context("opening the store")?;
+    let store = crate::open_store(&args.store).await?;
     let state = AppState::new(store.clone(), opts, Some(metrics));
     let listener = TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     let addr = listener.local_addr()?;
     crate::announce_listening(addr)?;
-    info!(%addr, backend = store.dialect().name(), sessions = state.sessions().backend_name(), "serving");
+    info!(%addr, backend = %store.backend(), sessions = state.sessions().tier_name(), "serving");
     tokio::spawn(holdfast_web::reap_forever(state.clone(), REAP_EVERY));
 
     let (stopping_tx, stopping_rx) = oneshot::channel();
@@ -66,7 +72,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let sessions = state.sessions().clone();
-    let app = holdfast_web::app(state).into_make_service_with_connect_info::<SocketAddr>();
+    let app = holdfast_shop::app(Shop::new(state, shop_opts))
+        .into_make_service_with_connect_info::<SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(drain);
     let grace_over = async {
         match stopping_rx.await {
@@ -88,15 +95,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 /// The session tier the flags name. The Redis connection is lazy: an instance starts, and
 /// serves sessions from the store, while Redis is down.
-pub fn session_backend(args: &InstanceArgs) -> anyhow::Result<SessionBackend> {
+pub fn session_tier(args: &InstanceArgs) -> anyhow::Result<SessionTier> {
     Ok(match args.sessions {
-        SessionMode::Store => SessionBackend::Store,
+        SessionMode::Store => SessionTier::Store,
         SessionMode::Redis => {
             let url = args
                 .redis_url
                 .as_deref()
                 .context("--sessions redis needs --redis-url or REDIS_URL")?;
-            SessionBackend::Redis {
+            SessionTier::Redis {
                 conn: holdfast_sessions::connect_redis(url).context("--redis-url")?,
                 prefix: args.redis_prefix.clone(),
             }
@@ -106,7 +113,7 @@ pub fn session_backend(args: &InstanceArgs) -> anyhow::Result<SessionBackend> {
                 .session_keys
                 .as_deref()
                 .context("--sessions cookie needs --session-keys or HOLDFAST_SESSION_KEYS")?;
-            SessionBackend::Cookie {
+            SessionTier::Cookie {
                 keys: KeyRing::parse(spec)?,
             }
         }
@@ -117,21 +124,18 @@ pub fn session_backend(args: &InstanceArgs) -> anyhow::Result<SessionBackend> {
 /// share a Redis do not share catalogs) when the instance has a Redis URL, reusing the session
 /// tier's connection when there is one; otherwise in-process. Lazy like the session tier: a
 /// Redis outage falls back to the store.
-fn catalog_cache(
-    args: &InstanceArgs,
-    sessions: &SessionBackend,
-) -> anyhow::Result<holdfast_web::CatalogCache> {
+fn catalog_cache(args: &InstanceArgs, sessions: &SessionTier) -> anyhow::Result<CatalogCache> {
     let prefix = format!("{}:catalog:v1", args.redis_prefix);
     Ok(match (sessions, args.redis_url.as_deref()) {
-        (SessionBackend::Redis { conn, .. }, _) => holdfast_web::CatalogCache::Redis {
+        (SessionTier::Redis { conn, .. }, _) => CatalogCache::Redis {
             conn: conn.clone(),
             prefix,
         },
-        (_, Some(url)) => holdfast_web::CatalogCache::Redis {
+        (_, Some(url)) => CatalogCache::Redis {
             conn: holdfast_sessions::connect_redis(url).context("--redis-url")?,
             prefix,
         },
-        (_, None) => holdfast_web::CatalogCache::Local,
+        (_, None) => CatalogCache::Local,
     })
 }
 
@@ -144,11 +148,6 @@ pub fn web_options(args: &InstanceArgs, secure_cookies: bool) -> anyhow::Result<
         idempotency_lock_ttl: args.idempotency_lock_ttl.unwrap_or(d.idempotency_lock_ttl),
         request_timeout: args.request_timeout.unwrap_or(d.request_timeout),
         secure_cookies,
-        bench_routes: args.bench_routes,
-        sabotage: args.unsafe_sabotage.map(|k| match k {
-            SabotageKind::NoIdempotency => holdfast_web::Sabotage::NoIdempotency,
-            SabotageKind::AckBeforeCommit => holdfast_web::Sabotage::AckBeforeCommit,
-        }),
         ..d
     };
     ensure!(

@@ -25,7 +25,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
 use holdfast_balancer::{Balancer, BalancerOptions};
-use holdfast_store::{Store, StoreOptions};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde::Serialize;
@@ -52,11 +51,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let url = args.store.store_url()?;
     // Migrate once, up front, so the instances find the schema ready instead of queueing on
     // the migration lock, and a bad URL fails here with one message instead of N crash loops.
-    Store::open(&StoreOptions::new(url.clone()))
-        .await
-        .context("opening the store")?
-        .close()
-        .await;
+    crate::open_store(&args.store).await?.close().await;
 
     let listener = TcpListener::bind((args.host, args.port))
         .await
@@ -84,6 +79,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         web_args.push("--insecure-cookies".into());
     }
     web_args.extend(args.instance.to_args());
+    web_args.extend(args.sabotage.to_args());
     let mut groups = vec![Group {
         role: "web",
         args: web_args,
@@ -123,6 +119,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         ];
         worker_args.extend(store_flags);
         worker_args.extend(args.jobs.to_args());
+        worker_args.extend(args.sabotage.to_args());
         groups.push(Group {
             role: "worker",
             args: worker_args,

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use axum::routing::get;
-use holdfast_jobs::flows::{Flows, EMAIL_QUEUE, RECEIPT_KIND};
-use holdfast_jobs::{QueueConfig, Wakeup, Worker, WorkerOptions};
+use holdfast_jobs::{Wakeup, Worker, WorkerOptions};
 use holdfast_provider::ProviderClient;
-use holdfast_store::{Dialect, Store, StoreOptions, PAYMENTS_QUEUE, PAYOUT_KIND};
+use holdfast_shop::Flows;
+use holdfast_store::Backend;
 use tracing::info;
 
 use crate::cli::{JobsCommand, WorkerArgs};
@@ -22,12 +22,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let terminated = crate::on_terminate()?;
     let metrics = holdfast_web::install_metrics_recorder().map_err(anyhow::Error::msg)?;
     let url = args.store.store_url()?;
-    let store = Store::open(&StoreOptions::new(url.clone()))
-        .await
-        .context("opening the store")?;
-    let wakeup = match store.dialect() {
-        Dialect::Postgres => Wakeup::Postgres(url.clone()),
-        Dialect::Sqlite => Wakeup::SqliteFile(
+    let store = crate::open_store(&args.store).await?;
+    let wakeup = match store.backend() {
+        Backend::Postgres => Wakeup::Postgres(url.clone()),
+        Backend::Sqlite => Wakeup::SqliteFile(
             url.trim_start_matches("sqlite:")
                 .split('?')
                 .next()
@@ -36,27 +34,18 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         ),
     };
     let jobs = &args.jobs;
-    let flows = Flows {
-        store: store.clone(),
-        provider: ProviderClient::new(&args.provider_url, jobs.provider_timeout)?,
-        bypass_ledger: jobs.unsafe_bypass_ledger,
-    };
-    if jobs.unsafe_bypass_ledger {
-        tracing::warn!("SABOTAGE: the effect ledger is bypassed; duplicate charges will follow");
+    let sabotage = args.sabotage.unsafe_sabotage;
+    if let Some(kind) = sabotage {
+        tracing::warn!(%kind, "SABOTAGE: this worker is broken on purpose");
     }
-    let concurrency = jobs.job_concurrency.max(1);
+    let flows = Flows::new(
+        store.clone(),
+        ProviderClient::new(&args.provider_url, jobs.provider_timeout)?,
+        sabotage,
+    );
     let defaults = WorkerOptions::default();
     let opts = WorkerOptions {
-        queues: vec![
-            QueueConfig {
-                name: PAYMENTS_QUEUE.into(),
-                concurrency,
-            },
-            QueueConfig {
-                name: EMAIL_QUEUE.into(),
-                concurrency,
-            },
-        ],
+        queues: Flows::queues(jobs.job_concurrency.max(1)),
         lease: jobs.job_lease,
         heartbeat_every: (jobs.job_lease / 4).max(Duration::from_millis(50)),
         rescue_every: (jobs.job_lease / 4)
@@ -69,9 +58,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         wakeup,
         ..defaults
     };
-    let worker = Worker::new(store.clone(), opts)
-        .handle(PAYOUT_KIND, flows.payout_handler())
-        .handle(RECEIPT_KIND, flows.receipt_handler());
+    let worker = flows.register(Worker::new(store.clone(), opts));
 
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
@@ -85,7 +72,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         );
     tokio::spawn(async move { axum::serve(listener, app).await });
     crate::announce_listening(addr)?;
-    info!(%addr, backend = store.dialect().name(), "worker serving /metrics");
+    info!(%addr, backend = %store.backend(), "worker serving /metrics");
 
     worker
         .run(async {
@@ -102,9 +89,7 @@ pub async fn jobs_command(cmd: JobsCommand) -> anyhow::Result<()> {
         JobsCommand::Stats(s) | JobsCommand::Dead(s) => &s.store,
         JobsCommand::Redrive { store, .. } => store,
     };
-    let store = Store::open(&StoreOptions::new(store_args.store_url()?))
-        .await
-        .context("opening the store")?;
+    let store = crate::open_store(store_args).await?;
     let out = match cmd {
         JobsCommand::Stats(_) => serde_json::to_string_pretty(&store.job_counts().await?)?,
         JobsCommand::Dead(_) => serde_json::to_string_pretty(&store.job_dead(1000).await?)?,

@@ -5,10 +5,12 @@
 //! stuck or dead. The same run with the ledger bypassed (a planted fault) must show
 //! duplicate charges, proving the check can fail.
 
-mod common;
-
-use common::{Backend, Shopper, System};
+use holdfast_drill::System;
 use holdfast_store::{Store, StoreOptions};
+use holdfast_testkit::system::{spawn_system, Shopper};
+use holdfast_testkit::{both_backends, Backend};
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -16,7 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-on_both_backends!(
+both_backends!(multi_thread;
     every_order_paid_once_while_workers_die,
     bypassing_the_ledger_is_caught
 );
@@ -44,7 +46,7 @@ struct Run {
 /// `users` shoppers place `per_user` orders each while a killer SIGKILLs a random worker
 /// every 400 ms; then waits for every order to be paid and receipted (or the deadline).
 async fn run(sys: &System, users: usize, per_user: usize, faults: Value) -> Run {
-    let provider = sys.provider_url();
+    let provider = sys.provider_url.clone();
     let http = reqwest::Client::new();
     let r = http
         .put(format!("{provider}/_faults"))
@@ -56,13 +58,13 @@ async fn run(sys: &System, users: usize, per_user: usize, faults: Value) -> Run 
 
     let shopping = Arc::new(AtomicBool::new(true));
     let killer = {
-        let (shopping, dir) = (shopping.clone(), sys.dir.path().to_owned());
+        let (shopping, dir) = (shopping.clone(), sys.data_dir().to_owned());
         tokio::spawn(async move {
             let mut kills = 0;
             let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
             while shopping.load(Ordering::SeqCst) {
                 tokio::time::sleep(Duration::from_millis(400)).await;
-                let workers: Vec<u32> = common::instances(&dir)
+                let workers: Vec<u32> = holdfast_testkit::process::instances(&dir)
                     .unwrap_or_default()
                     .into_iter()
                     .filter(|i| i.role == "worker")
@@ -75,7 +77,7 @@ async fn run(sys: &System, users: usize, per_user: usize, faults: Value) -> Run 
                 seed ^= seed >> 7;
                 seed ^= seed << 17;
                 let victim = workers[(seed % workers.len() as u64) as usize];
-                if common::runs_holdfast(victim) {
+                if holdfast_testkit::process::runs(BIN.as_ref(), victim) {
                     let _ = nix::sys::signal::kill(
                         nix::unistd::Pid::from_raw(victim as i32),
                         nix::sys::signal::Signal::SIGKILL,
@@ -186,7 +188,8 @@ fn per_order(records: &[Value]) -> HashMap<String, usize> {
 }
 
 async fn every_order_paid_once_while_workers_die(backend: Backend) {
-    let Some(sys) = System::start_with(backend, 2, "every_order_paid_once", FLAGS).await else {
+    let Some(sys) = spawn_system(BIN.as_ref(), backend, 2, "every_order_paid_once", FLAGS).await
+    else {
         return;
     };
     let faults =
@@ -226,7 +229,7 @@ async fn every_order_paid_once_while_workers_die(backend: Backend) {
         );
     }
     // The API says paid, and the queue holds nothing running, waiting or dead.
-    let store = Store::open(&StoreOptions::new(sys.store_url.clone()))
+    let store = Store::open(&StoreOptions::new(sys.store_url()).schema(&holdfast_shop::SCHEMA))
         .await
         .expect("store");
     let counts = store.job_counts().await.expect("counts");
@@ -249,8 +252,9 @@ async fn every_order_paid_once_while_workers_die(backend: Backend) {
 
 async fn bypassing_the_ledger_is_caught(backend: Backend) {
     let mut flags = FLAGS.to_vec();
-    flags.push("--unsafe-bypass-ledger");
-    let Some(sys) = System::start_with(backend, 2, "bypassing_the_ledger", &flags).await else {
+    flags.extend(["--unsafe-sabotage", "ledger-bypass"]);
+    let Some(sys) = spawn_system(BIN.as_ref(), backend, 2, "bypassing_the_ledger", &flags).await
+    else {
         return;
     };
     // Act-then-timeout on a third of the calls: every such call is retried under a new key.

@@ -1,25 +1,28 @@
 //! `holdfast serve` as a process: it announces its address and drains on SIGTERM.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{client, eventually, status, Proc};
+use holdfast_testkit::process::{client, eventually, status, Proc};
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 use nix::sys::signal::Signal;
 
 #[tokio::test]
 async fn sigterm_drains_then_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut serve = Proc::spawn(&[
-        "serve",
-        "--addr",
-        "127.0.0.1:0",
-        "--data-dir",
-        dir.path().to_str().unwrap(),
-        "--insecure-cookies",
-        "--drain-delay",
-        "3s",
-    ]);
+    let mut serve = Proc::spawn(
+        BIN.as_ref(),
+        &[
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.path().to_str().unwrap(),
+            "--insecure-cookies",
+            "--drain-delay",
+            "3s",
+        ],
+    );
     let addr = serve.line_after("HOLDFAST_LISTENING ", Duration::from_secs(20));
     let (client, base) = (client(), format!("http://{addr}"));
     let (readyz, healthz) = (format!("{base}/readyz"), format!("{base}/healthz"));

@@ -2,11 +2,12 @@
 //! session configuration (a generated key ring, the Redis URL) through the environment, and a
 //! session outlives the instance that created it — and, with Redis, Redis' memory too.
 
-mod common;
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
 use std::time::Duration;
 
-use common::{Backend, Shopper, System};
+use holdfast_testkit::system::{spawn_system, web_pids, Shopper};
+use holdfast_testkit::Backend;
 use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -22,12 +23,13 @@ async fn me_on_every_instance(s: &Shopper, instances: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cookie_sessions_work_on_every_instance_up_starts() {
     let flags = ["--sessions", "cookie", "--workers", "0"];
-    let Some(sys) = System::start_with(Backend::Sqlite, 2, "cookie_sessions", &flags).await else {
+    let Some(sys) = spawn_system(BIN.as_ref(), Backend::Sqlite, 2, "cookie_sessions", &flags).await
+    else {
         return;
     };
     let s = Shopper::new(&sys.url, "cookie@example.com").await;
     me_on_every_instance(&s, 2).await;
-    sys.signal(sys.web_pids()[0], Signal::SIGKILL);
+    sys.signal(web_pids(&sys)[0], Signal::SIGKILL);
     me_on_every_instance(&s, 2).await;
 }
 
@@ -41,7 +43,7 @@ async fn redis_sessions_survive_a_killed_instance_and_a_flushed_redis() {
         eprintln!("redis_sessions_survive: skipped (set REDIS_URL to run it)");
         return;
     };
-    let prefix = format!("holdfast-test:up:{:016x}", rand::random::<u64>());
+    let prefix = format!("holdfast-test:up:{}", uuid::Uuid::new_v4().simple());
     let flags = [
         "--sessions",
         "redis",
@@ -52,7 +54,8 @@ async fn redis_sessions_survive_a_killed_instance_and_a_flushed_redis() {
         "--workers",
         "0",
     ];
-    let Some(sys) = System::start_with(Backend::Sqlite, 2, "redis_sessions", &flags).await else {
+    let Some(sys) = spawn_system(BIN.as_ref(), Backend::Sqlite, 2, "redis_sessions", &flags).await
+    else {
         return;
     };
     let s = Shopper::new(&sys.url, "redis@example.com").await;
@@ -62,7 +65,7 @@ async fn redis_sessions_survive_a_killed_instance_and_a_flushed_redis() {
         .await;
     assert_eq!(added.status, StatusCode::OK);
 
-    sys.signal(sys.web_pids()[0], Signal::SIGKILL);
+    sys.signal(web_pids(&sys)[0], Signal::SIGKILL);
     let admin = holdfast_sessions::connect_redis(&url).unwrap();
     let flushed = holdfast_sessions::testing::flush_prefix(&admin, &prefix)
         .await

@@ -6,9 +6,10 @@
 //! (c) the 400 and 422 cases of the idempotency draft;
 //! (d) a user cannot read another user's order or cart.
 
-mod common;
+use holdfast_testkit::system::{spawn_system, web_pids, Shopper};
+use holdfast_testkit::{both_backends, Backend};
 
-use common::{Backend, Shopper, System};
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
@@ -16,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-on_both_backends!(
+both_backends!(multi_thread;
     sigkill_during_traffic_loses_nothing,
     one_key_fifty_concurrent_checkouts_one_order,
     idempotency_client_errors,
@@ -31,7 +32,8 @@ const SKUS: &[(&str, i64)] = &[
 ];
 
 async fn sigkill_during_traffic_loses_nothing(backend: Backend) {
-    let Some(sys) = System::start(backend, 3, "sigkill_during_traffic").await else {
+    let Some(sys) = spawn_system(BIN.as_ref(), backend, 3, "sigkill_during_traffic", &[]).await
+    else {
         return;
     };
     let sys = Arc::new(sys);
@@ -107,8 +109,7 @@ async fn sigkill_during_traffic_loses_nothing(backend: Backend) {
         while acked.load(Ordering::SeqCst) < threshold {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let victim = sys
-            .web_pids()
+        let victim = web_pids(&sys)
             .into_iter()
             .find(|p| !killed.contains(p))
             .expect("a live instance");
@@ -177,11 +178,11 @@ async fn sigkill_during_traffic_loses_nothing(backend: Backend) {
         "the kills hit no request in flight: the test proved nothing"
     );
     // The supervisor replaced both killed instances.
-    common::eventually(
+    holdfast_testkit::process::eventually(
         Duration::from_secs(20),
         "both killed instances replaced",
         || {
-            let pids = sys.web_pids();
+            let pids = web_pids(&sys);
             let replaced = pids.len() == 3 && pids.iter().all(|p| !killed.contains(p));
             async move { replaced.then_some(()) }
         },
@@ -190,7 +191,7 @@ async fn sigkill_during_traffic_loses_nothing(backend: Backend) {
 }
 
 async fn one_key_fifty_concurrent_checkouts_one_order(backend: Backend) {
-    let Some(sys) = System::start(backend, 3, "one_key_fifty").await else {
+    let Some(sys) = spawn_system(BIN.as_ref(), backend, 3, "one_key_fifty", &[]).await else {
         return;
     };
     let s = Arc::new(Shopper::new(&sys.url, "race@example.com").await);
@@ -234,7 +235,8 @@ async fn one_key_fifty_concurrent_checkouts_one_order(backend: Backend) {
 }
 
 async fn idempotency_client_errors(backend: Backend) {
-    let Some(sys) = System::start(backend, 2, "idempotency_client_errors").await else {
+    let Some(sys) = spawn_system(BIN.as_ref(), backend, 2, "idempotency_client_errors", &[]).await
+    else {
         return;
     };
     let s = Shopper::new(&sys.url, "keys@example.com").await;
@@ -275,7 +277,7 @@ async fn idempotency_client_errors(backend: Backend) {
 }
 
 async fn users_are_isolated(backend: Backend) {
-    let Some(sys) = System::start(backend, 2, "users_are_isolated").await else {
+    let Some(sys) = spawn_system(BIN.as_ref(), backend, 2, "users_are_isolated", &[]).await else {
         return;
     };
     let a = Shopper::new(&sys.url, "alice@example.com").await;

@@ -1,13 +1,13 @@
 //! `holdfast up` as a process: it keeps N instances running behind its balancer, replaces the
 //! ones that die, and takes them all with it when it stops.
 
-mod common;
-
 use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{alive, client, eventually, instances, status, Instance, Proc};
+use holdfast_testkit::process::{alive, client, eventually, instances, status, Instance, Proc};
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -18,18 +18,21 @@ const WITHIN: Duration = Duration::from_secs(20);
 async fn start_up(dir: &Path, n: usize) -> (Proc, String, Vec<Instance>) {
     let n_arg = n.to_string();
     let data_dir = dir.to_str().unwrap();
-    let mut up = Proc::spawn(&[
-        "up",
-        "--port",
-        "0",
-        "--instances",
-        &n_arg,
-        "--data-dir",
-        data_dir,
-        // Web instances only: these tests are about the balancer's upstreams.
-        "--workers",
-        "0",
-    ]);
+    let mut up = Proc::spawn(
+        BIN.as_ref(),
+        &[
+            "up",
+            "--port",
+            "0",
+            "--instances",
+            &n_arg,
+            "--data-dir",
+            data_dir,
+            // Web instances only: these tests are about the balancer's upstreams.
+            "--workers",
+            "0",
+        ],
+    );
     let line = up.line_after("Holdfast is up: ", WITHIN);
     let base = line.split_whitespace().next().unwrap().to_owned();
     assert!(

@@ -7,7 +7,7 @@ CREATE INDEX sessions_user ON sessions (user_id);
 
 CREATE TABLE session_blobs (
     id_hash    TEXT PRIMARY KEY,
-    data       BYTEA NOT NULL,
+    data       BLOB NOT NULL,
     expires_at BIGINT NOT NULL
 );
 CREATE INDEX session_blobs_expires_at ON session_blobs (expires_at);

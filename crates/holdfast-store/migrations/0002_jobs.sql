@@ -3,7 +3,7 @@
 --                running -> available (retry after backoff, or lease expired: rescued)
 --                running -> dead      (attempts exhausted)   dead -> available (redrive)
 CREATE TABLE jobs (
-    id           BIGSERIAL PRIMARY KEY,
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
     queue        TEXT NOT NULL,
     kind         TEXT NOT NULL,
     args         TEXT NOT NULL,

@@ -18,7 +18,7 @@ use anyhow::{ensure, Context};
 use futures::future::BoxFuture;
 use hdrhistogram::Histogram;
 use holdfast_sessions::redis::aio::ConnectionManager;
-use holdfast_sessions::{Backend, Config, Sessions};
+use holdfast_sessions::{Config, SessionTier, Sessions};
 use holdfast_store::{Store, StoreOptions};
 use serde::Serialize;
 use serde_json::json;
@@ -78,7 +78,7 @@ pub async fn run(args: BenchSessionsArgs) -> anyhow::Result<()> {
         ..Config::new(Duration::from_secs(1800), Duration::from_secs(12 * 3600))
     };
     let holdfast = Sessions::new(
-        Backend::Redis {
+        SessionTier::Redis {
             conn: holdfast_sessions::connect_redis(&args.redis_url)?,
             prefix: prefix.clone(),
         },

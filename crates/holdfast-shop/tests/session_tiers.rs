@@ -3,40 +3,36 @@
 //! Redis cases use `REDIS_URL` (skipped without it, a failure under `CI=true`); "Redis lost
 //! its memory" is the test's key prefix deleted — the shared server is never flushed.
 
-mod common;
-
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
-use common::*;
 use holdfast_sessions::redis::aio::ConnectionManager;
 use holdfast_sessions::testing::flush_prefix;
-use holdfast_web::{KeyRing, SessionBackend, WebOptions};
+use holdfast_testkit::app::*;
+use holdfast_web::{KeyRing, SessionTier, WebOptions};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-const PASSWORD: &str = "correct horse battery";
-
 /// An admin connection and a Redis tier backend on a fresh prefix; `None` = skip.
-async fn redis(test: &str) -> Option<(ConnectionManager, String, SessionBackend)> {
+async fn redis(test: &str) -> Option<(ConnectionManager, String, SessionTier)> {
     let admin = holdfast_cache::testing::redis(test).await?;
     let url = std::env::var("REDIS_URL").expect("checked by the helper");
     let prefix = holdfast_cache::testing::unique_prefix(test);
-    let backend = SessionBackend::Redis {
+    let backend = SessionTier::Redis {
         conn: holdfast_sessions::connect_redis(&url).unwrap(),
         prefix: prefix.clone(),
     };
     Some((admin, prefix, backend))
 }
 
-fn with(backend: SessionBackend) -> WebOptions {
+fn with(backend: SessionTier) -> WebOptions {
     WebOptions {
         sessions: backend,
         ..local()
     }
 }
 
-fn cookie_backend(spec: &str) -> SessionBackend {
-    SessionBackend::Cookie {
+fn cookie_backend(spec: &str) -> SessionTier {
+    SessionTier::Cookie {
         keys: KeyRing::parse(spec).unwrap(),
     }
 }
@@ -131,7 +127,7 @@ async fn logout_on_one_instance_is_seen_by_another_within_a_second() {
 #[tokio::test]
 async fn password_change_ends_the_other_sessions_on_every_tier() {
     let mut tiers = vec![
-        ("store", SessionBackend::Store, None),
+        ("store", SessionTier::Store, None),
         ("cookie", cookie_backend(&KeyRing::generate_spec("k")), None),
     ];
     if let Some((admin, prefix, backend)) = redis("password_change").await {
@@ -330,7 +326,7 @@ mod fuzz {
     //! Whatever the cookie — random, or a real one cut or with a byte changed — the cookie
     //! tier answers 401 problem+json or, for the untouched real cookie, 200. Never a 5xx.
     use super::*;
-    use holdfast_sessions::{Backend, Config, Sessions};
+    use holdfast_sessions::{Config, Sessions};
     use proptest::prelude::*;
 
     proptest! {
@@ -350,7 +346,7 @@ mod fuzz {
                 let email = holdfast_core::Email::parse("fz@example.com").unwrap();
                 let user = t.store.user_create(&email, "argon2id$fake").await.unwrap();
                 let keys = KeyRing::parse(&spec).unwrap();
-                let minter = Sessions::new(Backend::Cookie { keys }, t.store.clone(),
+                let minter = Sessions::new(SessionTier::Cookie { keys }, t.store.clone(),
                     Config::new(Duration::from_secs(60), Duration::from_secs(600)));
                 let real = minter.login(&user.id, None).await.unwrap().token().to_owned();
                 let mut changed = real.clone().into_bytes();

@@ -1,27 +1,36 @@
-//! The test harness shared by this crate's test files: a router per simulated instance on a
-//! fresh SQLite store (or on another instance's store), and helpers to call it like a client.
-#![allow(dead_code)] // each test file uses a different part of it
+//! The shop in-process, on a fresh SQLite store per test, called through its real router
+//! (`tower::ServiceExt::oneshot`): every layer a request meets in production, no network.
+//! Several "instances" may share one database, each with its own store pool and session tier,
+//! as separate processes would.
 
 use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
+use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::Router;
+use holdfast_shop::{Shop, ShopOptions};
 use holdfast_store::{Store, StoreOptions};
-use holdfast_web::{app, AppState, WebOptions};
+use holdfast_web::{AppState, WebOptions};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tower::ServiceExt;
 
+/// The password every test user gets.
+pub const PASSWORD: &str = "correct horse battery";
+
+/// One shop instance.
 pub struct TestApp {
     pub router: Router,
     pub store: Store,
+    pub shop: Shop,
     /// Keeps the database file alive while any instance on it runs.
     pub dir: Arc<tempfile::TempDir>,
 }
 
+/// An answer, read whole.
 pub struct Reply {
     pub status: StatusCode,
-    pub headers: axum::http::HeaderMap,
+    pub headers: HeaderMap,
     pub body: Vec<u8>,
 }
 
@@ -32,36 +41,11 @@ impl Reply {
     pub fn is_problem(&self) -> bool {
         self.headers
             .get(header::CONTENT_TYPE)
-            .is_some_and(|v| v == "application/problem+json")
+            .is_some_and(|v| v == holdfast_web::PROBLEM_JSON)
     }
 }
 
-/// One instance (`opts.sessions` picks the session tier) on a fresh database.
-pub async fn spawn_app(opts: WebOptions) -> TestApp {
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    instance(dir, opts).await
-}
-
-/// One instance on `dir`'s database, with its own store pool and session tier, as a separate
-/// process would have.
-pub async fn instance(dir: Arc<tempfile::TempDir>, opts: WebOptions) -> TestApp {
-    let url = holdfast_store::testing::sqlite_url(dir.path());
-    let store = Store::open(&StoreOptions::new(url)).await.unwrap();
-    let metrics = holdfast_web::install_metrics_recorder().ok();
-    TestApp {
-        router: app(AppState::new(store.clone(), opts, metrics)),
-        store,
-        dir,
-    }
-}
-
-impl TestApp {
-    /// Another instance on this one's database.
-    pub async fn sibling(&self, opts: WebOptions) -> TestApp {
-        instance(self.dir.clone(), opts).await
-    }
-}
-
+/// Web options for plain-HTTP tests: cookies without `Secure`.
 pub fn local() -> WebOptions {
     WebOptions {
         secure_cookies: false,
@@ -69,16 +53,62 @@ pub fn local() -> WebOptions {
     }
 }
 
+/// One instance on a fresh database (`web.sessions` picks the session tier).
+pub async fn spawn_app(web: WebOptions) -> TestApp {
+    spawn_shop(web, ShopOptions::default()).await
+}
+
+/// [`spawn_app`] with the shop's own options too.
+pub async fn spawn_shop(web: WebOptions, shop: ShopOptions) -> TestApp {
+    let dir = Arc::new(tempfile::tempdir().expect("tempdir"));
+    instance(dir, web, shop).await
+}
+
+async fn instance(dir: Arc<tempfile::TempDir>, web: WebOptions, opts: ShopOptions) -> TestApp {
+    let url = holdfast_store::testing::sqlite_url(dir.path());
+    let store = Store::open(&StoreOptions::new(url).schema(&holdfast_shop::SCHEMA))
+        .await
+        .expect("open the store");
+    let metrics = holdfast_web::install_metrics_recorder().ok();
+    let shop = Shop::new(AppState::new(store.clone(), web, metrics), opts);
+    TestApp {
+        router: holdfast_shop::app(shop.clone()),
+        store,
+        shop,
+        dir,
+    }
+}
+
 impl TestApp {
+    /// Another instance on this one's database.
+    pub async fn sibling(&self, web: WebOptions) -> TestApp {
+        self.sibling_shop(web, ShopOptions::default()).await
+    }
+
+    pub async fn sibling_shop(&self, web: WebOptions, shop: ShopOptions) -> TestApp {
+        instance(self.dir.clone(), web, shop).await
+    }
+
+    /// Serves this instance on 127.0.0.1, port 0, until the test's runtime ends.
+    pub async fn serve(&self) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind port 0");
+        let addr = listener.local_addr().expect("local addr");
+        let app = self.router.clone();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
     pub async fn send(&self, req: Request<Body>) -> Reply {
-        let resp = self.router.clone().oneshot(req).await.unwrap();
+        let resp = self.router.clone().oneshot(req).await.expect("infallible");
         let status = resp.status();
         let headers = resp.headers().clone();
         let body = resp
             .into_body()
             .collect()
             .await
-            .unwrap()
+            .expect("a whole body")
             .to_bytes()
             .to_vec();
         Reply {
@@ -114,18 +144,16 @@ impl TestApp {
             }
             None => Body::empty(),
         };
-        self.send(b.body(body).unwrap()).await
+        self.send(b.body(body).expect("a valid request")).await
     }
 
     /// Signs up and logs in; returns the `Cookie` header value.
     pub async fn user(&self, email: &str) -> String {
-        let creds = json!({ "email": email, "password": "correct horse battery" });
-        assert_eq!(
-            self.call("POST", "/api/signup", Some(creds.clone()), None, &[])
-                .await
-                .status,
-            StatusCode::CREATED
-        );
+        let creds = json!({ "email": email, "password": PASSWORD });
+        let signup = self
+            .call("POST", "/api/signup", Some(creds.clone()), None, &[])
+            .await;
+        assert_eq!(signup.status, StatusCode::CREATED);
         let r = self
             .call("POST", "/api/login", Some(creds), None, &[])
             .await;
@@ -156,12 +184,13 @@ impl TestApp {
     }
 }
 
+/// The `name=value` part of a reply's `Set-Cookie`.
 pub fn cookie_of(r: &Reply) -> String {
     let set = r
         .headers
         .get(header::SET_COOKIE)
         .expect("set-cookie")
         .to_str()
-        .unwrap();
-    set.split(';').next().unwrap().to_owned()
+        .expect("ASCII cookie");
+    set.split(';').next().unwrap_or_default().to_owned()
 }

@@ -4,15 +4,14 @@
 
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
-use holdfast_store::{Store, StoreOptions};
-use holdfast_web::{app, AppState, CatalogCache, WebOptions};
+use holdfast_shop::{CatalogCache, ShopOptions};
+use holdfast_store::{ScopedFutureExt, Store};
+use holdfast_testkit::app::{local, spawn_shop};
 use http_body_util::BodyExt;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
-mod common;
-
-fn origin_calls(handle: &metrics_exporter_prometheus::PrometheusHandle) -> u64 {
+fn origin_calls(handle: &holdfast_web::PrometheusHandle) -> u64 {
     handle
         .render()
         .lines()
@@ -33,22 +32,26 @@ async fn products(router: &axum::Router) -> Value {
     serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap()
 }
 
+/// The catalog as the store has it.
+async fn product_list(store: &Store) -> Vec<holdfast_shop::sql::ProductRow> {
+    store
+        .read("product_list", |c| {
+            holdfast_shop::sql::product_list::<std::convert::Infallible>(c).scope_boxed()
+        })
+        .await
+        .unwrap()
+}
+
 /// The tests share the process-wide `catalog` counters: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 #[tokio::test]
 async fn products_are_served_from_the_cache_and_correct_after_a_flush() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreOptions::new(holdfast_store::testing::sqlite_url(
-        dir.path(),
-    )))
-    .await
-    .unwrap();
+    let t = spawn_shop(local(), ShopOptions::default()).await;
     let handle = holdfast_web::install_metrics_recorder().unwrap();
-    let state = AppState::new(store.clone(), common::local(), Some(handle.clone()));
-    let router = app(state.clone());
-    let expected = json!({ "products": store.product_list().await.unwrap() });
+    let (router, store) = (t.router.clone(), t.store.clone());
+    let expected = json!({ "products": product_list(&store).await });
     assert!(!expected["products"].as_array().unwrap().is_empty());
 
     let before = origin_calls(&handle);
@@ -70,7 +73,7 @@ async fn products_are_served_from_the_cache_and_correct_after_a_flush() {
     }
     assert_eq!(origin_calls(&handle) - before, 1);
 
-    state.catalog().flush().await.unwrap();
+    t.shop.catalog().flush().await.unwrap();
     assert_eq!(products(&router).await, expected, "a flush loses nothing");
     assert_eq!(
         origin_calls(&handle) - before,
@@ -91,24 +94,23 @@ async fn with_redis_the_fleet_asks_the_store_once() {
     };
     let _serial = SERIAL.lock().await;
     let prefix = holdfast_cache::testing::unique_prefix(test);
-    let dir = tempfile::tempdir().unwrap();
-    let url = holdfast_store::testing::sqlite_url(dir.path());
     let handle = holdfast_web::install_metrics_recorder().unwrap();
-    let mut fleet = Vec::new();
-    for _ in 0..2 {
-        let store = Store::open(&StoreOptions::new(url.clone())).await.unwrap();
-        let opts = WebOptions {
+    let redis_shop = || async {
+        ShopOptions {
             catalog_cache: CatalogCache::Redis {
                 conn: holdfast_cache::testing::redis(test).await.unwrap(),
                 prefix: prefix.clone(),
             },
-            ..common::local()
-        };
-        let state = AppState::new(store, opts, Some(handle.clone()));
-        fleet.push((app(state.clone()), state));
-    }
-    let store = fleet[0].1.store().clone();
-    let expected = json!({ "products": store.product_list().await.unwrap() });
+            ..ShopOptions::default()
+        }
+    };
+    let first = spawn_shop(local(), redis_shop().await).await;
+    let second = first.sibling_shop(local(), redis_shop().await).await;
+    let fleet = [
+        (first.router.clone(), first.shop.clone()),
+        (second.router.clone(), second.shop.clone()),
+    ];
+    let expected = json!({ "products": product_list(&first.store).await });
 
     let before = origin_calls(&handle);
     let mut many = tokio::task::JoinSet::new();
@@ -147,18 +149,13 @@ async fn with_redis_the_fleet_asks_the_store_once() {
 #[tokio::test]
 async fn a_store_outage_serves_the_last_catalog_within_stale_if_error() {
     let _serial = SERIAL.lock().await;
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreOptions::new(holdfast_store::testing::sqlite_url(
-        dir.path(),
-    )))
-    .await
-    .unwrap();
-    let opts = WebOptions {
+    let opts = ShopOptions {
         catalog_ttl: std::time::Duration::from_millis(50),
         catalog_stale_if_error: std::time::Duration::from_millis(500),
-        ..common::local()
+        ..ShopOptions::default()
     };
-    let router = app(AppState::new(store.clone(), opts, None));
+    let t = spawn_shop(local(), opts).await;
+    let (router, store) = (t.router.clone(), t.store.clone());
     let expected = products(&router).await;
     store.close().await;
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;

@@ -2,13 +2,11 @@
 //! per test (the kill and concurrency tests that need real processes live in the binary's
 //! tests). Each test states a behaviour a client relies on.
 
-mod common;
-
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
-use common::*;
-use holdfast_store::{Store, StoreOptions};
-use holdfast_web::{app, AppState, WebOptions};
+use holdfast_shop::{Sabotage, ShopOptions};
+use holdfast_testkit::app::*;
+use holdfast_web::WebOptions;
 use serde_json::json;
 use tower::ServiceExt;
 #[tokio::test]
@@ -524,7 +522,7 @@ async fn health_readiness_metrics_and_page() {
     let products = t.call("GET", "/api/products", None, None, &[]).await.json();
     assert_eq!(
         products["products"].as_array().unwrap().len(),
-        holdfast_core::CATALOG.len()
+        holdfast_shop::CATALOG.len()
     );
     let m = String::from_utf8(t.call("GET", "/metrics", None, None, &[]).await.body).unwrap();
     assert!(m.contains("holdfast_http_requests_total"), "{m}");
@@ -542,15 +540,9 @@ async fn health_readiness_metrics_and_page() {
 
 #[tokio::test]
 async fn draining_turns_readiness_off_but_keeps_serving() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(&StoreOptions::new(holdfast_store::testing::sqlite_url(
-        dir.path(),
-    )))
-    .await
-    .unwrap();
-    let state = AppState::new(store, local(), None);
-    let router = app(state.clone());
-    state.start_draining();
+    let t = spawn_app(local()).await;
+    let router = t.router.clone();
+    t.shop.edge().start_draining();
     let get = |p: &str| Request::builder().uri(p).body(Body::empty()).unwrap();
     assert_eq!(
         router
@@ -621,12 +613,11 @@ mod fuzz {
 /// The sabotage switches (for the drill's self-test) really break what they claim to break.
 #[tokio::test]
 async fn sabotage_switches_break_what_they_say() {
-    use holdfast_web::Sabotage;
-    let t = spawn_app(WebOptions {
-        sabotage: Some(Sabotage::NoIdempotency),
-        ..local()
-    })
-    .await;
+    let sabotaged = |kind| ShopOptions {
+        sabotage: Some(kind),
+        ..ShopOptions::default()
+    };
+    let t = spawn_shop(local(), sabotaged(Sabotage::NoIdempotency)).await;
     let c = t.user("sab@example.com").await;
     let k = [("idempotency-key", "same")];
     let add = || Some(json!({ "sku": "HELMET", "qty": 1 }));
@@ -635,11 +626,7 @@ async fn sabotage_switches_break_what_they_say() {
     let cart = t.call("GET", "/api/cart", None, Some(&c), &[]).await.json();
     assert_eq!(cart["items"][0]["qty"], 2, "a retried add ran twice");
 
-    let t = spawn_app(WebOptions {
-        sabotage: Some(Sabotage::AckBeforeCommit),
-        ..local()
-    })
-    .await;
+    let t = spawn_shop(local(), sabotaged(Sabotage::AckBeforeCommit)).await;
     let c = t.user("ack@example.com").await;
     t.add(&c, "HELMET", 1).await;
     let promised = t.checkout(&c, "k1").await;

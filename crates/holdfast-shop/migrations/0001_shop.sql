@@ -1,19 +1,5 @@
-CREATE TABLE users (
-    id            TEXT PRIMARY KEY,
-    email         TEXT NOT NULL UNIQUE,
-    password_hash TEXT NOT NULL,
-    created_at    BIGINT NOT NULL
-);
-
-CREATE TABLE sessions (
-    id_hash      TEXT PRIMARY KEY,
-    user_id      TEXT NOT NULL REFERENCES users (id) ON DELETE CASCADE,
-    created_at   BIGINT NOT NULL,
-    last_seen_at BIGINT NOT NULL,
-    expires_at   BIGINT NOT NULL
-);
-CREATE INDEX sessions_expires_at ON sessions (expires_at);
-
+-- The reference shop: its catalog, carts and orders. Runs after the store's own migrations
+-- (it refers to `users`). One file for both engines (see holdfast-store's migrate.rs).
 CREATE TABLE products (
     sku         TEXT PRIMARY KEY,
     name        TEXT NOT NULL,
@@ -45,20 +31,6 @@ CREATE TABLE order_items (
     unit_price_cents BIGINT NOT NULL,
     PRIMARY KEY (order_id, sku)
 );
-
-CREATE TABLE idempotency_keys (
-    user_id         TEXT NOT NULL,
-    idem_key        TEXT NOT NULL,
-    fingerprint     TEXT NOT NULL,
-    state           TEXT NOT NULL CHECK (state IN ('in_flight', 'done')),
-    lock_token      TEXT,
-    locked_until    BIGINT NOT NULL,
-    response_status BIGINT,
-    response_body   BYTEA,
-    created_at      BIGINT NOT NULL,
-    PRIMARY KEY (user_id, idem_key)
-);
-CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
 
 INSERT INTO products (sku, name, price_cents) VALUES
     ('ROPE-10M', 'Climbing rope, 10 m', 8900),

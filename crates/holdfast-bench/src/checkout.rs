@@ -1,18 +1,24 @@
 //! `holdfast bench checkout`: checkout throughput through the balancer, on SQLite and on
 //! Postgres, and what the idempotency layer costs.
 //!
-//! It starts a real system (`holdfast up --bench-routes`, this very executable) per backend,
+//! It starts a real system (`holdfast up --bench-routes`, the `holdfast` built beside this
+//! binary, or `--program`) per backend,
 //! signs up `--users` shoppers, and has each run a closed loop for `--duration`: add an item,
 //! check out. Two phases per backend, same system, same users: `/api/checkout` with a fresh
 //! `Idempotency-Key` each time, and `/bench/checkout`, the same handler without the layer.
-//! The ratio of the two is the layer's overhead. Long runs live here, never in the test suite.
+//! The ratio of the two is the layer's overhead. With `--baseline PATH`, an earlier build is
+//! measured the same way in the same run, backend by backend, so the two builds can be
+//! compared without the machine's weather in between. Long runs live here, never in the test
+//! suite.
 
-use crate::cli::{Backend, BenchArgs};
+use crate::cli::BenchArgs;
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
+use holdfast_core::Backend;
 use serde::Serialize;
 use serde_json::json;
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -29,6 +35,9 @@ struct Phase {
 #[derive(Debug, Serialize)]
 struct BackendResult {
     backend: &'static str,
+    /// Which executable: `program` or `baseline`.
+    build: &'static str,
+    program: PathBuf,
     instances: u16,
     users: usize,
     with_idempotency: Phase,
@@ -42,20 +51,32 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(b) => vec![b],
         None => vec![Backend::Sqlite, Backend::Postgres],
     };
+    let program = match &args.program {
+        Some(p) => p.clone(),
+        None => crate::sibling("holdfast")?,
+    };
+    let mut builds = vec![("program", program)];
+    if let Some(b) = &args.baseline {
+        builds.push(("baseline", b.clone()));
+    }
     let mut results = Vec::new();
     for backend in backends {
-        eprintln!(
-            "bench checkout: {} ({} instances, {} users, {:?} per phase)",
-            backend.name(),
-            args.instances,
-            args.users,
-            args.duration
-        );
-        results.push(bench_backend(&args, backend).await?);
+        for (build, program) in &builds {
+            eprintln!(
+                "bench checkout: {} {} ({} instances, {} users, {:?} per phase)",
+                backend.name(),
+                program.display(),
+                args.instances,
+                args.users,
+                args.duration
+            );
+            results.push(bench_backend(&args, backend, build, program).await?);
+        }
     }
     println!(
-        "\n{:<10} {:>16} {:>16} {:>9} {:>17} {:>17}",
+        "\n{:<10} {:<9} {:>16} {:>16} {:>9} {:>17} {:>17}",
         "backend",
+        "build",
         "with key (co/s)",
         "without (co/s)",
         "ratio",
@@ -65,8 +86,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for r in &results {
         let (a, b) = (&r.with_idempotency, &r.without_idempotency);
         println!(
-            "{:<10} {:>16.0} {:>16.0} {:>9.3} {:>8.1}/{:<8.1} {:>8.1}/{:<8.1}",
+            "{:<10} {:<9} {:>16.0} {:>16.0} {:>9.3} {:>8.1}/{:<8.1} {:>8.1}/{:<8.1}",
             r.backend,
+            r.build,
             a.checkouts_per_s,
             b.checkouts_per_s,
             r.throughput_ratio,
@@ -102,10 +124,11 @@ impl Drop for System {
 
 fn start_system(
     args: &BenchArgs,
-    dir: &std::path::Path,
+    program: &Path,
+    dir: &Path,
     database_url: Option<&str>,
 ) -> anyhow::Result<System> {
-    let mut cmd = Command::new(std::env::current_exe()?);
+    let mut cmd = Command::new(program);
     cmd.args([
         "up",
         "--port",
@@ -143,7 +166,12 @@ fn start_system(
     Ok(System { child, url })
 }
 
-async fn bench_backend(args: &BenchArgs, backend: Backend) -> anyhow::Result<BackendResult> {
+async fn bench_backend(
+    args: &BenchArgs,
+    backend: Backend,
+    build: &'static str,
+    program: &Path,
+) -> anyhow::Result<BackendResult> {
     let dir = tempfile::tempdir()?;
     let admin_url = match backend {
         Backend::Postgres => Some(
@@ -160,7 +188,7 @@ async fn bench_backend(args: &BenchArgs, backend: Backend) -> anyhow::Result<Bac
         }
         None => None,
     };
-    let system = start_system(args, dir.path(), db_url.as_deref())?;
+    let system = start_system(args, program, dir.path(), db_url.as_deref())?;
     let users = signup_users(&system.url, args.users).await?;
     // A short warm-up on the measured path fills pools and caches.
     drive(&system.url, &users, "/api/checkout", Duration::from_secs(1)).await;
@@ -184,6 +212,8 @@ async fn bench_backend(args: &BenchArgs, backend: Backend) -> anyhow::Result<Bac
     };
     Ok(BackendResult {
         backend: backend.name(),
+        build,
+        program: program.to_owned(),
         instances: args.instances,
         users: args.users,
         with_idempotency: with,

@@ -16,10 +16,11 @@
 //! fresh database on the same Postgres server (or its own SQLite file) and prints one JSON
 //! line in the shape of [`Figures`]. Long runs live here, never in the test suite.
 
-use crate::cli::{Backend, BenchJobsArgs};
+use crate::cli::BenchJobsArgs;
 use anyhow::{bail, ensure, Context};
 use futures::FutureExt;
 use hdrhistogram::Histogram;
+use holdfast_core::Backend;
 use holdfast_jobs::{Done, Handler, QueueConfig, Wakeup, Worker, WorkerOptions};
 use holdfast_store::{JobInsert, JobRow, Store, StoreOptions};
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,63 @@
+//! `holdfast-bench`: side-by-side benchmarks of Holdfast against its peers — the checkout path
+//! through the balancer, the job queue against graphile-worker and apalis, the Redis session
+//! tier against tower-sessions' Redis store, the cache against moka.
+//!
+//! A binary of its own so that the production `holdfast` links none of the peers: `holdfast
+//! bench …` runs this program from beside itself. Long runs live here, never in the test suite.
+
+mod cache;
+mod checkout;
+mod cli;
+mod jobs;
+mod sessions;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{BenchCommand, Cli};
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+        )
+        .init();
+    tokio::runtime::Runtime::new()?.block_on(async {
+        match cli.command {
+            BenchCommand::Checkout(args) => checkout::run(args).await,
+            BenchCommand::Jobs(args) => jobs::run(args).await,
+            BenchCommand::Sessions(args) => sessions::run(args).await,
+            BenchCommand::Cache(args) => cache::run(args).await,
+        }
+    })
+}
+
+/// An executable built beside this one (`target/release/holdfast` next to
+/// `target/release/holdfast-bench`).
+pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("finding our own executable")?;
+    let path = me.with_file_name(name);
+    anyhow::ensure!(
+        path.is_file(),
+        "{} not found beside {}; build it with `cargo build --release -p {name}`",
+        path.display(),
+        me.display()
+    );
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn clap_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,108 @@
+//! The effect ledger: exactly once *in effect* for jobs that are delivered at least once.
+//!
+//! A worker can die after an external call acted and before it recorded that, and a
+//! dependency can act and then time out. So every external effect goes through the same
+//! steps, keyed by the effect (`charge:<id>`, `webhook:<id>`, …):
+//!
+//! 1. [`Ledger::once`] records the intent with a *deterministic* idempotency key for the
+//!    dependency. A later attempt finds the entry and reuses its key.
+//! 2. If the ledger says `done`, only the settlement is (re)applied — no call.
+//! 3. If an earlier attempt left it `pending` (outcome unknown), reconcile: ask the
+//!    dependency whether it already acted under that key.
+//! 4. Otherwise call the dependency with the key; it deduplicates a retry of a call that
+//!    acted but whose answer was lost.
+//! 5. [`Ledger::settle`] marks the entry done, applies the caller's own consequences on the
+//!    store and completes the job — one transaction, fenced by the job's claim.
+
+use crate::{Done, JobError};
+use holdfast_store::{JobFence, LedgerEntry, Rerun, Store, Tx, TxBody, TxError};
+use std::convert::Infallible;
+use std::future::Future;
+
+/// Causes external effects at most once each, through the store's `effect_ledger` table.
+/// Cheap to clone.
+#[derive(Clone)]
+pub struct Ledger {
+    store: Store,
+}
+
+impl Ledger {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+
+    /// Steps 1–4 of the module docs: the dependency's id for `effect_key`, calling it at most
+    /// once per ledger entry. `call` and `lookup` get the idempotency key to use; `lookup`
+    /// answers the dependency's id for an effect it already caused under that key, if any.
+    pub async fn once<C, CF, L, LF>(
+        &self,
+        effect_key: &str,
+        external_key: &str,
+        call: C,
+        lookup: L,
+    ) -> Result<String, JobError>
+    where
+        C: FnOnce(String) -> CF,
+        CF: Future<Output = Result<String, JobError>>,
+        L: FnOnce(String) -> LF,
+        LF: Future<Output = Result<Option<String>, JobError>>,
+    {
+        let (
+            LedgerEntry {
+                state,
+                external_key: key,
+                external_id,
+                ..
+            },
+            fresh,
+        ) = self.store.ledger_begin(effect_key, external_key).await?;
+        if let (true, Some(id)) = (state == "done", external_id) {
+            return Ok(id);
+        }
+        // Left `pending` by an earlier attempt: the outcome may be unknown, so ask first.
+        if !fresh {
+            if let Some(id) = lookup(key.clone()).await? {
+                metrics::counter!("holdfast_effects_reconciled_total").increment(1);
+                return Ok(id);
+            }
+        }
+        call(key).await
+    }
+
+    /// Step 5: in one transaction, complete the job's claim `job`, mark `effect_key` done as
+    /// `external_id`, and run `then` (the caller's consequences, e.g. "the order is paid" and
+    /// a follow-up job). A claim that is no longer current changes nothing and still counts
+    /// as settled: the newer attempt settles the same effect.
+    pub async fn settle<'a, F>(
+        &self,
+        job: JobFence,
+        effect_key: &'a str,
+        external_id: &'a str,
+        then: F,
+    ) -> Result<Done, JobError>
+    where
+        F: for<'t> Fn(&'t mut Tx) -> TxBody<'a, 't, (), Infallible> + Sync + 'a,
+    {
+        let then = &then;
+        let settled = self
+            .store
+            .transaction("effect_settle", Rerun::Always, move |tx| {
+                holdfast_store::ScopedFutureExt::scope_boxed(async move {
+                    tx.job_complete(job).await?;
+                    tx.ledger_settle(effect_key, external_id).await?;
+                    then(tx).await
+                })
+            })
+            .await;
+        match settled.map_err(TxError::into_db) {
+            Ok(()) | Err(holdfast_store::Error::JobLost) => Ok(Done::Settled),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+impl From<holdfast_store::Error> for JobError {
+    fn from(e: holdfast_store::Error) -> Self {
+        JobError::retry(format!("store: {e}"))
+    }
+}

@@ -1,0 +1,379 @@
+//! The shop's routes: the page, the catalog, the cart, checkout and orders. `holdfast_web::app`
+//! wraps them in the accounts API, sessions, CSRF and the operator endpoints.
+//!
+//! Every handler that touches a user's records takes [`Authed`] and passes its user id to the
+//! SQL, which filters by it. The unsafe ones take an [`Idempotent`] body: the key is claimed
+//! before the handler runs, and the answer is stored in the same commit as the effect.
+
+use crate::domain::{OrderId, Quantity, Sku};
+use crate::sql::{self, Cart, Order};
+use crate::Error;
+use axum::extract::{FromRef, FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use holdfast_cache::Ttl;
+use holdfast_core::Sabotage;
+use holdfast_store::{ScopedFutureExt, Store, StoredResponse, TxError};
+use holdfast_web::{
+    json_response, parse_json, AppError, AppResult, AppState, Authed, FromBody, Idempotent,
+    JsonBody, PathParam, Required,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The shop's knobs. Defaults are production values.
+#[derive(Debug, Clone)]
+pub struct ShopOptions {
+    /// Where the catalog cache (`GET /api/products`) keeps its entries: in this process, or
+    /// shared by the fleet in Redis. Either way the store is the origin; the cache is a copy.
+    pub catalog_cache: CatalogCache,
+    /// How long a cached catalog is served without asking the store.
+    pub catalog_ttl: Duration,
+    /// How long past its TTL a cached catalog still stands in while the store fails.
+    pub catalog_stale_if_error: Duration,
+    /// Mount `POST /bench/checkout`: the checkout without an `Idempotency-Key`, the baseline
+    /// `holdfast bench checkout` measures the key's cost against.
+    pub bench_routes: bool,
+    /// A deliberately broken build (see [`crate::sabotage`]). Never set in production.
+    pub sabotage: Option<Sabotage>,
+}
+
+impl Default for ShopOptions {
+    fn default() -> Self {
+        Self {
+            catalog_cache: CatalogCache::Local,
+            catalog_ttl: Duration::from_secs(30),
+            catalog_stale_if_error: Duration::from_secs(5 * 60),
+            bench_routes: false,
+            sabotage: None,
+        }
+    }
+}
+
+/// The catalog cache's tier (see [`ShopOptions::catalog_cache`]).
+#[derive(Clone, Default)]
+pub enum CatalogCache {
+    /// One copy per instance.
+    #[default]
+    Local,
+    /// One copy per fleet, under `prefix` (e.g. `holdfast:catalog:v1`), with fleet-wide
+    /// single flight. A Redis outage falls back to the store.
+    Redis {
+        conn: holdfast_cache::redis::aio::ConnectionManager,
+        prefix: String,
+    },
+}
+
+impl std::fmt::Debug for CatalogCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CatalogCache::Local => f.write_str("Local"),
+            CatalogCache::Redis { prefix, .. } => f
+                .debug_struct("Redis")
+                .field("prefix", prefix)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+/// The catalog's one cache key.
+const CATALOG_KEY: &str = "products";
+
+/// The catalog cache: the rendered `GET /api/products` body, read through from the store.
+pub type Catalog = holdfast_cache::Cache<&'static str, CatalogBody>;
+
+/// A rendered JSON body: cheap to clone on a hit, stored in Redis as a JSON string.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CatalogBody(Bytes);
+
+impl Serialize for CatalogBody {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let text = std::str::from_utf8(&self.0).map_err(serde::ser::Error::custom)?;
+        s.serialize_str(text)
+    }
+}
+
+impl<'de> Deserialize<'de> for CatalogBody {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(|s| CatalogBody(Bytes::from(s)))
+    }
+}
+
+/// The shop's state: the edge's, plus its catalog cache and options. Cheap to clone.
+#[derive(Clone)]
+pub struct Shop {
+    edge: AppState,
+    catalog: Catalog,
+    opts: Arc<ShopOptions>,
+}
+
+impl FromRef<Shop> for AppState {
+    fn from_ref(shop: &Shop) -> AppState {
+        shop.edge.clone()
+    }
+}
+
+impl Shop {
+    pub fn new(edge: AppState, opts: ShopOptions) -> Self {
+        let builder = Catalog::builder(Ttl::new(opts.catalog_ttl))
+            .name("catalog")
+            .beta(1.0)
+            .stale_if_error(opts.catalog_stale_if_error);
+        let catalog = match &opts.catalog_cache {
+            CatalogCache::Local => builder.build(),
+            CatalogCache::Redis { conn, prefix } => {
+                builder.redis(conn.clone(), prefix.clone()).build()
+            }
+        };
+        Self {
+            edge,
+            catalog,
+            opts: Arc::new(opts),
+        }
+    }
+
+    pub fn edge(&self) -> &AppState {
+        &self.edge
+    }
+
+    pub fn store(&self) -> &Store {
+        self.edge.store()
+    }
+
+    pub fn options(&self) -> &ShopOptions {
+        &self.opts
+    }
+
+    /// The catalog cache: flushing it loses nothing (the next read asks the store).
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+}
+
+/// The whole shop as one instance's router.
+pub fn app(shop: Shop) -> Router {
+    let mut routes = Router::new()
+        .route("/", get(|| async { Html(include_str!("page.html")) }))
+        .route("/api/products", get(products))
+        .route("/api/cart", get(cart_get))
+        .route("/api/cart/items", post(cart_add))
+        .route("/api/cart/items/{sku}", delete(cart_remove))
+        .route("/api/checkout", post(checkout))
+        .route("/api/orders", get(orders))
+        .route("/api/orders/{id}", get(order));
+    if shop.opts.bench_routes {
+        routes = routes.route("/bench/checkout", post(unkeyed_checkout));
+    }
+    let routes = crate::sabotage::apply(routes, &shop);
+    holdfast_web::app(shop, routes)
+}
+
+impl From<Error> for AppError {
+    fn from(e: Error) -> Self {
+        let slug = match e {
+            Error::UnknownSku(_) => "unknown-sku",
+            Error::QuantityLimit => "quantity-limit",
+            Error::EmptyCart => "empty-cart",
+        };
+        AppError::unprocessable(slug, e.to_string())
+    }
+}
+
+/// The catalog, read through the cache: one store query per TTL per instance (per fleet with
+/// Redis), and while the store is down the last catalog is served for up to
+/// `catalog_stale_if_error` past its TTL.
+async fn products(State(shop): State<Shop>) -> AppResult<Response> {
+    let store = shop.store().clone();
+    let body = shop
+        .catalog
+        .get_with(CATALOG_KEY, move || async move {
+            let products = store
+                .read("product_list", |c| sql::product_list(c).scope_boxed())
+                .await
+                .map_err(TxError::<Infallible>::into_db)?;
+            let body = json!({ "products": products }).to_string();
+            Ok::<_, holdfast_store::Error>(Some(CatalogBody(Bytes::from(body))))
+        })
+        .await
+        .map_err(|e| {
+            match e
+                .origin_error()
+                .and_then(|o| o.downcast_ref::<holdfast_store::Error>())
+            {
+                Some(se) if se.is_unavailable() => AppError::unavailable(se),
+                Some(se) => AppError::internal(se),
+                None => AppError::internal(e),
+            }
+        })?
+        .ok_or_else(|| AppError::internal("the catalog origin answered nothing"))?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body.0,
+    )
+        .into_response())
+}
+
+async fn cart_get(State(shop): State<Shop>, user: Authed) -> AppResult<Json<Cart>> {
+    let cart = shop
+        .store()
+        .read("cart_get", |c| {
+            sql::cart_read::<Infallible>(c, &user.user_id, "").scope_boxed()
+        })
+        .await?;
+    Ok(Json(cart))
+}
+
+/// `{"sku": …, "qty": …}`, validated before the key is claimed.
+pub(crate) struct CartAdd {
+    sku: Sku,
+    qty: Quantity,
+}
+
+impl FromBody for CartAdd {
+    fn from_body(headers: &HeaderMap, body: &[u8]) -> AppResult<(Self, Vec<u8>)> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {
+            sku: String,
+            qty: i64,
+        }
+        let (JsonBody(raw), canonical) = JsonBody::<Raw>::from_body(headers, body)?;
+        let add = CartAdd {
+            sku: Sku::parse(&raw.sku)?,
+            qty: Quantity::parse(raw.qty)?,
+        };
+        Ok((add, canonical))
+    }
+}
+
+/// A `{sku}` path segment: 404 if it does not decode, 422 if it is no SKU.
+pub(crate) struct SkuParam(Sku);
+
+impl<S: Send + Sync> FromRequestParts<S> for SkuParam {
+    type Rejection = AppError;
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> AppResult<Self> {
+        let PathParam(raw) = PathParam::from_request_parts(parts, state).await?;
+        Ok(SkuParam(Sku::parse(&raw)?))
+    }
+}
+
+fn render_cart(cart: &Cart) -> StoredResponse {
+    json_response(StatusCode::OK, cart)
+}
+
+fn render_order(order: &Order) -> StoredResponse {
+    json_response(StatusCode::CREATED, order)
+}
+
+/// Adds to the cart. `Idempotency-Key` is optional here; with one, a retry adds only once.
+async fn cart_add(
+    user: Authed,
+    Idempotent {
+        body: CartAdd { sku, qty },
+        claim,
+        ..
+    }: Idempotent<CartAdd>,
+) -> AppResult<Response> {
+    claim
+        .run(
+            "cart_add",
+            |tx| sql::cart_add(tx, &user.user_id, &sku, qty).scope_boxed(),
+            render_cart,
+        )
+        .await
+}
+
+async fn cart_remove(
+    user: Authed,
+    SkuParam(sku): SkuParam,
+    Idempotent { claim, .. }: Idempotent<()>,
+) -> AppResult<Response> {
+    claim
+        .run(
+            "cart_remove",
+            |tx| sql::cart_remove(tx, &user.user_id, &sku).scope_boxed(),
+            render_cart,
+        )
+        .await
+}
+
+/// Checkout takes no fields today; an empty body or `{}` are the same request.
+pub(crate) struct CheckoutBody;
+
+impl FromBody for CheckoutBody {
+    fn from_body(headers: &HeaderMap, body: &[u8]) -> AppResult<(Self, Vec<u8>)> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Raw {}
+        let (Raw {}, canonical) = parse_json(headers, body, true)?;
+        Ok((CheckoutBody, canonical))
+    }
+}
+
+/// Turns the cart into an order. `Idempotency-Key` is required: a checkout is the request a
+/// client must be able to retry blindly.
+async fn checkout(
+    user: Authed,
+    Idempotent { claim, .. }: Idempotent<CheckoutBody, Required>,
+) -> AppResult<Response> {
+    claim
+        .run(
+            "checkout",
+            |tx| sql::checkout(tx, &user.user_id).scope_boxed(),
+            render_order,
+        )
+        .await
+}
+
+/// The same checkout without the key (see [`ShopOptions::bench_routes`]).
+async fn unkeyed_checkout(
+    State(shop): State<Shop>,
+    user: Authed,
+    headers: HeaderMap,
+    holdfast_web::RawBody(body): holdfast_web::RawBody,
+) -> AppResult<Response> {
+    let (CheckoutBody, _) = CheckoutBody::from_body(&headers, &body)?;
+    let order = shop
+        .store()
+        .transaction("checkout", holdfast_store::Rerun::IfUncommitted, |tx| {
+            sql::checkout(tx, &user.user_id).scope_boxed()
+        })
+        .await?;
+    Ok(holdfast_web::respond(render_order(&order), false))
+}
+
+async fn orders(State(shop): State<Shop>, user: Authed) -> AppResult<Response> {
+    let orders = shop
+        .store()
+        .read("order_list", |c| {
+            sql::order_list::<Infallible>(c, &user.user_id, 100).scope_boxed()
+        })
+        .await?;
+    Ok(Json(json!({ "orders": orders })).into_response())
+}
+
+async fn order(
+    State(shop): State<Shop>,
+    user: Authed,
+    PathParam(id): PathParam,
+) -> AppResult<Json<Order>> {
+    let missing = || AppError::not_found("no such order");
+    let id = OrderId::parse(&id).map_err(|_| missing())?;
+    shop.store()
+        .read("order_get", |c| {
+            sql::order_get::<Infallible>(c, &user.user_id, &id).scope_boxed()
+        })
+        .await?
+        .map(Json)
+        .ok_or_else(missing)
+}

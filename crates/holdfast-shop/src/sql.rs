@@ -1,0 +1,322 @@
+//! The shop's SQL: its catalog, carts and orders, over the store's connection. Each function
+//! is one step that a handler or a job composes into a store transaction (`Store::transaction`
+//! for writes, `Store::read` for reads) next to the store's generic primitives — the checkout
+//! writes its order, its lines, the emptied cart and its payout job in one commit.
+//!
+//! Every function that reads or writes a user's records takes the user's id and filters by it:
+//! there is no way to name another user's cart or order.
+
+use crate::domain::{OrderId, Quantity, Sku};
+use crate::{Error, PAYMENTS_QUEUE, PAYOUT_KIND};
+use holdfast_store::{Backend, JobInsert, Tx, TxError};
+use serde::Serialize;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+
+/// Reads are generic in the caller's abort type; writes abort with the shop's [`Error`].
+type Result<T, E = Error> = std::result::Result<T, TxError<E>>;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProductRow {
+    pub sku: String,
+    pub name: String,
+    pub price_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CartLine {
+    pub sku: String,
+    pub name: String,
+    pub qty: i64,
+    pub unit_price_cents: i64,
+    pub line_total_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Cart {
+    pub items: Vec<CartLine>,
+    pub total_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OrderLine {
+    pub sku: String,
+    pub name: String,
+    pub qty: i64,
+    pub unit_price_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Order {
+    pub order_id: String,
+    pub total_cents: i64,
+    pub status: String,
+    pub created_at: i64,
+    pub items: Vec<OrderLine>,
+}
+
+/// What a payout needs to know about an order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayoutInfo {
+    pub order_id: String,
+    pub email: String,
+    pub total_cents: i64,
+    pub status: String,
+}
+
+pub async fn product_list<E>(conn: &mut AnyConnection) -> Result<Vec<ProductRow>, E> {
+    let rows = sqlx::query("SELECT sku, name, price_cents FROM products ORDER BY sku")
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(ProductRow {
+                sku: r.try_get("sku")?,
+                name: r.try_get("name")?,
+                price_cents: r.try_get("price_cents")?,
+            })
+        })
+        .collect()
+}
+
+/// The user's cart, priced from the catalog. `lock` is appended to the query (a row lock).
+pub async fn cart_read<E>(conn: &mut AnyConnection, user_id: &str, lock: &str) -> Result<Cart, E> {
+    let rows = sqlx::query(&format!(
+        "SELECT c.sku, p.name, c.qty, p.price_cents FROM cart_items c JOIN products p ON p.sku = c.sku
+         WHERE c.user_id = $1 ORDER BY c.sku{lock}"
+    ))
+    .bind(user_id)
+    .fetch_all(conn)
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            let qty: i64 = r.try_get("qty")?;
+            let unit: i64 = r.try_get("price_cents")?;
+            Ok(CartLine {
+                sku: r.try_get("sku")?,
+                name: r.try_get("name")?,
+                qty,
+                unit_price_cents: unit,
+                line_total_cents: qty * unit,
+            })
+        })
+        .collect::<Result<Vec<_>, E>>()?;
+    let total_cents = items.iter().map(|l| l.line_total_cents).sum();
+    Ok(Cart { items, total_cents })
+}
+
+/// Adds `qty` of `sku` to the cart (a line holds at most 99); the cart as it now stands.
+pub async fn cart_add(tx: &mut Tx, user_id: &str, sku: &Sku, qty: Quantity) -> Result<Cart> {
+    let known = sqlx::query("SELECT 1 AS one FROM products WHERE sku = $1")
+        .bind(sku.as_str())
+        .fetch_optional(tx.conn())
+        .await?;
+    if known.is_none() {
+        return Err(TxError::Abort(Error::UnknownSku(sku.as_str().to_owned())));
+    }
+    let row = sqlx::query(
+        "INSERT INTO cart_items (user_id, sku, qty, added_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (user_id, sku) DO UPDATE SET qty = cart_items.qty + excluded.qty
+         WHERE cart_items.qty + excluded.qty <= 99
+         RETURNING qty",
+    )
+    .bind(user_id)
+    .bind(sku.as_str())
+    .bind(qty.get())
+    .bind(holdfast_core::now_ms())
+    .fetch_optional(tx.conn())
+    .await?;
+    if row.is_none() {
+        return Err(TxError::Abort(Error::QuantityLimit));
+    }
+    cart_read(tx.conn(), user_id, "").await
+}
+
+/// Removes the line for `sku`; removing an absent line is not an error (DELETE is idempotent).
+pub async fn cart_remove(tx: &mut Tx, user_id: &str, sku: &Sku) -> Result<Cart> {
+    sqlx::query("DELETE FROM cart_items WHERE user_id = $1 AND sku = $2")
+        .bind(user_id)
+        .bind(sku.as_str())
+        .execute(tx.conn())
+        .await?;
+    cart_read(tx.conn(), user_id, "").await
+}
+
+/// Turns the cart into a pending order: the order, its lines, the emptied cart and the order's
+/// payout job, all in the caller's transaction.
+pub async fn checkout(tx: &mut Tx, user_id: &str) -> Result<Order> {
+    let lock = match tx.backend() {
+        Backend::Postgres => " FOR UPDATE OF c",
+        Backend::Sqlite => "",
+    };
+    let cart = cart_read(tx.conn(), user_id, lock).await?;
+    if cart.items.is_empty() {
+        return Err(TxError::Abort(Error::EmptyCart));
+    }
+    let order = Order {
+        order_id: OrderId::generate().to_string(),
+        total_cents: cart.total_cents,
+        status: "pending".to_owned(),
+        created_at: holdfast_core::now_ms(),
+        items: cart
+            .items
+            .iter()
+            .map(|l| OrderLine {
+                sku: l.sku.clone(),
+                name: l.name.clone(),
+                qty: l.qty,
+                unit_price_cents: l.unit_price_cents,
+            })
+            .collect(),
+    };
+    sqlx::query("INSERT INTO orders (id, user_id, total_cents, status, created_at) VALUES ($1, $2, $3, $4, $5)")
+        .bind(&order.order_id)
+        .bind(user_id)
+        .bind(order.total_cents)
+        .bind(&order.status)
+        .bind(order.created_at)
+        .execute(tx.conn())
+        .await?;
+    for l in &order.items {
+        sqlx::query("INSERT INTO order_items (order_id, sku, name, qty, unit_price_cents) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&order.order_id)
+            .bind(&l.sku)
+            .bind(&l.name)
+            .bind(l.qty)
+            .bind(l.unit_price_cents)
+            .execute(tx.conn())
+            .await?;
+    }
+    // Delete exactly the lines read (and on Postgres locked) above, not the whole cart: under
+    // READ COMMITTED a line another transaction added since is visible to a later statement,
+    // is not in this order, and must stay in the cart.
+    for l in &order.items {
+        sqlx::query("DELETE FROM cart_items WHERE user_id = $1 AND sku = $2")
+            .bind(user_id)
+            .bind(&l.sku)
+            .execute(tx.conn())
+            .await?;
+    }
+    // The payout job exists if and only if the order does.
+    tx.job_enqueue(&[payout_job(&order.order_id)]).await?;
+    Ok(order)
+}
+
+/// The job that charges an order, unique per order.
+pub fn payout_job(order_id: &str) -> JobInsert {
+    JobInsert::new(
+        PAYMENTS_QUEUE,
+        PAYOUT_KIND,
+        serde_json::json!({ "order_id": order_id }).to_string(),
+    )
+    .unique(format!("payout:{order_id}"))
+}
+
+/// The user's orders, newest first (at most `limit`).
+pub async fn order_list<E>(
+    conn: &mut AnyConnection,
+    user_id: &str,
+    limit: i64,
+) -> Result<Vec<Order>, E> {
+    let rows = sqlx::query("SELECT id, total_cents, status, created_at FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id LIMIT $2")
+        .bind(user_id)
+        .bind(limit)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut orders = rows.iter().map(order_head).collect::<Result<Vec<_>, E>>()?;
+    let lines = sqlx::query(
+        "SELECT i.order_id, i.sku, i.name, i.qty, i.unit_price_cents FROM order_items i
+         JOIN (SELECT id FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id LIMIT $2) o
+         ON o.id = i.order_id ORDER BY i.sku",
+    )
+    .bind(user_id)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    for r in &lines {
+        let id: String = r.try_get("order_id")?;
+        if let Some(o) = orders.iter_mut().find(|o| o.order_id == id) {
+            o.items.push(order_line(r)?);
+        }
+    }
+    Ok(orders)
+}
+
+/// One order, only if it belongs to `user_id`: another user's order is indistinguishable from
+/// a missing one.
+pub async fn order_get<E>(
+    conn: &mut AnyConnection,
+    user_id: &str,
+    order_id: &OrderId,
+) -> Result<Option<Order>, E> {
+    let Some(row) = sqlx::query(
+        "SELECT id, total_cents, status, created_at FROM orders WHERE id = $1 AND user_id = $2",
+    )
+    .bind(order_id.as_str())
+    .bind(user_id)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Ok(None);
+    };
+    let mut order = order_head(&row)?;
+    let lines = sqlx::query(
+        "SELECT sku, name, qty, unit_price_cents FROM order_items WHERE order_id = $1 ORDER BY sku",
+    )
+    .bind(order_id.as_str())
+    .fetch_all(&mut *conn)
+    .await?;
+    order.items = lines.iter().map(order_line).collect::<Result<_, E>>()?;
+    Ok(Some(order))
+}
+
+/// What the payout of `order_id` needs, whoever owns it (the worker acts for the shop).
+pub async fn payout_info<E>(
+    conn: &mut AnyConnection,
+    order_id: &str,
+) -> Result<Option<PayoutInfo>, E> {
+    let row = sqlx::query(
+        "SELECT o.id, u.email, o.total_cents, o.status FROM orders o JOIN users u ON u.id = o.user_id WHERE o.id = $1",
+    )
+    .bind(order_id)
+    .fetch_optional(conn)
+    .await?;
+    row.map(|r| {
+        Ok(PayoutInfo {
+            order_id: r.try_get("id")?,
+            email: r.try_get("email")?,
+            total_cents: r.try_get("total_cents")?,
+            status: r.try_get("status")?,
+        })
+    })
+    .transpose()
+}
+
+/// "The order is paid": a pending order becomes paid (a paid one stays paid).
+pub async fn order_mark_paid(tx: &mut Tx, order_id: &str) -> std::result::Result<(), sqlx::Error> {
+    sqlx::query("UPDATE orders SET status = 'paid' WHERE id = $1 AND status = 'pending'")
+        .bind(order_id)
+        .execute(tx.conn())
+        .await?;
+    Ok(())
+}
+
+fn order_head<E>(r: &AnyRow) -> Result<Order, E> {
+    Ok(Order {
+        order_id: r.try_get("id")?,
+        total_cents: r.try_get("total_cents")?,
+        status: r.try_get("status")?,
+        created_at: r.try_get("created_at")?,
+        items: Vec::new(),
+    })
+}
+
+fn order_line<E>(r: &AnyRow) -> Result<OrderLine, E> {
+    Ok(OrderLine {
+        sku: r.try_get("sku")?,
+        name: r.try_get("name")?,
+        qty: r.try_get("qty")?,
+        unit_price_cents: r.try_get("unit_price_cents")?,
+    })
+}

@@ -1,0 +1,265 @@
+//! Transactions that callers compose: [`Store::transaction`] hands a closure a [`Tx`], the
+//! closure runs its own SQL on [`Tx::conn`] and the store's generic primitives as methods on
+//! the same `Tx`, and everything commits together or not at all.
+//!
+//! The shape is Garage's: the closure's own failure ([`TxError::Abort`]) is kept apart from a
+//! backend failure ([`TxError::Db`]); only the latter is ever retried. The closure may run more
+//! than once, so it must not have effects outside the transaction.
+
+use crate::{Backend, Error, Result, Store};
+use scoped_futures::ScopedBoxFuture;
+use sqlx::{Any, AnyConnection, Transaction};
+use std::fmt;
+use std::time::Instant;
+
+/// Re-exported so callers can box their closure's future (`async { … }.scope_boxed()`).
+pub use scoped_futures::ScopedFutureExt;
+
+/// Whether a transaction's body may run again after a transient failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rerun {
+    /// After any transient failure, even one where the commit may have happened: the body is
+    /// a read, or its writes are fenced (an idempotency token, a job's claim) so that a second
+    /// run after a lost acknowledgement changes nothing.
+    Always,
+    /// Only after failures that guarantee nothing was committed (a busy SQLite file, a
+    /// Postgres serialization failure, no connection at all): a plain write.
+    IfUncommitted,
+}
+
+/// How a transaction failed: the caller's body gave up, or the database did.
+#[derive(Debug)]
+pub enum TxError<E> {
+    /// The body returned its own error; the transaction was rolled back.
+    Abort(E),
+    /// The store failed (and retrying, where allowed, did not help).
+    Db(Error),
+}
+
+impl<E> TxError<E> {
+    /// Maps the caller's error, keeping a database failure as it is.
+    pub fn map_abort<F>(self, f: impl FnOnce(E) -> F) -> TxError<F> {
+        match self {
+            TxError::Abort(e) => TxError::Abort(f(e)),
+            TxError::Db(e) => TxError::Db(e),
+        }
+    }
+}
+
+impl TxError<std::convert::Infallible> {
+    /// The database error of a body that never aborts.
+    pub fn into_db(self) -> Error {
+        match self {
+            TxError::Db(e) => e,
+            TxError::Abort(never) => match never {},
+        }
+    }
+}
+
+impl<E> From<Error> for TxError<E> {
+    fn from(e: Error) -> Self {
+        TxError::Db(e)
+    }
+}
+
+impl<E> From<sqlx::Error> for TxError<E> {
+    fn from(e: sqlx::Error) -> Self {
+        TxError::Db(Error::Db(e))
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for TxError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TxError::Abort(e) => e.fmt(f),
+            TxError::Db(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<E: std::error::Error + 'static> std::error::Error for TxError<E> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            TxError::Abort(e) => Some(e),
+            TxError::Db(e) => Some(e),
+        }
+    }
+}
+
+/// An open write transaction. On SQLite it also holds the process's write gate, so that one
+/// waiter per process (not one per pooled connection) contends for the file's write lock.
+pub struct Tx {
+    tx: Transaction<'static, Any>,
+    backend: Backend,
+    _gate: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Tx {
+    /// The connection, for the caller's own statements.
+    pub fn conn(&mut self) -> &mut AnyConnection {
+        &mut self.tx
+    }
+
+    /// The engine, for the few statements that differ (`FOR UPDATE` has no SQLite spelling:
+    /// its write transaction already excludes other writers).
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    pub(crate) async fn commit(self) -> Result<()> {
+        Ok(self.tx.commit().await?)
+    }
+}
+
+/// A transaction's body: borrows the `Tx` for one run and returns a boxed future.
+pub type TxBody<'a, 't, T, E> = ScopedBoxFuture<'a, 't, std::result::Result<T, TxError<E>>>;
+
+impl Store {
+    /// Runs `body` in one write transaction and commits it; retries the whole transaction after
+    /// a transient failure as `rerun` allows (full jitter, the policy's deadline, the process's
+    /// retry budget). `op` names it in metrics and logs.
+    ///
+    /// ```ignore
+    /// store.transaction("checkout", Rerun::Always, |tx| async move {
+    ///     let id = my_insert(tx.conn()).await?;
+    ///     tx.job_enqueue(&[JobInsert::new("q", "kind", args)]).await?;
+    ///     Ok(id)
+    /// }.scope_boxed()).await
+    /// ```
+    pub async fn transaction<'a, T, E, F>(
+        &self,
+        op: &'static str,
+        rerun: Rerun,
+        mut body: F,
+    ) -> std::result::Result<T, TxError<E>>
+    where
+        F: for<'t> FnMut(&'t mut Tx) -> TxBody<'a, 't, T, E> + Send + 'a,
+        T: Send + 'a,
+        E: Send + 'a,
+    {
+        let started = Instant::now();
+        self.budget.record_attempt();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let err = match self.begin_write().await {
+                Ok(mut tx) => match body(&mut tx).await {
+                    Ok(value) => match tx.commit().await {
+                        Ok(()) => return Ok(value),
+                        Err(e) => e,
+                    },
+                    Err(TxError::Db(e)) => e,
+                    Err(abort) => return Err(abort),
+                },
+                Err(e) => e,
+            };
+            match self.retry_delay(rerun, op, attempts, started, &err) {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return Err(TxError::Db(err)),
+            }
+        }
+    }
+
+    /// Runs `body` on a pooled connection outside any write transaction (reads), retried
+    /// after transient failures.
+    pub async fn read<'a, T, E, F>(
+        &self,
+        op: &'static str,
+        mut body: F,
+    ) -> std::result::Result<T, TxError<E>>
+    where
+        F: for<'t> FnMut(&'t mut AnyConnection) -> TxBody<'a, 't, T, E> + Send + 'a,
+        T: Send + 'a,
+        E: Send + 'a,
+    {
+        let started = Instant::now();
+        self.budget.record_attempt();
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let err = match self.pool.acquire().await {
+                Ok(mut conn) => match body(&mut conn).await {
+                    Ok(value) => return Ok(value),
+                    Err(TxError::Db(e)) => e,
+                    Err(abort) => return Err(abort),
+                },
+                Err(e) => Error::Db(e),
+            };
+            match self.retry_delay(Rerun::Always, op, attempts, started, &err) {
+                Some(delay) => tokio::time::sleep(delay).await,
+                None => return Err(TxError::Db(err)),
+            }
+        }
+    }
+
+    /// A write transaction. On SQLite it first passes this process's write gate: the file
+    /// has one write lock, and one waiter per process contending for it (instead of one per
+    /// pooled connection) keeps SQLite's sleeping busy handler out of the tail latency.
+    pub(crate) async fn begin_write(&self) -> Result<Tx> {
+        let gate = match &self.write_gate {
+            Some(g) => Some(
+                g.clone()
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| Error::Db(sqlx::Error::PoolClosed))?,
+            ),
+            None => None,
+        };
+        // Begun in its own task: sqlx-sqlite acknowledges a custom BEGIN before it builds the
+        // `Transaction`, and a caller dropped in between (a request deadline, a cancelled job)
+        // would leave a pooled connection holding the database's write lock with nobody to
+        // roll it back. A task is not cancelled with its caller; its `Transaction`, if the
+        // caller is gone, is dropped and rolled back.
+        let begin = match self.backend {
+            // SQLite must take the write lock up front: a deferred transaction that reads and
+            // then writes can fail with SQLITE_BUSY at the upgrade, after its reads, with no
+            // busy wait.
+            Backend::Sqlite => "BEGIN IMMEDIATE",
+            Backend::Postgres => "BEGIN",
+        };
+        let pool = self.pool.clone();
+        let tx = tokio::spawn(async move { pool.begin_with(begin).await })
+            .await
+            .map_err(|_| Error::Db(sqlx::Error::WorkerCrashed))??;
+        Ok(Tx {
+            tx,
+            backend: self.backend,
+            _gate: gate,
+        })
+    }
+
+    /// One write statement as its own transaction. On Postgres a lone statement is atomic by
+    /// itself, so it runs in autocommit: one round trip instead of three (BEGIN, statement,
+    /// COMMIT). On SQLite it takes the path every write takes: the process's write gate,
+    /// then `BEGIN IMMEDIATE`.
+    pub(crate) async fn write_one<'q>(
+        &self,
+        q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    ) -> Result<u64> {
+        match self.backend {
+            Backend::Postgres => Ok(q.execute(&self.pool).await?.rows_affected()),
+            Backend::Sqlite => {
+                let mut tx = self.begin_write().await?;
+                let n = q.execute(tx.conn()).await?.rows_affected();
+                tx.commit().await?;
+                Ok(n)
+            }
+        }
+    }
+
+    /// [`Self::write_one`] for a statement that returns rows.
+    pub(crate) async fn write_one_rows<'q>(
+        &self,
+        q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    ) -> Result<Vec<sqlx::any::AnyRow>> {
+        match self.backend {
+            Backend::Postgres => Ok(q.fetch_all(&self.pool).await?),
+            Backend::Sqlite => {
+                let mut tx = self.begin_write().await?;
+                let rows = q.fetch_all(tx.conn()).await?;
+                tx.commit().await?;
+                Ok(rows)
+            }
+        }
+    }
+}

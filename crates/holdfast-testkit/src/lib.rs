@@ -1,0 +1,16 @@
+//! What Holdfast's tests share, so that no test file re-implements it (a dev-dependency only):
+//!
+//! - [`db`]: a fresh database per test on SQLite and on Postgres, and [`both_backends!`] to
+//!   run one test body on each;
+//! - [`app`]: the shop in-process on a fresh store (zero2prod's `spawn_app`), called through
+//!   its real router, or served on port 0;
+//! - [`process`]: the real `holdfast` binary as a child process, judged from the outside;
+//! - [`system`]: a whole system (`holdfast up`, started exactly as the drill starts it) and a
+//!   shopper that talks to it.
+
+pub mod app;
+pub mod db;
+pub mod process;
+pub mod system;
+
+pub use holdfast_core::Backend;

@@ -1,0 +1,166 @@
+//! The real `holdfast` binary as a child process, judged only from the outside: its stdout,
+//! HTTP, `instances.json`, signals and `/proc`. Test files pass the binary's path (Cargo's
+//! `env!("CARGO_BIN_EXE_holdfast")` exists only in the binary's own tests).
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+pub use holdfast_drill::Instance;
+
+/// A running process. Dropping it SIGKILLs it and every process it adopted, so a failing
+/// test leaves nothing behind.
+pub struct Proc {
+    program: PathBuf,
+    child: Child,
+    stdout: mpsc::Receiver<String>,
+    adopted: Vec<u32>,
+}
+
+impl Proc {
+    /// Starts `program ARGS` with stdout captured, stderr passed through (`RUST_LOG`, default
+    /// `warn`) and no `DATABASE_URL` from the environment.
+    pub fn spawn(program: &Path, args: &[&str]) -> Self {
+        let mut child = Command::new(program)
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or("warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", program.display()));
+        let (tx, stdout) = mpsc::channel();
+        let out = BufReader::new(child.stdout.take().expect("stdout is piped"));
+        std::thread::spawn(move || {
+            for line in out.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            program: program.to_owned(),
+            child,
+            stdout,
+            adopted: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Also SIGKILL `pid` (a child of this process) when this guard drops.
+    pub fn adopt(&mut self, pid: u32) {
+        self.adopted.push(pid);
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.pid() as i32), signal).expect("signalling the process");
+    }
+
+    /// The rest of the first stdout line starting with `prefix`.
+    pub fn line_after(&self, prefix: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.stdout.recv_timeout(left) {
+                Ok(line) => match line.strip_prefix(prefix) {
+                    Some(rest) => return rest.trim().to_owned(),
+                    None => continue,
+                },
+                Err(e) => panic!("no stdout line starting with {prefix:?} within {within:?}: {e}"),
+            }
+        }
+    }
+
+    pub async fn exit_status(&mut self, within: Duration) -> ExitStatus {
+        eventually(within, "the process to exit", || {
+            let status = self.child.try_wait().expect("waiting for the process");
+            async move { status }
+        })
+        .await
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for &pid in &self.adopted {
+            if runs(&self.program, pid) {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Polls `check` every 50 ms until it yields a value; panics after `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("an HTTP client")
+}
+
+/// The status of `GET url`, or `None` if no response came.
+pub async fn status(client: &reqwest::Client, url: &str) -> Option<u16> {
+    client
+        .get(url)
+        .send()
+        .await
+        .ok()
+        .map(|r| r.status().as_u16())
+}
+
+/// `<data_dir>/run/instances.json`, if it exists and parses.
+pub fn instances(data_dir: &Path) -> Option<Vec<Instance>> {
+    let json = std::fs::read(data_dir.join("run/instances.json")).ok()?;
+    serde_json::from_slice(&json).ok()
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may contain spaces.
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next());
+    !matches!(state, None | Some('Z' | 'X'))
+}
+
+/// Whether `pid` is alive and runs `program` (so killing it cannot hit a reused pid).
+pub fn runs(program: &Path, pid: u32) -> bool {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"));
+    alive(pid) && exe.ok() == std::fs::canonicalize(program).ok()
+}
