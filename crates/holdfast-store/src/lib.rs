@@ -191,7 +191,7 @@ impl Store {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
                         // WAL: readers never block the writer, and several processes share
-                        // the file safely. synchronous=FULL: an acknowledged order survives
+                        // the file safely. synchronous=FULL: an acknowledged write survives
                         // a power cut, not only a killed process. busy_timeout: wait for
                         // another process's write lock instead of failing at once.
                         conn.execute(

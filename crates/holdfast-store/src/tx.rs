@@ -119,12 +119,27 @@ impl Store {
     /// a transient failure as `rerun` allows (full jitter, the policy's deadline, the process's
     /// retry budget). `op` names it in metrics and logs.
     ///
-    /// ```ignore
-    /// store.transaction("checkout", Rerun::Always, |tx| async move {
-    ///     let id = my_insert(tx.conn()).await?;
-    ///     tx.job_enqueue(&[JobInsert::new("q", "kind", args)]).await?;
-    ///     Ok(id)
-    /// }.scope_boxed()).await
+    /// ```no_run
+    /// # use std::convert::Infallible;
+    /// use holdfast_store::{JobInsert, Rerun, ScopedFutureExt, Store, TxError};
+    ///
+    /// # async fn demo(store: Store, text: &str) -> Result<(), TxError<Infallible>> {
+    /// // A note and the job that mails it: both commit, or neither does.
+    /// let id: i64 = store
+    ///     .transaction("note_create", Rerun::IfUncommitted, |tx| {
+    ///         async {
+    ///             let id = sqlx::query_scalar("INSERT INTO notes (text) VALUES ($1) RETURNING id")
+    ///                 .bind(text)
+    ///                 .fetch_one(tx.conn())
+    ///                 .await?;
+    ///             let args = format!("{{\"note\":{id}}}");
+    ///             tx.job_enqueue(&[JobInsert::new("mail", "notify", args)]).await?;
+    ///             Ok(id)
+    ///         }
+    ///         .scope_boxed()
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
     /// ```
     pub async fn transaction<'a, T, E, F>(
         &self,

@@ -12,11 +12,38 @@
 //! after the client gave up, the retry replays the answer; if the instance died first, the
 //! claim's lock expires and the retry does the work once.
 //!
-//! ```ignore
-//! async fn create(user: Authed, Idempotent { body: JsonBody(input), claim, .. }: Idempotent<JsonBody<Input>>)
-//!     -> AppResult<Response> {
-//!     claim.run("create", |tx| my_insert(tx, &user.user_id, &input).scope_boxed(),
-//!               |row| json_response(StatusCode::CREATED, row)).await
+//! ```no_run
+//! use axum::http::StatusCode;
+//! use axum::response::Response;
+//! use holdfast_store::{ScopedFutureExt, TxError};
+//! use holdfast_web::{json_response, AppResult, Authed, Idempotent, JsonBody, Required};
+//!
+//! #[derive(serde::Deserialize)]
+//! struct Input {
+//!     text: String,
+//! }
+//!
+//! async fn create(
+//!     user: Authed,
+//!     Idempotent { body: JsonBody(input), claim, .. }: Idempotent<JsonBody<Input>, Required>,
+//! ) -> AppResult<Response> {
+//!     claim
+//!         .run(
+//!             "note_create",
+//!             |tx| {
+//!                 async {
+//!                     sqlx::query("INSERT INTO notes (owner, text) VALUES ($1, $2)")
+//!                         .bind(&user.user_id)
+//!                         .bind(&input.text)
+//!                         .execute(tx.conn())
+//!                         .await?;
+//!                     Ok::<_, TxError<std::convert::Infallible>>(input.text.clone())
+//!                 }
+//!                 .scope_boxed()
+//!             },
+//!             |text| json_response(StatusCode::CREATED, text),
+//!         )
+//!         .await
 //! }
 //! ```
 
@@ -36,7 +63,7 @@ use std::marker::PhantomData;
 /// The key may be absent (the request then runs without replay protection).
 pub struct Optional;
 /// The key must be present: a request without one is a 400 (for requests a client must be
-/// able to retry blindly, like a checkout).
+/// able to retry blindly, like a payment).
 pub struct Required;
 
 /// Whether a route requires the key.

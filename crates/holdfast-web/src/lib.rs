@@ -128,7 +128,7 @@ impl AppState {
     }
 }
 
-/// Histogram buckets in seconds; 0.25 s is the checkout latency objective.
+/// Histogram buckets in seconds; 0.25 s is the request latency objective.
 const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -256,8 +256,8 @@ async fn render_metrics(State(st): State<AppState>) -> Response {
     metrics::gauge!("holdfast_db_pool_connections", "state" => "idle").set(idle as f64);
     metrics::gauge!("holdfast_db_pool_connections", "state" => "in_use")
         .set(f64::from(size).max(idle as f64) - idle as f64);
-    // Queue depth by state (available = waiting, running, dead): what users feel as "my
-    // order is still pending". One grouped count; completed jobs are pruned, so it stays small.
+    // Queue depth by state (available = waiting, running, dead): what users feel as work
+    // that has not happened yet. One grouped count; completed jobs are pruned, so it stays small.
     if let Ok(counts) = st.store.job_counts().await {
         for c in counts {
             metrics::gauge!("holdfast_jobs", "queue" => c.queue, "state" => c.state)

@@ -1,9 +1,9 @@
 //! The session cookie and its checks. Where a session lives is `holdfast-sessions`' business
 //! (the store, Redis backed by the store, or the signed cookie itself); this module moves its
 //! token between the cookie and [`Sessions`](holdfast_sessions::Sessions) and sets the
-//! cookie's flags. Whatever the tier, a session holds a pointer (the user id), never the cart,
-//! and no instance keeps one in memory, so any instance can serve any user and a SIGKILL loses
-//! nothing.
+//! cookie's flags. Whatever the tier, a session holds a pointer (the user id), never the
+//! user's data, and no instance keeps one in memory, so any instance can serve any user and a
+//! SIGKILL loses nothing.
 //!
 //! Also here: argon2id password hashing (off the async threads) and the CSRF rule for
 //! cookie-authenticated writes.
