@@ -37,6 +37,7 @@ struct BackendResult {
     backend: &'static str,
     /// Which executable: `program` or `baseline`.
     build: &'static str,
+    round: usize,
     program: PathBuf,
     instances: u16,
     users: usize,
@@ -61,22 +62,34 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     let mut results = Vec::new();
     for backend in backends {
-        for (build, program) in &builds {
-            eprintln!(
-                "bench checkout: {} {} ({} instances, {} users, {:?} per phase)",
-                backend.name(),
-                program.display(),
-                args.instances,
-                args.users,
-                args.duration
-            );
-            results.push(bench_backend(&args, backend, build, program).await?);
+        // Round by round, the builds take turns going first (A B, B A, …), so that neither
+        // always meets a fresher disk or a warmer server.
+        for round in 0..args.rounds.max(1) {
+            let mut order: Vec<&(&str, PathBuf)> = builds.iter().collect();
+            if round % 2 == 1 {
+                order.reverse();
+            }
+            for (build, program) in order {
+                eprintln!(
+                    "bench checkout: {} {} round {} ({} instances, {} users, {:?} per phase)",
+                    backend.name(),
+                    program.display(),
+                    round + 1,
+                    args.instances,
+                    args.users,
+                    args.duration
+                );
+                let mut r = bench_backend(&args, backend, build, program).await?;
+                r.round = round + 1;
+                results.push(r);
+            }
         }
     }
     println!(
-        "\n{:<10} {:<9} {:>16} {:>16} {:>9} {:>17} {:>17}",
+        "\n{:<10} {:<9} {:>5} {:>16} {:>16} {:>9} {:>17} {:>17}",
         "backend",
         "build",
+        "round",
         "with key (co/s)",
         "without (co/s)",
         "ratio",
@@ -86,9 +99,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     for r in &results {
         let (a, b) = (&r.with_idempotency, &r.without_idempotency);
         println!(
-            "{:<10} {:<9} {:>16.0} {:>16.0} {:>9.3} {:>8.1}/{:<8.1} {:>8.1}/{:<8.1}",
+            "{:<10} {:<9} {:>5} {:>16.0} {:>16.0} {:>9.3} {:>8.1}/{:<8.1} {:>8.1}/{:<8.1}",
             r.backend,
             r.build,
+            r.round,
             a.checkouts_per_s,
             b.checkouts_per_s,
             r.throughput_ratio,
@@ -97,6 +111,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             b.p50_ms,
             b.p99_ms
         );
+    }
+    if args.baseline.is_some() {
+        println!("\nmedian checkouts/s with key, program / baseline:");
+        for backend in results.iter().map(|r| r.backend).collect::<std::collections::BTreeSet<_>>() {
+            let median = |build: &str| {
+                let mut v: Vec<f64> = results
+                    .iter()
+                    .filter(|r| r.backend == backend && r.build == build)
+                    .map(|r| r.with_idempotency.checkouts_per_s)
+                    .collect();
+                v.sort_by(f64::total_cmp);
+                v.get(v.len() / 2).copied().unwrap_or(0.0)
+            };
+            let (p, b) = (median("program"), median("baseline"));
+            println!("{backend:<10} {p:.0} / {b:.0} = {:.3}", p / b.max(f64::MIN_POSITIVE));
+        }
     }
     if let Some(path) = &args.json {
         std::fs::write(
@@ -213,6 +243,7 @@ async fn bench_backend(
     Ok(BackendResult {
         backend: backend.name(),
         build,
+        round: 0,
         program: program.to_owned(),
         instances: args.instances,
         users: args.users,

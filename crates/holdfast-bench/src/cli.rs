@@ -158,6 +158,10 @@ pub struct BenchArgs {
     /// for system, so the two figures share the machine's weather.
     #[arg(long)]
     pub baseline: Option<PathBuf>,
+    /// Measure each build this many times per backend, taking turns at going first; with
+    /// `--baseline` the medians are compared.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
 }
 
 /// `sqlite` or `postgres`.

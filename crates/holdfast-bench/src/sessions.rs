@@ -191,7 +191,7 @@ pub async fn run(args: BenchSessionsArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
 
-    holdfast_sessions::testing::flush_prefix(&admin, &prefix).await?;
+    holdfast_cache::delete_prefix(&admin, &prefix).await?;
     for id in &ids {
         peer.delete(id).await.context("deleting a bench session")?;
     }

@@ -51,7 +51,6 @@
 //! lease) and `holdfast_cache_redis_errors_total`.
 
 mod inner;
-pub mod testing;
 mod tier;
 
 use inner::{Config, Inner};
@@ -64,6 +63,7 @@ use std::time::Duration;
 
 /// The Redis client this crate is built against, re-exported so callers name the same version.
 pub use redis;
+pub use tier::delete_prefix;
 
 /// How long an entry (or a lease) lives: at least one millisecond, never "forever".
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

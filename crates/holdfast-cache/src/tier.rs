@@ -304,29 +304,36 @@ impl<K, V> Tier<K, V> {
     /// Deletes every key under the prefix (values, leases, versions): revoked leases mean
     /// no fill that started before the flush can land after it.
     pub async fn flush(&self) -> RedisResult<()> {
-        let pattern = format!("{}:*", glob_escape(&self.prefix));
-        let mut conn = self.conn.clone();
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(&mut conn)
+        delete_prefix(&self.conn, &self.prefix).await.map(drop)
+    }
+}
+
+/// Deletes every key under `<prefix>:` (SCAN, then UNLINK, a batch at a time); returns how
+/// many. Other keys on the server are untouched, so deployments and tests can share one Redis:
+/// for a tier this is exactly what a restart of a non-persistent Redis does to it.
+pub async fn delete_prefix(conn: &ConnectionManager, prefix: &str) -> RedisResult<u64> {
+    let pattern = format!("{}:*", glob_escape(prefix));
+    let mut conn = conn.clone();
+    let (mut cursor, mut deleted) = (0u64, 0u64);
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(500)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            deleted += redis::cmd("UNLINK")
+                .arg(keys)
+                .query_async::<u64>(&mut conn)
                 .await?;
-            if !keys.is_empty() {
-                let _: i64 = redis::cmd("UNLINK")
-                    .arg(&keys)
-                    .query_async(&mut conn)
-                    .await?;
-            }
-            if next == 0 {
-                return Ok(());
-            }
-            cursor = next;
         }
+        if next == 0 {
+            return Ok(deleted);
+        }
+        cursor = next;
     }
 }
 
@@ -375,8 +382,8 @@ mod tests {
     }
 
     async fn tier(test: &str) -> Option<Tier<String, u32>> {
-        let conn = crate::testing::redis(test).await?;
-        Some(Tier::new(conn, crate::testing::unique_prefix(test)))
+        let conn = holdfast_testkit::redis::redis(test).await?;
+        Some(Tier::new(conn, holdfast_testkit::redis::unique_prefix(test)))
     }
 
     /// A holder whose lease expired must not release (or fill under) its successor's lease.

@@ -5,7 +5,8 @@
 
 mod support;
 
-use holdfast_cache::{testing, Builder, Cache, Ttl};
+use holdfast_cache::{Builder, Cache, Ttl};
+use holdfast_testkit::redis as testing;
 use serde::{de::DeserializeOwned, Serialize};
 use std::future::Future;
 use std::sync::Arc;

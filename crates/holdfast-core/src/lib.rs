@@ -8,6 +8,39 @@
 //!
 //! Architecture invariant: this crate knows nothing about axum, sqlx, tokio or HTTP.
 
+/// For a unit-only enum whose variants have command-line names: `ALL`, `name()`, `Display`
+/// and `FromStr` (which names the valid choices when it refuses).
+macro_rules! named_variants {
+    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
+            /// The name on the command line.
+            pub fn name(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name),+
+                }
+            }
+        }
+
+        impl std::fmt::Display for $ty {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.name())
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                $ty::ALL.iter().copied().find(|v| v.name() == s).ok_or_else(|| {
+                    let names: Vec<&str> = $ty::ALL.iter().map(|v| v.name()).collect();
+                    format!("{s:?}: expected one of {}", names.join(", "))
+                })
+            }
+        }
+    };
+}
+
 mod backend;
 mod ids;
 pub mod retry;

@@ -3,9 +3,6 @@
 //! `--unsafe-sabotage KIND` take the same names. What each one breaks is implemented in one
 //! place, `holdfast-shop`'s `sabotage` module. Never set in production.
 
-use std::fmt;
-use std::str::FromStr;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Sabotage {
     /// Web instances ignore `Idempotency-Key`: every retry of a checkout runs again.
@@ -18,41 +15,11 @@ pub enum Sabotage {
     LedgerBypass,
 }
 
-impl Sabotage {
-    pub const ALL: [Sabotage; 3] = [
-        Sabotage::NoIdempotency,
-        Sabotage::AckBeforeCommit,
-        Sabotage::LedgerBypass,
-    ];
-
-    /// The name on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            Sabotage::NoIdempotency => "no-idempotency",
-            Sabotage::AckBeforeCommit => "ack-before-commit",
-            Sabotage::LedgerBypass => "ledger-bypass",
-        }
-    }
-}
-
-impl fmt::Display for Sabotage {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for Sabotage {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Sabotage::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<&str> = Sabotage::ALL.iter().map(|k| k.name()).collect();
-                format!("{s:?}: expected one of {}", names.join(", "))
-            })
-    }
-}
+named_variants!(Sabotage {
+    NoIdempotency => "no-idempotency",
+    AckBeforeCommit => "ack-before-commit",
+    LedgerBypass => "ledger-bypass",
+});
 
 #[cfg(test)]
 mod tests {
@@ -60,7 +27,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for k in Sabotage::ALL {
+        for &k in Sabotage::ALL {
             assert_eq!(k.name().parse::<Sabotage>(), Ok(k));
         }
         assert!("nothing".parse::<Sabotage>().is_err());

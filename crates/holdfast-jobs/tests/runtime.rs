@@ -223,7 +223,7 @@ async fn failures_retry_then_die(backend: Backend) {
     let dead = store.job_dead(10).await.unwrap();
     let errors: Vec<_> = dead
         .iter()
-        .map(|d| (d.kind.as_str(), d.attempt, d.last_error.as_deref()))
+        .map(|d| (d.job.kind.as_str(), d.job.attempt, d.last_error.as_deref()))
         .collect();
     assert!(
         errors.contains(&("flaky", 3, Some("still failing"))),

@@ -49,7 +49,6 @@
 
 mod cookie;
 mod redis_tier;
-pub mod testing;
 #[cfg(feature = "tower-sessions")]
 pub mod tower;
 

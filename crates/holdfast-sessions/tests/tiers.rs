@@ -5,7 +5,8 @@
 
 use holdfast_faultproxy::FaultProxy;
 use holdfast_sessions::redis::aio::ConnectionManager;
-use holdfast_sessions::{testing::flush_prefix, Config, KeyRing, SessionTier, Sessions};
+use holdfast_sessions::{Config, KeyRing, SessionTier, Sessions};
+use holdfast_testkit::redis::flush_prefix;
 use holdfast_store::{Store, StoreOptions};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,9 +39,9 @@ fn config() -> Config {
 
 /// Redis for one test: an admin connection, the URL and a fresh prefix; `None` = skip.
 async fn redis(test: &str) -> Option<(ConnectionManager, String, String)> {
-    let admin = holdfast_cache::testing::redis(test).await?;
+    let admin = holdfast_testkit::redis::redis(test).await?;
     let url = std::env::var("REDIS_URL").expect("checked by the helper");
-    Some((admin, url, holdfast_cache::testing::unique_prefix(test)))
+    Some((admin, url, holdfast_testkit::redis::unique_prefix(test)))
 }
 
 fn tier(url: &str, prefix: &str, store: &Store, config: Config) -> Sessions {

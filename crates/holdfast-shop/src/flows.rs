@@ -14,10 +14,9 @@ use futures::FutureExt;
 use holdfast_core::Sabotage;
 use holdfast_jobs::{Done, Handler, JobError, Ledger, QueueConfig, Worker};
 use holdfast_provider::{ClientError, ProviderClient};
-use holdfast_store::{JobInsert, JobRow, ScopedFutureExt, Store, TxError};
+use holdfast_store::{JobInsert, JobRow, ScopedFutureExt, Store, Tx, TxError};
 use serde::Deserialize;
 use std::convert::Infallible;
-use std::future::Future;
 use std::sync::Arc;
 
 #[derive(Deserialize)]
@@ -58,119 +57,42 @@ impl Flows {
     /// `worker` with the shop's job kinds registered.
     pub fn register(&self, worker: Worker) -> Worker {
         worker
-            .handle(
-                PAYOUT_KIND,
-                self.handler(|f, job| async move { f.payout(job).await }),
-            )
-            .handle(
-                RECEIPT_KIND,
-                self.handler(|f, job| async move { f.receipt(job).await }),
-            )
+            .handle(PAYOUT_KIND, self.handler(Effect::Charge))
+            .handle(RECEIPT_KIND, self.handler(Effect::Receipt))
     }
 
-    fn handler<F, Fut>(&self, run: F) -> Handler
-    where
-        F: Fn(Flows, JobRow) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<Done, JobError>> + Send + 'static,
-    {
+    fn handler(&self, effect: Effect) -> Handler {
         let flows = self.clone();
-        Arc::new(move |job| run(flows.clone(), job).boxed())
+        Arc::new(move |job| {
+            let flows = flows.clone();
+            async move { flows.cause(job, effect).await }.boxed()
+        })
     }
 
-    /// Charges the order's total once, marks it paid and enqueues its receipt.
-    async fn payout(&self, job: JobRow) -> Result<Done, JobError> {
+    /// Causes the job's effect for its order once, then settles: the ledger entry done, the
+    /// effect's consequences applied, the job completed — one transaction, fenced by the
+    /// job's claim.
+    async fn cause(&self, job: JobRow, effect: Effect) -> Result<Done, JobError> {
         let order = self.order_of(&job).await?;
-        let order_id = order.order_id.as_str();
-        let effect_key = format!("charge:{order_id}");
-        let charge_id = self
-            .once(
-                &effect_key,
-                &format!("holdfast-charge-{order_id}"),
-                |key| async move {
-                    self.provider
-                        .charge(&key, order_id, order.total_cents)
-                        .await
-                        .map(|c| c.id)
-                        .map_err(client_err)
-                },
-                |key| async move {
-                    self.provider
-                        .charges(Some(&key))
-                        .await
-                        .map(|cs| cs.into_iter().next().map(|c| c.id))
-                        .map_err(client_err)
-                },
-            )
-            .await?;
-        let receipt = JobInsert::new(
-            EMAIL_QUEUE,
-            RECEIPT_KIND,
-            serde_json::json!({ "order_id": order_id }).to_string(),
-        )
-        .unique(format!("receipt:{order_id}"));
+        let id = order.order_id.as_str();
+        let (effect_key, external_key) = (
+            format!("{}:{id}", effect.name()),
+            format!("holdfast-{}-{id}", effect.name()),
+        );
+        let provider = &self.provider;
+        let call = |key| effect.call(provider, &order, key);
+        let external_id = if self.sabotage == Some(Sabotage::LedgerBypass) {
+            crate::sabotage::call_without_ledger(&external_key, call).await?
+        } else {
+            let lookup = |key| effect.lookup(provider, key);
+            self.ledger
+                .once(&effect_key, &external_key, call, lookup)
+                .await?
+        };
         self.ledger
-            .settle(job.fence(), &effect_key, &charge_id, |tx| {
-                async {
-                    sql::order_mark_paid(tx, order_id).await?;
-                    tx.job_enqueue(std::slice::from_ref(&receipt)).await?;
-                    Ok::<_, TxError<Infallible>>(())
-                }
-                .scope_boxed()
+            .settle(job.fence(), &effect_key, &external_id, |tx| {
+                effect.consequences(tx, id).scope_boxed()
             })
-            .await
-    }
-
-    /// Sends the order's receipt once.
-    async fn receipt(&self, job: JobRow) -> Result<Done, JobError> {
-        let order = self.order_of(&job).await?;
-        let order_id = order.order_id.as_str();
-        let effect_key = format!("receipt:{order_id}");
-        let email_id = self
-            .once(
-                &effect_key,
-                &format!("holdfast-receipt-{order_id}"),
-                |key| async move {
-                    self.provider
-                        .send_email(&key, order_id, &order.email, "receipt")
-                        .await
-                        .map(|e| e.id)
-                        .map_err(client_err)
-                },
-                |key| async move {
-                    self.provider
-                        .emails(Some(&key))
-                        .await
-                        .map(|es| es.into_iter().next().map(|e| e.id))
-                        .map_err(client_err)
-                },
-            )
-            .await?;
-        self.ledger
-            .settle(job.fence(), &effect_key, &email_id, |_| {
-                async { Ok(()) }.scope_boxed()
-            })
-            .await
-    }
-
-    /// The ledger's steps 1–4 (unless the ledger-bypass sabotage is on).
-    async fn once<C, CF, L, LF>(
-        &self,
-        effect_key: &str,
-        external_key: &str,
-        call: C,
-        lookup: L,
-    ) -> Result<String, JobError>
-    where
-        C: FnOnce(String) -> CF,
-        CF: Future<Output = Result<String, JobError>>,
-        L: FnOnce(String) -> LF,
-        LF: Future<Output = Result<Option<String>, JobError>>,
-    {
-        if self.sabotage == Some(Sabotage::LedgerBypass) {
-            return crate::sabotage::call_without_ledger(external_key, call).await;
-        }
-        self.ledger
-            .once(effect_key, external_key, call, lookup)
             .await
     }
 
@@ -193,5 +115,59 @@ fn client_err(e: ClientError) -> JobError {
         JobError::fatal(format!("provider rejected: {e}"))
     } else {
         JobError::retry(format!("provider: {e}"))
+    }
+}
+
+/// The shop's two external effects.
+#[derive(Debug, Clone, Copy)]
+enum Effect {
+    /// Charge the order's total.
+    Charge,
+    /// Send the order's receipt.
+    Receipt,
+}
+
+impl Effect {
+    /// Names its ledger entry (`charge:<order>`) and its provider key (`holdfast-charge-<order>`).
+    fn name(self) -> &'static str {
+        match self {
+            Effect::Charge => "charge",
+            Effect::Receipt => "receipt",
+        }
+    }
+
+    /// Asks the provider to act under `key`; its id for the effect.
+    async fn call(self, provider: &ProviderClient, order: &PayoutInfo, key: String) -> Result<String, JobError> {
+        let id = &order.order_id;
+        let acted = match self {
+            Effect::Charge => provider.charge(&key, id, order.total_cents).await.map(|c| c.id),
+            Effect::Receipt => provider.send_email(&key, id, &order.email, "receipt").await.map(|e| e.id),
+        };
+        acted.map_err(client_err)
+    }
+
+    /// The provider's id for an effect it already caused under `key`, if any.
+    async fn lookup(self, provider: &ProviderClient, key: String) -> Result<Option<String>, JobError> {
+        let found = match self {
+            Effect::Charge => provider.charges(Some(&key)).await.map(|cs| cs.into_iter().next().map(|c| c.id)),
+            Effect::Receipt => provider.emails(Some(&key)).await.map(|es| es.into_iter().next().map(|e| e.id)),
+        };
+        found.map_err(client_err)
+    }
+
+    /// What follows on our own store, in the settling transaction: a charged order is paid and
+    /// gets its receipt job.
+    async fn consequences(self, tx: &mut Tx, order_id: &str) -> Result<(), TxError<Infallible>> {
+        if let Effect::Charge = self {
+            sql::order_mark_paid(tx, order_id).await?;
+            let receipt = JobInsert::new(
+                EMAIL_QUEUE,
+                RECEIPT_KIND,
+                serde_json::json!({ "order_id": order_id }).to_string(),
+            )
+            .unique(format!("receipt:{order_id}"));
+            tx.job_enqueue(&[receipt]).await?;
+        }
+        Ok(())
     }
 }

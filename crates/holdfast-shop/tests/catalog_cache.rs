@@ -89,16 +89,16 @@ async fn products_are_served_from_the_cache_and_correct_after_a_flush() {
 #[tokio::test]
 async fn with_redis_the_fleet_asks_the_store_once() {
     let test = "web_catalog_fleet";
-    let Some(admin) = holdfast_cache::testing::redis(test).await else {
+    let Some(admin) = holdfast_testkit::redis::redis(test).await else {
         return;
     };
     let _serial = SERIAL.lock().await;
-    let prefix = holdfast_cache::testing::unique_prefix(test);
+    let prefix = holdfast_testkit::redis::unique_prefix(test);
     let handle = holdfast_web::install_metrics_recorder().unwrap();
     let redis_shop = || async {
         ShopOptions {
             catalog_cache: CatalogCache::Redis {
-                conn: holdfast_cache::testing::redis(test).await.unwrap(),
+                conn: holdfast_testkit::redis::redis(test).await.unwrap(),
                 prefix: prefix.clone(),
             },
             ..ShopOptions::default()

@@ -6,7 +6,7 @@
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use holdfast_sessions::redis::aio::ConnectionManager;
-use holdfast_sessions::testing::flush_prefix;
+use holdfast_testkit::redis::flush_prefix;
 use holdfast_testkit::app::*;
 use holdfast_web::{KeyRing, SessionTier, WebOptions};
 use serde_json::json;
@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 /// An admin connection and a Redis tier backend on a fresh prefix; `None` = skip.
 async fn redis(test: &str) -> Option<(ConnectionManager, String, SessionTier)> {
-    let admin = holdfast_cache::testing::redis(test).await?;
+    let admin = holdfast_testkit::redis::redis(test).await?;
     let url = std::env::var("REDIS_URL").expect("checked by the helper");
-    let prefix = holdfast_cache::testing::unique_prefix(test);
+    let prefix = holdfast_testkit::redis::unique_prefix(test);
     let backend = SessionTier::Redis {
         conn: holdfast_sessions::connect_redis(&url).unwrap(),
         prefix: prefix.clone(),

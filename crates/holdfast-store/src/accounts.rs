@@ -62,21 +62,17 @@ impl Store {
     }
 
     pub async fn user_credentials(&self, email: &Email) -> Result<Option<Credentials>> {
-        self.run(Rerun::Always, "user_credentials", || async {
-            let row = sqlx::query(
-                "SELECT id, email, created_at, password_hash FROM users WHERE email = $1",
-            )
-            .bind(email.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-            row.map(|r| {
+        let sql = "SELECT id, email, created_at, password_hash FROM users WHERE email = $1";
+        self.read_row(
+            "user_credentials",
+            || sqlx::query(sql).bind(email.as_str()),
+            |r| {
                 Ok(Credentials {
-                    user: user_from(&r)?,
+                    user: user_from(r)?,
                     password_hash: r.try_get("password_hash")?,
                 })
-            })
-            .transpose()
-        })
+            },
+        )
         .await
     }
 
@@ -100,14 +96,9 @@ impl Store {
     }
 
     pub async fn user_get(&self, id: &str) -> Result<Option<User>> {
-        self.run(Rerun::Always, "user_get", || async {
-            let row = sqlx::query("SELECT id, email, created_at FROM users WHERE id = $1")
-                .bind(id)
-                .fetch_optional(&self.pool)
-                .await?;
-            row.as_ref().map(user_from).transpose()
-        })
-        .await
+        let sql = "SELECT id, email, created_at FROM users WHERE id = $1";
+        self.read_row("user_get", || sqlx::query(sql).bind(id), user_from)
+            .await
     }
 
     // ---- sessions ----------------------------------------------------------------------
@@ -264,14 +255,12 @@ impl Store {
     /// Sessions of this user issued before the returned instant (ms) are revoked; `None` when
     /// the user does not exist (any session of theirs is dead too).
     pub async fn user_sessions_valid_after(&self, user_id: &str) -> Result<Option<i64>> {
-        self.run(Rerun::Always, "user_sessions_valid_after", || async {
-            let row = sqlx::query("SELECT sessions_valid_after FROM users WHERE id = $1")
-                .bind(user_id)
-                .fetch_optional(&self.pool)
-                .await?;
-            row.map(|r| Ok(r.try_get("sessions_valid_after")?))
-                .transpose()
-        })
+        let sql = "SELECT sessions_valid_after FROM users WHERE id = $1";
+        self.read_row(
+            "user_sessions_valid_after",
+            || sqlx::query(sql).bind(user_id),
+            |r| Ok(r.try_get("sessions_valid_after")?),
+        )
         .await
     }
 
@@ -330,17 +319,12 @@ impl Store {
         id_hash: &str,
         now: i64,
     ) -> Result<Option<(Vec<u8>, i64)>> {
-        self.run(Rerun::Always, "session_blob_get", || async {
-            let row = sqlx::query(
-                "SELECT data, expires_at FROM session_blobs WHERE id_hash = $1 AND expires_at > $2",
-            )
-            .bind(id_hash)
-            .bind(now)
-            .fetch_optional(&self.pool)
-            .await?;
-            row.map(|r| Ok((r.try_get("data")?, r.try_get("expires_at")?)))
-                .transpose()
-        })
+        let sql = "SELECT data, expires_at FROM session_blobs WHERE id_hash = $1 AND expires_at > $2";
+        self.read_row(
+            "session_blob_get",
+            || sqlx::query(sql).bind(id_hash).bind(now),
+            |r| Ok((r.try_get("data")?, r.try_get("expires_at")?)),
+        )
         .await
     }
 

@@ -89,11 +89,8 @@ pub struct JobFence {
 /// A job in the dead-letter state, for inspection.
 #[derive(Debug, Clone, Serialize)]
 pub struct DeadJob {
-    pub id: i64,
-    pub queue: String,
-    pub kind: String,
-    pub args: String,
-    pub attempt: i64,
+    #[serde(flatten)]
+    pub job: JobRow,
     pub last_error: Option<String>,
     pub finished_at: Option<i64>,
 }
@@ -149,6 +146,9 @@ fn fence_match(backend: Backend, n: usize) -> String {
         ),
     }
 }
+
+/// The columns [`job_from`] reads.
+const JOB_COLUMNS: &str = "id, queue, kind, args, attempt, max_attempts, claim, created_at, run_at";
 
 fn job_from(r: &AnyRow) -> Result<JobRow> {
     Ok(JobRow {
@@ -405,7 +405,7 @@ impl Store {
         let sql = format!(
             "UPDATE jobs SET state = 'running', attempt = attempt + 1, claim = claim + 1, lease_until = $1, worker_id = $2, started_at = $3
              WHERE {picked}
-             RETURNING id, queue, kind, args, attempt, max_attempts, claim, created_at, run_at"
+             RETURNING {JOB_COLUMNS}"
         );
         // A claim that committed but whose answer was lost leaves jobs running under a lease
         // nobody holds; the rescuer frees them. So only retry when nothing can have committed.
@@ -567,27 +567,20 @@ impl Store {
     }
 
     pub async fn job_dead(&self, limit: i64) -> Result<Vec<DeadJob>> {
-        self.run(Rerun::Always, "job_dead", || async {
-            let rows = sqlx::query(
-                "SELECT id, queue, kind, args, attempt, last_error, finished_at FROM jobs WHERE state = 'dead' ORDER BY id LIMIT $1",
-            )
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-            rows.iter()
-                .map(|r| {
-                    Ok(DeadJob {
-                        id: r.try_get("id")?,
-                        queue: r.try_get("queue")?,
-                        kind: r.try_get("kind")?,
-                        args: r.try_get("args")?,
-                        attempt: r.try_get("attempt")?,
-                        last_error: r.try_get("last_error")?,
-                        finished_at: r.try_get("finished_at")?,
-                    })
+        let sql = format!(
+            "SELECT {JOB_COLUMNS}, last_error, finished_at FROM jobs WHERE state = 'dead' ORDER BY id LIMIT $1"
+        );
+        self.read_rows(
+            "job_dead",
+            || sqlx::query(&sql).bind(limit),
+            |r| {
+                Ok(DeadJob {
+                    job: job_from(r)?,
+                    last_error: r.try_get("last_error")?,
+                    finished_at: r.try_get("finished_at")?,
                 })
-                .collect()
-        })
+            },
+        )
         .await
     }
 
@@ -614,42 +607,32 @@ impl Store {
     }
 
     pub async fn job_counts(&self) -> Result<Vec<QueueCount>> {
-        self.run(Rerun::Always, "job_counts", || async {
-            let rows = sqlx::query("SELECT queue, state, COUNT(*) AS n FROM jobs GROUP BY queue, state ORDER BY queue, state")
-                .fetch_all(&self.pool)
-                .await?;
-            rows.iter()
-                .map(|r| Ok(QueueCount { queue: r.try_get("queue")?, state: r.try_get("state")?, count: r.try_get("n")? }))
-                .collect()
+        let sql = "SELECT queue, state, COUNT(*) AS n FROM jobs GROUP BY queue, state ORDER BY queue, state";
+        self.read_rows("job_counts", || sqlx::query(sql), |r| {
+            Ok(QueueCount {
+                queue: r.try_get("queue")?,
+                state: r.try_get("state")?,
+                count: r.try_get("n")?,
+            })
         })
         .await
     }
 
     /// When the next scheduled job of `queue` becomes due, if any is waiting.
     pub async fn job_next_run_at(&self, queue: &str) -> Result<Option<i64>> {
-        self.run(Rerun::Always, "job_next_run_at", || async {
-            let row = sqlx::query(
-                "SELECT MIN(run_at) AS t FROM jobs WHERE state = 'available' AND queue = $1",
-            )
-            .bind(queue)
-            .fetch_one(&self.pool)
-            .await?;
-            Ok(row.try_get::<Option<i64>, _>("t")?)
-        })
-        .await
+        let sql = "SELECT MIN(run_at) AS t FROM jobs WHERE state = 'available' AND queue = $1";
+        let next = self.read_row("job_next_run_at", || sqlx::query(sql).bind(queue), |r| {
+            Ok(r.try_get::<Option<i64>, _>("t")?)
+        });
+        Ok(next.await?.flatten())
     }
 
     // ---- the effect ledger -------------------------------------------------------------
 
     pub async fn ledger_get(&self, effect_key: &str) -> Result<Option<LedgerEntry>> {
-        self.run(Rerun::Always, "ledger_get", || async {
-            let row = sqlx::query("SELECT effect_key, state, external_key, external_id FROM effect_ledger WHERE effect_key = $1")
-                .bind(effect_key)
-                .fetch_optional(&self.pool)
-                .await?;
-            row.as_ref().map(ledger_entry).transpose()
-        })
-        .await
+        let sql = "SELECT effect_key, state, external_key, external_id FROM effect_ledger WHERE effect_key = $1";
+        self.read_row("ledger_get", || sqlx::query(sql).bind(effect_key), ledger_entry)
+            .await
     }
 
     /// [`Tx::ledger_begin`] as its own transaction.

@@ -35,10 +35,14 @@ pub use tx::{Rerun, ScopedFutureExt, Tx, TxBody, TxError};
 use holdfast_core::retry::{RetryBudget, RetryPolicy};
 use serde::Serialize;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, Executor};
+use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::{Any, AnyPool, Executor};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// A statement with its parameters bound, on the `Any` driver.
+type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
 
 /// What went wrong, in words the caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -241,56 +245,98 @@ impl Store {
         self.pool.close().await;
     }
 
-    /// Whether `err` may be retried now, and after how long: the failure is transient (and,
-    /// for [`Rerun::IfUncommitted`], certainly uncommitted), the policy allows another attempt
-    /// before the deadline, and the process-wide budget has a token.
-    fn retry_delay(
-        &self,
-        rerun: Rerun,
-        op: &'static str,
-        attempts: u32,
-        started: Instant,
-        err: &Error,
-    ) -> Option<Duration> {
-        let retryable = match rerun {
-            Rerun::Always => err.is_retryable(),
-            Rerun::IfUncommitted => err.is_retryable_uncommitted(),
-        };
-        if !retryable {
-            return None;
+    /// The retry state of one operation: call [`Retries::after`] with each failure.
+    fn retries(&self, rerun: Rerun, op: &'static str) -> Retries<'_> {
+        self.budget.record_attempt();
+        Retries {
+            store: self,
+            rerun,
+            op,
+            started: Instant::now(),
+            attempts: 0,
         }
-        let delay = self.retry.next_delay(attempts, started)?;
-        if !self.budget.try_withdraw() {
-            metrics::counter!("holdfast_store_retry_budget_exhausted_total", "op" => op)
-                .increment(1);
-            return None;
-        }
-        metrics::counter!("holdfast_store_retries_total", "op" => op).increment(1);
-        tracing::debug!(op, attempts, ?delay, error = %err, "retrying store operation");
-        Some(delay)
     }
 
-    /// One attempt of a store-internal operation, then retries while [`Store::retry_delay`]
+    /// The rows of one read statement (built afresh for each attempt), each mapped by `row`;
+    /// retried after transient failures.
+    async fn read_rows<'q, T>(
+        &self,
+        op: &'static str,
+        query: impl Fn() -> AnyQuery<'q>,
+        row: impl Fn(&AnyRow) -> Result<T>,
+    ) -> Result<Vec<T>> {
+        self.run(Rerun::Always, op, || async {
+            query().fetch_all(&self.pool).await?.iter().map(&row).collect()
+        })
+        .await
+    }
+
+    /// The first row of one read statement, if any (see [`Store::read_rows`]).
+    async fn read_row<'q, T>(
+        &self,
+        op: &'static str,
+        query: impl Fn() -> AnyQuery<'q>,
+        row: impl Fn(&AnyRow) -> Result<T>,
+    ) -> Result<Option<T>> {
+        self.run(Rerun::Always, op, || async {
+            query().fetch_optional(&self.pool).await?.as_ref().map(&row).transpose()
+        })
+        .await
+    }
+
+    /// One attempt of a store-internal operation, then retries while [`Retries::after`]
     /// allows.
     async fn run<T, F, Fut>(&self, rerun: Rerun, op: &'static str, mut attempt: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
-        let started = Instant::now();
-        self.budget.record_attempt();
-        let mut attempts = 0u32;
+        let mut retries = self.retries(rerun, op);
         loop {
-            attempts += 1;
-            let err = match attempt().await {
+            match attempt().await {
                 Ok(v) => return Ok(v),
-                Err(e) => e,
-            };
-            match self.retry_delay(rerun, op, attempts, started, &err) {
-                Some(delay) => tokio::time::sleep(delay).await,
-                None => return Err(err),
+                Err(e) => retries.after(e).await?,
             }
         }
+    }
+}
+
+/// Counts the attempts of one operation and decides whether another may start.
+struct Retries<'s> {
+    store: &'s Store,
+    rerun: Rerun,
+    op: &'static str,
+    started: Instant,
+    attempts: u32,
+}
+
+impl Retries<'_> {
+    /// After a failed attempt: waits and returns `Ok` when another attempt may start — the
+    /// failure is transient (and, for [`Rerun::IfUncommitted`], certainly uncommitted), the
+    /// policy allows one more before the deadline, and the process-wide budget has a token;
+    /// otherwise gives the failure back.
+    async fn after(&mut self, err: Error) -> Result<()> {
+        self.attempts += 1;
+        let (store, op) = (self.store, self.op);
+        let retryable = match self.rerun {
+            Rerun::Always => err.is_retryable(),
+            Rerun::IfUncommitted => err.is_retryable_uncommitted(),
+        };
+        let Some(delay) = retryable
+            .then(|| store.retry.next_delay(self.attempts, self.started))
+            .flatten()
+        else {
+            return Err(err);
+        };
+        if !store.budget.try_withdraw() {
+            metrics::counter!("holdfast_store_retry_budget_exhausted_total", "op" => op)
+                .increment(1);
+            return Err(err);
+        }
+        metrics::counter!("holdfast_store_retries_total", "op" => op).increment(1);
+        tracing::debug!(op, attempts = self.attempts, ?delay, error = %err, "retrying store operation");
+        tokio::time::sleep(delay).await;
+        Ok(())
     }
 }
 

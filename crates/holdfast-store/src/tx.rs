@@ -10,7 +10,6 @@ use crate::{Backend, Error, Result, Store};
 use scoped_futures::ScopedBoxFuture;
 use sqlx::{Any, AnyConnection, Transaction};
 use std::fmt;
-use std::time::Instant;
 
 /// Re-exported so callers can box their closure's future (`async { … }.scope_boxed()`).
 pub use scoped_futures::ScopedFutureExt;
@@ -152,11 +151,8 @@ impl Store {
         T: Send + 'a,
         E: Send + 'a,
     {
-        let started = Instant::now();
-        self.budget.record_attempt();
-        let mut attempts = 0u32;
+        let mut retries = self.retries(rerun, op);
         loop {
-            attempts += 1;
             let err = match self.begin_write().await {
                 Ok(mut tx) => match body(&mut tx).await {
                     Ok(value) => match tx.commit().await {
@@ -168,10 +164,7 @@ impl Store {
                 },
                 Err(e) => e,
             };
-            match self.retry_delay(rerun, op, attempts, started, &err) {
-                Some(delay) => tokio::time::sleep(delay).await,
-                None => return Err(TxError::Db(err)),
-            }
+            retries.after(err).await?;
         }
     }
 
@@ -187,22 +180,14 @@ impl Store {
         T: Send + 'a,
         E: Send + 'a,
     {
-        let started = Instant::now();
-        self.budget.record_attempt();
-        let mut attempts = 0u32;
+        let mut retries = self.retries(Rerun::Always, op);
         loop {
-            attempts += 1;
-            let err = match self.pool.acquire().await {
+            match self.pool.acquire().await {
                 Ok(mut conn) => match body(&mut conn).await {
-                    Ok(value) => return Ok(value),
-                    Err(TxError::Db(e)) => e,
-                    Err(abort) => return Err(abort),
+                    Err(TxError::Db(e)) => retries.after(e).await?,
+                    done => return done,
                 },
-                Err(e) => Error::Db(e),
-            };
-            match self.retry_delay(Rerun::Always, op, attempts, started, &err) {
-                Some(delay) => tokio::time::sleep(delay).await,
-                None => return Err(TxError::Db(err)),
+                Err(e) => retries.after(Error::Db(e)).await?,
             }
         }
     }

@@ -1077,11 +1077,11 @@ async fn job_lifecycle(store: Store) {
         (1, Some("boom again"))
     );
     // Redrive: available again with a fresh budget (and a new claim).
-    assert_eq!(store.job_redrive(Some(dead[0].id), now).await.unwrap(), 1);
+    assert_eq!(store.job_redrive(Some(dead[0].job.id), now).await.unwrap(), 1);
     let redriven = store.job_claim("q", "w1", 1, now, LEASE).await.unwrap();
     assert_eq!(
         (redriven[0].id, redriven[0].attempt, redriven[0].claim),
-        (dead[0].id, 1, 3)
+        (dead[0].job.id, 1, 3)
     );
     // Release (drain) gives the attempt back without counting it.
     assert_eq!(store.job_release(&fences(&redriven)).await.unwrap(), 1);

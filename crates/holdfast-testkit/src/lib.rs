@@ -5,12 +5,14 @@
 //! - [`app`]: the shop in-process on a fresh store (zero2prod's `spawn_app`), called through
 //!   its real router, or served on port 0;
 //! - [`process`]: the real `holdfast` binary as a child process, judged from the outside;
+//! - [`redis`]: the `REDIS_URL` server, a key prefix per test, and "Redis lost its memory";
 //! - [`system`]: a whole system (`holdfast up`, started exactly as the drill starts it) and a
 //!   shopper that talks to it.
 
 pub mod app;
 pub mod db;
 pub mod process;
+pub mod redis;
 pub mod system;
 
 pub use holdfast_core::Backend;

@@ -67,7 +67,7 @@ async fn redis_sessions_survive_a_killed_instance_and_a_flushed_redis() {
 
     sys.signal(web_pids(&sys)[0], Signal::SIGKILL);
     let admin = holdfast_sessions::connect_redis(&url).unwrap();
-    let flushed = holdfast_sessions::testing::flush_prefix(&admin, &prefix)
+    let flushed = holdfast_testkit::redis::flush_prefix(&admin, &prefix)
         .await
         .unwrap();
     assert!(flushed >= 1, "the session was in Redis");
@@ -77,7 +77,7 @@ async fn redis_sessions_survive_a_killed_instance_and_a_flushed_redis() {
         assert_eq!(cart.body["items"][0]["qty"], 1, "no lost cart");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    holdfast_sessions::testing::flush_prefix(&admin, &prefix)
+    holdfast_testkit::redis::flush_prefix(&admin, &prefix)
         .await
         .unwrap();
 }
