@@ -106,7 +106,7 @@ impl Balancer {
             }
             Ok(Err(error)) => {
                 upstream.set_healthy(false);
-                let detail = format!("upstream {addr}: {}", error_chain(&error));
+                let detail = format!("upstream {addr}: {}", holdfast_core::error_chain(&error));
                 Err(if never_sent(&error) {
                     Failure::NotSent(detail)
                 } else {
@@ -206,17 +206,6 @@ fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
             .source()
             .and_then(|source| source.downcast_ref::<hyper::Error>())
             .is_some_and(hyper::Error::is_canceled)
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn upstream_request(

@@ -114,7 +114,11 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if args.baseline.is_some() {
         println!("\nmedian checkouts/s with key, program / baseline:");
-        for backend in results.iter().map(|r| r.backend).collect::<std::collections::BTreeSet<_>>() {
+        for backend in results
+            .iter()
+            .map(|r| r.backend)
+            .collect::<std::collections::BTreeSet<_>>()
+        {
             let median = |build: &str| {
                 let mut v: Vec<f64> = results
                     .iter()
@@ -125,7 +129,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 v.get(v.len() / 2).copied().unwrap_or(0.0)
             };
             let (p, b) = (median("program"), median("baseline"));
-            println!("{backend:<10} {p:.0} / {b:.0} = {:.3}", p / b.max(f64::MIN_POSITIVE));
+            println!(
+                "{backend:<10} {p:.0} / {b:.0} = {:.3}",
+                p / b.max(f64::MIN_POSITIVE)
+            );
         }
     }
     if let Some(path) = &args.json {

@@ -11,7 +11,6 @@ mod cli;
 mod jobs;
 mod sessions;
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -22,12 +21,11 @@ use crate::cli::{BenchCommand, Cli};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Only warnings by default: the figures are the output.
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
     tracing_subscriber::fmt()
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
-        )
         .init();
     tokio::runtime::Runtime::new()?.block_on(async {
         match cli.command {

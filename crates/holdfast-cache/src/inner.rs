@@ -14,6 +14,25 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// An origin call as the cache passes it around: the closure a caller gave `get_with`, named
+/// once here instead of in every signature.
+pub(crate) trait Origin<V>: Send + 'static {
+    type Error: Into<Box<dyn std::error::Error + Send + Sync>>;
+    fn call(self) -> impl Future<Output = Result<Option<V>, Self::Error>> + Send + 'static;
+}
+
+impl<V, F, Fut, E> Origin<V> for F
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Error = E;
+    fn call(self) -> impl Future<Output = Result<Option<V>, E>> + Send + 'static {
+        self()
+    }
+}
+
 pub(crate) const HITS: &str = "holdfast_cache_hits_total";
 pub(crate) const MISSES: &str = "holdfast_cache_misses_total";
 pub(crate) const COALESCED: &str = "holdfast_cache_coalesced_waiters_total";
@@ -202,15 +221,9 @@ where
         slots.map.get_mut(key).expect("slot inserted above")
     }
 
-    pub async fn get_with<F, Fut, E>(
-        self: &Arc<Self>,
-        key: K,
-        origin: F,
-    ) -> Result<Option<V>, Error>
+    pub async fn get_with<F>(self: &Arc<Self>, key: K, origin: F) -> Result<Option<V>, Error>
     where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        F: Origin<V>,
     {
         let step = {
             let mut slots = self.lock();
@@ -298,15 +311,13 @@ where
     }
 
     /// Calls the origin, timing it, with a panic turned into an origin error.
-    async fn call_origin<F, Fut, E>(&self, origin: F) -> Result<(Option<V>, Duration), Error>
+    async fn call_origin<F>(&self, origin: F) -> Result<(Option<V>, Duration), Error>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<V>, E>>,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        F: Origin<V>,
     {
         self.count(ORIGIN_CALLS);
         let started = Instant::now();
-        let result = AssertUnwindSafe(async move { origin().await })
+        let result = AssertUnwindSafe(async move { origin.call().await })
             .catch_unwind()
             .await;
         match result {
@@ -330,11 +341,9 @@ where
         }
     }
 
-    fn local_flight<F, Fut, E>(self: &Arc<Self>, key: K, version: u64, origin: F) -> Flight<V>
+    fn local_flight<F>(self: &Arc<Self>, key: K, version: u64, origin: F) -> Flight<V>
     where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        F: Origin<V>,
     {
         let id = self.next();
         let inner = Arc::clone(self);
@@ -397,11 +406,9 @@ where
         }
     }
 
-    fn redis_flight<F, Fut, E>(self: &Arc<Self>, key: K, version: u64, origin: F) -> Flight<V>
+    fn redis_flight<F>(self: &Arc<Self>, key: K, version: u64, origin: F) -> Flight<V>
     where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        F: Origin<V>,
     {
         let id = self.next();
         let inner = Arc::clone(self);
@@ -421,16 +428,9 @@ where
 
     /// One instance's read of `key` through Redis: serve what is there, or take the lease and
     /// call the origin, or wait for the instance that holds it.
-    async fn resolve_redis<F, Fut, E>(
-        self: &Arc<Self>,
-        key: &K,
-        version: u64,
-        origin: F,
-    ) -> Outcome<V>
+    async fn resolve_redis<F>(self: &Arc<Self>, key: &K, version: u64, origin: F) -> Outcome<V>
     where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        F: Origin<V>,
     {
         let tier = self
             .tier
@@ -494,7 +494,7 @@ where
         }
     }
 
-    async fn fetch_and_fill<F, Fut, E>(
+    async fn fetch_and_fill<F>(
         &self,
         tier: &Tier<K, V>,
         key: &K,
@@ -503,9 +503,7 @@ where
         prior: Option<Entry<V>>,
     ) -> Outcome<V>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<V>, E>>,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        F: Origin<V>,
     {
         match self.call_origin(origin).await {
             Ok((value, delta)) => {
@@ -532,16 +530,14 @@ where
     }
 
     /// Redis failed or the lease never came: ask the origin, fill nothing.
-    async fn unfilled<F, Fut, E>(
+    async fn unfilled<F>(
         &self,
         failure: Option<redis::RedisError>,
         origin: F,
         prior: Option<Entry<V>>,
     ) -> Outcome<V>
     where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<Option<V>, E>>,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+        F: Origin<V>,
     {
         if let Some(e) = failure {
             self.redis_failed(&e);
@@ -572,16 +568,9 @@ where
 
     /// One background refresh per instance (the lease makes it one per fleet) of the fill
     /// we saw; skipped if someone else has refilled or invalidated the key meanwhile.
-    fn redis_refresh<F, Fut, E>(
-        self: &Arc<Self>,
-        key: &K,
-        version: u64,
-        seen_fill: String,
-        origin: F,
-    ) where
-        F: FnOnce() -> Fut + Send + 'static,
-        Fut: Future<Output = Result<Option<V>, E>> + Send + 'static,
-        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    fn redis_refresh<F>(self: &Arc<Self>, key: &K, version: u64, seen_fill: String, origin: F)
+    where
+        F: Origin<V>,
     {
         {
             let mut slots = self.lock();

@@ -383,7 +383,10 @@ mod tests {
 
     async fn tier(test: &str) -> Option<Tier<String, u32>> {
         let conn = holdfast_testkit::redis::redis(test).await?;
-        Some(Tier::new(conn, holdfast_testkit::redis::unique_prefix(test)))
+        Some(Tier::new(
+            conn,
+            holdfast_testkit::redis::unique_prefix(test),
+        ))
     }
 
     /// A holder whose lease expired must not release (or fill under) its successor's lease.

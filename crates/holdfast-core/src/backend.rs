@@ -1,18 +1,15 @@
 //! Which database engine holds the durable state.
 
-/// The two engines the durable store runs on: SQLite, the embedded default (one file shared by
-/// every local process), and PostgreSQL, for a fleet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Backend {
-    #[default]
-    Sqlite,
-    Postgres,
+named_variants! {
+    /// The two engines the durable store runs on: SQLite, the embedded default (one file
+    /// shared by every local process), and PostgreSQL, for a fleet.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub enum Backend {
+        #[default]
+        Sqlite => "sqlite",
+        Postgres => "postgres",
+    }
 }
-
-named_variants!(Backend {
-    Sqlite => "sqlite",
-    Postgres => "postgres",
-});
 
 impl Backend {
     /// The engine a store URL names: `sqlite:…`, or `postgres://…` / `postgresql://…`.

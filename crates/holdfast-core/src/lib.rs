@@ -8,10 +8,15 @@
 //!
 //! Architecture invariant: this crate knows nothing about axum, sqlx, tokio or HTTP.
 
-/// For a unit-only enum whose variants have command-line names: `ALL`, `name()`, `Display`
+/// A unit-only enum whose variants have command-line names, with `ALL`, `name()`, `Display`
 /// and `FromStr` (which names the valid choices when it refuses).
 macro_rules! named_variants {
-    ($ty:ident { $($variant:ident => $name:literal),+ $(,)? }) => {
+    ($(#[$meta:meta])* pub enum $ty:ident { $($(#[$vmeta:meta])* $variant:ident => $name:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        pub enum $ty {
+            $($(#[$vmeta])* $variant),+
+        }
+
         impl $ty {
             pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
 
@@ -86,6 +91,18 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     n.checked_mul(secs)
         .map(Duration::from_secs)
         .ok_or_else(|| format!("{s:?}: too long"))
+}
+
+/// An error and every cause under it, `outer: inner: root` — where "connection reset" lives.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Milliseconds since the Unix epoch: the one time unit the store persists.

@@ -3,23 +3,19 @@
 //! `--unsafe-sabotage KIND` take the same names. What each one breaks is implemented in one
 //! place, `holdfast-shop`'s `sabotage` module. Never set in production.
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Sabotage {
-    /// Web instances ignore `Idempotency-Key`: every retry of a checkout runs again.
-    NoIdempotency,
-    /// Web instances answer a checkout 201 at once and commit it a moment later: an instance
-    /// that dies in between has acknowledged an order that never existed.
-    AckBeforeCommit,
-    /// Workers skip the effect ledger and call the provider with a fresh idempotency key on
-    /// every attempt: redelivered payouts charge twice.
-    LedgerBypass,
+named_variants! {
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum Sabotage {
+        /// Web instances ignore `Idempotency-Key`: every retry of a checkout runs again.
+        NoIdempotency => "no-idempotency",
+        /// Web instances answer a checkout 201 at once and commit it a moment later: an
+        /// instance that dies in between has acknowledged an order that never existed.
+        AckBeforeCommit => "ack-before-commit",
+        /// Workers skip the effect ledger and call the provider with a fresh idempotency key
+        /// on every attempt: redelivered payouts charge twice.
+        LedgerBypass => "ledger-bypass",
+    }
 }
-
-named_variants!(Sabotage {
-    NoIdempotency => "no-idempotency",
-    AckBeforeCommit => "ack-before-commit",
-    LedgerBypass => "ledger-bypass",
-});
 
 #[cfg(test)]
 mod tests {

@@ -305,31 +305,23 @@ pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
     if let (true, Some(every)) = (periodic, every) {
         // Every `every` while the load runs, leaving the last 10% to show the recovery.
         let end = opts.duration.mul_f64(0.9);
-        let mut at = every;
-        while at < end {
-            s.planned.push(Planned {
-                kind: FaultKind::RestartRedis,
-                at,
-                hold: Duration::ZERO,
-                pick: rng.next_u64(),
-            });
-            at += every;
-        }
-        s.planned.sort_by_key(|p| p.at);
+        periodic_faults(
+            &mut s.planned,
+            FaultKind::RestartRedis,
+            (every, end),
+            every,
+            rng,
+        );
     }
     if opts.sabotage == Some(Sabotage::AckBeforeCommit) {
-        let (start, end) = window(opts.duration);
-        let mut at = start;
-        while at < end {
-            s.planned.push(Planned {
-                kind: FaultKind::KillInstance,
-                at,
-                hold: Duration::ZERO,
-                pick: rng.next_u64(),
-            });
-            at += DENSE_KILL_EVERY;
-        }
-        s.planned.sort_by_key(|p| p.at);
+        let span = window(opts.duration);
+        periodic_faults(
+            &mut s.planned,
+            FaultKind::KillInstance,
+            span,
+            DENSE_KILL_EVERY,
+            rng,
+        );
         s.notes.push(format!(
             "sabotage ack-before-commit: a denser schedule, kill-instance every {:.1} s, so that \
              kills land between acknowledgements and their delayed commits",
@@ -340,6 +332,29 @@ pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
 }
 
 /// Faults fall in `[10%, 80%]` of the run (the first at 1 s at the earliest).
+/// Adds an instant `kind` fault every `every` from `span.0` until `span.1`, keeping the plan in
+/// time order.
+fn periodic_faults(
+    planned: &mut Vec<Planned>,
+    kind: FaultKind,
+    span: (Duration, Duration),
+    every: Duration,
+    rng: &mut Rng,
+) {
+    let mut at = span.0;
+    while at < span.1 {
+        let pick = rng.next_u64();
+        planned.push(Planned {
+            kind,
+            at,
+            hold: Duration::ZERO,
+            pick,
+        });
+        at += every;
+    }
+    planned.sort_by_key(|p| p.at);
+}
+
 fn window(duration: Duration) -> (Duration, Duration) {
     let start = duration.mul_f64(0.1).max(Duration::from_secs(1));
     let end = duration.mul_f64(0.8).max(start);

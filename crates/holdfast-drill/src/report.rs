@@ -59,6 +59,25 @@ pub struct Second {
     pub p99_ms: f64,
 }
 
+/// Top-level keys of [`Report::to_json`] that scripts may rely on.
+pub const STABLE_KEYS: &[&str] = &[
+    "verdict",
+    "seed",
+    "duration_s",
+    "requests_total",
+    "client_errors",
+    "server_errors",
+    "faults",
+    "orders_acknowledged",
+    "orders_lost",
+    "orders_duplicated",
+    "charges_duplicated",
+    "emails_duplicated",
+    "orders_unpaid",
+    "sessions_lost",
+    "cart_items_lost",
+];
+
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
     /// `pass` when every invariant held, else `fail`.
@@ -213,6 +232,7 @@ impl Report {
         self.verdict == "pass"
     }
 
+    /// The report as JSON; its top level always has [`STABLE_KEYS`].
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a report serializes")
     }
@@ -694,23 +714,7 @@ mod tests {
     fn the_json_has_the_stable_keys() {
         let json: serde_json::Value =
             serde_json::from_str(&report(Verdict::default()).to_json()).unwrap();
-        for key in [
-            "verdict",
-            "seed",
-            "duration_s",
-            "requests_total",
-            "client_errors",
-            "server_errors",
-            "faults",
-            "orders_acknowledged",
-            "orders_lost",
-            "orders_duplicated",
-            "charges_duplicated",
-            "emails_duplicated",
-            "orders_unpaid",
-            "sessions_lost",
-            "cart_items_lost",
-        ] {
+        for key in STABLE_KEYS {
             assert!(json.get(key).is_some(), "{key} in {json:#}");
         }
         for q in ["p50", "p95", "p99", "max"] {

@@ -260,7 +260,7 @@ impl Load {
         if let Some(cookie) = cookie {
             r = r.header(header::COOKIE, cookie);
         }
-        let resp = r.send().await.map_err(|e| error_chain(&e))?;
+        let resp = r.send().await.map_err(|e| holdfast_core::error_chain(&e))?;
         let status = resp.status().as_u16();
         let cookie = resp
             .headers()
@@ -270,7 +270,10 @@ impl Load {
             .filter_map(|v| v.split(';').next())
             .find(|pair| pair.contains('='))
             .map(str::to_owned);
-        let bytes = resp.bytes().await.map_err(|e| error_chain(&e))?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| holdfast_core::error_chain(&e))?;
         let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
         Ok(Answer {
             status,
@@ -523,18 +526,6 @@ fn jitter(rng: &mut Rng, attempt: u32) -> Duration {
         .saturating_mul(1u32 << attempt.min(16))
         .min(RETRY_CAP);
     Duration::from_micros(rng.below(ceiling.as_micros() as u64 + 1))
-}
-
-/// The whole cause chain of a client error, which is where "connection reset" lives.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 fn lines_of(items: &Value) -> Option<Lines> {

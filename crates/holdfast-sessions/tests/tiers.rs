@@ -6,8 +6,8 @@
 use holdfast_faultproxy::FaultProxy;
 use holdfast_sessions::redis::aio::ConnectionManager;
 use holdfast_sessions::{Config, KeyRing, SessionTier, Sessions};
-use holdfast_testkit::redis::flush_prefix;
 use holdfast_store::{Store, StoreOptions};
+use holdfast_testkit::redis::flush_prefix;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -137,20 +137,41 @@ impl Effect {
     }
 
     /// Asks the provider to act under `key`; its id for the effect.
-    async fn call(self, provider: &ProviderClient, order: &PayoutInfo, key: String) -> Result<String, JobError> {
+    async fn call(
+        self,
+        provider: &ProviderClient,
+        order: &PayoutInfo,
+        key: String,
+    ) -> Result<String, JobError> {
         let id = &order.order_id;
         let acted = match self {
-            Effect::Charge => provider.charge(&key, id, order.total_cents).await.map(|c| c.id),
-            Effect::Receipt => provider.send_email(&key, id, &order.email, "receipt").await.map(|e| e.id),
+            Effect::Charge => provider
+                .charge(&key, id, order.total_cents)
+                .await
+                .map(|c| c.id),
+            Effect::Receipt => provider
+                .send_email(&key, id, &order.email, "receipt")
+                .await
+                .map(|e| e.id),
         };
         acted.map_err(client_err)
     }
 
     /// The provider's id for an effect it already caused under `key`, if any.
-    async fn lookup(self, provider: &ProviderClient, key: String) -> Result<Option<String>, JobError> {
+    async fn lookup(
+        self,
+        provider: &ProviderClient,
+        key: String,
+    ) -> Result<Option<String>, JobError> {
         let found = match self {
-            Effect::Charge => provider.charges(Some(&key)).await.map(|cs| cs.into_iter().next().map(|c| c.id)),
-            Effect::Receipt => provider.emails(Some(&key)).await.map(|es| es.into_iter().next().map(|e| e.id)),
+            Effect::Charge => provider
+                .charges(Some(&key))
+                .await
+                .map(|cs| cs.into_iter().next().map(|c| c.id)),
+            Effect::Receipt => provider
+                .emails(Some(&key))
+                .await
+                .map(|es| es.into_iter().next().map(|e| e.id)),
         };
         found.map_err(client_err)
     }

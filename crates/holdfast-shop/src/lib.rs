@@ -38,12 +38,12 @@ pub const RECEIPT_KIND: &str = "receipt_email";
 /// The shop's tables, migrated after the store's own.
 pub static SCHEMA: Schema = Schema {
     name: "shop",
-    migrations: &[Migration {
-        version: 1,
-        file: "crates/holdfast-shop/migrations/0001_shop.sql",
-        sql: include_str!("../migrations/0001_shop.sql"),
-        legacy: Some(1),
-    }],
+    migrations: &[Migration::new(
+        1,
+        "crates/holdfast-shop/migrations/0001_shop.sql",
+        include_str!("../migrations/0001_shop.sql"),
+    )
+    .replacing_legacy(1)],
 };
 
 /// What a shop request can get wrong.

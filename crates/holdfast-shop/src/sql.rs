@@ -10,13 +10,12 @@ use crate::domain::{OrderId, Quantity, Sku};
 use crate::{Error, PAYMENTS_QUEUE, PAYOUT_KIND};
 use holdfast_store::{Backend, JobInsert, Tx, TxError};
 use serde::Serialize;
-use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
+use sqlx::{AnyConnection, FromRow, Row};
 
 /// Reads are generic in the caller's abort type; writes abort with the shop's [`Error`].
 type Result<T, E = Error> = std::result::Result<T, TxError<E>>;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, FromRow)]
 pub struct ProductRow {
     pub sku: String,
     pub name: String,
@@ -38,7 +37,7 @@ pub struct Cart {
     pub total_cents: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, FromRow)]
 pub struct OrderLine {
     pub sku: String,
     pub name: String,
@@ -46,18 +45,21 @@ pub struct OrderLine {
     pub unit_price_cents: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, FromRow)]
 pub struct Order {
+    #[sqlx(rename = "id")]
     pub order_id: String,
     pub total_cents: i64,
     pub status: String,
     pub created_at: i64,
+    #[sqlx(skip)]
     pub items: Vec<OrderLine>,
 }
 
 /// What a payout needs to know about an order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct PayoutInfo {
+    #[sqlx(rename = "id")]
     pub order_id: String,
     pub email: String,
     pub total_cents: i64,
@@ -65,18 +67,11 @@ pub struct PayoutInfo {
 }
 
 pub async fn product_list<E>(conn: &mut AnyConnection) -> Result<Vec<ProductRow>, E> {
-    let rows = sqlx::query("SELECT sku, name, price_cents FROM products ORDER BY sku")
-        .fetch_all(conn)
-        .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(ProductRow {
-                sku: r.try_get("sku")?,
-                name: r.try_get("name")?,
-                price_cents: r.try_get("price_cents")?,
-            })
-        })
-        .collect()
+    Ok(
+        sqlx::query_as("SELECT sku, name, price_cents FROM products ORDER BY sku")
+            .fetch_all(conn)
+            .await?,
+    )
 }
 
 /// The user's cart, priced from the catalog. `lock` is appended to the query (a row lock).
@@ -219,12 +214,11 @@ pub async fn order_list<E>(
     user_id: &str,
     limit: i64,
 ) -> Result<Vec<Order>, E> {
-    let rows = sqlx::query("SELECT id, total_cents, status, created_at FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id LIMIT $2")
+    let mut orders: Vec<Order> = sqlx::query_as("SELECT id, total_cents, status, created_at FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id LIMIT $2")
         .bind(user_id)
         .bind(limit)
         .fetch_all(&mut *conn)
         .await?;
-    let mut orders = rows.iter().map(order_head).collect::<Result<Vec<_>, E>>()?;
     let lines = sqlx::query(
         "SELECT i.order_id, i.sku, i.name, i.qty, i.unit_price_cents FROM order_items i
          JOIN (SELECT id FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id LIMIT $2) o
@@ -237,7 +231,7 @@ pub async fn order_list<E>(
     for r in &lines {
         let id: String = r.try_get("order_id")?;
         if let Some(o) = orders.iter_mut().find(|o| o.order_id == id) {
-            o.items.push(order_line(r)?);
+            o.items.push(OrderLine::from_row(r)?);
         }
     }
     Ok(orders)
@@ -250,24 +244,22 @@ pub async fn order_get<E>(
     user_id: &str,
     order_id: &OrderId,
 ) -> Result<Option<Order>, E> {
-    let Some(row) = sqlx::query(
-        "SELECT id, total_cents, status, created_at FROM orders WHERE id = $1 AND user_id = $2",
-    )
-    .bind(order_id.as_str())
-    .bind(user_id)
-    .fetch_optional(&mut *conn)
-    .await?
+    let head =
+        "SELECT id, total_cents, status, created_at FROM orders WHERE id = $1 AND user_id = $2";
+    let Some(mut order) = sqlx::query_as::<_, Order>(head)
+        .bind(order_id.as_str())
+        .bind(user_id)
+        .fetch_optional(&mut *conn)
+        .await?
     else {
         return Ok(None);
     };
-    let mut order = order_head(&row)?;
-    let lines = sqlx::query(
-        "SELECT sku, name, qty, unit_price_cents FROM order_items WHERE order_id = $1 ORDER BY sku",
-    )
-    .bind(order_id.as_str())
-    .fetch_all(&mut *conn)
-    .await?;
-    order.items = lines.iter().map(order_line).collect::<Result<_, E>>()?;
+    let lines =
+        "SELECT sku, name, qty, unit_price_cents FROM order_items WHERE order_id = $1 ORDER BY sku";
+    order.items = sqlx::query_as(lines)
+        .bind(order_id.as_str())
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(Some(order))
 }
 
@@ -276,21 +268,12 @@ pub async fn payout_info<E>(
     conn: &mut AnyConnection,
     order_id: &str,
 ) -> Result<Option<PayoutInfo>, E> {
-    let row = sqlx::query(
+    Ok(sqlx::query_as(
         "SELECT o.id, u.email, o.total_cents, o.status FROM orders o JOIN users u ON u.id = o.user_id WHERE o.id = $1",
     )
     .bind(order_id)
     .fetch_optional(conn)
-    .await?;
-    row.map(|r| {
-        Ok(PayoutInfo {
-            order_id: r.try_get("id")?,
-            email: r.try_get("email")?,
-            total_cents: r.try_get("total_cents")?,
-            status: r.try_get("status")?,
-        })
-    })
-    .transpose()
+    .await?)
 }
 
 /// "The order is paid": a pending order becomes paid (a paid one stays paid).
@@ -300,23 +283,4 @@ pub async fn order_mark_paid(tx: &mut Tx, order_id: &str) -> std::result::Result
         .execute(tx.conn())
         .await?;
     Ok(())
-}
-
-fn order_head<E>(r: &AnyRow) -> Result<Order, E> {
-    Ok(Order {
-        order_id: r.try_get("id")?,
-        total_cents: r.try_get("total_cents")?,
-        status: r.try_get("status")?,
-        created_at: r.try_get("created_at")?,
-        items: Vec::new(),
-    })
-}
-
-fn order_line<E>(r: &AnyRow) -> Result<OrderLine, E> {
-    Ok(OrderLine {
-        sku: r.try_get("sku")?,
-        name: r.try_get("name")?,
-        qty: r.try_get("qty")?,
-        unit_price_cents: r.try_get("unit_price_cents")?,
-    })
 }

@@ -279,17 +279,8 @@ async fn bad_input_gets_a_clear_problem() {
     .await;
     let c = t.user("in@example.com").await;
     let raw = |method: &str, path: &str, ct: Option<&str>, body: Vec<u8>, cookie: Option<&str>| {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, "shop.test");
-        if let Some(ct) = ct {
-            b = b.header(header::CONTENT_TYPE, ct);
-        }
-        if let Some(c) = cookie {
-            b = b.header(header::COOKIE, c);
-        }
-        b.body(Body::from(body)).unwrap()
+        let cookie: Vec<(&str, &str)> = cookie.map(|c| ("cookie", c)).into_iter().collect();
+        raw_request(method, path, ct, body, &cookie)
     };
     let json_ct = Some("application/json");
     let cases: Vec<(Request<Body>, StatusCode)> = vec![

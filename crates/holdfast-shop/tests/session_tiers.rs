@@ -6,8 +6,8 @@
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use holdfast_sessions::redis::aio::ConnectionManager;
-use holdfast_testkit::redis::flush_prefix;
 use holdfast_testkit::app::*;
+use holdfast_testkit::redis::flush_prefix;
 use holdfast_web::{KeyRing, SessionTier, WebOptions};
 use serde_json::json;
 use std::time::{Duration, Instant};

@@ -4,8 +4,7 @@
 
 use crate::{Credentials, Error, Rerun, Result, SessionRecord, Store, User};
 use holdfast_core::{Email, SessionId, UserId};
-use sqlx::any::AnyRow;
-use sqlx::Row;
+use sqlx::{FromRow, Row};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -21,14 +20,6 @@ pub struct SessionCreate<'a> {
 
 pub(crate) fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
-
-fn user_from(row: &AnyRow) -> Result<User> {
-    Ok(User {
-        id: row.try_get("id")?,
-        email: row.try_get("email")?,
-        created_at: row.try_get("created_at")?,
-    })
 }
 
 impl Store {
@@ -68,7 +59,7 @@ impl Store {
             || sqlx::query(sql).bind(email.as_str()),
             |r| {
                 Ok(Credentials {
-                    user: user_from(r)?,
+                    user: User::from_row(r)?,
                     password_hash: r.try_get("password_hash")?,
                 })
             },
@@ -97,8 +88,12 @@ impl Store {
 
     pub async fn user_get(&self, id: &str) -> Result<Option<User>> {
         let sql = "SELECT id, email, created_at FROM users WHERE id = $1";
-        self.read_row("user_get", || sqlx::query(sql).bind(id), user_from)
-            .await
+        self.read_row(
+            "user_get",
+            || sqlx::query(sql).bind(id),
+            |r| Ok(User::from_row(r)?),
+        )
+        .await
     }
 
     // ---- sessions ----------------------------------------------------------------------
@@ -319,7 +314,8 @@ impl Store {
         id_hash: &str,
         now: i64,
     ) -> Result<Option<(Vec<u8>, i64)>> {
-        let sql = "SELECT data, expires_at FROM session_blobs WHERE id_hash = $1 AND expires_at > $2";
+        let sql =
+            "SELECT data, expires_at FROM session_blobs WHERE id_hash = $1 AND expires_at > $2";
         self.read_row(
             "session_blob_get",
             || sqlx::query(sql).bind(id_hash).bind(now),

@@ -144,12 +144,8 @@ impl Tx {
         .bind(i64::from(answer.status))
         .bind(&answer.body)
         .execute(self.conn())
-        .await?
-        .rows_affected();
-        if updated != 1 {
-            return Err(Error::IdempotencyLockLost);
-        }
-        Ok(())
+        .await?;
+        crate::one_row(&updated, Error::IdempotencyLockLost)
     }
 }
 

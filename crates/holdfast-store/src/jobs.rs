@@ -11,9 +11,9 @@ use crate::accounts::ms;
 use crate::{Backend, Error, Rerun, Result, Store, Tx, TxError};
 use scoped_futures::ScopedFutureExt;
 use serde::Serialize;
-use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::any::AnyArguments;
 use sqlx::query::Query;
-use sqlx::{Any, AnyConnection, Row};
+use sqlx::{Any, AnyConnection, FromRow, Row};
 use std::convert::Infallible;
 use std::time::Duration;
 
@@ -55,7 +55,7 @@ impl JobInsert {
 }
 
 /// A claimed job. `(id, claim)` is its fence.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, FromRow)]
 pub struct JobRow {
     pub id: i64,
     pub queue: String,
@@ -96,15 +96,16 @@ pub struct DeadJob {
 }
 
 /// How many jobs are in each state of each queue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, FromRow)]
 pub struct QueueCount {
     pub queue: String,
     pub state: String,
+    #[sqlx(rename = "n")]
     pub count: i64,
 }
 
 /// One effect that must happen once.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, FromRow)]
 pub struct LedgerEntry {
     pub effect_key: String,
     /// `pending` (started, outcome maybe unknown) or `done`.
@@ -147,22 +148,8 @@ fn fence_match(backend: Backend, n: usize) -> String {
     }
 }
 
-/// The columns [`job_from`] reads.
+/// The columns a [`JobRow`] is read from.
 const JOB_COLUMNS: &str = "id, queue, kind, args, attempt, max_attempts, claim, created_at, run_at";
-
-fn job_from(r: &AnyRow) -> Result<JobRow> {
-    Ok(JobRow {
-        id: r.try_get("id")?,
-        queue: r.try_get("queue")?,
-        kind: r.try_get("kind")?,
-        args: r.try_get("args")?,
-        attempt: r.try_get("attempt")?,
-        max_attempts: r.try_get("max_attempts")?,
-        claim: r.try_get("claim")?,
-        created_at: r.try_get("created_at")?,
-        run_at: r.try_get("run_at")?,
-    })
-}
 
 /// Rows per INSERT: 8 parameters a row; 400 rows stays far below SQLite's parameter limit.
 const INSERT_CHUNK: usize = 400;
@@ -255,15 +242,6 @@ async fn notify_all(tx: &mut Tx) -> Result<()> {
     Ok(())
 }
 
-fn ledger_entry(r: &AnyRow) -> Result<LedgerEntry> {
-    Ok(LedgerEntry {
-        effect_key: r.try_get("effect_key")?,
-        state: r.try_get("state")?,
-        external_key: r.try_get("external_key")?,
-        external_id: r.try_get("external_id")?,
-    })
-}
-
 /// The generic primitives, composed into the caller's transaction.
 impl Tx {
     /// Enqueues `jobs` in this transaction: they exist if and only if it commits. Returns the
@@ -283,12 +261,8 @@ impl Tx {
         .bind(fence.claim)
         .bind(holdfast_core::now_ms())
         .execute(self.conn())
-        .await?
-        .rows_affected();
-        if completed != 1 {
-            return Err(Error::JobLost);
-        }
-        Ok(())
+        .await?;
+        crate::one_row(&completed, Error::JobLost)
     }
 
     /// Records the intent to cause `effect_key` with the dependency's idempotency key
@@ -314,7 +288,7 @@ impl Tx {
             .bind(effect_key)
             .fetch_one(self.conn())
             .await?;
-        Ok((ledger_entry(&r)?, created))
+        Ok((LedgerEntry::from_row(&r)?, created))
     }
 
     /// The effect happened, and the dependency knows it as `external_id`: its entry is done.
@@ -420,47 +394,65 @@ impl Store {
                         .bind(limit),
                 )
                 .await?;
-            let mut jobs = rows.iter().map(job_from).collect::<Result<Vec<_>>>()?;
+            let mut jobs = rows
+                .iter()
+                .map(JobRow::from_row)
+                .collect::<Result<Vec<_>, _>>()?;
             jobs.sort_by_key(|j| j.id);
             Ok(jobs)
         })
         .await
     }
 
-    /// Extends the leases of running attempts; returns how many are still ours.
-    pub async fn job_heartbeat(&self, fences: &[JobFence], lease_until: i64) -> Result<u64> {
+    /// `UPDATE jobs SET <set> WHERE state = 'running'` for the jobs whose current claim is one
+    /// of `fences`, as one statement; `value`, if any, is its `$1`. Returns how many matched.
+    async fn job_update_fenced(
+        &self,
+        op: &'static str,
+        rerun: Rerun,
+        set: &str,
+        value: Option<i64>,
+        fences: &[JobFence],
+    ) -> Result<u64> {
         if fences.is_empty() {
             return Ok(0);
         }
+        let n = 1 + usize::from(value.is_some());
         let sql = format!(
-            "UPDATE jobs SET lease_until = $1 WHERE state = 'running' AND {}",
-            fence_match(self.backend, 2)
+            "UPDATE jobs SET {set} WHERE state = 'running' AND {}",
+            fence_match(self.backend, n)
         );
         let fences = fences_json(fences);
-        self.run(Rerun::Always, "job_heartbeat", || async {
-            self.write_one(sqlx::query(&sql).bind(lease_until).bind(&fences))
-                .await
+        self.run(rerun, op, || async {
+            let q = sqlx::query(&sql);
+            let q = match value {
+                Some(v) => q.bind(v),
+                None => q,
+            };
+            self.write_one(q.bind(&fences)).await
         })
+        .await
+    }
+
+    /// Extends the leases of running attempts; returns how many are still ours.
+    pub async fn job_heartbeat(&self, fences: &[JobFence], lease_until: i64) -> Result<u64> {
+        let set = "lease_until = $1";
+        self.job_update_fenced(
+            "job_heartbeat",
+            Rerun::Always,
+            set,
+            Some(lease_until),
+            fences,
+        )
         .await
     }
 
     /// Completes attempts in one statement; attempts that are no longer current are refused
     /// (not counted).
     pub async fn job_complete(&self, fences: &[JobFence], now: i64) -> Result<u64> {
-        if fences.is_empty() {
-            return Ok(0);
-        }
-        let sql = format!(
-            "UPDATE jobs SET state = 'completed', finished_at = $1, lease_until = NULL
-             WHERE state = 'running' AND {}",
-            fence_match(self.backend, 2)
-        );
-        let fences = fences_json(fences);
-        self.run(Rerun::Always, "job_complete", || async {
-            self.write_one(sqlx::query(&sql).bind(now).bind(&fences))
-                .await
-        })
-        .await
+        let set = "state = 'completed', finished_at = $1, lease_until = NULL";
+        self.job_update_fenced("job_complete", Rerun::Always, set, Some(now), fences)
+            .await
     }
 
     /// Records a failed attempt: back to `available` at `retry_at`, or `dead` when `None`.
@@ -475,25 +467,23 @@ impl Store {
         let error: String = error.chars().take(2000).collect();
         self.run(Rerun::Always, "job_fail", || async {
             let mut tx = self.begin_write().await?;
-            let q = match retry_at {
-                Some(at) => sqlx::query(
-                    "UPDATE jobs SET state = 'available', run_at = $3, last_error = $4, lease_until = NULL
-                     WHERE id = $1 AND claim = $2 AND state = 'running'",
-                )
+            // Back in the queue at `retry_at`, or dead (finished) now.
+            let (set, at) = match retry_at {
+                Some(at) => ("state = 'available', run_at = $3", at),
+                None => ("state = 'dead', finished_at = $3", now),
+            };
+            let sql = format!(
+                "UPDATE jobs SET {set}, last_error = $4, lease_until = NULL
+                 WHERE id = $1 AND claim = $2 AND state = 'running'"
+            );
+            let n = sqlx::query(&sql)
                 .bind(job.id)
                 .bind(job.claim)
                 .bind(at)
-                .bind(&error),
-                None => sqlx::query(
-                    "UPDATE jobs SET state = 'dead', finished_at = $3, last_error = $4, lease_until = NULL
-                     WHERE id = $1 AND claim = $2 AND state = 'running'",
-                )
-                .bind(job.id)
-                .bind(job.claim)
-                .bind(now)
-                .bind(&error),
-            };
-            let n = q.execute(tx.conn()).await?.rows_affected();
+                .bind(&error)
+                .execute(tx.conn())
+                .await?
+                .rows_affected();
             if n == 1 && retry_at.is_some() {
                 notify_all(&mut tx).await?;
             }
@@ -506,19 +496,9 @@ impl Store {
     /// Gives unfinished attempts back (graceful drain): available again at once, and the
     /// attempt does not count against `max_attempts`.
     pub async fn job_release(&self, fences: &[JobFence]) -> Result<u64> {
-        if fences.is_empty() {
-            return Ok(0);
-        }
-        let sql = format!(
-            "UPDATE jobs SET state = 'available', attempt = attempt - 1, lease_until = NULL
-             WHERE state = 'running' AND {}",
-            fence_match(self.backend, 1)
-        );
-        let fences = fences_json(fences);
-        self.run(Rerun::IfUncommitted, "job_release", || async {
-            self.write_one(sqlx::query(&sql).bind(&fences)).await
-        })
-        .await
+        let set = "state = 'available', attempt = attempt - 1, lease_until = NULL";
+        self.job_update_fenced("job_release", Rerun::IfUncommitted, set, None, fences)
+            .await
     }
 
     /// Frees jobs whose worker stopped heartbeating: available again, or dead when their
@@ -575,7 +555,7 @@ impl Store {
             || sqlx::query(&sql).bind(limit),
             |r| {
                 Ok(DeadJob {
-                    job: job_from(r)?,
+                    job: JobRow::from_row(r)?,
                     last_error: r.try_get("last_error")?,
                     finished_at: r.try_get("finished_at")?,
                 })
@@ -608,22 +588,22 @@ impl Store {
 
     pub async fn job_counts(&self) -> Result<Vec<QueueCount>> {
         let sql = "SELECT queue, state, COUNT(*) AS n FROM jobs GROUP BY queue, state ORDER BY queue, state";
-        self.read_rows("job_counts", || sqlx::query(sql), |r| {
-            Ok(QueueCount {
-                queue: r.try_get("queue")?,
-                state: r.try_get("state")?,
-                count: r.try_get("n")?,
-            })
-        })
+        self.read_rows(
+            "job_counts",
+            || sqlx::query(sql),
+            |r| Ok(QueueCount::from_row(r)?),
+        )
         .await
     }
 
     /// When the next scheduled job of `queue` becomes due, if any is waiting.
     pub async fn job_next_run_at(&self, queue: &str) -> Result<Option<i64>> {
         let sql = "SELECT MIN(run_at) AS t FROM jobs WHERE state = 'available' AND queue = $1";
-        let next = self.read_row("job_next_run_at", || sqlx::query(sql).bind(queue), |r| {
-            Ok(r.try_get::<Option<i64>, _>("t")?)
-        });
+        let next = self.read_row(
+            "job_next_run_at",
+            || sqlx::query(sql).bind(queue),
+            |r| Ok(r.try_get::<Option<i64>, _>("t")?),
+        );
         Ok(next.await?.flatten())
     }
 
@@ -631,8 +611,12 @@ impl Store {
 
     pub async fn ledger_get(&self, effect_key: &str) -> Result<Option<LedgerEntry>> {
         let sql = "SELECT effect_key, state, external_key, external_id FROM effect_ledger WHERE effect_key = $1";
-        self.read_row("ledger_get", || sqlx::query(sql).bind(effect_key), ledger_entry)
-            .await
+        self.read_row(
+            "ledger_get",
+            || sqlx::query(sql).bind(effect_key),
+            |r| Ok(LedgerEntry::from_row(r)?),
+        )
+        .await
     }
 
     /// [`Tx::ledger_begin`] as its own transaction.

@@ -34,8 +34,8 @@ pub use tx::{Rerun, ScopedFutureExt, Tx, TxBody, TxError};
 
 use holdfast_core::retry::{RetryBudget, RetryPolicy};
 use serde::Serialize;
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::any::{AnyArguments, AnyRow};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{Any, AnyPool, Executor};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -257,8 +257,8 @@ impl Store {
         }
     }
 
-    /// The rows of one read statement (built afresh for each attempt), each mapped by `row`;
-    /// retried after transient failures.
+    /// The rows of one read statement (built afresh for each attempt), each mapped by `row`
+    /// (`T::from_row` for a type that derives it); retried after transient failures.
     async fn read_rows<'q, T>(
         &self,
         op: &'static str,
@@ -266,22 +266,24 @@ impl Store {
         row: impl Fn(&AnyRow) -> Result<T>,
     ) -> Result<Vec<T>> {
         self.run(Rerun::Always, op, || async {
-            query().fetch_all(&self.pool).await?.iter().map(&row).collect()
+            query()
+                .fetch_all(&self.pool)
+                .await?
+                .iter()
+                .map(&row)
+                .collect()
         })
         .await
     }
 
-    /// The first row of one read statement, if any (see [`Store::read_rows`]).
+    /// The first row of one read statement that names at most one (by key), if any.
     async fn read_row<'q, T>(
         &self,
         op: &'static str,
         query: impl Fn() -> AnyQuery<'q>,
         row: impl Fn(&AnyRow) -> Result<T>,
     ) -> Result<Option<T>> {
-        self.run(Rerun::Always, op, || async {
-            query().fetch_optional(&self.pool).await?.as_ref().map(&row).transpose()
-        })
-        .await
+        Ok(self.read_rows(op, query, row).await?.into_iter().next())
     }
 
     /// One attempt of a store-internal operation, then retries while [`Retries::after`]
@@ -340,8 +342,17 @@ impl Retries<'_> {
     }
 }
 
+/// `Ok` if a write changed exactly one row, else `err` (a fence that no longer matches).
+fn one_row(done: &sqlx::any::AnyQueryResult, err: Error) -> Result<()> {
+    if done.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(err)
+    }
+}
+
 /// A registered user.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct User {
     pub id: String,
     pub email: String,

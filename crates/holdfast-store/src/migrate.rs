@@ -45,40 +45,50 @@ pub struct Schema {
 }
 
 impl Migration {
+    /// Migration `version`, whose SQL is `sql`, from the file `file` (its repository path).
+    pub const fn new(version: i64, file: &'static str, sql: &'static str) -> Self {
+        Migration {
+            version,
+            file,
+            sql,
+            legacy: None,
+        }
+    }
+
+    /// This migration's statements were the one-list layout's version `legacy` (see
+    /// [`Migration::legacy`]).
+    pub const fn replacing_legacy(self, legacy: i64) -> Self {
+        Migration {
+            legacy: Some(legacy),
+            ..self
+        }
+    }
+
     /// SHA-256 of the file, hex.
     pub fn checksum(&self) -> String {
         hex::encode(Sha256::digest(self.sql.as_bytes()))
     }
 }
 
+/// One of the store's migrations, by its file name in `crates/holdfast-store/migrations/`.
+macro_rules! store_file {
+    ($version:literal, $name:literal) => {
+        Migration::new(
+            $version,
+            concat!("crates/holdfast-store/migrations/", $name),
+            include_str!(concat!("../migrations/", $name)),
+        )
+    };
+}
+
 /// The store's own schema.
 pub(crate) static SCHEMA: Schema = Schema {
     name: "store",
     migrations: &[
-        Migration {
-            version: 1,
-            file: "crates/holdfast-store/migrations/0001_accounts.sql",
-            sql: include_str!("../migrations/0001_accounts.sql"),
-            legacy: Some(1),
-        },
-        Migration {
-            version: 2,
-            file: "crates/holdfast-store/migrations/0002_jobs.sql",
-            sql: include_str!("../migrations/0002_jobs.sql"),
-            legacy: Some(2),
-        },
-        Migration {
-            version: 3,
-            file: "crates/holdfast-store/migrations/0003_sessions.sql",
-            sql: include_str!("../migrations/0003_sessions.sql"),
-            legacy: Some(3),
-        },
-        Migration {
-            version: 4,
-            file: "crates/holdfast-store/migrations/0004_job_claims.sql",
-            sql: include_str!("../migrations/0004_job_claims.sql"),
-            legacy: None,
-        },
+        store_file!(1, "0001_accounts.sql").replacing_legacy(1),
+        store_file!(2, "0002_jobs.sql").replacing_legacy(2),
+        store_file!(3, "0003_sessions.sql").replacing_legacy(3),
+        store_file!(4, "0004_job_claims.sql"),
     ],
 };
 

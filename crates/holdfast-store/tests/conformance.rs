@@ -196,10 +196,8 @@ async fn effect(
 
 /// How many effects were committed (jobs on the effects queue, in any state).
 async fn effects(store: &Store) -> i64 {
-    store
-        .job_counts()
-        .await
-        .unwrap()
+    let counts = store.job_counts().await.unwrap();
+    counts
         .iter()
         .filter(|c| c.queue == EFFECTS)
         .map(|c| c.count)
@@ -1077,7 +1075,10 @@ async fn job_lifecycle(store: Store) {
         (1, Some("boom again"))
     );
     // Redrive: available again with a fresh budget (and a new claim).
-    assert_eq!(store.job_redrive(Some(dead[0].job.id), now).await.unwrap(), 1);
+    assert_eq!(
+        store.job_redrive(Some(dead[0].job.id), now).await.unwrap(),
+        1
+    );
     let redriven = store.job_claim("q", "w1", 1, now, LEASE).await.unwrap();
     assert_eq!(
         (redriven[0].id, redriven[0].attempt, redriven[0].claim),

@@ -38,6 +38,9 @@ impl Reply {
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or(Value::Null)
     }
+    pub fn replayed(&self) -> bool {
+        self.headers.contains_key("idempotent-replayed")
+    }
     pub fn is_problem(&self) -> bool {
         self.headers
             .get(header::CONTENT_TYPE)
@@ -101,21 +104,7 @@ impl TestApp {
     }
 
     pub async fn send(&self, req: Request<Body>) -> Reply {
-        let resp = self.router.clone().oneshot(req).await.expect("infallible");
-        let status = resp.status();
-        let headers = resp.headers().clone();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .expect("a whole body")
-            .to_bytes()
-            .to_vec();
-        Reply {
-            status,
-            headers,
-            body,
-        }
+        send(&self.router, req).await
     }
 
     /// A request with optional JSON body, session cookie and extra headers.
@@ -127,24 +116,9 @@ impl TestApp {
         cookie: Option<&str>,
         extra: &[(&str, &str)],
     ) -> Reply {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, "shop.test");
-        if let Some(c) = cookie {
-            b = b.header(header::COOKIE, c);
-        }
-        for (k, v) in extra {
-            b = b.header(*k, *v);
-        }
-        let body = match body {
-            Some(v) => {
-                b = b.header(header::CONTENT_TYPE, "application/json");
-                Body::from(v.to_string())
-            }
-            None => Body::empty(),
-        };
-        self.send(b.body(body).expect("a valid request")).await
+        let cookie: Vec<(&str, &str)> = cookie.map(|c| ("cookie", c)).into_iter().collect();
+        let headers = [cookie.as_slice(), extra].concat();
+        self.send(request(method, path, body, &headers)).await
     }
 
     /// Signs up and logs in; returns the `Cookie` header value.
@@ -181,6 +155,65 @@ impl TestApp {
             &[("idempotency-key", key)],
         )
         .await
+    }
+}
+
+/// A request as a client sends it: `Host: shop.test`, the headers given, and a JSON body
+/// (with its content type) when there is one.
+pub fn request(
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> Request<Body> {
+    let json = body.map(|v| v.to_string().into_bytes());
+    let content_type = json.as_ref().map(|_| "application/json");
+    raw_request(
+        method,
+        path,
+        content_type,
+        json.unwrap_or_default(),
+        headers,
+    )
+}
+
+/// A request with exactly these bytes as its body.
+pub fn raw_request(
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> Request<Body> {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, "shop.test");
+    if let Some(ct) = content_type {
+        b = b.header(header::CONTENT_TYPE, ct);
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Body::from(body)).expect("a valid request")
+}
+
+/// Sends `req` through `router` (every layer, no network) and reads the whole answer.
+pub async fn send(router: &Router, req: Request<Body>) -> Reply {
+    let resp = router.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .expect("a whole body")
+        .to_bytes()
+        .to_vec();
+    Reply {
+        status,
+        headers,
+        body,
     }
 }
 

@@ -131,6 +131,18 @@ pub fn client() -> reqwest::Client {
         .expect("an HTTP client")
 }
 
+/// `GET url`'s JSON body; panics if there is none.
+pub async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &str) -> T {
+    let resp = http
+        .get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    resp.json()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: not the JSON expected: {e}"))
+}
+
 /// The status of `GET url`, or `None` if no response came.
 pub async fn status(client: &reqwest::Client, url: &str) -> Option<u16> {
     client

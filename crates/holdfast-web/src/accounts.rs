@@ -1,7 +1,7 @@
 //! Accounts: sign up, log in (rotating the session id), log out, change the password (ending
 //! every other session), and who am I. Every application built on the edge gets these routes.
 
-use crate::body::{parse_json, RawBody};
+use crate::body::JsonBody;
 use crate::error::{AppError, AppResult};
 use crate::session::{self, Authed};
 use crate::AppState;
@@ -37,10 +37,8 @@ struct Credentials {
 
 async fn signup(
     State(st): State<AppState>,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
+    JsonBody(c): JsonBody<Credentials>,
 ) -> AppResult<Response> {
-    let (c, _) = parse_json::<Credentials>(&headers, &body, false)?;
     let email = Email::parse(&c.email)?;
     let hash = session::hash_password(Password::parse(&c.password)?).await?;
     let user = st.store.user_create(&email, &hash).await?;
@@ -54,9 +52,8 @@ async fn signup(
 async fn login(
     State(st): State<AppState>,
     headers: HeaderMap,
-    RawBody(body): RawBody,
+    JsonBody(c): JsonBody<Credentials>,
 ) -> AppResult<Response> {
-    let (c, _) = parse_json::<Credentials>(&headers, &body, false)?;
     let denied = || {
         AppError::new(
             StatusCode::UNAUTHORIZED,
@@ -106,10 +103,8 @@ struct PasswordChange {
 async fn password(
     State(st): State<AppState>,
     user: Authed,
-    headers: HeaderMap,
-    RawBody(body): RawBody,
+    JsonBody(c): JsonBody<PasswordChange>,
 ) -> AppResult<Response> {
-    let (c, _) = parse_json::<PasswordChange>(&headers, &body, false)?;
     let new = Password::parse(&c.new_password)?;
     let wrong = || {
         AppError::new(

@@ -2,29 +2,26 @@
 //! accounts, [`Authed`] and [`Idempotent`], over a store schema of its own. It shows the pieces
 //! compose for any application and holds them to the Idempotency-Key draft's rules.
 
-use axum::body::Body;
-use axum::http::{header, Request, StatusCode};
+use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use holdfast_store::{Migration, Schema, ScopedFutureExt, Store, StoreOptions, TxError};
+use holdfast_testkit::app::{cookie_of, request, send, Reply, PASSWORD};
 use holdfast_web::{
     json_response, AppError, AppResult, AppState, Authed, Idempotent, JsonBody, Required,
     WebOptions,
 };
-use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::convert::Infallible;
-use tower::ServiceExt;
 
 static NOTES: Schema = Schema {
     name: "notes",
-    migrations: &[Migration {
-        version: 1,
-        file: "crates/holdfast-web/tests/edge.rs",
-        sql: "CREATE TABLE notes (id BIGINT PRIMARY KEY, owner TEXT NOT NULL, text TEXT NOT NULL);",
-        legacy: None,
-    }],
+    migrations: &[Migration::new(
+        1,
+        "crates/holdfast-web/tests/edge.rs",
+        "CREATE TABLE notes (id BIGINT PRIMARY KEY, owner TEXT NOT NULL, text TEXT NOT NULL);",
+    )],
 };
 
 #[derive(Deserialize)]
@@ -139,50 +136,19 @@ impl Notes {
         path: &str,
         body: Option<Value>,
         headers: &[(&str, &str)],
-    ) -> (StatusCode, Value, Option<String>) {
-        let mut b = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, "notes.test");
-        for (k, v) in headers {
-            b = b.header(*k, *v);
-        }
-        let body = match body {
-            Some(v) => {
-                b = b.header(header::CONTENT_TYPE, "application/json");
-                Body::from(v.to_string())
-            }
-            None => Body::empty(),
-        };
-        let resp = self
-            .router
-            .clone()
-            .oneshot(b.body(body).unwrap())
-            .await
-            .unwrap();
-        let status = resp.status();
-        let cookie = resp
-            .headers()
-            .get(header::SET_COOKIE)
-            .map(|v| v.to_str().unwrap().split(';').next().unwrap().to_owned());
-        let replayed = resp.headers().contains_key("idempotent-replayed");
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-        let mut json: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        if replayed {
-            json["replayed"] = json!(true);
-        }
-        (status, json, cookie)
+    ) -> Reply {
+        send(&self.router, request(method, path, body, headers)).await
     }
 
     async fn login(&self, email: &str) -> String {
-        let creds = json!({ "email": email, "password": "correct horse battery" });
-        let (s, _, _) = self
+        let creds = json!({ "email": email, "password": PASSWORD });
+        let signup = self
             .call("POST", "/api/signup", Some(creds.clone()), &[])
             .await;
-        assert_eq!(s, StatusCode::CREATED);
-        let (s, _, cookie) = self.call("POST", "/api/login", Some(creds), &[]).await;
-        assert_eq!(s, StatusCode::OK);
-        cookie.unwrap()
+        assert_eq!(signup.status, StatusCode::CREATED);
+        let login = self.call("POST", "/api/login", Some(creds), &[]).await;
+        assert_eq!(login.status, StatusCode::OK);
+        cookie_of(&login)
     }
 }
 
@@ -195,70 +161,57 @@ fn keyed<'a>(cookie: &'a str, key: &'a str) -> [(&'a str, &'a str); 2] {
 async fn any_application_gets_accounts_and_replayable_writes() {
     let app = notes_service().await;
     let ann = app.login("ann@example.com").await;
+    let note = |text: &str| Some(json!({ "text": text }));
     let h = keyed(&ann, "n-1");
 
-    let (s, first, _) = app
-        .call("POST", "/api/notes", Some(json!({"text": "hi"})), &h)
-        .await;
-    assert_eq!(s, StatusCode::CREATED);
-    let (s, again, _) = app
-        .call("POST", "/api/notes", Some(json!({"text": "hi"})), &h)
-        .await;
-    assert_eq!(s, StatusCode::CREATED);
+    let first = app.call("POST", "/api/notes", note("hi"), &h).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let again = app.call("POST", "/api/notes", note("hi"), &h).await;
     assert_eq!(
-        (again["id"].clone(), again["replayed"].clone()),
-        (first["id"].clone(), json!(true))
+        (again.status, again.replayed()),
+        (StatusCode::CREATED, true)
     );
-    let (s, _, _) = app
-        .call("POST", "/api/notes", Some(json!({"text": "other"})), &h)
-        .await;
+    assert_eq!(again.json()["id"], first.json()["id"]);
+    let other = app.call("POST", "/api/notes", note("other"), &h).await;
     assert_eq!(
-        s,
+        other.status,
         StatusCode::UNPROCESSABLE_ENTITY,
         "same key, different payload"
     );
 
     let cookie = [("cookie", ann.as_str())];
-    let (s, _, _) = app
-        .call("POST", "/api/notes", Some(json!({"text": "x"})), &cookie)
-        .await;
-    assert_eq!(s, StatusCode::BAD_REQUEST, "the route requires a key");
-    let (s, _, _) = app
+    let keyless = app.call("POST", "/api/notes", note("x"), &cookie).await;
+    assert_eq!(
+        keyless.status,
+        StatusCode::BAD_REQUEST,
+        "the route requires a key"
+    );
+    let anonymous = app
         .call(
             "POST",
             "/api/notes",
-            Some(json!({"text": "x"})),
+            note("x"),
             &[("idempotency-key", "n-9")],
         )
         .await;
-    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
 
     // The application's own refusal rolls back and gives the key back: a corrected retry with
     // the same key runs.
     let h2 = keyed(&ann, "n-2");
-    let (s, problem, _) = app
-        .call("POST", "/api/notes", Some(json!({"text": " "})), &h2)
-        .await;
-    assert_eq!(
-        (s, problem["type"].as_str()),
-        (
-            StatusCode::UNPROCESSABLE_ENTITY,
-            Some("/problems/blank-note")
-        )
-    );
-    let (s, _, _) = app
-        .call("POST", "/api/notes", Some(json!({"text": "fixed"})), &h2)
-        .await;
-    assert_eq!(s, StatusCode::CREATED);
+    let blank = app.call("POST", "/api/notes", note(" "), &h2).await;
+    assert_eq!(blank.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(blank.json()["type"], "/problems/blank-note");
+    let fixed = app.call("POST", "/api/notes", note("fixed"), &h2).await;
+    assert_eq!(fixed.status, StatusCode::CREATED);
 
     // Keys and notes are per user.
     let bo = app.login("bo@example.com").await;
-    let hb = keyed(&bo, "n-1");
-    let (s, bos, _) = app
-        .call("POST", "/api/notes", Some(json!({"text": "bo's"})), &hb)
+    let bos = app
+        .call("POST", "/api/notes", note("bo's"), &keyed(&bo, "n-1"))
         .await;
-    assert_eq!(s, StatusCode::CREATED);
-    assert_ne!(bos["id"], first["id"]);
-    let (_, mine, _) = app.call("GET", "/api/notes", None, &cookie).await;
-    assert_eq!(mine, json!(["hi", "fixed"]));
+    assert_eq!(bos.status, StatusCode::CREATED);
+    assert_ne!(bos.json()["id"], first.json()["id"]);
+    let mine = app.call("GET", "/api/notes", None, &cookie).await;
+    assert_eq!(mine.json(), json!(["hi", "fixed"]));
 }

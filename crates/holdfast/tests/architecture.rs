@@ -47,17 +47,24 @@ const PEERS: &[&str] = &[
 /// Declared normal (non-dev, non-build) dependencies of each workspace member, by name.
 type Graph = BTreeMap<String, BTreeSet<String>>;
 
-fn cargo() -> Command {
-    Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+/// `cargo ARGS --offline`'s stdout (it must succeed).
+fn cargo(args: &[&str]) -> Vec<u8> {
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(args)
+        .arg("--offline")
+        .output()
+        .expect("running cargo");
+    assert!(
+        out.status.success(),
+        "cargo {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
 
 fn workspace_graph() -> Graph {
-    let out = cargo()
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
-        .output()
-        .expect("running cargo metadata");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let meta: Value = serde_json::from_slice(&out.stdout).expect("metadata JSON");
+    let out = cargo(&["metadata", "--format-version", "1", "--no-deps"]);
+    let meta: Value = serde_json::from_slice(&out).expect("metadata JSON");
     let mut graph = Graph::new();
     for pkg in meta["packages"].as_array().expect("packages") {
         let deps = pkg["dependencies"]
@@ -107,15 +114,29 @@ fn assert_none(graph: &Graph, crates: &[&str], forbidden: &[&str], rule: &str) {
 #[test]
 fn the_generic_crates_know_nothing_of_the_shop() {
     let graph = workspace_graph();
-    for c in GENERIC.iter().chain(APPLICATION).chain(["holdfast", "holdfast-drill"].iter()) {
+    for c in GENERIC
+        .iter()
+        .chain(APPLICATION)
+        .chain(["holdfast", "holdfast-drill"].iter())
+    {
         assert!(graph.contains_key(*c), "{c} is a workspace member");
     }
-    assert_none(&graph, GENERIC, APPLICATION, "a generic crate depends on the application");
+    assert_none(
+        &graph,
+        GENERIC,
+        APPLICATION,
+        "a generic crate depends on the application",
+    );
 }
 
 #[test]
 fn the_core_knows_nothing_of_io_or_http() {
-    assert_none(&workspace_graph(), &["holdfast-core"], IO_AND_HTTP, "holdfast-core does I/O");
+    assert_none(
+        &workspace_graph(),
+        &["holdfast-core"],
+        IO_AND_HTTP,
+        "holdfast-core does I/O",
+    );
 }
 
 #[test]
@@ -132,22 +153,30 @@ fn the_drill_links_no_server_crate() {
 /// edges only): none of the peers.
 #[test]
 fn the_production_binary_links_no_peer() {
-    let out = cargo()
-        .args(["tree", "-p", "holdfast", "-e", "normal", "--prefix", "none"])
-        .args(["--format", "{p}", "--offline"])
-        .output()
-        .expect("running cargo tree");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let linked: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
+    let tree = [
+        "tree", "-p", "holdfast", "-e", "normal", "--prefix", "none", "--format", "{p}",
+    ];
+    let out = cargo(&tree);
+    let linked: BTreeSet<String> = String::from_utf8_lossy(&out)
         .lines()
         .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
         .collect();
-    assert!(linked.contains("holdfast-shop"), "the tree is the binary's: {linked:?}");
+    assert!(
+        linked.contains("holdfast-shop"),
+        "the tree is the binary's: {linked:?}"
+    );
     let peers: Vec<&String> = linked
         .iter()
-        .filter(|c| PEERS.iter().any(|p| c.as_str() == *p || c.starts_with("apalis")))
+        .filter(|c| {
+            PEERS
+                .iter()
+                .any(|p| c.as_str() == *p || c.starts_with("apalis"))
+        })
         .collect();
-    assert!(peers.is_empty(), "the production binary links peers: {peers:?}");
+    assert!(
+        peers.is_empty(),
+        "the production binary links peers: {peers:?}"
+    );
 }
 
 /// The checker finds a planted violation, however deep.
@@ -163,6 +192,11 @@ fn a_planted_dependency_is_found() {
     graph.insert("holdfast-shop".into(), deps(&["holdfast-web"]));
     assert_eq!(
         forbidden_paths(&graph, "holdfast-web", APPLICATION),
-        vec![vec!["holdfast-web", "holdfast-store", "holdfast-core", "holdfast-shop"]]
+        vec![vec![
+            "holdfast-web",
+            "holdfast-store",
+            "holdfast-core",
+            "holdfast-shop"
+        ]]
     );
 }

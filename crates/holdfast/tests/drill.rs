@@ -59,23 +59,7 @@ fn assert_passes(backend: &str) {
     assert_eq!(r["verdict"], "pass", "violated: {}", r["violated"]);
     assert!(out.status.success(), "exit status {}", out.status);
     // The stable keys.
-    for key in [
-        "verdict",
-        "seed",
-        "duration_s",
-        "requests_total",
-        "client_errors",
-        "server_errors",
-        "faults",
-        "orders_acknowledged",
-        "orders_lost",
-        "orders_duplicated",
-        "charges_duplicated",
-        "emails_duplicated",
-        "orders_unpaid",
-        "sessions_lost",
-        "cart_items_lost",
-    ] {
+    for key in holdfast_drill::report::STABLE_KEYS {
         assert!(r.get(key).is_some(), "{key} missing from the report");
     }
     for q in ["p50", "p95", "p99", "max"] {

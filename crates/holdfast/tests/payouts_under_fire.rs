@@ -7,6 +7,7 @@
 
 use holdfast_drill::System;
 use holdfast_store::{Store, StoreOptions};
+use holdfast_testkit::process::get_json;
 use holdfast_testkit::system::{spawn_system, Shopper};
 use holdfast_testkit::{both_backends, Backend};
 
@@ -135,14 +136,7 @@ async fn run(sys: &System, users: usize, per_user: usize, faults: Value) -> Run 
         .expect("clear faults");
     let deadline = Instant::now() + Duration::from_secs(90);
     let (charges, emails) = loop {
-        let emails: Vec<Value> = http
-            .get(format!("{provider}/emails"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let emails: Vec<Value> = get_json(&http, &format!("{provider}/emails")).await;
         let receipted: std::collections::HashSet<&str> = emails
             .iter()
             .filter_map(|e| e["order_id"].as_str())
@@ -150,22 +144,8 @@ async fn run(sys: &System, users: usize, per_user: usize, faults: Value) -> Run 
         if orders.keys().all(|o| receipted.contains(o.as_str())) || Instant::now() > deadline {
             // A moment more, so a straggling duplicate would have landed too.
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let charges = http
-                .get(format!("{provider}/charges"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let emails = http
-                .get(format!("{provider}/emails"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let charges = get_json(&http, &format!("{provider}/charges")).await;
+            let emails = get_json(&http, &format!("{provider}/emails")).await;
             break (charges, emails);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

@@ -20,12 +20,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures::FutureExt;
 use holdfast_jobs::{Done, JobError, Ledger, QueueConfig, Worker};
-use holdfast_store::{
-    JobInsert, JobRow, Migration, Schema, ScopedFutureExt, Store, TxError,
-};
+use holdfast_store::{JobInsert, JobRow, Migration, Schema, ScopedFutureExt, Store, Tx, TxError};
 use holdfast_web::{
-    json_response, AppError, AppResult, AppState, Authed, Idempotent, JsonBody, PathParam,
-    Required,
+    json_response, AppError, AppResult, AppState, Authed, Idempotent, JsonBody, PathParam, Required,
 };
 use serde::{Deserialize, Serialize};
 use std::convert::Infallible;
@@ -35,12 +32,11 @@ use std::time::Duration;
 /// The service's one table, migrated after the store's own.
 pub static SCHEMA: Schema = Schema {
     name: "webhooks",
-    migrations: &[Migration {
-        version: 1,
-        file: "examples/webhook/migrations/0001_deliveries.sql",
-        sql: include_str!("../migrations/0001_deliveries.sql"),
-        legacy: None,
-    }],
+    migrations: &[Migration::new(
+        1,
+        "examples/webhook/migrations/0001_deliveries.sql",
+        include_str!("../migrations/0001_deliveries.sql"),
+    )],
 };
 
 /// The queue deliveries run on, and their job kind.
@@ -93,34 +89,38 @@ async fn create(
         ..
     }: Idempotent<JsonBody<NewWebhook>, Required>,
 ) -> AppResult<axum::response::Response> {
+    let accepted = |d: &Delivery| json_response(StatusCode::ACCEPTED, d);
     claim
         .run(
             "webhook_create",
-            |tx| {
-                async {
-                    if !(new.url.starts_with("http://") || new.url.starts_with("https://")) {
-                        return Err(TxError::Abort(Error::BadUrl));
-                    }
-                    let id = uuid::Uuid::new_v4().to_string();
-                    sqlx::query("INSERT INTO deliveries (id, owner, url, payload, status, created_at) VALUES ($1, $2, $3, $4, 'pending', $5)")
-                        .bind(&id)
-                        .bind(&user.user_id)
-                        .bind(&new.url)
-                        .bind(new.payload.to_string())
-                        .bind(holdfast_core::now_ms())
-                        .execute(tx.conn())
-                        .await?;
-                    // The job commits with the delivery, or neither exists.
-                    let job = JobInsert::new(QUEUE, KIND, serde_json::json!({ "id": id }).to_string())
-                        .unique(format!("webhook:{id}"));
-                    tx.job_enqueue(&[job]).await?;
-                    Ok(Delivery { id, url: new.url.clone(), status: "pending".into() })
-                }
-                .scope_boxed()
-            },
-            |d| json_response(StatusCode::ACCEPTED, d),
+            |tx| record(tx, &user.user_id, &new).scope_boxed(),
+            accepted,
         )
         .await
+}
+
+/// The delivery and its job, in the caller's transaction: both exist, or neither.
+async fn record(tx: &mut Tx, owner: &str, new: &NewWebhook) -> Result<Delivery, TxError<Error>> {
+    if !(new.url.starts_with("http://") || new.url.starts_with("https://")) {
+        return Err(TxError::Abort(Error::BadUrl));
+    }
+    let id = uuid::Uuid::new_v4().to_string();
+    sqlx::query("INSERT INTO deliveries (id, owner, url, payload, status, created_at) VALUES ($1, $2, $3, $4, 'pending', $5)")
+        .bind(&id)
+        .bind(owner)
+        .bind(&new.url)
+        .bind(new.payload.to_string())
+        .bind(holdfast_core::now_ms())
+        .execute(tx.conn())
+        .await?;
+    let job = JobInsert::new(QUEUE, KIND, serde_json::json!({ "id": id }).to_string())
+        .unique(format!("webhook:{id}"));
+    tx.job_enqueue(&[job]).await?;
+    Ok(Delivery {
+        id,
+        url: new.url.clone(),
+        status: "pending".into(),
+    })
 }
 
 async fn status(

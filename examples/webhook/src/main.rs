@@ -14,11 +14,18 @@ use webhook_once::Deliveries;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let mut args = std::env::args().skip(1);
-    let (mut addr, mut url) = ("127.0.0.1:8090".to_owned(), "sqlite:webhook-once.sqlite".to_owned());
+    let (mut addr, mut url) = (
+        "127.0.0.1:8090".to_owned(),
+        "sqlite:webhook-once.sqlite".to_owned(),
+    );
     while let Some(flag) = args.next() {
-        let value = args.next().with_context(|| format!("{flag} needs a value"))?;
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
             "--addr" => addr = value,
             "--database-url" => url = value,

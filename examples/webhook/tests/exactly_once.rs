@@ -8,6 +8,7 @@ use axum::routing::post;
 use axum::Router;
 use holdfast_jobs::{Wakeup, Worker, WorkerOptions};
 use holdfast_store::{Store, StoreOptions};
+use holdfast_testkit::process::get_json;
 use holdfast_web::{AppState, WebOptions};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -30,7 +31,10 @@ async fn receiver() -> (String, Received) {
         let first = {
             let mut got = got.lock().unwrap();
             let seen = got.iter().filter(|(k, _)| *k == key).count();
-            got.push((key.clone(), serde_json::from_str(&body).unwrap_or(Value::Null)));
+            got.push((
+                key.clone(),
+                serde_json::from_str(&body).unwrap_or(Value::Null),
+            ));
             seen == 0 && got.len() % 2 == 0
         };
         if first {
@@ -41,7 +45,9 @@ async fn receiver() -> (String, Received) {
     let got = Received::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let app = Router::new().route("/hook", post(hook)).with_state(got.clone());
+    let app = Router::new()
+        .route("/hook", post(hook))
+        .with_state(got.clone());
     tokio::spawn(async move { axum::serve(listener, app).await });
     (url, got)
 }
@@ -63,7 +69,10 @@ async fn one_webhook_per_post_exactly_once_in_effect() {
         secure_cookies: false,
         ..WebOptions::default()
     };
-    let app = holdfast_web::app(AppState::new(store.clone(), web, None), webhook_once::router());
+    let app = holdfast_web::app(
+        AppState::new(store.clone(), web, None),
+        webhook_once::router(),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -97,10 +106,18 @@ async fn one_webhook_per_post_exactly_once_in_effect() {
     }
 
     let (hook, received) = receiver().await;
-    let http = reqwest::Client::builder().cookie_store(true).build().unwrap();
+    let http = reqwest::Client::builder()
+        .cookie_store(true)
+        .build()
+        .unwrap();
     let creds = json!({ "email": "ops@example.com", "password": "correct horse battery" });
     for path in ["/api/signup", "/api/login"] {
-        let r = http.post(format!("{base}{path}")).json(&creds).send().await.unwrap();
+        let r = http
+            .post(format!("{base}{path}"))
+            .json(&creds)
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success(), "{path}: {}", r.status());
     }
 
@@ -140,14 +157,7 @@ async fn one_webhook_per_post_exactly_once_in_effect() {
     for key in accepted.keys() {
         let id = key.trim_start_matches("webhook-");
         loop {
-            let d: Delivery = http
-                .get(format!("{base}/api/webhooks/{id}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let d: Delivery = get_json(&http, &format!("{base}/api/webhooks/{id}")).await;
             if d.status == "sent" {
                 break;
             }
@@ -167,8 +177,13 @@ async fn one_webhook_per_post_exactly_once_in_effect() {
         "one key per accepted POST, no other: {by_key:?}"
     );
     for (key, n) in &accepted {
-        let bodies = by_key.get(key.as_str()).unwrap_or_else(|| panic!("{key} never arrived"));
-        assert!(bodies.iter().all(|b| **b == json!({ "n": n })), "{key}: {bodies:?}");
+        let bodies = by_key
+            .get(key.as_str())
+            .unwrap_or_else(|| panic!("{key} never arrived"));
+        assert!(
+            bodies.iter().all(|b| **b == json!({ "n": n })),
+            "{key}: {bodies:?}"
+        );
     }
     assert!(
         got.len() > accepted.len(),
