@@ -327,9 +327,14 @@ where
         }
     }
 
-    /// Runs `task` on its own tokio task; every caller that joins awaits the same outcome.
-    fn spawn_flight(task: impl Future<Output = Outcome<V>> + Send + 'static, id: u64) -> Flight<V> {
-        let handle = tokio::spawn(task);
+    /// Runs `task(inner, id)` on its own tokio task under a fresh flight id; every caller that
+    /// joins awaits the same outcome.
+    fn spawn_flight<T>(self: &Arc<Self>, task: impl FnOnce(Arc<Self>, u64) -> T) -> Flight<V>
+    where
+        T: Future<Output = Outcome<V>> + Send + 'static,
+    {
+        let id = self.next();
+        let handle = tokio::spawn(task(Arc::clone(self), id));
         let outcome = async move {
             handle
                 .await
@@ -341,19 +346,11 @@ where
         }
     }
 
-    fn local_flight<F>(self: &Arc<Self>, key: K, version: u64, origin: F) -> Flight<V>
-    where
-        F: Origin<V>,
-    {
-        let id = self.next();
-        let inner = Arc::clone(self);
-        Self::spawn_flight(
-            async move {
-                let result = inner.call_origin(origin).await;
-                inner.finish_local(&key, version, id, result)
-            },
-            id,
-        )
+    fn local_flight<F: Origin<V>>(self: &Arc<Self>, key: K, version: u64, origin: F) -> Flight<V> {
+        self.spawn_flight(|inner, id| async move {
+            let result = inner.call_origin(origin).await;
+            inner.finish_local(&key, version, id, result)
+        })
     }
 
     /// Fills the slot if it still has the version the call started under, and decides what
@@ -406,24 +403,16 @@ where
         }
     }
 
-    fn redis_flight<F>(self: &Arc<Self>, key: K, version: u64, origin: F) -> Flight<V>
-    where
-        F: Origin<V>,
-    {
-        let id = self.next();
-        let inner = Arc::clone(self);
-        Self::spawn_flight(
-            async move {
-                let outcome = inner.resolve_redis(&key, version, origin).await;
-                if let Some(slot) = inner.lock().map.get_mut(&key) {
-                    if slot.flight.as_ref().is_some_and(|f| f.id == id) {
-                        slot.flight = None;
-                    }
+    fn redis_flight<F: Origin<V>>(self: &Arc<Self>, key: K, version: u64, origin: F) -> Flight<V> {
+        self.spawn_flight(|inner, id| async move {
+            let outcome = inner.resolve_redis(&key, version, origin).await;
+            if let Some(slot) = inner.lock().map.get_mut(&key) {
+                if slot.flight.as_ref().is_some_and(|f| f.id == id) {
+                    slot.flight = None;
                 }
-                outcome
-            },
-            id,
-        )
+            }
+            outcome
+        })
     }
 
     /// One instance's read of `key` through Redis: serve what is there, or take the lease and

@@ -6,22 +6,15 @@
 use holdfast_faultproxy::FaultProxy;
 use holdfast_sessions::redis::aio::ConnectionManager;
 use holdfast_sessions::{Config, KeyRing, SessionTier, Sessions};
-use holdfast_store::{Store, StoreOptions};
+use holdfast_store::Store;
+use holdfast_testkit::db::TempStore;
 use holdfast_testkit::redis::flush_prefix;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-struct Db {
-    store: Store,
-    _dir: tempfile::TempDir,
-}
-
-async fn db() -> Db {
-    let dir = tempfile::tempdir().unwrap();
-    let url = holdfast_store::testing::sqlite_url(dir.path());
-    let store = Store::open(&StoreOptions::new(url)).await.unwrap();
-    Db { store, _dir: dir }
+async fn db() -> TempStore {
+    TempStore::open(&[]).await
 }
 
 async fn users(store: &Store, n: usize) -> Vec<String> {

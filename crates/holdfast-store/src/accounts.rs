@@ -4,7 +4,7 @@
 
 use crate::{Credentials, Error, Rerun, Result, SessionRecord, Store, User};
 use holdfast_core::{Email, SessionId, UserId};
-use sqlx::{FromRow, Row};
+use sqlx::Row;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
@@ -54,17 +54,8 @@ impl Store {
 
     pub async fn user_credentials(&self, email: &Email) -> Result<Option<Credentials>> {
         let sql = "SELECT id, email, created_at, password_hash FROM users WHERE email = $1";
-        self.read_row(
-            "user_credentials",
-            || sqlx::query(sql).bind(email.as_str()),
-            |r| {
-                Ok(Credentials {
-                    user: User::from_row(r)?,
-                    password_hash: r.try_get("password_hash")?,
-                })
-            },
-        )
-        .await
+        self.read_row("user_credentials", || sqlx::query(sql).bind(email.as_str()))
+            .await
     }
 
     /// Replaces a user's password hash. Ending their sessions is a separate step
@@ -88,12 +79,8 @@ impl Store {
 
     pub async fn user_get(&self, id: &str) -> Result<Option<User>> {
         let sql = "SELECT id, email, created_at FROM users WHERE id = $1";
-        self.read_row(
-            "user_get",
-            || sqlx::query(sql).bind(id),
-            |r| Ok(User::from_row(r)?),
-        )
-        .await
+        self.read_row("user_get", || sqlx::query(sql).bind(id))
+            .await
     }
 
     // ---- sessions ----------------------------------------------------------------------
@@ -251,12 +238,12 @@ impl Store {
     /// the user does not exist (any session of theirs is dead too).
     pub async fn user_sessions_valid_after(&self, user_id: &str) -> Result<Option<i64>> {
         let sql = "SELECT sessions_valid_after FROM users WHERE id = $1";
-        self.read_row(
-            "user_sessions_valid_after",
-            || sqlx::query(sql).bind(user_id),
-            |r| Ok(r.try_get("sessions_valid_after")?),
-        )
-        .await
+        let row: Option<(i64,)> = self
+            .read_row("user_sessions_valid_after", || {
+                sqlx::query(sql).bind(user_id)
+            })
+            .await?;
+        Ok(row.map(|(after,)| after))
     }
 
     // ---- opaque session blobs (the tower-sessions adapter) ------------------------------
@@ -316,11 +303,9 @@ impl Store {
     ) -> Result<Option<(Vec<u8>, i64)>> {
         let sql =
             "SELECT data, expires_at FROM session_blobs WHERE id_hash = $1 AND expires_at > $2";
-        self.read_row(
-            "session_blob_get",
-            || sqlx::query(sql).bind(id_hash).bind(now),
-            |r| Ok((r.try_get("data")?, r.try_get("expires_at")?)),
-        )
+        self.read_row("session_blob_get", || {
+            sqlx::query(sql).bind(id_hash).bind(now)
+        })
         .await
     }
 

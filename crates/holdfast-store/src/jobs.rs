@@ -87,9 +87,10 @@ pub struct JobFence {
 }
 
 /// A job in the dead-letter state, for inspection.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, FromRow)]
 pub struct DeadJob {
     #[serde(flatten)]
+    #[sqlx(flatten)]
     pub job: JobRow,
     pub last_error: Option<String>,
     pub finished_at: Option<i64>,
@@ -231,15 +232,17 @@ async fn insert_jobs(
     Ok(ids)
 }
 
-/// Wakes the workers of every queue (Postgres; on SQLite the write itself wakes them).
-async fn notify_all(tx: &mut Tx) -> Result<()> {
-    if tx.backend() == Backend::Postgres {
+/// Commits `tx`, first waking the workers of every queue when `wake` (work became available
+/// again). On Postgres a notification is delivered at commit; on SQLite the write itself wakes
+/// them.
+async fn commit_waking(mut tx: Tx, wake: bool) -> Result<()> {
+    if wake && tx.backend() == Backend::Postgres {
         sqlx::query("SELECT pg_notify($1, '*')")
             .bind(NOTIFY_CHANNEL)
             .execute(tx.conn())
             .await?;
     }
-    Ok(())
+    tx.commit().await
 }
 
 /// The generic primitives, composed into the caller's transaction.
@@ -484,10 +487,7 @@ impl Store {
                 .execute(tx.conn())
                 .await?
                 .rows_affected();
-            if n == 1 && retry_at.is_some() {
-                notify_all(&mut tx).await?;
-            }
-            tx.commit().await?;
+            commit_waking(tx, n == 1 && retry_at.is_some()).await?;
             Ok(n == 1)
         })
         .await
@@ -522,10 +522,7 @@ impl Store {
             .execute(tx.conn())
             .await?
             .rows_affected();
-            if rescued > 0 {
-                notify_all(&mut tx).await?;
-            }
-            tx.commit().await?;
+            commit_waking(tx, rescued > 0).await?;
             Ok((rescued, dead))
         })
         .await
@@ -550,18 +547,8 @@ impl Store {
         let sql = format!(
             "SELECT {JOB_COLUMNS}, last_error, finished_at FROM jobs WHERE state = 'dead' ORDER BY id LIMIT $1"
         );
-        self.read_rows(
-            "job_dead",
-            || sqlx::query(&sql).bind(limit),
-            |r| {
-                Ok(DeadJob {
-                    job: JobRow::from_row(r)?,
-                    last_error: r.try_get("last_error")?,
-                    finished_at: r.try_get("finished_at")?,
-                })
-            },
-        )
-        .await
+        self.read_rows("job_dead", || sqlx::query(&sql).bind(limit))
+            .await
     }
 
     /// Sends dead jobs back to work with a fresh attempt budget: one by id, or all.
@@ -577,10 +564,7 @@ impl Store {
             .execute(tx.conn())
             .await?
             .rows_affected();
-            if n > 0 {
-                notify_all(&mut tx).await?;
-            }
-            tx.commit().await?;
+            commit_waking(tx, n > 0).await?;
             Ok(n)
         })
         .await
@@ -588,35 +572,24 @@ impl Store {
 
     pub async fn job_counts(&self) -> Result<Vec<QueueCount>> {
         let sql = "SELECT queue, state, COUNT(*) AS n FROM jobs GROUP BY queue, state ORDER BY queue, state";
-        self.read_rows(
-            "job_counts",
-            || sqlx::query(sql),
-            |r| Ok(QueueCount::from_row(r)?),
-        )
-        .await
+        self.read_rows("job_counts", || sqlx::query(sql)).await
     }
 
     /// When the next scheduled job of `queue` becomes due, if any is waiting.
     pub async fn job_next_run_at(&self, queue: &str) -> Result<Option<i64>> {
         let sql = "SELECT MIN(run_at) AS t FROM jobs WHERE state = 'available' AND queue = $1";
-        let next = self.read_row(
-            "job_next_run_at",
-            || sqlx::query(sql).bind(queue),
-            |r| Ok(r.try_get::<Option<i64>, _>("t")?),
-        );
-        Ok(next.await?.flatten())
+        let next: Option<(Option<i64>,)> = self
+            .read_row("job_next_run_at", || sqlx::query(sql).bind(queue))
+            .await?;
+        Ok(next.and_then(|(t,)| t))
     }
 
     // ---- the effect ledger -------------------------------------------------------------
 
     pub async fn ledger_get(&self, effect_key: &str) -> Result<Option<LedgerEntry>> {
         let sql = "SELECT effect_key, state, external_key, external_id FROM effect_ledger WHERE effect_key = $1";
-        self.read_row(
-            "ledger_get",
-            || sqlx::query(sql).bind(effect_key),
-            |r| Ok(LedgerEntry::from_row(r)?),
-        )
-        .await
+        self.read_row("ledger_get", || sqlx::query(sql).bind(effect_key))
+            .await
     }
 
     /// [`Tx::ledger_begin`] as its own transaction.

@@ -257,33 +257,33 @@ impl Store {
         }
     }
 
-    /// The rows of one read statement (built afresh for each attempt), each mapped by `row`
-    /// (`T::from_row` for a type that derives it); retried after transient failures.
+    /// The rows of one read statement (built afresh for each attempt) as `T`s; retried after
+    /// transient failures. `T` is a row type or a tuple of columns.
     async fn read_rows<'q, T>(
         &self,
         op: &'static str,
         query: impl Fn() -> AnyQuery<'q>,
-        row: impl Fn(&AnyRow) -> Result<T>,
-    ) -> Result<Vec<T>> {
+    ) -> Result<Vec<T>>
+    where
+        T: for<'r> sqlx::FromRow<'r, AnyRow> + Send + Unpin,
+    {
         self.run(Rerun::Always, op, || async {
-            query()
-                .fetch_all(&self.pool)
-                .await?
-                .iter()
-                .map(&row)
-                .collect()
+            let rows = query().fetch_all(&self.pool).await?;
+            Ok(rows.iter().map(T::from_row).collect::<Result<_, _>>()?)
         })
         .await
     }
 
-    /// The first row of one read statement that names at most one (by key), if any.
+    /// The row of one read statement that names at most one (by key), if any.
     async fn read_row<'q, T>(
         &self,
         op: &'static str,
         query: impl Fn() -> AnyQuery<'q>,
-        row: impl Fn(&AnyRow) -> Result<T>,
-    ) -> Result<Option<T>> {
-        Ok(self.read_rows(op, query, row).await?.into_iter().next())
+    ) -> Result<Option<T>>
+    where
+        T: for<'r> sqlx::FromRow<'r, AnyRow> + Send + Unpin,
+    {
+        Ok(self.read_rows(op, query).await?.into_iter().next())
     }
 
     /// One attempt of a store-internal operation, then retries while [`Retries::after`]
@@ -360,8 +360,9 @@ pub struct User {
 }
 
 /// A user with the hash to check a login against.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct Credentials {
+    #[sqlx(flatten)]
     pub user: User,
     pub password_hash: String,
 }

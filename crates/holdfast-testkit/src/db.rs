@@ -49,3 +49,24 @@ macro_rules! both_backends {
         mod $m { $( #[tokio::test(flavor = "multi_thread", worker_threads = 4)] async fn $name() { super::$name($crate::Backend::$b).await } )* }
     };
 }
+
+/// A store on a fresh SQLite file, with `schemas` on top of the store's own; the file goes
+/// when this does.
+pub struct TempStore {
+    pub store: holdfast_store::Store,
+    pub url: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TempStore {
+    pub async fn open(schemas: &[&'static holdfast_store::Schema]) -> TempStore {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = testing::sqlite_url(dir.path());
+        let mut opts = holdfast_store::StoreOptions::new(&url);
+        opts.schemas.extend_from_slice(schemas);
+        let store = holdfast_store::Store::open(&opts)
+            .await
+            .expect("open the store");
+        TempStore { store, url, dir }
+    }
+}

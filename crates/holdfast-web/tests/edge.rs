@@ -3,10 +3,12 @@
 //! compose for any application and holds them to the Idempotency-Key draft's rules.
 
 use axum::http::StatusCode;
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use holdfast_store::{Migration, Schema, ScopedFutureExt, Store, StoreOptions, TxError};
+use holdfast_store::{Migration, Schema, ScopedFutureExt, TxError};
 use holdfast_testkit::app::{cookie_of, request, send, Reply, PASSWORD};
+use holdfast_testkit::db::TempStore;
 use holdfast_web::{
     json_response, AppError, AppResult, AppState, Authed, Idempotent, JsonBody, Required,
     WebOptions,
@@ -47,12 +49,9 @@ impl From<Blank> for AppError {
 
 async fn create(
     user: Authed,
-    Idempotent {
-        body: JsonBody(new),
-        claim,
-        ..
-    }: Idempotent<JsonBody<NewNote>, Required>,
-) -> AppResult<axum::response::Response> {
+    note: Idempotent<JsonBody<NewNote>, Required>,
+) -> AppResult<Response> {
+    let (JsonBody(new), claim) = (note.body, note.claim);
     claim
         .run(
             "note_create",
@@ -103,17 +102,13 @@ async fn list(
 
 struct Notes {
     router: Router,
-    _dir: tempfile::TempDir,
+    _db: TempStore,
 }
 
 async fn notes_service() -> Notes {
-    let dir = tempfile::tempdir().unwrap();
-    let url = holdfast_store::testing::sqlite_url(dir.path());
-    let store = Store::open(&StoreOptions::new(url).schema(&NOTES))
-        .await
-        .unwrap();
+    let db = TempStore::open(&[&NOTES]).await;
     let edge = AppState::new(
-        store,
+        db.store.clone(),
         WebOptions {
             secure_cookies: false,
             ..WebOptions::default()
@@ -125,7 +120,7 @@ async fn notes_service() -> Notes {
         .route("/api/notes", get(list));
     Notes {
         router: holdfast_web::app(edge, routes),
-        _dir: dir,
+        _db: db,
     }
 }
 
