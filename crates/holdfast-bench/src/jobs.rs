@@ -280,6 +280,18 @@ fn start_workers(
     set
 }
 
+/// Tells the workers to drain and waits for every one to return (its completions written).
+async fn stop_workers(
+    stop: &watch::Sender<bool>,
+    workers: &mut tokio::task::JoinSet<Result<(), holdfast_store::Error>>,
+) -> anyhow::Result<()> {
+    let _ = stop.send(true);
+    while let Some(r) = workers.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
 async fn holdfast_figures(
     args: &BenchJobsArgs,
     backend: Backend,
@@ -363,10 +375,7 @@ async fn holdfast_burn_down(
         );
     }
     // Draining waits for the completer: when the workers return, every completion is written.
-    let _ = stop_tx.send(true);
-    while let Some(r) = workers.join_next().await {
-        r??;
-    }
+    stop_workers(&stop_tx, &mut workers).await?;
     let secs = started.elapsed().as_secs_f64();
     let completed: i64 = store
         .job_counts()
@@ -432,10 +441,7 @@ async fn holdfast_steady_state(
             handled.load(Ordering::Relaxed)
         );
     }
-    let _ = stop_tx.send(true);
-    while let Some(r) = workers.join_next().await {
-        r??;
-    }
+    stop_workers(&stop_tx, &mut workers).await?;
     let achieved = total as f64 / produced_in.as_secs_f64();
     if achieved < 0.9 * f64::from(args.rate) {
         eprintln!(

@@ -29,11 +29,7 @@ mod tests {
     use super::Backend;
 
     #[test]
-    fn names_round_trip_and_urls_name_their_engine() {
-        for &b in Backend::ALL {
-            assert_eq!(b.name().parse::<Backend>(), Ok(b));
-        }
-        assert!("mysql".parse::<Backend>().is_err());
+    fn urls_name_their_engine() {
         assert_eq!(Backend::of_url("sqlite:/x/y.db"), Some(Backend::Sqlite));
         assert_eq!(
             Backend::of_url("postgresql://h/db"),

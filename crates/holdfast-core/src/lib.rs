@@ -116,8 +116,28 @@ pub fn now_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{parse_duration, Backend, Sabotage};
     use std::time::Duration;
+
+    #[test]
+    fn named_variants_round_trip_and_refuse_the_rest() {
+        fn check<T>(all: &[T], bad: &str)
+        where
+            T: Copy
+                + PartialEq
+                + std::fmt::Debug
+                + std::fmt::Display
+                + std::str::FromStr<Err = String>,
+        {
+            for &v in all {
+                assert_eq!(v.to_string().parse::<T>(), Ok(v));
+            }
+            let refused = bad.parse::<T>().unwrap_err();
+            assert!(refused.contains(&all[0].to_string()), "{refused}");
+        }
+        check(Backend::ALL, "mysql");
+        check(Sabotage::ALL, "nothing");
+    }
 
     #[test]
     fn durations() {

@@ -16,16 +16,3 @@ named_variants! {
         LedgerBypass => "ledger-bypass",
     }
 }
-
-#[cfg(test)]
-mod tests {
-    use super::Sabotage;
-
-    #[test]
-    fn names_round_trip() {
-        for &k in Sabotage::ALL {
-            assert_eq!(k.name().parse::<Sabotage>(), Ok(k));
-        }
-        assert!("nothing".parse::<Sabotage>().is_err());
-    }
-}

@@ -110,13 +110,13 @@ pub struct FinalAccount {
     pub cart: Option<Lines>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 pub struct Charge {
     pub order_id: String,
     pub amount_cents: i64,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
 pub struct Email {
     pub order_id: String,
     pub kind: String,

@@ -636,10 +636,7 @@ impl Cluster {
         } else {
             None
         };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(Error::io("finding a free port"))?
-            .port();
+        let port = free_port()?;
         let cluster = Arc::new(Cluster {
             bin,
             data: root.join("data"),
@@ -804,6 +801,14 @@ impl Drop for Cluster {
     }
 }
 
+/// A port on 127.0.0.1 nothing listens on right now.
+fn free_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(Error::io("finding a free port"))
+}
+
 /// Where `initdb` and `pg_ctl` live: next to the `initdb` on `PATH`, else the newest
 /// `/usr/lib/postgresql/*/bin` (Debian keeps the server binaries off `PATH`).
 fn pg_bin_dir() -> Result<PathBuf, Error> {
@@ -864,10 +869,7 @@ impl RedisServer {
             })?;
         let root = dir.path().join("redis");
         std::fs::create_dir_all(&root).map_err(Error::io("creating the redis directory"))?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(Error::io("finding a free port"))?
-            .port();
+        let port = free_port()?;
         let redis = Arc::new(RedisServer {
             bin,
             dir: root,

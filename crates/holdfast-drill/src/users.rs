@@ -377,11 +377,11 @@ impl Load {
             let all_read = lists.iter().all(Option::is_some);
             let orders: Vec<OrderSeen> = lists.into_iter().flatten().flatten().collect();
             if all_read && orders.iter().all(|o| o.status == "paid") {
-                let emails = self.provider_list(provider, "emails").await;
+                let emails: Option<Vec<Email>> = self.provider_list(provider, "emails").await;
                 let receipted: std::collections::BTreeSet<&str> = emails
                     .iter()
                     .flatten()
-                    .filter_map(|e| e["order_id"].as_str())
+                    .map(|e| e.order_id.as_str())
                     .collect();
                 if orders
                     .iter()
@@ -399,13 +399,21 @@ impl Load {
         }
     }
 
-    async fn provider_list(&self, provider: &str, what: &str) -> Option<Vec<Value>> {
+    async fn provider_list<T: serde::de::DeserializeOwned>(
+        &self,
+        provider: &str,
+        what: &str,
+    ) -> Option<Vec<T>> {
         let url = format!("{provider}/{what}");
         for _ in 0..20 {
             if let Ok(r) = self.http.get(&url).send().await {
                 if r.status().is_success() {
                     if let Ok(list) = r.json::<Vec<Value>>().await {
-                        return Some(list);
+                        // A record that does not read as a `T` is left out.
+                        let read = list
+                            .into_iter()
+                            .filter_map(|v| serde_json::from_value(v).ok());
+                        return Some(read.collect());
                     }
                 }
             }
@@ -427,31 +435,12 @@ impl Load {
             .buffered(READ_CONCURRENCY)
             .collect::<Vec<_>>()
             .await;
-        let charges = self.provider_list(provider, "charges").await;
-        let emails = self.provider_list(provider, "emails").await;
+        let charges: Option<Vec<Charge>> = self.provider_list(provider, "charges").await;
+        let emails: Option<Vec<Email>> = self.provider_list(provider, "emails").await;
         if charges.is_none() || emails.is_none() {
             notes.push("the provider's charges or emails could not be read".into());
         }
-        let charges = charges
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|c| {
-                Some(Charge {
-                    order_id: c["order_id"].as_str()?.to_owned(),
-                    amount_cents: c["amount_cents"].as_i64()?,
-                })
-            })
-            .collect();
-        let emails = emails
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|e| {
-                Some(Email {
-                    order_id: e["order_id"].as_str()?.to_owned(),
-                    kind: e["kind"].as_str()?.to_owned(),
-                })
-            })
-            .collect();
+        let (charges, emails) = (charges.unwrap_or_default(), emails.unwrap_or_default());
         let fin = FinalState {
             accounts: finals,
             charges,

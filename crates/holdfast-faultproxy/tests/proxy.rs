@@ -16,6 +16,14 @@ async fn echo_proxy() -> (FaultProxy, std::net::SocketAddr) {
     (fp, addr)
 }
 
+/// A latency toxic of `ms` without jitter.
+fn latency_toxic(ms: u64) -> ToxicSpec {
+    ToxicSpec::new(Toxic::Latency {
+        latency: ms,
+        jitter: 0,
+    })
+}
+
 async fn add(fp: &FaultProxy, toxic: ToxicSpec) {
     fp.add_toxic("db", toxic).await.unwrap();
 }
@@ -45,27 +53,13 @@ async fn latency_slows_a_live_connection_and_removing_it_restores() {
     round_trip(&mut conn, b"warm").await;
 
     let latency = Duration::from_millis(300);
-    add(
-        &fp,
-        ToxicSpec::new(Toxic::Latency {
-            latency: 300,
-            jitter: 0,
-        }),
-    )
-    .await;
+    add(&fp, latency_toxic(300)).await;
     assert!(round_trip(&mut conn, b"slow").await >= latency);
     fp.remove_toxic("db", "latency_downstream").await.unwrap();
     assert!(round_trip(&mut conn, b"fast").await < latency);
 
     // A chunk already held back goes out as soon as its latency is removed.
-    add(
-        &fp,
-        ToxicSpec::new(Toxic::Latency {
-            latency: 60_000,
-            jitter: 0,
-        }),
-    )
-    .await;
+    add(&fp, latency_toxic(60_000)).await;
     conn.write_all(b"held").await.unwrap();
     assert!(stays_silent(&mut conn, Duration::from_millis(200)).await);
     fp.remove_toxic("db", "latency_downstream").await.unwrap();
@@ -222,10 +216,7 @@ async fn toxicity_zero_never_applies_and_one_always_does() {
 #[tokio::test]
 async fn upstream_toxics_act_on_requests_only() {
     let (fp, addr) = echo_proxy().await;
-    let toxic = ToxicSpec::new(Toxic::Latency {
-        latency: 300,
-        jitter: 0,
-    });
+    let toxic = latency_toxic(300);
     add(&fp, toxic.with_stream(Stream::Upstream)).await;
     assert_eq!(fp.toxics("db").await.unwrap()[0].name, "latency_upstream");
     let mut conn = connect(addr).await;

@@ -26,8 +26,16 @@ const MAX_FIELD_LEN: usize = 255;
 
 pub(crate) fn router(state: ProviderState) -> Router {
     Router::new()
-        .route("/charges", get(list_charges).post(create_charge))
-        .route("/emails", get(list_emails).post(send_email))
+        .route(
+            "/charges",
+            get(|State(st): State<ProviderState>, q| async move { list(&st.0.charges, q).await })
+                .post(create_charge),
+        )
+        .route(
+            "/emails",
+            get(|State(st): State<ProviderState>, q| async move { list(&st.0.emails, q).await })
+                .post(send_email),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/_faults", get(get_faults).put(put_faults))
         .route("/_stats", get(get_stats))
@@ -136,24 +144,13 @@ async fn send_email(
         .await
 }
 
-async fn list_charges(
-    State(state): State<ProviderState>,
+/// `GET /charges` or `/emails`: every record, or the one made under `?idempotency_key=`.
+async fn list<Req: PartialEq + Clone, Rec: Clone + Serialize>(
+    ledger: &Mutex<Ledger<Req, Rec>>,
     filter: Result<Query<KeyFilter>, QueryRejection>,
-) -> Result<Json<Vec<Charge>>, Problem> {
+) -> Result<Json<Vec<Rec>>, Problem> {
     let Query(filter) = filter.map_err(|e| bad_request("invalid-query", e.body_text()))?;
-    Ok(Json(
-        lock(&state.0.charges).list(filter.idempotency_key.as_deref()),
-    ))
-}
-
-async fn list_emails(
-    State(state): State<ProviderState>,
-    filter: Result<Query<KeyFilter>, QueryRejection>,
-) -> Result<Json<Vec<Email>>, Problem> {
-    let Query(filter) = filter.map_err(|e| bad_request("invalid-query", e.body_text()))?;
-    Ok(Json(
-        lock(&state.0.emails).list(filter.idempotency_key.as_deref()),
-    ))
+    Ok(Json(lock(ledger).list(filter.idempotency_key.as_deref())))
 }
 
 async fn get_faults(State(state): State<ProviderState>) -> Json<Faults> {

@@ -192,16 +192,14 @@ pub(crate) struct Claims {
 
 impl Claims {
     fn parse(raw: &[u8]) -> Option<Self> {
-        let mut it = std::str::from_utf8(raw).ok()?.split('|');
-        let user_id = it.next().filter(|u| !u.is_empty())?.to_owned();
-        let mut num = || it.next()?.parse::<i64>().ok();
-        let (issued_at, expires_at, last_seen_at) = (num()?, num()?, num()?);
-        it.next().is_none().then_some(Self {
+        let (user_id, [issued_at, expires_at, last_seen_at]) = crate::user_and_times(raw, '|')?;
+        let claims = Self {
             user_id,
             issued_at,
             expires_at,
             last_seen_at,
-        })
+        };
+        (!claims.user_id.is_empty()).then_some(claims)
     }
 }
 

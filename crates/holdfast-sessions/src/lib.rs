@@ -447,6 +447,16 @@ impl Sessions {
     }
 }
 
+/// `user<sep>t1<sep>t2<sep>t3` (the user id and three instants), as both the signed cookie and
+/// the Redis record store a session; `None` for anything else.
+pub(crate) fn user_and_times(raw: &[u8], sep: char) -> Option<(String, [i64; 3])> {
+    let mut it = std::str::from_utf8(raw).ok()?.split(sep);
+    let user_id = it.next()?.to_owned();
+    let mut num = || it.next()?.parse::<i64>().ok();
+    let times = [num()?, num()?, num()?];
+    it.next().is_none().then_some((user_id, times))
+}
+
 pub(crate) fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

@@ -80,11 +80,8 @@ impl Cached {
     }
 
     fn decode(raw: &[u8]) -> Option<Self> {
-        let mut it = std::str::from_utf8(raw).ok()?.split(',');
-        let user_id = it.next()?.to_owned();
-        let mut num = || it.next()?.parse::<i64>().ok();
-        let (created_at, expires_at, last_seen_at) = (num()?, num()?, num()?);
-        it.next().is_none().then_some(Self {
+        let (user_id, [created_at, expires_at, last_seen_at]) = crate::user_and_times(raw, ',')?;
+        Some(Self {
             user_id,
             created_at,
             expires_at,

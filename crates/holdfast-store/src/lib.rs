@@ -44,6 +44,10 @@ use std::time::{Duration, Instant};
 /// A statement with its parameters bound, on the `Any` driver.
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
 
+/// What a read returns a row as: a struct deriving `sqlx::FromRow`, or a tuple of columns.
+trait RowType: for<'r> sqlx::FromRow<'r, AnyRow> + Send + Unpin {}
+impl<T: for<'r> sqlx::FromRow<'r, AnyRow> + Send + Unpin> RowType for T {}
+
 /// What went wrong, in words the caller can act on.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -259,14 +263,11 @@ impl Store {
 
     /// The rows of one read statement (built afresh for each attempt) as `T`s; retried after
     /// transient failures. `T` is a row type or a tuple of columns.
-    async fn read_rows<'q, T>(
+    async fn read_rows<'q, T: RowType>(
         &self,
         op: &'static str,
         query: impl Fn() -> AnyQuery<'q>,
-    ) -> Result<Vec<T>>
-    where
-        T: for<'r> sqlx::FromRow<'r, AnyRow> + Send + Unpin,
-    {
+    ) -> Result<Vec<T>> {
         self.run(Rerun::Always, op, || async {
             let rows = query().fetch_all(&self.pool).await?;
             Ok(rows.iter().map(T::from_row).collect::<Result<_, _>>()?)
@@ -275,14 +276,11 @@ impl Store {
     }
 
     /// The row of one read statement that names at most one (by key), if any.
-    async fn read_row<'q, T>(
+    async fn read_row<'q, T: RowType>(
         &self,
         op: &'static str,
         query: impl Fn() -> AnyQuery<'q>,
-    ) -> Result<Option<T>>
-    where
-        T: for<'r> sqlx::FromRow<'r, AnyRow> + Send + Unpin,
-    {
+    ) -> Result<Option<T>> {
         Ok(self.read_rows(op, query).await?.into_iter().next())
     }
 
