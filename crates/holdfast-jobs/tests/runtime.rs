@@ -94,6 +94,12 @@ fn spawn(
     (stop, task)
 }
 
+/// One job of `kind` on queue `q`, due now.
+async fn enqueue(store: &Store, kind: &str) {
+    let job = JobInsert::new("q", kind, "{}".into());
+    store.job_enqueue(&job).await.unwrap();
+}
+
 async fn state_count(store: &Store, state: &str) -> i64 {
     store
         .job_counts()
@@ -197,10 +203,7 @@ async fn failures_retry_then_die(backend: Backend) {
         })
         .await
         .unwrap();
-    store
-        .job_enqueue(&JobInsert::new("q", "broken", "{}".into()))
-        .await
-        .unwrap();
+    enqueue(&store, "broken").await;
     let calls = Arc::new(AtomicUsize::new(0));
     let c = calls.clone();
     let worker = Worker::new(store.clone(), options(&db, 4))
@@ -240,14 +243,8 @@ async fn shutdown_drains_running_jobs(backend: Backend) {
         return;
     };
     let store = open(&db.url).await;
-    store
-        .job_enqueue(&JobInsert::new("q", "short", "{}".into()))
-        .await
-        .unwrap();
-    store
-        .job_enqueue(&JobInsert::new("q", "endless", "{}".into()))
-        .await
-        .unwrap();
+    enqueue(&store, "short").await;
+    enqueue(&store, "endless").await;
     let (started_tx, mut started) = mpsc::unbounded_channel();
     let started_tx2 = started_tx.clone();
     let opts = WorkerOptions {
@@ -306,10 +303,7 @@ async fn a_vanished_workers_job_is_rescued(backend: Backend) {
         return;
     };
     let store = open(&db.url).await;
-    store
-        .job_enqueue(&JobInsert::new("q", "work", "{}".into()))
-        .await
-        .unwrap();
+    enqueue(&store, "work").await;
     // Worker A takes the job and hangs; then it "dies" as after SIGKILL: its tasks stop, so
     // it neither heartbeats nor completes, and its connections close.
     let (taken_tx, mut taken) = mpsc::unbounded_channel();

@@ -42,6 +42,18 @@ async fn product_list(store: &Store) -> Vec<holdfast_shop::sql::ProductRow> {
         .unwrap()
 }
 
+/// `n` catalog reads at once, round-robin over `routers`; each must answer `expected`.
+async fn read_concurrently(routers: &[axum::Router], n: usize, expected: &Value) {
+    let mut many = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let router = routers[i % routers.len()].clone();
+        many.spawn(async move { products(&router).await });
+    }
+    while let Some(body) = many.join_next().await {
+        assert_eq!(body.unwrap(), *expected);
+    }
+}
+
 /// The tests share the process-wide `catalog` counters: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -55,14 +67,7 @@ async fn products_are_served_from_the_cache_and_correct_after_a_flush() {
     assert!(!expected["products"].as_array().unwrap().is_empty());
 
     let before = origin_calls(&handle);
-    let mut many = tokio::task::JoinSet::new();
-    for _ in 0..50 {
-        let router = router.clone();
-        many.spawn(async move { products(&router).await });
-    }
-    while let Some(body) = many.join_next().await {
-        assert_eq!(body.unwrap(), expected);
-    }
+    read_concurrently(std::slice::from_ref(&router), 50, &expected).await;
     assert_eq!(
         origin_calls(&handle) - before,
         1,
@@ -113,14 +118,8 @@ async fn with_redis_the_fleet_asks_the_store_once() {
     let expected = json!({ "products": product_list(&first.store).await });
 
     let before = origin_calls(&handle);
-    let mut many = tokio::task::JoinSet::new();
-    for i in 0..40 {
-        let router = fleet[i % 2].0.clone();
-        many.spawn(async move { products(&router).await });
-    }
-    while let Some(body) = many.join_next().await {
-        assert_eq!(body.unwrap(), expected);
-    }
+    let routers = [fleet[0].0.clone(), fleet[1].0.clone()];
+    read_concurrently(&routers, 40, &expected).await;
     assert_eq!(
         origin_calls(&handle) - before,
         1,

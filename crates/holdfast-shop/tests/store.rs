@@ -15,10 +15,10 @@ use holdfast_shop::sql::{self, Cart, CartLine, Order, OrderLine, ProductRow};
 use holdfast_shop::{Error, OrderId, Quantity, Sku, CATALOG, PAYMENTS_QUEUE, PAYOUT_KIND};
 use holdfast_store::{
     Backend,
-    ClaimOutcome::{self, InFlight, Mismatch, Replay},
+    ClaimOutcome::{self, Replay},
     IdemClaim, IdemLock, Rerun, ScopedFutureExt, Store, StoreOptions, StoredResponse, TxError,
 };
-use holdfast_testkit::db::with_fresh_db;
+use holdfast_testkit::db::{race_one_key, with_fresh_db};
 use sqlx::{Connection, Executor, Row};
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
@@ -431,13 +431,6 @@ async fn checkout_enqueues_its_payout_atomically(db: Db) {
     assert_eq!(db.orders(&u, 10).await.len(), 1);
 }
 
-#[derive(Debug)]
-enum Raced {
-    Committed(Order, StoredResponse),
-    Replay(StoredResponse),
-    InFlight,
-}
-
 /// 50 requests with one key and payload, spread over three stores (three pools) on one
 /// database: exactly one does the work; the others see InFlight or replay its answer.
 async fn fifty_racers_one_key_one_order(url: String) {
@@ -445,50 +438,25 @@ async fn fifty_racers_one_key_one_order(url: String) {
     let u = stores[0].user("racer").await;
     add(&stores[0], &u, "HELMET", 2).await;
     let (k, f) = (key("race"), fp("{}"));
-
-    let tasks = (0..50).map(|i| {
-        let (store, u, k, f) = (stores[i % 3].clone(), u.clone(), k.clone(), f.clone());
-        tokio::spawn(async move {
-            Ok::<_, TxError<Error>>(match claim(&store, &u, &k, &f, T0, LOCK).await {
-                ClaimOutcome::Claimed { token } => {
-                    let (order, stored) = store.checkout_keyed(&u, &k, &token).await?;
-                    Raced::Committed(order, stored)
-                }
-                Replay(r) => Raced::Replay(r),
-                InFlight => Raced::InFlight,
-                Mismatch => panic!("same fingerprint reported as Mismatch"),
-            })
-        })
-    });
-    let results: Vec<Raced> = join_all(tasks)
-        .await
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.unwrap()
-                .unwrap_or_else(|e| panic!("racer {i} failed: {e:?}"))
-        })
-        .collect();
-
-    let committed: Vec<_> = results
-        .iter()
-        .filter_map(|r| match r {
-            Raced::Committed(o, s) => Some((o, s)),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(committed.len(), 1, "{results:?}");
-    let (order, stored) = committed[0];
-    for r in &results {
-        if let Raced::Replay(got) = r {
-            assert_eq!(got, stored);
-        }
-    }
-    assert_eq!(stores[1].orders(&u, 100).await, vec![order.clone()]);
+    let request = IdemClaim {
+        scope: &u,
+        key: &k,
+        fingerprint: &f,
+        now: T0,
+        lock_ttl: LOCK,
+    };
+    let pools: Vec<Store> = stores.iter().map(|d| d.0.clone()).collect();
+    let scope = u.clone();
+    let (order, stored) = race_one_key(&pools, 50, request, move |store, token, _| {
+        let (u, k) = (scope.clone(), key("race"));
+        async move { Db(store).checkout_keyed(&u, &k, &token).await }
+    })
+    .await;
+    assert_eq!(stores[1].orders(&u, 100).await, vec![order]);
     assert_eq!(stores[2].cart(&u).await, cart_of(&[]));
     assert_eq!(
         claim(&stores[2], &u, &k, &f, T0 + 1, LOCK).await,
-        Replay(stored.clone())
+        Replay(stored)
     );
 }
 

@@ -26,7 +26,7 @@ use holdfast_store::{
     Error, IdemClaim, IdemLock, JobFence, JobInsert, JobRow, Rerun, ScopedFutureExt, SessionCreate,
     SessionRecord, Store, StoreOptions, StoredResponse, TxError,
 };
-use holdfast_testkit::db::with_fresh_db;
+use holdfast_testkit::db::{race_one_key, with_fresh_db};
 use sqlx::{Connection, Executor, Row};
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -827,68 +827,29 @@ async fn reap_removes_only_dead_records(store: Store) {
 
 // ---- concurrency -------------------------------------------------------------------------
 
-#[derive(Debug)]
-enum Raced {
-    Committed(StoredResponse),
-    Replay(StoredResponse),
-    InFlight,
-}
-
 /// 50 requests with one key and payload, spread over three stores (three pools) on one
 /// database: exactly one causes its effect; the others see InFlight or replay its answer.
 async fn fifty_racers_one_key_one_effect(url: String) {
     let stores: Vec<Store> = join_all((0..3).map(|_| open(&url))).await;
     let u = user(&stores[0], "racer").await;
     let (k, f) = (key("race"), fp("{}"));
-
-    let tasks = (0..50).map(|i| {
-        let (store, u, k, f) = (stores[i % 3].clone(), u.clone(), k.clone(), f.clone());
-        tokio::spawn(async move {
-            let c = IdemClaim {
-                scope: &u,
-                key: &k,
-                fingerprint: &f,
-                now: T0,
-                lock_ttl: LOCK,
-            };
-            Ok::<_, Error>(match store.idem_claim(c).await? {
-                ClaimOutcome::Claimed { token } => {
-                    Raced::Committed(effect(&store, &u, &k, &token, i as i64).await?)
-                }
-                Replay(r) => Raced::Replay(r),
-                InFlight => Raced::InFlight,
-                Mismatch => panic!("same fingerprint reported as Mismatch"),
-            })
-        })
-    });
-    let results: Vec<Raced> = join_all(tasks)
-        .await
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| {
-            r.unwrap()
-                .unwrap_or_else(|e| panic!("racer {i} failed: {e}"))
-        })
-        .collect();
-
-    let committed: Vec<&StoredResponse> = results
-        .iter()
-        .filter_map(|r| match r {
-            Raced::Committed(s) => Some(s),
-            _ => None,
-        })
-        .collect();
-    assert_eq!(committed.len(), 1, "{results:?}");
-    let stored = committed[0];
-    for r in &results {
-        if let Raced::Replay(got) = r {
-            assert_eq!(got, stored);
-        }
-    }
+    let request = IdemClaim {
+        scope: &u,
+        key: &k,
+        fingerprint: &f,
+        now: T0,
+        lock_ttl: LOCK,
+    };
+    let scope = u.clone();
+    let ((), stored) = race_one_key(&stores, 50, request, move |store, token, i| {
+        let (u, k) = (scope.clone(), key("race"));
+        async move { Ok::<_, Error>(((), effect(&store, &u, &k, &token, i as i64).await?)) }
+    })
+    .await;
     assert_eq!(effects(&stores[1]).await, 1);
     assert_eq!(
         claim(&stores[2], &u, &k, &f, T0 + 1, LOCK).await,
-        Replay(stored.clone())
+        Replay(stored)
     );
 }
 
@@ -1133,24 +1094,9 @@ async fn job_attempts_are_fenced(store: Store) {
         .remove(0);
     assert_eq!((second.id, second.attempt), (first.id, 2));
     // The stalled attempt comes back: everything it tries is refused.
-    assert_eq!(
-        store
-            .job_heartbeat(&[first.fence()], now + 99_999)
-            .await
-            .unwrap(),
-        0
-    );
-    assert_eq!(store.job_complete(&[first.fence()], now).await.unwrap(), 0);
-    assert!(!store
-        .job_fail(first.fence(), "late", None, now)
-        .await
-        .unwrap());
-    assert_eq!(
-        err_kind(settle(&store, first.fence(), "charge:x", "ch_1").await),
-        "JobLost"
-    );
+    assert_stale(&store, first.fence(), now).await;
     assert!(
-        store.ledger_get("charge:x").await.unwrap().is_none(),
+        store.ledger_get("e:stale").await.unwrap().is_none(),
         "a fenced settlement writes nothing"
     );
     // The current attempt still owns it.
@@ -1213,15 +1159,8 @@ async fn fences_are_unique_forever(store: Store) {
     unique.dedup();
     assert_eq!(unique.len(), seen.len(), "fences reused: {seen:?}");
 
-    // Every stale claim is refused: heartbeat, completion, failure, settlement.
-    for stale in &seen[..2] {
-        assert_eq!(store.job_heartbeat(&[*stale], now + 1).await.unwrap(), 0);
-        assert_eq!(store.job_complete(&[*stale], now).await.unwrap(), 0);
-        assert!(!store.job_fail(*stale, "late", None, now).await.unwrap());
-        assert_eq!(
-            err_kind(settle(&store, *stale, "e:stale", "x").await),
-            "JobLost"
-        );
+    for &stale in &seen[..2] {
+        assert_stale(&store, stale, now).await;
     }
     assert_eq!(
         store
@@ -1230,6 +1169,19 @@ async fn fences_are_unique_forever(store: Store) {
             .unwrap(),
         1
     );
+}
+
+/// Everything a claim that is no longer current tries is refused: heartbeat, completion,
+/// failure, settlement.
+async fn assert_stale(store: &Store, stale: JobFence, now: i64) {
+    assert_eq!(
+        store.job_heartbeat(&[stale], now + 99_999).await.unwrap(),
+        0
+    );
+    assert_eq!(store.job_complete(&[stale], now).await.unwrap(), 0);
+    assert!(!store.job_fail(stale, "late", None, now).await.unwrap());
+    let settled = settle(store, stale, "e:stale", "x").await;
+    assert_eq!(err_kind(settled), "JobLost");
 }
 
 /// Settles `effect_key` as `external_id` for the claim `fence`, with a follow-up job: what the

@@ -70,3 +70,85 @@ impl TempStore {
         TempStore { store, url, dir }
     }
 }
+
+/// What one of many requests racing on one idempotency key saw.
+#[derive(Debug)]
+pub enum Raced<T> {
+    /// It won the claim, did the work and committed this answer.
+    Committed(T, holdfast_store::StoredResponse),
+    /// The work was done: it replayed this answer.
+    Replay(holdfast_store::StoredResponse),
+    /// Another racer held the key.
+    InFlight,
+}
+
+/// `racers` requests at once with one key and one payload (`claim` names them), the `i`-th on
+/// `stores[i % stores.len()]` (separate pools, as separate instances have): each claims the
+/// key and, if it wins, runs `work(store, token, i)`. Asserts exactly one committed and that
+/// every replay is its answer, which it returns with the work's value.
+pub async fn race_one_key<T, W, Fut, E>(
+    stores: &[holdfast_store::Store],
+    racers: usize,
+    claim: holdfast_store::IdemClaim<'_>,
+    work: W,
+) -> (T, holdfast_store::StoredResponse)
+where
+    T: Send + std::fmt::Debug + 'static,
+    E: std::fmt::Debug + Send + 'static,
+    W: Fn(holdfast_store::Store, String, usize) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(T, holdfast_store::StoredResponse), E>> + Send + 'static,
+{
+    use holdfast_store::ClaimOutcome;
+    let (scope, key, fingerprint) = (
+        claim.scope.to_owned(),
+        claim.key.clone(),
+        claim.fingerprint.clone(),
+    );
+    let (now, lock_ttl) = (claim.now, claim.lock_ttl);
+    let tasks = (0..racers).map(|i| {
+        let (store, work) = (stores[i % stores.len()].clone(), work.clone());
+        let (scope, key, fingerprint) = (scope.clone(), key.clone(), fingerprint.clone());
+        tokio::spawn(async move {
+            let claim = holdfast_store::IdemClaim {
+                scope: &scope,
+                key: &key,
+                fingerprint: &fingerprint,
+                now,
+                lock_ttl,
+            };
+            match store.idem_claim(claim).await.expect("claim") {
+                ClaimOutcome::Claimed { token } => {
+                    let (value, answer) = work(store, token, i)
+                        .await
+                        .unwrap_or_else(|e| panic!("racer {i} failed: {e:?}"));
+                    Raced::Committed(value, answer)
+                }
+                ClaimOutcome::Replay(r) => Raced::Replay(r),
+                ClaimOutcome::InFlight => Raced::InFlight,
+                ClaimOutcome::Mismatch => {
+                    panic!("racer {i}: the same request reported as Mismatch")
+                }
+            }
+        })
+    });
+    let mut results = Vec::with_capacity(racers);
+    for task in tasks {
+        results.push(task.await.expect("a racer panicked"));
+    }
+    let winners = results
+        .iter()
+        .filter(|r| matches!(r, Raced::Committed(..)))
+        .count();
+    assert_eq!(winners, 1, "{results:?}");
+    let (mut won, mut replays) = (None, Vec::new());
+    for r in results {
+        match r {
+            Raced::Committed(value, answer) => won = Some((value, answer)),
+            Raced::Replay(answer) => replays.push(answer),
+            Raced::InFlight => {}
+        }
+    }
+    let (value, answer) = won.expect("one winner");
+    assert!(replays.iter().all(|r| *r == answer), "a replay differs");
+    (value, answer)
+}
