@@ -5,7 +5,7 @@ mod support;
 
 use holdfast_cache::{Cache, Ttl};
 use std::time::Duration;
-use support::Origin;
+use support::{concurrent_gets, Origin};
 use tokio::time::{advance, sleep};
 
 const S: Duration = Duration::from_secs(1);
@@ -20,14 +20,8 @@ async fn hot_key_origin_calls(single_flight: bool) -> usize {
         .single_flight(single_flight)
         .build();
     let origin = Origin::default();
-    let callers: Vec<_> = (0..1000)
-        .map(|_| {
-            let (cache, origin) = (cache.clone(), origin.answer(S, Ok(Some(42))));
-            tokio::spawn(async move { cache.get_with("hot", origin).await })
-        })
-        .collect();
-    for caller in callers {
-        assert_eq!(caller.await.unwrap().unwrap(), Some(42));
+    for got in concurrent_gets(&cache, 1000, "hot", &origin, S, Ok(Some(42))).await {
+        assert_eq!(got.unwrap(), Some(42));
     }
     origin.calls()
 }
@@ -50,14 +44,8 @@ async fn without_single_flight_the_same_assertion_fails() {
 async fn coalesced_callers_share_one_error_and_it_is_not_cached() {
     let cache = Cache::<&str, u64>::builder(ttl(60)).build();
     let origin = Origin::default();
-    let callers: Vec<_> = (0..100)
-        .map(|_| {
-            let (cache, origin) = (cache.clone(), origin.answer(S, Err("origin down")));
-            tokio::spawn(async move { cache.get_with("k", origin).await })
-        })
-        .collect();
-    for caller in callers {
-        let err = caller.await.unwrap().unwrap_err();
+    for got in concurrent_gets(&cache, 100, "k", &origin, S, Err("origin down")).await {
+        let err = got.unwrap_err();
         assert!(err.is_origin() && !err.is_unavailable());
         assert_eq!(err.origin_error().unwrap().to_string(), "origin down");
     }
@@ -252,14 +240,8 @@ async fn stale_while_revalidate_serves_stale_during_one_refresh() {
         .await
         .unwrap();
     advance(11 * S).await; // 1 s stale
-    let readers: Vec<_> = (0..50)
-        .map(|_| {
-            let (cache, origin) = (cache.clone(), origin.answer(S, Ok(Some(2))));
-            tokio::spawn(async move { cache.get_with("k", origin).await })
-        })
-        .collect();
-    for reader in readers {
-        assert_eq!(reader.await.unwrap().unwrap(), Some(1), "stale, at once");
+    for got in concurrent_gets(&cache, 50, "k", &origin, S, Ok(Some(2))).await {
+        assert_eq!(got.unwrap(), Some(1), "stale, at once");
     }
     sleep(2 * S).await; // the refresh has answered
     assert_eq!(origin.calls(), 2, "one background refresh");

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
-use support::Origin;
+use support::{concurrent_gets, Origin};
 
 type Counters = Arc<Mutex<HashMap<String, Arc<AtomicU64>>>>;
 
@@ -67,14 +67,8 @@ async fn every_read_is_counted_once_by_how_it_was_answered() {
         .build();
     let origin = Origin::default();
     let s = Duration::from_secs(1);
-    let readers: Vec<_> = (0..10)
-        .map(|_| {
-            let (cache, origin) = (cache.clone(), origin.answer(s, Ok(Some(1))));
-            tokio::spawn(async move { cache.get_with("k", origin).await })
-        })
-        .collect();
-    for reader in readers {
-        reader.await.unwrap().unwrap();
+    for got in concurrent_gets(&cache, 10, "k", &origin, s, Ok(Some(1))).await {
+        got.unwrap();
     }
     cache
         .get_with("k", origin.answer(s, Ok(Some(2))))

@@ -210,39 +210,49 @@ pub struct Loaded {
     pub reissue: Option<Issued>,
 }
 
-/// What the tiers did, since start. Also exported as `holdfast_sessions_*` metrics.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Stats {
-    /// Redis misses answered by the backstop and written back to Redis.
-    pub rehydrated: u64,
-    pub redis_errors: u64,
-    /// Loads served by the store because Redis was unavailable.
-    pub store_fallbacks: u64,
-    /// Touches handed to the backstop store (it coalesces them per session).
-    pub backstop_rows: u64,
-    /// Touches written on the request path because the backstop queue was full.
-    pub backstop_sync_writes: u64,
-    /// Backstop batches that failed (their touches are lost; the sessions are not).
-    pub backstop_errors: u64,
-    /// Redis copies removed because the backstop no longer had the session.
-    pub revoked_by_backstop: u64,
-    /// Signed cookies re-signed with the current key.
-    pub resigned: u64,
-    /// Signed cookies refused (malformed, unknown key, bad signature, expired, revoked).
-    pub rejected: u64,
+/// `Stats` (public, plain numbers) and `Counters` (shared, atomic) with one field per counter,
+/// and the snapshot from one to the other.
+macro_rules! counters {
+    ($($(#[$doc:meta])* $field:ident,)*) => {
+        /// What the tiers did, since start. Also exported as `holdfast_sessions_*` metrics.
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+        pub struct Stats {
+            $($(#[$doc])* pub $field: u64,)*
+        }
+
+        #[derive(Default)]
+        pub(crate) struct Counters {
+            $($field: AtomicU64,)*
+        }
+
+        impl Counters {
+            fn snapshot(&self) -> Stats {
+                Stats {
+                    $($field: self.$field.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
 }
 
-#[derive(Default)]
-pub(crate) struct Counters {
-    rehydrated: AtomicU64,
-    redis_errors: AtomicU64,
-    store_fallbacks: AtomicU64,
-    backstop_rows: AtomicU64,
-    backstop_sync_writes: AtomicU64,
-    backstop_errors: AtomicU64,
-    revoked_by_backstop: AtomicU64,
-    resigned: AtomicU64,
-    rejected: AtomicU64,
+counters! {
+    /// Redis misses answered by the backstop and written back to Redis.
+    rehydrated,
+    redis_errors,
+    /// Loads served by the store because Redis was unavailable.
+    store_fallbacks,
+    /// Touches handed to the backstop store (it coalesces them per session).
+    backstop_rows,
+    /// Touches written on the request path because the backstop queue was full.
+    backstop_sync_writes,
+    /// Backstop batches that failed (their touches are lost; the sessions are not).
+    backstop_errors,
+    /// Redis copies removed because the backstop no longer had the session.
+    revoked_by_backstop,
+    /// Signed cookies re-signed with the current key.
+    resigned,
+    /// Signed cookies refused (malformed, unknown key, bad signature, expired, revoked).
+    rejected,
 }
 
 /// Adds to one of [`Counters`] and to its Prometheus counter of the same name.
@@ -256,23 +266,6 @@ macro_rules! count {
     }};
 }
 pub(crate) use count;
-
-impl Counters {
-    fn snapshot(&self) -> Stats {
-        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        Stats {
-            rehydrated: g(&self.rehydrated),
-            redis_errors: g(&self.redis_errors),
-            store_fallbacks: g(&self.store_fallbacks),
-            backstop_rows: g(&self.backstop_rows),
-            backstop_sync_writes: g(&self.backstop_sync_writes),
-            backstop_errors: g(&self.backstop_errors),
-            revoked_by_backstop: g(&self.revoked_by_backstop),
-            resigned: g(&self.resigned),
-            rejected: g(&self.rejected),
-        }
-    }
-}
 
 /// The session tier of one instance. Cheap to clone: clones share the tier (and, for Redis,
 /// the one backstop writer task).

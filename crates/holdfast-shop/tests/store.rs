@@ -14,50 +14,29 @@ use holdfast_core::{IdempotencyKey, RequestFingerprint};
 use holdfast_shop::sql::{self, Cart, CartLine, Order, OrderLine, ProductRow};
 use holdfast_shop::{Error, OrderId, Quantity, Sku, CATALOG, PAYMENTS_QUEUE, PAYOUT_KIND};
 use holdfast_store::{
-    Backend,
-    ClaimOutcome::{self, Replay},
-    IdemClaim, IdemLock, Rerun, ScopedFutureExt, Store, StoreOptions, StoredResponse, TxError,
+    Backend, ClaimOutcome, IdemClaim, IdemLock, Rerun, ScopedFutureExt, Store, StoreOptions,
+    StoredResponse, TxError,
 };
-use holdfast_testkit::db::{race_one_key, with_fresh_db};
+use holdfast_testkit::db::race_one_key;
 use sqlx::{Connection, Executor, Row};
 use std::convert::Infallible;
 use std::time::{Duration, Instant};
 
-macro_rules! conformance {
-    ($($fixture:ident $flavor:tt $name:ident),* $(,)?) => {
-        conformance!(@backend sqlite Sqlite; $($fixture $flavor $name),*);
-        conformance!(@backend postgres Postgres; $($fixture $flavor $name),*);
-    };
-    (@backend $m:ident $b:ident; $($fixture:ident $flavor:tt $name:ident),*) => {
-        mod $m {
-            $(
-                #[tokio::test(flavor = $flavor)]
-                async fn $name() {
-                    let test = concat!("shop::", stringify!($m), "::", stringify!($name));
-                    super::with_fresh_db(super::Backend::$b, test, conformance!(@fixture $fixture $name))
-                        .await;
-                }
-            )*
-        }
-    };
-    (@fixture db $name:ident) => {
-        |url: String| async move { super::$name(super::Db::open(&url).await).await }
-    };
-    (@fixture url $name:ident) => {
-        super::$name
-    };
+holdfast_testkit::conformance! {
+    open = open_db;
+    opened "current_thread" catalog_is_seeded,
+    url "current_thread" a_shop_from_before_the_split_is_adopted,
+    opened "current_thread" cart_lines,
+    opened "current_thread" checkout_and_orders,
+    opened "current_thread" order_list_newest_first,
+    opened "current_thread" checkout_enqueues_its_payout_atomically,
+    url "multi_thread"   fifty_racers_one_key_one_order,
+    opened "multi_thread"   concurrent_checkouts_with_different_keys,
+    url "multi_thread"   add_racing_checkout_is_not_lost,
 }
 
-conformance! {
-    db  "current_thread" catalog_is_seeded,
-    url "current_thread" a_shop_from_before_the_split_is_adopted,
-    db  "current_thread" cart_lines,
-    db  "current_thread" checkout_and_orders,
-    db  "current_thread" order_list_newest_first,
-    db  "current_thread" checkout_enqueues_its_payout_atomically,
-    url "multi_thread"   fifty_racers_one_key_one_order,
-    db  "multi_thread"   concurrent_checkouts_with_different_keys,
-    url "multi_thread"   add_racing_checkout_is_not_lost,
+async fn open_db(url: &str) -> Db {
+    Db::open(url).await
 }
 
 type Result<T, E = TxError<Error>> = std::result::Result<T, E>;
@@ -285,16 +264,8 @@ async fn a_shop_from_before_the_split_is_adopted(url: String) {
     add(&db, &u, "HELMET", 1).await;
     db.checkout(&u).await.unwrap();
     db.0.close().await;
-    sqlx::any::install_default_drivers();
+    holdfast_testkit::db::rewind_to_legacy_layout(&url).await;
     let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
-    for sql in [
-        "DROP TABLE holdfast_schema_migrations",
-        "ALTER TABLE jobs DROP COLUMN claim",
-        "CREATE TABLE holdfast_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
-        "INSERT INTO holdfast_migrations VALUES (1, 'shop', 1), (2, 'jobs', 2), (3, 'sessions', 3)",
-    ] {
-        conn.execute(sql).await.expect(sql);
-    }
     let db = Db::open(&url).await;
     assert_eq!(db.orders(&u, 10).await.len(), 1, "orders kept");
     let n: i64 = conn
@@ -437,27 +408,15 @@ async fn fifty_racers_one_key_one_order(url: String) {
     let stores: Vec<Db> = join_all((0..3).map(|_| Db::open(&url))).await;
     let u = stores[0].user("racer").await;
     add(&stores[0], &u, "HELMET", 2).await;
-    let (k, f) = (key("race"), fp("{}"));
-    let request = IdemClaim {
-        scope: &u,
-        key: &k,
-        fingerprint: &f,
-        now: T0,
-        lock_ttl: LOCK,
-    };
     let pools: Vec<Store> = stores.iter().map(|d| d.0.clone()).collect();
-    let scope = u.clone();
-    let (order, stored) = race_one_key(&pools, 50, request, move |store, token, _| {
-        let (u, k) = (scope.clone(), key("race"));
-        async move { Db(store).checkout_keyed(&u, &k, &token).await }
+    let order = race_one_key(&pools, 50, &u, |store, won, _| async move {
+        Db(store)
+            .checkout_keyed(&won.scope, &won.key, &won.token)
+            .await
     })
     .await;
     assert_eq!(stores[1].orders(&u, 100).await, vec![order]);
     assert_eq!(stores[2].cart(&u).await, cart_of(&[]));
-    assert_eq!(
-        claim(&stores[2], &u, &k, &f, T0 + 1, LOCK).await,
-        Replay(stored)
-    );
 }
 
 /// Two checkouts of one cart under different keys, truly in parallel: one order, one EmptyCart

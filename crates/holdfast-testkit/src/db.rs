@@ -82,43 +82,68 @@ pub enum Raced<T> {
     InFlight,
 }
 
-/// `racers` requests at once with one key and one payload (`claim` names them), the `i`-th on
+/// A key the racer claimed: what it needs to finish under it.
+pub struct Won {
+    pub scope: String,
+    pub key: holdfast_core::IdempotencyKey,
+    pub token: String,
+}
+
+impl Won {
+    pub fn lock(&self) -> holdfast_store::IdemLock<'_> {
+        holdfast_store::IdemLock {
+            scope: &self.scope,
+            key: &self.key,
+            token: &self.token,
+        }
+    }
+}
+
+/// `racers` requests at once with one key and one payload from `scope`, the `i`-th on
 /// `stores[i % stores.len()]` (separate pools, as separate instances have): each claims the
-/// key and, if it wins, runs `work(store, token, i)`. Asserts exactly one committed and that
-/// every replay is its answer, which it returns with the work's value.
+/// key and, if it wins, runs `work(store, won, i)`. Asserts exactly one committed, that every
+/// replay is its answer, and that a later claim replays it too; returns the work's value.
 pub async fn race_one_key<T, W, Fut, E>(
     stores: &[holdfast_store::Store],
     racers: usize,
-    claim: holdfast_store::IdemClaim<'_>,
+    scope: &str,
     work: W,
-) -> (T, holdfast_store::StoredResponse)
+) -> T
 where
     T: Send + std::fmt::Debug + 'static,
     E: std::fmt::Debug + Send + 'static,
-    W: Fn(holdfast_store::Store, String, usize) -> Fut + Clone + Send + 'static,
+    W: Fn(holdfast_store::Store, Won, usize) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<(T, holdfast_store::StoredResponse), E>> + Send + 'static,
 {
     use holdfast_store::ClaimOutcome;
-    let (scope, key, fingerprint) = (
-        claim.scope.to_owned(),
-        claim.key.clone(),
-        claim.fingerprint.clone(),
-    );
-    let (now, lock_ttl) = (claim.now, claim.lock_ttl);
-    let tasks = (0..racers).map(|i| {
-        let (store, work) = (stores[i % stores.len()].clone(), work.clone());
-        let (scope, key, fingerprint) = (scope.clone(), key.clone(), fingerprint.clone());
-        tokio::spawn(async move {
+    let key = holdfast_core::IdempotencyKey::parse(b"race").expect("a key");
+    let fingerprint = holdfast_core::RequestFingerprint::of("POST", "/race", b"{}");
+    let claim = |store: &holdfast_store::Store, now_offset: i64| {
+        let (store, scope, key, fingerprint) = (
+            store.clone(),
+            scope.to_owned(),
+            key.clone(),
+            fingerprint.clone(),
+        );
+        async move {
             let claim = holdfast_store::IdemClaim {
                 scope: &scope,
                 key: &key,
                 fingerprint: &fingerprint,
-                now,
-                lock_ttl,
+                now: 1_700_000_000_000 + now_offset,
+                lock_ttl: std::time::Duration::from_secs(30),
             };
-            match store.idem_claim(claim).await.expect("claim") {
+            store.idem_claim(claim).await.expect("claim")
+        }
+    };
+    let tasks = (0..racers).map(|i| {
+        let (store, work) = (stores[i % stores.len()].clone(), work.clone());
+        let (claimed, scope, key) = (claim(&store, 0), scope.to_owned(), key.clone());
+        tokio::spawn(async move {
+            match claimed.await {
                 ClaimOutcome::Claimed { token } => {
-                    let (value, answer) = work(store, token, i)
+                    let won = Won { scope, key, token };
+                    let (value, answer) = work(store, won, i)
                         .await
                         .unwrap_or_else(|e| panic!("racer {i} failed: {e:?}"));
                     Raced::Committed(value, answer)
@@ -150,5 +175,69 @@ where
     }
     let (value, answer) = won.expect("one winner");
     assert!(replays.iter().all(|r| *r == answer), "a replay differs");
-    (value, answer)
+    let later = claim(stores.last().expect("a store"), 1).await;
+    assert_eq!(later, ClaimOutcome::Replay(answer), "a later claim replays");
+    value
+}
+
+/// A conformance suite over both engines: each `fixture flavor name` becomes the tests
+/// `sqlite::name` and `postgres::name` on a fresh database. Fixture `opened` hands the case
+/// what `open(&url)` returns (the suite's own async opener, named after `open =`), `url` the URL of
+/// a fresh database nobody has opened (for migration and multi-pool cases).
+///
+/// ```ignore
+/// holdfast_testkit::conformance! {
+///     open = open_db;
+///     opened "current_thread" cart_lines,
+///     url    "multi_thread"   concurrent_opens_migrate_once,
+/// }
+/// ```
+#[macro_export]
+macro_rules! conformance {
+    (open = $open:ident; $($fixture:ident $flavor:tt $name:ident),* $(,)?) => {
+        $crate::conformance!(@backend sqlite Sqlite $open; $($fixture $flavor $name),*);
+        $crate::conformance!(@backend postgres Postgres $open; $($fixture $flavor $name),*);
+    };
+    (@backend $m:ident $b:ident $open:ident; $($fixture:ident $flavor:tt $name:ident),*) => {
+        mod $m {
+            $(
+                #[tokio::test(flavor = $flavor)]
+                async fn $name() {
+                    let test = concat!(module_path!(), "::", stringify!($name));
+                    $crate::db::with_fresh_db(
+                        $crate::Backend::$b,
+                        test,
+                        $crate::conformance!(@fixture $open $fixture $name),
+                    )
+                    .await;
+                }
+            )*
+        }
+    };
+    (@fixture $open:ident opened $name:ident) => {
+        |url: String| async move { super::$name(super::$open(&url).await).await }
+    };
+    (@fixture $open:ident url $name:ident) => {
+        super::$name
+    };
+}
+
+/// Turns the database at `url` (made by this build, closed) back into the layout of a database
+/// made before schemas were split by owner: one list of applied versions, 1 to 3, in
+/// `holdfast_migrations`, and no job `claim` column (the migration that came after).
+pub async fn rewind_to_legacy_layout(url: &str) {
+    use sqlx::{Connection, Executor};
+    sqlx::any::install_default_drivers();
+    let mut conn = sqlx::AnyConnection::connect(url)
+        .await
+        .expect("raw connect");
+    for sql in [
+        "DROP TABLE holdfast_schema_migrations",
+        "ALTER TABLE jobs DROP COLUMN claim",
+        "CREATE TABLE holdfast_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
+        "INSERT INTO holdfast_migrations VALUES (1, 'shop', 1), (2, 'jobs', 2), (3, 'sessions', 3)",
+    ] {
+        conn.execute(sql).await.expect(sql);
+    }
+    let _ = conn.close().await;
 }

@@ -102,3 +102,26 @@ impl Gate {
         self.open
     }
 }
+
+/// `n` callers at once reading `key` from `cache`, each offering `origin.answer(latency,
+/// answer)`; their results, in order.
+pub async fn concurrent_gets(
+    cache: &holdfast_cache::Cache<&'static str, u64>,
+    n: usize,
+    key: &'static str,
+    origin: &Origin,
+    latency: Duration,
+    answer: Answer<u64>,
+) -> Vec<Result<Option<u64>, holdfast_cache::Error>> {
+    let callers: Vec<_> = (0..n)
+        .map(|_| {
+            let (cache, origin) = (cache.clone(), origin.answer(latency, answer));
+            tokio::spawn(async move { cache.get_with(key, origin).await })
+        })
+        .collect();
+    let mut results = Vec::with_capacity(n);
+    for caller in callers {
+        results.push(caller.await.expect("a caller panicked"));
+    }
+    results
+}
