@@ -48,10 +48,7 @@ struct BackendResult {
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let backends: Vec<Backend> = match args.backend {
-        Some(b) => vec![b],
-        None => vec![Backend::Sqlite, Backend::Postgres],
-    };
+    let backends = args.db.backends();
     let program = match &args.program {
         Some(p) => p.clone(),
         None => crate::sibling("holdfast")?,
@@ -212,7 +209,8 @@ async fn bench_backend(
     let dir = tempfile::tempdir()?;
     let admin_url = match backend {
         Backend::Postgres => Some(
-            args.database_url
+            args.db
+                .database_url
                 .clone()
                 .or_else(|| std::env::var("DATABASE_URL").ok())
                 .context("postgres needs --database-url or DATABASE_URL")?,

@@ -81,12 +81,8 @@ pub struct BenchSessionsArgs {
 /// `holdfast bench jobs`. The worker settings default to the tuned figures the bench reports.
 #[derive(Debug, Clone, Args)]
 pub struct BenchJobsArgs {
-    /// One backend; both when omitted (Postgres needs --database-url or DATABASE_URL).
-    #[arg(long, value_parser = parse_backend)]
-    pub backend: Option<Backend>,
-    /// A Postgres server to create throwaway benchmark databases on (one per system).
-    #[arg(long)]
-    pub database_url: Option<String>,
+    #[command(flatten)]
+    pub db: BenchDb,
     /// No-op jobs to insert and then work off (burn-down).
     #[arg(long, default_value_t = 20_000)]
     pub jobs: usize,
@@ -134,12 +130,8 @@ pub struct BenchJobsArgs {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// One backend; both when omitted (Postgres needs --database-url or DATABASE_URL).
-    #[arg(long, value_parser = parse_backend)]
-    pub backend: Option<Backend>,
-    /// A Postgres server to create a throwaway benchmark database on.
-    #[arg(long)]
-    pub database_url: Option<String>,
+    #[command(flatten)]
+    pub db: BenchDb,
     #[arg(long, default_value_t = 3)]
     pub instances: u16,
     /// Concurrent shoppers, each in a closed loop.
@@ -162,6 +154,27 @@ pub struct BenchArgs {
     /// `--baseline` the medians are compared.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+}
+
+/// Which engines a benchmark runs on.
+#[derive(Debug, Clone, Args)]
+pub struct BenchDb {
+    /// One backend; both when omitted (Postgres needs --database-url or DATABASE_URL).
+    #[arg(long, value_parser = parse_backend)]
+    pub backend: Option<Backend>,
+    /// A Postgres server to create throwaway benchmark databases on (one per system).
+    #[arg(long)]
+    pub database_url: Option<String>,
+}
+
+impl BenchDb {
+    /// The engines asked for, in the order they run.
+    pub fn backends(&self) -> Vec<Backend> {
+        match self.backend {
+            Some(b) => vec![b],
+            None => Backend::ALL.to_vec(),
+        }
+    }
 }
 
 /// `sqlite` or `postgres`.

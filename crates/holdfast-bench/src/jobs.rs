@@ -79,11 +79,9 @@ struct Ratio {
 pub async fn run(args: BenchJobsArgs) -> anyhow::Result<()> {
     ensure!(args.jobs > 0, "--jobs must be at least 1");
     ensure!(args.rate > 0, "--rate must be at least 1");
-    let backends: Vec<Backend> = match args.backend {
-        Some(b) => vec![b],
-        None => vec![Backend::Sqlite, Backend::Postgres],
-    };
+    let backends = args.db.backends();
     let admin_url = args
+        .db
         .database_url
         .clone()
         .or_else(|| std::env::var("DATABASE_URL").ok())

@@ -420,13 +420,8 @@ async fn users(store: Store) {
     assert_eq!(password_hash(&store, "bob@example.com").await, None);
 
     assert_eq!(store.user_get(&ann.id).await.unwrap(), Some(ann));
-    assert_eq!(
-        store
-            .user_get(&UserId::generate().to_string())
-            .await
-            .unwrap(),
-        None
-    );
+    let nobody = UserId::generate().to_string();
+    assert_eq!(store.user_get(&nobody).await.unwrap(), None);
 }
 
 // ---- sessions ----------------------------------------------------------------------------
@@ -601,11 +596,9 @@ async fn password_change_ends_every_session_of_the_user(store: Store) {
         store.user_sessions_valid_after(&u).await.unwrap(),
         Some(T0 + 5)
     );
+    let nobody = UserId::generate().to_string();
     assert_eq!(
-        store
-            .user_sessions_valid_after(&UserId::generate().to_string())
-            .await
-            .unwrap(),
+        store.user_sessions_valid_after(&nobody).await.unwrap(),
         None
     );
 }
