@@ -7,7 +7,7 @@
 //! shared Redis tier **about one per fleet** (a short lease), and refreshes hot keys *before*
 //! they expire (XFetch), so most requests never see a miss at all.
 //!
-//! Rules (DESIGN.md §2 invariant 6):
+//! Rules (promise 6 in `docs/INVARIANTS.md`):
 //!
 //! - Architecture invariant: a cache is never the only copy. Nothing is ever written *through*
 //!   it; flushing it (in-process or the Redis prefix) loses nothing, the next read asks the

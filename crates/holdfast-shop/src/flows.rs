@@ -81,14 +81,16 @@ impl Flows {
         );
         let provider = &self.provider;
         let call = |key| effect.call(provider, &order, key);
-        let external_id = if self.sabotage == Some(Sabotage::LedgerBypass) {
-            crate::sabotage::call_without_ledger(&external_key, call).await?
-        } else {
-            let lookup = |key| effect.lookup(provider, key);
-            self.ledger
-                .once(&effect_key, &external_key, call, lookup)
-                .await?
-        };
+        let lookup = |key| effect.lookup(provider, key);
+        let (ledger, sabotage) = (&self.ledger, self.sabotage);
+        let external_id = crate::sabotage::ledger_once(
+            sabotage,
+            ledger,
+            (&effect_key, &external_key),
+            call,
+            lookup,
+        )
+        .await?;
         self.ledger
             .settle(job.fence(), &effect_key, &external_id, |tx| {
                 effect.consequences(tx, id).scope_boxed()

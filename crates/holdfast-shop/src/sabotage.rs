@@ -1,7 +1,7 @@
 //! What each [`Sabotage`] breaks — the deliberately broken builds that the tests and the drill
-//! must catch — implemented here and nowhere else. The handlers and the flows do not know
-//! about them: the web-tier kinds are middleware in front of the shop's routes, the worker
-//! kind replaces the effect ledger's call path. Off unless the hidden `--unsafe-sabotage` flag
+//! must catch — implemented here and nowhere else. The handlers and the flows have no
+//! sabotage branch: the web-tier kinds are middleware in front of the shop's routes, and the
+//! flows reach the effect ledger through [`ledger_once`], which skips it for the worker kind. Off unless the hidden `--unsafe-sabotage` flag
 //! names one; never in production.
 
 use crate::http::{CheckoutBody, Shop};
@@ -12,7 +12,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use holdfast_http::IDEMPOTENCY_KEY;
-use holdfast_jobs::JobError;
+use holdfast_jobs::{JobError, Ledger};
 use holdfast_store::{Rerun, ScopedFutureExt};
 use holdfast_web::{AppError, Authed, FromBody};
 use std::convert::Infallible;
@@ -98,15 +98,26 @@ async fn promise_then_commit(shop: Shop, req: Request) -> Result<Response, AppEr
     Ok((StatusCode::CREATED, Json(promised)).into_response())
 }
 
-/// LedgerBypass: the call is made with a fresh idempotency key on every attempt and nothing
-/// is recorded first, so a redelivered job charges again.
-pub(crate) async fn call_without_ledger<C, CF>(
-    external_key: &str,
+/// `Ledger::once` for `(effect_key, external_key)` — unless LedgerBypass is on: then the call
+/// is made with a fresh idempotency key on every attempt and nothing is recorded first, so a
+/// redelivered job charges again.
+pub(crate) async fn ledger_once<C, CF, L, LF>(
+    sabotage: Option<Sabotage>,
+    ledger: &Ledger,
+    (effect_key, external_key): (&str, &str),
     call: C,
+    lookup: L,
 ) -> Result<String, JobError>
 where
     C: FnOnce(String) -> CF,
     CF: Future<Output = Result<String, JobError>>,
+    L: FnOnce(String) -> LF,
+    LF: Future<Output = Result<Option<String>, JobError>>,
 {
-    call(format!("{external_key}-{}", uuid::Uuid::new_v4().simple())).await
+    match sabotage {
+        Some(Sabotage::LedgerBypass) => {
+            call(format!("{external_key}-{}", uuid::Uuid::new_v4().simple())).await
+        }
+        _ => ledger.once(effect_key, external_key, call, lookup).await,
+    }
 }

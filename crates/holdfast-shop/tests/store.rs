@@ -291,7 +291,8 @@ async fn cart_lines(db: Db) {
     add(&db, &other, "HARNESS", 1).await;
 
     // Each step: the operation, then the resulting cart or the error (which leaves it unchanged).
-    let steps: &[(Op, Result<&[(&str, i64)], &str>)] = &[
+    type Lines = &'static [(&'static str, i64)];
+    let steps: &[(Op, Result<Lines, &str>)] = &[
         (Add("ROPE-10M", 2), Ok(&[("ROPE-10M", 2)])),
         (
             Add("CARABINER", 3),

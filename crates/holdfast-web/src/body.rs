@@ -162,22 +162,6 @@ pub fn idempotency_key(headers: &HeaderMap) -> AppResult<Option<IdempotencyKey>>
         .map_err(|e| AppError::bad_request("invalid-idempotency-key", e.to_string()))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn canonical_json_ignores_key_order_and_spacing() {
-        let a: Value = serde_json::from_str(r#"{ "b": [1, {"y":2,"x":1}], "a": "s" }"#).unwrap();
-        let b: Value = serde_json::from_str(r#"{"a":"s","b":[1,{"x":1,"y":2}]}"#).unwrap();
-        assert_eq!(canonical_json(&a), canonical_json(&b));
-        assert_eq!(
-            canonical_json(&b),
-            br#"{"a":"s","b":[1,{"x":1,"y":2}]}"#.to_vec()
-        );
-    }
-}
-
 /// One path segment, percent-decoded. A segment that does not decode names nothing: 404.
 pub struct PathParam(pub String);
 
@@ -191,5 +175,21 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for PathParam {
             .await
             .map(|axum::extract::Path(s)| PathParam(s))
             .map_err(|_| AppError::not_found("no such resource"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_json_ignores_key_order_and_spacing() {
+        let a: Value = serde_json::from_str(r#"{ "b": [1, {"y":2,"x":1}], "a": "s" }"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{"a":"s","b":[1,{"x":1,"y":2}]}"#).unwrap();
+        assert_eq!(canonical_json(&a), canonical_json(&b));
+        assert_eq!(
+            canonical_json(&b),
+            br#"{"a":"s","b":[1,{"x":1,"y":2}]}"#.to_vec()
+        );
     }
 }

@@ -494,21 +494,6 @@ impl Default for Backoff {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_to_a_cap_and_resets_after_a_stable_run() {
-        let mut b = Backoff::default();
-        let crash = Duration::from_millis(10);
-        let delays: Vec<u64> = (0..8).map(|_| b.after(crash).as_millis() as u64).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        assert_eq!(b.after(Duration::from_secs(10)), Duration::from_millis(100));
-        assert_eq!(b.after(crash), Duration::from_millis(200));
-    }
-}
-
 /// `HOLDFAST_SESSION_KEYS_FILE` (in `up`'s environment), with `--sessions cookie`: a file
 /// holding a key ring (`kid:base64key,…`) that `up` re-reads each time it starts an instance,
 /// so keys rotate without restarting `up`: rewrite the file, then SIGTERM the web instances one
@@ -521,5 +506,20 @@ fn session_keys_file(instance: &crate::cli::InstanceArgs) -> Vec<(OsString, Path
             vec![("HOLDFAST_SESSION_KEYS".into(), PathBuf::from(path))]
         }
         _ => Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_a_cap_and_resets_after_a_stable_run() {
+        let mut b = Backoff::default();
+        let crash = Duration::from_millis(10);
+        let delays: Vec<u64> = (0..8).map(|_| b.after(crash).as_millis() as u64).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert_eq!(b.after(Duration::from_secs(10)), Duration::from_millis(100));
+        assert_eq!(b.after(crash), Duration::from_millis(200));
     }
 }
