@@ -101,17 +101,15 @@ async fn promise_then_commit(shop: Shop, req: Request) -> Result<Response, AppEr
 /// `Ledger::once` for `(effect_key, external_key)` — unless LedgerBypass is on: then the call
 /// is made with a fresh idempotency key on every attempt and nothing is recorded first, so a
 /// redelivered job charges again.
-pub(crate) async fn ledger_once<C, CF, L, LF>(
+pub(crate) async fn ledger_once<CF, LF>(
     sabotage: Option<Sabotage>,
     ledger: &Ledger,
     (effect_key, external_key): (&str, &str),
-    call: C,
-    lookup: L,
+    call: impl FnOnce(String) -> CF,
+    lookup: impl FnOnce(String) -> LF,
 ) -> Result<String, JobError>
 where
-    C: FnOnce(String) -> CF,
     CF: Future<Output = Result<String, JobError>>,
-    L: FnOnce(String) -> LF,
     LF: Future<Output = Result<Option<String>, JobError>>,
 {
     match sabotage {
