@@ -7,18 +7,31 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use std::fmt;
 
-/// A user's email, trimmed and lower-cased.
+/// A user's email in one canonical form, so that one mailbox is one account: trimmed, NFKC
+/// normalised and case-folded (`ＡＮＮ@Example.com`, `ann@example.com` and `ANN@EXAMPLE.COM` are
+/// one email). Characters that do not show — controls, zero-width and bidirectional
+/// formatting marks, variation selectors — are refused rather than stripped, since an address
+/// that looks like another one is the point of an attack.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct Email(String);
 
 impl Email {
     pub fn parse(raw: &str) -> Result<Self, ParseError> {
-        let s = raw.trim().to_ascii_lowercase();
+        use unicode_normalization::UnicodeNormalization;
         let err = |r: &str| Err(ParseError::new("email", r));
-        if s.is_empty() || s.len() > 254 {
+        let trimmed = raw.trim();
+        if trimmed.len() > 254 * 4 {
             return err("must be 1 to 254 characters");
         }
-        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        if trimmed.chars().any(is_invisible) {
+            return err("must not contain invisible, formatting or bidirectional characters");
+        }
+        let nfkc: String = trimmed.nfkc().collect();
+        let s: String = caseless::default_case_fold_str(&nfkc).nfkc().collect();
+        if s.is_empty() || s.chars().count() > 254 {
+            return err("must be 1 to 254 characters");
+        }
+        if s.chars().any(|c| c.is_whitespace() || is_invisible(c)) {
             return err("must not contain spaces or control characters");
         }
         match s.split_once('@') {
@@ -33,6 +46,32 @@ impl Email {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Controls and the characters that render as nothing or reorder text: Unicode's format
+/// characters (zero-width spaces and joiners, bidi embeddings, overrides and isolates, the
+/// byte-order mark, tags), variation selectors, and the fillers that display blank.
+fn is_invisible(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c as u32,
+            0x00AD
+                | 0x034F
+                | 0x061C
+                | 0x115F..=0x1160
+                | 0x17B4..=0x17B5
+                | 0x180B..=0x180F
+                | 0x200B..=0x200F
+                | 0x202A..=0x202E
+                | 0x2060..=0x206F
+                | 0x3164
+                | 0xFE00..=0xFE0F
+                | 0xFEFF
+                | 0xFFA0
+                | 0xFFF0..=0xFFFB
+                | 0x1D173..=0x1D17A
+                | 0xE0000..=0xE0FFF
+        )
 }
 
 /// A plaintext password on its way to argon2id. Never printed.
@@ -300,6 +339,42 @@ mod tests {
         );
         for bad in ["", "no-at", "@x", "x@", "a@b@c", "a b@c"] {
             assert!(Email::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn look_alike_emails_are_one_account_or_refused() {
+        let canonical = |s: &str| Email::parse(s).map(|e| e.as_str().to_owned());
+        // Full-width letters (NFKC), non-ASCII case (folding) and the sharp s all collapse.
+        assert_eq!(canonical("ＡＮＮ@Example.com").unwrap(), "ann@example.com");
+        assert_eq!(
+            canonical("ÉLODIE@example.com").unwrap(),
+            "élodie@example.com"
+        );
+        assert_eq!(
+            canonical("E\u{301}lodie@example.com").unwrap(),
+            "élodie@example.com",
+            "a combining accent composes"
+        );
+        assert_eq!(
+            canonical("STRAẞE@example.com").unwrap(),
+            "strasse@example.com"
+        );
+        assert_eq!(
+            canonical("ΣΊΣΥΦΟΣ@example.com"),
+            canonical("σίσυφος@example.com")
+        );
+        for invisible in [
+            "an\u{200B}n@example.com",  // zero-width space
+            "ann\u{200D}@example.com",  // zero-width joiner
+            "\u{202E}moc.elpmaxe@nna",  // right-to-left override
+            "ann@exa\u{2066}mple.com",  // left-to-right isolate
+            "ann\u{FE0F}@example.com",  // variation selector
+            "\u{FEFF}ann@example.com",  // byte-order mark
+            "ann\u{AD}@example.com",    // soft hyphen
+            "ann@example.com\u{E0041}", // tag
+        ] {
+            assert!(Email::parse(invisible).is_err(), "{invisible:?}");
         }
     }
 

@@ -83,6 +83,11 @@ pub enum Error {
     },
     #[error("unsupported database url (want sqlite:… or postgres://…)")]
     UnsupportedUrl,
+    #[error("creating the database file {path}: {source}")]
+    CreateFile {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -170,6 +175,39 @@ impl StoreOptions {
     }
 }
 
+/// Creates a missing SQLite database file readable by its owner only (0600). SQLite gives its
+/// `-wal` and `-shm` files the database file's mode, so they are private too.
+fn create_private(url: &str) -> Result<()> {
+    let Some(path) = url
+        .strip_prefix("sqlite:")
+        .map(|rest| rest.strip_prefix("//").unwrap_or(rest))
+        .map(|rest| rest.split('?').next().unwrap_or(rest))
+        .filter(|p| !p.is_empty() && !p.starts_with(':'))
+    else {
+        return Ok(());
+    };
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+        {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(source) => {
+                return Err(Error::CreateFile {
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The durable store. Cheap to clone: clones share one pool.
 #[derive(Clone)]
 pub struct Store {
@@ -187,6 +225,9 @@ impl Store {
     pub async fn open(opts: &StoreOptions) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let backend = Backend::of_url(&opts.url).ok_or(Error::UnsupportedUrl)?;
+        if backend == Backend::Sqlite {
+            create_private(&opts.url)?;
+        }
         let url = match backend {
             Backend::Sqlite if !opts.url.contains('?') => format!("{}?mode=rwc", opts.url),
             _ => opts.url.clone(),
@@ -385,6 +426,22 @@ mod tests {
         let mut opts = StoreOptions::new(testing::sqlite_url(dir.path()));
         opts.retry = retry;
         (Store::open(&opts).await.unwrap(), dir)
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn sqlite_files_are_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (store, dir) = store(quick()).await;
+        store.ping().await.unwrap();
+        let mut seen = 0;
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let entry = entry.unwrap();
+            let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{:?}", entry.file_name());
+            seen += 1;
+        }
+        assert!(seen >= 2, "the database and its WAL");
     }
 
     fn quick() -> RetryPolicy {

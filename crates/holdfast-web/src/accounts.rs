@@ -26,6 +26,9 @@ where
         .route("/api/logout", post(logout))
         .route("/api/password", post(password))
         .route("/api/me", get(me))
+        .layer(axum::extract::DefaultBodyLimit::max(
+            crate::ACCOUNT_BODY_LIMIT,
+        ))
 }
 
 #[derive(Deserialize)]
@@ -40,7 +43,7 @@ async fn signup(
     JsonBody(c): JsonBody<Credentials>,
 ) -> AppResult<Response> {
     let email = Email::parse(&c.email)?;
-    let hash = session::hash_password(Password::parse(&c.password)?).await?;
+    let hash = st.passwords.hash(Password::parse(&c.password)?).await?;
     let user = st.store.user_create(&email, &hash).await?;
     Ok((
         StatusCode::CREATED,
@@ -66,7 +69,7 @@ async fn login(
     };
     let creds = st.store.user_credentials(&email).await?;
     let stored_hash = creds.as_ref().map(|c| c.password_hash.clone());
-    if !session::verify_password(password, stored_hash).await? {
+    if !st.passwords.verify(password, stored_hash).await? {
         return Err(denied());
     }
     let user = creds.ok_or_else(denied)?.user;
@@ -123,10 +126,14 @@ async fn password(
         .store
         .user_credentials(&Email::parse(&account.email)?)
         .await?;
-    if !session::verify_password(current, creds.map(|c| c.password_hash)).await? {
+    if !st
+        .passwords
+        .verify(current, creds.map(|c| c.password_hash))
+        .await?
+    {
         return Err(wrong());
     }
-    let hash = session::hash_password(new).await?;
+    let hash = st.passwords.hash(new).await?;
     st.store.user_set_password(&user.user_id, &hash).await?;
     match st.sessions.logout_user(&user.user_id).await {
         Ok(()) => {}

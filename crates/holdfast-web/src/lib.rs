@@ -22,6 +22,7 @@ mod accounts;
 mod body;
 mod error;
 mod idempotency;
+mod passwords;
 mod session;
 
 pub use body::{
@@ -31,6 +32,7 @@ pub use error::{AppError, AppResult, PROBLEM_JSON};
 pub use holdfast_sessions::{KeyRing, SessionTier, Sessions};
 pub use idempotency::{json_response, respond, Idempotent, Optional, Required};
 pub use metrics_exporter_prometheus::PrometheusHandle;
+pub use passwords::PasswordPool;
 pub use session::{cookie_name, Authed};
 
 use axum::extract::{FromRef, MatchedPath, Request, State};
@@ -65,9 +67,19 @@ pub struct WebOptions {
     pub idempotency_retention: Duration,
     /// Server-side deadline for one request.
     pub request_timeout: Duration,
-    /// Largest accepted request body; more is a 413.
+    /// Largest accepted request body; more is a 413. The accounts routes take at most
+    /// [`ACCOUNT_BODY_LIMIT`].
     pub max_body_bytes: usize,
+    /// Password hashes (argon2id, 19 MiB each) running at once; the rest wait.
+    pub hash_concurrency: usize,
+    /// Password hashes waiting; past this a sign-in gets 503 with `Retry-After`.
+    pub hash_queue: usize,
+    /// Requests in flight at once; past this a request gets 503 with `Retry-After` at once.
+    pub max_in_flight: usize,
 }
+
+/// The body limit of the accounts routes: an email and two passwords fit many times over.
+pub const ACCOUNT_BODY_LIMIT: usize = 4 * 1024;
 
 impl Default for WebOptions {
     fn default() -> Self {
@@ -80,6 +92,9 @@ impl Default for WebOptions {
             idempotency_retention: Duration::from_secs(24 * 3600),
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 64 * 1024,
+            hash_concurrency: std::thread::available_parallelism().map_or(1, usize::from),
+            hash_queue: 32,
+            max_in_flight: 512,
         }
     }
 }
@@ -93,6 +108,8 @@ pub struct AppState {
     pub(crate) opts: Arc<WebOptions>,
     pub(crate) draining: Arc<AtomicBool>,
     pub(crate) metrics: Option<PrometheusHandle>,
+    pub(crate) passwords: PasswordPool,
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -103,6 +120,8 @@ impl AppState {
             holdfast_sessions::Config::new(opts.session_idle_ttl, opts.session_absolute_ttl);
         Self {
             sessions: Sessions::new(opts.sessions.clone(), store.clone(), config),
+            passwords: PasswordPool::new(opts.hash_concurrency, opts.hash_queue),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(opts.max_in_flight)),
             store,
             opts: Arc::new(opts),
             draining: Arc::new(AtomicBool::new(false)),
@@ -183,7 +202,8 @@ where
                 "method not allowed on this route",
             )
         })
-        .layer(middleware::from_fn_with_state(edge, deadline))
+        .layer(middleware::from_fn_with_state(edge.clone(), deadline))
+        .layer(middleware::from_fn_with_state(edge, shed_load))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             AppError::internal("a handler panicked").into_response()
         }))
@@ -208,6 +228,22 @@ async fn track(req: Request, next: Next) -> Response {
     metrics::histogram!("holdfast_http_request_duration_seconds", &labels)
         .record(started.elapsed().as_secs_f64());
     resp
+}
+
+/// The in-flight cap: past it a request is refused at once instead of queueing (memory and
+/// latency stay bounded; the balancer or client retries elsewhere or later).
+async fn shed_load(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let Ok(_permit) = Arc::clone(&st.in_flight).try_acquire_owned() else {
+        metrics::counter!("holdfast_http_shed_total").increment(1);
+        return AppError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "this instance is at capacity; retry shortly",
+        )
+        .retry_after(1)
+        .into_response();
+    };
+    next.run(req).await
 }
 
 /// The server-side deadline. Dropping the handler rolls its transaction back; an idempotency

@@ -5,23 +5,17 @@
 //! user's data, and no instance keeps one in memory, so any instance can serve any user and a
 //! SIGKILL loses nothing.
 //!
-//! Also here: argon2id password hashing (off the async threads) and the CSRF rule for
-//! cookie-authenticated writes.
+//! Also here: the CSRF rule for cookie-authenticated writes.
 
 use crate::error::{AppError, AppResult};
 use crate::AppState;
-use argon2::password_hash::{
-    rand_core::OsRng, PasswordHash, PasswordHasher, PasswordVerifier, SaltString,
-};
-use argon2::Argon2;
 use axum::extract::{FromRef, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
-use holdfast_core::Password;
 use holdfast_sessions::Issued;
-use std::sync::{Arc, LazyLock, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// Cookie name. With `Secure` the `__Host-` prefix also pins it to this host and path `/`.
 pub fn cookie_name(secure: bool) -> &'static str {
@@ -186,43 +180,4 @@ pub async fn csrf_guard(
         }
     }
     Ok(next.run(req).await)
-}
-
-/// argon2id with the crate's defaults (m = 19 MiB, t = 2, p = 1: the OWASP baseline).
-fn hasher() -> Argon2<'static> {
-    Argon2::default()
-}
-
-pub async fn hash_password(p: Password) -> AppResult<String> {
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        hasher()
-            .hash_password(p.expose().as_bytes(), &salt)
-            .map(|h| h.to_string())
-    })
-    .await
-    .map_err(AppError::internal)?
-    .map_err(AppError::internal)
-}
-
-/// A real hash of a random password, verified against when the email is unknown so that
-/// "no such user" and "wrong password" take the same time.
-static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
-    let salt = SaltString::generate(&mut OsRng);
-    hasher()
-        .hash_password(b"not-a-real-password", &salt)
-        .map(|h| h.to_string())
-        .unwrap_or_default()
-});
-
-pub async fn verify_password(p: Password, stored: Option<String>) -> AppResult<bool> {
-    tokio::task::spawn_blocking(move || {
-        let known = stored.is_some();
-        let hash = stored.unwrap_or_else(|| DUMMY_HASH.clone());
-        let ok = PasswordHash::new(&hash)
-            .is_ok_and(|h| hasher().verify_password(p.expose().as_bytes(), &h).is_ok());
-        known && ok
-    })
-    .await
-    .map_err(AppError::internal)
 }

@@ -210,3 +210,23 @@ async fn any_application_gets_accounts_and_replayable_writes() {
     let mine = app.call("GET", "/api/notes", None, &cookie).await;
     assert_eq!(mine.json(), json!(["hi", "fixed"]));
 }
+
+#[tokio::test]
+async fn accounts_take_small_bodies_while_the_application_keeps_its_own_limit() {
+    let app = notes_service().await;
+    let ann = app.login("ann@example.com").await;
+    let big = "x".repeat(holdfast_web::ACCOUNT_BODY_LIMIT + 1);
+    let login = json!({ "email": "ann@example.com", "password": big });
+    let refused = app.call("POST", "/api/login", Some(login), &[]).await;
+    assert_eq!(refused.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(refused.is_problem());
+    let note = app
+        .call(
+            "POST",
+            "/api/notes",
+            Some(json!({ "text": big })),
+            &keyed(&ann, "big-1"),
+        )
+        .await;
+    assert_eq!(note.status, StatusCode::CREATED);
+}
