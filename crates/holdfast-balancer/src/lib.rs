@@ -32,12 +32,13 @@
 
 mod proxy;
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -73,6 +74,15 @@ pub struct BalancerOptions {
     pub max_buffered_body: usize,
     /// On shutdown, how long in-flight requests may take before their connections are dropped.
     pub shutdown_grace: Duration,
+    /// How long a client may take to send a request's head; then the connection is closed.
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request's body; then it gets 408 and is closed.
+    pub body_read_timeout: Duration,
+    /// Client connections open at once; a connection past this is answered 503 and closed.
+    pub max_connections: usize,
+    /// Client connections open at once from one address (slow clients from one place cannot
+    /// take every slot).
+    pub max_connections_per_client: usize,
 }
 
 impl Default for BalancerOptions {
@@ -84,6 +94,10 @@ impl Default for BalancerOptions {
             attempt_timeout: Duration::from_secs(15),
             max_buffered_body: 8 * 1024 * 1024,
             shutdown_grace: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_connections_per_client: 256,
         }
     }
 }
@@ -108,7 +122,37 @@ struct Inner {
     next: AtomicUsize,
     instances: RwLock<Bytes>,
     retries: AtomicU64,
+    connections: Mutex<Connections>,
 }
+
+/// Open client connections, in all and per client address.
+#[derive(Default)]
+struct Connections {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+/// One admitted client connection; dropping it frees its slot.
+struct ConnectionSlot {
+    balancer: Balancer,
+    client: IpAddr,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut c = self.balancer.connections();
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_client.get_mut(&self.client) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// What a connection past the caps gets before it is closed.
+const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/problem+json\r\nretry-after: 1\r\nconnection: close\r\ncontent-length: 97\r\n\r\n{\"type\":\"about:blank\",\"title\":\"Service Unavailable\",\"status\":503,\"detail\":\"too many connections\"}";
 
 struct Upstream {
     addr: SocketAddr,
@@ -145,6 +189,7 @@ impl Balancer {
                 next: AtomicUsize::new(0),
                 instances: RwLock::new(Bytes::from_static(b"[]")),
                 retries: AtomicU64::new(0),
+                connections: Mutex::default(),
             }),
         }
     }
@@ -197,6 +242,34 @@ impl Balancer {
         self.inner.retries.load(Ordering::Relaxed)
     }
 
+    fn connections(&self) -> std::sync::MutexGuard<'_, Connections> {
+        self.inner
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a connection slot for `client`, or `None` when a cap is reached.
+    fn admit(&self, client: IpAddr) -> Option<ConnectionSlot> {
+        let opts = &self.inner.opts;
+        let mut c = self.connections();
+        let mine = c.per_client.get(&client).copied().unwrap_or(0);
+        if c.total >= opts.max_connections || mine >= opts.max_connections_per_client {
+            return None;
+        }
+        c.total += 1;
+        *c.per_client.entry(client).or_default() += 1;
+        Some(ConnectionSlot {
+            balancer: self.clone(),
+            client,
+        })
+    }
+
+    /// Client connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.connections().total
+    }
+
     /// Serves clients on `listener` and checks upstream health until `shutdown` resolves; then
     /// stops accepting and lets in-flight requests finish for up to
     /// [`BalancerOptions::shutdown_grace`].
@@ -210,8 +283,9 @@ impl Balancer {
         let mut connections = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         let mut http = http1::Builder::new();
-        // Gives hyper's header-read timeout (30 s by default) a clock.
-        http.timer(TokioTimer::new());
+        // A client that trickles its request head is cut off.
+        http.timer(TokioTimer::new())
+            .header_read_timeout(self.inner.opts.header_read_timeout);
         loop {
             let (stream, peer) = tokio::select! {
                 biased;
@@ -227,6 +301,12 @@ impl Balancer {
                     }
                 },
             };
+            let Some(slot) = self.admit(peer.ip()) else {
+                tracing::warn!(%peer, "connection refused: too many connections");
+                // Best effort: a full socket buffer just gets the close.
+                let _ = stream.try_write(TOO_MANY_CONNECTIONS);
+                continue;
+            };
             // Only a latency tweak; the connection works without it.
             let _ = stream.set_nodelay(true);
             let balancer = self.clone();
@@ -236,6 +316,7 @@ impl Balancer {
             });
             let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
             connections.spawn(async move {
+                let _slot = slot;
                 if let Err(error) = connection.await {
                     tracing::debug!(%error, %peer, "client connection ended with an error");
                 }

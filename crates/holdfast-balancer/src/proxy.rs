@@ -140,7 +140,20 @@ impl Balancer {
         if declared.is_some_and(|len| len > max as u64) {
             return Err(too_large());
         }
-        match Limited::new(body, max).collect().await {
+        let read = timeout(
+            self.inner.opts.body_read_timeout,
+            Limited::new(body, max).collect(),
+        );
+        let Ok(collected) = read.await else {
+            let mut resp = problem(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time",
+            );
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Err(resp);
+        };
+        match collected {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(error) if error.is::<LengthLimitError>() => Err(too_large()),
             Err(error) => Err(problem(

@@ -628,3 +628,80 @@ async fn shutdown_lets_the_in_flight_request_finish() {
         "no longer accepting"
     );
 }
+
+/// Opens a connection to `to` from the loopback address `from` (all of 127.0.0.0/8 is local).
+async fn connect_from(from: [u8; 4], to: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from((from, 0)))
+        .expect("bind a loopback source address");
+    socket.connect(to).await.expect("connect")
+}
+
+/// Reads until the peer closes (bounded by the caller's timeout).
+async fn read_to_close(stream: &mut TcpStream) -> String {
+    let mut all = Vec::new();
+    let _ = stream.read_to_end(&mut all).await;
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off_and_cannot_take_every_connection() {
+    let (a, app) = App::named("a").spawn().await;
+    let opts = BalancerOptions {
+        header_read_timeout: Duration::from_millis(300),
+        body_read_timeout: Duration::from_millis(300),
+        max_connections_per_client: 4,
+        ..steady()
+    };
+    let lb = start(opts, vec![a]).await;
+    let bound = Duration::from_secs(5);
+
+    // A body shorter than its Content-Length: 408 problem+json, then the connection closes.
+    let mut short = connect_from([127, 0, 0, 1], lb.addr).await;
+    short
+        .write_all(b"POST /orders HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{}")
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(bound, read_to_close(&mut short))
+        .await
+        .expect("the balancer gives up on the body");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert_eq!(
+        app.hits(),
+        0,
+        "an incomplete request never reaches an instance"
+    );
+
+    // A head that never ends: the connection is closed.
+    let mut trickle = connect_from([127, 0, 0, 1], lb.addr).await;
+    trickle.write_all(b"GET / HTTP/1.1\r\nhost:").await.unwrap();
+    tokio::time::timeout(bound, read_to_close(&mut trickle))
+        .await
+        .expect("the balancer closes a trickling head");
+
+    // Four idle connections from one address fill its share; a fifth is refused at once…
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(connect_from([127, 0, 0, 7], lb.addr).await);
+    }
+    let mut fifth = connect_from([127, 0, 0, 7], lb.addr).await;
+    let refused = tokio::time::timeout(bound, read_to_close(&mut fifth))
+        .await
+        .expect("refused at once");
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("too many connections"), "{refused}");
+    // …while everyone else is served as usual.
+    let mut other = connect_from([127, 0, 0, 8], lb.addr).await;
+    other
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let served = tokio::time::timeout(bound, read_to_close(&mut other))
+        .await
+        .expect("served");
+    assert!(served.starts_with("HTTP/1.1 200"), "{served}");
+    assert!(served.ends_with("a got 0 bytes"), "{served}");
+    drop(idle);
+}

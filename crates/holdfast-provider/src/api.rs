@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -75,7 +75,7 @@ struct KeyFilter {
 async fn create_charge(
     State(state): State<ProviderState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     let key = idempotency_key(&headers)?.ok_or_else(|| {
         bad_request(
@@ -83,7 +83,7 @@ async fn create_charge(
             "an Idempotency-Key header is required",
         )
     })?;
-    let req: ChargeRequest = parse_body(&body)?;
+    let req: ChargeRequest = parse_body(body)?;
     check_field("order_id", &req.order_id)?;
     if req.amount_cents <= 0 {
         return Err(unprocessable(
@@ -112,10 +112,10 @@ async fn create_charge(
 async fn send_email(
     State(state): State<ProviderState>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
     let key = idempotency_key(&headers)?;
-    let req: EmailRequest = parse_body(&body)?;
+    let req: EmailRequest = parse_body(body)?;
     check_field("order_id", &req.order_id)?;
     check_field("to", &req.to)?;
     check_field("kind", &req.kind)?;
@@ -159,9 +159,9 @@ async fn get_faults(State(state): State<ProviderState>) -> Json<Faults> {
 
 async fn put_faults(
     State(state): State<ProviderState>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Faults>, Problem> {
-    let faults: Faults = parse_body(&body)?;
+    let faults: Faults = parse_body(body)?;
     state
         .set_faults(faults.clone())
         .map_err(|e| unprocessable("invalid-field", e))?;
@@ -293,8 +293,19 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, Problem> {
 }
 
 /// Malformed JSON is 400; well-formed JSON of the wrong shape is 422.
-fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, Problem> {
-    serde_json::from_slice(body).map_err(|e| {
+/// The JSON body, or the problem with it: too large (413, past axum's 2 MiB default), unreadable
+/// (400), malformed (400) or of the wrong shape (422).
+fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, Problem> {
+    let body = body.map_err(|rejection| {
+        let status = rejection.status();
+        let slug = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            "body-too-large"
+        } else {
+            "unreadable-body"
+        };
+        problem(status, slug, rejection.body_text())
+    })?;
+    serde_json::from_slice(&body).map_err(|e| {
         if e.is_data() {
             unprocessable("invalid-body", e.to_string())
         } else {

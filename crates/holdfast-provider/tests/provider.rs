@@ -407,6 +407,16 @@ async fn fault_settings_are_validated_and_read_back() {
         ..Faults::default()
     };
     assert_eq!(p.client.faults().await.unwrap(), want);
+    let huge = p
+        .http
+        .post(format!("{}/charges", p.base))
+        .header("Idempotency-Key", "huge-1")
+        .body(vec![b' '; 10 << 20])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(huge.headers()["content-type"], "application/problem+json");
     let missing = p.http.get(format!("{}/nope", p.base)).send().await.unwrap();
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
     assert_eq!(

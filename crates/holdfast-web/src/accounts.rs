@@ -14,8 +14,9 @@ use holdfast_core::{Email, Password};
 use serde::Deserialize;
 use serde_json::json;
 
-/// The accounts API, for any application state that holds an [`AppState`].
-pub(crate) fn routes<S>() -> Router<S>
+/// The accounts API, for any application state that holds an [`AppState`]; bodies of at most
+/// `body_limit` bytes.
+pub(crate) fn routes<S>(body_limit: usize) -> Router<S>
 where
     S: Clone + Send + Sync + 'static,
     AppState: FromRef<S>,
@@ -26,9 +27,7 @@ where
         .route("/api/logout", post(logout))
         .route("/api/password", post(password))
         .route("/api/me", get(me))
-        .layer(axum::extract::DefaultBodyLimit::max(
-            crate::ACCOUNT_BODY_LIMIT,
-        ))
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
 }
 
 #[derive(Deserialize)]

@@ -175,7 +175,7 @@ where
     AppState: FromRef<S>,
 {
     let edge = AppState::from_ref(&state);
-    let api = accounts::routes::<S>()
+    let api = accounts::routes::<S>(edge.opts.max_body_bytes.min(ACCOUNT_BODY_LIMIT))
         .merge(routes)
         .route_layer(middleware::from_fn_with_state(
             edge.clone(),
