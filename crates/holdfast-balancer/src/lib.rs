@@ -17,10 +17,12 @@
 //! - the request never left the balancer (connection refused, connect timeout, or the
 //!   connection closed before the request was written) — always safe;
 //! - the method is idempotent (GET, HEAD, OPTIONS, PUT, DELETE, TRACE);
-//! - the request carries an `Idempotency-Key` header, so the instance deduplicates it.
+//! - the request carries an `Idempotency-Key` header *and* its route is one the application
+//!   declared to honour the key ([`BalancerOptions::keyed_routes`]), so the instance
+//!   deduplicates it. A key on any other route (a signup, a login) is no reason to send twice.
 //!
-//! Otherwise (a POST without key that may have reached an instance, including an attempt that
-//! timed out) the client gets a 502 (or 504) and decides itself. A 503 response from an upstream
+//! Otherwise (a POST that may have reached an instance, including an attempt that timed out or
+//! whose instance froze) the client gets a 502 (or 504) and decides itself. A 503 response from an upstream
 //! that turns out to be draining (its `/readyz` is no longer 2xx) is retried like a failure; any
 //! other upstream response, 5xx included, is passed through as-is.
 //!
@@ -65,6 +67,10 @@ pub struct BalancerOptions {
     pub health_interval: Duration,
     /// How long a `/readyz` answer may take before the upstream counts as unhealthy.
     pub health_timeout: Duration,
+    /// How long a `/healthz` answer may take before the upstream counts as frozen (stopped,
+    /// hung, gone): it gets no requests, and the attempts in flight to it are abandoned — and
+    /// re-sent elsewhere when that is safe — instead of waiting out `attempt_timeout`.
+    pub liveness_timeout: Duration,
     /// How long establishing a connection may take; a connect timeout is safe to retry.
     pub connect_timeout: Duration,
     /// How long one attempt against one upstream may take until the response headers arrive
@@ -83,6 +89,10 @@ pub struct BalancerOptions {
     /// Client connections open at once from one address (slow clients from one place cannot
     /// take every slot).
     pub max_connections_per_client: usize,
+    /// The routes the application declares to honour `Idempotency-Key`, as `"POST /api/x/{id}"`:
+    /// a request to one of them that carries a key may be re-sent after it may have reached an
+    /// instance. (Idempotent methods may always be; other requests only if never sent.)
+    pub keyed_routes: Vec<String>,
 }
 
 impl Default for BalancerOptions {
@@ -90,6 +100,7 @@ impl Default for BalancerOptions {
         Self {
             health_interval: Duration::from_millis(200),
             health_timeout: Duration::from_millis(300),
+            liveness_timeout: Duration::from_millis(500),
             connect_timeout: Duration::from_secs(1),
             attempt_timeout: Duration::from_secs(15),
             max_buffered_body: 8 * 1024 * 1024,
@@ -98,6 +109,7 @@ impl Default for BalancerOptions {
             body_read_timeout: Duration::from_secs(10),
             max_connections: 4096,
             max_connections_per_client: 256,
+            keyed_routes: Vec::new(),
         }
     }
 }
@@ -106,7 +118,10 @@ impl Default for BalancerOptions {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UpstreamStatus {
     pub addr: SocketAddr,
+    /// Its `/readyz` says it takes traffic.
     pub healthy: bool,
+    /// Its `/healthz` answers in time (false: stopped, hung or gone).
+    pub alive: bool,
 }
 
 /// A cheap-to-clone handle to one load balancer.
@@ -157,9 +172,34 @@ const TOO_MANY_CONNECTIONS: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nconten
 struct Upstream {
     addr: SocketAddr,
     healthy: AtomicBool,
+    alive: AtomicBool,
+    /// Woken when the upstream is found frozen, so attempts in flight to it stop waiting.
+    frozen: tokio::sync::Notify,
 }
 
 impl Upstream {
+    fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            healthy: AtomicBool::new(true),
+            alive: AtomicBool::new(true),
+            frozen: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
+    }
+
+    fn set_alive(&self, alive: bool) {
+        if self.alive.swap(alive, Ordering::Relaxed) != alive {
+            tracing::info!(upstream = %self.addr, alive, "upstream liveness changed");
+        }
+        if !alive {
+            self.frozen.notify_waiters();
+        }
+    }
+
     fn is_healthy(&self) -> bool {
         self.healthy.load(Ordering::Relaxed)
     }
@@ -208,12 +248,7 @@ impl Balancer {
                 continue;
             }
             let kept = slot.iter().find(|u| u.addr == addr).cloned();
-            next.push(kept.unwrap_or_else(|| {
-                Arc::new(Upstream {
-                    addr,
-                    healthy: AtomicBool::new(true),
-                })
-            }));
+            next.push(kept.unwrap_or_else(|| Arc::new(Upstream::new(addr))));
         }
         *slot = next.into();
     }
@@ -224,6 +259,7 @@ impl Balancer {
             .map(|u| UpstreamStatus {
                 addr: u.addr,
                 healthy: u.is_healthy(),
+                alive: u.is_alive(),
             })
             .collect()
     }
@@ -370,12 +406,14 @@ impl Balancer {
     }
 
     /// The order in which to try upstreams for one request: the healthy ones round-robin, then
-    /// the rest (their health may be stale) as a last resort.
+    /// the live but unready ones (their readiness may be stale) as a last resort. Frozen or
+    /// gone ones are not tried at all.
     fn candidates(&self) -> Vec<Arc<Upstream>> {
         let turn = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let (mut healthy, mut rest): (Vec<_>, Vec<_>) = self
             .snapshot()
             .iter()
+            .filter(|u| u.is_alive())
             .cloned()
             .partition(|u| u.is_healthy());
         for group in [&mut healthy, &mut rest] {
@@ -401,10 +439,30 @@ impl Balancer {
             let mut checks = JoinSet::new();
             for upstream in self.snapshot().iter() {
                 let (balancer, upstream) = (self.clone(), Arc::clone(upstream));
-                checks.spawn(async move { balancer.check_health(&upstream).await });
+                checks.spawn(async move {
+                    tokio::join!(
+                        balancer.check_liveness(&upstream),
+                        balancer.check_health(&upstream)
+                    )
+                });
             }
             while checks.join_next().await.is_some() {}
         }
+    }
+
+    /// Asks `upstream` for `/healthz` (which touches no dependency, so only a stopped, hung or
+    /// dead process misses it) and records whether it answered in time.
+    async fn check_liveness(&self, upstream: &Upstream) {
+        let uri = format!("http://{}/healthz", upstream.addr);
+        let Ok(req) = Request::get(uri).body(Full::default()) else {
+            return;
+        };
+        let probe = async {
+            let resp = self.inner.client.request(req).await.ok()?;
+            resp.into_body().collect().await.ok()
+        };
+        let answered = timeout(self.inner.opts.liveness_timeout, probe).await;
+        upstream.set_alive(matches!(answered, Ok(Some(_))));
     }
 
     /// Asks `upstream` for `/readyz`, records and returns whether it is healthy.

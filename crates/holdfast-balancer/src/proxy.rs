@@ -32,6 +32,9 @@ enum Failure {
     TimedOut(SocketAddr),
     /// The upstream answered 503 and its `/readyz` says it is draining.
     Draining(SocketAddr),
+    /// The upstream stopped answering its liveness probe while the request was in flight;
+    /// the request may have reached it.
+    Frozen(SocketAddr),
 }
 
 impl Balancer {
@@ -41,7 +44,12 @@ impl Balancer {
             Ok(body) => body,
             Err(resp) => return resp,
         };
-        let retry_safe = is_retry_safe(&parts.method, &parts.headers);
+        let retry_safe = is_retry_safe(
+            &parts.method,
+            parts.uri.path(),
+            &parts.headers,
+            &self.inner.opts.keyed_routes,
+        );
         let headers = forwarded_headers(&parts.headers, peer, body.len());
         let path = parts
             .uri
@@ -50,6 +58,14 @@ impl Balancer {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
         let candidates = self.candidates();
+        if candidates.is_empty() {
+            let detail = if self.snapshot().is_empty() {
+                "no upstream instance is configured"
+            } else {
+                "no upstream instance is answering"
+            };
+            return problem(StatusCode::SERVICE_UNAVAILABLE, detail);
+        }
         let mut last = None;
         for (attempt, upstream) in candidates.iter().enumerate() {
             if attempt > 0 {
@@ -74,7 +90,7 @@ impl Balancer {
         let Some(failure) = last else {
             return problem(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no upstream instance is configured",
+                "no upstream instance answered",
             );
         };
         let detail = format!("every upstream failed; last: {failure}");
@@ -90,11 +106,16 @@ impl Balancer {
         retry_503: bool,
     ) -> Result<Response<Body>, Failure> {
         let addr = upstream.addr;
+        let frozen = upstream.frozen.notified();
         let sent = timeout(
             self.inner.opts.attempt_timeout,
             self.inner.client.request(req),
         );
-        match sent.await {
+        let outcome = tokio::select! {
+            outcome = sent => outcome,
+            () = frozen => return Err(Failure::Frozen(addr)),
+        };
+        match outcome {
             Ok(Ok(resp)) => {
                 if retry_503
                     && resp.status() == StatusCode::SERVICE_UNAVAILABLE
@@ -172,12 +193,15 @@ impl Balancer {
 
 impl Failure {
     fn may_have_reached_upstream(&self) -> bool {
-        matches!(self, Self::MaybeSent(_) | Self::TimedOut(_))
+        matches!(
+            self,
+            Self::MaybeSent(_) | Self::TimedOut(_) | Self::Frozen(_)
+        )
     }
 
     fn status(&self) -> StatusCode {
         match self {
-            Self::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::TimedOut(_) | Self::Frozen(_) => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -189,6 +213,7 @@ impl fmt::Display for Failure {
             Self::NotSent(detail) | Self::MaybeSent(detail) => f.write_str(detail),
             Self::TimedOut(addr) => write!(f, "upstream {addr} did not answer in time"),
             Self::Draining(addr) => write!(f, "upstream {addr} is draining"),
+            Self::Frozen(addr) => write!(f, "upstream {addr} stopped answering"),
         }
     }
 }
@@ -202,12 +227,34 @@ fn unsafe_failure(method: &Method, failure: &Failure) -> Response<Body> {
     problem(failure.status(), detail)
 }
 
-/// Whether sending the request again can do no harm (see the crate docs).
-fn is_retry_safe(method: &Method, headers: &HeaderMap) -> bool {
+/// Whether sending the request again can do no harm (see the crate docs): an idempotent
+/// method, or a route the application declared to honour `Idempotency-Key`, called with one.
+fn is_retry_safe(method: &Method, path: &str, headers: &HeaderMap, keyed: &[String]) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    ) || headers.contains_key(IDEMPOTENCY_KEY)
+    ) || (headers.contains_key(IDEMPOTENCY_KEY)
+        && keyed.iter().any(|route| route_matches(route, method, path)))
+}
+
+/// Whether `route` (`"POST /api/items/{id}"`: a method, then a path whose `{…}` segments match
+/// any one segment) names this request.
+fn route_matches(route: &str, method: &Method, path: &str) -> bool {
+    let Some((m, pattern)) = route.split_once(' ') else {
+        return false;
+    };
+    if m != method.as_str() {
+        return false;
+    }
+    let (mut want, mut got) = (pattern.split('/'), path.split('/'));
+    loop {
+        match (want.next(), got.next()) {
+            (None, None) => return true,
+            (Some(w), Some(g))
+                if w == g || (w.starts_with('{') && w.ends_with('}') && !g.is_empty()) => {}
+            _ => return false,
+        }
+    }
 }
 
 /// Whether the request certainly never reached the upstream: the connection could not be
@@ -304,10 +351,15 @@ pub(crate) fn full(bytes: Bytes) -> Body {
 
 /// An RFC 9457 problem response made by the balancer itself (type `about:blank`: the
 /// status is the whole story, the detail says which upstream and why).
+/// A 503 says when to come back.
 pub(crate) fn problem(status: StatusCode, detail: impl Into<String>) -> Response<Body> {
-    holdfast_http::Problem::of_status(status, detail)
-        .to_response()
-        .map(full)
+    let p = holdfast_http::Problem::of_status(status, detail);
+    let p = if status == StatusCode::SERVICE_UNAVAILABLE {
+        p.retry_after(1)
+    } else {
+        p
+    };
+    p.to_response().map(full)
 }
 
 #[cfg(test)]
@@ -315,26 +367,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn retry_safety_follows_method_and_idempotency_key() {
+    fn retry_safety_follows_method_and_declared_keyed_routes() {
         let none = HeaderMap::new();
         let mut keyed = HeaderMap::new();
         keyed.insert(IDEMPOTENCY_KEY, HeaderValue::from_static("k1"));
-        for (method, headers, safe) in [
-            (Method::GET, &none, true),
-            (Method::HEAD, &none, true),
-            (Method::OPTIONS, &none, true),
-            (Method::PUT, &none, true),
-            (Method::DELETE, &none, true),
-            (Method::TRACE, &none, true),
-            (Method::POST, &none, false),
-            (Method::PATCH, &none, false),
-            (Method::POST, &keyed, true),
-            (Method::PATCH, &keyed, true),
+        let routes = [
+            "POST /api/checkout".to_owned(),
+            "POST /api/items/{id}".to_owned(),
+        ];
+        for (method, path, headers, safe) in [
+            (Method::GET, "/x", &none, true),
+            (Method::HEAD, "/x", &none, true),
+            (Method::OPTIONS, "/x", &none, true),
+            (Method::PUT, "/x", &none, true),
+            (Method::DELETE, "/x", &none, true),
+            (Method::TRACE, "/x", &none, true),
+            (Method::POST, "/api/checkout", &none, false),
+            (Method::POST, "/api/checkout", &keyed, true),
+            (Method::POST, "/api/items/7", &keyed, true),
+            (Method::POST, "/api/items/", &keyed, false),
+            (Method::POST, "/api/items/7/x", &keyed, false),
+            (Method::PATCH, "/api/checkout", &keyed, false),
+            // A key on a route that does not honour it is no reason to send twice.
+            (Method::POST, "/api/signup", &keyed, false),
         ] {
             assert_eq!(
-                is_retry_safe(&method, headers),
+                is_retry_safe(&method, path, headers, &routes),
                 safe,
-                "{method} {headers:?}"
+                "{method} {path} {headers:?}"
             );
         }
     }

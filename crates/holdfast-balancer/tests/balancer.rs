@@ -180,6 +180,9 @@ impl App {
 }
 
 async fn answer(State(app): State<App>, req: AxumRequest) -> AxumResponse {
+    if req.uri().path() == "/healthz" {
+        return "alive".into_response();
+    }
     if req.uri().path() == "/readyz" {
         app.readyz_hits.fetch_add(1, Ordering::SeqCst);
         return if app.draining.load(Ordering::SeqCst) {
@@ -269,6 +272,16 @@ async fn serve_raw(
     let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok";
     if path == "/readyz" {
         let _ = stream.write_all(ok).await;
+        return;
+    }
+    if path == "/healthz" {
+        // A paused process answers nothing at all.
+        match behaviour {
+            Misbehaviour::Hang => std::future::pending::<()>().await,
+            Misbehaviour::Drop => {
+                let _ = stream.write_all(ok).await;
+            }
+        }
         return;
     }
     hits.fetch_add(1, Ordering::SeqCst);
@@ -362,7 +375,11 @@ async fn request_that_may_have_reached_an_upstream_is_retried_only_when_safe() {
     let drops_left = Arc::new(AtomicUsize::new(0));
     let x = spawn_raw(Misbehaviour::Drop, drops_left.clone()).await;
     let y = spawn_raw(Misbehaviour::Drop, drops_left.clone()).await;
-    let lb = start(steady(), vec![x.addr, y.addr]).await;
+    let opts = BalancerOptions {
+        keyed_routes: vec!["POST /orders".to_owned()],
+        ..steady()
+    };
+    let lb = start(opts, vec![x.addr, y.addr]).await;
     let hits = || (x.hits.load(Ordering::SeqCst), y.hits.load(Ordering::SeqCst));
 
     // POST without a key: the first upstream got it and dropped it; doing it again could
@@ -372,13 +389,25 @@ async fn request_that_may_have_reached_an_upstream_is_retried_only_when_safe() {
     reply.assert_problem(StatusCode::BAD_GATEWAY);
     assert_eq!(hits().0 + hits().1, 1, "reached exactly one upstream");
 
-    // The same POST with an Idempotency-Key goes to the other upstream.
+    // The same POST with an Idempotency-Key, on a route declared to honour it, goes to the
+    // other upstream.
     let before = hits();
     drops_left.store(1, Ordering::SeqCst);
     let keyed = [("idempotency-key", "order-42")];
     let reply = lb.send(Method::POST, "/orders", &keyed, b"{}").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!((hits().0 - before.0, hits().1 - before.1), (1, 1));
+
+    // A key on a route that does not declare it (a signup) is not trusted.
+    let before = hits();
+    drops_left.store(1, Ordering::SeqCst);
+    let reply = lb.send(Method::POST, "/signup", &keyed, b"{}").await;
+    reply.assert_problem(StatusCode::BAD_GATEWAY);
+    assert_eq!(
+        (hits().0 - before.0) + (hits().1 - before.1),
+        1,
+        "sent once"
+    );
 
     // A GET is idempotent: retried too.
     let before = hits();
@@ -415,11 +444,13 @@ async fn draining_upstream_gets_no_new_traffic_after_the_next_health_check() {
         [
             UpstreamStatus {
                 addr: a,
-                healthy: false
+                healthy: false,
+                alive: true,
             },
             UpstreamStatus {
                 addr: b,
-                healthy: true
+                healthy: true,
+                alive: true,
             },
         ]
     );
@@ -504,7 +535,7 @@ async fn oversized_body_is_413_and_cookies_and_instances_pass_intact() {
     let reply = lb.get("/ops/upstreams").await;
     assert_eq!(
         reply.json(),
-        serde_json::json!([{ "addr": a.to_string(), "healthy": true }])
+        serde_json::json!([{ "addr": a.to_string(), "healthy": true, "alive": true }])
     );
 }
 
@@ -582,15 +613,49 @@ async fn no_upstream_is_503() {
 }
 
 #[tokio::test]
-async fn all_upstreams_dead_is_502_after_trying_each_once() {
+async fn all_upstreams_gone_is_a_fast_503_without_trying_any() {
     let dead = [dead_addr().await, dead_addr().await];
     let lb = start(steady(), dead.to_vec()).await;
+    for _ in 0..500 {
+        if lb.balancer.upstreams().iter().all(|u| !u.alive) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
-    lb.send(Method::POST, "/orders", &[], b"{}")
-        .await
-        .assert_problem(StatusCode::BAD_GATEWAY);
+    let reply = lb.send(Method::POST, "/orders", &[], b"{}").await;
 
-    assert_eq!(lb.balancer.retries_total(), 1);
+    reply.assert_problem(StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.headers["retry-after"], "1");
+    assert_eq!(lb.balancer.retries_total(), 0);
+}
+
+#[tokio::test]
+async fn a_frozen_upstream_costs_under_a_second_and_then_gets_nothing() {
+    let frozen = spawn_raw(Misbehaviour::Hang, Arc::default()).await;
+    let (b, app_b) = App::named("b").spawn().await;
+    // The default 15 s attempt timeout: only liveness can cut the wait short.
+    let lb = start(BalancerOptions::default(), vec![frozen.addr, b]).await;
+    let second = Duration::from_secs(1);
+
+    for _ in 0..4 {
+        let started = std::time::Instant::now();
+        assert_eq!(lb.get("/").await.text(), "b got 0 bytes");
+        assert!(started.elapsed() < second, "took {:?}", started.elapsed());
+    }
+    assert!(frozen.hits.load(Ordering::SeqCst) <= 1);
+    assert_eq!(app_b.hits(), 4);
+
+    // A POST without a key that reached the frozen one is not re-sent: a 504, not a hang.
+    let only_frozen = start(BalancerOptions::default(), vec![frozen.addr]).await;
+    let started = std::time::Instant::now();
+    let reply = only_frozen.send(Method::POST, "/orders", &[], b"{}").await;
+    assert!(started.elapsed() < second, "took {:?}", started.elapsed());
+    assert!(
+        [StatusCode::GATEWAY_TIMEOUT, StatusCode::SERVICE_UNAVAILABLE].contains(&reply.status),
+        "{}",
+        reply.status
+    );
 }
 
 #[tokio::test]

@@ -78,7 +78,6 @@ impl SystemSpec {
     /// Short locks, leases and timeouts: a killed process's leftovers clear within a drill or
     /// a test instead of after production-sized waits.
     pub const SHORT_TIMEOUTS: &'static [(&'static str, &'static str)] = &[
-        ("--idempotency-lock-ttl", "3s"),
         ("--request-timeout", "2s"),
         ("--job-lease", "2s"),
         ("--job-retry-base", "200ms"),

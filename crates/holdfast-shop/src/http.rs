@@ -8,7 +8,7 @@
 use crate::domain::{OrderId, Quantity, Sku};
 use crate::sql::{self, Cart, Order};
 use crate::Error;
-use axum::extract::{FromRef, FromRequestParts, State};
+use axum::extract::{FromRef, FromRequestParts, RawQuery, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -352,14 +352,72 @@ async fn unkeyed_checkout(
     Ok(holdfast_web::respond(render_order(&order), false))
 }
 
-async fn orders(State(shop): State<Shop>, user: Authed) -> AppResult<Response> {
-    let orders = shop
+/// `GET /api/orders?limit=N&after=CURSOR`: one page of the user's orders, newest first, and
+/// the link to the next page (`null` on the last).
+async fn orders(
+    State(shop): State<Shop>,
+    user: Authed,
+    RawQuery(query): RawQuery,
+) -> AppResult<Response> {
+    let page = OrdersPage::parse(query.as_deref().unwrap_or(""))?;
+    let mut orders = shop
         .store()
         .read("order_list", |c| {
-            sql::order_list::<Infallible>(c, &user.user_id, 100).scope_boxed()
+            sql::order_list::<Infallible>(c, &user.user_id, &page.after, page.limit + 1)
+                .scope_boxed()
         })
         .await?;
-    Ok(Json(json!({ "orders": orders })).into_response())
+    let more = orders.len() > usize::try_from(page.limit).unwrap_or(usize::MAX);
+    orders.truncate(usize::try_from(page.limit).unwrap_or(usize::MAX));
+    let next = match orders.last() {
+        Some(last) if more => Some(format!(
+            "/api/orders?limit={}&after={}.{}",
+            page.limit, last.created_at, last.order_id
+        )),
+        _ => None,
+    };
+    Ok(Json(json!({ "orders": orders, "next": next })).into_response())
+}
+
+/// The order list's query: `limit` (1 to 100, default 100) and `after` (a cursor from `next`).
+struct OrdersPage {
+    limit: i64,
+    after: sql::OrdersAfter,
+}
+
+impl OrdersPage {
+    const MAX: i64 = 100;
+
+    fn parse(query: &str) -> AppResult<Self> {
+        let bad = |detail: &str| AppError::bad_request("invalid-query", detail.to_owned());
+        let mut page = Self {
+            limit: Self::MAX,
+            after: sql::OrdersAfter::newest(),
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("limit", v)) => {
+                    page.limit = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=Self::MAX).contains(n))
+                        .ok_or_else(|| bad("limit must be a whole number from 1 to 100"))?;
+                }
+                Some(("after", v)) => {
+                    let cursor = v.split_once('.').and_then(|(at, id)| {
+                        let id = OrderId::parse(id).ok()?;
+                        Some(sql::OrdersAfter {
+                            created_at: at.parse().ok()?,
+                            id: id.as_str().to_owned(),
+                        })
+                    });
+                    page.after = cursor.ok_or_else(|| bad("after must be a cursor from next"))?;
+                }
+                _ => return Err(bad("unknown query parameter; use limit and after")),
+            }
+        }
+        Ok(page)
+    }
 }
 
 async fn order(

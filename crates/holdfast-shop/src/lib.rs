@@ -29,6 +29,10 @@ pub use sabotage::Sabotage;
 use holdfast_store::{Migration, Schema};
 
 /// The queue a checkout's payout job runs on, and its kind.
+/// The routes that honour `Idempotency-Key` (they take an `Idempotent` extractor), as a
+/// balancer or proxy needs to know them to re-send a keyed request safely.
+pub const KEYED_ROUTES: &[&str] = &["POST /api/cart/items", "POST /api/checkout"];
+
 pub const PAYMENTS_QUEUE: &str = "payments";
 pub const PAYOUT_KIND: &str = "payout";
 /// The queue an order's receipt runs on, and its kind.

@@ -208,23 +208,51 @@ pub fn payout_job(order_id: &str) -> JobInsert {
     .unique(format!("payout:{order_id}"))
 }
 
-/// The user's orders, newest first (at most `limit`).
+/// Where a page of orders starts: after the order created at `created_at` with id `id`
+/// (orders are listed newest first, ties by id), or at the newest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrdersAfter {
+    pub created_at: i64,
+    pub id: String,
+}
+
+impl OrdersAfter {
+    /// The start of the list.
+    pub fn newest() -> Self {
+        Self {
+            created_at: i64::MAX,
+            id: String::new(),
+        }
+    }
+}
+
+/// Orders after `after`: newest first, at most `limit`, each with its lines.
 pub async fn order_list<E>(
     conn: &mut AnyConnection,
     user_id: &str,
+    after: &OrdersAfter,
     limit: i64,
 ) -> Result<Vec<Order>, E> {
-    let mut orders: Vec<Order> = sqlx::query_as("SELECT id, total_cents, status, created_at FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id LIMIT $2")
-        .bind(user_id)
-        .bind(limit)
-        .fetch_all(&mut *conn)
-        .await?;
-    let lines = sqlx::query(
-        "SELECT i.order_id, i.sku, i.name, i.qty, i.unit_price_cents FROM order_items i
-         JOIN (SELECT id FROM orders WHERE user_id = $1 ORDER BY created_at DESC, id LIMIT $2) o
-         ON o.id = i.order_id ORDER BY i.sku",
-    )
+    const PAGE: &str = "SELECT id FROM orders WHERE user_id = $1
+         AND (created_at < $2 OR (created_at = $2 AND id > $3))
+         ORDER BY created_at DESC, id LIMIT $4";
+    let mut orders: Vec<Order> = sqlx::query_as(&format!(
+        "SELECT o.id, o.total_cents, o.status, o.created_at FROM orders o JOIN ({PAGE}) p ON p.id = o.id
+         ORDER BY o.created_at DESC, o.id"
+    ))
     .bind(user_id)
+    .bind(after.created_at)
+    .bind(&after.id)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    let lines = sqlx::query(&format!(
+        "SELECT i.order_id, i.sku, i.name, i.qty, i.unit_price_cents FROM order_items i
+         JOIN ({PAGE}) o ON o.id = i.order_id ORDER BY i.sku"
+    ))
+    .bind(user_id)
+    .bind(after.created_at)
+    .bind(&after.id)
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;

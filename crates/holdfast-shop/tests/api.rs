@@ -178,6 +178,27 @@ async fn checkout_turns_the_cart_into_an_order_once_per_key() {
     assert_eq!(empty.status, StatusCode::UNPROCESSABLE_ENTITY);
     t.add(&c, "HELMET", 1).await;
     assert_eq!(t.checkout(&c, "order-2").await.status, StatusCode::CREATED);
+    // The list is paged: two orders, one per page, linked by `next`.
+    let page1 = t
+        .call("GET", "/api/orders?limit=1", None, Some(&c), &[])
+        .await
+        .json();
+    assert_eq!(page1["orders"].as_array().unwrap().len(), 1);
+    let next = page1["next"].as_str().expect("a next page").to_owned();
+    let page2 = t.call("GET", &next, None, Some(&c), &[]).await.json();
+    assert_eq!(page2["orders"].as_array().unwrap().len(), 1);
+    assert_ne!(
+        page2["orders"][0]["order_id"],
+        page1["orders"][0]["order_id"]
+    );
+    assert_eq!(page2["next"], serde_json::Value::Null);
+    for bad in ["limit=0", "limit=101", "limit=x", "after=nope", "page=2"] {
+        let r = t
+            .call("GET", &format!("/api/orders?{bad}"), None, Some(&c), &[])
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}");
+        assert!(r.is_problem(), "{bad}");
+    }
 }
 
 #[tokio::test]
@@ -631,4 +652,28 @@ async fn sabotage_switches_break_what_they_say() {
         StatusCode::NOT_FOUND,
         "acknowledged, not committed"
     );
+}
+
+/// What the shop tells a balancer is true: every route in `KEYED_ROUTES` replays a keyed
+/// retry instead of acting twice.
+#[tokio::test]
+async fn every_declared_keyed_route_replays_a_retry() {
+    let t = spawn_app(local()).await;
+    let c = t.user("keyed@example.com").await;
+    assert!(t.add(&c, "HELMET", 1).await.status.is_success());
+    for (i, route) in holdfast_shop::KEYED_ROUTES.iter().enumerate() {
+        let (method, path) = route.split_once(' ').unwrap();
+        let body = (path == "/api/cart/items").then(|| json!({ "sku": "CHALK-BAG", "qty": 1 }));
+        let key = format!("\"declared-{i}\"");
+        let key = [("idempotency-key", key.as_str())];
+        let first = t.call(method, path, body.clone(), Some(&c), &key).await;
+        assert!(first.status.is_success(), "{route}: {}", first.status);
+        let again = t.call(method, path, body, Some(&c), &key).await;
+        assert_eq!(
+            (again.status, again.replayed()),
+            (first.status, true),
+            "{route}"
+        );
+        assert_eq!(again.body, first.body, "{route}");
+    }
 }

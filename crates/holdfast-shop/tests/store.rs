@@ -119,9 +119,14 @@ impl Db {
     }
 
     async fn orders(&self, u: &str, limit: i64) -> Vec<Order> {
+        self.orders_after(u, &sql::OrdersAfter::newest(), limit)
+            .await
+    }
+
+    async fn orders_after(&self, u: &str, after: &sql::OrdersAfter, limit: i64) -> Vec<Order> {
         self.0
             .read("orders", |c| {
-                sql::order_list::<Infallible>(c, u, limit).scope_boxed()
+                sql::order_list::<Infallible>(c, u, after, limit).scope_boxed()
             })
             .await
             .unwrap()
@@ -369,6 +374,12 @@ async fn order_list_newest_first(db: Db) {
     placed.reverse();
     assert_eq!(db.orders(&u, 10).await, placed);
     assert_eq!(db.orders(&u, 2).await, placed[..2]);
+    // The next page starts after the last one shown, with nothing skipped or repeated.
+    let after = sql::OrdersAfter {
+        created_at: placed[1].created_at,
+        id: placed[1].order_id.clone(),
+    };
+    assert_eq!(db.orders_after(&u, &after, 2).await, placed[2..]);
 }
 
 async fn checkout_enqueues_its_payout_atomically(db: Db) {

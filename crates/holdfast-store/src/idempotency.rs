@@ -174,6 +174,32 @@ impl Store {
         .await
     }
 
+    /// Extends a held claim's lock to `now + lock_ttl`; `false` when the claim is no longer
+    /// ours (finished, released, or taken over after it lapsed). The holder calls this while it
+    /// works, so the lock can be short: a holder that dies stops renewing and its key frees up
+    /// within one `lock_ttl`.
+    pub async fn idem_renew(
+        &self,
+        lock: IdemLock<'_>,
+        now: i64,
+        lock_ttl: Duration,
+    ) -> Result<bool> {
+        self.run(Rerun::Always, "idem_renew", || async {
+            let renewed = sqlx::query(
+                "UPDATE idempotency_keys SET locked_until = $4
+                 WHERE user_id = $1 AND idem_key = $2 AND lock_token = $3 AND state = 'in_flight'",
+            )
+            .bind(lock.scope)
+            .bind(lock.key.as_str())
+            .bind(lock.token)
+            .bind(now.saturating_add(ms(lock_ttl)))
+            .execute(&self.pool)
+            .await?;
+            Ok(renewed.rows_affected() == 1)
+        })
+        .await
+    }
+
     /// Deletes keys created before `now - retention` whose answer is stored or whose claim
     /// lapsed; returns how many.
     pub async fn idem_reap(&self, now: i64, retention: Duration) -> Result<u64> {

@@ -10,7 +10,10 @@
 //!
 //! A request that crosses a timeout boundary is covered both ways: if the server committed
 //! after the client gave up, the retry replays the answer; if the instance died first, the
-//! claim's lock expires and the retry does the work once.
+//! claim's lock expires and the retry does the work once. The lock is a short lease
+//! (`idempotency_lock_ttl`, 1 s by default) that the holder renews while it works, so a dead
+//! holder's key frees up within a second, while a holder that is merely slow keeps it; one
+//! that stalls past its lease (a paused process) is fenced out by its token at commit.
 //!
 //! ```no_run
 //! use axum::http::StatusCode;
@@ -97,6 +100,45 @@ struct Held {
     key: IdempotencyKey,
     fingerprint: RequestFingerprint,
     token: String,
+    /// Keeps the lease alive while the request works; stops when dropped.
+    _renewal: Renewal,
+}
+
+/// The task renewing a claim's lease; aborted on drop.
+struct Renewal(tokio::task::JoinHandle<()>);
+
+impl Drop for Renewal {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Renewal {
+    /// Renews the lease every third of its length until the claim is no longer ours.
+    fn start(edge: &AppState, scope: &str, key: &IdempotencyKey, token: &str) -> Self {
+        let (store, ttl) = (edge.store.clone(), edge.opts.idempotency_lock_ttl);
+        let (scope, key, token) = (scope.to_owned(), key.clone(), token.to_owned());
+        Self(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ttl / 3);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let lock = IdemLock {
+                    scope: &scope,
+                    key: &key,
+                    token: &token,
+                };
+                match store.idem_renew(lock, holdfast_core::now_ms(), ttl).await {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    // The next tick tries again; if the store stays away the lease lapses,
+                    // which the token fences.
+                    Err(e) => tracing::warn!(error = %e, "could not renew an idempotency lease"),
+                }
+            }
+        }))
+    }
 }
 
 impl Held {
@@ -152,6 +194,7 @@ where
             match claim.claim(&key, &fingerprint).await? {
                 ClaimOutcome::Claimed { token } => {
                     claim.held = Some(Held {
+                        _renewal: Renewal::start(&claim.edge, &claim.scope, &key, &token),
                         key,
                         fingerprint,
                         token,
@@ -263,7 +306,10 @@ impl Claim {
 
 impl Drop for Claim {
     fn drop(&mut self) {
-        let Some(held) = self.held.take() else { return };
+        let Some(held) = self.held.take() else {
+            return;
+        };
+        held._renewal.0.abort();
         let (store, scope) = (self.edge.store.clone(), std::mem::take(&mut self.scope));
         // The handler failed before running: give the key back so a retry runs afresh.
         tokio::spawn(async move {

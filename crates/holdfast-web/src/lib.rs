@@ -60,8 +60,9 @@ pub struct WebOptions {
     pub sessions: SessionTier,
     /// Set the cookie's `Secure` flag. Off only when explicitly serving plain-HTTP localhost.
     pub secure_cookies: bool,
-    /// How long an in-flight idempotent request holds its key before a retry may take over.
-    /// Must exceed `request_timeout`.
+    /// The lease an in-flight idempotent request holds on its key, renewed every third of it
+    /// while the request works: a retry may take over a key whose holder stopped renewing
+    /// (died, or paused) for this long.
     pub idempotency_lock_ttl: Duration,
     /// How long finished idempotency keys are kept for replay (at least 24 h).
     pub idempotency_retention: Duration,
@@ -88,7 +89,7 @@ impl Default for WebOptions {
             session_absolute_ttl: Duration::from_secs(12 * 3600),
             sessions: SessionTier::Store,
             secure_cookies: true,
-            idempotency_lock_ttl: Duration::from_secs(20),
+            idempotency_lock_ttl: Duration::from_secs(1),
             idempotency_retention: Duration::from_secs(24 * 3600),
             request_timeout: Duration::from_secs(10),
             max_body_bytes: 64 * 1024,
@@ -246,8 +247,8 @@ async fn shed_load(State(st): State<AppState>, req: Request, next: Next) -> Resp
     next.run(req).await
 }
 
-/// The server-side deadline. Dropping the handler rolls its transaction back; an idempotency
-/// claim it held expires after `idempotency_lock_ttl`, which is longer than this.
+/// The server-side deadline. Dropping the handler rolls its transaction back and gives back
+/// the idempotency claim it held.
 async fn deadline(State(st): State<AppState>, req: Request, next: Next) -> Response {
     match tokio::time::timeout(st.opts.request_timeout, next.run(req)).await {
         Ok(resp) => resp,

@@ -2,6 +2,7 @@
 //! accounts, [`Authed`] and [`Idempotent`], over a store schema of its own. It shows the pieces
 //! compose for any application and holds them to the Idempotency-Key draft's rules.
 
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -16,6 +17,8 @@ use holdfast_web::{
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::convert::Infallible;
+use std::sync::Arc;
+use tokio::sync::Notify;
 
 static NOTES: Schema = Schema {
     name: "notes",
@@ -229,4 +232,128 @@ async fn accounts_take_small_bodies_while_the_application_keeps_its_own_limit() 
         )
         .await;
     assert_eq!(note.status, StatusCode::CREATED);
+}
+
+/// The notes service's state plus two signals: a request arrived, a request may go on.
+#[derive(Clone)]
+struct Paced {
+    edge: AppState,
+    arrived: tokio::sync::mpsc::UnboundedSender<()>,
+    release: Arc<Notify>,
+}
+
+impl axum::extract::FromRef<Paced> for AppState {
+    fn from_ref(paced: &Paced) -> AppState {
+        paced.edge.clone()
+    }
+}
+
+/// A note handler that stops between claiming its key and writing, until released.
+async fn create_when_released(
+    State(Paced {
+        arrived, release, ..
+    }): State<Paced>,
+    user: Authed,
+    note: Idempotent<JsonBody<NewNote>, Required>,
+) -> AppResult<Response> {
+    let _ = arrived.send(());
+    release.notified().await;
+    create(user, note).await
+}
+
+#[tokio::test]
+async fn a_working_request_keeps_its_key_and_a_dead_ones_key_frees_within_its_lease() {
+    let db = TempStore::open(&[&NOTES]).await;
+    let lease = std::time::Duration::from_millis(150);
+    let edge = AppState::new(
+        db.store.clone(),
+        WebOptions {
+            secure_cookies: false,
+            idempotency_lock_ttl: lease,
+            ..WebOptions::default()
+        },
+        None,
+    );
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let paced = Paced {
+        edge: edge.clone(),
+        arrived: arrived_tx,
+        release: release.clone(),
+    };
+    let routes = Router::new().route("/api/notes", post(create_when_released));
+    let app = Notes {
+        router: holdfast_web::app(paced, routes),
+        _db: db,
+    };
+    let ann = app.login("ann@example.com").await;
+    let h = keyed(&ann, "slow-1");
+    let body = Some(json!({ "text": "slow" }));
+
+    let first = {
+        let req = request("POST", "/api/notes", body.clone(), &h);
+        let router = app.router.clone();
+        tokio::spawn(async move { send(&router, req).await })
+    };
+    arrived
+        .recv()
+        .await
+        .expect("the first request holds the key");
+    // Several leases pass while the first request works: it renews, so the key stays held.
+    tokio::time::sleep(lease * 4).await;
+    let retry = app.call("POST", "/api/notes", body.clone(), &h).await;
+    assert_eq!(retry.status, StatusCode::CONFLICT, "{:?}", retry.json());
+    release.notify_one();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    let replay = app.call("POST", "/api/notes", body, &h).await;
+    assert_eq!(
+        (replay.status, replay.replayed()),
+        (StatusCode::CREATED, true)
+    );
+
+    // A holder that died renews nothing: its claim (made here directly, as a killed instance
+    // leaves it) stops blocking the key one lease later, and the retry does the work.
+    let me = app
+        .call("GET", "/api/me", None, &[("cookie", ann.as_str())])
+        .await;
+    let scope = me.json()["id"].as_str().unwrap().to_owned();
+    let dead_body = json!({ "text": "orphan" });
+    let key = holdfast_core::IdempotencyKey::parse(b"dead-1").unwrap();
+    let fingerprint = holdfast_core::RequestFingerprint::of(
+        "POST",
+        "/api/notes",
+        &holdfast_web::canonical_json(&dead_body),
+    );
+    let orphan = edge
+        .store()
+        .idem_claim(holdfast_store::IdemClaim {
+            scope: &scope,
+            key: &key,
+            fingerprint: &fingerprint,
+            now: holdfast_core::now_ms(),
+            lock_ttl: lease,
+        })
+        .await
+        .unwrap();
+    assert!(matches!(
+        orphan,
+        holdfast_store::ClaimOutcome::Claimed { .. }
+    ));
+    tokio::time::sleep(lease + std::time::Duration::from_millis(50)).await;
+    let h = keyed(&ann, "dead-1");
+    let taken_over = {
+        let call = app.call("POST", "/api/notes", Some(dead_body), &h);
+        let (reply, _) = tokio::join!(call, async {
+            arrived.recv().await;
+            release.notify_one();
+        });
+        reply
+    };
+    assert_eq!(
+        taken_over.status,
+        StatusCode::CREATED,
+        "{:?}",
+        taken_over.json()
+    );
 }

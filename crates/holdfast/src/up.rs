@@ -57,7 +57,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the balancer to {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
-    let balancer = Balancer::new(BalancerOptions::default());
+    let balancer = Balancer::new(BalancerOptions {
+        keyed_routes: holdfast_shop::KEYED_ROUTES
+            .iter()
+            .map(|r| (*r).to_owned())
+            .collect(),
+        ..BalancerOptions::default()
+    });
     let (stop_balancer, balancer_stopped) = oneshot::channel::<()>();
     let balancing = tokio::spawn(balancer.clone().serve(listener, async {
         let _ = balancer_stopped.await;
