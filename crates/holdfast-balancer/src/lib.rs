@@ -28,9 +28,10 @@
 //!
 //! Request bodies are buffered (up to [`BalancerOptions::max_buffered_body`]) so they can be
 //! re-sent; response bodies are streamed. Errors made by the balancer itself are RFC 9457
-//! `application/problem+json`. The balancer also answers `GET /ops/instances` (JSON published
+//! `application/problem+json`. The operator endpoints — `GET /ops/instances` (JSON published
 //! by the supervisor), `GET /ops/upstreams` (the health table) and `GET /ops/stats`
-//! (`retries_total`: requests re-sent to another instance) itself.
+//! (`retries_total`: requests re-sent to another instance) — are served on a listener of their
+//! own ([`Balancer::serve_operator`]); the public port refuses `/ops/*` and `/metrics`.
 
 mod proxy;
 
@@ -371,30 +372,83 @@ impl Balancer {
     }
 
     async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
-        if req.method() == Method::GET {
-            match req.uri().path() {
-                "/ops/instances" => {
-                    let json = self
-                        .inner
-                        .instances
-                        .read()
-                        .unwrap_or_else(PoisonError::into_inner);
-                    return json_response(json.clone());
-                }
-                "/ops/upstreams" => {
-                    return match serde_json::to_vec(&self.upstreams()) {
-                        Ok(json) => json_response(json.into()),
-                        Err(error) => problem(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
-                    };
-                }
-                "/ops/stats" => {
-                    let stats = serde_json::json!({ "retries_total": self.retries_total() });
-                    return json_response(stats.to_string().into());
-                }
-                _ => {}
-            }
+        let path = req.uri().path();
+        if path == "/metrics" || path.starts_with("/ops/") {
+            return problem(
+                StatusCode::NOT_FOUND,
+                "operator endpoints are not served on the public port",
+            );
         }
         self.proxy(req, peer).await
+    }
+
+    /// Serves the operator endpoints on `listener` until `shutdown` resolves: `GET
+    /// /ops/instances` (JSON published by the supervisor), `GET /ops/upstreams` (the health
+    /// table) and `GET /ops/stats`. Bind it to a private address; the public port refuses them.
+    pub async fn serve_operator(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> io::Result<()> {
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut connections = JoinSet::new();
+        loop {
+            let (stream, _) = tokio::select! {
+                () = &mut shutdown => break,
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        tracing::warn!(%error, "operator accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let balancer = self.clone();
+            let service = service_fn(move |req: Request<Incoming>| {
+                let balancer = balancer.clone();
+                async move { Ok::<_, Infallible>(balancer.operator(&req)) }
+            });
+            connections.spawn(async move {
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+        connections.shutdown().await;
+        Ok(())
+    }
+
+    fn operator(&self, req: &Request<Incoming>) -> Response<Body> {
+        if req.method() != Method::GET {
+            return problem(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "operator endpoints are GET only",
+            );
+        }
+        match req.uri().path() {
+            "/ops/instances" => {
+                let json = self
+                    .inner
+                    .instances
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner);
+                json_response(json.clone())
+            }
+            "/ops/upstreams" => match serde_json::to_vec(&self.upstreams()) {
+                Ok(json) => json_response(json.into()),
+                Err(error) => problem(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+            },
+            "/ops/stats" => {
+                let stats = serde_json::json!({
+                    "retries_total": self.retries_total(),
+                    "open_connections": self.open_connections(),
+                });
+                json_response(stats.to_string().into())
+            }
+            _ => problem(StatusCode::NOT_FOUND, "no such operator endpoint"),
+        }
     }
 
     fn snapshot(&self) -> Arc<[Arc<Upstream>]> {

@@ -25,6 +25,8 @@ use tokio::task::JoinHandle;
 
 struct TestBalancer {
     addr: SocketAddr,
+    /// The operator listener.
+    ops: SocketAddr,
     balancer: Balancer,
     client: Client<HttpConnector, Full<Bytes>>,
     stop: Option<oneshot::Sender<()>>,
@@ -76,8 +78,16 @@ async fn start(opts: BalancerOptions, upstreams: Vec<SocketAddr>) -> TestBalance
     let served = tokio::spawn(balancer.clone().serve(listener, async {
         let _ = stopped.await;
     }));
+    let ops_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let ops = ops_listener.local_addr().expect("local addr");
+    tokio::spawn(
+        balancer
+            .clone()
+            .serve_operator(ops_listener, std::future::pending()),
+    );
     TestBalancer {
         addr,
+        ops,
         balancer,
         client: Client::builder(TokioExecutor::new()).build_http(),
         stop: Some(stop),
@@ -115,6 +125,21 @@ impl TestBalancer {
 
     async fn get(&self, path: &str) -> Reply {
         self.send(Method::GET, path, &[], b"").await
+    }
+
+    /// A GET to the operator listener.
+    async fn ops_get(&self, path: &str) -> Reply {
+        let req = Request::get(format!("http://{}{path}", self.ops))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = self.client.request(req).await.expect("operator answers");
+        let (status, headers) = (resp.status(), resp.headers().clone());
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        Reply {
+            status,
+            headers,
+            body,
+        }
     }
 
     fn status_of(&self, addr: SocketAddr) -> bool {
@@ -523,16 +548,20 @@ async fn oversized_body_is_413_and_cookies_and_instances_pass_intact() {
     let cookies: Vec<_> = reply.headers.get_all("set-cookie").iter().collect();
     assert_eq!(cookies, ["sid=abc; Path=/; HttpOnly", "theme=dark; Path=/"]);
 
-    let reply = lb.get("/ops/instances").await;
+    // Operator endpoints are on their own listener; the public port refuses them.
+    for path in ["/ops/instances", "/ops/upstreams", "/ops/stats", "/metrics"] {
+        lb.get(path).await.assert_problem(StatusCode::NOT_FOUND);
+    }
+    let reply = lb.ops_get("/ops/instances").await;
     assert_eq!((reply.status, reply.text()), (StatusCode::OK, "[]"));
     let published = r#"[{"id":1,"addr":"127.0.0.1:4001","pid":42}]"#;
     lb.balancer
         .publish_instances(Bytes::from_static(published.as_bytes()));
-    let reply = lb.get("/ops/instances").await;
+    let reply = lb.ops_get("/ops/instances").await;
     assert_eq!(reply.headers["content-type"], "application/json");
     assert_eq!(reply.text(), published);
 
-    let reply = lb.get("/ops/upstreams").await;
+    let reply = lb.ops_get("/ops/upstreams").await;
     assert_eq!(
         reply.json(),
         serde_json::json!([{ "addr": a.to_string(), "healthy": true, "alive": true }])

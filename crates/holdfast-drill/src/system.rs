@@ -103,6 +103,8 @@ impl SystemSpec {
 pub struct System {
     /// The balancer's base URL.
     pub url: String,
+    /// The balancer's operator endpoints (`/ops/…`).
+    pub ops_url: String,
     pub provider_url: String,
     store_url: String,
     ctl: Arc<Control>,
@@ -165,6 +167,7 @@ impl System {
         };
         let mut sys = System {
             url: String::new(),
+            ops_url: String::new(),
             provider_url: String::new(),
             store_url,
             ctl: Arc::new(Control {
@@ -201,6 +204,7 @@ impl System {
         let mut cmd = Command::new(&ctl.program);
         cmd.arg("up")
             .args(["--port", "0"])
+            .args(["--ops-port", "0"])
             .args(["--instances", &opts.instances.to_string()])
             .args(["--workers", &opts.workers.to_string()])
             .arg("--data-dir")
@@ -257,16 +261,21 @@ impl System {
         };
         let mut lines = BufReader::new(stdout).lines();
         let ready = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut url = None;
             while let Ok(Some(line)) = lines.next_line().await {
                 if let Some(rest) = line.strip_prefix("Holdfast is up: ") {
-                    return rest.split_whitespace().next().map(str::to_owned);
+                    url = rest.split_whitespace().next().map(str::to_owned);
+                }
+                if let Some(rest) = line.strip_prefix("Operator endpoints: ") {
+                    let ops = rest.trim().trim_end_matches("/ops/instances").to_owned();
+                    return url.map(|url| (url, ops));
                 }
             }
             None
         })
         .await;
-        let url = match ready {
-            Ok(Some(url)) => url,
+        let (url, ops_url) = match ready {
+            Ok(Some(found)) => found,
             Ok(None) => return Err(self.start_failed(log_path, "holdfast up exited")),
             Err(_) => return Err(self.start_failed(log_path, "holdfast up was not up within 60 s")),
         };
@@ -284,6 +293,7 @@ impl System {
         *lock(&ctl.provider_url) = provider.clone();
         self.provider_url = provider;
         self.url = url;
+        self.ops_url = ops_url;
         // Every process `up` runs is listed once it listens; wait for all of them.
         let want = usize::from(opts.instances) + usize::from(opts.workers);
         let deadline = Instant::now() + Duration::from_secs(30);

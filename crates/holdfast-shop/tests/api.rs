@@ -536,14 +536,24 @@ async fn health_readiness_metrics_and_page() {
         products["products"].as_array().unwrap().len(),
         holdfast_shop::CATALOG.len()
     );
-    let m = String::from_utf8(t.call("GET", "/metrics", None, None, &[]).await.body).unwrap();
+    let public = t.call("GET", "/metrics", None, None, &[]).await;
+    assert_eq!(
+        public.status,
+        StatusCode::NOT_FOUND,
+        "metrics are not public"
+    );
+    let metrics = || async {
+        let req = Request::get("/metrics").body(Body::empty()).unwrap();
+        String::from_utf8(send(&t.operator, req).await.body).unwrap()
+    };
+    let m = metrics().await;
     assert!(m.contains("holdfast_http_requests_total"), "{m}");
     assert!(m.contains("holdfast_http_request_duration_seconds_bucket"));
     assert!(m.contains("le=\"0.25\""), "a bucket sits at the SLO");
     let c = t.user("met@example.com").await;
     t.add(&c, "HELMET", 1).await;
     t.checkout(&c, "m-1").await;
-    let m = String::from_utf8(t.call("GET", "/metrics", None, None, &[]).await.body).unwrap();
+    let m = metrics().await;
     assert!(
         m.contains(r#"holdfast_jobs{queue="payments",state="available"}"#),
         "queue depth: {m}"

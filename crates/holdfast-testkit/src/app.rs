@@ -21,6 +21,8 @@ pub const PASSWORD: &str = "correct horse battery";
 /// One shop instance.
 pub struct TestApp {
     pub router: Router,
+    /// The instance's operator endpoints (`/metrics`).
+    pub operator: Router,
     pub store: Store,
     pub shop: Shop,
     /// Keeps the database file alive while any instance on it runs.
@@ -76,6 +78,7 @@ async fn instance(dir: Arc<tempfile::TempDir>, web: WebOptions, opts: ShopOption
     let shop = Shop::new(AppState::new(store.clone(), web, metrics), opts);
     TestApp {
         router: holdfast_shop::app(shop.clone()),
+        operator: holdfast_web::operator_app(shop.edge().clone()),
         store,
         shop,
         dir,

@@ -3,8 +3,8 @@
 //!
 //! [`app`] wraps an application's routes in everything an instance needs: accounts
 //! (`/api/signup`, `/api/login`, `/api/logout`, `/api/password`, `/api/me`), `/healthz`,
-//! `/readyz` (503 while draining), `/metrics`, the CSRF guard, a body limit, a request
-//! deadline and panic containment. A handler opts into the rest by taking an extractor:
+//! `/readyz` (503 while draining), the CSRF guard, a body limit, an in-flight cap, a request
+//! deadline and panic containment; [`operator_app`] serves `/metrics` on a listener of its own. A handler opts into the rest by taking an extractor:
 //! [`Authed`] is the session's user (its id is the authorization filter), and
 //! [`Idempotent`] claims the request's `Idempotency-Key`
 //! (draft-ietf-httpapi-idempotency-key-header-07) and runs the handler's transaction so that
@@ -167,9 +167,10 @@ pub fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
         .clone()
 }
 
-/// An instance's router: the application's `routes`, the accounts API and the operator
-/// endpoints, behind the edge's layers. The CSRF guard and the body limit cover every route
-/// given here; `/healthz`, `/readyz` and `/metrics` answer without a session.
+/// An instance's public router: the application's `routes`, the accounts API, `/healthz` and
+/// `/readyz` (for balancers; they answer without a session), behind the edge's layers. The
+/// CSRF guard and the body limit cover every route given here. `/metrics` is not here but in
+/// [`operator_app`].
 pub fn app<S>(state: S, routes: Router<S>) -> Router
 where
     S: Clone + Send + Sync + 'static,
@@ -192,7 +193,6 @@ where
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(render_metrics))
         .merge(api)
         .route_layer(middleware::from_fn(track))
         .fallback(|| async { AppError::not_found("no such route") })
@@ -208,6 +208,17 @@ where
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             AppError::internal("a handler panicked").into_response()
         }))
+        .with_state(state)
+}
+
+/// An instance's operator endpoints — `/metrics`, `/healthz`, `/readyz` — for a listener of
+/// their own that is not the public one (metrics tell an attacker too much).
+pub fn operator_app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(render_metrics))
+        .fallback(|| async { AppError::not_found("no such route") })
         .with_state(state)
 }
 

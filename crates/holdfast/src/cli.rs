@@ -299,6 +299,10 @@ pub struct UpArgs {
     /// Port the balancer listens on (0 picks a free one).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    /// Port of the operator endpoints (`/ops/instances`, `/ops/upstreams`, `/ops/stats`), on
+    /// 127.0.0.1 only, never on the public port (0 picks a free one).
+    #[arg(long, default_value_t = 8081)]
+    pub ops_port: u16,
     /// How many web instances to run behind the balancer.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     pub instances: u16,
@@ -415,6 +419,10 @@ pub struct ServeArgs {
     /// Address to listen on; port 0 picks a free one (see the `HOLDFAST_LISTENING` line).
     #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)))]
     pub addr: SocketAddr,
+    /// Where `/metrics` (and `/healthz`, `/readyz`) are served for operators: keep it off the
+    /// public network. Port 0 picks a free one (reported as `ops=` on the listening line).
+    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))]
+    pub ops_addr: SocketAddr,
     #[command(flatten)]
     pub store: StoreArgs,
     /// Omit the cookies' `Secure` flag (plain-HTTP localhost only).

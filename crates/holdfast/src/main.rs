@@ -83,11 +83,18 @@ pub(crate) async fn open_store(args: &cli::StoreArgs) -> anyhow::Result<holdfast
         .context("opening the store")
 }
 
-/// Tells a supervisor where we listen: one line `HOLDFAST_LISTENING <addr>` on stdout.
-pub(crate) fn announce_listening(addr: std::net::SocketAddr) -> std::io::Result<()> {
+/// Tells a supervisor where we listen: one line `HOLDFAST_LISTENING <addr>` on stdout, with
+/// ` ops=<addr>` when the operator endpoints have a listener of their own.
+pub(crate) fn announce_listening(
+    addr: std::net::SocketAddr,
+    ops: Option<std::net::SocketAddr>,
+) -> std::io::Result<()> {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{} {addr}", serve::LISTENING)?;
+    match ops {
+        Some(ops) => writeln!(stdout, "{} {addr} ops={ops}", serve::LISTENING)?,
+        None => writeln!(stdout, "{} {addr}", serve::LISTENING)?,
+    }
     stdout.flush()
 }
 

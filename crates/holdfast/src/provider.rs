@@ -22,7 +22,7 @@ pub async fn run(args: ProviderArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     let addr = listener.local_addr()?;
-    crate::announce_listening(addr)?;
+    crate::announce_listening(addr, None)?;
     info!(%addr, ?faults, "provider listening");
     holdfast_provider::serve(listener, ProviderOptions { faults }, async {
         terminated.await;

@@ -54,8 +54,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     let addr = listener.local_addr()?;
-    crate::announce_listening(addr)?;
-    info!(%addr, backend = %store.backend(), sessions = state.sessions().tier_name(), "serving");
+    let ops_listener = TcpListener::bind(args.ops_addr)
+        .await
+        .with_context(|| format!("binding --ops-addr {}", args.ops_addr))?;
+    let ops_addr = ops_listener.local_addr()?;
+    let operator = holdfast_web::operator_app(state.clone());
+    tokio::spawn(async move { axum::serve(ops_listener, operator).await });
+    crate::announce_listening(addr, Some(ops_addr))?;
+    info!(%addr, %ops_addr, backend = %store.backend(), sessions = state.sessions().tier_name(), "serving");
     tokio::spawn(holdfast_web::reap_forever(state.clone(), REAP_EVERY));
 
     let (stopping_tx, stopping_rx) = oneshot::channel();

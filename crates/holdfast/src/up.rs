@@ -68,7 +68,22 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let balancing = tokio::spawn(balancer.clone().serve(listener, async {
         let _ = balancer_stopped.await;
     }));
-    info!(%addr, "balancer listening");
+    let ops_listener = TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, args.ops_port))
+        .await
+        .with_context(|| {
+            format!(
+                "binding the operator endpoints to 127.0.0.1:{}",
+                args.ops_port
+            )
+        })?;
+    let ops_addr = ops_listener.local_addr()?;
+    // Lives as long as `up`; the process exit ends it.
+    tokio::spawn(
+        balancer
+            .clone()
+            .serve_operator(ops_listener, std::future::pending()),
+    );
+    info!(%addr, %ops_addr, "balancer listening");
 
     let parent = std::process::id().to_string();
     let store_flags: Vec<OsString> = vec![
@@ -153,6 +168,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         say(&format!(
             "Holdfast is up: http://{addr} ({n} instances, {backend})"
         ));
+        say(&format!(
+            "Operator endpoints: http://{ops_addr}/ops/instances"
+        ));
     });
     supervisor
         .run(async {
@@ -214,6 +232,9 @@ pub struct Instance {
     pub role: &'static str,
     pub pid: u32,
     pub addr: SocketAddr,
+    /// Where a web instance serves `/metrics`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ops_addr: Option<SocketAddr>,
 }
 
 struct Shared {
@@ -361,8 +382,8 @@ impl Shared {
             listening = listening => listening,
             () = stopped(stopping) => return self.stop(&mut child).await,
         };
-        let addr = match listening {
-            Ok(addr) => addr,
+        let (addr, ops_addr) = match listening {
+            Ok(found) => found,
             Err(error) => {
                 // Kill it if it is still alive; the status says how it ended either way.
                 let _ = child.start_kill();
@@ -376,6 +397,7 @@ impl Shared {
                 role: group.role,
                 pid,
                 addr,
+                ops_addr,
             }),
         );
         info!(role = group.role, slot = slot.1, pid, %addr, "instance listening");
@@ -431,15 +453,23 @@ impl Shared {
         self.live.send_replace(live);
     }
 }
-/// Reads the instance's stdout up to its `HOLDFAST_LISTENING` line, passing other lines on.
-async fn listening_addr(stdout: &mut Lines<BufReader<ChildStdout>>) -> anyhow::Result<SocketAddr> {
+/// Reads the instance's stdout up to its `HOLDFAST_LISTENING <addr> [ops=<addr>]` line, passing
+/// other lines on.
+async fn listening_addr(
+    stdout: &mut Lines<BufReader<ChildStdout>>,
+) -> anyhow::Result<(SocketAddr, Option<SocketAddr>)> {
     while let Some(line) = stdout.next_line().await? {
         match line.strip_prefix(LISTENING) {
-            Some(addr) => {
-                return addr
-                    .trim()
-                    .parse()
-                    .with_context(|| format!("bad line {line:?}"))
+            Some(rest) => {
+                let bad = || format!("bad line {line:?}");
+                let mut words = rest.split_whitespace();
+                let addr = words.next().unwrap_or("").parse().with_context(bad)?;
+                let ops = match words.next().map(|w| w.strip_prefix("ops=")) {
+                    None => None,
+                    Some(Some(ops)) => Some(ops.parse().with_context(bad)?),
+                    Some(None) => bail!(bad()),
+                };
+                return Ok((addr, ops));
             }
             None => say(&line),
         }

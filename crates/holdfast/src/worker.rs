@@ -71,7 +71,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             get(move || std::future::ready(metrics.render())),
         );
     tokio::spawn(async move { axum::serve(listener, app).await });
-    crate::announce_listening(addr)?;
+    crate::announce_listening(addr, None)?;
     info!(%addr, backend = %store.backend(), "worker serving /metrics");
 
     worker

@@ -23,8 +23,20 @@ async fn sigterm_drains_then_exits_cleanly() {
             "3s",
         ],
     );
-    let addr = serve.line_after("HOLDFAST_LISTENING ", Duration::from_secs(20));
+    let line = serve.line_after("HOLDFAST_LISTENING ", Duration::from_secs(20));
+    let (addr, ops) = line
+        .split_once(" ops=")
+        .expect("the operator address is announced");
     let (client, base) = (client(), format!("http://{addr}"));
+    assert_eq!(
+        status(&client, &format!("{base}/metrics")).await,
+        Some(404),
+        "metrics are not on the public port"
+    );
+    assert_eq!(
+        status(&client, &format!("http://{ops}/metrics")).await,
+        Some(200)
+    );
     let (readyz, healthz) = (format!("{base}/readyz"), format!("{base}/healthz"));
     assert_eq!(status(&client, &healthz).await, Some(200));
     assert_eq!(status(&client, &readyz).await, Some(200));

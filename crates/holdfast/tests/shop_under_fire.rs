@@ -163,7 +163,7 @@ async fn sigkill_during_traffic_loses_nothing(backend: Backend) {
     }
     // The faults hit requests in flight: they were re-sent by the balancer (safe: keyed or
     // idempotent) or retried by the client.
-    let stats: Value = reqwest::get(format!("{}/ops/stats", sys.url))
+    let stats: Value = reqwest::get(format!("{}/ops/stats", sys.ops_url))
         .await
         .unwrap()
         .json()

@@ -14,8 +14,8 @@ use nix::unistd::Pid;
 const WITHIN: Duration = Duration::from_secs(20);
 
 /// `holdfast up --port 0 --instances N` in `dir`, once every instance listens: the guard, the
-/// balancer's base URL, and the instances (adopted by the guard).
-async fn start_up(dir: &Path, n: usize) -> (Proc, String, Vec<Instance>) {
+/// balancer's base URL, its operator URL, and the instances (adopted by the guard).
+async fn start_up(dir: &Path, n: usize) -> (Proc, String, String, Vec<Instance>) {
     let n_arg = n.to_string();
     let data_dir = dir.to_str().unwrap();
     let mut up = Proc::spawn(
@@ -23,6 +23,8 @@ async fn start_up(dir: &Path, n: usize) -> (Proc, String, Vec<Instance>) {
         &[
             "up",
             "--port",
+            "0",
+            "--ops-port",
             "0",
             "--instances",
             &n_arg,
@@ -39,6 +41,8 @@ async fn start_up(dir: &Path, n: usize) -> (Proc, String, Vec<Instance>) {
         line.ends_with(&format!("({n} instances, sqlite)")),
         "{line}"
     );
+    let ops = up.line_after("Operator endpoints: ", WITHIN);
+    let ops = ops.trim().trim_end_matches("/ops/instances").to_owned();
     let client = client();
     eventually(WITHIN, "/healthz through the balancer", || async {
         (status(&client, &format!("{base}/healthz")).await == Some(200)).then_some(())
@@ -51,12 +55,12 @@ async fn start_up(dir: &Path, n: usize) -> (Proc, String, Vec<Instance>) {
         assert_eq!(i.role, "web");
         assert!(alive(i.pid), "{i:?} is not alive");
     }
-    (up, base, live)
+    (up, base, ops, live)
 }
 
-async fn ops_instances(base: &str) -> Vec<Instance> {
+async fn ops_instances(ops: &str) -> Vec<Instance> {
     let response = client()
-        .get(format!("{base}/ops/instances"))
+        .get(format!("{ops}/ops/instances"))
         .send()
         .await
         .unwrap();
@@ -66,8 +70,14 @@ async fn ops_instances(base: &str) -> Vec<Instance> {
 #[tokio::test]
 async fn a_killed_instance_is_replaced_while_the_balancer_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut up, base, before) = start_up(dir.path(), 2).await;
-    assert_eq!(ops_instances(&base).await, before);
+    let (mut up, base, ops, before) = start_up(dir.path(), 2).await;
+    assert_eq!(ops_instances(&ops).await, before);
+    let public = status(&client(), &format!("{base}/ops/instances")).await;
+    assert_eq!(
+        public,
+        Some(404),
+        "operator endpoints are not on the public port"
+    );
 
     let victim = before[0].pid;
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
@@ -99,7 +109,7 @@ async fn a_killed_instance_is_replaced_while_the_balancer_keeps_serving() {
     for i in &after {
         up.adopt(i.pid);
     }
-    assert_eq!(ops_instances(&base).await, after);
+    assert_eq!(ops_instances(&ops).await, after);
     for _ in 0..20 {
         assert_eq!(status(&client, &healthz).await, Some(200));
     }
@@ -108,7 +118,7 @@ async fn a_killed_instance_is_replaced_while_the_balancer_keeps_serving() {
 #[tokio::test]
 async fn sigterm_stops_every_instance_and_exits_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut up, _base, live) = start_up(dir.path(), 2).await;
+    let (mut up, _base, _ops, live) = start_up(dir.path(), 2).await;
 
     up.signal(Signal::SIGTERM);
     let exit = up.exit_status(Duration::from_secs(30)).await;
@@ -122,7 +132,7 @@ async fn sigterm_stops_every_instance_and_exits_cleanly() {
 #[tokio::test]
 async fn sigkill_takes_every_instance_with_it() {
     let dir = tempfile::tempdir().unwrap();
-    let (up, _base, live) = start_up(dir.path(), 2).await;
+    let (up, _base, _ops, live) = start_up(dir.path(), 2).await;
 
     up.signal(Signal::SIGKILL);
     eventually(
