@@ -256,36 +256,53 @@ async fn create_when_released(
     user: Authed,
     note: Idempotent<JsonBody<NewNote>, Required>,
 ) -> AppResult<Response> {
+    // Registered before saying so, so that a release right after the signal is not missed.
+    let released = release.notified();
+    tokio::pin!(released);
+    released.as_mut().enable();
     let _ = arrived.send(());
-    release.notified().await;
+    released.await;
     create(user, note).await
 }
 
-#[tokio::test]
-async fn a_working_request_keeps_its_key_and_a_dead_ones_key_frees_within_its_lease() {
+/// The notes service with [`create_when_released`] as its create route: the app, the
+/// "arrived" signals, the release, and the edge state.
+async fn paced_service(
+    opts: WebOptions,
+) -> (
+    Notes,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+    Arc<Notify>,
+    AppState,
+) {
     let db = TempStore::open(&[&NOTES]).await;
-    let lease = std::time::Duration::from_millis(150);
-    let edge = AppState::new(
-        db.store.clone(),
-        WebOptions {
-            secure_cookies: false,
-            idempotency_lock_ttl: lease,
-            ..WebOptions::default()
-        },
-        None,
-    );
-    let (arrived_tx, mut arrived) = tokio::sync::mpsc::unbounded_channel();
+    let edge = AppState::new(db.store.clone(), opts, None);
+    let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
     let release = Arc::new(Notify::new());
     let paced = Paced {
         edge: edge.clone(),
         arrived: arrived_tx,
         release: release.clone(),
     };
-    let routes = Router::new().route("/api/notes", post(create_when_released));
+    let routes = Router::new()
+        .route("/api/notes", post(create_when_released))
+        .route("/api/notes", get(list));
     let app = Notes {
         router: holdfast_web::app(paced, routes),
         _db: db,
     };
+    (app, arrived, release, edge)
+}
+
+#[tokio::test]
+async fn a_working_request_keeps_its_key_and_a_dead_ones_key_frees_within_its_lease() {
+    let lease = std::time::Duration::from_millis(150);
+    let (app, mut arrived, release, edge) = paced_service(WebOptions {
+        secure_cookies: false,
+        idempotency_lock_ttl: lease,
+        ..WebOptions::default()
+    })
+    .await;
     let ann = app.login("ann@example.com").await;
     let h = keyed(&ann, "slow-1");
     let body = Some(json!({ "text": "slow" }));
@@ -356,4 +373,41 @@ async fn a_working_request_keeps_its_key_and_a_dead_ones_key_frees_within_its_le
         "{:?}",
         taken_over.json()
     );
+}
+
+#[tokio::test]
+async fn past_the_in_flight_cap_a_request_is_refused_at_once() {
+    let (app, mut arrived, release, _) = paced_service(WebOptions {
+        secure_cookies: false,
+        max_in_flight: 2,
+        ..WebOptions::default()
+    })
+    .await;
+    let ann = app.login("ann@example.com").await;
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let req = request(
+            "POST",
+            "/api/notes",
+            Some(json!({ "text": "held" })),
+            &keyed(&ann, &format!("held-{i}")),
+        );
+        let router = app.router.clone();
+        held.push(tokio::spawn(async move { send(&router, req).await }));
+        arrived.recv().await.expect("the request holds a slot");
+    }
+    let refused = app
+        .call("GET", "/api/notes", None, &[("cookie", ann.as_str())])
+        .await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers["retry-after"], "1");
+    assert_eq!(refused.json()["type"], "/problems/overloaded");
+    release.notify_waiters();
+    for h in held {
+        assert_eq!(h.await.unwrap().status, StatusCode::CREATED);
+    }
+    let served = app
+        .call("GET", "/api/notes", None, &[("cookie", ann.as_str())])
+        .await;
+    assert_eq!(served.status, StatusCode::OK);
 }
