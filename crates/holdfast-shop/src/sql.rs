@@ -233,32 +233,29 @@ pub async fn order_list<E>(
     after: &OrdersAfter,
     limit: i64,
 ) -> Result<Vec<Order>, E> {
-    const PAGE: &str = "SELECT id FROM orders WHERE user_id = $1
-         AND (created_at < $2 OR (created_at = $2 AND id > $3))
-         ORDER BY created_at DESC, id LIMIT $4";
-    let mut orders: Vec<Order> = sqlx::query_as(&format!(
-        "SELECT o.id, o.total_cents, o.status, o.created_at FROM orders o JOIN ({PAGE}) p ON p.id = o.id
-         ORDER BY o.created_at DESC, o.id"
-    ))
+    // One round trip: the page's orders joined with their lines, an order's rows adjacent.
+    let rows = sqlx::query(
+        "SELECT o.id, o.total_cents, o.status, o.created_at, i.sku, i.name, i.qty, i.unit_price_cents
+         FROM (SELECT id FROM orders WHERE user_id = $1
+               AND (created_at < $2 OR (created_at = $2 AND id > $3))
+               ORDER BY created_at DESC, id LIMIT $4) p
+         JOIN orders o ON o.id = p.id
+         JOIN order_items i ON i.order_id = o.id
+         ORDER BY o.created_at DESC, o.id, i.sku",
+    )
     .bind(user_id)
     .bind(after.created_at)
     .bind(&after.id)
     .bind(limit)
     .fetch_all(&mut *conn)
     .await?;
-    let lines = sqlx::query(&format!(
-        "SELECT i.order_id, i.sku, i.name, i.qty, i.unit_price_cents FROM order_items i
-         JOIN ({PAGE}) o ON o.id = i.order_id ORDER BY i.sku"
-    ))
-    .bind(user_id)
-    .bind(after.created_at)
-    .bind(&after.id)
-    .bind(limit)
-    .fetch_all(&mut *conn)
-    .await?;
-    for r in &lines {
-        let id: String = r.try_get("order_id")?;
-        if let Some(o) = orders.iter_mut().find(|o| o.order_id == id) {
+    let mut orders: Vec<Order> = Vec::new();
+    for r in &rows {
+        let id: String = r.try_get("id")?;
+        if orders.last().is_none_or(|o| o.order_id != id) {
+            orders.push(Order::from_row(r)?);
+        }
+        if let Some(o) = orders.last_mut() {
             o.items.push(OrderLine::from_row(r)?);
         }
     }
