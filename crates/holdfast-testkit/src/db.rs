@@ -69,6 +69,11 @@ impl TempStore {
             .expect("open the store");
         TempStore { store, url, dir }
     }
+
+    /// The web edge's state over this store, with `web`'s options and no metrics.
+    pub fn edge(&self, web: holdfast_web::WebOptions) -> holdfast_web::AppState {
+        holdfast_web::AppState::new(self.store.clone(), web, None)
+    }
 }
 
 /// What one of many requests racing on one idempotency key saw.

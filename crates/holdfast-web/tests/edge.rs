@@ -8,7 +8,7 @@ use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use holdfast_store::{Migration, Schema, ScopedFutureExt, TxError};
-use holdfast_testkit::app::{cookie_of, request, send, Reply, PASSWORD};
+use holdfast_testkit::app::{cookie_of, local, request, send, Reply, PASSWORD};
 use holdfast_testkit::db::TempStore;
 use holdfast_web::{
     json_response, AppError, AppResult, AppState, Authed, Idempotent, JsonBody, Required,
@@ -110,14 +110,7 @@ struct Notes {
 
 async fn notes_service() -> Notes {
     let db = TempStore::open(&[&NOTES]).await;
-    let edge = AppState::new(
-        db.store.clone(),
-        WebOptions {
-            secure_cookies: false,
-            ..WebOptions::default()
-        },
-        None,
-    );
+    let edge = db.edge(local());
     let routes = Router::new()
         .route("/api/notes", post(create))
         .route("/api/notes", get(list));
@@ -276,7 +269,7 @@ async fn paced_service(
     AppState,
 ) {
     let db = TempStore::open(&[&NOTES]).await;
-    let edge = AppState::new(db.store.clone(), opts, None);
+    let edge = db.edge(opts);
     let (arrived_tx, arrived) = tokio::sync::mpsc::unbounded_channel();
     let release = Arc::new(Notify::new());
     let paced = Paced {

@@ -5,9 +5,8 @@
 use axum::body::Body;
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
 use axum::Router;
-use holdfast_testkit::app::send;
+use holdfast_testkit::app::{local, send};
 use holdfast_testkit::db::TempStore;
-use holdfast_web::{AppState, WebOptions};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -24,15 +23,7 @@ fn runtime() -> tokio::runtime::Runtime {
 /// A bare application (accounts only) on a fresh store.
 async fn bare() -> (Router, TempStore) {
     let db = TempStore::open(&[]).await;
-    let edge = AppState::new(
-        db.store.clone(),
-        WebOptions {
-            secure_cookies: false,
-            ..WebOptions::default()
-        },
-        None,
-    );
-    (holdfast_web::app(edge, Router::new()), db)
+    (holdfast_web::app(db.edge(local()), Router::new()), db)
 }
 
 /// Any byte string that is a legal header value (visible ASCII, spaces, tabs, obs-text).
