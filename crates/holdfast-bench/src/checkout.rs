@@ -262,6 +262,7 @@ async fn signup_users(base: &str, n: usize) -> anyhow::Result<Vec<reqwest::Clien
     let mut clients = Vec::with_capacity(n);
     for i in 0..n {
         let c = reqwest::Client::builder()
+            .local_address(holdfast_core::loopback_source(i as u64))
             .cookie_store(true)
             .timeout(Duration::from_secs(10))
             .build()?;

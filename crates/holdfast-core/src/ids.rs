@@ -128,44 +128,62 @@ macro_rules! uuid_id {
 
 uuid_id!(UserId, "user_id");
 
-/// A session id: 256 random bits, hex-encoded. The store keeps only its SHA-256, so a leaked
-/// database does not leak live sessions.
-#[derive(Clone, PartialEq, Eq)]
-pub struct SessionId(String);
+/// A bearer secret: 256 random bits, hex-encoded. The store keeps only its SHA-256, so a
+/// leaked database does not leak live ones, and `Debug` never prints it.
+macro_rules! secret_token {
+    ($(#[$doc:meta])* $name:ident, $field:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq)]
+        pub struct $name(String);
 
-impl SessionId {
-    pub fn generate() -> Self {
-        let mut bytes = [0u8; 32];
-        rand::rngs::OsRng.fill_bytes(&mut bytes);
-        Self(hex::encode(bytes))
-    }
-    /// Parses a cookie value; anything but 64 lower-case hex digits is rejected.
-    pub fn parse(raw: &str) -> Result<Self, ParseError> {
-        if raw.len() == 64
-            && raw
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
-            Ok(Self(raw.to_owned()))
-        } else {
-            Err(ParseError::new("session", "malformed session id"))
+        impl $name {
+            pub fn generate() -> Self {
+                let mut bytes = [0u8; 32];
+                rand::rngs::OsRng.fill_bytes(&mut bytes);
+                Self(hex::encode(bytes))
+            }
+            /// Parses a cookie value; anything but 64 lower-case hex digits is rejected.
+            pub fn parse(raw: &str) -> Result<Self, ParseError> {
+                if raw.len() == 64
+                    && raw
+                        .bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+                {
+                    Ok(Self(raw.to_owned()))
+                } else {
+                    Err(ParseError::new($field, concat!("malformed ", $field, " token")))
+                }
+            }
+            /// The value to put in the cookie.
+            pub fn expose(&self) -> &str {
+                &self.0
+            }
+            /// What the store keys it by.
+            pub fn storage_hash(&self) -> String {
+                hex::encode(Sha256::digest(self.0.as_bytes()))
+            }
         }
-    }
-    /// The value to put in the cookie.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    /// What the store keys sessions by.
-    pub fn storage_hash(&self) -> String {
-        hex::encode(Sha256::digest(self.0.as_bytes()))
-    }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(concat!(stringify!($name), "(<redacted>)"))
+            }
+        }
+    };
 }
 
-impl fmt::Debug for SessionId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("SessionId(<redacted>)")
-    }
-}
+secret_token!(
+    /// A session id.
+    SessionId,
+    "session"
+);
+secret_token!(
+    /// A known-device token: given to a browser at a successful login, it lets that browser
+    /// keep logging in to that account while the account's shared login quota is exhausted
+    /// by someone else.
+    DeviceToken,
+    "device"
+);
 
 /// The value of an `Idempotency-Key` header.
 ///

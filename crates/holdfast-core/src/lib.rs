@@ -52,7 +52,9 @@ pub mod retry;
 pub mod sabotage;
 
 pub use backend::Backend;
-pub use ids::{Email, IdempotencyKey, Password, RequestFingerprint, SessionId, UserId};
+pub use ids::{
+    DeviceToken, Email, IdempotencyKey, Password, RequestFingerprint, SessionId, UserId,
+};
 pub use sabotage::Sabotage;
 
 /// A value from outside failed to parse. The message is safe to show to the client.
@@ -112,6 +114,16 @@ pub fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// The `n`th distinct source address on the loopback network (127.1.0.0/16 onwards; Linux
+/// answers all of 127.0.0.0/8 on `lo`). Load generators and test clients bind one per
+/// simulated user, so that per-address rate limits see many users, as they would in
+/// production, instead of one 127.0.0.1 doing everything.
+pub fn loopback_source(n: u64) -> std::net::IpAddr {
+    let n = n % (250 * 250 * 250);
+    let octet = |k: u64| ((n / k) % 250) as u8 + 1;
+    std::net::IpAddr::from([127, octet(250 * 250), octet(250), octet(1)])
 }
 
 #[cfg(test)]

@@ -118,6 +118,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[derive(Clone, Debug)]
 pub(crate) struct AccountRun {
     pub email: String,
+    /// Which loopback source address the account's person connects from.
+    pub source: u64,
     /// The last session cookie (`name=value`), once logged in.
     pub cookie: Option<String>,
     pub ops: Vec<Op>,
@@ -198,6 +200,9 @@ enum Failure {
 pub(crate) struct Load {
     base: String,
     http: reqwest::Client,
+    /// The system is on this host: each account's person connects from a loopback address of
+    /// its own ([`holdfast_core::loopback_source`]), so per-address limits see many people.
+    loopback: bool,
     clock: Clock,
     duration: Duration,
     /// Pause before each request with a session (see `DrillOptions::think`).
@@ -212,19 +217,25 @@ impl Load {
         duration: Duration,
         think: Duration,
     ) -> Result<Load, Error> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .connect_timeout(Duration::from_secs(1))
-            .build()
-            .map_err(|e| Error::Start(format!("http client: {e}")))?;
+        let loopback = reqwest::Url::parse(base)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_owned))
+            .is_some_and(|h| h == "127.0.0.1" || h == "localhost");
         Ok(Load {
             base: base.trim_end_matches('/').to_owned(),
-            http,
+            http: client(None)?,
+            loopback,
             clock,
             duration,
             think,
             live: Arc::default(),
         })
+    }
+
+    /// A client for the person at loopback `source` (when the system is local).
+    fn client_of(&self, source: u64) -> reqwest::Client {
+        let source = self.loopback.then_some(source);
+        client(source).unwrap_or_else(|_| self.http.clone())
     }
 
     pub fn live(&self) -> Arc<Live> {
@@ -237,6 +248,7 @@ impl Load {
 
     pub fn shopper(self, user: usize, rng: Rng) -> Shopper {
         Shopper {
+            http: self.http.clone(),
             load: self,
             user,
             rng,
@@ -247,10 +259,13 @@ impl Load {
     }
 
     /// One HTTP request; no retries, nothing recorded.
-    async fn send(&self, req: &Req, cookie: Option<&str>) -> Result<Answer, String> {
-        let mut r = self
-            .http
-            .request(req.method.clone(), format!("{}{}", self.base, req.path));
+    async fn send(
+        &self,
+        http: &reqwest::Client,
+        req: &Req,
+        cookie: Option<&str>,
+    ) -> Result<Answer, String> {
+        let mut r = http.request(req.method.clone(), format!("{}{}", self.base, req.path));
         if let Some(body) = &req.body {
             r = r.json(body);
         }
@@ -284,6 +299,17 @@ impl Load {
 
     /// A request retried (full jitter) on no answer and 5xx for up to `within`; unrecorded.
     async fn read(&self, req: &Req, cookie: Option<&str>, within: Duration) -> Option<Answer> {
+        self.read_as(&self.http, req, cookie, within).await
+    }
+
+    /// [`Load::read`] with the given client.
+    async fn read_as(
+        &self,
+        http: &reqwest::Client,
+        req: &Req,
+        cookie: Option<&str>,
+        within: Duration,
+    ) -> Option<Answer> {
         let started = Instant::now();
         // Concurrent readers must not retry in lockstep: each draws its own jitter.
         let mut rng = Rng::new(
@@ -292,7 +318,7 @@ impl Load {
                 .map_or(0, |d| d.as_nanos() as u64),
         );
         for attempt in 0u32.. {
-            match self.send(req, cookie).await {
+            match self.send(http, req, cookie).await {
                 Ok(a) if a.status < 500 => return Some(a),
                 _ => {}
             }
@@ -307,10 +333,16 @@ impl Load {
 
     /// A fresh session for an account, or `None` if it cannot log in (`Some(None)`: the
     /// account does not exist, so it holds nothing).
-    async fn login(&self, email: &str) -> Option<Option<String>> {
-        let creds = json!({ "email": email, "password": PASSWORD });
+    async fn login(&self, account: &AccountRun) -> Option<Option<String>> {
+        let creds = json!({ "email": account.email, "password": PASSWORD });
+        let http = self.client_of(account.source);
         let a = self
-            .read(&Req::post("/api/login", creds, None), None, OP_DEADLINE)
+            .read_as(
+                &http,
+                &Req::post("/api/login", creds, None),
+                None,
+                OP_DEADLINE,
+            )
             .await?;
         match a.status {
             200 => a.cookie.map(Some),
@@ -338,7 +370,7 @@ impl Load {
                     Some(true) => (true, Ok(a.cookie.clone())),
                     // The checker judges only sessions it saw logged in; a fresh one reads.
                     Some(false) | None => {
-                        let session = match self.login(&a.email).await {
+                        let session = match self.login(a).await {
                             Some(Some(cookie)) => Ok(Some(cookie)),
                             Some(None) if !a.ever_logged_in() => Ok(None),
                             _ => Err(()),
@@ -509,6 +541,18 @@ impl Load {
     }
 }
 
+/// The drill's HTTP client, connecting from loopback `source` when given.
+fn client(source: Option<u64>) -> Result<reqwest::Client, Error> {
+    let mut b = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .connect_timeout(Duration::from_secs(1));
+    if let Some(n) = source {
+        b = b.local_address(holdfast_core::loopback_source(n));
+    }
+    b.build()
+        .map_err(|e| Error::Start(format!("http client: {e}")))
+}
+
 /// `rand(0, min(cap, base·2ⁿ))`.
 fn jitter(rng: &mut Rng, attempt: u32) -> Duration {
     let ceiling = RETRY_BASE
@@ -566,6 +610,8 @@ struct Cursor {
 /// One virtual user.
 pub(crate) struct Shopper {
     load: Load,
+    /// The client of the current account's person.
+    http: reqwest::Client,
     user: usize,
     rng: Rng,
     accounts: Vec<AccountRun>,
@@ -598,7 +644,10 @@ impl Shopper {
             }
         }
         let i = self.accounts.len();
+        let source = self.user as u64 * 10_000 + i as u64;
+        self.http = self.load.client_of(source);
         self.accounts.push(AccountRun {
+            source,
             email: format!("shopper-{}-{i}@drill.example", self.user),
             cookie: None,
             ops: Vec::new(),
@@ -809,7 +858,7 @@ impl Shopper {
     /// One HTTP attempt, timed and counted.
     async fn attempt(&mut self, req: &Req, cookie: Option<&str>) -> Result<Answer, String> {
         let started = Instant::now();
-        let answer = self.load.send(req, cookie).await;
+        let answer = self.load.send(&self.http, req, cookie).await;
         let class = match &answer {
             Ok(a) if a.status < 400 => Class::Ok,
             Ok(a) if a.status < 500 => Class::ClientError,

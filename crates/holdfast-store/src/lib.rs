@@ -21,6 +21,7 @@
 mod accounts;
 mod idempotency;
 mod jobs;
+mod limits;
 mod migrate;
 pub mod testing;
 mod tx;
@@ -29,6 +30,7 @@ pub use accounts::SessionCreate;
 pub use holdfast_core::Backend;
 pub use idempotency::{ClaimOutcome, IdemClaim, IdemLock, StoredResponse};
 pub use jobs::{DeadJob, JobFence, JobInsert, JobRow, LedgerEntry, QueueCount, NOTIFY_CHANNEL};
+pub use limits::{Quota, Refused};
 pub use migrate::{Migration, Schema};
 pub use tx::{Rerun, ScopedFutureExt, Tx, TxBody, TxError};
 

@@ -89,6 +89,7 @@ pub(crate) static SCHEMA: Schema = Schema {
         store_file!(2, "0002_jobs.sql").replacing_legacy(2),
         store_file!(3, "0003_sessions.sql").replacing_legacy(3),
         store_file!(4, "0004_job_claims.sql"),
+        store_file!(5, "0005_rate_limits.sql"),
     ],
 };
 

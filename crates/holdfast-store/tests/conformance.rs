@@ -19,12 +19,12 @@
 //! with a note, except under `CI=true`, where they fail.
 
 use futures::future::join_all;
-use holdfast_core::{Email, IdempotencyKey, RequestFingerprint, SessionId, UserId};
+use holdfast_core::{DeviceToken, Email, IdempotencyKey, RequestFingerprint, SessionId, UserId};
 use holdfast_store::{
     Backend,
     ClaimOutcome::{self, InFlight, Mismatch, Replay},
-    Error, IdemClaim, IdemLock, JobFence, JobInsert, JobRow, Rerun, ScopedFutureExt, SessionCreate,
-    SessionRecord, Store, StoreOptions, StoredResponse, TxError,
+    Error, IdemClaim, IdemLock, JobFence, JobInsert, JobRow, Quota, Refused, Rerun,
+    ScopedFutureExt, SessionCreate, SessionRecord, Store, StoreOptions, StoredResponse, TxError,
 };
 use holdfast_testkit::db::race_one_key;
 use sqlx::{Connection, Executor, Row};
@@ -60,6 +60,9 @@ holdfast_testkit::conformance! {
     opened "current_thread" fences_are_unique_forever,
     url   "multi_thread"   concurrent_claimers_never_share_a_job,
     opened "current_thread" ledger_settles_once,
+    opened "current_thread" rate_quota_bursts_then_refills,
+    url   "multi_thread"   rate_quota_holds_across_racing_instances,
+    opened "current_thread" known_devices,
 }
 
 async fn open(url: &str) -> Store {
@@ -87,7 +90,7 @@ const T0: i64 = 1_700_000_000_000;
 const LOCK: Duration = Duration::from_secs(30);
 const HOUR: Duration = Duration::from_secs(3600);
 /// How many migrations a fresh database records (the store's own schema).
-const MIGRATIONS: i64 = 4;
+const MIGRATIONS: i64 = 5;
 /// The queue the idempotent effects of these cases enqueue on.
 const EFFECTS: &str = "effects";
 
@@ -1234,4 +1237,95 @@ async fn ledger_settles_once(store: Store) {
         count(&store.job_counts().await.unwrap(), "followup", "available"),
         1
     );
+}
+
+// ---- rate limits and known devices --------------------------------------------------------
+
+const SECOND: Duration = Duration::from_secs(1);
+
+/// A quota of 3 then one a second: three pass at once, the fourth is refused with the wait
+/// until the next unit; after that wait exactly one more passes. A refused request charges
+/// nothing, to its own key or to the keys after it; keys are independent.
+async fn rate_quota_bursts_then_refills(store: Store) {
+    let q = Quota::new(3, SECOND);
+    for i in 0..3 {
+        assert_eq!(
+            store.rate_take(&[("a", q)], T0).await.unwrap(),
+            None,
+            "take {i}"
+        );
+    }
+    let refused = store
+        .rate_take(&[("a", q), ("b", q)], T0 + 100)
+        .await
+        .unwrap();
+    assert_eq!(
+        refused,
+        Some(Refused {
+            index: 0,
+            retry_after: Duration::from_millis(900)
+        })
+    );
+    // "b" was not charged for the refused request: its three are all there.
+    for i in 0..3 {
+        assert_eq!(
+            store.rate_take(&[("b", q)], T0).await.unwrap(),
+            None,
+            "b take {i}"
+        );
+    }
+    assert!(store.rate_take(&[("b", q)], T0).await.unwrap().is_some());
+    assert_eq!(store.rate_take(&[("a", q)], T0 + 1000).await.unwrap(), None);
+    assert!(store
+        .rate_take(&[("a", q)], T0 + 1000)
+        .await
+        .unwrap()
+        .is_some());
+    // A later key refusing reports its own index.
+    let refused = store
+        .rate_take(&[("c", q), ("a", q)], T0 + 1000)
+        .await
+        .unwrap();
+    assert_eq!(refused.map(|r| r.index), Some(1));
+    // Idle long enough, a key is whole again, and the reaper may drop its cell.
+    assert_eq!(store.rate_reap(T0 + 10_000).await.unwrap(), 3);
+    for i in 0..3 {
+        assert_eq!(
+            store.rate_take(&[("a", q)], T0 + 10_000).await.unwrap(),
+            None,
+            "again {i}"
+        );
+    }
+}
+
+/// Twenty takes from separate pools (instances) at one instant on a quota of five: exactly
+/// five pass.
+async fn rate_quota_holds_across_racing_instances(url: String) {
+    let first = open(&url).await;
+    let mut stores = vec![first];
+    for _ in 0..3 {
+        stores.push(open(&url).await);
+    }
+    let q = Quota::new(5, Duration::from_secs(60));
+    let takes = (0..20).map(|i| {
+        let store = stores[i % stores.len()].clone();
+        async move { store.rate_take(&[("shared", q)], T0).await.unwrap() }
+    });
+    let passed = join_all(takes).await.iter().filter(|r| r.is_none()).count();
+    assert_eq!(passed, 5);
+}
+
+async fn known_devices(store: Store) {
+    let (mine, stranger) = (DeviceToken::generate(), DeviceToken::generate());
+    store.device_remember(&mine, "u1", T0).await.unwrap();
+    // Remembering twice is harmless and does not move the owner.
+    store.device_remember(&mine, "u2", T0).await.unwrap();
+    assert_eq!(
+        store.device_owner(&mine).await.unwrap().as_deref(),
+        Some("u1")
+    );
+    assert_eq!(store.device_owner(&stranger).await.unwrap(), None);
+    assert_eq!(store.device_reap(T0).await.unwrap(), 0);
+    assert_eq!(store.device_reap(T0 + 1).await.unwrap(), 1);
+    assert_eq!(store.device_owner(&mine).await.unwrap(), None);
 }

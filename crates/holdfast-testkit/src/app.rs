@@ -50,10 +50,13 @@ impl Reply {
     }
 }
 
-/// Web options for plain-HTTP tests: cookies without `Secure`.
+/// Web options for plain-HTTP tests: cookies without `Secure`, and rate limits no test
+/// reaches (in-process requests all come from one unknown address). The rate-limit tests set
+/// their own quotas.
 pub fn local() -> WebOptions {
     WebOptions {
         secure_cookies: false,
+        rate_limits: holdfast_web::RateLimits::generous(),
         ..WebOptions::default()
     }
 }
@@ -101,7 +104,10 @@ impl TestApp {
             .await
             .expect("bind port 0");
         let addr = listener.local_addr().expect("local addr");
-        let app = self.router.clone();
+        let app = self
+            .router
+            .clone()
+            .into_make_service_with_connect_info::<SocketAddr>();
         tokio::spawn(async move { axum::serve(listener, app).await });
         addr
     }

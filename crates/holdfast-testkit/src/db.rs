@@ -229,7 +229,8 @@ macro_rules! conformance {
 
 /// Turns the database at `url` (made by this build, closed) back into the layout of a database
 /// made before schemas were split by owner: one list of applied versions, 1 to 3, in
-/// `holdfast_migrations`, and no job `claim` column (the migration that came after).
+/// `holdfast_migrations`, and none of what the migrations after them made (the job `claim`
+/// column, the rate-limit and known-device tables).
 pub async fn rewind_to_legacy_layout(url: &str) {
     use sqlx::{Connection, Executor};
     sqlx::any::install_default_drivers();
@@ -239,6 +240,8 @@ pub async fn rewind_to_legacy_layout(url: &str) {
     for sql in [
         "DROP TABLE holdfast_schema_migrations",
         "ALTER TABLE jobs DROP COLUMN claim",
+        "DROP TABLE rate_limits",
+        "DROP TABLE known_devices",
         "CREATE TABLE holdfast_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
         "INSERT INTO holdfast_migrations VALUES (1, 'shop', 1), (2, 'jobs', 2), (3, 'sessions', 3)",
     ] {

@@ -69,9 +69,14 @@ pub struct Answer {
 }
 
 impl Shopper {
-    /// Signs up (or finds the account exists) and logs in, retrying through faults.
+    /// Signs up (or finds the account exists) and logs in, retrying through faults. Each
+    /// shopper connects from a loopback address of its own, as users come from addresses of
+    /// their own: per-address rate limits see many users.
     pub async fn new(base: &str, email: &str) -> Shopper {
+        static SHOPPERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SHOPPERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let http = reqwest::Client::builder()
+            .local_address(holdfast_core::loopback_source(n))
             .cookie_store(true)
             .timeout(Duration::from_secs(5))
             .build()

@@ -22,6 +22,7 @@ mod accounts;
 mod body;
 mod error;
 mod idempotency;
+mod limits;
 mod passwords;
 mod session;
 
@@ -30,7 +31,9 @@ pub use body::{
 };
 pub use error::{AppError, AppResult, PROBLEM_JSON};
 pub use holdfast_sessions::{KeyRing, SessionTier, Sessions};
+pub use holdfast_store::Quota;
 pub use idempotency::{json_response, respond, Idempotent, Optional, Required};
+pub use limits::{loopback, ClientAddr, RateLimits};
 pub use metrics_exporter_prometheus::PrometheusHandle;
 pub use passwords::PasswordPool;
 pub use session::{cookie_name, Authed};
@@ -77,6 +80,12 @@ pub struct WebOptions {
     pub hash_queue: usize,
     /// Requests in flight at once; past this a request gets 503 with `Retry-After` at once.
     pub max_in_flight: usize,
+    /// The accounts routes' quotas, shared by every instance through the store.
+    pub rate_limits: RateLimits,
+    /// Peers whose `X-Forwarded-For` names the client (see [`ClientAddr`]).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// How long a browser that logged in stays a known device of the account.
+    pub known_device_ttl: Duration,
 }
 
 /// The body limit of the accounts routes: an email and two passwords fit many times over.
@@ -96,6 +105,9 @@ impl Default for WebOptions {
             hash_concurrency: std::thread::available_parallelism().map_or(1, usize::from),
             hash_queue: 32,
             max_in_flight: 512,
+            rate_limits: RateLimits::default(),
+            trusted_proxies: limits::loopback(),
+            known_device_ttl: Duration::from_secs(365 * 24 * 3600),
         }
     }
 }
@@ -320,8 +332,12 @@ async fn render_metrics(State(st): State<AppState>) -> Response {
     resp
 }
 
-/// Deletes expired sessions and idempotency keys every `every`, forever. Spawn it per instance;
-/// several instances reaping at once is harmless.
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Deletes expired sessions, idempotency keys, rate-limit cells and known devices every
+/// `every`, forever. Spawn it per instance; several instances reaping at once is harmless.
 pub async fn reap_forever(state: AppState, every: Duration) {
     let mut tick = tokio::time::interval(every);
     loop {
@@ -330,10 +346,17 @@ pub async fn reap_forever(state: AppState, every: Duration) {
         let reaped = async {
             let sessions = state.store.session_reap(now, o.session_idle_ttl).await?;
             let keys = state.store.idem_reap(now, o.idempotency_retention).await?;
-            Ok::<_, holdfast_store::Error>((sessions, keys))
+            let limits = state.store.rate_reap(now).await?;
+            let devices = state
+                .store
+                .device_reap(now.saturating_sub(millis(o.known_device_ttl)))
+                .await?;
+            Ok::<_, holdfast_store::Error>((sessions, keys, limits, devices))
         };
         match reaped.await {
-            Ok((sessions, keys)) if sessions + keys > 0 => tracing::info!(sessions, keys, "reaped"),
+            Ok((sessions, keys, limits, devices)) if sessions + keys + limits + devices > 0 => {
+                tracing::info!(sessions, keys, limits, devices, "reaped")
+            }
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "reaper failed; will try again"),
         }

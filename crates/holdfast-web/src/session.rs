@@ -32,7 +32,11 @@ const MAX_TOKEN: usize = 1024;
 /// The session token from the request's cookies, if there is one. Whether it names a live
 /// session is for the tier to say; a tampered or garbage value is simply no session.
 pub fn token_from_headers(headers: &HeaderMap, secure: bool) -> Option<&str> {
-    let name = cookie_name(secure);
+    cookie_value(headers, cookie_name(secure))
+}
+
+/// The value of the cookie `name`, if the request has one of a plausible length.
+pub(crate) fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
     headers
         .get_all(header::COOKIE)
         .iter()

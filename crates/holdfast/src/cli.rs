@@ -188,6 +188,10 @@ pub struct InstanceArgs {
     /// After SIGTERM, how long to keep serving with /readyz at 503 so balancers notice.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub drain_delay: Duration,
+    /// A proxy whose `X-Forwarded-For` names the client, for per-address rate limits
+    /// (repeatable; unset: loopback, where `up`'s balancer runs).
+    #[arg(long = "trusted-proxy", value_name = "IP")]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
     /// Expose `/bench/*` routes, for `holdfast bench` only.
     #[arg(long, hide = true)]
     pub bench_routes: bool,
@@ -248,6 +252,9 @@ impl InstanceArgs {
             if let Some(d) = value {
                 args.extend([flag.into(), format!("{}ms", d.as_millis()).into()]);
             }
+        }
+        for ip in &self.trusted_proxies {
+            args.extend(["--trusted-proxy".into(), ip.to_string().into()]);
         }
         if self.bench_routes {
             args.push("--bench-routes".into());

@@ -154,6 +154,11 @@ pub fn web_options(args: &InstanceArgs, secure_cookies: bool) -> anyhow::Result<
         idempotency_lock_ttl: args.idempotency_lock_ttl.unwrap_or(d.idempotency_lock_ttl),
         request_timeout: args.request_timeout.unwrap_or(d.request_timeout),
         secure_cookies,
+        trusted_proxies: if args.trusted_proxies.is_empty() {
+            d.trusted_proxies.clone()
+        } else {
+            args.trusted_proxies.clone()
+        },
         ..d
     };
     ensure!(

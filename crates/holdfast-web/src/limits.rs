@@ -1,0 +1,210 @@
+//! Rate limits on the accounts routes, kept in the store so that every instance counts
+//! against the same quotas and an instance's death forgives nothing.
+//!
+//! Who is asking is [`ClientAddr`]: the peer's address, or, when the peer is a trusted proxy
+//! (our balancer on loopback), the address that proxy appended to `X-Forwarded-For`.
+//!
+//! Login is limited twice: per client address, and per account — unless the browser holds a
+//! known-device cookie for that account (it got one at an earlier successful login), in which
+//! case it logs in on a quota of its own. So someone guessing a victim's password from many
+//! addresses exhausts the account's shared quota and locks out only browsers the account has
+//! never used; the owner's own devices keep logging in. Signup is limited hard per address,
+//! which is how signup's "this email is taken" answer is kept from becoming an address book.
+//! Every refusal is a 429 problem with `Retry-After`, counted in
+//! `holdfast_rate_limited_total{limit}` and logged (target `security`, at most once a second,
+//! with how many were not logged) without emails or passwords.
+
+use crate::error::AppError;
+use crate::AppState;
+use axum::extract::{ConnectInfo, FromRef, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use holdfast_store::{Quota, Store};
+use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// The quotas of the accounts routes.
+#[derive(Debug, Clone)]
+pub struct RateLimits {
+    /// Login attempts from one client address.
+    pub login_per_address: Quota,
+    /// Login attempts at one account from browsers not known to it.
+    pub login_per_account: Quota,
+    /// Login attempts at one account from one browser known to it.
+    pub login_per_device: Quota,
+    /// Signups from one client address.
+    pub signup_per_address: Quota,
+    /// Password changes (current-password guesses) by one signed-in user.
+    pub password_change_per_user: Quota,
+}
+
+impl Default for RateLimits {
+    fn default() -> Self {
+        let minute = Duration::from_secs(60);
+        Self {
+            login_per_address: Quota::new(30, Duration::from_secs(2)),
+            login_per_account: Quota::new(10, minute),
+            login_per_device: Quota::new(10, minute),
+            signup_per_address: Quota::new(10, minute),
+            password_change_per_user: Quota::new(5, minute),
+        }
+    }
+}
+
+impl RateLimits {
+    /// Quotas no test or benchmark from one address reaches.
+    pub fn generous() -> Self {
+        let q = Quota::new(1_000_000, Duration::from_millis(1));
+        Self {
+            login_per_address: q,
+            login_per_account: q,
+            login_per_device: q,
+            signup_per_address: q,
+            password_change_per_user: q,
+        }
+    }
+}
+
+/// The address a request comes from (see the module docs). Unknown (no connection info, as
+/// when a router is called in-process) is the unspecified address, one shared quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
+impl std::fmt::Display for ClientAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl ClientAddr {
+    /// `peer` itself, or the last `X-Forwarded-For` entry when `peer` is one of `trusted`.
+    pub fn resolve(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpAddr]) -> Self {
+        if !trusted.contains(&peer) {
+            return Self(peer);
+        }
+        let last = forwarded_for
+            .and_then(|v| v.rsplit(',').next())
+            .and_then(|s| s.trim().parse::<IpAddr>().ok());
+        Self(last.unwrap_or(peer))
+    }
+}
+
+impl<S> FromRequestParts<S> for ClientAddr
+where
+    S: Send + Sync,
+    AppState: FromRef<S>,
+{
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Infallible> {
+        let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<SocketAddr>>() else {
+            return Ok(Self(IpAddr::V4(Ipv4Addr::UNSPECIFIED)));
+        };
+        // One header line: a proxy that appends joins the chain into one.
+        let forwarded = parts
+            .headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        let st = AppState::from_ref(state);
+        Ok(Self::resolve(
+            canonical(peer.ip()),
+            forwarded,
+            &st.options().trusted_proxies,
+        ))
+    }
+}
+
+/// An IPv4 peer seen on a dual-stack socket (`::ffff:a.b.c.d`) as the IPv4 address it is.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The loopback addresses: a balancer on the same host.
+pub fn loopback() -> Vec<IpAddr> {
+    vec![
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(Ipv6Addr::LOCALHOST),
+    ]
+}
+
+/// One limited key: its name in metrics and logs, the key, its quota.
+pub(crate) struct Limit {
+    pub name: &'static str,
+    pub key: String,
+    pub quota: Quota,
+}
+
+/// Takes one unit from each limit (in order; see [`Store::rate_take`]); the first without
+/// one refuses the request with a 429.
+pub(crate) async fn take(
+    store: &Store,
+    limits: &[Limit],
+    client: ClientAddr,
+) -> Result<(), AppError> {
+    let keys: Vec<(&str, Quota)> = limits.iter().map(|l| (l.key.as_str(), l.quota)).collect();
+    let Some(refused) = store.rate_take(&keys, holdfast_core::now_ms()).await? else {
+        return Ok(());
+    };
+    let name = limits[refused.index].name;
+    metrics::counter!("holdfast_rate_limited_total", "limit" => name).increment(1);
+    security_event_sampled(name, client);
+    let secs = refused.retry_after.as_millis().div_ceil(1000).max(1);
+    Err(AppError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate-limited",
+        format!("too many attempts; retry in {secs} s"),
+    )
+    .retry_after(u32::try_from(secs).unwrap_or(u32::MAX)))
+}
+
+/// Logs a refusal, at most once a second per process, with how many went unlogged since.
+fn security_event_sampled(limit: &'static str, client: ClientAddr) {
+    static LAST: AtomicI64 = AtomicI64::new(0);
+    static UNLOGGED: AtomicU64 = AtomicU64::new(0);
+    let now = holdfast_core::now_ms();
+    let last = LAST.load(Ordering::Relaxed);
+    if now - last >= 1000
+        && LAST
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+    {
+        let unlogged = UNLOGGED.swap(0, Ordering::Relaxed);
+        tracing::warn!(target: "security", event = "rate-limited", limit, %client, unlogged, "request refused by a rate limit");
+    } else {
+        UNLOGGED.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_trusted_proxy_names_the_client_and_nobody_else_can() {
+        let proxy: IpAddr = "127.0.0.1".parse().unwrap();
+        let client: IpAddr = "203.0.113.7".parse().unwrap();
+        let trusted = loopback();
+        // Our balancer appends the peer it saw; whatever the client claimed comes before.
+        let via_proxy = ClientAddr::resolve(proxy, Some("10.9.9.9, 203.0.113.7"), &trusted);
+        assert_eq!(via_proxy, ClientAddr(client));
+        // A client talking to the instance directly cannot choose its address.
+        let direct = ClientAddr::resolve(client, Some("10.9.9.9"), &trusted);
+        assert_eq!(direct, ClientAddr(client));
+        // A garbled header from the proxy falls back to the proxy itself.
+        assert_eq!(
+            ClientAddr::resolve(proxy, Some("nonsense"), &trusted),
+            ClientAddr(proxy)
+        );
+        assert_eq!(
+            ClientAddr::resolve(proxy, None, &trusted),
+            ClientAddr(proxy)
+        );
+        let mapped: IpAddr = "::ffff:203.0.113.7".parse().unwrap();
+        assert_eq!(canonical(mapped), client);
+    }
+}
