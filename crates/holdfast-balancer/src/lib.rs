@@ -45,6 +45,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
+use holdfast_http::ParseErrorsAsProblems;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -351,7 +352,9 @@ impl Balancer {
                 let balancer = balancer.clone();
                 async move { Ok::<_, Infallible>(balancer.handle(req, peer).await) }
             });
-            let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
+            // hyper's own answers to unparsable requests (400, 414, 431) become problems too.
+            let io = TokioIo::new(ParseErrorsAsProblems::new(stream));
+            let connection = graceful.watch(http.serve_connection(io, service));
             connections.spawn(async move {
                 let _slot = slot;
                 if let Err(error) = connection.await {
@@ -412,7 +415,7 @@ impl Balancer {
             });
             connections.spawn(async move {
                 let _ = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
+                    .serve_connection(TokioIo::new(ParseErrorsAsProblems::new(stream)), service)
                     .await;
             });
         }

@@ -799,3 +799,11 @@ async fn slow_clients_are_cut_off_and_cannot_take_every_connection() {
     assert!(served.ends_with("a got 0 bytes"), "{served}");
     drop(idle);
 }
+
+#[tokio::test]
+async fn unparsable_requests_get_problems_not_empty_bodies() {
+    let (a, app) = App::named("a").spawn().await;
+    let lb = start(steady(), vec![a]).await;
+    holdfast_testkit::process::assert_unparsable_requests_get_problems(lb.addr).await;
+    assert_eq!(app.hits(), 0, "nothing unparsable reaches an instance");
+}

@@ -6,6 +6,11 @@
 //! This crate has no opinion about routing or frameworks; with the `axum` feature a
 //! [`Problem`] is also an axum response.
 
+#[cfg(feature = "io")]
+mod parse_errors;
+#[cfg(feature = "io")]
+pub use parse_errors::ParseErrorsAsProblems;
+
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Response, StatusCode};

@@ -108,6 +108,7 @@ impl TestApp {
             .router
             .clone()
             .into_make_service_with_connect_info::<SocketAddr>();
+        let listener = holdfast_web::public_listener(listener);
         tokio::spawn(async move { axum::serve(listener, app).await });
         addr
     }

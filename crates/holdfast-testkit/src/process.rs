@@ -176,3 +176,39 @@ pub fn runs(program: &Path, pid: u32) -> bool {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe"));
     alive(pid) && exe.ok() == std::fs::canonicalize(program).ok()
 }
+
+/// Sends a server at `addr` what hyper cannot parse — a garbage request line, a 70 kB target,
+/// a 500 kB header — and asserts each answer is a problem+json with the right status (400,
+/// 414, 431) whose body is as long as its `content-length` says.
+pub async fn assert_unparsable_requests_get_problems(addr: std::net::SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let long_target = format!("GET /{} HTTP/1.1\r\nhost: x\r\n\r\n", "a".repeat(70_000));
+    let huge_header = format!(
+        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "a".repeat(500_000)
+    );
+    for (request, status) in [
+        ("GARBAGE\r\n\r\n".to_owned(), 400),
+        (long_target, 414),
+        (huge_header, 431),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // The server may answer and close before reading everything.
+        let _ = stream.write_all(request.as_bytes()).await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{head}");
+        assert!(
+            head.contains("content-type: application/problem+json"),
+            "{head}"
+        );
+        assert!(
+            head.contains(&format!("content-length: {}", body.len())),
+            "{head}"
+        );
+        let problem: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        assert_eq!(problem["status"], status, "{body}");
+    }
+}

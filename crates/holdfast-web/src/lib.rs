@@ -336,6 +336,50 @@ fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// The accepted connections of [`public_listener`].
+pub struct PublicListener(tokio::net::TcpListener);
+
+/// What [`public_listener`] gives `axum::serve`: a [`PublicListener`], tapped so that
+/// `ConnectInfo<SocketAddr>` (the rate limits' peer address) works as for a bare TCP listener.
+pub type Public = axum::serve::TapIo<
+    PublicListener,
+    fn(&mut holdfast_http::ParseErrorsAsProblems<tokio::net::TcpStream>),
+>;
+
+/// A listener for the public port: hyper's own answers to unparsable requests (400, 414,
+/// 431) come out as problem+json, and Nagle is off. Serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()`.
+pub fn public_listener(listener: tokio::net::TcpListener) -> Public {
+    use axum::serve::ListenerExt;
+    PublicListener(listener).tap_io(|_| {})
+}
+
+impl axum::serve::Listener for PublicListener {
+    type Io = holdfast_http::ParseErrorsAsProblems<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            match self.0.accept().await {
+                Ok((stream, addr)) => {
+                    // Only a latency tweak; the connection works without it.
+                    let _ = stream.set_nodelay(true);
+                    return (holdfast_http::ParseErrorsAsProblems::new(stream), addr);
+                }
+                Err(error) => {
+                    // Usually out of file descriptors: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.0.local_addr()
+    }
+}
+
 /// Deletes expired sessions, idempotency keys, rate-limit cells and known devices every
 /// `every`, forever. Spawn it per instance; several instances reaping at once is harmless.
 pub async fn reap_forever(state: AppState, every: Duration) {

@@ -404,3 +404,16 @@ async fn past_the_in_flight_cap_a_request_is_refused_at_once() {
         .await;
     assert_eq!(served.status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn unparsable_requests_get_problems_not_empty_bodies() {
+    let notes = notes_service().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = notes
+        .router
+        .clone()
+        .into_make_service_with_connect_info::<std::net::SocketAddr>();
+    tokio::spawn(async move { axum::serve(holdfast_web::public_listener(listener), app).await });
+    holdfast_testkit::process::assert_unparsable_requests_get_problems(addr).await;
+}

@@ -80,7 +80,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let sessions = state.sessions().clone();
     let app = holdfast_shop::app(Shop::new(state, shop_opts))
         .into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(drain);
+    let server =
+        axum::serve(holdfast_web::public_listener(listener), app).with_graceful_shutdown(drain);
     let grace_over = async {
         match stopping_rx.await {
             Ok(()) => sleep(grace).await,
