@@ -58,6 +58,13 @@ pub enum FaultKind {
     /// phases: the new key added verify-only, then made current (the old one verify-only).
     /// `--sessions cookie` only.
     RotateKeys,
+    /// Abuse: 64 connections from 16 addresses posting wrong passwords as fast as answers
+    /// come (see `abuse.rs`).
+    LoginFlood,
+    /// Abuse: 600 connections that send 2 of a declared 100 body bytes and then nothing.
+    SlowClients,
+    /// Abuse: a web instance SIGSTOPped for 8–10 s.
+    FreezeInstance,
 }
 
 impl FaultKind {
@@ -75,6 +82,17 @@ impl FaultKind {
         FaultKind::RotateKeys,
     ];
 
+    /// What `--faults abuse` means.
+    pub const ABUSE: [FaultKind; 3] = [
+        FaultKind::LoginFlood,
+        FaultKind::SlowClients,
+        FaultKind::FreezeInstance,
+    ];
+
+    pub fn is_abuse(self) -> bool {
+        Self::ABUSE.contains(&self)
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             FaultKind::KillInstance => "kill-instance",
@@ -88,6 +106,9 @@ impl FaultKind {
             FaultKind::RestartRedis => "restart-redis",
             FaultKind::FlushCache => "flush-cache",
             FaultKind::RotateKeys => "rotate-keys",
+            FaultKind::LoginFlood => "login-flood",
+            FaultKind::SlowClients => "slow-clients",
+            FaultKind::FreezeInstance => "freeze-instance",
         }
     }
 
@@ -125,6 +146,10 @@ impl FaultKind {
             FaultKind::SlowDb => (3000, 5000),
             FaultKind::CutDb => (2000, 3000),
             FaultKind::ProviderTimeouts => (4000, 7000),
+            FaultKind::LoginFlood => (10_000, 15_000),
+            // Longer than the balancer's 10 s body timeout, so slow clients are cut off.
+            FaultKind::SlowClients => (12_000, 15_000),
+            FaultKind::FreezeInstance => (8000, 10_000),
             FaultKind::KillInstance
             | FaultKind::DrainInstance
             | FaultKind::KillWorker
@@ -142,7 +167,8 @@ impl fmt::Display for FaultKind {
     }
 }
 
-/// The faults a drill may inject: `all`, `none`, or a comma-separated list of kinds.
+/// The faults a drill may inject: `all` (every kind but the abuse ones), `none`, `abuse`
+/// (the three abuse kinds), or a comma-separated list of kinds and `abuse`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct FaultSet(pub Vec<FaultKind>);
 
@@ -163,13 +189,31 @@ impl FromStr for FaultSet {
         }
         let mut kinds = Vec::new();
         for name in s.split(',').map(str::trim) {
+            let group: &[FaultKind] = match name {
+                "abuse" => &FaultKind::ABUSE,
+                "all" => &FaultKind::ALL,
+                _ => &[],
+            };
+            if !group.is_empty() {
+                for &kind in group {
+                    if !kinds.contains(&kind) {
+                        kinds.push(kind);
+                    }
+                }
+                continue;
+            }
             let kind = FaultKind::ALL
                 .into_iter()
+                .chain(FaultKind::ABUSE)
                 .find(|k| k.name() == name)
                 .ok_or_else(|| {
-                    let known: Vec<&str> = FaultKind::ALL.iter().map(|k| k.name()).collect();
+                    let known: Vec<&str> = FaultKind::ALL
+                        .iter()
+                        .chain(&FaultKind::ABUSE)
+                        .map(|k| k.name())
+                        .collect();
                     format!(
-                        "unknown fault {name:?}; use all, none or a list of: {}",
+                        "unknown fault {name:?}; use all, none, abuse or a list of: {}",
                         known.join(", ")
                     )
                 })?;
@@ -469,11 +513,17 @@ async fn apply(p: &Planned, ctl: &Control) -> Result<String, String> {
         FaultKind::KillInstance => ctl.signal_one("web", p.pick, Signal::SIGKILL),
         FaultKind::DrainInstance => ctl.signal_one("web", p.pick, Signal::SIGTERM),
         FaultKind::KillWorker => ctl.signal_one("worker", p.pick, Signal::SIGKILL),
-        FaultKind::PauseInstance => {
+        FaultKind::PauseInstance | FaultKind::FreezeInstance => {
             let (pid, target) = ctl.pause_one(p.pick)?;
             tokio::time::sleep(p.hold).await;
             ctl.resume(pid);
             Ok(target)
+        }
+        FaultKind::LoginFlood => {
+            crate::abuse::login_flood(&ctl.public_url(), p.hold, ctl.observed()).await
+        }
+        FaultKind::SlowClients => {
+            crate::abuse::slow_clients(&ctl.public_url(), p.hold, ctl.observed()).await
         }
         FaultKind::RestartDb => {
             let db = ctl.db().ok_or("no database server in this drill")?;

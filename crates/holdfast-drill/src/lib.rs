@@ -23,6 +23,7 @@
 //!     ─► System::stop ─► checker::check ─► Report
 //! ```
 
+mod abuse;
 pub mod checker;
 pub mod faults;
 pub mod report;
@@ -217,6 +218,13 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         sys.control(),
         clock,
     )));
+    let sampler = {
+        let ctl = sys.control();
+        Task(tokio::spawn(async move {
+            let pids = || ctl.instances("web").into_iter().map(|i| i.pid).collect();
+            ctl.observed().sample_rss(pids).await
+        }))
+    };
     let progress = opts.progress.then(|| {
         let live = live.clone();
         Task(tokio::spawn(users::progress(
@@ -246,6 +254,9 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         Err(e) => return Err(Error::Start(format!("the fault injector crashed: {e}"))),
     };
     let load_s = clock.elapsed().as_secs_f64();
+    drop(sampler);
+    let observed = sys.control();
+    let observed = observed.observed();
     if progress.is_some() {
         drop(progress);
         eprintln!();
@@ -306,6 +317,9 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         verdict,
         notes,
         active_users,
+        flood: observed.flood(),
+        slow_clients: observed.slow(),
+        peak_rss_kb: observed.peak_rss_kb(),
     }))
 }
 

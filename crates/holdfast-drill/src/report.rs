@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::abuse::{Flood, SlowClients};
 use crate::checker::{Counts, Verdict, Violation};
 use crate::faults::{Injected, Skipped};
 use crate::users::{by_second, percentile, Class, Sample};
@@ -57,6 +58,41 @@ pub struct Second {
     pub transport_errors: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+}
+
+/// One web process's peak resident memory (its `VmHWM`) over the load.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PeakRss {
+    pub pid: u32,
+    pub mb: f64,
+}
+
+/// Honest users' requests that completed while some abuse was in force.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Honest {
+    pub requests: u64,
+    pub latency_ms: Latency,
+    pub checkout_latency_ms: Latency,
+    /// 503 answers (overloaded, busy: honest refusals with `Retry-After`).
+    pub busy_503: u64,
+    /// 5xx answers other than 503: failures.
+    pub server_errors_other: u64,
+    pub no_answer: u64,
+    /// Every answer that was not 2xx/3xx or 4xx, and no answer, as a percentage.
+    pub error_rate_pct: f64,
+}
+
+/// What the abuse faults did and what honest users felt meanwhile (`--faults abuse`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Abuse {
+    pub login_flood: Flood,
+    pub slow_clients: SlowClients,
+    /// Honest requests while any abuse was in force.
+    pub honest: Honest,
+    /// Honest requests while an instance was frozen: how many took over a second.
+    pub frozen_requests: u64,
+    pub frozen_over_1s: u64,
+    pub frozen_max_ms: f64,
 }
 
 /// Top-level keys of [`Report::to_json`] that scripts may rely on.
@@ -114,6 +150,14 @@ pub struct Report {
     /// Requests that completed while a fault was in force (or within 2 s after).
     pub latency_under_faults_ms: Latency,
     pub requests_under_faults: u64,
+    /// Every `POST /api/checkout` attempt.
+    pub checkout_latency_ms: Latency,
+    /// Each web process's peak resident memory, and the largest.
+    pub peak_rss: Vec<PeakRss>,
+    pub max_peak_rss_mb: f64,
+    /// Present when the drill injected abuse.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abuse: Option<Abuse>,
     pub faults: Vec<Injected>,
     pub faults_skipped: Vec<Skipped>,
     #[serde(flatten)]
@@ -134,6 +178,66 @@ pub(crate) struct Inputs<'a> {
     pub verdict: Verdict,
     pub notes: Vec<String>,
     pub active_users: usize,
+    pub flood: Flood,
+    pub slow_clients: SlowClients,
+    pub peak_rss_kb: std::collections::BTreeMap<u32, u64>,
+}
+
+/// Whether the sample completed inside one of the applied faults that `which` selects.
+fn during(s: &Sample, injected: &[Injected], which: impl Fn(&Injected) -> bool) -> bool {
+    injected.iter().filter(|f| f.applied && which(f)).any(|f| {
+        let from = (f.at_s * 1000.0) as u64;
+        let to = ((f.at_s + f.hold_s) * 1000.0) as u64;
+        (from..=to).contains(&s.t_ms)
+    })
+}
+
+fn abuse(i: &Inputs<'_>) -> Option<Abuse> {
+    if !i.injected.iter().any(|f| f.applied && f.kind.is_abuse()) {
+        return None;
+    }
+    let honest: Vec<&Sample> = i
+        .samples
+        .iter()
+        .filter(|s| during(s, i.injected, |f| f.kind.is_abuse()))
+        .collect();
+    let n = |p: &dyn Fn(&Sample) -> bool| honest.iter().filter(|s| p(s)).count() as u64;
+    let busy_503 = n(&|s| s.status == 503);
+    let server_errors_other = n(&|s| s.status >= 500 && s.status != 503);
+    let no_answer = n(&|s| s.class == Class::NoAnswer);
+    let frozen: Vec<u64> = i
+        .samples
+        .iter()
+        .filter(|s| {
+            during(s, i.injected, |f| {
+                f.kind == crate::FaultKind::FreezeInstance
+            })
+        })
+        .map(|s| s.latency_us)
+        .collect();
+    Some(Abuse {
+        login_flood: i.flood.clone(),
+        slow_clients: i.slow_clients.clone(),
+        honest: Honest {
+            requests: honest.len() as u64,
+            latency_ms: Latency::of(honest.iter().map(|s| s.latency_us).collect()),
+            checkout_latency_ms: Latency::of(
+                honest
+                    .iter()
+                    .filter(|s| s.checkout)
+                    .map(|s| s.latency_us)
+                    .collect(),
+            ),
+            busy_503,
+            server_errors_other,
+            no_answer,
+            error_rate_pct: 100.0 * (busy_503 + server_errors_other + no_answer) as f64
+                / honest.len().max(1) as f64,
+        },
+        frozen_requests: frozen.len() as u64,
+        frozen_over_1s: frozen.iter().filter(|&&us| us > 1_000_000).count() as u64,
+        frozen_max_ms: frozen.iter().copied().max().unwrap_or(0) as f64 / 1000.0,
+    })
 }
 
 pub(crate) fn build(i: Inputs<'_>) -> Report {
@@ -218,6 +322,23 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         latency_ms: Latency::of(i.samples.iter().map(|s| s.latency_us).collect()),
         requests_under_faults: faulted.len() as u64,
         latency_under_faults_ms: Latency::of(faulted),
+        checkout_latency_ms: Latency::of(
+            i.samples
+                .iter()
+                .filter(|s| s.checkout)
+                .map(|s| s.latency_us)
+                .collect(),
+        ),
+        peak_rss: i
+            .peak_rss_kb
+            .iter()
+            .map(|(&pid, &kb)| PeakRss {
+                pid,
+                mb: round(kb as f64 / 1024.0),
+            })
+            .collect(),
+        max_peak_rss_mb: round(i.peak_rss_kb.values().copied().max().unwrap_or(0) as f64 / 1024.0),
+        abuse: abuse(&i),
         faults: i.injected.to_vec(),
         faults_skipped: i.skipped.to_vec(),
         counts: i.verdict.counts.clone(),
@@ -285,6 +406,48 @@ impl Report {
             "  under faults  p50 {:.1}   p95 {:.1}   p99 {:.1}   max {:.1}   ({} requests)",
             f.p50, f.p95, f.p99, f.max, self.requests_under_faults
         );
+        let c = &self.checkout_latency_ms;
+        let _ = writeln!(
+            s,
+            "  checkout ms   p50 {:.1}   p95 {:.1}   p99 {:.1}   max {:.1}",
+            c.p50, c.p95, c.p99, c.max
+        );
+        let peaks: Vec<String> = self
+            .peak_rss
+            .iter()
+            .map(|p| format!("{} {:.1}", p.pid, p.mb))
+            .collect();
+        let _ = writeln!(
+            s,
+            "  peak RSS MB   max {:.1}   per web pid: {}",
+            self.max_peak_rss_mb,
+            peaks.join(", ")
+        );
+        if let Some(a) = &self.abuse {
+            let h = &a.honest;
+            let _ = writeln!(
+                s,
+                "  under abuse   honest requests {}   p99 {:.1} ms   checkout p99 {:.1} ms   503 {}   other 5xx {}   no answer {}   error rate {:.2}%",
+                h.requests, h.latency_ms.p99, h.checkout_latency_ms.p99, h.busy_503, h.server_errors_other, h.no_answer, h.error_rate_pct
+            );
+            let f = &a.login_flood;
+            let _ = writeln!(
+                s,
+                "  login flood   {} attempts   429 {}   503 {}   401 {}   other {}   no answer {}",
+                f.attempts, f.rate_limited_429, f.busy_503, f.denied_401, f.other, f.no_answer
+            );
+            let sc = &a.slow_clients;
+            let _ = writeln!(
+                s,
+                "  slow clients  {} connections   408 {}   503 {}   closed {}   held {}   probe GETs {} (max {:.0} ms, {} over 1 s, {} failed)",
+                sc.connections, sc.timed_out_408, sc.refused_503, sc.closed, sc.held_to_the_end, sc.probe_gets, sc.probe_max_ms, sc.probe_over_1s, sc.probe_failed
+            );
+            let _ = writeln!(
+                s,
+                "  frozen        {} honest requests while an instance was frozen   max {:.0} ms   {} over 1 s",
+                a.frozen_requests, a.frozen_max_ms, a.frozen_over_1s
+            );
+        }
         let _ = writeln!(
             s,
             "  phases        setup {:.1} s   load {:.1} s   settle {:.1} s",
@@ -674,6 +837,13 @@ mod tests {
             t_ms,
             latency_us: ms * 1000,
             class,
+            status: match class {
+                Class::Ok => 200,
+                Class::ClientError => 400,
+                Class::ServerError => 500,
+                Class::NoAnswer => 0,
+            },
+            checkout: false,
         }
     }
 
@@ -707,6 +877,9 @@ mod tests {
             verdict,
             notes: vec![],
             active_users: 0,
+            flood: Flood::default(),
+            slow_clients: SlowClients::default(),
+            peak_rss_kb: [(4242, 51_200)].into(),
         })
     }
 

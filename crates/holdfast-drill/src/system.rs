@@ -127,6 +127,10 @@ pub(crate) struct Control {
     redis: Option<Arc<RedisServer>>,
     /// `--sessions cookie`: the key file `up` re-reads, and the rings written so far.
     keys: Option<KeyFile>,
+    /// The balancer's public URL, once `up` said it.
+    public_url: Mutex<String>,
+    /// What abusers and the memory sampler saw.
+    observed: crate::abuse::Observed,
 }
 
 impl System {
@@ -184,6 +188,8 @@ impl System {
                 faults: AtomicUsize::new(0),
                 redis,
                 keys,
+                public_url: Mutex::default(),
+                observed: crate::abuse::Observed::default(),
             }),
             up: None,
             dir,
@@ -291,6 +297,7 @@ impl System {
         }
         let provider = provider.unwrap_or_default();
         *lock(&ctl.provider_url) = provider.clone();
+        *lock(&ctl.public_url) = url.clone();
         self.provider_url = provider;
         self.url = url;
         self.ops_url = ops_url;
@@ -410,6 +417,14 @@ impl Control {
         };
         let all: Vec<Instance> = serde_json::from_slice(&json).unwrap_or_default();
         all.into_iter().filter(|i| i.role == role).collect()
+    }
+
+    pub fn public_url(&self) -> String {
+        lock(&self.public_url).clone()
+    }
+
+    pub fn observed(&self) -> &crate::abuse::Observed {
+        &self.observed
     }
 
     pub fn db(&self) -> Option<&Arc<Cluster>> {

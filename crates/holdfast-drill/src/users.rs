@@ -81,6 +81,10 @@ pub(crate) struct Sample {
     pub t_ms: u64,
     pub latency_us: u64,
     pub class: Class,
+    /// The answer's status (0: no answer).
+    pub status: u16,
+    /// A `POST /api/checkout`.
+    pub checkout: bool,
 }
 
 /// Live counters for the progress line.
@@ -869,6 +873,8 @@ impl Shopper {
             t_ms: self.load.clock.ms(),
             latency_us: started.elapsed().as_micros() as u64,
             class,
+            status: answer.as_ref().map_or(0, |a| a.status),
+            checkout: req.path == "/api/checkout",
         };
         self.load.live.record(&sample);
         self.samples.push(sample);

@@ -52,7 +52,7 @@ async fn signup(
         key: format!("signup-address:{client}"),
         quota,
     };
-    limits::take(&st.store, &[limit], client).await?;
+    limits::take(&st, &[limit], client).await?;
     let hash = st.passwords.hash(password).await?;
     let user = st.store.user_create(&email, &hash).await?;
     Ok((
@@ -90,8 +90,10 @@ async fn login(
         key: format!("login-address:{client}"),
         quota: q.login_per_address,
     };
+    // A flood this instance already refuses costs no reads.
+    limits::refused_already(&st, &[&by_address], client)?;
     let (Ok(email), Ok(password)) = (Email::parse(&c.email), Password::parse(&c.password)) else {
-        limits::take(&st.store, &[by_address], client).await?;
+        limits::take(&st, &[by_address], client).await?;
         return Err(denied());
     };
     let creds = st.store.user_credentials(&email).await?;
@@ -118,7 +120,7 @@ async fn login(
             quota: q.login_per_account,
         },
     };
-    limits::take(&st.store, &[by_address, by_account], client).await?;
+    limits::take(&st, &[by_address, by_account], client).await?;
     let stored_hash = creds.as_ref().map(|c| c.password_hash.clone());
     if !st.passwords.verify(password, stored_hash).await? {
         tracing::info!(target: "security", event = "login-failed", %client, known_device, "wrong email or password");
@@ -192,7 +194,7 @@ async fn password(
         key: format!("password-change:{}", user.user_id),
         quota: st.opts.rate_limits.password_change_per_user,
     };
-    limits::take(&st.store, &[limit], client).await?;
+    limits::take(&st, &[limit], client).await?;
     let account = st
         .store
         .user_get(&user.user_id)

@@ -122,6 +122,7 @@ pub struct AppState {
     pub(crate) draining: Arc<AtomicBool>,
     pub(crate) metrics: Option<PrometheusHandle>,
     pub(crate) passwords: PasswordPool,
+    pub(crate) refusals: Arc<limits::Refusals>,
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
@@ -135,6 +136,7 @@ impl AppState {
             sessions: Sessions::new(opts.sessions.clone(), store.clone(), config),
             passwords: PasswordPool::new(opts.hash_concurrency, opts.hash_queue),
             in_flight: Arc::new(tokio::sync::Semaphore::new(opts.max_in_flight)),
+            refusals: Arc::default(),
             store,
             opts: Arc::new(opts),
             draining: Arc::new(AtomicBool::new(false)),

@@ -19,10 +19,12 @@ use crate::AppState;
 use axum::extract::{ConnectInfo, FromRef, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
-use holdfast_store::{Quota, Store};
+use holdfast_store::Quota;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 /// The quotas of the accounts routes.
@@ -139,27 +141,81 @@ pub(crate) struct Limit {
     pub quota: Quota,
 }
 
+/// Refusals this instance has seen, until when they stand. A key refused at `now` with a
+/// wait of `w` stays refused until `now + w` whatever any instance does meanwhile (its cell's
+/// time only moves forward, and the reaper only deletes cells whose time has passed), so an
+/// instance may refuse it again without asking the store: a flood of refused requests costs
+/// no store writes. Bounded: past [`Refusals::CAPACITY`] live entries, new ones are not kept.
+#[derive(Default)]
+pub(crate) struct Refusals(Mutex<HashMap<String, i64>>);
+
+impl Refusals {
+    const CAPACITY: usize = 10_000;
+
+    fn until(&self, key: &str, now: i64) -> Option<i64> {
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(key).copied().filter(|&until| until > now)
+    }
+
+    fn remember(&self, key: &str, until: i64, now: i64) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= Self::CAPACITY {
+            map.retain(|_, &mut t| t > now);
+            if map.len() >= Self::CAPACITY {
+                return;
+            }
+        }
+        map.insert(key.to_owned(), until);
+    }
+}
+
+/// Refuses the request at once if this instance knows one of `limits` is refused now.
+pub(crate) fn refused_already(
+    st: &AppState,
+    limits: &[&Limit],
+    client: ClientAddr,
+) -> Result<(), AppError> {
+    let now = holdfast_core::now_ms();
+    for l in limits {
+        if let Some(until) = st.refusals.until(&l.key, now) {
+            let wait = Duration::from_millis(u64::try_from(until - now).unwrap_or(0));
+            return Err(refused(l.name, client, wait));
+        }
+    }
+    Ok(())
+}
+
 /// Takes one unit from each limit (in order; see [`Store::rate_take`]); the first without
 /// one refuses the request with a 429.
 pub(crate) async fn take(
-    store: &Store,
+    st: &AppState,
     limits: &[Limit],
     client: ClientAddr,
 ) -> Result<(), AppError> {
+    refused_already(st, &limits.iter().collect::<Vec<_>>(), client)?;
     let keys: Vec<(&str, Quota)> = limits.iter().map(|l| (l.key.as_str(), l.quota)).collect();
-    let Some(refused) = store.rate_take(&keys, holdfast_core::now_ms()).await? else {
+    let now = holdfast_core::now_ms();
+    let Some(refusal) = st.store.rate_take(&keys, now).await? else {
         return Ok(());
     };
-    let name = limits[refused.index].name;
+    let limit = &limits[refusal.index];
+    let wait = i64::try_from(refusal.retry_after.as_millis()).unwrap_or(i64::MAX);
+    st.refusals
+        .remember(&limit.key, now.saturating_add(wait), now);
+    Err(refused(limit.name, client, refusal.retry_after))
+}
+
+/// The 429, counted and logged.
+fn refused(name: &'static str, client: ClientAddr, retry_after: Duration) -> AppError {
     metrics::counter!("holdfast_rate_limited_total", "limit" => name).increment(1);
     security_event_sampled(name, client);
-    let secs = refused.retry_after.as_millis().div_ceil(1000).max(1);
-    Err(AppError::new(
+    let secs = retry_after.as_millis().div_ceil(1000).max(1);
+    AppError::new(
         StatusCode::TOO_MANY_REQUESTS,
         "rate-limited",
         format!("too many attempts; retry in {secs} s"),
     )
-    .retry_after(u32::try_from(secs).unwrap_or(u32::MAX)))
+    .retry_after(u32::try_from(secs).unwrap_or(u32::MAX))
 }
 
 /// Logs a refusal, at most once a second per process, with how many went unlogged since.

@@ -116,6 +116,11 @@ async fn one_address_guessing_at_many_accounts_is_refused_and_others_are_not() {
     )
     .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    // The instance remembers the refusal until it lapses: refusing again costs no store
+    // round trip (with the store gone, a refused address still gets its 429, not a 503).
+    db.store.close().await;
+    let again = creds("v1@example.com", "wrong guess!");
+    assert_rate_limited(&from(&app, "198.51.100.1", "/api/login", again, None).await);
 }
 
 #[tokio::test]
