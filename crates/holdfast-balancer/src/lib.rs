@@ -95,7 +95,29 @@ pub struct BalancerOptions {
     /// a request to one of them that carries a key may be re-sent after it may have reached an
     /// instance. (Idempotent methods may always be; other requests only if never sent.)
     pub keyed_routes: Vec<String>,
+    /// Consecutive failed attempts (no answer, or 500/502/504) after which an upstream is
+    /// ejected: tried only when no other upstream can be, for `ejection_time`, however its
+    /// `/readyz` answers. An instance that is ready but failing is an outlier, not a peer.
+    pub eject_after_failures: u32,
+    pub ejection_time: Duration,
+    /// Requests per second one client address may send (`None`: unlimited). A request over
+    /// the rate waits (up to a second) for its turn; past that it waits the second anyway and
+    /// gets 429 with `Retry-After`. Waiting, not refusing at once, is the point: a closed-loop
+    /// flood is slowed to the rate instead of spinning on cheap refusals.
+    pub client_rate: Option<ClientRate>,
 }
+
+/// A per-address request rate: `per_second` sustained, `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientRate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+/// How long a request over its client's rate may wait for its turn.
+const MAX_THROTTLE_WAIT: Duration = Duration::from_secs(1);
+/// Client addresses whose rate is tracked at once before idle ones are forgotten.
+const RATE_TRACKED: usize = 100_000;
 
 impl Default for BalancerOptions {
     fn default() -> Self {
@@ -112,6 +134,12 @@ impl Default for BalancerOptions {
             max_connections: 4096,
             max_connections_per_client: 256,
             keyed_routes: Vec::new(),
+            eject_after_failures: 5,
+            ejection_time: Duration::from_secs(10),
+            client_rate: Some(ClientRate {
+                per_second: 100,
+                burst: 200,
+            }),
         }
     }
 }
@@ -124,6 +152,8 @@ pub struct UpstreamStatus {
     pub healthy: bool,
     /// Its `/healthz` answers in time (false: stopped, hung or gone).
     pub alive: bool,
+    /// Ejected after consecutive failed attempts (see `BalancerOptions::eject_after_failures`).
+    pub ejected: bool,
 }
 
 /// A cheap-to-clone handle to one load balancer.
@@ -140,6 +170,10 @@ struct Inner {
     instances: RwLock<Bytes>,
     retries: AtomicU64,
     connections: Mutex<Connections>,
+    /// Per client address, the theoretical arrival time of its next request (GCRA).
+    rates: Mutex<HashMap<IpAddr, tokio::time::Instant>>,
+    throttled: AtomicU64,
+    rate_limited: AtomicU64,
 }
 
 /// Open client connections, in all and per client address.
@@ -177,6 +211,9 @@ struct Upstream {
     alive: AtomicBool,
     /// Woken when the upstream is found frozen, so attempts in flight to it stop waiting.
     frozen: tokio::sync::Notify,
+    /// Failed attempts in a row.
+    failures: std::sync::atomic::AtomicU32,
+    ejected_until: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Upstream {
@@ -186,6 +223,34 @@ impl Upstream {
             healthy: AtomicBool::new(true),
             alive: AtomicBool::new(true),
             frozen: tokio::sync::Notify::new(),
+            failures: std::sync::atomic::AtomicU32::new(0),
+            ejected_until: Mutex::new(None),
+        }
+    }
+
+    fn is_ejected(&self) -> bool {
+        let until = *self
+            .ejected_until
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        until.is_some_and(|t| tokio::time::Instant::now() < t)
+    }
+
+    /// Records an attempt's outcome; `eject` (after, for how long) ejects an outlier.
+    fn record(&self, ok: bool, eject: (u32, Duration)) {
+        if ok {
+            self.failures.store(0, Ordering::Relaxed);
+            return;
+        }
+        let failures = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
+        if failures >= eject.0.max(1) {
+            self.failures.store(0, Ordering::Relaxed);
+            *self
+                .ejected_until
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) =
+                Some(tokio::time::Instant::now() + eject.1);
+            tracing::warn!(upstream = %self.addr, failures, ejected_for = ?eject.1, "upstream ejected: consecutive failures");
         }
     }
 
@@ -232,6 +297,9 @@ impl Balancer {
                 instances: RwLock::new(Bytes::from_static(b"[]")),
                 retries: AtomicU64::new(0),
                 connections: Mutex::default(),
+                rates: Mutex::default(),
+                throttled: AtomicU64::new(0),
+                rate_limited: AtomicU64::new(0),
             }),
         }
     }
@@ -262,6 +330,7 @@ impl Balancer {
                 addr: u.addr,
                 healthy: u.is_healthy(),
                 alive: u.is_alive(),
+                ejected: u.is_ejected(),
             })
             .collect()
     }
@@ -382,7 +451,57 @@ impl Balancer {
                 "operator endpoints are not served on the public port",
             );
         }
+        if let Some(rate) = self.inner.opts.client_rate {
+            if let Err(retry_after) = self.throttle(peer.ip(), rate).await {
+                let mut resp = problem(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many requests from this address",
+                );
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, http::HeaderValue::from(retry_after));
+                return resp;
+            }
+        }
         self.proxy(req, peer).await
+    }
+
+    /// Waits for `client`'s turn under `rate`; `Err(seconds)` (after waiting the longest a
+    /// request may) when its turn is further away than that.
+    async fn throttle(&self, client: IpAddr, rate: ClientRate) -> Result<(), u64> {
+        let now = tokio::time::Instant::now();
+        let every = Duration::from_secs(1) / rate.per_second.max(1);
+        let tolerance = every * rate.burst.max(1);
+        let wait = {
+            let mut rates = self
+                .inner
+                .rates
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if rates.len() >= RATE_TRACKED {
+                rates.retain(|_, tat| *tat > now);
+            }
+            let tat = rates.get(&client).copied().unwrap_or(now).max(now) + every;
+            let wait = tat.saturating_duration_since(now + tolerance);
+            if wait <= MAX_THROTTLE_WAIT {
+                rates.insert(client, tat);
+                Ok(wait)
+            } else {
+                Err(wait)
+            }
+        };
+        match wait {
+            Ok(wait) if wait.is_zero() => Ok(()),
+            Ok(wait) => {
+                self.inner.throttled.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
+            Err(wait) => {
+                self.inner.rate_limited.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(MAX_THROTTLE_WAIT).await;
+                Err(wait.saturating_sub(MAX_THROTTLE_WAIT).as_secs().max(1))
+            }
+        }
     }
 
     /// Serves the operator endpoints on `listener` until `shutdown` resolves: `GET
@@ -447,6 +566,8 @@ impl Balancer {
                 let stats = serde_json::json!({
                     "retries_total": self.retries_total(),
                     "open_connections": self.open_connections(),
+                    "throttled_total": self.inner.throttled.load(Ordering::Relaxed),
+                    "rate_limited_total": self.inner.rate_limited.load(Ordering::Relaxed),
                 });
                 json_response(stats.to_string().into())
             }
@@ -463,8 +584,8 @@ impl Balancer {
     }
 
     /// The order in which to try upstreams for one request: the healthy ones round-robin, then
-    /// the live but unready ones (their readiness may be stale) as a last resort. Frozen or
-    /// gone ones are not tried at all.
+    /// the live but unready or ejected ones (their state may be stale) as a last resort. Frozen
+    /// or gone ones are not tried at all.
     fn candidates(&self) -> Vec<Arc<Upstream>> {
         let turn = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let (mut healthy, mut rest): (Vec<_>, Vec<_>) = self
@@ -472,7 +593,7 @@ impl Balancer {
             .iter()
             .filter(|u| u.is_alive())
             .cloned()
-            .partition(|u| u.is_healthy());
+            .partition(|u| u.is_healthy() && !u.is_ejected());
         for group in [&mut healthy, &mut rest] {
             if !group.is_empty() {
                 let by = turn % group.len();

@@ -115,8 +115,19 @@ impl Balancer {
             outcome = sent => outcome,
             () = frozen => return Err(Failure::Frozen(addr)),
         };
+        let eject = (
+            self.inner.opts.eject_after_failures,
+            self.inner.opts.ejection_time,
+        );
         match outcome {
             Ok(Ok(resp)) => {
+                let failed = matches!(
+                    resp.status(),
+                    StatusCode::INTERNAL_SERVER_ERROR
+                        | StatusCode::BAD_GATEWAY
+                        | StatusCode::GATEWAY_TIMEOUT
+                );
+                upstream.record(!failed, eject);
                 if retry_503
                     && resp.status() == StatusCode::SERVICE_UNAVAILABLE
                     && self.is_draining(upstream).await
@@ -127,6 +138,7 @@ impl Balancer {
             }
             Ok(Err(error)) => {
                 upstream.set_healthy(false);
+                upstream.record(false, eject);
                 let detail = format!("upstream {addr}: {}", holdfast_core::error_chain(&error));
                 Err(if never_sent(&error) {
                     Failure::NotSent(detail)
@@ -136,6 +148,7 @@ impl Balancer {
             }
             Err(_elapsed) => {
                 upstream.set_healthy(false);
+                upstream.record(false, eject);
                 Err(Failure::TimedOut(addr))
             }
         }

@@ -10,7 +10,7 @@ use axum::body::Body as AxumBody;
 use axum::extract::{Request as AxumRequest, State};
 use axum::response::{IntoResponse, Response as AxumResponse};
 use bytes::Bytes;
-use holdfast_balancer::{Balancer, BalancerOptions, UpstreamStatus};
+use holdfast_balancer::{Balancer, BalancerOptions, ClientRate, UpstreamStatus};
 use http::{HeaderMap, Method, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
@@ -65,6 +65,7 @@ fn steady() -> BalancerOptions {
     BalancerOptions {
         health_interval: Duration::from_millis(100),
         health_timeout: Duration::from_secs(10),
+        client_rate: None,
         ..BalancerOptions::default()
     }
 }
@@ -178,6 +179,8 @@ struct App {
     draining: Arc<AtomicBool>,
     /// Every other route answers 503 too (a draining instance refusing work).
     refusing: Arc<AtomicBool>,
+    /// Every other route answers 500 while `/readyz` says ready (a broken instance).
+    failing: Arc<AtomicBool>,
     slow: Option<(mpsc::UnboundedSender<()>, Arc<Notify>)>,
 }
 
@@ -219,6 +222,9 @@ async fn answer(State(app): State<App>, req: AxumRequest) -> AxumResponse {
     app.hits.fetch_add(1, Ordering::SeqCst);
     if app.refusing.load(Ordering::SeqCst) {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response();
+    }
+    if app.failing.load(Ordering::SeqCst) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, "broken").into_response();
     }
     match req.uri().path() {
         "/cookies" => AxumResponse::builder()
@@ -471,11 +477,13 @@ async fn draining_upstream_gets_no_new_traffic_after_the_next_health_check() {
                 addr: a,
                 healthy: false,
                 alive: true,
+                ejected: false,
             },
             UpstreamStatus {
                 addr: b,
                 healthy: true,
                 alive: true,
+                ejected: false,
             },
         ]
     );
@@ -564,7 +572,7 @@ async fn oversized_body_is_413_and_cookies_and_instances_pass_intact() {
     let reply = lb.ops_get("/ops/upstreams").await;
     assert_eq!(
         reply.json(),
-        serde_json::json!([{ "addr": a.to_string(), "healthy": true, "alive": true }])
+        serde_json::json!([{ "addr": a.to_string(), "healthy": true, "alive": true, "ejected": false }])
     );
 }
 
@@ -806,4 +814,88 @@ async fn unparsable_requests_get_problems_not_empty_bodies() {
     let lb = start(steady(), vec![a]).await;
     holdfast_testkit::process::assert_unparsable_requests_get_problems(lb.addr).await;
     assert_eq!(app.hits(), 0, "nothing unparsable reaches an instance");
+}
+
+#[tokio::test]
+async fn a_ready_upstream_that_keeps_failing_is_ejected_and_comes_back() {
+    let (a, broken) = App::named("a").spawn().await;
+    let (b, _) = App::named("b").spawn().await;
+    broken.failing.store(true, Ordering::SeqCst);
+    let opts = BalancerOptions {
+        eject_after_failures: 3,
+        ejection_time: Duration::from_millis(500),
+        ..steady()
+    };
+    let lb = start(opts, vec![a, b]).await;
+    // Round robin sends every other request to the broken one until it has failed 3 times.
+    let mut failed = 0;
+    for _ in 0..6 {
+        if lb.get("/").await.status == StatusCode::INTERNAL_SERVER_ERROR {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 3);
+    let ejected = |lb: &TestBalancer| {
+        lb.balancer
+            .upstreams()
+            .iter()
+            .any(|u| u.addr == a && u.ejected)
+    };
+    assert!(ejected(&lb), "{:?}", lb.balancer.upstreams());
+    // Its /readyz still says ready, yet nothing goes to it while it is ejected.
+    for _ in 0..10 {
+        assert_eq!(lb.get("/").await.status, StatusCode::OK);
+    }
+    assert_eq!(broken.hits(), 3);
+    // Mended, it gets traffic again once the ejection lapses.
+    broken.failing.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(!ejected(&lb));
+    for _ in 0..4 {
+        assert_eq!(lb.get("/").await.status, StatusCode::OK);
+    }
+    assert!(broken.hits() > 3, "served again");
+}
+
+#[tokio::test]
+async fn a_client_over_its_rate_waits_its_turn_and_past_a_second_gets_429() {
+    let (a, app) = App::named("a").spawn().await;
+    let opts = BalancerOptions {
+        client_rate: Some(ClientRate {
+            per_second: 10,
+            burst: 5,
+        }),
+        ..steady()
+    };
+    let lb = start(opts, vec![a]).await;
+    // Thirty at once from one address: five pass at once, the next ten wait their turn (up
+    // to a second), the rest wait the second and are refused.
+    let started = std::time::Instant::now();
+    let replies = futures::future::join_all((0..30).map(|_| lb.get("/"))).await;
+    let ok = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .count();
+    let refused: Vec<&Reply> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS)
+        .collect();
+    assert_eq!(ok + refused.len(), 30);
+    assert!((15..=17).contains(&ok), "{ok} passed");
+    for r in &refused {
+        assert_eq!(r.headers[http::header::CONTENT_TYPE], "application/problem+json");
+        assert!(r.headers.contains_key(http::header::RETRY_AFTER));
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "refusals are slow"
+    );
+    assert_eq!(
+        app.hits(),
+        ok,
+        "a refused request never reaches an instance"
+    );
+    let stats: serde_json::Value =
+        serde_json::from_slice(&lb.ops_get("/ops/stats").await.body).unwrap();
+    assert_eq!(stats["rate_limited_total"], refused.len());
 }

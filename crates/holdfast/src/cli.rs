@@ -310,6 +310,11 @@ pub struct UpArgs {
     /// 127.0.0.1 only, never on the public port (0 picks a free one).
     #[arg(long, default_value_t = 8081)]
     pub ops_port: u16,
+    /// Requests per second one client address may send through the balancer (bursts of
+    /// twice that); a request over it waits up to a second for its turn, then gets 429.
+    /// 0 turns the limit off.
+    #[arg(long, default_value_t = 100)]
+    pub client_rate: u32,
     /// How many web instances to run behind the balancer.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     pub instances: u16,

@@ -62,6 +62,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .iter()
             .map(|r| (*r).to_owned())
             .collect(),
+        client_rate: (args.client_rate > 0).then(|| holdfast_balancer::ClientRate {
+            per_second: args.client_rate,
+            burst: args.client_rate.saturating_mul(2),
+        }),
         ..BalancerOptions::default()
     });
     let (stop_balancer, balancer_stopped) = oneshot::channel::<()>();
