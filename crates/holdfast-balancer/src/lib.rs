@@ -95,6 +95,10 @@ pub struct BalancerOptions {
     /// a request to one of them that carries a key may be re-sent after it may have reached an
     /// instance. (Idempotent methods may always be; other requests only if never sent.)
     pub keyed_routes: Vec<String>,
+    /// Routes the application declares safe to repeat without a key (doing them twice has
+    /// no effect anyone minds, like a login: the unused session expires): a request to one
+    /// of them may be re-sent after it may have reached an instance.
+    pub repeatable_routes: Vec<String>,
     /// Consecutive failed attempts (no answer, or 500/502/504) after which an upstream is
     /// ejected: tried only when no other upstream can be, for `ejection_time`, however its
     /// `/readyz` answers. An instance that is ready but failing is an outlier, not a peer.
@@ -134,6 +138,7 @@ impl Default for BalancerOptions {
             max_connections: 4096,
             max_connections_per_client: 256,
             keyed_routes: Vec::new(),
+            repeatable_routes: Vec::new(),
             eject_after_failures: 5,
             ejection_time: Duration::from_secs(10),
             client_rate: Some(ClientRate {
@@ -213,6 +218,8 @@ struct Upstream {
     frozen: tokio::sync::Notify,
     /// Failed attempts in a row.
     failures: std::sync::atomic::AtomicU32,
+    /// Since when its liveness probe has gone unanswered.
+    unresponsive_since: Mutex<Option<tokio::time::Instant>>,
     ejected_until: Mutex<Option<tokio::time::Instant>>,
 }
 
@@ -224,6 +231,7 @@ impl Upstream {
             alive: AtomicBool::new(true),
             frozen: tokio::sync::Notify::new(),
             failures: std::sync::atomic::AtomicU32::new(0),
+            unresponsive_since: Mutex::new(None),
             ejected_until: Mutex::new(None),
         }
     }
@@ -261,6 +269,10 @@ impl Upstream {
     fn set_alive(&self, alive: bool) {
         if self.alive.swap(alive, Ordering::Relaxed) != alive {
             tracing::info!(upstream = %self.addr, alive, "upstream liveness changed");
+            *self
+                .unresponsive_since
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = (!alive).then(tokio::time::Instant::now);
         }
         if !alive {
             self.frozen.notify_waiters();
@@ -370,6 +382,22 @@ impl Balancer {
             balancer: self.clone(),
             client,
         })
+    }
+
+    /// The upstreams that have not answered their liveness probe, and for how long: what a
+    /// supervisor needs to kill an instance that is stopped or hung rather than wait for it.
+    pub fn unresponsive(&self) -> Vec<(SocketAddr, Duration)> {
+        let now = tokio::time::Instant::now();
+        self.snapshot()
+            .iter()
+            .filter_map(|u| {
+                let since = *u
+                    .unresponsive_since
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                since.map(|t| (u.addr, now.saturating_duration_since(t)))
+            })
+            .collect()
     }
 
     /// Client connections open now.

@@ -49,6 +49,7 @@ impl Balancer {
             parts.uri.path(),
             &parts.headers,
             &self.inner.opts.keyed_routes,
+            &self.inner.opts.repeatable_routes,
         );
         let headers = forwarded_headers(&parts.headers, peer, body.len());
         let path = parts
@@ -242,12 +243,23 @@ fn unsafe_failure(method: &Method, failure: &Failure) -> Response<Body> {
 
 /// Whether sending the request again can do no harm (see the crate docs): an idempotent
 /// method, or a route the application declared to honour `Idempotency-Key`, called with one.
-fn is_retry_safe(method: &Method, path: &str, headers: &HeaderMap, keyed: &[String]) -> bool {
+fn is_retry_safe(
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+    keyed: &[String],
+    repeatable: &[String],
+) -> bool {
+    let declared = |routes: &[String]| {
+        routes
+            .iter()
+            .any(|route| route_matches(route, method, path))
+    };
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    ) || (headers.contains_key(IDEMPOTENCY_KEY)
-        && keyed.iter().any(|route| route_matches(route, method, path)))
+    ) || (headers.contains_key(IDEMPOTENCY_KEY) && declared(keyed))
+        || declared(repeatable)
 }
 
 /// Whether `route` (`"POST /api/items/{id}"`: a method, then a path whose `{…}` segments match
@@ -403,9 +415,13 @@ mod tests {
             (Method::PATCH, "/api/checkout", &keyed, false),
             // A key on a route that does not honour it is no reason to send twice.
             (Method::POST, "/api/signup", &keyed, false),
+            // A route declared repeatable is, key or not.
+            (Method::POST, "/api/login", &none, true),
+            (Method::POST, "/api/logins", &none, false),
         ] {
+            let repeatable = ["POST /api/login".to_owned()];
             assert_eq!(
-                is_retry_safe(&method, path, headers, &routes),
+                is_retry_safe(&method, path, headers, &routes, &repeatable),
                 safe,
                 "{method} {path} {headers:?}"
             );

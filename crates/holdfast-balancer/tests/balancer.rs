@@ -883,7 +883,10 @@ async fn a_client_over_its_rate_waits_its_turn_and_past_a_second_gets_429() {
     assert_eq!(ok + refused.len(), 30);
     assert!((15..=17).contains(&ok), "{ok} passed");
     for r in &refused {
-        assert_eq!(r.headers[http::header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(
+            r.headers[http::header::CONTENT_TYPE],
+            "application/problem+json"
+        );
         assert!(r.headers.contains_key(http::header::RETRY_AFTER));
     }
     assert!(

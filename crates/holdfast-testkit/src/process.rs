@@ -199,7 +199,10 @@ pub async fn assert_unparsable_requests_get_problems(addr: std::net::SocketAddr)
         let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await;
         let answer = String::from_utf8_lossy(&answer);
         let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "wanted {status}: {head}");
+        assert!(
+            head.starts_with(&format!("HTTP/1.1 {status} ")),
+            "wanted {status}: {head}"
+        );
         assert!(
             head.contains("content-type: application/problem+json"),
             "{head}"

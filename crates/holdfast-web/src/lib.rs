@@ -88,6 +88,11 @@ pub struct WebOptions {
     pub known_device_ttl: Duration,
 }
 
+/// The edge's routes that are safe to repeat without an `Idempotency-Key`, for a balancer
+/// that re-sends a request whose instance froze or died mid-way: a second login only leaves
+/// an unused session to expire, a second logout finds nothing to end.
+pub const REPEATABLE_ROUTES: &[&str] = &["POST /api/login", "POST /api/logout"];
+
 /// The body limit of the accounts routes: an email and two passwords fit many times over.
 pub const ACCOUNT_BODY_LIMIT: usize = 4 * 1024;
 

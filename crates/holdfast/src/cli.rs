@@ -315,6 +315,11 @@ pub struct UpArgs {
     /// 0 turns the limit off.
     #[arg(long, default_value_t = 100)]
     pub client_rate: u32,
+    /// SIGKILL a web instance whose liveness probe has gone unanswered this long (stopped,
+    /// hung); the supervisor starts another. A stopped process keeps its locks — on SQLite,
+    /// the database's write lock — so waiting for it can stall everyone. 0s: never.
+    #[arg(long, value_parser = parse_duration, default_value = "3s")]
+    pub kill_unresponsive_after: Duration,
     /// How many web instances to run behind the balancer.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     pub instances: u16,

@@ -62,6 +62,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .iter()
             .map(|r| (*r).to_owned())
             .collect(),
+        repeatable_routes: holdfast_web::REPEATABLE_ROUTES
+            .iter()
+            .map(|r| (*r).to_owned())
+            .collect(),
         client_rate: (args.client_rate > 0).then(|| holdfast_balancer::ClientRate {
             per_second: args.client_rate,
             burst: args.client_rate.saturating_mul(2),
@@ -165,6 +169,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         start_timeout: Duration::from_secs(30),
         stop_timeout,
     });
+    if !args.kill_unresponsive_after.is_zero() {
+        tokio::spawn(kill_unresponsive(
+            supervisor.handle(),
+            args.kill_unresponsive_after,
+        ));
+    }
     let ready = supervisor.handle().ready();
     let (n, backend) = (args.instances, args.store.backend.name());
     tokio::spawn(async move {
@@ -228,6 +238,7 @@ pub struct Supervisor {
 pub struct Handle {
     live: watch::Receiver<Vec<Instance>>,
     instances: usize,
+    balancer: Balancer,
 }
 
 /// One listening instance, as written to `instances.json`.
@@ -272,6 +283,7 @@ impl Supervisor {
         Handle {
             live: self.shared.live.subscribe(),
             instances: self.shared.opts.groups.iter().map(|g| g.count).sum(),
+            balancer: self.shared.opts.balancer.clone(),
         }
     }
 
@@ -306,6 +318,24 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+}
+
+/// Kills web instances the balancer has found unresponsive for `after`, forever.
+async fn kill_unresponsive(handle: Handle, after: Duration) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        for (addr, unresponsive_for) in handle.balancer.unresponsive() {
+            if unresponsive_for < after {
+                continue;
+            }
+            let live = handle.live.borrow().clone();
+            if let Some(i) = live.iter().find(|i| i.role == "web" && i.addr == addr) {
+                warn!(pid = i.pid, %addr, ?unresponsive_for, "instance unresponsive; killing it");
+                let _ = kill(Pid::from_raw(i.pid as i32), Signal::SIGKILL);
+            }
+        }
     }
 }
 

@@ -68,7 +68,7 @@ async fn ops_instances(ops: &str) -> Vec<Instance> {
 }
 
 #[tokio::test]
-async fn a_killed_instance_is_replaced_while_the_balancer_keeps_serving() {
+async fn a_killed_or_frozen_instance_is_replaced_while_the_balancer_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
     let (mut up, base, ops, before) = start_up(dir.path(), 2).await;
     assert_eq!(ops_instances(&ops).await, before);
@@ -81,37 +81,59 @@ async fn a_killed_instance_is_replaced_while_the_balancer_keeps_serving() {
 
     let victim = before[0].pid;
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
+    let after = replaced(dir.path(), &base, &before, victim).await;
+    for i in &after {
+        up.adopt(i.pid);
+    }
+    assert_eq!(ops_instances(&ops).await, after);
+    let (client, healthz) = (client(), format!("{base}/healthz"));
+    for _ in 0..20 {
+        assert_eq!(status(&client, &healthz).await, Some(200));
+    }
+
+    // A frozen instance (SIGSTOP: a stopped process keeps its locks) is killed and replaced.
+    let frozen = after[1].pid;
+    kill(Pid::from_raw(frozen as i32), Signal::SIGSTOP).unwrap();
+    let started = Instant::now();
+    let fresh = replaced(dir.path(), &base, &after, frozen).await;
+    assert!(!alive(frozen), "the frozen instance was killed");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    for i in &fresh {
+        up.adopt(i.pid);
+    }
+}
+
+/// Waits until `victim` is gone from `instances.json` and a new instance took its place,
+/// asserting that `/healthz` through the balancer answers 200 all along.
+async fn replaced(dir: &Path, base: &str, before: &[Instance], victim: u32) -> Vec<Instance> {
     let old: HashSet<u32> = before.iter().map(|i| i.pid).collect();
     let (client, healthz) = (client(), format!("{base}/healthz"));
     let started = Instant::now();
-    let after = loop {
+    loop {
         assert_eq!(
             status(&client, &healthz).await,
             Some(200),
             "a request through the balancer failed while an instance was down"
         );
-        let replaced = instances(dir.path()).filter(|now| {
-            now.len() == 2
+        let replaced = instances(dir).filter(|now| {
+            now.len() == before.len()
                 && now
                     .iter()
                     .all(|i| i.role == "web" && i.pid != victim && alive(i.pid))
                 && now.iter().any(|i| !old.contains(&i.pid))
         });
         if let Some(now) = replaced {
-            break now;
+            return now;
         }
         assert!(
             started.elapsed() < WITHIN,
             "no replacement for {victim} within {WITHIN:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    for i in &after {
-        up.adopt(i.pid);
-    }
-    assert_eq!(ops_instances(&ops).await, after);
-    for _ in 0..20 {
-        assert_eq!(status(&client, &healthz).await, Some(200));
     }
 }
 
