@@ -67,6 +67,32 @@ pub struct SlowClients {
     pub probe_max_ms: f64,
 }
 
+impl Flood {
+    fn add(&mut self, o: &Flood) {
+        self.attempts += o.attempts;
+        self.rate_limited_429 += o.rate_limited_429;
+        self.busy_503 += o.busy_503;
+        self.denied_401 += o.denied_401;
+        self.other += o.other;
+        self.no_answer += o.no_answer;
+    }
+}
+
+impl SlowClients {
+    fn add(&mut self, o: &SlowClients) {
+        self.connections += o.connections;
+        self.timed_out_408 += o.timed_out_408;
+        self.refused_503 += o.refused_503;
+        self.closed += o.closed;
+        self.held_to_the_end += o.held_to_the_end;
+        self.other += o.other;
+        self.probe_gets += o.probe_gets;
+        self.probe_failed += o.probe_failed;
+        self.probe_over_1s += o.probe_over_1s;
+        self.probe_max_ms = self.probe_max_ms.max(o.probe_max_ms);
+    }
+}
+
 /// Everything abusers and the memory sampler saw, filled in while the load runs.
 #[derive(Default)]
 pub(crate) struct Observed {
@@ -166,24 +192,13 @@ pub(crate) async fn login_flood(
     }
     let mut total = Flood::default();
     while let Some(Ok(f)) = tasks.join_next().await {
-        total.attempts += f.attempts;
-        total.rate_limited_429 += f.rate_limited_429;
-        total.busy_503 += f.busy_503;
-        total.denied_401 += f.denied_401;
-        total.other += f.other;
-        total.no_answer += f.no_answer;
+        total.add(&f);
     }
     let said = format!(
         "login flood from {FLOOD_ADDRESSES} addresses: {} attempts, {} × 429, {} × 503, {} × 401, {} other, {} unanswered",
         total.attempts, total.rate_limited_429, total.busy_503, total.denied_401, total.other, total.no_answer
     );
-    let mut seen = lock(&obs.flood);
-    seen.attempts += total.attempts;
-    seen.rate_limited_429 += total.rate_limited_429;
-    seen.busy_503 += total.busy_503;
-    seen.denied_401 += total.denied_401;
-    seen.other += total.other;
-    seen.no_answer += total.no_answer;
+    lock(&obs.flood).add(&total);
     Ok(said)
 }
 
@@ -211,12 +226,7 @@ pub(crate) async fn slow_clients(
     let mut total = SlowClients::default();
     let (probed, ()) = tokio::join!(probe, async {
         while let Some(Ok(s)) = tasks.join_next().await {
-            total.connections += s.connections;
-            total.timed_out_408 += s.timed_out_408;
-            total.refused_503 += s.refused_503;
-            total.closed += s.closed;
-            total.held_to_the_end += s.held_to_the_end;
-            total.other += s.other;
+            total.add(&s);
         }
     });
     let probed = probed?;
@@ -229,17 +239,7 @@ pub(crate) async fn slow_clients(
         total.connections, total.timed_out_408, total.refused_503, total.closed, total.held_to_the_end,
         total.probe_gets, total.probe_max_ms, total.probe_over_1s, total.probe_failed
     );
-    let mut seen = lock(&obs.slow);
-    seen.connections += total.connections;
-    seen.timed_out_408 += total.timed_out_408;
-    seen.refused_503 += total.refused_503;
-    seen.closed += total.closed;
-    seen.held_to_the_end += total.held_to_the_end;
-    seen.other += total.other;
-    seen.probe_gets += total.probe_gets;
-    seen.probe_failed += total.probe_failed;
-    seen.probe_over_1s += total.probe_over_1s;
-    seen.probe_max_ms = seen.probe_max_ms.max(total.probe_max_ms);
+    lock(&obs.slow).add(&total);
     Ok(said)
 }
 

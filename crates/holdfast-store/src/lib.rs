@@ -157,6 +157,11 @@ pub struct StoreOptions {
     pub acquire_timeout: Duration,
     /// The application's tables, migrated after the store's own, in this order.
     pub schemas: Vec<&'static Schema>,
+    /// Postgres ends a session that sits this long inside a transaction without sending a
+    /// statement (`idle_in_transaction_session_timeout`): a process stopped or partitioned
+    /// mid-transaction releases its row locks after this instead of when it dies, and its late
+    /// commit fails. Our transactions never wait on anything but the database inside.
+    pub idle_in_transaction_timeout: Duration,
 }
 
 impl StoreOptions {
@@ -167,6 +172,7 @@ impl StoreOptions {
             retry: RetryPolicy::default(),
             acquire_timeout: Duration::from_secs(3),
             schemas: Vec::new(),
+            idle_in_transaction_timeout: Duration::from_secs(2),
         }
     }
 
@@ -235,6 +241,7 @@ impl Store {
             _ => opts.url.clone(),
         };
         let connect = AnyConnectOptions::from_str(&url)?;
+        let idle_in_tx_ms = opts.idle_in_transaction_timeout.as_millis().max(1);
         let pool = AnyPoolOptions::new()
             .max_connections(opts.max_connections)
             .acquire_timeout(opts.acquire_timeout)
@@ -250,6 +257,10 @@ impl Store {
                              PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
                         )
                         .await?;
+                    } else {
+                        let set =
+                            format!("SET idle_in_transaction_session_timeout = {idle_in_tx_ms}");
+                        conn.execute(set.as_str()).await?;
                     }
                     Ok(())
                 })

@@ -63,6 +63,7 @@ holdfast_testkit::conformance! {
     opened "current_thread" rate_quota_bursts_then_refills,
     url   "multi_thread"   rate_quota_holds_across_racing_instances,
     opened "current_thread" known_devices,
+    url   "multi_thread"   a_stalled_transaction_does_not_hold_its_locks_for_long,
 }
 
 async fn open(url: &str) -> Store {
@@ -1328,4 +1329,59 @@ async fn known_devices(store: Store) {
     assert_eq!(store.device_reap(T0).await.unwrap(), 0);
     assert_eq!(store.device_reap(T0 + 1).await.unwrap(), 1);
     assert_eq!(store.device_owner(&mine).await.unwrap(), None);
+}
+
+/// A process stopped mid-transaction (SIGSTOP, a partition) must not hold its locks until it
+/// dies. On Postgres the server ends such a session after `idle_in_transaction_timeout`: a
+/// writer queued behind it proceeds, and the stalled transaction cannot commit. (SQLite's
+/// lock is the file's: there the supervisor kills a stopped instance, see `holdfast up
+/// --kill-unresponsive-after`.)
+async fn a_stalled_transaction_does_not_hold_its_locks_for_long(url: String) {
+    if Backend::of_url(&url) != Some(Backend::Postgres) {
+        return;
+    }
+    let opts = StoreOptions {
+        idle_in_transaction_timeout: Duration::from_millis(300),
+        ..StoreOptions::new(&url)
+    };
+    let stalled = Store::open(&opts).await.unwrap();
+    let other = Store::open(&opts).await.unwrap();
+    let u = user(&stalled, "locked").await;
+    let (locked, locked_rx) = tokio::sync::oneshot::channel::<()>();
+    let locked = std::sync::Mutex::new(Some(locked));
+    let holder = stalled.transaction("stall", Rerun::IfUncommitted, |tx| {
+        let (u, locked) = (u.clone(), &locked);
+        async move {
+            sqlx::query("UPDATE users SET password_hash = 'stalled' WHERE id = $1")
+                .bind(&u)
+                .execute(tx.conn())
+                .await?;
+            if let Some(tx) = locked.lock().unwrap().take() {
+                let _ = tx.send(());
+            }
+            // Stopped, as far as the server can tell.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok::<_, TxError<Infallible>>(())
+        }
+        .scope_boxed()
+    });
+    let queued = async {
+        locked_rx.await.unwrap();
+        let started = std::time::Instant::now();
+        other.user_set_password(&u, "fresh").await.unwrap();
+        started.elapsed()
+    };
+    let (held, waited) = tokio::join!(holder, queued);
+    assert!(held.is_err(), "the stalled transaction must not commit");
+    assert!(
+        waited < Duration::from_millis(1500),
+        "the writer waited {waited:?}"
+    );
+    let hash: String = raw(&url)
+        .await
+        .fetch_one(sqlx::query("SELECT password_hash FROM users WHERE id = $1").bind(&u))
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(hash, "fresh");
 }

@@ -46,7 +46,7 @@ impl Default for RateLimits {
     fn default() -> Self {
         let minute = Duration::from_secs(60);
         Self {
-            login_per_address: Quota::new(10, Duration::from_secs(6)),
+            login_per_address: Quota::new(5, Duration::from_secs(12)),
             login_per_account: Quota::new(10, minute),
             login_per_device: Quota::new(10, minute),
             signup_per_address: Quota::new(10, minute),

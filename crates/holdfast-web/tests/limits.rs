@@ -47,6 +47,17 @@ async fn from(app: &Router, client: &str, path: &str, body: Value, cookie: Optio
     send(app, req).await
 }
 
+/// `POST /api/login` from `client` as [`from`] sends it.
+async fn login(
+    app: &Router,
+    client: &str,
+    email: &str,
+    password: &str,
+    cookie: Option<&str>,
+) -> Reply {
+    from(app, client, "/api/login", creds(email, password), cookie).await
+}
+
 fn creds(email: &str, password: &str) -> Value {
     json!({ "email": email, "password": password })
 }
@@ -78,43 +89,22 @@ async fn one_address_guessing_at_many_accounts_is_refused_and_others_are_not() {
     let db = TempStore::open(&[]).await;
     let app = instance(&db);
     for i in 0..5 {
-        let r = from(
+        let r = login(
             &app,
             "198.51.100.1",
-            "/api/login",
-            creds(&format!("v{i}@example.com"), "wrong guess!"),
+            &format!("v{i}@example.com"),
+            "wrong guess!",
             None,
         )
         .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "attempt {i}");
     }
-    let r = from(
-        &app,
-        "198.51.100.1",
-        "/api/login",
-        creds("v9@example.com", "wrong guess!"),
-        None,
-    )
-    .await;
+    let r = login(&app, "198.51.100.1", "v9@example.com", "wrong guess!", None).await;
     assert_rate_limited(&r);
     // Malformed attempts count too: they are no cheaper a way to probe.
-    let r = from(
-        &app,
-        "198.51.100.1",
-        "/api/login",
-        creds("not an email", "x"),
-        None,
-    )
-    .await;
+    let r = login(&app, "198.51.100.1", "not an email", "x", None).await;
     assert_rate_limited(&r);
-    let r = from(
-        &app,
-        "198.51.100.2",
-        "/api/login",
-        creds("v9@example.com", "wrong guess!"),
-        None,
-    )
-    .await;
+    let r = login(&app, "198.51.100.2", "v9@example.com", "wrong guess!", None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     // The instance remembers the refusal until it lapses: refusing again costs no store
     // round trip (with the store gone, a refused address still gets its 429, not a 503).
@@ -139,22 +129,15 @@ async fn an_accounts_quota_is_shared_by_instances_and_outlives_them() {
     // Three guesses from three addresses, spread over both instances, use the account's quota.
     for (i, app) in [&a, &b, &a].into_iter().enumerate() {
         let addr = format!("203.0.113.{i}");
-        let r = from(
-            app,
-            &addr,
-            "/api/login",
-            creds("Shared@Example.com", "wrong guess!"),
-            None,
-        )
-        .await;
+        let r = login(app, &addr, "Shared@Example.com", "wrong guess!", None).await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "guess {i}");
     }
     assert_rate_limited(
-        &from(
+        &login(
             &b,
             "203.0.113.9",
-            "/api/login",
-            creds("shared@example.com", "wrong guess!"),
+            "shared@example.com",
+            "wrong guess!",
             None,
         )
         .await,
@@ -162,34 +145,25 @@ async fn an_accounts_quota_is_shared_by_instances_and_outlives_them() {
     // Both instances die; a fresh one on the same store forgives nothing.
     drop((a, b));
     let c = instance(&db);
-    assert_rate_limited(
-        &from(
-            &c,
-            "203.0.113.10",
-            "/api/login",
-            creds("shared@example.com", PASSWORD),
-            None,
-        )
-        .await,
-    );
+    assert_rate_limited(&login(&c, "203.0.113.10", "shared@example.com", PASSWORD, None).await);
     // An email with no account behaves the same: the quota does not tell which emails exist.
     for i in 0..3 {
-        let r = from(
+        let r = login(
             &c,
             "203.0.113.20",
-            "/api/login",
-            creds("nobody@example.com", "wrong guess!"),
+            "nobody@example.com",
+            "wrong guess!",
             None,
         )
         .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED, "guess {i}");
     }
     assert_rate_limited(
-        &from(
+        &login(
             &c,
             "203.0.113.21",
-            "/api/login",
-            creds("nobody@example.com", "wrong guess!"),
+            "nobody@example.com",
+            "wrong guess!",
             None,
         )
         .await,
@@ -210,18 +184,11 @@ async fn strangers_exhausting_an_account_do_not_lock_out_its_owners_browser() {
     )
     .await;
     assert_eq!(signup.status, StatusCode::CREATED);
-    let login = from(
-        &app,
-        owner,
-        "/api/login",
-        creds("victim@example.com", PASSWORD),
-        None,
-    )
-    .await;
-    assert_eq!(login.status, StatusCode::OK);
-    let browser = all_cookies(&login);
+    let first = login(&app, owner, "victim@example.com", PASSWORD, None).await;
+    assert_eq!(first.status, StatusCode::OK);
+    let browser = all_cookies(&first);
     assert!(browser.contains("holdfast_device="), "{browser}");
-    let device_cookie = login
+    let device_cookie = first
         .headers
         .get_all(header::SET_COOKIE)
         .iter()
@@ -232,22 +199,22 @@ async fn strangers_exhausting_an_account_do_not_lock_out_its_owners_browser() {
 
     // Strangers from many addresses guess until the account's shared quota is gone.
     for i in 0..2 {
-        let r = from(
+        let r = login(
             &app,
             &format!("203.0.113.{i}"),
-            "/api/login",
-            creds("victim@example.com", "wrong guess!"),
+            "victim@example.com",
+            "wrong guess!",
             None,
         )
         .await;
         assert_eq!(r.status, StatusCode::UNAUTHORIZED);
     }
     assert_rate_limited(
-        &from(
+        &login(
             &app,
             "203.0.113.7",
-            "/api/login",
-            creds("victim@example.com", "wrong guess!"),
+            "victim@example.com",
+            "wrong guess!",
             None,
         )
         .await,
@@ -255,48 +222,23 @@ async fn strangers_exhausting_an_account_do_not_lock_out_its_owners_browser() {
     // A forged device cookie is just a stranger.
     let forged = format!("holdfast_device={}", "ab".repeat(32));
     assert_rate_limited(
-        &from(
+        &login(
             &app,
             "203.0.113.8",
-            "/api/login",
-            creds("victim@example.com", PASSWORD),
+            "victim@example.com",
+            PASSWORD,
             Some(&forged),
         )
         .await,
     );
     // A browser the account never used is locked out for now, even with the right password…
-    assert_rate_limited(
-        &from(
-            &app,
-            "192.0.2.51",
-            "/api/login",
-            creds("victim@example.com", PASSWORD),
-            None,
-        )
-        .await,
-    );
+    assert_rate_limited(&login(&app, "192.0.2.51", "victim@example.com", PASSWORD, None).await);
     // …but the owner's own browser logs in, again and again, on a quota of its own.
     for i in 0..3 {
-        let r = from(
-            &app,
-            owner,
-            "/api/login",
-            creds("victim@example.com", PASSWORD),
-            Some(&browser),
-        )
-        .await;
+        let r = login(&app, owner, "victim@example.com", PASSWORD, Some(&browser)).await;
         assert_eq!(r.status, StatusCode::OK, "owner login {i}: {:?}", r.json());
     }
-    assert_rate_limited(
-        &from(
-            &app,
-            owner,
-            "/api/login",
-            creds("victim@example.com", PASSWORD),
-            Some(&browser),
-        )
-        .await,
-    );
+    assert_rate_limited(&login(&app, owner, "victim@example.com", PASSWORD, Some(&browser)).await);
     // A device known to one account is a stranger to another.
     let other = from(
         &app,
@@ -308,25 +250,16 @@ async fn strangers_exhausting_an_account_do_not_lock_out_its_owners_browser() {
     .await;
     assert_eq!(other.status, StatusCode::CREATED);
     for _ in 0..3 {
-        from(
+        login(
             &app,
             "203.0.113.30",
-            "/api/login",
-            creds("other@example.com", "wrong guess!"),
+            "other@example.com",
+            "wrong guess!",
             None,
         )
         .await;
     }
-    assert_rate_limited(
-        &from(
-            &app,
-            owner,
-            "/api/login",
-            creds("other@example.com", PASSWORD),
-            Some(&browser),
-        )
-        .await,
-    );
+    assert_rate_limited(&login(&app, owner, "other@example.com", PASSWORD, Some(&browser)).await);
 }
 
 #[tokio::test]
@@ -378,15 +311,8 @@ async fn guessing_the_current_password_of_a_signed_in_session_is_limited() {
         None,
     )
     .await;
-    let login = from(
-        &app,
-        "192.0.2.1",
-        "/api/login",
-        creds("me@example.com", PASSWORD),
-        None,
-    )
-    .await;
-    let session = cookie_of(&login);
+    let signed_in = login(&app, "192.0.2.1", "me@example.com", PASSWORD, None).await;
+    let session = cookie_of(&signed_in);
     let change = |current: &str| json!({ "current_password": current, "new_password": "another long password" });
     for i in 0..2 {
         let r = from(

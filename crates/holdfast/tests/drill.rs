@@ -96,6 +96,52 @@ fn a_short_drill_on_postgres_passes_and_reports() {
     assert_passes("postgres");
 }
 
+/// `--faults abuse`: the system holds its invariants under a login flood, slow-body clients
+/// and a frozen instance, and the report says what abusers got and what memory it took.
+#[test]
+fn the_abuse_drill_passes_within_its_memory_bound_and_reports_the_abuse() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--duration",
+        "20s",
+        "--users",
+        "16",
+        "--seed",
+        "3",
+        "--faults",
+        "abuse",
+    ];
+    let (out, r, _) = drill(dir.path(), "abuse", &args);
+    assert_eq!(r["verdict"], "pass", "violated: {}", r["violated"]);
+    assert!(out.status.success(), "exit status {}", out.status);
+    let kinds: Vec<&str> = r["faults"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["applied"] == true)
+        .filter_map(|f| f["kind"].as_str())
+        .collect();
+    for kind in ["login-flood", "slow-clients", "freeze-instance"] {
+        assert!(kinds.contains(&kind), "{kind} was not injected: {kinds:?}");
+    }
+    let peak = r["max_peak_rss_mb"].as_f64().unwrap();
+    assert!(peak > 1.0 && peak <= 256.0, "peak RSS {peak} MB");
+    assert!(
+        r["peak_rss"].as_array().unwrap().len() >= 3,
+        "{}",
+        r["peak_rss"]
+    );
+    let a = &r["abuse"];
+    let flood = &a["login_flood"];
+    assert!(flood["attempts"].as_u64().unwrap() > 100, "{flood}");
+    assert!(flood["rate_limited_429"].as_u64().unwrap() > 0, "{flood}");
+    let slow = &a["slow_clients"];
+    assert!(slow["connections"].as_u64().unwrap() >= 600, "{slow}");
+    assert!(slow["probe_gets"].as_u64().unwrap() > 0, "{slow}");
+    assert_eq!(slow["probe_failed"], 0, "{slow}");
+    assert!(a["honest"]["requests"].as_u64().unwrap() > 0);
+}
+
 /// Each broken build fails the drill, naming the invariant it breaks.
 #[test]
 fn every_sabotage_fails_the_drill_naming_the_broken_invariant() {
