@@ -142,8 +142,8 @@ impl Default for BalancerOptions {
             eject_after_failures: 5,
             ejection_time: Duration::from_secs(10),
             client_rate: Some(ClientRate {
-                per_second: 100,
-                burst: 200,
+                per_second: 50,
+                burst: 100,
             }),
         }
     }

@@ -313,7 +313,7 @@ pub struct UpArgs {
     /// Requests per second one client address may send through the balancer (bursts of
     /// twice that); a request over it waits up to a second for its turn, then gets 429.
     /// 0 turns the limit off.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     pub client_rate: u32,
     /// SIGKILL a web instance whose liveness probe has gone unanswered this long (stopped,
     /// hung); the supervisor starts another. A stopped process keeps its locks — on SQLite,
