@@ -413,9 +413,9 @@ pub struct ProviderArgs {
 #[derive(Debug, Subcommand)]
 pub enum JobsCommand {
     /// Jobs per queue and state.
-    Stats(StoreOnly),
+    Stats(JobsList),
     /// List dead jobs.
-    Dead(StoreOnly),
+    Dead(JobsList),
     /// Send dead jobs back to work: one by id, or all.
     Redrive {
         #[command(flatten)]
@@ -429,6 +429,16 @@ pub enum JobsCommand {
 pub struct StoreOnly {
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+/// An operator listing: a table for people, `--json` for machines.
+#[derive(Debug, Clone, Args)]
+pub struct JobsList {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

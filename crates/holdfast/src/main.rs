@@ -83,6 +83,26 @@ pub(crate) async fn open_store(args: &cli::StoreArgs) -> anyhow::Result<holdfast
         .context("opening the store")
 }
 
+/// The store for an operator command: it must already exist. A mistyped `--data-dir` is an
+/// error, not a fresh empty database that answers "nothing here".
+pub(crate) async fn open_existing_store(
+    args: &cli::StoreArgs,
+) -> anyhow::Result<holdfast_store::Store> {
+    let sqlite_from_env = std::env::var("DATABASE_URL").is_ok_and(|u| u.starts_with("sqlite:"));
+    if args.backend == holdfast_store::Backend::Sqlite
+        && args.database_url.is_none()
+        && !sqlite_from_env
+    {
+        let file = args.data_dir.join("holdfast.sqlite");
+        anyhow::ensure!(
+            file.is_file(),
+            "no database at {}: is --data-dir right? (`holdfast up` or `holdfast serve` creates it)",
+            file.display()
+        );
+    }
+    open_store(args).await
+}
+
 /// Tells a supervisor where we listen: one line `HOLDFAST_LISTENING <addr>` on stdout, with
 /// ` ops=<addr>` when the operator endpoints have a listener of their own.
 pub(crate) fn announce_listening(

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use axum::routing::get;
 use holdfast_jobs::{Wakeup, Worker, WorkerOptions};
 use holdfast_provider::ProviderClient;
@@ -86,18 +86,90 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
 
 pub async fn jobs_command(cmd: JobsCommand) -> anyhow::Result<()> {
     let store_args = match &cmd {
-        JobsCommand::Stats(s) | JobsCommand::Dead(s) => &s.store,
+        JobsCommand::Stats(l) | JobsCommand::Dead(l) => &l.store,
         JobsCommand::Redrive { store, .. } => store,
     };
-    let store = crate::open_store(store_args).await?;
+    let store = crate::open_existing_store(store_args).await?;
     let out = match cmd {
-        JobsCommand::Stats(_) => serde_json::to_string_pretty(&store.job_counts().await?)?,
-        JobsCommand::Dead(_) => serde_json::to_string_pretty(&store.job_dead(1000).await?)?,
+        JobsCommand::Stats(l) => {
+            let counts = store.job_counts().await?;
+            if l.json {
+                serde_json::to_string_pretty(&counts)?
+            } else {
+                stats_table(&counts)
+            }
+        }
+        JobsCommand::Dead(l) => {
+            let dead = store.job_dead(1000).await?;
+            if l.json {
+                serde_json::to_string_pretty(&dead)?
+            } else {
+                dead_table(&dead)
+            }
+        }
         JobsCommand::Redrive { id, .. } => {
             let n = store.job_redrive(id, holdfast_core::now_ms()).await?;
-            format!("redriven: {n}")
+            match (id, n) {
+                (Some(id), 0) => bail!("no dead job with id {id} (see `holdfast jobs dead`)"),
+                (Some(id), _) => format!("redriven: job {id}"),
+                (None, 0) => "no dead jobs to redrive".to_owned(),
+                (None, n) => format!("redriven: {n} dead jobs"),
+            }
         }
     };
     println!("{out}");
     Ok(())
+}
+
+/// One line per queue: how many jobs are in each state.
+fn stats_table(counts: &[holdfast_store::QueueCount]) -> String {
+    if counts.is_empty() {
+        return "no jobs".to_owned();
+    }
+    let mut rows: std::collections::BTreeMap<&str, [i64; 4]> = Default::default();
+    for c in counts {
+        let row = rows.entry(c.queue.as_str()).or_default();
+        let col = match c.state.as_str() {
+            "available" => 0,
+            "running" => 1,
+            "dead" => 2,
+            _ => 3,
+        };
+        row[col] += c.count;
+    }
+    let mut out = format!(
+        "{:<16}{:>10}{:>10}{:>10}{:>10}",
+        "queue", "waiting", "running", "dead", "other"
+    );
+    for (queue, [waiting, running, dead, other]) in rows {
+        out.push_str(&format!(
+            "\n{queue:<16}{waiting:>10}{running:>10}{dead:>10}{other:>10}"
+        ));
+    }
+    out
+}
+
+/// One line per dead job, newest error last.
+fn dead_table(dead: &[holdfast_store::DeadJob]) -> String {
+    if dead.is_empty() {
+        return "no dead jobs".to_owned();
+    }
+    let mut out = format!(
+        "{:>8}  {:<12}{:<16}{:>9}  last error",
+        "id", "queue", "kind", "attempts"
+    );
+    for d in dead {
+        let error: String = d
+            .last_error
+            .as_deref()
+            .unwrap_or("-")
+            .chars()
+            .take(100)
+            .collect();
+        out.push_str(&format!(
+            "\n{:>8}  {:<12}{:<16}{:>9}  {error}",
+            d.job.id, d.job.queue, d.job.kind, d.job.attempt
+        ));
+    }
+    out
 }
