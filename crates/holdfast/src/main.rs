@@ -22,7 +22,19 @@ use anyhow::Context;
 
 use crate::cli::{Cli, Command};
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the process with one readable line (the cause chain), exit status 1 — no
+/// backtrace, whatever `RUST_BACKTRACE` says: an operator wants the sentence.
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
