@@ -33,6 +33,7 @@
 //! (`retries_total`: requests re-sent to another instance) — are served on a listener of their
 //! own ([`Balancer::serve_operator`]); the public port refuses `/ops/*` and `/metrics`.
 
+mod metrics;
 mod proxy;
 
 use std::collections::HashMap;
@@ -179,6 +180,7 @@ struct Inner {
     rates: Mutex<HashMap<IpAddr, tokio::time::Instant>>,
     throttled: AtomicU64,
     rate_limited: AtomicU64,
+    red: metrics::Red,
 }
 
 /// Open client connections, in all and per client address.
@@ -312,6 +314,7 @@ impl Balancer {
                 rates: Mutex::default(),
                 throttled: AtomicU64::new(0),
                 rate_limited: AtomicU64::new(0),
+                red: metrics::Red::default(),
             }),
         }
     }
@@ -447,7 +450,12 @@ impl Balancer {
             let balancer = self.clone();
             let service = service_fn(move |req| {
                 let balancer = balancer.clone();
-                async move { Ok::<_, Infallible>(balancer.handle(req, peer).await) }
+                async move {
+                    let started = tokio::time::Instant::now();
+                    let resp = balancer.handle(req, peer).await;
+                    balancer.inner.red.record(resp.status(), started.elapsed());
+                    Ok::<_, Infallible>(resp)
+                }
             });
             // hyper's own answers to unparsable requests (400, 414, 431) become problems too.
             let io = TokioIo::new(ParseErrorsAsProblems::new(stream));
@@ -558,7 +566,18 @@ impl Balancer {
             let balancer = self.clone();
             let service = service_fn(move |req: Request<Incoming>| {
                 let balancer = balancer.clone();
-                async move { Ok::<_, Infallible>(balancer.operator(&req)) }
+                async move {
+                    if req.method() == Method::GET && req.uri().path() == "/ops/metrics" {
+                        let mut resp =
+                            Response::new(full(Bytes::from(balancer.fleet_metrics().await)));
+                        resp.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        return Ok::<_, Infallible>(resp);
+                    }
+                    Ok::<_, Infallible>(balancer.operator(&req))
+                }
             });
             connections.spawn(async move {
                 let _ = http1::Builder::new()

@@ -61,6 +61,18 @@ use std::hash::Hash;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The metric families caches export, each labelled by cache name (see
+/// [`holdfast_core::Metric`]).
+pub const METRICS: &[holdfast_core::Metric] = &[
+    holdfast_core::Metric::counter(inner::HITS, "Reads answered from the cache, by cache."),
+    holdfast_core::Metric::counter(inner::MISSES, "Reads that had to go to the origin, by cache."),
+    holdfast_core::Metric::counter(inner::COALESCED, "Readers that waited for another reader's origin call instead of making their own, by cache."),
+    holdfast_core::Metric::counter(inner::STALE, "Reads answered with a stale value (while revalidating or because the origin failed), by cache."),
+    holdfast_core::Metric::counter(inner::ORIGIN_CALLS, "Calls to the origin, by cache."),
+    holdfast_core::Metric::counter(inner::FILLS_REJECTED, "Origin results not stored because a newer version was already there, by cache."),
+    holdfast_core::Metric::counter(inner::REDIS_ERRORS, "Redis commands of the cache that failed, by cache."),
+];
+
 /// The Redis client this crate is built against, re-exported so callers name the same version.
 pub use redis;
 pub use tier::delete_prefix;

@@ -116,6 +116,61 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// One metric family a crate exports: what `# HELP` says, and the label sets that exist at 0
+/// from the start (so a query for a counter that has not happened yet finds 0, not nothing).
+/// Each crate lists its families in a `METRICS` catalog; the binary describes them all when it
+/// installs its recorder.
+#[derive(Debug, Clone, Copy)]
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: MetricKind,
+    pub help: &'static str,
+    /// Label sets registered at 0 (counters and gauges); empty: one unlabeled series.
+    pub zero: &'static [&'static [(&'static str, &'static str)]],
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+impl Metric {
+    pub const fn counter(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            kind: MetricKind::Counter,
+            help,
+            zero: &[],
+        }
+    }
+    pub const fn gauge(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            kind: MetricKind::Gauge,
+            help,
+            zero: &[],
+        }
+    }
+    pub const fn histogram(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            kind: MetricKind::Histogram,
+            help,
+            zero: &[],
+        }
+    }
+    /// The label sets that exist at 0 from the start.
+    pub const fn at_zero(
+        mut self,
+        zero: &'static [&'static [(&'static str, &'static str)]],
+    ) -> Self {
+        self.zero = zero;
+        self
+    }
+}
+
 /// The `n`th distinct source address on the loopback network (127.1.0.0/16 onwards; Linux
 /// answers all of 127.0.0.0/8 on `lo`). Load generators and test clients bind one per
 /// simulated user, so that per-address rate limits see many users, as they would in

@@ -25,5 +25,43 @@
 pub mod ledger;
 mod worker;
 
+/// The metric families job workers export (see [`holdfast_core::Metric`]).
+pub const METRICS: &[holdfast_core::Metric] = &[
+    holdfast_core::Metric::gauge(
+        "holdfast_jobs",
+        "Jobs by queue and state (available = waiting, running, dead), as this process last counted them.",
+    ),
+    holdfast_core::Metric::histogram(
+        "holdfast_job_wait_seconds",
+        "From a job becoming due to a worker starting it, by queue.",
+    ),
+    holdfast_core::Metric::histogram(
+        "holdfast_job_run_seconds",
+        "How long a job attempt ran, by queue, kind and outcome.",
+    ),
+    holdfast_core::Metric::counter("holdfast_job_completed_total", "Jobs completed.")
+        .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_job_retries_total",
+        "Job attempts that failed and were scheduled again, by queue and kind.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_job_dead_total",
+        "Jobs that used up their attempts, by queue and kind.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_job_rescued_total",
+        "Jobs whose worker's lease lapsed and that were handed to another.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_effects_reconciled_total",
+        "External effects of unknown outcome found done by asking the other side.",
+    )
+    .at_zero(&[&[]]),
+];
+
 pub use ledger::Ledger;
 pub use worker::{Done, Handler, JobError, QueueConfig, Wakeup, Worker, WorkerOptions};

@@ -255,6 +255,59 @@ counters! {
     rejected,
 }
 
+/// The metric families the session tiers export (see [`holdfast_core::Metric`]).
+pub const METRICS: &[holdfast_core::Metric] = &[
+    holdfast_core::Metric::gauge(
+        "holdfast_sessions_redis_up",
+        "1 while the Redis session tier answers, 0 while sessions are served by the store.",
+    ),
+    holdfast_core::Metric::counter(
+        "holdfast_sessions_rehydrated_total",
+        "Sessions copied back into Redis from the store after a miss.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_sessions_redis_errors_total",
+        "Redis commands of the session tier that failed.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_sessions_store_fallbacks_total",
+        "Session loads served by the store because Redis was unavailable.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_sessions_backstop_rows_total",
+        "Session touches handed to the store backstop.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_sessions_backstop_sync_writes_total",
+        "Session touches written on the request path because the backstop queue was full.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_sessions_backstop_errors_total",
+        "Backstop batches that failed to write.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_sessions_revoked_by_backstop_total",
+        "Redis session copies removed because the store no longer had the session.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_sessions_resigned_total",
+        "Signed session cookies re-signed with the current key.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_sessions_rejected_total",
+        "Signed session cookies refused, by reason.",
+    )
+    .at_zero(&[&[]]),
+];
+
 /// Adds to one of [`Counters`] and to its Prometheus counter of the same name.
 macro_rules! count {
     ($counters:expr, $field:ident, $n:expr) => {{

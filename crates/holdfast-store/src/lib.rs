@@ -43,6 +43,20 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The metric families the store exports (see [`holdfast_core::Metric`]).
+pub const METRICS: &[holdfast_core::Metric] = &[
+    holdfast_core::Metric::counter(
+        "holdfast_store_retries_total",
+        "Store operations retried after a transient failure, by operation.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_store_retry_budget_exhausted_total",
+        "Store operations that failed because the process's retry budget was spent, by operation.",
+    )
+    .at_zero(&[&[]]),
+];
+
 /// A statement with its parameters bound, on the `Any` driver.
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
 

@@ -172,18 +172,89 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// The metric families the edge exports (see [`holdfast_core::Metric`]).
+pub const METRICS: &[holdfast_core::Metric] = &[
+    holdfast_core::Metric::counter(
+        "holdfast_http_requests_total",
+        "HTTP requests answered, by method, route and status.",
+    ),
+    holdfast_core::Metric::histogram(
+        "holdfast_http_request_duration_seconds",
+        "Time from a request's arrival to its answer, by method, route and status.",
+    ),
+    holdfast_core::Metric::counter(
+        "holdfast_http_shed_total",
+        "Requests refused at once (503) because the instance was at its in-flight cap.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_password_hash_refused_total",
+        "Sign-ins refused (503) because the password-hash queue was full.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_rate_limited_total",
+        "Requests refused (429) by a rate limit, by limit.",
+    )
+    .at_zero(&[
+        &[("limit", "login-address")],
+        &[("limit", "login-account")],
+        &[("limit", "login-device")],
+        &[("limit", "signup-address")],
+        &[("limit", "password-change")],
+    ]),
+    holdfast_core::Metric::gauge(
+        "holdfast_db_pool_connections",
+        "Store connections, by state (idle, in_use).",
+    ),
+];
+
 /// Installs the process-wide Prometheus recorder, once; later calls return the same handle.
 pub fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
+    install_labelled_metrics_recorder(&[], &[])
+}
+
+/// [`install_metrics_recorder`] with `labels` (say `role` and `instance`) on every series, and
+/// every family of `catalogs` described (`# HELP`) and its counters registered at 0.
+pub fn install_labelled_metrics_recorder(
+    labels: &[(&str, String)],
+    catalogs: &[&[holdfast_core::Metric]],
+) -> Result<PrometheusHandle, String> {
     static HANDLE: OnceLock<Result<PrometheusHandle, String>> = OnceLock::new();
-    HANDLE
+    let handle = HANDLE
         .get_or_init(|| {
-            PrometheusBuilder::new()
+            let mut builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
-                .map_err(|e| e.to_string())?
-                .install_recorder()
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+            for (k, v) in labels {
+                builder = builder.add_global_label(*k, v.clone());
+            }
+            builder.install_recorder().map_err(|e| e.to_string())
         })
-        .clone()
+        .clone()?;
+    describe_metrics(catalogs);
+    Ok(handle)
+}
+
+/// Describes every family of `catalogs` and registers its zero series.
+pub fn describe_metrics(catalogs: &[&[holdfast_core::Metric]]) {
+    use holdfast_core::MetricKind;
+    for m in catalogs.iter().flat_map(|c| c.iter()) {
+        match m.kind {
+            MetricKind::Counter => {
+                metrics::describe_counter!(m.name, m.help);
+                for labels in m.zero {
+                    let labels: Vec<metrics::Label> = labels
+                        .iter()
+                        .map(|(k, v)| metrics::Label::new(*k, *v))
+                        .collect();
+                    metrics::counter!(m.name, labels).increment(0);
+                }
+            }
+            MetricKind::Gauge => metrics::describe_gauge!(m.name, m.help),
+            MetricKind::Histogram => metrics::describe_histogram!(m.name, m.help),
+        }
+    }
 }
 
 /// An instance's public router: the application's `routes`, the accounts API, `/healthz` and

@@ -47,13 +47,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let grace = opts.request_timeout + SHUTDOWN_SLACK;
 
-    let metrics = holdfast_web::install_metrics_recorder().map_err(anyhow::Error::msg)?;
-    let store = crate::open_store(&args.store).await?;
-    let state = AppState::new(store.clone(), opts, Some(metrics));
     let listener = TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("binding {}", args.addr))?;
     let addr = listener.local_addr()?;
+    let metrics = holdfast_web::install_labelled_metrics_recorder(
+        &[("role", "web".to_owned()), ("instance", addr.to_string())],
+        &[
+            holdfast_web::METRICS,
+            holdfast_store::METRICS,
+            holdfast_sessions::METRICS,
+            holdfast_cache::METRICS,
+        ],
+    )
+    .map_err(anyhow::Error::msg)?;
+    let store = crate::open_store(&args.store).await?;
+    let state = AppState::new(store.clone(), opts, Some(metrics));
     let ops_listener = TcpListener::bind(args.ops_addr)
         .await
         .with_context(|| format!("binding --ops-addr {}", args.ops_addr))?;

@@ -20,7 +20,18 @@ use crate::cli::{JobsCommand, WorkerArgs};
 pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     crate::die_with_parent(args.parent_pid)?;
     let terminated = crate::on_terminate()?;
-    let metrics = holdfast_web::install_metrics_recorder().map_err(anyhow::Error::msg)?;
+    let listener = tokio::net::TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("binding {}", args.addr))?;
+    let addr = listener.local_addr()?;
+    let metrics = holdfast_web::install_labelled_metrics_recorder(
+        &[
+            ("role", "worker".to_owned()),
+            ("instance", addr.to_string()),
+        ],
+        &[holdfast_jobs::METRICS, holdfast_store::METRICS],
+    )
+    .map_err(anyhow::Error::msg)?;
     let url = args.store.store_url()?;
     let store = crate::open_store(&args.store).await?;
     let wakeup = match store.backend() {
@@ -60,10 +71,6 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let worker = flows.register(Worker::new(store.clone(), opts));
 
-    let listener = tokio::net::TcpListener::bind(args.addr)
-        .await
-        .with_context(|| format!("binding {}", args.addr))?;
-    let addr = listener.local_addr()?;
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(

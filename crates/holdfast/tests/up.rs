@@ -79,6 +79,8 @@ async fn a_killed_or_frozen_instance_is_replaced_while_the_balancer_keeps_servin
         "operator endpoints are not on the public port"
     );
 
+    assert_fleet_metrics_add_up(&ops, &before).await;
+
     let victim = before[0].pid;
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
     let after = replaced(dir.path(), &base, &before, victim).await;
@@ -163,4 +165,56 @@ async fn sigkill_takes_every_instance_with_it() {
         || async { live.iter().all(|i| !alive(i.pid)).then_some(()) },
     )
     .await;
+}
+
+/// The operator port's `/ops/metrics`: the balancer's own families and every instance's,
+/// merged into one page where each family is described once, every series says which process
+/// it is from, and counters that have not happened yet are there at 0.
+async fn assert_fleet_metrics_add_up(ops: &str, live: &[Instance]) {
+    let page = client()
+        .get(format!("{ops}/ops/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for family in [
+        "holdfast_balancer_requests_total",
+        "holdfast_http_requests_total",
+        "holdfast_store_retries_total",
+        "holdfast_rate_limited_total",
+    ] {
+        assert_eq!(
+            page.matches(&format!("# TYPE {family} ")).count(),
+            1,
+            "{family}:\n{page}"
+        );
+        assert_eq!(
+            page.matches(&format!("# HELP {family} ")).count(),
+            1,
+            "{family}"
+        );
+    }
+    let retries: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("holdfast_store_retries_total{"))
+        .collect();
+    assert_eq!(
+        retries.len(),
+        live.len(),
+        "one zero series per instance: {retries:?}"
+    );
+    assert!(
+        retries
+            .iter()
+            .all(|l| l.contains("role=\"web\"") && l.ends_with(" 0")),
+        "{retries:?}"
+    );
+    let instances: std::collections::HashSet<&str> = retries
+        .iter()
+        .filter_map(|l| l.split("instance=\"").nth(1)?.split('"').next())
+        .collect();
+    assert_eq!(instances.len(), live.len(), "{retries:?}");
+    assert!(page.contains("holdfast_balancer_requests_total{role=\"balancer\",class=\"2xx\"}"));
 }
