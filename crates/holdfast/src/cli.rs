@@ -38,6 +38,9 @@ pub enum Command {
     /// Inspect and redrive the job queue.
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// One screen: the processes `up` runs (pid, uptime, restarts, health), the queue and the
+    /// oldest waiting payout.
+    Status(JobsList),
     /// Side-by-side benchmarks against peers: runs `holdfast-bench` from beside this binary
     /// (`cargo build --release -p holdfast-bench`), so production links no peer crate.
     #[command(disable_help_flag = true)]

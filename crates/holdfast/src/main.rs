@@ -9,6 +9,7 @@ mod cli;
 mod drill;
 mod provider;
 mod serve;
+mod status;
 mod up;
 mod worker;
 
@@ -52,6 +53,7 @@ fn run() -> anyhow::Result<()> {
             Some(Command::Worker(args)) => worker::run(args).await,
             Some(Command::Provider(args)) => provider::run(args).await,
             Some(Command::Jobs(cmd)) => worker::jobs_command(cmd).await,
+            Some(Command::Status(args)) => status::run(args).await,
             Some(Command::Drill(args)) => drill::run(args).await,
             None => up::run(cli.up).await,
         }
@@ -113,6 +115,12 @@ pub(crate) async fn open_existing_store(
         );
     }
     open_store(args).await
+}
+
+/// Whether a process with this pid exists (signal 0 delivers nothing, only checks).
+pub(crate) fn pid_alive(pid: u32) -> bool {
+    i32::try_from(pid)
+        .is_ok_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok())
 }
 
 /// Tells a supervisor where we listen: one line `HOLDFAST_LISTENING <addr>` on stdout, with

@@ -92,6 +92,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .serve_operator(ops_listener, std::future::pending()),
     );
     info!(%addr, %ops_addr, "balancer listening");
+    let balancer_file = args.store.data_dir.join("run").join(BALANCER_FILE);
+    std::fs::create_dir_all(args.store.data_dir.join("run"))?;
+    let about = serde_json::json!({
+        "pid": std::process::id(),
+        "addr": addr,
+        "ops_addr": ops_addr,
+        "started_at": holdfast_core::now_ms(),
+    });
+    write_atomically(&balancer_file, about.to_string().as_bytes())?;
 
     let parent = std::process::id().to_string();
     let store_flags: Vec<OsString> = vec![
@@ -196,9 +205,14 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     info!("instances stopped; stopping the balancer");
     let _ = stop_balancer.send(());
     balancing.await?.context("balancer")?;
+    let _ = std::fs::remove_file(&balancer_file);
     info!("stopped");
     Ok(())
 }
+
+/// In the data dir's `run/`: `{"pid","addr","ops_addr","started_at"}` of the balancer while
+/// `up` runs, for `holdfast status`.
+pub const BALANCER_FILE: &str = "balancer.json";
 
 /// One kind of process and how many of it to keep running.
 pub struct Group {
@@ -250,6 +264,10 @@ pub struct Instance {
     /// Where a web instance serves `/metrics`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ops_addr: Option<SocketAddr>,
+    /// When it started listening (ms since the Unix epoch).
+    pub started_at: i64,
+    /// How many processes ran in this slot before this one (crashes, kills, drains).
+    pub restarts: u32,
 }
 
 struct Shared {
@@ -357,10 +375,10 @@ impl Shared {
         mut stopping: watch::Receiver<bool>,
     ) {
         let mut backoff = Backoff::default();
-        loop {
+        for restarts in 0u32.. {
             let started = Instant::now();
             let role = self.opts.groups[slot.0].role;
-            match self.run_instance(slot, &mut stopping).await {
+            match self.run_instance(slot, restarts, &mut stopping).await {
                 Ok(Ended::Stopped) => return,
                 Ok(Ended::Exited(status)) => warn!(role, slot = slot.1, %status, "instance exited"),
                 Err(error) => warn!(
@@ -383,6 +401,7 @@ impl Shared {
     async fn run_instance(
         &self,
         slot: (usize, usize),
+        restarts: u32,
         stopping: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<Ended> {
         let opts = &self.opts;
@@ -432,6 +451,8 @@ impl Shared {
                 pid,
                 addr,
                 ops_addr,
+                started_at: holdfast_core::now_ms(),
+                restarts,
             }),
         );
         info!(role = group.role, slot = slot.1, pid, %addr, "instance listening");

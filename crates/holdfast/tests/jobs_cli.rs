@@ -115,4 +115,25 @@ async fn operator_commands_list_redrive_and_refuse_what_does_not_exist() {
     let out = jobs(&data, &["redrive"]);
     assert!(out.status.success());
     assert_eq!(said(&out).0.trim(), "no dead jobs to redrive");
+
+    // `holdfast status` says plainly that nothing runs here, and what the queue holds.
+    let out = Command::new(BIN)
+        .args(["status", "--data-dir"])
+        .arg(&data)
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let (screen, err) = said(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(screen.starts_with("holdfast up is not running"), "{screen}");
+    assert!(
+        screen.contains("payments") && screen.contains("email"),
+        "{screen}"
+    );
+    let out = Command::new(BIN)
+        .args(["status", "--data-dir"])
+        .arg(&typo)
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && said(&out).1.contains("no database at"));
 }

@@ -80,10 +80,28 @@ async fn a_killed_or_frozen_instance_is_replaced_while_the_balancer_keeps_servin
     );
 
     assert_fleet_metrics_add_up(&ops, &before).await;
+    let screen = status_json(dir.path());
+    let processes = screen["processes"].as_array().unwrap();
+    assert_eq!(processes[0]["role"], "balancer", "{screen:#}");
+    let web: Vec<&serde_json::Value> = processes.iter().filter(|p| p["role"] == "web").collect();
+    assert_eq!(web.len(), 2, "{screen:#}");
+    assert!(
+        web.iter()
+            .all(|p| p["health"] == "ready" && p["restarts"] == 0),
+        "{screen:#}"
+    );
 
     let victim = before[0].pid;
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
     let after = replaced(dir.path(), &base, &before, victim).await;
+    let screen = status_json(dir.path());
+    let restarted = screen["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["role"] == "web" && p["restarts"] == 1)
+        .count();
+    assert_eq!(restarted, 1, "the killed slot counts a restart: {screen:#}");
     for i in &after {
         up.adopt(i.pid);
     }
@@ -217,4 +235,20 @@ async fn assert_fleet_metrics_add_up(ops: &str, live: &[Instance]) {
         .collect();
     assert_eq!(instances.len(), live.len(), "{retries:?}");
     assert!(page.contains("holdfast_balancer_requests_total{role=\"balancer\",class=\"2xx\"}"));
+}
+
+/// `holdfast status --json` for the system running in `dir`.
+fn status_json(dir: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--json", "--data-dir"])
+        .arg(dir)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("running holdfast status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
 }

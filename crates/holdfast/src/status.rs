@@ -1,0 +1,219 @@
+//! `holdfast status`: the one screen an operator reads first. What `up` runs in this data dir
+//! (from `run/instances.json` and `run/balancer.json`), each process's uptime, restarts and
+//! health (the balancer's view of web instances: ready, alive, ejected; a live pid for the
+//! rest), then the queue and how long the oldest due payout has waited. `--json` for machines.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use crate::cli::JobsList;
+
+#[derive(Debug, Deserialize)]
+struct Listed {
+    role: String,
+    pid: u32,
+    addr: String,
+    #[serde(default)]
+    started_at: i64,
+    #[serde(default)]
+    restarts: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct BalancerFile {
+    pid: u32,
+    addr: String,
+    ops_addr: String,
+    started_at: i64,
+}
+
+#[derive(Debug, Deserialize)]
+struct Upstream {
+    addr: String,
+    healthy: bool,
+    alive: bool,
+    #[serde(default)]
+    ejected: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Process {
+    role: String,
+    pid: u32,
+    addr: String,
+    uptime_s: u64,
+    restarts: u32,
+    health: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Queue {
+    queue: String,
+    waiting: i64,
+    running: i64,
+    dead: i64,
+}
+
+#[derive(Debug, Serialize)]
+struct Status {
+    /// The public address, while `up` runs here.
+    balancer: Option<String>,
+    processes: Vec<Process>,
+    queues: Vec<Queue>,
+    /// How long the oldest due payout has been waiting (none waiting: null).
+    oldest_waiting_payout_s: Option<u64>,
+}
+
+pub async fn run(args: JobsList) -> anyhow::Result<()> {
+    let run_dir = args.store.data_dir.join("run");
+    let now = holdfast_core::now_ms();
+    let age = |since: i64| u64::try_from(now.saturating_sub(since) / 1000).unwrap_or(0);
+    let balancer: Option<BalancerFile> = read_json(&run_dir.join(crate::up::BALANCER_FILE));
+    let listed: Vec<Listed> = match &balancer {
+        Some(_) => read_json(&run_dir.join("instances.json")).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let upstreams: Vec<Upstream> = match &balancer {
+        Some(b) => upstreams(&b.ops_addr).await.unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let mut processes: Vec<Process> = balancer
+        .iter()
+        .map(|b| Process {
+            role: "balancer".into(),
+            pid: b.pid,
+            addr: b.addr.clone(),
+            uptime_s: age(b.started_at),
+            restarts: 0,
+            health: if upstreams.is_empty() {
+                "operator port not answering".into()
+            } else {
+                "serving".into()
+            },
+        })
+        .collect();
+    for l in listed {
+        let health = match upstreams.iter().find(|u| u.addr == l.addr) {
+            Some(u) if !u.alive => "FROZEN (not answering /healthz)".to_owned(),
+            Some(u) if u.ejected => "EJECTED (failing requests)".to_owned(),
+            Some(u) if !u.healthy => "not ready (draining or starting)".to_owned(),
+            Some(_) => "ready".to_owned(),
+            None if crate::pid_alive(l.pid) => "running".to_owned(),
+            None => "GONE".to_owned(),
+        };
+        processes.push(Process {
+            uptime_s: age(l.started_at),
+            role: l.role,
+            pid: l.pid,
+            addr: l.addr,
+            restarts: l.restarts,
+            health,
+        });
+    }
+    let store = crate::open_existing_store(&args.store).await?;
+    let mut queues: Vec<Queue> = Vec::new();
+    for c in store.job_counts().await? {
+        let i = match queues.iter().position(|q| q.queue == c.queue) {
+            Some(i) => i,
+            None => {
+                queues.push(Queue {
+                    queue: c.queue.clone(),
+                    waiting: 0,
+                    running: 0,
+                    dead: 0,
+                });
+                queues.len() - 1
+            }
+        };
+        match c.state.as_str() {
+            "available" => queues[i].waiting += c.count,
+            "running" => queues[i].running += c.count,
+            "dead" => queues[i].dead += c.count,
+            _ => {}
+        }
+    }
+    let oldest = store.job_next_run_at(holdfast_shop::PAYMENTS_QUEUE).await?;
+    store.close().await;
+    let status = Status {
+        balancer: balancer.map(|b| b.addr),
+        processes,
+        queues,
+        oldest_waiting_payout_s: oldest.filter(|&t| t <= now).map(age),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", table(&status));
+    }
+    Ok(())
+}
+
+fn table(s: &Status) -> String {
+    let mut out = match &s.balancer {
+        Some(addr) => format!("holdfast up: serving http://{addr}\n"),
+        None => "holdfast up is not running with this data dir\n".to_owned(),
+    };
+    if !s.processes.is_empty() {
+        out.push_str(&format!(
+            "{:<10}{:>8}  {:<22}{:>10}{:>10}  health\n",
+            "role", "pid", "addr", "uptime", "restarts"
+        ));
+        for p in &s.processes {
+            out.push_str(&format!(
+                "{:<10}{:>8}  {:<22}{:>10}{:>10}  {}\n",
+                p.role,
+                p.pid,
+                p.addr,
+                uptime(p.uptime_s),
+                p.restarts,
+                p.health
+            ));
+        }
+    }
+    if s.queues.is_empty() {
+        out.push_str("queue: no jobs\n");
+    } else {
+        out.push_str(&format!(
+            "{:<10}{:>10}{:>10}{:>10}\n",
+            "queue", "waiting", "running", "dead"
+        ));
+        for q in &s.queues {
+            out.push_str(&format!(
+                "{:<10}{:>10}{:>10}{:>10}\n",
+                q.queue, q.waiting, q.running, q.dead
+            ));
+        }
+    }
+    out.push_str(&match s.oldest_waiting_payout_s {
+        Some(secs) => format!("oldest waiting payout: {}\n", uptime(secs)),
+        None => "oldest waiting payout: none waiting\n".to_owned(),
+    });
+    out
+}
+
+fn uptime(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
+        s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Option<T> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+async fn upstreams(ops_addr: &str) -> anyhow::Result<Vec<Upstream>> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()?;
+    let url = format!("http://{ops_addr}/ops/upstreams");
+    http.get(&url)
+        .send()
+        .await?
+        .json()
+        .await
+        .with_context(|| format!("reading {url}"))
+}
