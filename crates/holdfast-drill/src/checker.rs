@@ -67,6 +67,20 @@ pub enum OpKind {
     },
 }
 
+impl OpKind {
+    /// The operation's name, as in the history (`op`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            OpKind::Signup => "signup",
+            OpKind::Login => "login",
+            OpKind::CartAdd { .. } => "cart_add",
+            OpKind::CartRead => "cart_read",
+            OpKind::Checkout { .. } => "checkout",
+            OpKind::OrderRead { .. } => "order_read",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Outcome {

@@ -1,6 +1,6 @@
 //! The drill's report: a table for the terminal, JSON for machines, one HTML page for people.
 //!
-//! The JSON keys are a contract (CI and the notes read them): `verdict`, `seed`, `duration_s`,
+//! The JSON keys are a contract (CI and the notes read them): `verdict`, `seed` (a string), `duration_s`,
 //! `requests_total`, `client_errors` (4xx answers), `server_errors` (5xx answers),
 //! `transport_errors` (no answer), `latency_ms.{p50,p95,p99,max}` (every HTTP attempt),
 //! `faults` [{kind, at_s, target, …}], `orders_acknowledged` and one count per invariant
@@ -120,6 +120,8 @@ pub struct Report {
     pub verdict: &'static str,
     /// The report keys of the violated invariants.
     pub violated: Vec<&'static str>,
+    /// Written as a string: a 64-bit seed does not survive a JSON number in every reader (jq).
+    #[serde(serialize_with = "as_string")]
     pub seed: u64,
     pub backend: &'static str,
     pub sabotage: Option<&'static str>,
@@ -152,6 +154,8 @@ pub struct Report {
     pub requests_under_faults: u64,
     /// Every `POST /api/checkout` attempt.
     pub checkout_latency_ms: Latency,
+    /// Attempts that were not answered 2xx/3xx, by operation and status (`none`: no answer).
+    pub errors_by_op: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
     /// Each web process's peak resident memory, and the largest.
     pub peak_rss: Vec<PeakRss>,
     pub max_peak_rss_mb: f64,
@@ -165,6 +169,10 @@ pub struct Report {
     pub violations: Vec<Violation>,
     pub notes: Vec<String>,
     pub timeline: Vec<Second>,
+}
+
+fn as_string<S: serde::Serializer>(n: &u64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&n.to_string())
 }
 
 pub(crate) struct Inputs<'a> {
@@ -339,6 +347,24 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
             .collect(),
         max_peak_rss_mb: round(i.peak_rss_kb.values().copied().max().unwrap_or(0) as f64 / 1024.0),
         abuse: abuse(&i),
+        errors_by_op: {
+            let mut by: std::collections::BTreeMap<
+                String,
+                std::collections::BTreeMap<String, u64>,
+            > = Default::default();
+            for s in i.samples.iter().filter(|s| s.class != Class::Ok) {
+                let status = if s.status == 0 {
+                    "none".to_owned()
+                } else {
+                    s.status.to_string()
+                };
+                *by.entry(s.op.to_owned())
+                    .or_default()
+                    .entry(status)
+                    .or_default() += 1;
+            }
+            by
+        },
         faults: i.injected.to_vec(),
         faults_skipped: i.skipped.to_vec(),
         counts: i.verdict.counts.clone(),
@@ -406,6 +432,14 @@ impl Report {
             "  under faults  p50 {:.1}   p95 {:.1}   p99 {:.1}   max {:.1}   ({} requests)",
             f.p50, f.p95, f.p99, f.max, self.requests_under_faults
         );
+        if !self.errors_by_op.is_empty() {
+            let parts: Vec<String> = self
+                .errors_by_op
+                .iter()
+                .flat_map(|(op, by)| by.iter().map(move |(st, n)| format!("{op} {st}×{n}")))
+                .collect();
+            let _ = writeln!(s, "  errors        {}", parts.join(", "));
+        }
         let c = &self.checkout_latency_ms;
         let _ = writeln!(
             s,
@@ -844,6 +878,7 @@ mod tests {
                 Class::NoAnswer => 0,
             },
             checkout: false,
+            op: "cart_read",
         }
     }
 
@@ -897,7 +932,8 @@ mod tests {
         assert_eq!(fault["kind"], "pause-instance");
         assert_eq!(fault["at_s"], 1.2);
         assert_eq!(fault["target"], "web pid 7 <x>");
-        assert_eq!(json["seed"], 42);
+        assert_eq!(json["seed"], "42");
+        assert_eq!(json["errors_by_op"]["cart_read"]["500"], 1, "{json:#}");
         assert_eq!(json["requests_total"], 6);
         assert_eq!(json["client_errors"], 1);
         assert_eq!(json["server_errors"], 1);

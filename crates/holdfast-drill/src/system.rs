@@ -249,7 +249,17 @@ impl System {
             cmd.env("HOLDFAST_SESSION_KEYS", keys.current())
                 .env(KEYS_FILE_ENV, &keys.path);
         }
-        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into());
+        // Asked for a system log, the operator gets the system's story (info); otherwise only
+        // what went wrong is kept for a failed start.
+        let level = if opts.system_log.is_some() {
+            "info"
+        } else {
+            "warn"
+        };
+        let rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| level.into());
+        let mut stdout_log = log
+            .try_clone()
+            .map_err(Error::io(format!("opening {}", log_path.display())))?;
         cmd.env_remove("DATABASE_URL")
             .env("RUST_LOG", rust_log)
             .stdin(Stdio::null())
@@ -269,6 +279,7 @@ impl System {
         let ready = tokio::time::timeout(Duration::from_secs(60), async {
             let mut url = None;
             while let Ok(Some(line)) = lines.next_line().await {
+                let _ = std::io::Write::write_all(&mut stdout_log, format!("{line}\n").as_bytes());
                 if let Some(rest) = line.strip_prefix("Holdfast is up: ") {
                     url = rest.split_whitespace().next().map(str::to_owned);
                 }
@@ -285,8 +296,14 @@ impl System {
             Ok(None) => return Err(self.start_failed(log_path, "holdfast up exited")),
             Err(_) => return Err(self.start_failed(log_path, "holdfast up was not up within 60 s")),
         };
-        // Keep reading, so `up` never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        // Keep reading, so `up` never blocks on a full pipe, into the system log: `up` passes
+        // its processes' stdout on.
+        tokio::spawn(async move {
+            use std::io::Write;
+            while let Ok(Some(line)) = lines.next_line().await {
+                let _ = writeln!(stdout_log, "{line}");
+            }
+        });
         // Without workers `up` starts no provider.
         let provider = ctl
             .instances("provider")

@@ -85,6 +85,8 @@ pub(crate) struct Sample {
     pub status: u16,
     /// A `POST /api/checkout`.
     pub checkout: bool,
+    /// The operation it was an attempt of.
+    pub op: &'static str,
 }
 
 /// Live counters for the progress line.
@@ -795,7 +797,7 @@ impl Shopper {
             } else {
                 None
             };
-            let answer = self.attempt(req, cookie.as_deref()).await;
+            let answer = self.attempt(kind.name(), req, cookie.as_deref()).await;
             match answer {
                 Ok(a) if (200..300).contains(&a.status) => match seen(&a.body) {
                     Some(seen) => break (Outcome::Ok { seen }, Ok(a)),
@@ -860,7 +862,12 @@ impl Shopper {
     }
 
     /// One HTTP attempt, timed and counted.
-    async fn attempt(&mut self, req: &Req, cookie: Option<&str>) -> Result<Answer, String> {
+    async fn attempt(
+        &mut self,
+        op: &'static str,
+        req: &Req,
+        cookie: Option<&str>,
+    ) -> Result<Answer, String> {
         let started = Instant::now();
         let answer = self.load.send(&self.http, req, cookie).await;
         let class = match &answer {
@@ -875,6 +882,7 @@ impl Shopper {
             class,
             status: answer.as_ref().map_or(0, |a| a.status),
             checkout: req.path == "/api/checkout",
+            op,
         };
         self.load.live.record(&sample);
         self.samples.push(sample);

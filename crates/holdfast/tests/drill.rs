@@ -55,7 +55,15 @@ fn assert_passes(backend: &str) {
     let dir = tempfile::tempdir().unwrap();
     let mut args = short("11");
     args.extend(["--backend", backend]);
+    let log = dir.path().join("system.log");
+    let log_arg = log.to_str().unwrap().to_owned();
+    args.extend(["--system-log", &log_arg]);
     let (out, r, html) = drill(dir.path(), backend, &args);
+    let system_log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        system_log.contains("Holdfast is up") && system_log.contains("Operator endpoints"),
+        "--system-log keeps the system's own story:\n{system_log}"
+    );
     assert_eq!(r["verdict"], "pass", "violated: {}", r["violated"]);
     assert!(out.status.success(), "exit status {}", out.status);
     // The stable keys.
@@ -65,7 +73,10 @@ fn assert_passes(backend: &str) {
     for q in ["p50", "p95", "p99", "max"] {
         assert!(r["latency_ms"][q].as_f64().unwrap() > 0.0, "latency_ms.{q}");
     }
-    assert_eq!(r["seed"], 11);
+    assert_eq!(
+        r["seed"], "11",
+        "the seed is a string, so jq keeps every digit"
+    );
     assert_eq!(r["duration_s"], 12.0);
     assert!(r["requests_total"].as_u64().unwrap() > 100);
     assert!(r["orders_acknowledged"].as_u64().unwrap() > 10);
