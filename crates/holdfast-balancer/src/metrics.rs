@@ -208,28 +208,22 @@ pub(crate) fn merge(texts: &[String]) -> String {
     for text in texts {
         let mut current = String::new();
         for line in text.lines().filter(|l| !l.trim().is_empty()) {
-            if let Some(rest) = line.strip_prefix("# HELP ") {
+            let described = [("# HELP ", true), ("# TYPE ", false)]
+                .into_iter()
+                .find_map(|(prefix, help)| Some((line.strip_prefix(prefix)?, help)));
+            if let Some((rest, help)) = described {
                 current = rest
                     .split_whitespace()
                     .next()
                     .unwrap_or_default()
                     .to_owned();
-                families
-                    .entry(current.clone())
-                    .or_default()
-                    .help
-                    .get_or_insert_with(|| line.to_owned());
-            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-                current = rest
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned();
-                families
-                    .entry(current.clone())
-                    .or_default()
-                    .kind
-                    .get_or_insert_with(|| line.to_owned());
+                let family = families.entry(current.clone()).or_default();
+                let slot = if help {
+                    &mut family.help
+                } else {
+                    &mut family.kind
+                };
+                slot.get_or_insert_with(|| line.to_owned());
             } else if !line.starts_with('#') {
                 let name: String = line
                     .chars()
