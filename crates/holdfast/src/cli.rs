@@ -41,6 +41,9 @@ pub enum Command {
     /// One screen: the processes `up` runs (pid, uptime, restarts, health), the queue and the
     /// oldest waiting payout.
     Status(JobsList),
+    /// A rolling restart (an upgrade, if the executable was replaced) of the web instances
+    /// and workers `up` runs, one at a time, aborting if users see a 5xx.
+    Roll(RollArgs),
     /// Side-by-side benchmarks against peers: runs `holdfast-bench` from beside this binary
     /// (`cargo build --release -p holdfast-bench`), so production links no peer crate.
     #[command(disable_help_flag = true)]
@@ -432,6 +435,21 @@ pub enum JobsCommand {
 pub struct StoreOnly {
     #[command(flatten)]
     pub store: StoreArgs,
+}
+
+/// `holdfast roll`.
+#[derive(Debug, Clone, Args)]
+pub struct RollArgs {
+    /// The data dir of the `holdfast up` to roll.
+    #[arg(long, default_value = "./holdfast-data")]
+    pub data_dir: PathBuf,
+    /// How long one process may take to be replaced (and, for a web instance, for every
+    /// instance to be ready again) before the roll aborts.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub step_timeout: Duration,
+    /// A pause between steps, to let figures settle.
+    #[arg(long, value_parser = parse_duration, default_value = "1s")]
+    pub pause: Duration,
 }
 
 /// An operator listing: a table for people, `--json` for machines.

@@ -8,6 +8,7 @@
 mod cli;
 mod drill;
 mod provider;
+mod roll;
 mod serve;
 mod status;
 mod up;
@@ -54,6 +55,7 @@ fn run() -> anyhow::Result<()> {
             Some(Command::Provider(args)) => provider::run(args).await,
             Some(Command::Jobs(cmd)) => worker::jobs_command(cmd).await,
             Some(Command::Status(args)) => status::run(args).await,
+            Some(Command::Roll(args)) => roll::run(args).await,
             Some(Command::Drill(args)) => drill::run(args).await,
             None => up::run(cli.up).await,
         }

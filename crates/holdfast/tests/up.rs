@@ -252,3 +252,47 @@ fn status_json(dir: &Path) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("status JSON")
 }
+
+#[tokio::test]
+async fn a_roll_replaces_every_instance_one_at_a_time_without_a_5xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut up, base, _ops, before) = start_up(dir.path(), 2).await;
+    // Users keep reading while the roll runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (stop, url) = (stop.clone(), format!("{base}/api/products"));
+        tokio::spawn(async move {
+            let (client, mut answers, mut failures) = (client(), 0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match status(&client, &url).await {
+                    Some(200) => answers += 1,
+                    other => failures.push(other),
+                }
+            }
+            (answers, failures)
+        })
+    };
+    let data_dir = dir.path().to_str().unwrap().to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args(["roll", "--pause", "0s", "--data-dir", &data_dir])
+            .output()
+            .expect("running holdfast roll")
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (answers, failures) = load.await.unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("rolled 2 processes"), "{said}");
+    let after = instances(dir.path()).expect("instances.json");
+    for i in &after {
+        up.adopt(i.pid);
+    }
+    let old: HashSet<u32> = before.iter().map(|i| i.pid).collect();
+    assert_eq!(after.len(), 2);
+    assert!(after.iter().all(|i| !old.contains(&i.pid)), "every instance was replaced");
+    assert!(answers > 10, "the load ran ({answers} answers)");
+    assert!(failures.is_empty(), "users saw {failures:?} during the roll");
+}
