@@ -86,6 +86,9 @@ pub struct WebOptions {
     pub trusted_proxies: Vec<std::net::IpAddr>,
     /// How long a browser that logged in stays a known device of the account.
     pub known_device_ttl: Duration,
+    /// An opaque name this instance puts on every answer (`X-Served-By`), so a page or a
+    /// support ticket can say which instance answered without revealing its address.
+    pub instance_name: Option<String>,
 }
 
 /// The edge's routes that are safe to repeat without an `Idempotency-Key`, for a balancer
@@ -113,6 +116,7 @@ impl Default for WebOptions {
             rate_limits: RateLimits::default(),
             trusted_proxies: limits::loopback(),
             known_device_ttl: Duration::from_secs(365 * 24 * 3600),
+            instance_name: None,
         }
     }
 }
@@ -294,7 +298,8 @@ where
             )
         })
         .layer(middleware::from_fn_with_state(edge.clone(), deadline))
-        .layer(middleware::from_fn_with_state(edge, shed_load))
+        .layer(middleware::from_fn_with_state(edge.clone(), shed_load))
+        .layer(middleware::from_fn_with_state(edge, served_by))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             AppError::internal("a handler panicked").into_response()
         }))
@@ -310,6 +315,17 @@ pub fn operator_app(state: AppState) -> Router {
         .route("/metrics", get(render_metrics))
         .fallback(|| async { AppError::not_found("no such route") })
         .with_state(state)
+}
+
+/// Names the answering instance on every answer (see [`WebOptions::instance_name`]).
+async fn served_by(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let mut resp = next.run(req).await;
+    if let Some(name) = &st.opts.instance_name {
+        if let Ok(v) = HeaderValue::from_str(name) {
+            resp.headers_mut().insert("x-served-by", v);
+        }
+    }
+    resp
 }
 
 /// Counts and times every routed request by route template, method and status.

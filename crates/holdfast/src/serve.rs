@@ -62,6 +62,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     )
     .map_err(anyhow::Error::msg)?;
     let store = crate::open_store(&args.store).await?;
+    // Opaque on purpose: the public answer names the instance, not its address.
+    let name = format!("i-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    opts.instance_name = Some(name.clone());
     let state = AppState::new(store.clone(), opts, Some(metrics));
     let ops_listener = TcpListener::bind(args.ops_addr)
         .await
@@ -70,7 +73,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let operator = holdfast_web::operator_app(state.clone());
     tokio::spawn(async move { axum::serve(ops_listener, operator).await });
     crate::announce_listening(addr, Some(ops_addr))?;
-    info!(%addr, %ops_addr, backend = %store.backend(), sessions = state.sessions().tier_name(), "serving");
+    info!(%addr, %ops_addr, instance = %name, backend = %store.backend(), sessions = state.sessions().tier_name(), "serving");
     tokio::spawn(holdfast_web::reap_forever(state.clone(), REAP_EVERY));
 
     let (stopping_tx, stopping_rx) = oneshot::channel();

@@ -38,6 +38,17 @@ async fn sigterm_drains_then_exits_cleanly() {
         Some(200)
     );
     let (readyz, healthz) = (format!("{base}/readyz"), format!("{base}/healthz"));
+    // Every answer names the instance, opaquely: not its address.
+    let answer = client.get(&healthz).send().await.unwrap();
+    let served_by = answer.headers()["x-served-by"].to_str().unwrap().to_owned();
+    assert!(
+        served_by.starts_with("i-") && served_by.len() == 10,
+        "{served_by}"
+    );
+    assert!(
+        !served_by.contains(addr.split(':').next_back().unwrap()),
+        "{served_by}"
+    );
     assert_eq!(status(&client, &healthz).await, Some(200));
     assert_eq!(status(&client, &readyz).await, Some(200));
 

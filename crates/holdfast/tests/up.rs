@@ -284,7 +284,11 @@ async fn a_roll_replaces_every_instance_one_at_a_time_without_a_5xx() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (answers, failures) = load.await.unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{said}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(said.contains("rolled 2 processes"), "{said}");
     let after = instances(dir.path()).expect("instances.json");
     for i in &after {
@@ -292,7 +296,13 @@ async fn a_roll_replaces_every_instance_one_at_a_time_without_a_5xx() {
     }
     let old: HashSet<u32> = before.iter().map(|i| i.pid).collect();
     assert_eq!(after.len(), 2);
-    assert!(after.iter().all(|i| !old.contains(&i.pid)), "every instance was replaced");
+    assert!(
+        after.iter().all(|i| !old.contains(&i.pid)),
+        "every instance was replaced"
+    );
     assert!(answers > 10, "the load ran ({answers} answers)");
-    assert!(failures.is_empty(), "users saw {failures:?} during the roll");
+    assert!(
+        failures.is_empty(),
+        "users saw {failures:?} during the roll"
+    );
 }
