@@ -181,7 +181,13 @@ struct Inner {
     throttled: AtomicU64,
     rate_limited: AtomicU64,
     red: metrics::Red,
+    /// Families the supervisor counts once for the whole fleet (say, queue depth).
+    fleet_metrics: RwLock<Option<FleetMetrics>>,
 }
+
+/// Renders families counted once for the fleet, for `/ops/metrics`.
+pub type FleetMetrics =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
 /// Open client connections, in all and per client address.
 #[derive(Default)]
@@ -315,6 +321,7 @@ impl Balancer {
                 throttled: AtomicU64::new(0),
                 rate_limited: AtomicU64::new(0),
                 red: metrics::Red::default(),
+                fleet_metrics: RwLock::new(None),
             }),
         }
     }
@@ -401,6 +408,15 @@ impl Balancer {
                 since.map(|t| (u.addr, now.saturating_duration_since(t)))
             })
             .collect()
+    }
+
+    /// Adds families counted once for the whole fleet to `/ops/metrics`.
+    pub fn set_fleet_metrics(&self, render: FleetMetrics) {
+        *self
+            .inner
+            .fleet_metrics
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Some(render);
     }
 
     /// Client connections open now.

@@ -175,6 +175,15 @@ impl Balancer {
             .collect();
         let scrapes = futures::future::join_all(targets.iter().map(|t| self.scrape(t))).await;
         let mut texts = vec![self.render_metrics()];
+        let fleet = self
+            .inner
+            .fleet_metrics
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(fleet) = fleet {
+            texts.push(fleet().await);
+        }
         texts.extend(scrapes.into_iter().flatten());
         merge(&texts)
     }

@@ -29,7 +29,7 @@ mod worker;
 pub const METRICS: &[holdfast_core::Metric] = &[
     holdfast_core::Metric::gauge(
         "holdfast_jobs",
-        "Jobs by queue and state (available = waiting, running, dead), as this process last counted them.",
+        "Jobs by queue and state (available = waiting, running, dead); a fleet exports it once.",
     ),
     holdfast_core::Metric::histogram(
         "holdfast_job_wait_seconds",

@@ -88,6 +88,10 @@ pub struct WorkerOptions {
     /// With no wake-up, look for due work this often anyway.
     pub idle_poll: Duration,
     pub wakeup: Wakeup,
+    /// Export the queue depth (`holdfast_jobs`). A fleet should export it once: leave it on
+    /// for a lone worker, turn it off when something else counts for the fleet (`holdfast up`
+    /// does, on its operator port).
+    pub queue_gauges: bool,
 }
 
 impl Default for WorkerOptions {
@@ -114,6 +118,7 @@ impl Default for WorkerOptions {
             drain_timeout: Duration::from_secs(10),
             idle_poll: Duration::from_secs(5),
             wakeup: Wakeup::None,
+            queue_gauges: true,
         }
     }
 }
@@ -455,7 +460,7 @@ async fn maintenance(shared: Arc<Shared>) {
                     tracing::warn!(error = %e, "prune failed");
                 }
             }
-            _ = gauges.tick() => {
+            _ = gauges.tick(), if shared.opts.queue_gauges => {
                 if let Ok(counts) = shared.store.job_counts().await {
                     for c in counts {
                         metrics::gauge!("holdfast_jobs", "queue" => c.queue, "state" => c.state).set(c.count as f64);

@@ -410,14 +410,6 @@ async fn render_metrics(State(st): State<AppState>) -> Response {
     metrics::gauge!("holdfast_db_pool_connections", "state" => "idle").set(idle as f64);
     metrics::gauge!("holdfast_db_pool_connections", "state" => "in_use")
         .set(f64::from(size).max(idle as f64) - idle as f64);
-    // Queue depth by state (available = waiting, running, dead): what users feel as work
-    // that has not happened yet. One grouped count; completed jobs are pruned, so it stays small.
-    if let Ok(counts) = st.store.job_counts().await {
-        for c in counts {
-            metrics::gauge!("holdfast_jobs", "queue" => c.queue, "state" => c.state)
-                .set(c.count as f64);
-        }
-    }
     let mut resp = handle.render().into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -392,6 +392,10 @@ pub struct WorkerArgs {
     pub jobs: JobArgs,
     #[command(flatten)]
     pub sabotage: SabotageArgs,
+    /// Do not export the queue depth (`holdfast_jobs`): something else counts it once for the
+    /// fleet (`up` does, on its operator port, and passes this to its workers).
+    #[arg(long)]
+    pub no_queue_metrics: bool,
     /// Set by `up`: exit if that process dies.
     #[arg(long, hide = true)]
     pub parent_pid: Option<i32>,

@@ -51,7 +51,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let url = args.store.store_url()?;
     // Migrate once, up front, so the instances find the schema ready instead of queueing on
     // the migration lock, and a bad URL fails here with one message instead of N crash loops.
-    crate::open_store(&args.store).await?.close().await;
+    // Kept open to count the queue once for the whole fleet on the operator port.
+    let fleet_store = crate::open_store(&args.store).await?;
 
     let listener = TcpListener::bind((args.host, args.port))
         .await
@@ -72,6 +73,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         }),
         ..BalancerOptions::default()
     });
+    balancer.set_fleet_metrics(Arc::new(move || {
+        let store = fleet_store.clone();
+        Box::pin(async move { queue_depth(&store).await })
+    }));
     let (stop_balancer, balancer_stopped) = oneshot::channel::<()>();
     let balancing = tokio::spawn(balancer.clone().serve(listener, async {
         let _ = balancer_stopped.await;
@@ -156,6 +161,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             provider_url.into(),
         ];
         worker_args.extend(store_flags);
+        worker_args.push("--no-queue-metrics".into());
         worker_args.extend(args.jobs.to_args());
         worker_args.extend(args.sabotage.to_args());
         groups.push(Group {
@@ -337,6 +343,26 @@ impl Supervisor {
         }
         Ok(())
     }
+}
+
+/// `holdfast_jobs` for the whole fleet, counted once (workers started by `up` do not export
+/// it), in the exposition format.
+async fn queue_depth(store: &holdfast_store::Store) -> String {
+    let name = "holdfast_jobs";
+    let help = holdfast_jobs::METRICS
+        .iter()
+        .find(|m| m.name == name)
+        .map_or("", |m| m.help);
+    let mut out = format!("# HELP {name} {help}\n# TYPE {name} gauge\n");
+    if let Ok(counts) = store.job_counts().await {
+        for c in counts {
+            out.push_str(&format!(
+                "{name}{{role=\"balancer\",queue=\"{}\",state=\"{}\"}} {}\n",
+                c.queue, c.state, c.count
+            ));
+        }
+    }
+    out
 }
 
 /// Kills web instances the balancer has found unresponsive for `after`, forever.

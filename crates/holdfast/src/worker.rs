@@ -67,6 +67,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
             ..defaults.backoff
         },
         wakeup,
+        queue_gauges: !args.no_queue_metrics,
         ..defaults
     };
     let worker = flows.register(Worker::new(store.clone(), opts));

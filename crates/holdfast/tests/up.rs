@@ -79,6 +79,7 @@ async fn a_killed_or_frozen_instance_is_replaced_while_the_balancer_keeps_servin
         "operator endpoints are not on the public port"
     );
 
+    checkout_one_order(&base).await;
     assert_fleet_metrics_add_up(&ops, &before).await;
     let screen = status_json(dir.path());
     let processes = screen["processes"].as_array().unwrap();
@@ -185,6 +186,42 @@ async fn sigkill_takes_every_instance_with_it() {
     .await;
 }
 
+/// Signs up, adds to the cart and checks out through the balancer: with no workers, the
+/// order's payout job waits in the queue.
+async fn checkout_one_order(base: &str) {
+    let http = reqwest::Client::builder()
+        .cookie_store(true)
+        .local_address(holdfast_core::loopback_source(7))
+        .build()
+        .unwrap();
+    let creds =
+        serde_json::json!({ "email": "fleet@example.com", "password": "correct horse battery" });
+    for path in ["/api/signup", "/api/login"] {
+        let r = http
+            .post(format!("{base}{path}"))
+            .json(&creds)
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+    }
+    let add = serde_json::json!({ "sku": "HELMET", "qty": 1 });
+    let r = http
+        .post(format!("{base}/api/cart/items"))
+        .json(&add)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "add: {}", r.status());
+    let r = http
+        .post(format!("{base}/api/checkout"))
+        .header("idempotency-key", "fleet-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "checkout");
+}
+
 /// The operator port's `/ops/metrics`: the balancer's own families and every instance's,
 /// merged into one page where each family is described once, every series says which process
 /// it is from, and counters that have not happened yet are there at 0.
@@ -235,6 +272,16 @@ async fn assert_fleet_metrics_add_up(ops: &str, live: &[Instance]) {
         .collect();
     assert_eq!(instances.len(), live.len(), "{retries:?}");
     assert!(page.contains("holdfast_balancer_requests_total{role=\"balancer\",class=\"2xx\"}"));
+    // The queue is counted once for the fleet, not once per process.
+    let queue: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("holdfast_jobs{"))
+        .collect();
+    assert_eq!(
+        queue,
+        ["holdfast_jobs{role=\"balancer\",queue=\"payments\",state=\"available\"} 1"],
+        "{page}"
+    );
 }
 
 /// `holdfast status --json` for the system running in `dir`.
