@@ -2,7 +2,8 @@
 //!
 //! The JSON keys are a contract (CI and the notes read them): `verdict`, `seed` (a string), `duration_s`,
 //! `requests_total`, `client_errors` (4xx answers), `server_errors` (5xx answers),
-//! `transport_errors` (no answer), `latency_ms.{p50,p95,p99,max}` (every HTTP attempt),
+//! `transport_errors` (no answer), `latency_ms.{p50,p95,p99,max}` (every HTTP attempt after the
+//! first `warmup_s`),
 //! `faults` [{kind, at_s, target, …}], `orders_acknowledged` and one count per invariant
 //! (see [`crate::checker`]). Keys are only ever added.
 //!
@@ -25,6 +26,19 @@ use crate::DrillOptions;
 const EXAMPLES_PER_INVARIANT: usize = 10;
 /// Requests completing this long after a fault ends still count as "under faults".
 const RECOVERY_TAIL_MS: u64 = 2000;
+/// The first this-long of the load (connections, caches and pools warming up) is left out of
+/// the headline latency; the timeline still shows it.
+const WARMUP_MS: u64 = 2000;
+
+/// How long after a fault ended the load looked healthy again: the first whole second with
+/// no 5xx and no unanswered attempt and a p99 within twice the p99 of the fault-free seconds
+/// (or 50 ms) (`None`: not within the run).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Recovery {
+    pub kind: crate::FaultKind,
+    pub at_s: f64,
+    pub recovered_after_s: Option<f64>,
+}
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Latency {
@@ -154,6 +168,10 @@ pub struct Report {
     pub requests_under_faults: u64,
     /// Every `POST /api/checkout` attempt.
     pub checkout_latency_ms: Latency,
+    /// Left out of `latency_ms` (seconds from the start of the load).
+    pub warmup_s: f64,
+    /// Per applied fault, how long until the load looked healthy again.
+    pub recovery: Vec<Recovery>,
     /// Attempts that were not answered 2xx/3xx, by operation and status (`none`: no answer).
     pub errors_by_op: std::collections::BTreeMap<String, std::collections::BTreeMap<String, u64>>,
     /// Each web process's peak resident memory, and the largest.
@@ -198,6 +216,47 @@ fn during(s: &Sample, injected: &[Injected], which: impl Fn(&Injected) -> bool) 
         let to = ((f.at_s + f.hold_s) * 1000.0) as u64;
         (from..=to).contains(&s.t_ms)
     })
+}
+
+fn recovery(samples: &[Sample], injected: &[Injected]) -> Vec<Recovery> {
+    let applied: Vec<&Injected> = injected.iter().filter(|f| f.applied).collect();
+    let quiet = |s: &&Sample| {
+        s.t_ms >= WARMUP_MS
+            && !applied.iter().any(|f| {
+                let from = (f.at_s * 1000.0) as u64;
+                let to = ((f.at_s + f.hold_s) * 1000.0) as u64 + RECOVERY_TAIL_MS;
+                (from..=to).contains(&s.t_ms)
+            })
+    };
+    let mut baseline: Vec<u64> = samples.iter().filter(quiet).map(|s| s.latency_us).collect();
+    if baseline.is_empty() {
+        baseline = samples.iter().map(|s| s.latency_us).collect();
+    }
+    baseline.sort_unstable();
+    // Twice the p99 while no fault was in force, and never stricter than 50 ms.
+    let healthy_p99 = (percentile(&baseline, 0.99) * 2).max(50_000);
+    let seconds = by_second(samples);
+    applied
+        .iter()
+        .map(|f| {
+            let end_ms = ((f.at_s + f.hold_s) * 1000.0) as u64;
+            let recovered = seconds.range(end_ms / 1000..).find(|(_, ss)| {
+                let mut us: Vec<u64> = ss.iter().map(|s| s.latency_us).collect();
+                us.sort_unstable();
+                !ss.is_empty()
+                    && ss
+                        .iter()
+                        .all(|s| s.class != Class::ServerError && s.class != Class::NoAnswer)
+                    && percentile(&us, 0.99) <= healthy_p99
+            });
+            Recovery {
+                kind: f.kind,
+                at_s: f.at_s,
+                recovered_after_s: recovered
+                    .map(|(t, _)| ((t + 1) * 1000).saturating_sub(end_ms) as f64 / 1000.0),
+            }
+        })
+        .collect()
 }
 
 fn abuse(i: &Inputs<'_>) -> Option<Abuse> {
@@ -327,7 +386,15 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         client_errors: count(Class::ClientError),
         server_errors: count(Class::ServerError),
         transport_errors: count(Class::NoAnswer),
-        latency_ms: Latency::of(i.samples.iter().map(|s| s.latency_us).collect()),
+        latency_ms: Latency::of(
+            i.samples
+                .iter()
+                .filter(|s| s.t_ms >= WARMUP_MS)
+                .map(|s| s.latency_us)
+                .collect(),
+        ),
+        warmup_s: WARMUP_MS as f64 / 1000.0,
+        recovery: recovery(i.samples, i.injected),
         requests_under_faults: faulted.len() as u64,
         latency_under_faults_ms: Latency::of(faulted),
         checkout_latency_ms: Latency::of(
@@ -496,7 +563,16 @@ impl Report {
                 } else {
                     String::new()
                 };
-                format!("{}{hold}", fault.target)
+                let healthy = self
+                    .recovery
+                    .iter()
+                    .find(|r| r.kind == fault.kind && r.at_s == fault.at_s)
+                    .map(|r| match r.recovered_after_s {
+                        Some(after) => format!("; healthy {after:.1} s after"),
+                        None => "; not healthy again within the run".to_owned(),
+                    })
+                    .unwrap_or_default();
+                format!("{}{hold}{healthy}", fault.target)
             } else {
                 format!("not injected: {}", fault.note)
             };
@@ -939,6 +1015,14 @@ mod tests {
         assert_eq!(json["server_errors"], 1);
         assert_eq!(json["transport_errors"], 1);
         assert_eq!(json["latency_ms"]["max"], 4000.0);
+        // Second 1 had a 5xx, second 2 an unanswered attempt, second 3 nothing: second 4 is
+        // the first healthy one, 3.3 s after the pause ended at 1.7 s.
+        assert_eq!(
+            json["recovery"][0]["recovered_after_s"], 3.3,
+            "{:#}",
+            json["recovery"]
+        );
+        assert_eq!(json["warmup_s"], 2.0);
         // Samples from 1.2 s to 1.7 s + the 2 s tail count as under faults.
         assert_eq!(json["requests_under_faults"], 3);
     }

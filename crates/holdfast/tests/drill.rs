@@ -86,6 +86,14 @@ fn assert_passes(backend: &str) {
     for f in &applied {
         assert!(f["kind"].is_string() && f["at_s"].is_number() && f["target"].is_string());
     }
+    // Every applied fault says how long the load took to look healthy again.
+    assert_eq!(
+        r["recovery"].as_array().unwrap().len(),
+        applied.len(),
+        "{}",
+        r["recovery"]
+    );
+    assert!(r["errors_by_op"].is_object());
     assert!(html.contains("<svg") && html.contains("<polyline") && html.contains("kill-instance"));
 }
 
