@@ -138,10 +138,11 @@ impl Balancer {
             &mut out,
             "holdfast_balancer_upstreams",
             "gauge",
-            "Upstream instances by state (healthy, alive, ejected).",
+            "Upstream instances: configured, and how many are healthy, alive, ejected.",
         );
         let ups = self.upstreams();
         for (state, n) in [
+            ("configured", ups.len()),
             ("healthy", ups.iter().filter(|u| u.healthy).count()),
             ("alive", ups.iter().filter(|u| u.alive).count()),
             ("ejected", ups.iter().filter(|u| u.ejected).count()),
