@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Tools the operations tests need: promtool (Debian's prometheus package) to check and unit-test
-# the alert rules in ops/prometheus. Idempotent; does nothing when promtool is already there.
+# Tools the operations tests need, from Debian's packages: promtool (prometheus) to check and
+# unit-test the alert rules in ops/prometheus, and headless Chromium to load the operator page.
+# Idempotent: installs only what is missing.
 set -euo pipefail
-if command -v promtool >/dev/null; then
-  exit 0
-fi
 export DEBIAN_FRONTEND=noninteractive
-apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
-  || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
-command -v promtool >/dev/null
+need() { # need COMMAND PACKAGE
+  command -v "$1" >/dev/null && return 0
+  apt-get install -y -qq --no-install-recommends "$2" >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "$2" >/dev/null; }
+  command -v "$1" >/dev/null
+}
+need promtool prometheus
+need chromium chromium

@@ -119,6 +119,10 @@ pub struct ClientRate {
     pub burst: u32,
 }
 
+/// The operator page (`GET /ops` on the operator listener): live instances, upstream health
+/// and the last minutes' traffic, from the JSON endpoints beside it.
+const OPS_PAGE: &str = include_str!("ops.html");
+
 /// How long a request over its client's rate may wait for its turn.
 const MAX_THROTTLE_WAIT: Duration = Duration::from_secs(1);
 /// Client addresses whose rate is tracked at once before idle ones are forgotten.
@@ -181,6 +185,7 @@ struct Inner {
     throttled: AtomicU64,
     rate_limited: AtomicU64,
     red: metrics::Red,
+    history: metrics::History,
     /// Families the supervisor counts once for the whole fleet (say, queue depth).
     fleet_metrics: RwLock<Option<FleetMetrics>>,
 }
@@ -321,6 +326,7 @@ impl Balancer {
                 throttled: AtomicU64::new(0),
                 rate_limited: AtomicU64::new(0),
                 red: metrics::Red::default(),
+                history: metrics::History::default(),
                 fleet_metrics: RwLock::new(None),
             }),
         }
@@ -433,6 +439,7 @@ impl Balancer {
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> io::Result<()> {
         let health = tokio::spawn(self.clone().check_health_forever());
+        let history = tokio::spawn(self.clone().record_history_forever());
         let graceful = GracefulShutdown::new();
         let mut connections = JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
@@ -492,6 +499,7 @@ impl Balancer {
         }
         connections.shutdown().await;
         health.abort();
+        history.abort();
         Ok(())
     }
 
@@ -621,6 +629,18 @@ impl Balancer {
                     .unwrap_or_else(PoisonError::into_inner);
                 json_response(json.clone())
             }
+            "/ops" | "/ops/" => {
+                let mut resp = Response::new(full(Bytes::from_static(OPS_PAGE.as_bytes())));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                resp
+            }
+            "/ops/history" => match serde_json::to_vec(&self.history()) {
+                Ok(json) => json_response(json.into()),
+                Err(error) => problem(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),
+            },
             "/ops/upstreams" => match serde_json::to_vec(&self.upstreams()) {
                 Ok(json) => json_response(json.into()),
                 Err(error) => problem(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()),

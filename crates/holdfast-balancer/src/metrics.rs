@@ -48,6 +48,103 @@ impl Red {
     }
 }
 
+/// One second of the balancer's traffic, for the operator page's charts.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Second {
+    /// Unix time, seconds.
+    pub t: i64,
+    pub requests: u64,
+    /// 5xx answers.
+    pub errors: u64,
+    /// Bucket bounds: the answer time under which half (99%) of the second's requests fell.
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// The last five minutes, one [`Second`] each, and the counters at the last tick.
+#[derive(Default)]
+pub(crate) struct History {
+    seconds: std::sync::Mutex<std::collections::VecDeque<Second>>,
+    last: std::sync::Mutex<([u64; 5], [u64; BUCKETS.len() + 1])>,
+}
+
+const HISTORY_SECONDS: usize = 300;
+
+impl Red {
+    fn snapshot(&self) -> ([u64; 5], [u64; BUCKETS.len() + 1]) {
+        (
+            std::array::from_fn(|i| self.by_class[i].load(Ordering::Relaxed)),
+            std::array::from_fn(|i| self.buckets[i].load(Ordering::Relaxed)),
+        )
+    }
+}
+
+/// The bucket bound (ms) under which a `q` share of `counts` fell.
+fn quantile_ms(counts: &[u64], q: f64) -> f64 {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let mut cumulative = 0;
+    for (i, n) in counts.iter().enumerate() {
+        cumulative += n;
+        if cumulative as f64 >= q * total as f64 {
+            return BUCKETS.get(i).map_or(10_000.0, |b| b * 1000.0);
+        }
+    }
+    10_000.0
+}
+
+impl Balancer {
+    /// Records one [`Second`] a second, forever (the operator page's charts).
+    pub(crate) async fn record_history_forever(self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let now = self.inner.red.snapshot();
+            let mut last = self
+                .inner
+                .history
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let classes: Vec<u64> = (0..5).map(|i| now.0[i] - last.0[i]).collect();
+            let buckets: Vec<u64> = (0..now.1.len()).map(|i| now.1[i] - last.1[i]).collect();
+            *last = now;
+            drop(last);
+            let second = Second {
+                t: holdfast_core::now_ms() / 1000,
+                requests: classes.iter().sum(),
+                errors: classes[4],
+                p50_ms: quantile_ms(&buckets, 0.5),
+                p99_ms: quantile_ms(&buckets, 0.99),
+            };
+            let mut seconds = self
+                .inner
+                .history
+                .seconds
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if seconds.len() == HISTORY_SECONDS {
+                seconds.pop_front();
+            }
+            seconds.push_back(second);
+        }
+    }
+
+    /// The last five minutes, oldest first.
+    pub fn history(&self) -> Vec<Second> {
+        self.inner
+            .history
+            .seconds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+}
+
 /// One process in the published instance list.
 #[derive(Deserialize)]
 struct Listed {

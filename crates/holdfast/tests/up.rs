@@ -353,3 +353,77 @@ async fn a_roll_replaces_every_instance_one_at_a_time_without_a_5xx() {
         "users saw {failures:?} during the roll"
     );
 }
+
+/// The operator page (`/ops` on the operator port) in a real headless Chromium: it lists the
+/// instances with their health, and charts the last seconds' traffic.
+#[tokio::test]
+async fn the_operator_page_shows_the_instances_and_the_traffic_in_a_browser() {
+    if std::process::Command::new("chromium")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI=true but chromium is missing: run scripts/install-ops-tools.sh"
+        );
+        eprintln!("skipped: no chromium (scripts/install-ops-tools.sh installs it)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (_up, base, ops, live) = start_up(dir.path(), 2).await;
+    let client = client();
+    for _ in 0..20 {
+        assert_eq!(
+            status(&client, &format!("{base}/api/products")).await,
+            Some(200)
+        );
+    }
+    let history = eventually(WITHIN, "two seconds of history", || async {
+        let h: Vec<serde_json::Value> = client
+            .get(format!("{ops}/ops/history"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (h.len() >= 2 && h.iter().any(|s| s["requests"].as_u64() > Some(0))).then_some(h)
+    })
+    .await;
+    assert!(history.iter().all(|s| s["errors"] == 0), "{history:?}");
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("{ops}/ops");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .output()
+            .expect("running chromium")
+    })
+    .await
+    .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    for i in &live {
+        assert!(
+            dom.contains(&format!("data-pid=\"{}\"", i.pid)),
+            "{} missing:\n{dom}",
+            i.pid
+        );
+    }
+    assert_eq!(dom.matches("<td>ready</td>").count(), 2, "{dom}");
+    assert!(dom.contains("<polyline"), "the charts were drawn:\n{dom}");
+    assert!(dom.contains("s of history</p>"), "the page refreshed from the endpoints:\n{dom}");
+}
