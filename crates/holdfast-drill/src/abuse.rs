@@ -100,6 +100,9 @@ pub(crate) struct Observed {
     slow: Mutex<SlowClients>,
     /// pid → the highest `VmHWM` read, in kB.
     peak_rss_kb: Mutex<BTreeMap<u32, u64>>,
+    /// Second of the load → payouts waiting (`holdfast_jobs{queue="payments",state="available"}`
+    /// on the balancer's `/ops/metrics`).
+    payouts_waiting: Mutex<BTreeMap<u64, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -115,6 +118,38 @@ impl Observed {
     }
     pub fn peak_rss_kb(&self) -> BTreeMap<u32, u64> {
         lock(&self.peak_rss_kb).clone()
+    }
+
+    pub fn payouts_waiting(&self) -> BTreeMap<u64, u64> {
+        lock(&self.payouts_waiting).clone()
+    }
+
+    /// Reads the fleet's payout queue from `ops_url`'s `/ops/metrics` once a second (keyed by
+    /// `second()`, the load's clock) until dropped.
+    pub async fn sample_payouts(&self, ops_url: &str, second: impl Fn() -> u64) {
+        let Ok(http) = reqwest::Client::builder()
+            .timeout(Duration::from_secs(1))
+            .build()
+        else {
+            return;
+        };
+        let url = format!("{ops_url}/ops/metrics");
+        loop {
+            let page = async { http.get(&url).send().await.ok()?.text().await.ok() };
+            if let Some(page) = page.await {
+                let waiting = page
+                    .lines()
+                    .filter(|l| {
+                        l.starts_with("holdfast_jobs{")
+                            && l.contains("queue=\"payments\"")
+                            && l.contains("state=\"available\"")
+                    })
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>();
+                lock(&self.payouts_waiting).insert(second(), waiting as u64);
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// Reads the web processes' high-water marks every 250 ms until dropped.

@@ -225,6 +225,14 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
             ctl.observed().sample_rss(pids).await
         }))
     };
+    let payouts = {
+        let (ctl, ops_url) = (sys.control(), sys.ops_url.clone());
+        Task(tokio::spawn(async move {
+            ctl.observed()
+                .sample_payouts(&ops_url, || clock.ms() / 1000)
+                .await
+        }))
+    };
     let progress = opts.progress.then(|| {
         let live = live.clone();
         Task(tokio::spawn(users::progress(
@@ -255,6 +263,7 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
     };
     let load_s = clock.elapsed().as_secs_f64();
     drop(sampler);
+    drop(payouts);
     let observed = sys.control();
     let observed = observed.observed();
     if progress.is_some() {
@@ -320,6 +329,7 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         flood: observed.flood(),
         slow_clients: observed.slow(),
         peak_rss_kb: observed.peak_rss_kb(),
+        payouts_waiting: observed.payouts_waiting(),
     }))
 }
 

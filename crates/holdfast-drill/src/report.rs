@@ -72,6 +72,8 @@ pub struct Second {
     pub transport_errors: u64,
     pub p50_ms: f64,
     pub p99_ms: f64,
+    /// Payouts waiting in the queue (the fleet's count), when it was read that second.
+    pub payouts_waiting: Option<u64>,
 }
 
 /// One web process's peak resident memory (its `VmHWM`) over the load.
@@ -170,6 +172,8 @@ pub struct Report {
     pub checkout_latency_ms: Latency,
     /// Left out of `latency_ms` (seconds from the start of the load).
     pub warmup_s: f64,
+    /// The most payouts waiting at once (sampled each second; `timeline[].payouts_waiting`).
+    pub max_payouts_waiting: Option<u64>,
     /// Per applied fault, how long until the load looked healthy again.
     pub recovery: Vec<Recovery>,
     /// Attempts that were not answered 2xx/3xx, by operation and status (`none`: no answer).
@@ -207,6 +211,7 @@ pub(crate) struct Inputs<'a> {
     pub flood: Flood,
     pub slow_clients: SlowClients,
     pub peak_rss_kb: std::collections::BTreeMap<u32, u64>,
+    pub payouts_waiting: std::collections::BTreeMap<u64, u64>,
 }
 
 /// Whether the sample completed inside one of the applied faults that `which` selects.
@@ -343,6 +348,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
                 transport_errors: n(Class::NoAnswer),
                 p50_ms: percentile(&us, 0.5) as f64 / 1000.0,
                 p99_ms: percentile(&us, 0.99) as f64 / 1000.0,
+                payouts_waiting: i.payouts_waiting.get(&t_s).copied(),
             }
         })
         .collect();
@@ -394,6 +400,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
                 .collect(),
         ),
         warmup_s: WARMUP_MS as f64 / 1000.0,
+        max_payouts_waiting: i.payouts_waiting.values().copied().max(),
         recovery: recovery(i.samples, i.injected),
         requests_under_faults: faulted.len() as u64,
         latency_under_faults_ms: Latency::of(faulted),
@@ -506,6 +513,12 @@ impl Report {
                 .flat_map(|(op, by)| by.iter().map(move |(st, n)| format!("{op} {st}×{n}")))
                 .collect();
             let _ = writeln!(s, "  errors        {}", parts.join(", "));
+        }
+        if let Some(max) = self.max_payouts_waiting {
+            let _ = writeln!(
+                s,
+                "  payouts       at most {max} waiting at once (the fleet's queue, each second)"
+            );
         }
         let c = &self.checkout_latency_ms;
         let _ = writeln!(
@@ -991,6 +1004,7 @@ mod tests {
             flood: Flood::default(),
             slow_clients: SlowClients::default(),
             peak_rss_kb: [(4242, 51_200)].into(),
+            payouts_waiting: [(1, 3)].into(),
         })
     }
 
@@ -1023,6 +1037,12 @@ mod tests {
             json["recovery"]
         );
         assert_eq!(json["warmup_s"], 2.0);
+        assert_eq!(json["timeline"][1]["payouts_waiting"], 3);
+        assert_eq!(
+            json["timeline"][0]["payouts_waiting"],
+            serde_json::Value::Null
+        );
+        assert_eq!(json["max_payouts_waiting"], 3);
         // Samples from 1.2 s to 1.7 s + the 2 s tail count as under faults.
         assert_eq!(json["requests_under_faults"], 3);
     }

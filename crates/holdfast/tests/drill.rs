@@ -94,6 +94,14 @@ fn assert_passes(backend: &str) {
         r["recovery"]
     );
     assert!(r["errors_by_op"].is_object());
+    // The fleet's payout queue was read through the run.
+    let sampled = r["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["payouts_waiting"].is_u64())
+        .count();
+    assert!(sampled >= 5, "payouts_waiting in {sampled} seconds");
     assert!(html.contains("<svg") && html.contains("<polyline") && html.contains("kill-instance"));
 }
 

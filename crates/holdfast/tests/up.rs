@@ -425,5 +425,8 @@ async fn the_operator_page_shows_the_instances_and_the_traffic_in_a_browser() {
     }
     assert_eq!(dom.matches("<td>ready</td>").count(), 2, "{dom}");
     assert!(dom.contains("<polyline"), "the charts were drawn:\n{dom}");
-    assert!(dom.contains("s of history</p>"), "the page refreshed from the endpoints:\n{dom}");
+    assert!(
+        dom.contains("s of history</p>"),
+        "the page refreshed from the endpoints:\n{dom}"
+    );
 }
