@@ -64,6 +64,8 @@ struct Status {
     queues: Vec<Queue>,
     /// How long the oldest due payout has been waiting (none waiting: null).
     oldest_waiting_payout_s: Option<u64>,
+    /// The Redis session tier as the instances see it, or null when no instance runs one.
+    redis_sessions: Option<String>,
 }
 
 pub async fn run(args: JobsList) -> anyhow::Result<()> {
@@ -78,6 +80,10 @@ pub async fn run(args: JobsList) -> anyhow::Result<()> {
     let upstreams: Vec<Upstream> = match &balancer {
         Some(b) => upstreams(&b.ops_addr).await.unwrap_or_default(),
         None => Vec::new(),
+    };
+    let redis_sessions = match &balancer {
+        Some(b) => redis_sessions(&b.ops_addr).await,
+        None => None,
     };
     let mut processes: Vec<Process> = balancer
         .iter()
@@ -141,6 +147,7 @@ pub async fn run(args: JobsList) -> anyhow::Result<()> {
         processes,
         queues,
         oldest_waiting_payout_s: oldest.filter(|&t| t <= now).map(age),
+        redis_sessions,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -186,6 +193,9 @@ fn table(s: &Status) -> String {
             ));
         }
     }
+    if let Some(redis) = &s.redis_sessions {
+        out.push_str(&format!("redis sessions: {redis}\n"));
+    }
     out.push_str(&match s.oldest_waiting_payout_s {
         Some(secs) => format!("oldest waiting payout: {}\n", uptime(secs)),
         None => "oldest waiting payout: none waiting\n".to_owned(),
@@ -203,6 +213,35 @@ fn uptime(secs: u64) -> String {
 
 fn read_json<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Option<T> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
+/// `holdfast_sessions_redis_up` across the fleet's metrics page, if any instance exports it.
+async fn redis_sessions(ops_addr: &str) -> Option<String> {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .ok()?;
+    let page = http
+        .get(format!("http://{ops_addr}/ops/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let up: Vec<bool> = page
+        .lines()
+        .filter(|l| l.starts_with("holdfast_sessions_redis_up{"))
+        .filter_map(|l| Some(l.rsplit(' ').next()?.parse::<f64>().ok()? > 0.5))
+        .collect();
+    let down = up.iter().filter(|u| !**u).count();
+    match (up.len(), down) {
+        (0, _) => None,
+        (n, 0) => Some(format!("up on all {n} instances")),
+        (n, d) => Some(format!(
+            "DOWN on {d} of {n} instances (sessions served by the store)"
+        )),
+    }
 }
 
 async fn upstreams(ops_addr: &str) -> anyhow::Result<Vec<Upstream>> {

@@ -29,6 +29,16 @@ async fn cookie_sessions_work_on_every_instance_up_starts() {
     };
     let s = Shopper::new(&sys.url, "cookie@example.com").await;
     me_on_every_instance(&s, 2).await;
+    // `holdfast status` sees the Redis tier answering on both instances.
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--json", "--data-dir"])
+        .arg(sys.data_dir())
+        .env_remove("DATABASE_URL")
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["redis_sessions"], "up on all 2 instances", "{status:#}");
+
     sys.signal(web_pids(&sys)[0], Signal::SIGKILL);
     me_on_every_instance(&s, 2).await;
 }
