@@ -37,7 +37,10 @@ async fn cookie_sessions_work_on_every_instance_up_starts() {
         .output()
         .unwrap();
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(status["redis_sessions"], "up on all 2 instances", "{status:#}");
+    assert_eq!(
+        status["redis_sessions"], "up on all 2 instances",
+        "{status:#}"
+    );
 
     sys.signal(web_pids(&sys)[0], Signal::SIGKILL);
     me_on_every_instance(&s, 2).await;

@@ -189,37 +189,16 @@ async fn sigkill_takes_every_instance_with_it() {
 /// Signs up, adds to the cart and checks out through the balancer: with no workers, the
 /// order's payout job waits in the queue.
 async fn checkout_one_order(base: &str) {
-    let http = reqwest::Client::builder()
-        .cookie_store(true)
-        .local_address(holdfast_core::loopback_source(7))
-        .build()
-        .unwrap();
-    let creds =
-        serde_json::json!({ "email": "fleet@example.com", "password": "correct horse battery" });
-    for path in ["/api/signup", "/api/login"] {
-        let r = http
-            .post(format!("{base}{path}"))
-            .json(&creds)
-            .send()
-            .await
-            .unwrap();
-        assert!(r.status().is_success(), "{path}: {}", r.status());
-    }
+    let s = holdfast_testkit::system::Shopper::new(base, "fleet@example.com").await;
     let add = serde_json::json!({ "sku": "HELMET", "qty": 1 });
-    let r = http
-        .post(format!("{base}/api/cart/items"))
-        .json(&add)
-        .send()
-        .await
-        .unwrap();
-    assert!(r.status().is_success(), "add: {}", r.status());
-    let r = http
-        .post(format!("{base}/api/checkout"))
-        .header("idempotency-key", "fleet-1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 201, "checkout");
+    let added = s
+        .retrying("POST", "/api/cart/items", Some(add), Some("fleet-add"))
+        .await;
+    assert!(added.status.is_success(), "add: {}", added.status);
+    let order = s
+        .retrying("POST", "/api/checkout", None, Some("fleet-1"))
+        .await;
+    assert_eq!(order.status, 201, "checkout");
 }
 
 /// The operator port's `/ops/metrics`: the balancer's own families and every instance's,
