@@ -249,7 +249,11 @@ async fn connection(stream: TcpStream, app: Router, mut closing: watch::Receiver
     };
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(stream), service);
+        // hyper's own answers to unparsable requests (400, 414, 431) become problems too.
+        .serve_connection(
+            TokioIo::new(holdfast_http::ParseErrorsAsProblems::new(stream)),
+            service,
+        );
     let mut conn = pin!(conn);
     let mut draining = false;
     loop {

@@ -494,3 +494,9 @@ async fn client_errors_say_whether_the_provider_may_have_acted() {
     );
     assert!(ProviderClient::new("not a url", BOUND).is_err());
 }
+
+#[tokio::test]
+async fn unparsable_requests_get_problems_not_empty_bodies() {
+    let p = spawn().await;
+    holdfast_testkit::process::assert_unparsable_requests_get_problems(p.addr).await;
+}
