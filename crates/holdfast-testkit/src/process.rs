@@ -215,3 +215,19 @@ pub async fn assert_unparsable_requests_get_problems(addr: std::net::SocketAddr)
         assert_eq!(problem["status"], status, "{body}");
     }
 }
+
+/// `PROGRAM status --json --data-dir DATA_DIR`: what `holdfast status` reports, asserting it ran.
+pub fn status_json(program: &Path, data_dir: &Path) -> serde_json::Value {
+    let out = Command::new(program)
+        .args(["status", "--json", "--data-dir"])
+        .arg(data_dir)
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("running holdfast status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("status JSON")
+}

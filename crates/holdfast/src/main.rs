@@ -119,6 +119,11 @@ pub(crate) async fn open_existing_store(
     open_store(args).await
 }
 
+/// A JSON file `up` keeps in its data dir's `run/`, if it is there and reads as a `T`.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Option<T> {
+    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+}
+
 /// Whether a process with this pid exists (signal 0 delivers nothing, only checks).
 pub(crate) fn pid_alive(pid: u32) -> bool {
     i32::try_from(pid)

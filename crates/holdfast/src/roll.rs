@@ -35,14 +35,14 @@ struct Upstream {
 
 pub async fn run(args: RollArgs) -> anyhow::Result<()> {
     let run_dir = args.data_dir.join("run");
-    let balancer: BalancerFile = read_json(&run_dir.join(crate::up::BALANCER_FILE))
+    let balancer: BalancerFile = crate::read_json(&run_dir.join(crate::up::BALANCER_FILE))
         .context("`holdfast up` is not running with this data dir (no run/balancer.json)")?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()?;
     let ops = format!("http://{}", balancer.ops_addr);
     let listed =
-        || -> Vec<Listed> { read_json(&run_dir.join("instances.json")).unwrap_or_default() };
+        || -> Vec<Listed> { crate::read_json(&run_dir.join("instances.json")).unwrap_or_default() };
     let before = listed();
     let webs: Vec<u32> = before
         .iter()
@@ -144,8 +144,4 @@ async fn server_errors(http: &reqwest::Client, ops: &str) -> anyhow::Result<u64>
         .find(|l| l.starts_with("holdfast_balancer_requests_total{") && l.contains("class=\"5xx\""))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
         .context("the balancer's /ops/metrics has no holdfast_balancer_requests_total 5xx series")
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Option<T> {
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }

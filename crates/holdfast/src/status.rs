@@ -72,9 +72,9 @@ pub async fn run(args: JobsList) -> anyhow::Result<()> {
     let run_dir = args.store.data_dir.join("run");
     let now = holdfast_core::now_ms();
     let age = |since: i64| u64::try_from(now.saturating_sub(since) / 1000).unwrap_or(0);
-    let balancer: Option<BalancerFile> = read_json(&run_dir.join(crate::up::BALANCER_FILE));
+    let balancer: Option<BalancerFile> = crate::read_json(&run_dir.join(crate::up::BALANCER_FILE));
     let listed: Vec<Listed> = match &balancer {
-        Some(_) => read_json(&run_dir.join("instances.json")).unwrap_or_default(),
+        Some(_) => crate::read_json(&run_dir.join("instances.json")).unwrap_or_default(),
         None => Vec::new(),
     };
     let upstreams: Vec<Upstream> = match &balancer {
@@ -209,10 +209,6 @@ fn uptime(secs: u64) -> String {
         s if s < 3600 => format!("{}m{:02}s", s / 60, s % 60),
         s => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
     }
-}
-
-fn read_json<T: for<'de> Deserialize<'de>>(path: &std::path::Path) -> Option<T> {
-    serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
 
 /// `holdfast_sessions_redis_up` across the fleet's metrics page, if any instance exports it.

@@ -30,7 +30,10 @@ async fn cookie_sessions_work_on_every_instance_up_starts() {
     let s = Shopper::new(&sys.url, "cookie@example.com").await;
     me_on_every_instance(&s, 2).await;
     // No Redis tier here: `holdfast status` says nothing about one.
-    assert_eq!(status_of(&sys)["redis_sessions"], serde_json::Value::Null);
+    assert_eq!(
+        holdfast_testkit::process::status_json(BIN.as_ref(), sys.data_dir())["redis_sessions"],
+        serde_json::Value::Null
+    );
 
     sys.signal(web_pids(&sys)[0], Signal::SIGKILL);
     me_on_every_instance(&s, 2).await;
@@ -69,7 +72,10 @@ async fn redis_sessions_survive_a_killed_instance_and_a_flushed_redis() {
     assert_eq!(added.status, StatusCode::OK);
 
     // `holdfast status` sees the Redis tier answering on both instances.
-    assert_eq!(status_of(&sys)["redis_sessions"], "up on all 2 instances");
+    assert_eq!(
+        holdfast_testkit::process::status_json(BIN.as_ref(), sys.data_dir())["redis_sessions"],
+        "up on all 2 instances"
+    );
 
     sys.signal(web_pids(&sys)[0], Signal::SIGKILL);
     let admin = holdfast_sessions::connect_redis(&url).unwrap();
@@ -86,20 +92,4 @@ async fn redis_sessions_survive_a_killed_instance_and_a_flushed_redis() {
     holdfast_testkit::redis::flush_prefix(&admin, &prefix)
         .await
         .unwrap();
-}
-
-/// `holdfast status --json` for the system.
-fn status_of(sys: &holdfast_drill::System) -> serde_json::Value {
-    let out = std::process::Command::new(BIN)
-        .args(["status", "--json", "--data-dir"])
-        .arg(sys.data_dir())
-        .env_remove("DATABASE_URL")
-        .output()
-        .expect("running holdfast status");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status JSON")
 }

@@ -81,7 +81,7 @@ async fn a_killed_or_frozen_instance_is_replaced_while_the_balancer_keeps_servin
 
     checkout_one_order(&base).await;
     assert_fleet_metrics_add_up(&ops, &before).await;
-    let screen = status_json(dir.path());
+    let screen = holdfast_testkit::process::status_json(BIN.as_ref(), dir.path());
     let processes = screen["processes"].as_array().unwrap();
     assert_eq!(processes[0]["role"], "balancer", "{screen:#}");
     let web: Vec<&serde_json::Value> = processes.iter().filter(|p| p["role"] == "web").collect();
@@ -95,7 +95,7 @@ async fn a_killed_or_frozen_instance_is_replaced_while_the_balancer_keeps_servin
     let victim = before[0].pid;
     kill(Pid::from_raw(victim as i32), Signal::SIGKILL).unwrap();
     let after = replaced(dir.path(), &base, &before, victim).await;
-    let screen = status_json(dir.path());
+    let screen = holdfast_testkit::process::status_json(BIN.as_ref(), dir.path());
     let restarted = screen["processes"]
         .as_array()
         .unwrap()
@@ -261,22 +261,6 @@ async fn assert_fleet_metrics_add_up(ops: &str, live: &[Instance]) {
         ["holdfast_jobs{role=\"balancer\",queue=\"payments\",state=\"available\"} 1"],
         "{page}"
     );
-}
-
-/// `holdfast status --json` for the system running in `dir`.
-fn status_json(dir: &Path) -> serde_json::Value {
-    let out = std::process::Command::new(BIN)
-        .args(["status", "--json", "--data-dir"])
-        .arg(dir)
-        .env_remove("DATABASE_URL")
-        .output()
-        .expect("running holdfast status");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("status JSON")
 }
 
 #[tokio::test]
