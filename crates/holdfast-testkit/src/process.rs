@@ -231,3 +231,24 @@ pub fn status_json(program: &Path, data_dir: &Path) -> serde_json::Value {
     );
     serde_json::from_slice(&out.stdout).expect("status JSON")
 }
+
+/// Whether `command` (an external tool a test drives: promtool, chromium, podman…) runs here.
+/// Under `CI=true` a missing tool is a failure, naming the script that installs it; elsewhere
+/// the test says it is skipped and passes.
+pub fn have_tool(command: &str, installer: &str) -> bool {
+    if Command::new(command)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+    {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but {command} is missing: run {installer}"
+    );
+    eprintln!("skipped: no {command} ({installer} installs it)");
+    false
+}

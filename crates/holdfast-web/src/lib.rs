@@ -213,6 +213,55 @@ pub const METRICS: &[holdfast_core::Metric] = &[
     ),
 ];
 
+/// The async runtime's own figures — what a GC pause would be elsewhere: a task that blocks a
+/// worker thread shows as busy time with the global queue growing behind it.
+pub const RUNTIME_METRICS: &[holdfast_core::Metric] = &[
+    holdfast_core::Metric::gauge(
+        "holdfast_runtime_workers",
+        "Worker threads of the process's async runtime.",
+    ),
+    holdfast_core::Metric::gauge(
+        "holdfast_runtime_alive_tasks",
+        "Tasks alive in the async runtime (one per connection and request, and background loops).",
+    ),
+    holdfast_core::Metric::gauge(
+        "holdfast_runtime_global_queue_depth",
+        "Tasks waiting in the runtime's global queue for a worker thread: a backlog means workers are busy or blocked.",
+    ),
+    holdfast_core::Metric::counter(
+        "holdfast_runtime_busy_seconds_total",
+        "Time the runtime's worker threads spent running tasks, summed over workers.",
+    ),
+];
+
+/// Sets the [`RUNTIME_METRICS`] from the current tokio runtime (nothing outside one). Called
+/// before each render, so the figures are as fresh as the scrape.
+pub fn record_runtime_metrics() {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let m = runtime.metrics();
+    let busy: Duration = (0..m.num_workers())
+        .map(|w| m.worker_total_busy_duration(w))
+        .sum();
+    metrics::gauge!("holdfast_runtime_workers").set(m.num_workers() as f64);
+    metrics::gauge!("holdfast_runtime_alive_tasks").set(m.num_alive_tasks() as f64);
+    metrics::gauge!("holdfast_runtime_global_queue_depth").set(m.global_queue_depth() as f64);
+    metrics::counter!("holdfast_runtime_busy_seconds_total").absolute(busy.as_secs());
+}
+
+/// Everything this instance exports, rendered now (`None` when metrics are off): the pool's
+/// and the runtime's gauges are read first. `/metrics` serves it; a Graphite push sends it.
+pub fn render_instance_metrics(st: &AppState) -> Option<String> {
+    let handle = st.metrics.as_ref()?;
+    let (size, idle) = st.store.pool_stats();
+    metrics::gauge!("holdfast_db_pool_connections", "state" => "idle").set(idle as f64);
+    metrics::gauge!("holdfast_db_pool_connections", "state" => "in_use")
+        .set(f64::from(size).max(idle as f64) - idle as f64);
+    record_runtime_metrics();
+    Some(handle.render())
+}
+
 /// Installs the process-wide Prometheus recorder, once; later calls return the same handle.
 pub fn install_metrics_recorder() -> Result<PrometheusHandle, String> {
     install_labelled_metrics_recorder(&[], &[])
@@ -403,14 +452,10 @@ async fn readyz(State(st): State<AppState>) -> Response {
 }
 
 async fn render_metrics(State(st): State<AppState>) -> Response {
-    let Some(handle) = &st.metrics else {
+    let Some(text) = render_instance_metrics(&st) else {
         return AppError::not_found("metrics are not enabled").into_response();
     };
-    let (size, idle) = st.store.pool_stats();
-    metrics::gauge!("holdfast_db_pool_connections", "state" => "idle").set(idle as f64);
-    metrics::gauge!("holdfast_db_pool_connections", "state" => "in_use")
-        .set(f64::from(size).max(idle as f64) - idle as f64);
-    let mut resp = handle.render().into_response();
+    let mut resp = text.into_response();
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4"),

@@ -54,6 +54,42 @@ pub enum Command {
     },
     /// A game day in one command: start a system, load it, inject faults, check invariants.
     Drill(DrillArgs),
+    /// The balancer alone, in front of web instances run by something else (an orchestrator,
+    /// `ops/container/compose.yml`).
+    Balance(BalanceArgs),
+    /// Exit 0 if URL answers 2xx in time: a health check for an image with no shell or curl.
+    Probe(ProbeArgs),
+}
+
+/// `holdfast balance`.
+#[derive(Debug, Clone, Args)]
+pub struct BalanceArgs {
+    /// Where clients connect.
+    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)))]
+    pub addr: SocketAddr,
+    /// The operator endpoints (`/ops/upstreams`, `/ops/metrics`, the `/ops` page): keep this
+    /// off the public network.
+    #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, 8081)))]
+    pub ops_addr: SocketAddr,
+    /// A web instance's public `host:port` (repeatable); a name with several addresses (a
+    /// service with replicas) stands for all of them.
+    #[arg(long = "upstream", value_name = "HOST:PORT", required = true)]
+    pub upstreams: Vec<String>,
+    /// How often upstream names are resolved again, to follow replicas that come and go.
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub resolve_every: Duration,
+    /// Requests per second one client address may send (bursts of twice that); 0: no limit.
+    #[arg(long, default_value_t = 50)]
+    pub client_rate: u32,
+}
+
+/// `holdfast probe`.
+#[derive(Debug, Clone, Args)]
+pub struct ProbeArgs {
+    /// E.g. `http://127.0.0.1:9090/readyz`.
+    pub url: String,
+    #[arg(long, value_parser = parse_duration, default_value = "2s")]
+    pub timeout: Duration,
 }
 
 /// `holdfast drill`. Exits 0 only when every invariant in docs/INVARIANTS.md held.

@@ -5,6 +5,7 @@
 //! This file only wires: parse flags, set up logging (to stderr, so stdout stays a channel the
 //! supervisor can parse), start a runtime, run the command. See `cli.rs` for the flags.
 
+mod balance;
 mod cli;
 mod drill;
 mod provider;
@@ -57,6 +58,8 @@ fn run() -> anyhow::Result<()> {
             Some(Command::Status(args)) => status::run(args).await,
             Some(Command::Roll(args)) => roll::run(args).await,
             Some(Command::Drill(args)) => drill::run(args).await,
+            Some(Command::Balance(args)) => balance::run(args).await,
+            Some(Command::Probe(args)) => balance::probe(args).await,
             None => up::run(cli.up).await,
         }
     })
@@ -164,4 +167,17 @@ pub(crate) fn die_with_parent(parent: Option<i32>) -> anyhow::Result<()> {
 #[cfg(not(target_os = "linux"))]
 pub(crate) fn die_with_parent(_parent: Option<i32>) -> anyhow::Result<()> {
     Ok(())
+}
+
+/// The `instance` label of a process's metrics: its address, which tells processes on one
+/// machine apart — unless it listens on every interface (a container's `0.0.0.0:8080`, the
+/// same in every replica), where the host name (the container's id) comes first.
+pub(crate) fn instance_label(addr: std::net::SocketAddr) -> String {
+    if !addr.ip().is_unspecified() {
+        return addr.to_string();
+    }
+    match std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        Ok(host) if !host.trim().is_empty() => format!("{}:{}", host.trim(), addr.port()),
+        _ => addr.to_string(),
+    }
 }

@@ -52,12 +52,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.addr))?;
     let addr = listener.local_addr()?;
     let metrics = holdfast_web::install_labelled_metrics_recorder(
-        &[("role", "web".to_owned()), ("instance", addr.to_string())],
+        &[
+            ("role", "web".to_owned()),
+            ("instance", crate::instance_label(addr)),
+        ],
         &[
             holdfast_web::METRICS,
             holdfast_store::METRICS,
             holdfast_sessions::METRICS,
             holdfast_cache::METRICS,
+            holdfast_web::RUNTIME_METRICS,
         ],
     )
     .map_err(anyhow::Error::msg)?;

@@ -39,6 +39,27 @@ use tracing::{info, warn};
 use crate::cli::UpArgs;
 use crate::serve::LISTENING;
 
+/// The balancer's options for the shop: the routes it may re-send, and `client_rate` requests
+/// per second per client address (bursts of twice that; 0: unlimited). Shared by `up` and
+/// `balance`, so both balance the same way.
+pub(crate) fn shop_balancer_options(client_rate: u32) -> BalancerOptions {
+    BalancerOptions {
+        keyed_routes: holdfast_shop::KEYED_ROUTES
+            .iter()
+            .map(|r| (*r).to_owned())
+            .collect(),
+        repeatable_routes: holdfast_web::REPEATABLE_ROUTES
+            .iter()
+            .map(|r| (*r).to_owned())
+            .collect(),
+        client_rate: (client_rate > 0).then(|| holdfast_balancer::ClientRate {
+            per_second: client_rate,
+            burst: client_rate.saturating_mul(2),
+        }),
+        ..BalancerOptions::default()
+    }
+}
+
 /// The `up` command: migrate, start the balancer, supervise the instances until SIGTERM/SIGINT.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let terminated = crate::on_terminate()?;
@@ -58,21 +79,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the balancer to {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
-    let balancer = Balancer::new(BalancerOptions {
-        keyed_routes: holdfast_shop::KEYED_ROUTES
-            .iter()
-            .map(|r| (*r).to_owned())
-            .collect(),
-        repeatable_routes: holdfast_web::REPEATABLE_ROUTES
-            .iter()
-            .map(|r| (*r).to_owned())
-            .collect(),
-        client_rate: (args.client_rate > 0).then(|| holdfast_balancer::ClientRate {
-            per_second: args.client_rate,
-            burst: args.client_rate.saturating_mul(2),
-        }),
-        ..BalancerOptions::default()
-    });
+    let balancer = Balancer::new(shop_balancer_options(args.client_rate));
     balancer.set_fleet_metrics(Arc::new(move || {
         let store = fleet_store.clone();
         Box::pin(async move { queue_depth(&store).await })

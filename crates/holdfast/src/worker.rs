@@ -27,9 +27,13 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     let metrics = holdfast_web::install_labelled_metrics_recorder(
         &[
             ("role", "worker".to_owned()),
-            ("instance", addr.to_string()),
+            ("instance", crate::instance_label(addr)),
         ],
-        &[holdfast_jobs::METRICS, holdfast_store::METRICS],
+        &[
+            holdfast_jobs::METRICS,
+            holdfast_store::METRICS,
+            holdfast_web::RUNTIME_METRICS,
+        ],
     )
     .map_err(anyhow::Error::msg)?;
     let url = args.store.store_url()?;
@@ -76,7 +80,10 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/metrics",
-            get(move || std::future::ready(metrics.render())),
+            get(move || {
+                holdfast_web::record_runtime_metrics();
+                std::future::ready(metrics.render())
+            }),
         );
     tokio::spawn(async move { axum::serve(listener, app).await });
     crate::announce_listening(addr, None)?;

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The container engine the image is built and smoke-tested with: podman with the runc runtime,
+# from Debian's packages (crun does not run on every machine this project runs on).
+# Idempotent: installs only what is missing.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+need() { # need COMMAND PACKAGE...
+  command -v "$1" >/dev/null && return 0
+  shift
+  apt-get install -y -qq --no-install-recommends "$@" >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null && apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+}
+need runc runc
+need podman podman runc
+command -v podman >/dev/null && command -v runc >/dev/null
