@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tools the operations tests need, from Debian's packages: promtool (prometheus) to check and
-# unit-test the alert rules in ops/prometheus, and headless Chromium to load the operator page.
+# unit-test the alert rules in ops/prometheus, headless Chromium to load the operator page, and
+# Graphite's carbon (graphite-carbon) to receive the --graphite push.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -12,3 +13,4 @@ need() { # need COMMAND PACKAGE
 }
 need promtool prometheus
 need chromium chromium
+need carbon-cache graphite-carbon

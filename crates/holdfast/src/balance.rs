@@ -34,6 +34,10 @@ pub async fn run(args: BalanceArgs) -> anyhow::Result<()> {
         args.resolve_every,
     ));
 
+    crate::graphite::spawn(&args.graphite, {
+        let balancer = balancer.clone();
+        move || std::future::ready(balancer.render_metrics())
+    });
     let listener = TcpListener::bind(args.addr)
         .await
         .with_context(|| format!("binding {}", args.addr))?;

@@ -61,6 +61,39 @@ pub enum Command {
     Probe(ProbeArgs),
 }
 
+/// Where to push the figures for Graphite (see `graphite.rs`); off unless `--graphite` is given.
+#[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Graphite")]
+pub struct GraphiteArgs {
+    /// Push every figure `/metrics` serves to this carbon's plaintext port, e.g.
+    /// `graphite.internal:2003`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub graphite: Option<String>,
+    /// How often to push.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub graphite_every: Duration,
+    /// The first level of every path.
+    #[arg(long, default_value = "holdfast")]
+    pub graphite_prefix: String,
+}
+
+impl GraphiteArgs {
+    /// The same flags, for a child process `up` starts.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let Some(target) = &self.graphite else {
+            return Vec::new();
+        };
+        vec![
+            "--graphite".into(),
+            target.into(),
+            "--graphite-every".into(),
+            format!("{}ms", self.graphite_every.as_millis()).into(),
+            "--graphite-prefix".into(),
+            self.graphite_prefix.clone().into(),
+        ]
+    }
+}
+
 /// `holdfast balance`.
 #[derive(Debug, Clone, Args)]
 pub struct BalanceArgs {
@@ -81,6 +114,8 @@ pub struct BalanceArgs {
     /// Requests per second one client address may send (bursts of twice that); 0: no limit.
     #[arg(long, default_value_t = 50)]
     pub client_rate: u32,
+    #[command(flatten)]
+    pub graphite: GraphiteArgs,
 }
 
 /// `holdfast probe`.
@@ -379,6 +414,8 @@ pub struct UpArgs {
     pub jobs: JobArgs,
     #[command(flatten)]
     pub sabotage: SabotageArgs,
+    #[command(flatten)]
+    pub graphite: GraphiteArgs,
 }
 
 /// How each worker behaves. `worker` takes them; `up` passes them on to its workers.
@@ -432,6 +469,8 @@ pub struct WorkerArgs {
     /// fleet (`up` does, on its operator port, and passes this to its workers).
     #[arg(long)]
     pub no_queue_metrics: bool,
+    #[command(flatten)]
+    pub graphite: GraphiteArgs,
     /// Set by `up`: exit if that process dies.
     #[arg(long, hide = true)]
     pub parent_pid: Option<i32>,
@@ -520,6 +559,8 @@ pub struct ServeArgs {
     pub instance: InstanceArgs,
     #[command(flatten)]
     pub sabotage: SabotageArgs,
+    #[command(flatten)]
+    pub graphite: GraphiteArgs,
     /// Set by `up`: the supervisor's pid; this instance dies with it (Linux).
     #[arg(long, hide = true)]
     pub parent_pid: Option<i32>,

@@ -8,6 +8,7 @@
 mod balance;
 mod cli;
 mod drill;
+mod graphite;
 mod provider;
 mod roll;
 mod serve;

@@ -70,6 +70,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let name = format!("i-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     opts.instance_name = Some(name.clone());
     let state = AppState::new(store.clone(), opts, Some(metrics));
+    crate::graphite::spawn(&args.graphite, {
+        let state = state.clone();
+        move || {
+            let text = holdfast_web::render_instance_metrics(&state).unwrap_or_default();
+            std::future::ready(text)
+        }
+    });
     let ops_listener = TcpListener::bind(args.ops_addr)
         .await
         .with_context(|| format!("binding --ops-addr {}", args.ops_addr))?;

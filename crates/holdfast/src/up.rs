@@ -80,6 +80,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding the balancer to {}:{}", args.host, args.port))?;
     let addr = listener.local_addr()?;
     let balancer = Balancer::new(shop_balancer_options(args.client_rate));
+    // The instances and workers push their own figures to Graphite; `up` pushes the
+    // balancer's and the fleet's queue depth, which only it exports.
+    crate::graphite::spawn(&args.graphite, {
+        let (balancer, store) = (balancer.clone(), fleet_store.clone());
+        move || {
+            let (balancer, store) = (balancer.clone(), store.clone());
+            async move { balancer.render_metrics() + &queue_depth(&store).await }
+        }
+    });
     balancer.set_fleet_metrics(Arc::new(move || {
         let store = fleet_store.clone();
         Box::pin(async move { queue_depth(&store).await })
@@ -130,6 +139,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     }
     web_args.extend(args.instance.to_args());
     web_args.extend(args.sabotage.to_args());
+    web_args.extend(args.graphite.to_args());
     let mut groups = vec![Group {
         role: "web",
         args: web_args,
@@ -171,6 +181,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         worker_args.push("--no-queue-metrics".into());
         worker_args.extend(args.jobs.to_args());
         worker_args.extend(args.sabotage.to_args());
+        worker_args.extend(args.graphite.to_args());
         groups.push(Group {
             role: "worker",
             args: worker_args,

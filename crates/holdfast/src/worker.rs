@@ -76,15 +76,14 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     };
     let worker = flows.register(Worker::new(store.clone(), opts));
 
+    let render = move || {
+        holdfast_web::record_runtime_metrics();
+        std::future::ready(metrics.render())
+    };
+    crate::graphite::spawn(&args.graphite, render.clone());
     let app = axum::Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/metrics",
-            get(move || {
-                holdfast_web::record_runtime_metrics();
-                std::future::ready(metrics.render())
-            }),
-        );
+        .route("/metrics", get(render));
     tokio::spawn(async move { axum::serve(listener, app).await });
     crate::announce_listening(addr, None)?;
     info!(%addr, backend = %store.backend(), "worker serving /metrics");
