@@ -183,6 +183,14 @@ struct Inner {
     /// Per client address, the theoretical arrival time of its next request (GCRA).
     rates: Mutex<HashMap<IpAddr, tokio::time::Instant>>,
     throttled: AtomicU64,
+    /// Live upstreams whose liveness probe then went unanswered (stopped or hung, not gone).
+    freezes: AtomicU64,
+    /// Requests cut off with 408 because their body did not arrive in time.
+    slow_clients: AtomicU64,
+    /// Requests whose body has been arriving for over a second, now.
+    stalled_bodies: AtomicU64,
+    /// Connections refused at once: over the total or per-address connection cap.
+    connections_refused: AtomicU64,
     rate_limited: AtomicU64,
     red: metrics::Red,
     history: metrics::History,
@@ -279,8 +287,10 @@ impl Upstream {
         self.alive.load(Ordering::Relaxed)
     }
 
-    fn set_alive(&self, alive: bool) {
-        if self.alive.swap(alive, Ordering::Relaxed) != alive {
+    /// Records liveness; true when this turns a live upstream dead.
+    fn set_alive(&self, alive: bool) -> bool {
+        let changed = self.alive.swap(alive, Ordering::Relaxed) != alive;
+        if changed {
             tracing::info!(upstream = %self.addr, alive, "upstream liveness changed");
             *self
                 .unresponsive_since
@@ -290,6 +300,7 @@ impl Upstream {
         if !alive {
             self.frozen.notify_waiters();
         }
+        changed && !alive
     }
 
     fn is_healthy(&self) -> bool {
@@ -324,6 +335,10 @@ impl Balancer {
                 connections: Mutex::default(),
                 rates: Mutex::default(),
                 throttled: AtomicU64::new(0),
+                freezes: AtomicU64::new(0),
+                slow_clients: AtomicU64::new(0),
+                stalled_bodies: AtomicU64::new(0),
+                connections_refused: AtomicU64::new(0),
                 rate_limited: AtomicU64::new(0),
                 red: metrics::Red::default(),
                 history: metrics::History::default(),
@@ -464,6 +479,9 @@ impl Balancer {
             };
             let Some(slot) = self.admit(peer.ip()) else {
                 tracing::warn!(%peer, "connection refused: too many connections");
+                self.inner
+                    .connections_refused
+                    .fetch_add(1, Ordering::Relaxed);
                 // Best effort: a full socket buffer just gets the close.
                 let _ = stream.try_write(TOO_MANY_CONNECTIONS);
                 continue;
@@ -723,7 +741,11 @@ impl Balancer {
             resp.into_body().collect().await.ok()
         };
         let answered = timeout(self.inner.opts.liveness_timeout, probe).await;
-        upstream.set_alive(matches!(answered, Ok(Some(_))));
+        // A process that is gone refuses the connection at once; one that accepts and then
+        // says nothing is stopped or hung: that is what `freezes` counts.
+        if upstream.set_alive(matches!(answered, Ok(Some(_)))) && answered.is_err() {
+            self.inner.freezes.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Asks `upstream` for `/readyz`, records and returns whether it is healthy.

@@ -215,6 +215,21 @@ impl Balancer {
                 "Requests refused (429) by the per-address pace.",
                 self.inner.rate_limited.load(Ordering::Relaxed),
             ),
+            (
+                "holdfast_balancer_upstream_freezes_total",
+                "Times a live instance stopped answering its liveness probe in time (stopped or hung, not gone).",
+                self.inner.freezes.load(Ordering::Relaxed),
+            ),
+            (
+                "holdfast_balancer_slow_clients_total",
+                "Requests cut off (408) because their body did not arrive in time.",
+                self.inner.slow_clients.load(Ordering::Relaxed),
+            ),
+            (
+                "holdfast_balancer_connections_refused_total",
+                "Connections refused at once, over the total or the per-address connection cap.",
+                self.inner.connections_refused.load(Ordering::Relaxed),
+            ),
         ];
         for (name, help, n) in counters {
             family(&mut out, name, "counter", help);
@@ -230,6 +245,17 @@ impl Balancer {
             out,
             "holdfast_balancer_open_connections{{role=\"balancer\"}} {}",
             self.open_connections()
+        );
+        family(
+            &mut out,
+            "holdfast_balancer_stalled_bodies",
+            "gauge",
+            "Requests whose body has been arriving for over a second (slow clients), now.",
+        );
+        let _ = writeln!(
+            out,
+            "holdfast_balancer_stalled_bodies{{role=\"balancer\"}} {}",
+            self.inner.stalled_bodies.load(Ordering::Relaxed)
         );
         family(
             &mut out,
@@ -295,12 +321,17 @@ impl Balancer {
             let body = resp.into_body().collect().await.ok()?.to_bytes();
             String::from_utf8(body.to_vec()).ok()
         };
-        tokio::time::timeout(Duration::from_secs(1), fetch)
+        tokio::time::timeout(MEMBER_SCRAPE_TIMEOUT, fetch)
             .await
             .ok()
             .flatten()
     }
 }
+
+/// How long the combined scrape waits for one process. Short on purpose: a frozen instance
+/// must cost the combined scrape its own figures, not the whole scrape (Prometheus gives up
+/// on a scrape after its timeout, 1 s in the drill, and would then see nothing at all).
+const MEMBER_SCRAPE_TIMEOUT: Duration = Duration::from_millis(400);
 
 /// Merges expositions: each family's `# HELP` and `# TYPE` once (the first seen), then all
 /// its samples from every text, families in name order.

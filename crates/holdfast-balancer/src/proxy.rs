@@ -155,7 +155,7 @@ impl Balancer {
         }
     }
 
-    /// Collects the request body so it can be re-sent, or answers 413/400.
+    /// Collects the request body so it can be re-sent, or answers 408/413/400.
     async fn buffer(&self, headers: &HeaderMap, body: Incoming) -> Result<Bytes, Response<Body>> {
         let max = self.inner.opts.max_buffered_body;
         let too_large = || {
@@ -179,7 +179,18 @@ impl Balancer {
             self.inner.opts.body_read_timeout,
             Limited::new(body, max).collect(),
         );
-        let Ok(collected) = read.await else {
+        let mut read = std::pin::pin!(read);
+        // A body still arriving after a second is counted while it stalls: many at once is a
+        // slow-client attack, visible before the timeout cuts them off.
+        let read = tokio::select! {
+            read = &mut read => read,
+            () = tokio::time::sleep(STALLED_BODY_AFTER) => {
+                let _stalled = Stalled::count(&self.inner.stalled_bodies);
+                read.await
+            }
+        };
+        let Ok(collected) = read else {
+            self.inner.slow_clients.fetch_add(1, Ordering::Relaxed);
             let mut resp = problem(
                 StatusCode::REQUEST_TIMEOUT,
                 "the request body did not arrive in time",
@@ -462,5 +473,24 @@ mod tests {
             forwarded_headers(&HeaderMap::new(), peer, 3)[header::CONTENT_LENGTH],
             "3"
         );
+    }
+}
+
+/// How long a request body may take to arrive before it counts as stalled.
+const STALLED_BODY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One stalled body in `holdfast_balancer_stalled_bodies`, for as long as it lives.
+struct Stalled<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> Stalled<'a> {
+    fn count(gauge: &'a std::sync::atomic::AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Stalled(gauge)
+    }
+}
+
+impl Drop for Stalled<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }

@@ -168,11 +168,15 @@ pub struct Counts {
     pub cart_items_duplicated: u64,
     pub final_state_unreadable: u64,
     pub no_progress: u64,
+    /// Alerts a fault should have raised that did not fire (see `alerts.rs`).
+    pub alerts_missed: u64,
+    /// Alerts that fired in a drill without faults: noise.
+    pub alerts_on_clean_run: u64,
 }
 
 impl Counts {
     /// Every violation count by its report key (`orders_acknowledged` is not one).
-    pub fn violations(&self) -> [(&'static str, u64); 15] {
+    pub fn violations(&self) -> [(&'static str, u64); 17] {
         [
             ("orders_lost", self.orders_lost),
             ("orders_missing_on_read", self.orders_missing_on_read),
@@ -189,6 +193,8 @@ impl Counts {
             ("cart_items_duplicated", self.cart_items_duplicated),
             ("final_state_unreadable", self.final_state_unreadable),
             ("no_progress", self.no_progress),
+            ("alerts_missed", self.alerts_missed),
+            ("alerts_on_clean_run", self.alerts_on_clean_run),
         ]
     }
 

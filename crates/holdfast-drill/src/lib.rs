@@ -24,6 +24,7 @@
 //! ```
 
 mod abuse;
+pub mod alerts;
 pub mod checker;
 pub mod faults;
 pub mod report;
@@ -110,6 +111,9 @@ pub struct DrillOptions {
     /// Where to write the history (JSON Lines: one `invoke` and one `ok`/`fail`/`info` event
     /// per operation, in time order), for digging into a violation.
     pub history: Option<PathBuf>,
+    /// Run a Prometheus with the shipped alert rules and judge the alerts (see `alerts.rs`);
+    /// skipped, and said so in the report, where there is no `prometheus`.
+    pub alerts: bool,
 }
 
 impl DrillOptions {
@@ -132,6 +136,7 @@ impl DrillOptions {
             progress: false,
             system_log: None,
             history: None,
+            alerts: true,
         }
     }
 }
@@ -207,8 +212,16 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         system_log: opts.system_log.clone(),
     })
     .await?;
+    let prometheus = if opts.alerts {
+        alerts::Prometheus::start(&sys.ops_url, sys.data_dir())
+            .await
+            .map_err(Error::Setup)?
+    } else {
+        None
+    };
     let setup = started_setup.elapsed();
 
+    let load_started = std::time::SystemTime::now();
     let clock = users::Clock::start();
     let load = users::Load::new(&sys.url, clock, opts.duration, opts.think)?;
     let live = load.live();
@@ -294,6 +307,27 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         .final_state(&accounts, &sessions, &sys.provider_url)
         .await;
     notes.extend(read_notes);
+    let alerts = match &prometheus {
+        Some(prometheus) => match prometheus.firing(load_started).await {
+            Ok(firing) => {
+                let (fired, expected) = alerts::judge(&firing, &injected);
+                alerts::Alerts {
+                    status: "checked".into(),
+                    time_compression: alerts::TIME_COMPRESSION,
+                    fired,
+                    expected,
+                }
+            }
+            Err(why) => alerts::Alerts::not_checked(&format!("not checked: {why}")),
+        },
+        None if opts.alerts => alerts::Alerts::not_checked(
+            "not checked: no prometheus on this machine (scripts/install-ops-tools.sh installs it)",
+        ),
+        None => alerts::Alerts::not_checked("not checked: --no-alerts"),
+    };
+    if let Some(prometheus) = prometheus {
+        prometheus.stop().await;
+    }
     notes.extend(sys.stop().await);
 
     let histories: Vec<checker::AccountHistory> = accounts
@@ -306,7 +340,9 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
     if let Some(path) = &opts.history {
         write_history(path, &histories)?;
     }
-    let verdict = checker::check(&histories, &fin);
+    let mut verdict = checker::check(&histories, &fin);
+    let applied = injected.iter().filter(|f| f.applied).count();
+    alerts.judge_into(&mut verdict, applied);
     let active_users = runs
         .iter()
         .filter(|r| r.accounts.iter().any(|a| a.ever_logged_in()))
@@ -330,6 +366,7 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         slow_clients: observed.slow(),
         peak_rss_kb: observed.peak_rss_kb(),
         payouts_waiting: observed.payouts_waiting(),
+        alerts,
     }))
 }
 

@@ -186,6 +186,8 @@ pub struct Report {
     pub abuse: Option<Abuse>,
     pub faults: Vec<Injected>,
     pub faults_skipped: Vec<Skipped>,
+    /// What the shipped alert rules made of the run (a real Prometheus; see `alerts.rs`).
+    pub alerts: crate::alerts::Alerts,
     #[serde(flatten)]
     pub counts: Counts,
     pub violations: Vec<Violation>,
@@ -212,6 +214,7 @@ pub(crate) struct Inputs<'a> {
     pub slow_clients: SlowClients,
     pub peak_rss_kb: std::collections::BTreeMap<u32, u64>,
     pub payouts_waiting: std::collections::BTreeMap<u64, u64>,
+    pub alerts: crate::alerts::Alerts,
 }
 
 /// Whether the sample completed inside one of the applied faults that `which` selects.
@@ -441,6 +444,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         },
         faults: i.injected.to_vec(),
         faults_skipped: i.skipped.to_vec(),
+        alerts: i.alerts,
         counts: i.verdict.counts.clone(),
         violations,
         notes: i.notes,
@@ -598,6 +602,30 @@ impl Report {
         }
         for k in &self.faults_skipped {
             let _ = writeln!(s, "    skipped    {:<18} {}", k.kind.name(), k.reason);
+        }
+        let a = &self.alerts;
+        let _ = writeln!(
+            s,
+            "  alerts        {} (the shipped rules, every duration ÷{})",
+            a.status, a.time_compression
+        );
+        for e in &a.expected {
+            let outcome = match e.fired_after_s {
+                Some(after) => format!("fired {after:.1} s after"),
+                None => "NOT RAISED".to_owned(),
+            };
+            let _ = writeln!(
+                s,
+                "    t={:>6.1}s  {:<18} {:<28} {outcome}",
+                e.at_s, e.fault, e.alert
+            );
+        }
+        for f in a.fired.iter().filter(|f| f.unexplained) {
+            let _ = writeln!(
+                s,
+                "    also fired {:<28} {:.1}–{:.1} s (no fault expects it)",
+                f.alert, f.first_s, f.last_s
+            );
         }
         let _ = writeln!(s, "  {:<26}{:>8}", "invariant", "count");
         let _ = writeln!(

@@ -180,6 +180,10 @@ pub struct DrillArgs {
     /// `--users` are active users rather than a stress test (e.g. `1s`; default: none).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub think_time: Duration,
+    /// Do not run Prometheus with the shipped alert rules beside the drill (by default it
+    /// does wherever `prometheus` is installed, and judges the alerts each fault raises).
+    #[arg(long)]
+    pub no_alerts: bool,
     /// Start the users spread evenly over this long (default: all at once).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub ramp_up: Duration,

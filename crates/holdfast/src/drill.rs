@@ -38,6 +38,7 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
     opts.progress = true;
     opts.system_log = args.system_log;
     opts.history = args.history;
+    opts.alerts = !args.no_alerts;
     eprintln!(
         "drill: {}, sessions {}, for {:?}, {} users, seed {seed} (repeat with --seed {seed})",
         opts.backend.name(),

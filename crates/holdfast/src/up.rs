@@ -82,16 +82,20 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let balancer = Balancer::new(shop_balancer_options(args.client_rate));
     // The instances and workers push their own figures to Graphite; `up` pushes the
     // balancer's and the fleet's queue depth, which only it exports.
+    let restarts = RestartCounts::default();
     crate::graphite::spawn(&args.graphite, {
-        let (balancer, store) = (balancer.clone(), fleet_store.clone());
+        let (balancer, store, restarts) = (balancer.clone(), fleet_store.clone(), restarts.clone());
         move || {
-            let (balancer, store) = (balancer.clone(), store.clone());
-            async move { balancer.render_metrics() + &queue_depth(&store).await }
+            let (balancer, store, restarts) = (balancer.clone(), store.clone(), restarts.clone());
+            async move { balancer.render_metrics() + &fleet_figures(&store, &restarts).await }
         }
     });
-    balancer.set_fleet_metrics(Arc::new(move || {
-        let store = fleet_store.clone();
-        Box::pin(async move { queue_depth(&store).await })
+    balancer.set_fleet_metrics(Arc::new({
+        let restarts = restarts.clone();
+        move || {
+            let (store, restarts) = (fleet_store.clone(), restarts.clone());
+            Box::pin(async move { fleet_figures(&store, &restarts).await })
+        }
     }));
     let (stop_balancer, balancer_stopped) = oneshot::channel::<()>();
     let balancing = tokio::spawn(balancer.clone().serve(listener, async {
@@ -188,6 +192,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             count: args.workers.into(),
         });
     }
+    for group in &groups {
+        let mut counts = restarts.lock().unwrap_or_else(PoisonError::into_inner);
+        for exit in ["clean", "failed"] {
+            counts.entry((group.role, exit)).or_default();
+        }
+    }
     let supervisor = Supervisor::new(Options {
         program: std::env::current_exe().context("finding our own executable")?,
         groups,
@@ -201,6 +211,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         balancer,
         start_timeout: Duration::from_secs(30),
         stop_timeout,
+        restarts,
     });
     if !args.kill_unresponsive_after.is_zero() {
         tokio::spawn(kill_unresponsive(
@@ -264,6 +275,30 @@ pub struct Options {
     pub start_timeout: Duration,
     /// How long a SIGTERMed instance may drain before it is SIGKILLed.
     pub stop_timeout: Duration,
+    /// Processes that ended without the supervisor asking, by role and how they exited; the
+    /// supervisor counts, the operator port exports.
+    pub restarts: RestartCounts,
+}
+
+/// Per (role, exit), how many processes ended without the supervisor asking and were
+/// replaced. `exit` is `clean` (status 0: a drain someone else started, as `holdfast roll`
+/// does) or `failed` (a crash, a kill, a start that failed) — only the second is news.
+pub type RestartCounts = Arc<Mutex<BTreeMap<(&'static str, &'static str), u64>>>;
+
+/// `holdfast_supervisor_restarts_total`, as exposition text.
+fn render_restarts(restarts: &RestartCounts) -> String {
+    let name = "holdfast_supervisor_restarts_total";
+    let mut out = format!(
+        "# HELP {name} Processes that ended without the supervisor asking and were replaced, by role and exit (clean: drained by someone else; failed: crashed or killed).\n# TYPE {name} counter\n"
+    );
+    for ((role, exit), n) in restarts
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+    {
+        out.push_str(&format!("{name}{{role=\"{role}\",exit=\"{exit}\"}} {n}\n"));
+    }
+    out
 }
 
 /// Keeps [`Options::instances`] instances running until told to stop.
@@ -383,6 +418,11 @@ async fn queue_depth(store: &holdfast_store::Store) -> String {
     out
 }
 
+/// What only `up` knows about the fleet: the queue depth (counted once) and the restarts.
+async fn fleet_figures(store: &holdfast_store::Store, restarts: &RestartCounts) -> String {
+    queue_depth(store).await + &render_restarts(restarts)
+}
+
 /// Kills web instances the balancer has found unresponsive for `after`, forever.
 async fn kill_unresponsive(handle: Handle, after: Duration) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -422,7 +462,22 @@ impl Shared {
         for restarts in 0u32.. {
             let started = Instant::now();
             let role = self.opts.groups[slot.0].role;
-            match self.run_instance(slot, restarts, &mut stopping).await {
+            let ended = self.run_instance(slot, restarts, &mut stopping).await;
+            let exit = match &ended {
+                Ok(Ended::Stopped) => None,
+                Ok(Ended::Exited(status)) if status.success() => Some("clean"),
+                _ => Some("failed"),
+            };
+            if let Some(exit) = exit {
+                *self
+                    .opts
+                    .restarts
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .entry((role, exit))
+                    .or_default() += 1;
+            }
+            match ended {
                 Ok(Ended::Stopped) => return,
                 Ok(Ended::Exited(status)) => warn!(role, slot = slot.1, %status, "instance exited"),
                 Err(error) => warn!(
