@@ -1033,6 +1033,7 @@ mod tests {
             slow_clients: SlowClients::default(),
             peak_rss_kb: [(4242, 51_200)].into(),
             payouts_waiting: [(1, 3)].into(),
+            alerts: crate::alerts::Alerts::not_checked("not checked: a unit test"),
         })
     }
 

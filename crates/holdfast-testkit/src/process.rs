@@ -252,3 +252,42 @@ pub fn have_tool(command: &str, installer: &str) -> bool {
     eprintln!("skipped: no {command} ({installer} installs it)");
     false
 }
+
+/// Runs `PROGRAM drill ARGS --json … --html …` (files named `name` in `dir`) and returns its
+/// output, the JSON report and the HTML page. The drill's table is printed (shown when a check
+/// fails); a missing report panics with the drill's whole output.
+pub fn run_drill(
+    program: &Path,
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+) -> (std::process::Output, serde_json::Value, String) {
+    let json = dir.join(format!("{name}.json"));
+    let html = dir.join(format!("{name}.html"));
+    let out = Command::new(program)
+        .arg("drill")
+        .args(args)
+        .arg("--json")
+        .arg(&json)
+        .arg("--html")
+        .arg(&html)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running holdfast drill");
+    let shown = || {
+        format!(
+            "holdfast drill {args:?}: {}\n--- stdout\n{}\n--- stderr\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let report = std::fs::read(&json)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| panic!("no JSON report; {}", shown()));
+    let html = std::fs::read_to_string(&html).unwrap_or_else(|_| panic!("no HTML; {}", shown()));
+    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+    (out, report, html)
+}

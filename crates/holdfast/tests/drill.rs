@@ -7,44 +7,17 @@
 //! `scripts/install-drill-deps.sh`, so under `CI=true` their absence is a failure; elsewhere
 //! the test says so and passes.
 
+use holdfast_testkit::process::have_tool;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
-/// Runs `holdfast drill ARGS --json … --html …` and returns its output, the report and the
-/// HTML. The drill's own output is printed only when a check fails.
+/// `holdfast drill ARGS` with its report (see the test kit's `run_drill`).
 fn drill(dir: &Path, name: &str, args: &[&str]) -> (Output, Value, String) {
-    let json = dir.join(format!("{name}.json"));
-    let html = dir.join(format!("{name}.html"));
-    let out = Command::new(BIN)
-        .arg("drill")
-        .args(args)
-        .arg("--json")
-        .arg(&json)
-        .arg("--html")
-        .arg(&html)
-        .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("running holdfast drill");
-    let shown = || {
-        format!(
-            "holdfast drill {args:?}: {}\n--- stdout\n{}\n--- stderr\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    };
-    let report = std::fs::read(&json)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_else(|| panic!("no JSON report; {}", shown()));
-    let html = std::fs::read_to_string(&html).unwrap_or_else(|_| panic!("no HTML; {}", shown()));
-    eprintln!("{}", String::from_utf8_lossy(&out.stdout));
-    (out, report, html)
+    holdfast_testkit::process::run_drill(BIN.as_ref(), dir, name, args)
 }
 
 fn short(seed: &'static str) -> Vec<&'static str> {
@@ -103,6 +76,13 @@ fn assert_passes(backend: &str) {
         .count();
     assert!(sampled >= 5, "payouts_waiting in {sampled} seconds");
     assert!(html.contains("<svg") && html.contains("<polyline") && html.contains("kill-instance"));
+    // The shipped alert rules saw each fault (the verdict fails on a missed one).
+    if have_tool("prometheus", "scripts/install-ops-tools.sh") {
+        assert_eq!(r["alerts"]["status"], "checked", "{}", r["alerts"]);
+        let expected = r["alerts"]["expected"].as_array().unwrap();
+        assert!(expected.len() >= 3, "{}", r["alerts"]);
+        assert!(expected.iter().all(|e| e["fired_after_s"].is_number()));
+    }
 }
 
 #[test]
