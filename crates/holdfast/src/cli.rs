@@ -533,6 +533,11 @@ pub struct RollArgs {
     /// A pause between steps, to let figures settle.
     #[arg(long, value_parser = parse_duration, default_value = "1s")]
     pub pause: Duration,
+    /// Refuse to take the next step while the data dir's filesystem has less than this share
+    /// free (percent): a replacement that cannot write its database or logs is worse than
+    /// the instance it replaces.
+    #[arg(long, default_value_t = 5.0)]
+    pub min_free_disk: f64,
 }
 
 /// An operator listing: a table for people, `--json` for machines.

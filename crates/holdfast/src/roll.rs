@@ -3,7 +3,8 @@
 //! process (it drains: readiness off, in-flight work finishes), waits for `up` to list its
 //! replacement and, for a web instance, for the balancer to call every instance ready again,
 //! then reads the balancer's own 5xx count: any new 5xx during the step aborts the roll,
-//! saying why. Replace the `holdfast` executable on disk first and the roll is an upgrade:
+//! saying why. Before each step it checks there is room on the data dir's disk and every web
+//! instance is ready; otherwise it stops there, saying why. Replace the `holdfast` executable on disk first and the roll is an upgrade:
 //! `up` starts replacements from the same path.
 
 use std::collections::HashSet;
@@ -65,6 +66,18 @@ pub async fn run(args: RollArgs) -> anyhow::Result<()> {
         bail!("nothing to roll: run/instances.json lists no web instance or worker");
     }
     for (n, (role, pid)) in steps.iter().enumerate() {
+        if let Err(why) = fit_for_next_step(&args, &http, &ops, want_web).await {
+            bail!(
+                "aborted before step {}/{} ({role} pid {pid}): {why}; {}",
+                n + 1,
+                steps.len(),
+                if n == 0 {
+                    "nothing was touched"
+                } else {
+                    "the rest were not touched"
+                }
+            );
+        }
         let errors_before = server_errors(&http, &ops).await?;
         let started = Instant::now();
         kill(Pid::from_raw(*pid as i32), Signal::SIGTERM)
@@ -129,6 +142,47 @@ pub async fn run(args: RollArgs) -> anyhow::Result<()> {
         tokio::time::sleep(args.pause).await;
     }
     println!("rolled {} processes", steps.len());
+    Ok(())
+}
+
+/// The checks before each step: room on the data dir's disk, and every web instance ready and
+/// answering (replacing one while another is down would leave too few). Replication lag joins
+/// them when `up` runs replicas.
+async fn fit_for_next_step(
+    args: &RollArgs,
+    http: &reqwest::Client,
+    ops: &str,
+    want_web: usize,
+) -> Result<(), String> {
+    let fs = nix::sys::statvfs::statvfs(&args.data_dir).map_err(|e| {
+        format!(
+            "cannot read the free space of {}: {e}",
+            args.data_dir.display()
+        )
+    })?;
+    let free_pct = 100.0 * fs.blocks_available() as f64 / (fs.blocks() as f64).max(1.0);
+    if free_pct < args.min_free_disk {
+        return Err(format!(
+            "{} has {free_pct:.1}% free, under --min-free-disk {}%",
+            args.data_dir.display(),
+            args.min_free_disk
+        ));
+    }
+    let ups: Vec<Upstream> = async {
+        http.get(format!("{ops}/ops/upstreams"))
+            .send()
+            .await?
+            .json()
+            .await
+    }
+    .await
+    .map_err(|e| format!("cannot read the balancer's upstreams: {e}"))?;
+    let ready = ups.iter().filter(|u| u.healthy && u.alive).count();
+    if ready < want_web {
+        return Err(format!(
+            "only {ready} of {want_web} web instances are ready"
+        ));
+    }
     Ok(())
 }
 

@@ -283,6 +283,27 @@ async fn a_roll_replaces_every_instance_one_at_a_time_without_a_5xx() {
         })
     };
     let data_dir = dir.path().to_str().unwrap().to_owned();
+    // A disk with no room: the roll refuses to start, says why and touches nothing.
+    let refused = std::process::Command::new(BIN)
+        .args(["roll", "--min-free-disk", "100", "--data-dir", &data_dir])
+        .output()
+        .unwrap();
+    let why = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{why}");
+    assert!(
+        why.contains("aborted before step 1/2")
+            && why.contains("--min-free-disk")
+            && why.contains("nothing was touched"),
+        "{why}"
+    );
+    assert_eq!(
+        instances(dir.path())
+            .unwrap()
+            .iter()
+            .map(|i| i.pid)
+            .collect::<HashSet<_>>(),
+        before.iter().map(|i| i.pid).collect::<HashSet<_>>()
+    );
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(BIN)
             .args(["roll", "--pause", "0s", "--data-dir", &data_dir])
