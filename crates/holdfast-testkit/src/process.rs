@@ -264,9 +264,13 @@ pub fn run_drill(
 ) -> (std::process::Output, serde_json::Value, String) {
     let json = dir.join(format!("{name}.json"));
     let html = dir.join(format!("{name}.html"));
-    let out = Command::new(program)
-        .arg("drill")
-        .args(args)
+    let mut cmd = Command::new(program);
+    cmd.arg("drill").args(args);
+    if !args.contains(&"--data-dir") {
+        // The verdict's record goes with the test's files, not into the working directory.
+        cmd.arg("--data-dir").arg(dir.join("data"));
+    }
+    let out = cmd
         .arg("--json")
         .arg(&json)
         .arg("--html")

@@ -180,6 +180,10 @@ pub struct DrillArgs {
     /// `--users` are active users rather than a stress test (e.g. `1s`; default: none).
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub think_time: Duration,
+    /// Where the verdict is recorded for `holdfast status` (`run/last-drill.json`); the
+    /// drilled system itself always runs in a temporary directory.
+    #[arg(long, default_value = "./holdfast-data")]
+    pub data_dir: PathBuf,
     /// Do not run Prometheus with the shipped alert rules beside the drill (by default it
     /// does wherever `prometheus` is installed, and judges the alerts each fault raises).
     #[arg(long)]

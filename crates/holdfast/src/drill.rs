@@ -56,8 +56,76 @@ pub async fn run(args: DrillArgs) -> anyhow::Result<()> {
         std::fs::write(path, report.to_html())
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    let record = LastDrill::of(&report);
+    let run_dir = args.data_dir.join("run");
+    std::fs::create_dir_all(&run_dir)
+        .and_then(|()| {
+            std::fs::write(
+                run_dir.join(LAST_DRILL_FILE),
+                serde_json::to_vec_pretty(&record).unwrap_or_default(),
+            )
+        })
+        .with_context(|| format!("recording the verdict in {}", run_dir.display()))?;
     if !report.passed() {
         bail!("drill failed: violated {}", report.violated.join(", "));
     }
     Ok(())
+}
+
+/// In a data dir's `run/`: the last drill's verdict, for `holdfast status`.
+pub const LAST_DRILL_FILE: &str = "last-drill.json";
+
+/// What `holdfast status` says about the last drill.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LastDrill {
+    pub verdict: String,
+    pub violated: Vec<String>,
+    /// When it finished (ms since the Unix epoch).
+    pub finished_at: i64,
+    pub seed: String,
+    pub backend: String,
+    pub faults_applied: usize,
+    pub alerts_expected: usize,
+    pub alerts_raised: usize,
+}
+
+impl LastDrill {
+    fn of(report: &holdfast_drill::Report) -> Self {
+        let expected = &report.alerts.expected;
+        LastDrill {
+            verdict: report.verdict.to_owned(),
+            violated: report.violated.iter().map(|v| (*v).to_owned()).collect(),
+            finished_at: holdfast_core::now_ms(),
+            seed: report.seed.to_string(),
+            backend: report.backend.to_owned(),
+            faults_applied: report.faults.iter().filter(|f| f.applied).count(),
+            alerts_expected: expected.len(),
+            alerts_raised: expected
+                .iter()
+                .filter(|e| e.fired_after_s.is_some())
+                .count(),
+        }
+    }
+
+    /// One line: `PASS 2h05m ago (sqlite, seed 11, 5 faults, 4/4 alerts raised)`.
+    pub fn line(&self, age_s: u64, age: impl Fn(u64) -> String) -> String {
+        let verdict = if self.violated.is_empty() {
+            self.verdict.to_uppercase()
+        } else {
+            format!(
+                "{} ({})",
+                self.verdict.to_uppercase(),
+                self.violated.join(", ")
+            )
+        };
+        format!(
+            "{verdict} {} ago ({}, seed {}, {} faults, {}/{} alerts raised)",
+            age(age_s),
+            self.backend,
+            self.seed,
+            self.faults_applied,
+            self.alerts_raised,
+            self.alerts_expected
+        )
+    }
 }

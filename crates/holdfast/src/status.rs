@@ -66,6 +66,10 @@ struct Status {
     oldest_waiting_payout_s: Option<u64>,
     /// The Redis session tier as the instances see it, or null when no instance runs one.
     redis_sessions: Option<String>,
+    /// The last `holdfast drill` recorded in this data dir, or null.
+    last_drill: Option<crate::drill::LastDrill>,
+    #[serde(skip)]
+    now_ms: i64,
 }
 
 pub async fn run(args: JobsList) -> anyhow::Result<()> {
@@ -148,6 +152,8 @@ pub async fn run(args: JobsList) -> anyhow::Result<()> {
         queues,
         oldest_waiting_payout_s: oldest.filter(|&t| t <= now).map(age),
         redis_sessions,
+        last_drill: crate::read_json(&run_dir.join(crate::drill::LAST_DRILL_FILE)),
+        now_ms: now,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);
@@ -200,6 +206,15 @@ fn table(s: &Status) -> String {
         Some(secs) => format!("oldest waiting payout: {}\n", uptime(secs)),
         None => "oldest waiting payout: none waiting\n".to_owned(),
     });
+    out.push_str(&match &s.last_drill {
+        Some(d) => {
+            let age = u64::try_from((s.now_ms - d.finished_at) / 1000).unwrap_or(0);
+            format!("last drill: {}\n", d.line(age, uptime))
+        }
+        None => {
+            "last drill: none recorded here (holdfast drill --data-dir records one)\n".to_owned()
+        }
+    });
     out
 }
 
@@ -251,4 +266,42 @@ async fn upstreams(ops_addr: &str) -> anyhow::Result<Vec<Upstream>> {
         .json()
         .await
         .with_context(|| format!("reading {url}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::drill::LastDrill;
+
+    fn quiet(last_drill: Option<LastDrill>) -> Status {
+        Status {
+            balancer: None,
+            processes: Vec::new(),
+            queues: Vec::new(),
+            oldest_waiting_payout_s: None,
+            redis_sessions: None,
+            last_drill,
+            now_ms: 10_000_000,
+        }
+    }
+
+    #[test]
+    fn the_last_drill_is_one_line_with_its_verdict_age_and_alerts() {
+        let drill = LastDrill {
+            verdict: "fail".into(),
+            violated: vec!["alerts_missed".into()],
+            finished_at: 10_000_000 - 7_500_000,
+            seed: "11".into(),
+            backend: "sqlite".into(),
+            faults_applied: 5,
+            alerts_expected: 4,
+            alerts_raised: 3,
+        };
+        let shown = table(&quiet(Some(drill)));
+        assert!(
+            shown.contains("last drill: FAIL (alerts_missed) 2h05m ago (sqlite, seed 11, 5 faults, 3/4 alerts raised)\n"),
+            "{shown}"
+        );
+        assert!(table(&quiet(None)).contains("last drill: none recorded here"));
+    }
 }

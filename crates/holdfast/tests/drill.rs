@@ -31,6 +31,9 @@ fn assert_passes(backend: &str) {
     let log = dir.path().join("system.log");
     let log_arg = log.to_str().unwrap().to_owned();
     args.extend(["--system-log", &log_arg]);
+    let record_dir = dir.path().join("data");
+    let record_arg = record_dir.to_str().unwrap().to_owned();
+    args.extend(["--data-dir", &record_arg]);
     let (out, r, html) = drill(dir.path(), backend, &args);
     let system_log = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(
@@ -39,6 +42,13 @@ fn assert_passes(backend: &str) {
     );
     assert_eq!(r["verdict"], "pass", "violated: {}", r["violated"]);
     assert!(out.status.success(), "exit status {}", out.status);
+    // The verdict is recorded where `holdfast status` looks for it.
+    let record: Value =
+        serde_json::from_slice(&std::fs::read(record_dir.join("run/last-drill.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["verdict"], "pass");
+    assert_eq!(record["seed"], "11");
+    assert_eq!(record["alerts_raised"], record["alerts_expected"]);
     // The stable keys.
     for key in holdfast_drill::report::STABLE_KEYS {
         assert!(r.get(key).is_some(), "{key} missing from the report");
