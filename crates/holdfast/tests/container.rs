@@ -149,3 +149,72 @@ async fn the_image_serves_readyz_passes_its_healthcheck_and_drains_on_stop() {
     let logs = String::from_utf8_lossy(&logs.stderr);
     assert!(logs.contains("draining"), "{logs}");
 }
+
+/// `ops/container/compose.yml` is a valid compose file, and every command it gives the
+/// Holdfast image is one this build accepts (each is parsed with `--help` appended: clap
+/// rejects an unknown flag or a bad value before it prints help).
+#[test]
+fn the_compose_file_is_valid_and_its_commands_parse() {
+    if !have_tool("podman-compose", "scripts/install-container-tools.sh") {
+        return;
+    }
+    let file = repo().join("ops/container/compose.yml");
+    let checked = Command::new("podman-compose")
+        .arg("-f")
+        .arg(&file)
+        .arg("config")
+        .output()
+        .unwrap();
+    assert!(
+        checked.status.success(),
+        "podman-compose config: {}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    let as_json = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))",
+        ])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(
+        as_json.status.success(),
+        "{}",
+        String::from_utf8_lossy(&as_json.stderr)
+    );
+    let compose: serde_json::Value = serde_json::from_slice(&as_json.stdout).unwrap();
+    let services = compose["services"].as_object().unwrap();
+    let ours: Vec<(&String, &serde_json::Value)> = services
+        .iter()
+        .filter(|(_, s)| s["image"] == "localhost/holdfast:latest")
+        .collect();
+    let names: Vec<&str> = ours.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["balancer", "provider", "web", "worker"]);
+    for (name, service) in &ours {
+        let args: Vec<&str> = service["command"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let parsed = Command::new(BIN)
+            .args(&args)
+            .arg("--help")
+            .output()
+            .unwrap();
+        assert!(
+            parsed.status.success(),
+            "{name}: holdfast {args:?} is refused: {}",
+            String::from_utf8_lossy(&parsed.stderr)
+        );
+    }
+    // The operator port is published on loopback only; the instances' :9090 not at all.
+    let ports = services["balancer"]["ports"].to_string();
+    assert!(
+        ports.contains("127.0.0.1:8081:8081") && !ports.contains("9090"),
+        "{ports}"
+    );
+    assert!(services["web"]["ports"].is_null());
+    assert_eq!(services["web"]["deploy"]["replicas"], 3);
+}
