@@ -30,21 +30,28 @@ pub const TIME_COMPRESSION: u64 = 60;
 pub const WINDOW_S: f64 = 30.0;
 
 /// The alerts one fault kind must raise (every one of them), by name — with the `role` label
-/// where the alert has one, so a worker's kill is not credited to an instance's. Drains and key rotations are
-/// how operators change a running system — a rolling restart is a stream of drains — so they
-/// must raise nothing.
+/// where the alert has one, so a worker's kill is not credited to an instance's. Drains and
+/// key rotations are how operators change a running system (a rolling restart is a stream of
+/// drains), so what they raise is the `info` record of a rolling restart, never a ticket.
 pub fn expected(kind: FaultKind) -> &'static [&'static str] {
     match kind {
         FaultKind::KillInstance => &["HoldfastProcessesFailing{role=\"web\"}"],
         FaultKind::KillWorker => &["HoldfastProcessesFailing{role=\"worker\"}"],
-        FaultKind::PauseInstance | FaultKind::FreezeInstance => &["HoldfastInstanceFroze"],
+        FaultKind::PauseInstance => &["HoldfastInstanceFroze"],
+        // Frozen past `up --kill-unresponsive-after`: seen frozen, then killed and replaced.
+        FaultKind::FreezeInstance => &[
+            "HoldfastInstanceFroze",
+            "HoldfastProcessesFailing{role=\"web\"}",
+        ],
         FaultKind::RestartDb | FaultKind::CutDb => &["HoldfastStoreFlaking"],
         FaultKind::SlowDb => &["HoldfastSlowAnswers"],
         FaultKind::ProviderTimeouts => &["HoldfastPaymentsRetrying"],
         FaultKind::RestartRedis | FaultKind::FlushCache => &["HoldfastSessionsLostByRedis"],
         FaultKind::LoginFlood => &["HoldfastClientsRateLimited"],
         FaultKind::SlowClients => &["HoldfastSlowClients"],
-        FaultKind::DrainInstance | FaultKind::RotateKeys => &[],
+        FaultKind::DrainInstance | FaultKind::RotateKeys => {
+            &["HoldfastProcessesReplaced{role=\"web\"}"]
+        }
     }
 }
 
