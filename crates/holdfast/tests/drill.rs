@@ -196,15 +196,7 @@ fn every_sabotage_fails_the_drill_naming_the_broken_invariant() {
 /// PATH (scripts/install-drill-deps.sh), like the Postgres drill needs initdb.
 #[test]
 fn a_redis_restart_loses_no_session() {
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| d.join("redis-server").is_file()))
-        .unwrap_or(false);
-    if !on_path {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but redis-server is missing: run scripts/install-drill-deps.sh"
-        );
-        eprintln!("skipped: no redis-server (scripts/install-drill-deps.sh installs it)");
+    if !have_tool("redis-server", "scripts/install-drill-deps.sh") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();

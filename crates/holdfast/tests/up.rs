@@ -342,16 +342,7 @@ async fn a_roll_replaces_every_instance_one_at_a_time_without_a_5xx() {
 /// instances with their health, and charts the last seconds' traffic.
 #[tokio::test]
 async fn the_operator_page_shows_the_instances_and_the_traffic_in_a_browser() {
-    if std::process::Command::new("chromium")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI=true but chromium is missing: run scripts/install-ops-tools.sh"
-        );
-        eprintln!("skipped: no chromium (scripts/install-ops-tools.sh installs it)");
+    if !holdfast_testkit::process::have_tool("chromium", "scripts/install-ops-tools.sh") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
