@@ -31,7 +31,7 @@ pub use holdfast_core::Backend;
 pub use idempotency::{ClaimOutcome, IdemClaim, IdemLock, StoredResponse};
 pub use jobs::{DeadJob, JobFence, JobInsert, JobRow, LedgerEntry, QueueCount, NOTIFY_CHANNEL};
 pub use limits::{Quota, Refused};
-pub use migrate::{Migration, Schema};
+pub use migrate::{Guard as MigrationGuard, Migration, Mode as MigrateMode, Schema, SchemaState};
 pub use tx::{Rerun, ScopedFutureExt, Tx, TxBody, TxError};
 
 use holdfast_core::retry::{RetryBudget, RetryPolicy};
@@ -99,6 +99,33 @@ pub enum Error {
     },
     #[error("unsupported database url (want sqlite:… or postgres://…)")]
     UnsupportedUrl,
+    /// The database lacks migrations this build needs.
+    #[error(
+        "the database lacks {} migration(s) this build needs ({}): run `holdfast migrate up` first",
+        pending.len(),
+        pending.join(", ")
+    )]
+    SchemaBehind { pending: Vec<String> },
+    /// The database has migrations this build does not know: a newer build migrated it.
+    #[error(
+        "the database has migrations this build does not know ({}): a newer build migrated it; \
+         run that build, or roll the schema back with it",
+        unknown.join(", ")
+    )]
+    SchemaAhead { unknown: Vec<String> },
+    /// Migrating gave up: a lock stayed taken past the guard's deadline.
+    #[error(
+        "gave up migrating after {waited:?} ({tries} lock waits timed out): {}",
+        match holder {
+            Some(pid) => format!("another migration holds the migration lock (Postgres backend pid {pid})"),
+            None => "a long transaction holds a lock a migration needs (see pg_stat_activity, or a process holding the SQLite write lock)".to_owned(),
+        }
+    )]
+    MigrationLocked {
+        waited: std::time::Duration,
+        tries: u32,
+        holder: Option<i32>,
+    },
     #[error("creating the database file {path}: {source}")]
     CreateFile {
         path: String,
@@ -171,6 +198,9 @@ pub struct StoreOptions {
     pub acquire_timeout: Duration,
     /// The application's tables, migrated after the store's own, in this order.
     pub schemas: Vec<&'static Schema>,
+    /// Apply pending migrations on open (the default, under the default guard), or only
+    /// verify that the database has exactly this build's (what serving processes do).
+    pub migrate: migrate::Mode,
     /// Postgres ends a session that sits this long inside a transaction without sending a
     /// statement (`idle_in_transaction_session_timeout`): a process stopped or partitioned
     /// mid-transaction releases its row locks after this instead of when it dies, and its late
@@ -186,8 +216,15 @@ impl StoreOptions {
             retry: RetryPolicy::default(),
             acquire_timeout: Duration::from_secs(3),
             schemas: Vec::new(),
+            migrate: migrate::Mode::Apply(migrate::Guard::default()),
             idle_in_transaction_timeout: Duration::from_secs(2),
         }
+    }
+
+    /// What opening does about migrations (see [`migrate::Mode`]).
+    pub fn migrate(mut self, mode: migrate::Mode) -> Self {
+        self.migrate = mode;
+        self
     }
 
     /// Adds an application schema (see [`Schema`]).
@@ -290,12 +327,31 @@ impl Store {
             budget: RetryBudget::default(),
             write_gate,
         };
+        match &opts.migrate {
+            migrate::Mode::Apply(guard) => {
+                let schemas = store.schemas(opts);
+                store
+                    .run(Rerun::Always, "migrate", || {
+                        migrate::apply(&store, &schemas, guard)
+                    })
+                    .await?;
+            }
+            migrate::Mode::Verify => migrate::verify(&store, &store.schemas(opts)).await?,
+            migrate::Mode::Inspect => {}
+        }
+        Ok(store)
+    }
+
+    /// The store's schema, then the application's.
+    fn schemas(&self, opts: &StoreOptions) -> Vec<&'static Schema> {
         let mut schemas = vec![&migrate::SCHEMA];
         schemas.extend(opts.schemas.iter().copied());
-        store
-            .run(Rerun::Always, "migrate", || migrate::run(&store, &schemas))
-            .await?;
-        Ok(store)
+        schemas
+    }
+
+    /// Each schema's migrations as this database has them (changes nothing).
+    pub async fn migration_status(&self, opts: &StoreOptions) -> Result<Vec<migrate::SchemaState>> {
+        migrate::status(self, &self.schemas(opts)).await
     }
 
     pub fn backend(&self) -> Backend {

@@ -6,7 +6,18 @@
 //!
 //! All pending migrations run in one write transaction that first takes a lock: on SQLite
 //! `BEGIN IMMEDIATE` (the file's single write lock), on Postgres a transaction-scoped advisory
-//! lock. A second instance starting at the same moment waits, then finds nothing to do.
+//! lock. A second migrator starting at the same moment waits, then finds nothing to do.
+//!
+//! Every run is guarded ([`Guard`]): on Postgres the transaction sets `lock_timeout` (500 ms by
+//! default) and `statement_timeout`, so a DDL statement queued behind a long reader (a
+//! `pg_dump`, a forgotten transaction) gives up within the lock timeout instead of making
+//! every request queue behind *it*; the whole run is then retried with full-jitter backoff
+//! until the guard's deadline, and finally fails saying who holds the lock. On SQLite the
+//! write lock is waited for at most the connection's busy timeout (5 s), retried the same way.
+//!
+//! Processes that serve do not migrate unless told to ([`Mode::Verify`]): they check that the
+//! database has exactly the migrations they were built with and refuse to start otherwise,
+//! naming what is missing or unknown ([`Error::SchemaBehind`], [`Error::SchemaAhead`]).
 //!
 //! Migrations are append-only: a released file is never edited; a change is a new version.
 //! That is checked, not promised: each applied migration is recorded with the SHA-256 of its
@@ -21,6 +32,54 @@ use crate::{Backend, Error, Result, Store};
 use sha2::{Digest, Sha256};
 use sqlx::{Executor, Row};
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// What opening a store does about migrations.
+#[derive(Debug, Clone)]
+pub enum Mode {
+    /// Apply pending migrations under the guard (tools, `holdfast migrate up`, `holdfast up`).
+    Apply(Guard),
+    /// Change nothing: refuse a database whose migrations differ from this build's.
+    Verify,
+    /// Change nothing, check nothing: for looking at the migrations themselves
+    /// (`holdfast migrate status`).
+    Inspect,
+}
+
+/// The bounds a migration runs within (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Guard {
+    /// Longest any one statement may wait for a lock (Postgres `lock_timeout`).
+    pub lock_timeout: Duration,
+    /// Longest any one statement may run (Postgres `statement_timeout`).
+    pub statement_timeout: Duration,
+    /// How long to keep retrying a run that timed out on a lock.
+    pub deadline: Duration,
+}
+
+impl Default for Guard {
+    fn default() -> Self {
+        Guard {
+            lock_timeout: Duration::from_millis(500),
+            statement_timeout: Duration::from_secs(60),
+            deadline: Duration::from_secs(60),
+        }
+    }
+}
+
+/// One schema's migrations as a database has them.
+#[derive(Debug, Clone)]
+pub struct SchemaState {
+    pub schema: &'static str,
+    /// Versions recorded as applied that this build knows.
+    pub applied: Vec<i64>,
+    /// This build's migrations the database has not run, in order.
+    pub pending: Vec<&'static Migration>,
+    /// Versions the database recorded that this build does not have (a newer build migrated).
+    pub unknown: Vec<(i64, String)>,
+    /// Applied migrations whose file differs in this build: `(file, recorded, built)`.
+    pub changed: Vec<(&'static str, String, String)>,
+}
 
 /// One step of a schema.
 #[derive(Debug)]
@@ -62,6 +121,11 @@ impl Migration {
             legacy: Some(legacy),
             ..self
         }
+    }
+
+    /// The SQL as it runs on `backend` (one file serves both engines; see [`render`]).
+    pub fn render(&self, backend: Backend) -> String {
+        render(self.sql, backend)
     }
 
     /// SHA-256 of the file, hex.
@@ -133,9 +197,189 @@ fn replace_word(text: &str, word: &str, with: &str) -> String {
     out
 }
 
-pub(crate) async fn run(store: &Store, schemas: &[&Schema]) -> Result<()> {
+/// Applies every pending migration of `schemas` under `guard`: retried with full-jitter
+/// backoff while a lock wait times out, until the guard's deadline.
+pub(crate) async fn apply(store: &Store, schemas: &[&Schema], guard: &Guard) -> Result<()> {
+    let started = Instant::now();
+    let mut lock_waits = 0u32;
+    loop {
+        match run_once(store, schemas, guard).await {
+            Err(Error::Db(e)) if timed_out_on_lock(&e) => {
+                lock_waits += 1;
+                let waited = started.elapsed();
+                if waited >= guard.deadline {
+                    return Err(Error::MigrationLocked {
+                        waited,
+                        tries: lock_waits,
+                        holder: lock_holder(store).await,
+                    });
+                }
+                let backoff = holdfast_core::retry::RetryPolicy {
+                    base: guard.lock_timeout,
+                    cap: Duration::from_secs(5),
+                    max_attempts: u32::MAX,
+                    deadline: guard.deadline,
+                };
+                let pause = backoff.delay(lock_waits - 1);
+                tracing::warn!(
+                    tries = lock_waits,
+                    ?pause,
+                    "a migration timed out waiting for a lock; retrying"
+                );
+                tokio::time::sleep(pause.min(guard.deadline.saturating_sub(waited))).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A lock wait gave up: Postgres `lock_not_available` (the `lock_timeout`) or a statement
+/// cancelled by `statement_timeout`; SQLite busy or locked after its busy timeout.
+fn timed_out_on_lock(e: &sqlx::Error) -> bool {
+    let sqlx::Error::Database(db) = e else {
+        return false;
+    };
+    let code = db.code().unwrap_or_default();
+    if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        return code.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6));
+    }
+    matches!(code.as_ref(), "55P03" | "57014")
+}
+
+/// The Postgres backend holding the migration lock, if one does (for the error message).
+async fn lock_holder(store: &Store) -> Option<i32> {
+    if store.backend != Backend::Postgres {
+        return None;
+    }
+    sqlx::query(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND ((classid::bigint << 32) | objid::bigint) = $1",
+    )
+    .bind(PG_MIGRATION_LOCK)
+    .fetch_optional(&store.pool)
+    .await
+    .ok()
+    .flatten()
+    .and_then(|r| r.try_get::<i32, _>("pid").ok())
+}
+
+/// The database's migrations against this build's, changing nothing.
+pub(crate) async fn status(store: &Store, schemas: &[&Schema]) -> Result<Vec<SchemaState>> {
+    let mut conn = store.pool.acquire().await?;
+    let mut recorded: HashMap<(String, i64), (String, String)> = HashMap::new();
+    if table_exists(&mut conn, store.backend, TABLE).await? {
+        for r in sqlx::query(&format!(
+            "SELECT schema_name, version, file, checksum FROM {TABLE}"
+        ))
+        .fetch_all(&mut *conn)
+        .await?
+        {
+            recorded.insert(
+                (r.try_get("schema_name")?, r.try_get("version")?),
+                (r.try_get("file")?, r.try_get("checksum")?),
+            );
+        }
+    }
+    let mut states = Vec::new();
+    for schema in schemas {
+        let mut state = SchemaState {
+            schema: schema.name,
+            applied: Vec::new(),
+            pending: Vec::new(),
+            unknown: Vec::new(),
+            changed: Vec::new(),
+        };
+        for m in schema.migrations {
+            match recorded.remove(&(schema.name.to_owned(), m.version)) {
+                Some((_, sum)) if sum != m.checksum() => {
+                    state.applied.push(m.version);
+                    state.changed.push((m.file, sum, m.checksum()));
+                }
+                Some(_) => state.applied.push(m.version),
+                None => state.pending.push(m),
+            }
+        }
+        let mut unknown: Vec<(i64, String)> = recorded
+            .iter()
+            .filter(|((name, _), _)| name == schema.name)
+            .map(|((_, v), (file, _))| (*v, file.clone()))
+            .collect();
+        unknown.sort();
+        state.unknown = unknown;
+        states.push(state);
+    }
+    Ok(states)
+}
+
+/// Refuses a database whose migrations are not exactly this build's (changes nothing).
+pub(crate) async fn verify(store: &Store, schemas: &[&Schema]) -> Result<()> {
+    let states = status(store, schemas).await?;
+    if let Some((file, recorded, built)) = states.iter().flat_map(|s| s.changed.clone()).next() {
+        return Err(Error::MigrationChanged {
+            file,
+            recorded,
+            built,
+        });
+    }
+    let unknown: Vec<String> = states
+        .iter()
+        .flat_map(|s| s.unknown.iter().map(|(_, file)| file.clone()))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Error::SchemaAhead { unknown });
+    }
+    let pending: Vec<&str> = states
+        .iter()
+        .flat_map(|s| s.pending.iter().map(|m| m.file))
+        .collect();
+    if !pending.is_empty() {
+        return Err(Error::SchemaBehind {
+            pending: pending.into_iter().map(str::to_owned).collect(),
+        });
+    }
+    Ok(())
+}
+
+async fn table_exists(
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+    table: &str,
+) -> Result<bool> {
+    let exists = match backend {
+        Backend::Sqlite => "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = $1",
+        Backend::Postgres => "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = $1",
+    };
+    let n: i64 = sqlx::query(exists)
+        .bind(table)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get("n")?;
+    Ok(n > 0)
+}
+
+async fn run_once(store: &Store, schemas: &[&Schema], guard: &Guard) -> Result<()> {
+    // A database newer than this build is not touched (a newer build's migrations are its own).
+    let states = status(store, schemas).await?;
+    let unknown: Vec<String> = states
+        .iter()
+        .flat_map(|s| s.unknown.iter().map(|(_, file)| file.clone()))
+        .collect();
+    if !unknown.is_empty() {
+        return Err(Error::SchemaAhead { unknown });
+    }
     let mut tx = store.begin_write().await?;
     if store.backend == Backend::Postgres {
+        let ms = |d: Duration| d.as_millis().max(1);
+        tx.conn()
+            .execute(
+                format!(
+                    "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+                    ms(guard.lock_timeout),
+                    ms(guard.statement_timeout)
+                )
+                .as_str(),
+            )
+            .await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(PG_MIGRATION_LOCK)
             .execute(tx.conn())
@@ -216,16 +460,8 @@ async fn record(tx: &mut crate::Tx, schema: &Schema, m: &Migration, applied_at: 
 /// (with this build's checksum) rather than run again. The legacy table stays, so a schema
 /// that joins later is adopted too.
 async fn adopt_legacy(tx: &mut crate::Tx, schemas: &[&Schema]) -> Result<()> {
-    let exists = match tx.backend() {
-        Backend::Sqlite => "SELECT COUNT(*) AS n FROM sqlite_master WHERE type = 'table' AND name = $1",
-        Backend::Postgres => "SELECT COUNT(*) AS n FROM information_schema.tables WHERE table_schema = current_schema() AND table_name = $1",
-    };
-    let n: i64 = sqlx::query(exists)
-        .bind(LEGACY_TABLE)
-        .fetch_one(tx.conn())
-        .await?
-        .try_get("n")?;
-    if n == 0 {
+    let backend = tx.backend();
+    if !table_exists(tx.conn(), backend, LEGACY_TABLE).await? {
         return Ok(());
     }
     let mut legacy: HashMap<i64, i64> = HashMap::new();

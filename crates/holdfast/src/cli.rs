@@ -54,6 +54,9 @@ pub enum Command {
     },
     /// A game day in one command: start a system, load it, inject faults, check invariants.
     Drill(DrillArgs),
+    /// Schema migrations: what the database has, what would run, and running it (guarded).
+    #[command(subcommand)]
+    Migrate(MigrateCommand),
     /// The balancer alone, in front of web instances run by something else (an orchestrator,
     /// `ops/container/compose.yml`).
     Balance(BalanceArgs),
@@ -92,6 +95,37 @@ impl GraphiteArgs {
             self.graphite_prefix.clone().into(),
         ]
     }
+}
+
+/// `holdfast migrate`.
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Per schema: applied, pending and unknown migrations (a table; `--json`).
+    Status(JobsList),
+    /// The SQL `up` would run on this engine, in order, without running it.
+    Plan(StoreOnly),
+    /// Apply the pending migrations, each run guarded (see `--lock-timeout`).
+    Up {
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        guard: GuardArgs,
+    },
+}
+
+/// The bounds `holdfast migrate up` runs within.
+#[derive(Debug, Clone, Args)]
+pub struct GuardArgs {
+    /// Longest any statement waits for a lock (Postgres `lock_timeout`) before the run is
+    /// rolled back and retried: nothing queues behind a migration longer than this.
+    #[arg(long, value_parser = parse_duration, default_value = "500ms")]
+    pub lock_timeout: Duration,
+    /// Longest any statement may run (Postgres `statement_timeout`).
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub statement_timeout: Duration,
+    /// How long to keep retrying before giving up and saying who holds the lock.
+    #[arg(long, value_parser = parse_duration, default_value = "60s")]
+    pub deadline: Duration,
 }
 
 /// `holdfast balance`.
@@ -479,6 +513,9 @@ pub struct WorkerArgs {
     pub no_queue_metrics: bool,
     #[command(flatten)]
     pub graphite: GraphiteArgs,
+    /// Apply pending migrations on start instead of refusing a database that lacks them.
+    #[arg(long)]
+    pub migrate: bool,
     /// Set by `up`: exit if that process dies.
     #[arg(long, hide = true)]
     pub parent_pid: Option<i32>,
@@ -574,6 +611,10 @@ pub struct ServeArgs {
     pub sabotage: SabotageArgs,
     #[command(flatten)]
     pub graphite: GraphiteArgs,
+    /// Apply pending migrations on start (under the default guard) instead of refusing a
+    /// database that lacks them: for a lone instance. A fleet runs `holdfast migrate up` once.
+    #[arg(long)]
+    pub migrate: bool,
     /// Set by `up`: the supervisor's pid; this instance dies with it (Linux).
     #[arg(long, hide = true)]
     pub parent_pid: Option<i32>,

@@ -9,6 +9,7 @@ mod balance;
 mod cli;
 mod drill;
 mod graphite;
+mod migrate;
 mod provider;
 mod roll;
 mod serve;
@@ -59,6 +60,7 @@ fn run() -> anyhow::Result<()> {
             Some(Command::Status(args)) => status::run(args).await,
             Some(Command::Roll(args)) => roll::run(args).await,
             Some(Command::Drill(args)) => drill::run(args).await,
+            Some(Command::Migrate(cmd)) => migrate::run(cmd).await,
             Some(Command::Balance(args)) => balance::run(args).await,
             Some(Command::Probe(args)) => balance::probe(args).await,
             None => up::run(cli.up).await,
@@ -95,18 +97,41 @@ pub(crate) fn on_terminate() -> std::io::Result<impl Future<Output = &'static st
     })
 }
 
-/// Opens the store the flags name, with the shop's schema (migrated if it is behind).
-pub(crate) async fn open_store(args: &cli::StoreArgs) -> anyhow::Result<holdfast_store::Store> {
-    let opts = holdfast_store::StoreOptions::new(args.store_url()?).schema(&holdfast_shop::SCHEMA);
-    holdfast_store::Store::open(&opts)
+/// The store options the flags name: the shop's schema, and what to do about migrations.
+pub(crate) fn store_options(
+    args: &cli::StoreArgs,
+    migrate: holdfast_store::MigrateMode,
+) -> anyhow::Result<holdfast_store::StoreOptions> {
+    Ok(holdfast_store::StoreOptions::new(args.store_url()?)
+        .schema(&holdfast_shop::SCHEMA)
+        .migrate(migrate))
+}
+
+/// Opens the store the flags name, with the shop's schema; `migrate` says whether pending
+/// migrations are applied or refused.
+pub(crate) async fn open_store(
+    args: &cli::StoreArgs,
+    migrate: holdfast_store::MigrateMode,
+) -> anyhow::Result<holdfast_store::Store> {
+    holdfast_store::Store::open(&store_options(args, migrate)?)
         .await
         .context("opening the store")
+}
+
+/// Serving processes verify the schema unless `--migrate` asks them to apply what is pending.
+pub(crate) fn serving_mode(migrate: bool) -> holdfast_store::MigrateMode {
+    if migrate {
+        holdfast_store::MigrateMode::Apply(holdfast_store::MigrationGuard::default())
+    } else {
+        holdfast_store::MigrateMode::Verify
+    }
 }
 
 /// The store for an operator command: it must already exist. A mistyped `--data-dir` is an
 /// error, not a fresh empty database that answers "nothing here".
 pub(crate) async fn open_existing_store(
     args: &cli::StoreArgs,
+    migrate: holdfast_store::MigrateMode,
 ) -> anyhow::Result<holdfast_store::Store> {
     let sqlite_from_env = std::env::var("DATABASE_URL").is_ok_and(|u| u.starts_with("sqlite:"));
     if args.backend == holdfast_store::Backend::Sqlite
@@ -116,11 +141,11 @@ pub(crate) async fn open_existing_store(
         let file = args.data_dir.join("holdfast.sqlite");
         anyhow::ensure!(
             file.is_file(),
-            "no database at {}: is --data-dir right? (`holdfast up` or `holdfast serve` creates it)",
+            "no database at {}: is --data-dir right? (`holdfast up` or `holdfast migrate up` creates it)",
             file.display()
         );
     }
-    open_store(args).await
+    open_store(args, migrate).await
 }
 
 /// A JSON file `up` keeps in its data dir's `run/`, if it is there and reads as a `T`.

@@ -65,7 +65,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ],
     )
     .map_err(anyhow::Error::msg)?;
-    let store = crate::open_store(&args.store).await?;
+    let store = crate::open_store(&args.store, crate::serving_mode(args.migrate)).await?;
     // Opaque on purpose: the public answer names the instance, not its address.
     let name = format!("i-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     opts.instance_name = Some(name.clone());

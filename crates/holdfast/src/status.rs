@@ -122,7 +122,8 @@ pub async fn run(args: JobsList) -> anyhow::Result<()> {
             health,
         });
     }
-    let store = crate::open_existing_store(&args.store).await?;
+    let store =
+        crate::open_existing_store(&args.store, holdfast_store::MigrateMode::Verify).await?;
     let mut queues: Vec<Queue> = Vec::new();
     for c in store.job_counts().await? {
         let i = match queues.iter().position(|q| q.queue == c.queue) {

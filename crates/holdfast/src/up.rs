@@ -73,7 +73,11 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Migrate once, up front, so the instances find the schema ready instead of queueing on
     // the migration lock, and a bad URL fails here with one message instead of N crash loops.
     // Kept open to count the queue once for the whole fleet on the operator port.
-    let fleet_store = crate::open_store(&args.store).await?;
+    let fleet_store = crate::open_store(
+        &args.store,
+        holdfast_store::MigrateMode::Apply(holdfast_store::MigrationGuard::default()),
+    )
+    .await?;
 
     let listener = TcpListener::bind((args.host, args.port))
         .await

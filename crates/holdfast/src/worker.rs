@@ -37,7 +37,7 @@ pub async fn run(args: WorkerArgs) -> anyhow::Result<()> {
     )
     .map_err(anyhow::Error::msg)?;
     let url = args.store.store_url()?;
-    let store = crate::open_store(&args.store).await?;
+    let store = crate::open_store(&args.store, crate::serving_mode(args.migrate)).await?;
     let wakeup = match store.backend() {
         Backend::Postgres => Wakeup::Postgres(url.clone()),
         Backend::Sqlite => Wakeup::SqliteFile(
@@ -103,7 +103,7 @@ pub async fn jobs_command(cmd: JobsCommand) -> anyhow::Result<()> {
         JobsCommand::Stats(l) | JobsCommand::Dead(l) => &l.store,
         JobsCommand::Redrive { store, .. } => store,
     };
-    let store = crate::open_existing_store(store_args).await?;
+    let store = crate::open_existing_store(store_args, holdfast_store::MigrateMode::Verify).await?;
     let out = match cmd {
         JobsCommand::Stats(l) => {
             let counts = store.job_counts().await?;

@@ -104,6 +104,7 @@ async fn the_image_serves_readyz_passes_its_healthcheck_and_drains_on_stop() {
         "--drain-delay",
         "2s",
         "--insecure-cookies",
+        "--migrate",
     ]);
     assert!(
         started.status.success(),
@@ -190,7 +191,7 @@ fn the_compose_file_is_valid_and_its_commands_parse() {
         .filter(|(_, s)| s["image"] == "localhost/holdfast:latest")
         .collect();
     let names: Vec<&str> = ours.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(names, ["balancer", "provider", "web", "worker"]);
+    assert_eq!(names, ["balancer", "migrate", "provider", "web", "worker"]);
     for (name, service) in &ours {
         let args: Vec<&str> = service["command"]
             .as_array()

@@ -98,6 +98,7 @@ async fn an_instance_pushes_its_figures_to_a_real_carbon() {
             "--data-dir",
             data.to_str().unwrap(),
             "--insecure-cookies",
+            "--migrate",
             "--graphite",
             &target,
             "--graphite-every",

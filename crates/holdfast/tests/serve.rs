@@ -19,6 +19,7 @@ async fn sigterm_drains_then_exits_cleanly() {
             "--data-dir",
             dir.path().to_str().unwrap(),
             "--insecure-cookies",
+            "--migrate",
             "--drain-delay",
             "3s",
         ],
@@ -86,6 +87,7 @@ async fn balance_spreads_over_named_upstreams_and_probe_judges_readyz() {
         "--data-dir",
         data,
         "--insecure-cookies",
+        "--migrate",
     ];
     let first = Proc::spawn(BIN.as_ref(), &serve_args);
     let first_addr = listening(&first);

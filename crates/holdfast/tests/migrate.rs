@@ -1,0 +1,220 @@
+//! `holdfast migrate` as an operator runs it, and serving processes that refuse a database
+//! that is not exactly their build's instead of migrating it behind everyone's back.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use holdfast_core::Backend;
+use holdfast_testkit::db::with_fresh_db;
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+
+fn holdfast(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("running holdfast")
+}
+
+fn said(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn an_instance_refuses_an_unmigrated_database_until_migrate_up_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    // Nothing there yet: operator commands refuse a data dir without a database.
+    let status = holdfast(&["migrate", "status", "--data-dir", data]);
+    assert_eq!(status.status.code(), Some(1), "{}", said(&status));
+    assert!(
+        said(&status).contains("no database at"),
+        "{}",
+        said(&status)
+    );
+
+    let plan = holdfast(&["migrate", "plan", "--data-dir", data]);
+    assert!(plan.status.success(), "{}", said(&plan));
+    let plan = said(&plan);
+    assert!(
+        plan.contains("-- crates/holdfast-store/migrations/0001_accounts.sql (sqlite)")
+            && plan.contains("-- crates/holdfast-shop/migrations/0001_shop.sql (sqlite)")
+            && plan.contains("CREATE TABLE"),
+        "{plan}"
+    );
+    // `plan` ran nothing: a serving process still finds every migration missing and says what
+    // to do, without starting.
+    let started = Instant::now();
+    let serve = holdfast(&["serve", "--addr", "127.0.0.1:0", "--data-dir", data]);
+    assert_eq!(serve.status.code(), Some(1), "{}", said(&serve));
+    assert!(
+        said(&serve).contains("lacks 6 migration(s)")
+            && said(&serve).contains("run `holdfast migrate up` first"),
+        "{}",
+        said(&serve)
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let worker = holdfast(&[
+        "worker",
+        "--data-dir",
+        data,
+        "--provider-url",
+        "http://127.0.0.1:9",
+    ]);
+    assert_eq!(worker.status.code(), Some(1), "{}", said(&worker));
+    assert!(
+        said(&worker).contains("holdfast migrate up"),
+        "{}",
+        said(&worker)
+    );
+
+    let status = holdfast(&["migrate", "status", "--data-dir", data]);
+    assert!(status.status.success(), "{}", said(&status));
+    assert!(
+        said(&status).contains("store: 0 applied, 5 pending")
+            && said(&status).contains("shop: 0 applied, 1 pending"),
+        "{}",
+        said(&status)
+    );
+
+    let up = holdfast(&["migrate", "up", "--data-dir", data]);
+    assert!(up.status.success(), "{}", said(&up));
+    assert!(
+        said(&up).contains("applied 6 migration(s)")
+            && said(&up).contains("store: 5 applied, up to date")
+            && said(&up).contains("shop: 1 applied, up to date"),
+        "{}",
+        said(&up)
+    );
+    // Again: nothing to do, nothing changes.
+    let again = holdfast(&["migrate", "up", "--data-dir", data]);
+    assert!(
+        said(&again).contains("applied 0 migration(s)"),
+        "{}",
+        said(&again)
+    );
+    let json = holdfast(&["migrate", "status", "--data-dir", data, "--json"]);
+    let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(json[0]["schema"], "store");
+    assert_eq!(json[0]["pending"], serde_json::json!([]));
+    assert_eq!(json[1]["applied"], serde_json::json!([1]));
+}
+
+/// A database a newer build migrated is refused by name — by the instances and by `migrate up`
+/// alike, which changes nothing.
+#[tokio::test]
+async fn a_database_newer_than_the_build_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_owned();
+    assert!(holdfast(&["migrate", "up", "--data-dir", &data])
+        .status
+        .success());
+    let url = format!("sqlite:{}/holdfast.sqlite", data);
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO holdfast_schema_migrations (schema_name, version, file, checksum, applied_at) \
+         VALUES ('shop', 2, 'crates/holdfast-shop/migrations/0002_from_the_future.sql', 'x', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM holdfast_schema_migrations")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let before = count().await;
+    for args in [
+        vec!["serve", "--addr", "127.0.0.1:0", "--data-dir", &data],
+        vec![
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--data-dir",
+            &data,
+            "--migrate",
+        ],
+        vec!["migrate", "up", "--data-dir", &data],
+    ] {
+        let out = holdfast(&args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", said(&out));
+        assert!(
+            said(&out).contains("0002_from_the_future.sql")
+                && said(&out).contains("a newer build migrated it"),
+            "{args:?}: {}",
+            said(&out)
+        );
+    }
+    assert_eq!(count().await, before, "nothing was changed");
+    let status = holdfast(&["migrate", "status", "--data-dir", &data]);
+    assert!(
+        said(&status).contains("shop: 1 applied, 1 UNKNOWN to this build"),
+        "{}",
+        said(&status)
+    );
+}
+
+/// On Postgres the migration waits at most `--lock-timeout` per try and gives up at
+/// `--deadline`, naming the backend that holds the migration lock; once it is released, the
+/// same command succeeds.
+#[tokio::test]
+async fn a_held_migration_lock_makes_up_give_up_in_time_naming_the_holder() {
+    with_fresh_db(Backend::Postgres, "migrate_lock", |url| async move {
+        let up = |extra: &[&str]| {
+            let mut args = vec![
+                "migrate",
+                "up",
+                "--backend",
+                "postgres",
+                "--database-url",
+                &url,
+            ];
+            args.extend_from_slice(extra);
+            let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+            tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                holdfast(&args)
+            })
+        };
+        assert!(up(&[]).await.unwrap().status.success());
+        let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut holder)
+            .await
+            .unwrap();
+        sqlx::query("SELECT pg_advisory_lock(x'486f6c6466617374'::bigint)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let started = Instant::now();
+        let out = up(&["--lock-timeout", "100ms", "--deadline", "1s"])
+            .await
+            .unwrap();
+        let took = started.elapsed();
+        assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+        assert!(
+            said(&out).contains(&format!(
+                "holds the migration lock (Postgres backend pid {pid})"
+            )),
+            "{}",
+            said(&out)
+        );
+        assert!(took < Duration::from_secs(6), "gave up after {took:?}");
+        sqlx::query("SELECT pg_advisory_unlock(x'486f6c6466617374'::bigint)")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let out = up(&["--lock-timeout", "100ms"]).await.unwrap();
+        assert!(out.status.success(), "{}", said(&out));
+    })
+    .await;
+}
+
+use sqlx::Connection as _;
