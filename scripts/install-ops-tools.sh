@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Tools the operations tests need, from Debian's packages: promtool (prometheus) to check and
 # unit-test the alert rules in ops/prometheus, headless Chromium to load the operator page, and
-# Graphite's carbon (graphite-carbon) to receive the --graphite push.
+# Graphite's carbon (graphite-carbon) to receive the --graphite push; and squawk (PyPI
+# squawk-cli), the Postgres migration linter behind `holdfast migrate lint`.
 # Idempotent: installs only what is missing.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -14,3 +15,5 @@ need() { # need COMMAND PACKAGE
 need promtool prometheus
 need chromium chromium
 need carbon-cache graphite-carbon
+command -v squawk >/dev/null || pip install -q squawk-cli >/dev/null 2>&1
+command -v squawk >/dev/null

@@ -31,7 +31,10 @@ pub use holdfast_core::Backend;
 pub use idempotency::{ClaimOutcome, IdemClaim, IdemLock, StoredResponse};
 pub use jobs::{DeadJob, JobFence, JobInsert, JobRow, LedgerEntry, QueueCount, NOTIFY_CHANNEL};
 pub use limits::{Quota, Refused};
-pub use migrate::{Guard as MigrationGuard, Migration, Mode as MigrateMode, Schema, SchemaState};
+pub use migrate::{
+    render as render_migration, Guard as MigrationGuard, Migration, Mode as MigrateMode, Schema,
+    SchemaState, SCHEMA as STORE_SCHEMA,
+};
 pub use tx::{Rerun, ScopedFutureExt, Tx, TxBody, TxError};
 
 use holdfast_core::retry::{RetryBudget, RetryPolicy};
@@ -376,6 +379,10 @@ impl Store {
     /// The retry state of one operation: call [`Retries::after`] with each failure.
     fn retries(&self, rerun: Rerun, op: &'static str) -> Retries<'_> {
         self.budget.record_attempt();
+        // The op's series exist at 0 from its first attempt, so the first retries after a
+        // scrape count as an increase rather than as where the series began.
+        metrics::counter!("holdfast_store_retries_total", "op" => op).increment(0);
+        metrics::counter!("holdfast_store_retry_budget_exhausted_total", "op" => op).increment(0);
         Retries {
             store: self,
             rerun,

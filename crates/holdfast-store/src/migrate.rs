@@ -145,8 +145,8 @@ macro_rules! store_file {
     };
 }
 
-/// The store's own schema.
-pub(crate) static SCHEMA: Schema = Schema {
+/// The store's own schema (always migrated first).
+pub static SCHEMA: Schema = Schema {
     name: "store",
     migrations: &[
         store_file!(1, "0001_accounts.sql").replacing_legacy(1),
@@ -165,8 +165,8 @@ const TABLE: &str = "holdfast_schema_migrations";
 /// The one-list table of databases made before schemas were split (kept, never written).
 const LEGACY_TABLE: &str = "holdfast_migrations";
 
-/// A migration's SQL for `backend`.
-pub(crate) fn render(sql: &str, backend: Backend) -> String {
+/// A migration's SQL for `backend` (one file serves both engines; see the module docs).
+pub fn render(sql: &str, backend: Backend) -> String {
     match backend {
         Backend::Sqlite => sql.to_owned(),
         Backend::Postgres => replace_word(

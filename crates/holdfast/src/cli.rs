@@ -104,6 +104,13 @@ pub enum MigrateCommand {
     Status(JobsList),
     /// The SQL `up` would run on this engine, in order, without running it.
     Plan(StoreOnly),
+    /// squawk over every migration as `up` runs it on Postgres (guard first, in one
+    /// transaction), plus FILES (a migration being written); fails on a warning without an
+    /// excuse (`-- squawk-ignore RULE` above the statement, or the released files' EXCUSES).
+    Lint {
+        /// More migration files to check, written as the migrations are (SQLite spelling).
+        files: Vec<PathBuf>,
+    },
     /// Apply the pending migrations, each run guarded (see `--lock-timeout`).
     Up {
         #[command(flatten)]

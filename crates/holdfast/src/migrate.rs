@@ -55,6 +55,7 @@ pub async fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
                 );
             }
         }
+        MigrateCommand::Lint { files } => lint(&files)?,
         MigrateCommand::Up { store, guard } => {
             let guard = MigrationGuard {
                 lock_timeout: guard.lock_timeout,
@@ -118,4 +119,176 @@ fn describe(l: &SchemaLine) -> String {
         }
     }
     out
+}
+
+/// The released migrations' excuses (see the files' own header).
+const EXCUSES: &[(&str, &str)] = &[
+    (
+        "crates/holdfast-store/migrations/",
+        include_str!("../../holdfast-store/migrations/EXCUSES"),
+    ),
+    (
+        "crates/holdfast-shop/migrations/",
+        include_str!("../../holdfast-shop/migrations/EXCUSES"),
+    ),
+];
+
+/// One squawk warning, on the file as written (line numbers of the original file).
+#[derive(Debug, Clone, PartialEq)]
+struct Warning {
+    file: String,
+    line: usize,
+    rule: String,
+    message: String,
+}
+
+/// What `up` sets before running a migration on Postgres (the default guard), so squawk
+/// judges the statements as they run.
+const GUARD_PREFIX: &str =
+    "SET LOCAL lock_timeout = '500ms';\nSET LOCAL statement_timeout = '60s';\n";
+
+fn lint(extra: &[std::path::PathBuf]) -> anyhow::Result<()> {
+    use holdfast_store::Backend;
+    let dir = tempfile::tempdir()?;
+    let mut originals: Vec<(std::path::PathBuf, String)> = Vec::new();
+    let mut add = |name: String, original: String, sql: &str| -> anyhow::Result<()> {
+        let path = dir.path().join(format!("{:03}_{name}", originals.len()));
+        std::fs::write(&path, format!("{GUARD_PREFIX}{sql}"))?;
+        originals.push((path, original));
+        Ok(())
+    };
+    for schema in [&holdfast_store::STORE_SCHEMA, &holdfast_shop::SCHEMA] {
+        for m in schema.migrations {
+            let name = m.file.rsplit('/').next().unwrap_or(m.file).to_owned();
+            add(name, m.file.to_owned(), &m.render(Backend::Postgres))?;
+        }
+    }
+    for file in extra {
+        let sql =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let sql = holdfast_store::render_migration(&sql, Backend::Postgres);
+        let name = file
+            .file_name()
+            .map_or("extra.sql".into(), |n| n.to_string_lossy().into_owned());
+        add(name, file.display().to_string(), &sql)?;
+    }
+    let out = std::process::Command::new("squawk")
+        .args(["--assume-in-transaction", "--reporter", "gcc"])
+        .args(originals.iter().map(|(p, _)| p))
+        .output()
+        .context(
+            "running squawk (pip install squawk-cli; scripts/install-ops-tools.sh installs it)",
+        )?;
+    let warnings = parse_gcc(&String::from_utf8_lossy(&out.stdout), &originals);
+    let excuses = excuses();
+    let mut unexcused = 0;
+    for w in &warnings {
+        match excused(w, &excuses) {
+            Some(why) => println!("{}:{} {} — excused: {why}", w.file, w.line, w.rule),
+            None => {
+                unexcused += 1;
+                println!(
+                    "{}:{} {} — {} — NOT EXCUSED",
+                    w.file, w.line, w.rule, w.message
+                );
+            }
+        }
+    }
+    println!(
+        "squawk: {} migration(s), {} warning(s), {} excused, {unexcused} without an excuse",
+        originals.len(),
+        warnings.len(),
+        warnings.len() - unexcused
+    );
+    anyhow::ensure!(
+        unexcused == 0,
+        "{unexcused} squawk warning(s) without an excuse: fix the statement, or write `-- squawk-ignore RULE` above it with the reason"
+    );
+    Ok(())
+}
+
+/// `path:line:col: warning: rule message` lines (squawk counts lines from 0), mapped back to
+/// the original files' 1-based lines (the guard's lines taken off).
+fn parse_gcc(text: &str, originals: &[(std::path::PathBuf, String)]) -> Vec<Warning> {
+    let prefix_lines = GUARD_PREFIX.lines().count();
+    text.lines()
+        .filter_map(|line| {
+            let (path, rest) = line.split_once(':')?;
+            let (line_no, rest) = rest.split_once(':')?;
+            let (_col, rest) = rest.split_once(": ")?;
+            let rest = rest
+                .strip_prefix("warning: ")
+                .or_else(|| rest.strip_prefix("error: "))?;
+            let (rule, message) = rest.split_once(' ').unwrap_or((rest, ""));
+            let original = originals
+                .iter()
+                .find(|(p, _)| p.to_str() == Some(path))
+                .map(|(_, o)| o.clone())?;
+            Some(Warning {
+                file: original,
+                line: (line_no.parse::<usize>().ok()? + 1).saturating_sub(prefix_lines),
+                rule: rule.to_owned(),
+                message: message.to_owned(),
+            })
+        })
+        .collect()
+}
+
+/// `(file path, rule, excuse)` from the EXCUSES files.
+fn excuses() -> Vec<(String, String, String)> {
+    EXCUSES
+        .iter()
+        .flat_map(|(dir, text)| {
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .filter_map(move |l| {
+                    let mut parts = l.splitn(3, char::is_whitespace);
+                    let file = parts.next()?;
+                    let rest = l[file.len()..].trim_start();
+                    let (rule, why) = rest.split_once(char::is_whitespace)?;
+                    Some((
+                        format!("{dir}{file}"),
+                        rule.to_owned(),
+                        why.trim().to_owned(),
+                    ))
+                })
+        })
+        .collect()
+}
+
+fn excused<'a>(w: &Warning, excuses: &'a [(String, String, String)]) -> Option<&'a str> {
+    excuses
+        .iter()
+        .find(|(file, rule, _)| *file == w.file && *rule == w.rule)
+        .map(|(_, _, why)| why.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn warnings_map_back_to_their_files_and_only_listed_ones_are_excused() {
+        let originals = vec![(
+            std::path::PathBuf::from("/tmp/x/001_0003_sessions.sql"),
+            "crates/holdfast-store/migrations/0003_sessions.sql".to_owned(),
+        )];
+        let text = "/tmp/x/001_0003_sessions.sql:7:0: warning: require-concurrent-index-creation During normal index creation, table updates are blocked.\n\
+                    /tmp/x/001_0003_sessions.sql:9:0: warning: ban-drop-column Dropping a column may break existing clients.\n\
+                    unrelated noise\n";
+        let warnings = parse_gcc(text, &originals);
+        assert_eq!(warnings.len(), 2);
+        assert_eq!(
+            warnings[0].line, 6,
+            "1-based, the guard's two lines taken off"
+        );
+        let excuses = excuses();
+        assert!(excused(&warnings[0], &excuses).is_some_and(|why| why.contains("CONCURRENTLY")));
+        assert_eq!(
+            excused(&warnings[1], &excuses),
+            None,
+            "a planted warning is not excused"
+        );
+    }
 }

@@ -217,4 +217,39 @@ async fn a_held_migration_lock_makes_up_give_up_in_time_naming_the_holder() {
     .await;
 }
 
+/// The lint is CI's gate on migrations: every released one passes (its warnings excused in
+/// EXCUSES), and a new one with an unexcused warning fails, naming file, line and rule —
+/// until the excuse is written next to the statement.
+#[test]
+fn migrate_lint_passes_the_released_migrations_and_stops_an_unexcused_warning() {
+    if !holdfast_testkit::process::have_tool("squawk", "scripts/install-ops-tools.sh") {
+        return;
+    }
+    let released = holdfast(&["migrate", "lint"]);
+    assert!(released.status.success(), "{}", said(&released));
+    assert!(
+        said(&released).contains("without an excuse") && said(&released).contains(", 0 without")
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let new = dir.path().join("0006_index.sql");
+    std::fs::write(&new, "CREATE INDEX users_created ON users (created_at);\n").unwrap();
+    let out = holdfast(&["migrate", "lint", new.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(
+        said(&out).contains("0006_index.sql:1 require-concurrent-index-creation")
+            && said(&out).contains("NOT EXCUSED"),
+        "{}",
+        said(&out)
+    );
+    std::fs::write(
+        &new,
+        "-- users is tiny: the index builds in milliseconds\n\
+         -- squawk-ignore require-concurrent-index-creation\n\
+         CREATE INDEX users_created ON users (created_at);\n",
+    )
+    .unwrap();
+    let excused = holdfast(&["migrate", "lint", new.to_str().unwrap()]);
+    assert!(excused.status.success(), "{}", said(&excused));
+}
+
 use sqlx::Connection as _;
