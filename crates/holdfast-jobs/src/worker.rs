@@ -199,6 +199,16 @@ impl Worker {
             idle: Notify::new(),
             completions,
         });
+        // Every (queue, kind) this worker may run has its retry and dead series at 0 from the
+        // start, so the first failure shows as an increase to whoever scrapes.
+        for q in &shared.opts.queues {
+            for kind in shared.handlers.keys() {
+                for name in ["holdfast_job_retries_total", "holdfast_job_dead_total"] {
+                    metrics::counter!(name, "queue" => q.name.clone(), "kind" => kind.clone())
+                        .increment(0);
+                }
+            }
+        }
         let (stop_tx, stop) = tokio::sync::watch::channel(false);
         let mut background = JoinSet::new();
         background.spawn(heartbeats(shared.clone()));
