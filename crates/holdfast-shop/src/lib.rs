@@ -47,7 +47,8 @@ pub static SCHEMA: Schema = Schema {
         "crates/holdfast-shop/migrations/0001_shop.sql",
         include_str!("../migrations/0001_shop.sql"),
     )
-    .replacing_legacy(1)],
+    .replacing_legacy(1)
+    .with_down(include_str!("../migrations/0001_shop.down.sql"))],
 };
 
 /// What a shop request can get wrong.

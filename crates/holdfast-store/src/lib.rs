@@ -116,6 +116,14 @@ pub enum Error {
         unknown.join(", ")
     )]
     SchemaAhead { unknown: Vec<String> },
+    #[error("no schema named {name:?} (this build has {known:?})")]
+    UnknownSchema {
+        name: String,
+        known: Vec<&'static str>,
+    },
+    /// `holdfast migrate down` reached a migration that has no down step.
+    #[error("{file} has no down step (no .down.sql beside it): it cannot be undone; nothing was changed")]
+    NoDownStep { file: &'static str },
     /// Migrating gave up: a lock stayed taken past the guard's deadline.
     #[error(
         "gave up migrating after {waited:?} ({tries} lock waits timed out): {}",
@@ -350,6 +358,25 @@ impl Store {
         let mut schemas = vec![&migrate::SCHEMA];
         schemas.extend(opts.schemas.iter().copied());
         schemas
+    }
+
+    /// Undoes the named schema's migrations above version `to`, newest first, under `guard`;
+    /// the files undone.
+    pub async fn migrate_down(
+        &self,
+        opts: &StoreOptions,
+        schema: &str,
+        to: i64,
+        guard: &migrate::Guard,
+    ) -> Result<Vec<&'static str>> {
+        let schemas = self.schemas(opts);
+        let Some(schema) = schemas.iter().find(|s| s.name == schema) else {
+            return Err(Error::UnknownSchema {
+                name: schema.to_owned(),
+                known: schemas.iter().map(|s| s.name).collect(),
+            });
+        };
+        migrate::revert(self, schema, to, guard).await
     }
 
     /// Each schema's migrations as this database has them (changes nothing).

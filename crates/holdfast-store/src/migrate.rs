@@ -93,6 +93,8 @@ pub struct Migration {
     /// `holdfast_migrations`; this migration's statements were part of that list's `legacy`
     /// version. Such a database adopts it as applied instead of running it again.
     pub legacy: Option<i64>,
+    /// The SQL that undoes it (`NNNN_name.down.sql` beside the file), if it can be undone.
+    pub down: Option<&'static str>,
 }
 
 /// A named list of migrations owned by one crate.
@@ -111,6 +113,15 @@ impl Migration {
             file,
             sql,
             legacy: None,
+            down: None,
+        }
+    }
+
+    /// What undoes this migration (`holdfast migrate down`); without it, it cannot be undone.
+    pub const fn with_down(self, down: &'static str) -> Self {
+        Migration {
+            down: Some(down),
+            ..self
         }
     }
 
@@ -134,14 +145,16 @@ impl Migration {
     }
 }
 
-/// One of the store's migrations, by its file name in `crates/holdfast-store/migrations/`.
+/// One of the store's migrations, by its name in `crates/holdfast-store/migrations/`: the
+/// file `NAME.sql` and what undoes it, `NAME.down.sql`.
 macro_rules! store_file {
     ($version:literal, $name:literal) => {
         Migration::new(
             $version,
-            concat!("crates/holdfast-store/migrations/", $name),
-            include_str!(concat!("../migrations/", $name)),
+            concat!("crates/holdfast-store/migrations/", $name, ".sql"),
+            include_str!(concat!("../migrations/", $name, ".sql")),
         )
+        .with_down(include_str!(concat!("../migrations/", $name, ".down.sql")))
     };
 }
 
@@ -149,11 +162,11 @@ macro_rules! store_file {
 pub static SCHEMA: Schema = Schema {
     name: "store",
     migrations: &[
-        store_file!(1, "0001_accounts.sql").replacing_legacy(1),
-        store_file!(2, "0002_jobs.sql").replacing_legacy(2),
-        store_file!(3, "0003_sessions.sql").replacing_legacy(3),
-        store_file!(4, "0004_job_claims.sql"),
-        store_file!(5, "0005_rate_limits.sql"),
+        store_file!(1, "0001_accounts").replacing_legacy(1),
+        store_file!(2, "0002_jobs").replacing_legacy(2),
+        store_file!(3, "0003_sessions").replacing_legacy(3),
+        store_file!(4, "0004_job_claims"),
+        store_file!(5, "0005_rate_limits"),
     ],
 };
 
@@ -200,10 +213,26 @@ fn replace_word(text: &str, word: &str, with: &str) -> String {
 /// Applies every pending migration of `schemas` under `guard`: retried with full-jitter
 /// backoff while a lock wait times out, until the guard's deadline.
 pub(crate) async fn apply(store: &Store, schemas: &[&Schema], guard: &Guard) -> Result<()> {
+    retried(store, guard, || run_once(store, schemas, guard)).await
+}
+
+/// Runs `once` again, with full-jitter backoff, while it times out on a lock, until the
+/// guard's deadline; then fails saying who holds the migration lock, if anyone does.
+async fn retried<T, F, Fut>(store: &Store, guard: &Guard, mut once: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
     let started = Instant::now();
+    let backoff = holdfast_core::retry::RetryPolicy {
+        base: guard.lock_timeout,
+        cap: Duration::from_secs(5),
+        max_attempts: u32::MAX,
+        deadline: guard.deadline,
+    };
     let mut lock_waits = 0u32;
     loop {
-        match run_once(store, schemas, guard).await {
+        match once().await {
             Err(Error::Db(e)) if timed_out_on_lock(&e) => {
                 lock_waits += 1;
                 let waited = started.elapsed();
@@ -214,12 +243,6 @@ pub(crate) async fn apply(store: &Store, schemas: &[&Schema], guard: &Guard) -> 
                         holder: lock_holder(store).await,
                     });
                 }
-                let backoff = holdfast_core::retry::RetryPolicy {
-                    base: guard.lock_timeout,
-                    cap: Duration::from_secs(5),
-                    max_attempts: u32::MAX,
-                    deadline: guard.deadline,
-                };
                 let pause = backoff.delay(lock_waits - 1);
                 tracing::warn!(
                     tries = lock_waits,
@@ -311,6 +334,92 @@ pub(crate) async fn status(store: &Store, schemas: &[&Schema]) -> Result<Vec<Sch
     Ok(states)
 }
 
+/// Undoes `schema`'s applied migrations above version `to`, newest first, in one guarded
+/// transaction (retried like [`apply`]); returns the files undone. A migration without a
+/// down step stops it before anything changes.
+pub(crate) async fn revert(
+    store: &Store,
+    schema: &Schema,
+    to: i64,
+    guard: &Guard,
+) -> Result<Vec<&'static str>> {
+    retried(store, guard, || revert_once(store, schema, to, guard)).await
+}
+
+async fn revert_once(
+    store: &Store,
+    schema: &Schema,
+    to: i64,
+    guard: &Guard,
+) -> Result<Vec<&'static str>> {
+    let state = status(store, &[schema]).await?.remove(0);
+    if let Some((_, file)) = state.unknown.first() {
+        return Err(Error::SchemaAhead {
+            unknown: vec![file.clone()],
+        });
+    }
+    let mut undo: Vec<&'static Migration> = schema
+        .migrations
+        .iter()
+        .filter(|m| m.version > to && state.applied.contains(&m.version))
+        .collect();
+    undo.sort_by_key(|m| std::cmp::Reverse(m.version));
+    if let Some(m) = undo.iter().find(|m| m.down.is_none()) {
+        return Err(Error::NoDownStep { file: m.file });
+    }
+    let mut tx = begin_guarded(store, guard).await?;
+    let mut undone = Vec::new();
+    for m in undo {
+        let down = m.down.unwrap_or_default();
+        tx.conn()
+            .execute(render(down, store.backend).as_str())
+            .await
+            .map_err(|source| Error::Migration {
+                file: m.file,
+                source,
+            })?;
+        sqlx::query(&format!(
+            "DELETE FROM {TABLE} WHERE schema_name = $1 AND version = $2"
+        ))
+        .bind(schema.name)
+        .bind(m.version)
+        .execute(tx.conn())
+        .await?;
+        tracing::info!(
+            schema = schema.name,
+            version = m.version,
+            file = m.file,
+            "undid migration"
+        );
+        undone.push(m.file);
+    }
+    tx.commit().await?;
+    Ok(undone)
+}
+
+/// A write transaction with the guard's timeouts and (on Postgres) the migration lock.
+async fn begin_guarded(store: &Store, guard: &Guard) -> Result<crate::Tx> {
+    let mut tx = store.begin_write().await?;
+    if store.backend == Backend::Postgres {
+        let ms = |d: Duration| d.as_millis().max(1);
+        tx.conn()
+            .execute(
+                format!(
+                    "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
+                    ms(guard.lock_timeout),
+                    ms(guard.statement_timeout)
+                )
+                .as_str(),
+            )
+            .await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PG_MIGRATION_LOCK)
+            .execute(tx.conn())
+            .await?;
+    }
+    Ok(tx)
+}
+
 /// Refuses a database whose migrations are not exactly this build's (changes nothing).
 pub(crate) async fn verify(store: &Store, schemas: &[&Schema]) -> Result<()> {
     let states = status(store, schemas).await?;
@@ -367,24 +476,7 @@ async fn run_once(store: &Store, schemas: &[&Schema], guard: &Guard) -> Result<(
     if !unknown.is_empty() {
         return Err(Error::SchemaAhead { unknown });
     }
-    let mut tx = store.begin_write().await?;
-    if store.backend == Backend::Postgres {
-        let ms = |d: Duration| d.as_millis().max(1);
-        tx.conn()
-            .execute(
-                format!(
-                    "SET LOCAL lock_timeout = {}; SET LOCAL statement_timeout = {}",
-                    ms(guard.lock_timeout),
-                    ms(guard.statement_timeout)
-                )
-                .as_str(),
-            )
-            .await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(PG_MIGRATION_LOCK)
-            .execute(tx.conn())
-            .await?;
-    }
+    let mut tx = begin_guarded(store, guard).await?;
     tx.conn()
         .execute(
             format!(

@@ -111,6 +111,21 @@ pub enum MigrateCommand {
         /// More migration files to check, written as the migrations are (SQLite spelling).
         files: Vec<PathBuf>,
     },
+    /// UNDO a schema's migrations above `--to`, newest first, in one guarded transaction —
+    /// what they created is DROPPED with its data. For rolling back a deploy, with the build
+    /// that applied them.
+    Down {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Which schema (`store` or `shop`).
+        #[arg(long)]
+        schema: String,
+        /// Keep migrations up to this version; undo those above it (0: all of the schema's).
+        #[arg(long)]
+        to: i64,
+        #[command(flatten)]
+        guard: GuardArgs,
+    },
     /// Apply the pending migrations, each run guarded (see `--lock-timeout`).
     Up {
         #[command(flatten)]

@@ -6,6 +6,8 @@
 
 use anyhow::Context;
 use holdfast_store::{MigrateMode, MigrationGuard, Store};
+
+use crate::cli::GuardArgs;
 use serde::Serialize;
 
 use crate::cli::MigrateCommand;
@@ -56,12 +58,28 @@ pub async fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             }
         }
         MigrateCommand::Lint { files } => lint(&files)?,
+        MigrateCommand::Down {
+            store,
+            schema,
+            to,
+            guard,
+        } => {
+            let opts = crate::store_options(&store, MigrateMode::Inspect)?;
+            let db = crate::open_existing_store(&store, MigrateMode::Inspect).await?;
+            let undone = db
+                .migrate_down(&opts, &schema, to, &guard.to_guard())
+                .await
+                .context("undoing migrations");
+            let lines = lines(&db, &opts).await;
+            db.close().await;
+            let undone = undone?;
+            println!("undid {} migration(s): {}", undone.len(), undone.join(", "));
+            for l in &lines? {
+                println!("{}", describe(l));
+            }
+        }
         MigrateCommand::Up { store, guard } => {
-            let guard = MigrationGuard {
-                lock_timeout: guard.lock_timeout,
-                statement_timeout: guard.statement_timeout,
-                deadline: guard.deadline,
-            };
+            let guard = guard.to_guard();
             let opts = crate::store_options(&store, MigrateMode::Inspect)?;
             let before = crate::open_store(&store, MigrateMode::Inspect).await?;
             let pending: usize = before
@@ -290,5 +308,15 @@ mod tests {
             None,
             "a planted warning is not excused"
         );
+    }
+}
+
+impl GuardArgs {
+    fn to_guard(&self) -> MigrationGuard {
+        MigrationGuard {
+            lock_timeout: self.lock_timeout,
+            statement_timeout: self.statement_timeout,
+            deadline: self.deadline,
+        }
     }
 }

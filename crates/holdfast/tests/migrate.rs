@@ -252,4 +252,105 @@ fn migrate_lint_passes_the_released_migrations_and_stops_an_unexcused_warning() 
     assert!(excused.status.success(), "{}", said(&excused));
 }
 
+/// `down` undoes a schema's newest migrations in one transaction and `up` redoes them; an
+/// unknown schema is refused by name; nothing above `--to` is a no-op.
+async fn down_then_up(backend: Backend, url: String) {
+    let engine = backend.name();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            holdfast(&args)
+        })
+    };
+    let with_db = |args: &[&str]| -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        all.extend([
+            "--backend".into(),
+            engine.into(),
+            "--database-url".into(),
+            url.clone(),
+        ]);
+        all
+    };
+    let up = run(with_db(&["migrate", "up"])).await.unwrap();
+    assert!(up.status.success(), "{}", said(&up));
+
+    let down = run(with_db(&[
+        "migrate", "down", "--schema", "store", "--to", "4",
+    ]))
+    .await
+    .unwrap();
+    assert!(down.status.success(), "{}", said(&down));
+    assert!(
+        said(&down).contains(
+            "undid 1 migration(s): crates/holdfast-store/migrations/0005_rate_limits.sql"
+        ) && said(&down).contains("store: 4 applied, 1 pending"),
+        "{}",
+        said(&down)
+    );
+    let plan = run(with_db(&["migrate", "plan"])).await.unwrap();
+    assert!(
+        said(&plan).contains("0005_rate_limits.sql") && !said(&plan).contains("0004_"),
+        "{}",
+        said(&plan)
+    );
+
+    let none = run(with_db(&[
+        "migrate", "down", "--schema", "store", "--to", "4",
+    ]))
+    .await
+    .unwrap();
+    assert!(
+        said(&none).contains("undid 0 migration(s)"),
+        "{}",
+        said(&none)
+    );
+    let unknown = run(with_db(&[
+        "migrate", "down", "--schema", "shops", "--to", "0",
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        said(&unknown).contains("no schema named \"shops\""),
+        "{}",
+        said(&unknown)
+    );
+
+    let shop = run(with_db(&[
+        "migrate", "down", "--schema", "shop", "--to", "0",
+    ]))
+    .await
+    .unwrap();
+    assert!(
+        said(&shop).contains("shop: 0 applied, 1 pending"),
+        "{}",
+        said(&shop)
+    );
+    let again = run(with_db(&["migrate", "up"])).await.unwrap();
+    assert!(
+        said(&again).contains("applied 2 migration(s)")
+            && said(&again).contains("store: 5 applied, up to date")
+            && said(&again).contains("shop: 1 applied, up to date"),
+        "{}",
+        said(&again)
+    );
+}
+
+#[tokio::test]
+async fn down_then_up_on_sqlite() {
+    with_fresh_db(Backend::Sqlite, "migrate_down", |url| {
+        down_then_up(Backend::Sqlite, url)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn down_then_up_on_postgres() {
+    with_fresh_db(Backend::Postgres, "migrate_down", |url| {
+        down_then_up(Backend::Postgres, url)
+    })
+    .await;
+}
+
 use sqlx::Connection as _;
