@@ -327,9 +327,21 @@ async fn down_then_up(backend: Backend, url: String) {
         "{}",
         said(&shop)
     );
+    // Every down step runs (0005 is already undone): the store back to nothing, then forward.
+    let all = run(with_db(&[
+        "migrate", "down", "--schema", "store", "--to", "0",
+    ]))
+    .await
+    .unwrap();
+    assert!(
+        said(&all).contains("undid 4 migration(s)")
+            && said(&all).contains("store: 0 applied, 5 pending"),
+        "{}",
+        said(&all)
+    );
     let again = run(with_db(&["migrate", "up"])).await.unwrap();
     assert!(
-        said(&again).contains("applied 2 migration(s)")
+        said(&again).contains("applied 6 migration(s)")
             && said(&again).contains("store: 5 applied, up to date")
             && said(&again).contains("shop: 1 applied, up to date"),
         "{}",
