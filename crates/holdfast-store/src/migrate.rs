@@ -352,12 +352,9 @@ async fn revert_once(
     to: i64,
     guard: &Guard,
 ) -> Result<Vec<&'static str>> {
-    let state = status(store, &[schema]).await?.remove(0);
-    if let Some((_, file)) = state.unknown.first() {
-        return Err(Error::SchemaAhead {
-            unknown: vec![file.clone()],
-        });
-    }
+    let states = status(store, &[schema]).await?;
+    refuse_unknown(&states)?;
+    let state = &states[0];
     let mut undo: Vec<&'static Migration> = schema
         .migrations
         .iter()
@@ -420,6 +417,19 @@ async fn begin_guarded(store: &Store, guard: &Guard) -> Result<crate::Tx> {
     Ok(tx)
 }
 
+/// Refuses a database that has migrations this build does not know (a newer build's).
+fn refuse_unknown(states: &[SchemaState]) -> Result<()> {
+    let unknown: Vec<String> = states
+        .iter()
+        .flat_map(|s| s.unknown.iter().map(|(_, file)| file.clone()))
+        .collect();
+    if unknown.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::SchemaAhead { unknown })
+    }
+}
+
 /// Refuses a database whose migrations are not exactly this build's (changes nothing).
 pub(crate) async fn verify(store: &Store, schemas: &[&Schema]) -> Result<()> {
     let states = status(store, schemas).await?;
@@ -430,13 +440,7 @@ pub(crate) async fn verify(store: &Store, schemas: &[&Schema]) -> Result<()> {
             built,
         });
     }
-    let unknown: Vec<String> = states
-        .iter()
-        .flat_map(|s| s.unknown.iter().map(|(_, file)| file.clone()))
-        .collect();
-    if !unknown.is_empty() {
-        return Err(Error::SchemaAhead { unknown });
-    }
+    refuse_unknown(&states)?;
     let pending: Vec<&str> = states
         .iter()
         .flat_map(|s| s.pending.iter().map(|m| m.file))
@@ -469,13 +473,7 @@ async fn table_exists(
 async fn run_once(store: &Store, schemas: &[&Schema], guard: &Guard) -> Result<()> {
     // A database newer than this build is not touched (a newer build's migrations are its own).
     let states = status(store, schemas).await?;
-    let unknown: Vec<String> = states
-        .iter()
-        .flat_map(|s| s.unknown.iter().map(|(_, file)| file.clone()))
-        .collect();
-    if !unknown.is_empty() {
-        return Err(Error::SchemaAhead { unknown });
-    }
+    refuse_unknown(&states)?;
     let mut tx = begin_guarded(store, guard).await?;
     tx.conn()
         .execute(
