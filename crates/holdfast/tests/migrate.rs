@@ -365,4 +365,49 @@ async fn down_then_up_on_postgres() {
     .await;
 }
 
+/// On SQLite the guard is the file's write lock, waited for at most the busy timeout per try:
+/// with another process holding it, `up` gives up at its deadline and says what to look for,
+/// changing nothing; once the lock is released it succeeds.
+#[tokio::test]
+async fn a_held_sqlite_write_lock_makes_up_give_up_in_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_owned();
+    let url = format!("sqlite:{data}/holdfast.sqlite");
+    let mut holder = sqlx::SqliteConnection::connect(&format!("{url}?mode=rwc"))
+        .await
+        .unwrap();
+    sqlx::query("PRAGMA journal_mode = WAL")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let up = |data: String| {
+        tokio::task::spawn_blocking(move || {
+            holdfast(&["migrate", "up", "--data-dir", &data, "--deadline", "1s"])
+        })
+    };
+    let started = Instant::now();
+    let out = up(data.clone()).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+    assert!(
+        said(&out).contains("gave up migrating") && said(&out).contains("SQLite write lock"),
+        "{}",
+        said(&out)
+    );
+    assert!(took < Duration::from_secs(15), "gave up after {took:?}");
+    sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+    drop(holder);
+    let out = up(data).await.unwrap();
+    assert!(out.status.success(), "{}", said(&out));
+    assert!(
+        said(&out).contains("applied 6 migration(s)"),
+        "{}",
+        said(&out)
+    );
+}
+
 use sqlx::Connection as _;
