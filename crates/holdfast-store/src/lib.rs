@@ -339,14 +339,7 @@ impl Store {
             write_gate,
         };
         match &opts.migrate {
-            migrate::Mode::Apply(guard) => {
-                let schemas = store.schemas(opts);
-                store
-                    .run(Rerun::Always, "migrate", || {
-                        migrate::apply(&store, &schemas, guard)
-                    })
-                    .await?;
-            }
+            migrate::Mode::Apply(guard) => store.migrate_up(opts, guard).await?,
             migrate::Mode::Verify => migrate::verify(&store, &store.schemas(opts)).await?,
             migrate::Mode::Inspect => {}
         }
@@ -358,6 +351,15 @@ impl Store {
         let mut schemas = vec![&migrate::SCHEMA];
         schemas.extend(opts.schemas.iter().copied());
         schemas
+    }
+
+    /// Applies every pending migration of the store's and `opts`' schemas under `guard`.
+    pub async fn migrate_up(&self, opts: &StoreOptions, guard: &migrate::Guard) -> Result<()> {
+        let schemas = self.schemas(opts);
+        self.run(Rerun::Always, "migrate", || {
+            migrate::apply(self, &schemas, guard)
+        })
+        .await
     }
 
     /// Undoes the named schema's migrations above version `to`, newest first, under `guard`;

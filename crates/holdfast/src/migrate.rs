@@ -26,8 +26,7 @@ struct SchemaLine {
 pub async fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
     match cmd {
         MigrateCommand::Status(list) => {
-            let opts = crate::store_options(&list.store, MigrateMode::Inspect)?;
-            let store = crate::open_existing_store(&list.store, MigrateMode::Inspect).await?;
+            let (store, opts) = inspect(&list.store, Existing::Required).await?;
             let lines = lines(&store, &opts).await?;
             store.close().await;
             if list.json {
@@ -39,8 +38,7 @@ pub async fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             }
         }
         MigrateCommand::Plan(only) => {
-            let opts = crate::store_options(&only.store, MigrateMode::Inspect)?;
-            let store = crate::open_store(&only.store, MigrateMode::Inspect).await?;
+            let (store, opts) = inspect(&only.store, Existing::MayCreate).await?;
             let states = store.migration_status(&opts).await?;
             let backend = store.backend();
             store.close().await;
@@ -64,8 +62,7 @@ pub async fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             to,
             guard,
         } => {
-            let opts = crate::store_options(&store, MigrateMode::Inspect)?;
-            let db = crate::open_existing_store(&store, MigrateMode::Inspect).await?;
+            let (db, opts) = inspect(&store, Existing::Required).await?;
             let undone = db
                 .migrate_down(&opts, &schema, to, &guard.to_guard())
                 .await
@@ -80,20 +77,18 @@ pub async fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
         }
         MigrateCommand::Up { store, guard } => {
             let guard = guard.to_guard();
-            let opts = crate::store_options(&store, MigrateMode::Inspect)?;
-            let before = crate::open_store(&store, MigrateMode::Inspect).await?;
-            let pending: usize = before
+            let (db, opts) = inspect(&store, Existing::MayCreate).await?;
+            let pending: usize = db
                 .migration_status(&opts)
                 .await?
                 .iter()
                 .map(|s| s.pending.len())
                 .sum();
-            before.close().await;
-            let migrated = crate::open_store(&store, MigrateMode::Apply(guard))
-                .await
-                .context("migrating")?;
-            let lines = lines(&migrated, &opts).await?;
-            migrated.close().await;
+            let migrated = db.migrate_up(&opts, &guard).await.context("migrating");
+            let lines = lines(&db, &opts).await;
+            db.close().await;
+            migrated?;
+            let lines = lines?;
             println!("applied {pending} migration(s)");
             for l in &lines {
                 println!("{}", describe(l));
@@ -101,6 +96,26 @@ pub async fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Whether a command may create the database (`plan`, `up`) or needs one (`status`, `down`).
+enum Existing {
+    Required,
+    MayCreate,
+}
+
+/// The store the flags name, opened to look at its migrations (nothing applied or refused),
+/// with the options that name its schemas.
+async fn inspect(
+    args: &crate::cli::StoreArgs,
+    existing: Existing,
+) -> anyhow::Result<(Store, holdfast_store::StoreOptions)> {
+    let opts = crate::store_options(args, MigrateMode::Inspect)?;
+    let store = match existing {
+        Existing::Required => crate::open_existing_store(args, MigrateMode::Inspect).await?,
+        Existing::MayCreate => crate::open_store(args, MigrateMode::Inspect).await?,
+    };
+    Ok((store, opts))
 }
 
 async fn lines(
