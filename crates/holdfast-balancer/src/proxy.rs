@@ -398,6 +398,25 @@ pub(crate) fn problem(status: StatusCode, detail: impl Into<String>) -> Response
     p.to_response().map(full)
 }
 
+/// How long a request body may take to arrive before it counts as stalled.
+const STALLED_BODY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One stalled body in `holdfast_balancer_stalled_bodies`, for as long as it lives.
+struct Stalled<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> Stalled<'a> {
+    fn count(gauge: &'a std::sync::atomic::AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        Stalled(gauge)
+    }
+}
+
+impl Drop for Stalled<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,24 +492,5 @@ mod tests {
             forwarded_headers(&HeaderMap::new(), peer, 3)[header::CONTENT_LENGTH],
             "3"
         );
-    }
-}
-
-/// How long a request body may take to arrive before it counts as stalled.
-const STALLED_BODY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// One stalled body in `holdfast_balancer_stalled_bodies`, for as long as it lives.
-struct Stalled<'a>(&'a std::sync::atomic::AtomicU64);
-
-impl<'a> Stalled<'a> {
-    fn count(gauge: &'a std::sync::atomic::AtomicU64) -> Self {
-        gauge.fetch_add(1, Ordering::Relaxed);
-        Stalled(gauge)
-    }
-}
-
-impl Drop for Stalled<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
