@@ -6,7 +6,7 @@
 //! before the handler runs, and the answer is stored in the same commit as the effect.
 
 use crate::domain::{OrderId, Quantity, Sku};
-use crate::sql::{self, Cart, Order};
+use crate::sql::{self, Cart, CartShape, Order};
 use crate::Error;
 use axum::extract::{FromRef, FromRequestParts, RawQuery, State};
 use axum::http::request::Parts;
@@ -25,8 +25,8 @@ use holdfast_web::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::convert::Infallible;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The shop's knobs. Defaults are production values.
 #[derive(Debug, Clone)]
@@ -43,6 +43,10 @@ pub struct ShopOptions {
     pub bench_routes: bool,
     /// A deliberately broken build (see [`crate::sabotage`]). Never set in production.
     pub sabotage: Option<Sabotage>,
+    /// The shop schema this build runs: [`crate::SCHEMA`], or for the old binary of a
+    /// rolling-deploy drill [`crate::SCHEMA_BEFORE_CART_LINES`] (it reads and writes only
+    /// `cart_items`). The store must be opened with the same one.
+    pub schema: &'static holdfast_store::Schema,
 }
 
 impl Default for ShopOptions {
@@ -53,6 +57,7 @@ impl Default for ShopOptions {
             catalog_stale_if_error: Duration::from_secs(5 * 60),
             bench_routes: false,
             sabotage: None,
+            schema: &crate::SCHEMA,
         }
     }
 }
@@ -112,6 +117,8 @@ pub struct Shop {
     edge: AppState,
     catalog: Catalog,
     opts: Arc<ShopOptions>,
+    /// The cart shape last learnt from the store, and when.
+    cart_shape: Arc<Mutex<Option<(Instant, CartShape)>>>,
 }
 
 impl FromRef<Shop> for AppState {
@@ -136,7 +143,33 @@ impl Shop {
             edge,
             catalog,
             opts: Arc::new(opts),
+            cart_shape: Arc::default(),
         }
+    }
+
+    /// Where carts are read and written now: asked of the store at most once per
+    /// [`holdfast_store::PHASE_REFRESH`], so a switch reaches every instance within it.
+    pub async fn cart_shape(&self) -> Result<CartShape, holdfast_store::Error> {
+        let known = self.opts.schema.migrations.last().map_or(0, |m| m.version);
+        if known < sql::CART_LINES_SWITCH_READS {
+            return Ok(CartShape::OLD);
+        }
+        let cached = *self
+            .cart_shape
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((at, shape)) = cached {
+            if at.elapsed() < holdfast_store::PHASE_REFRESH {
+                return Ok(shape);
+            }
+        }
+        let applied = self.store().applied_versions(self.opts.schema.name).await?;
+        let shape = CartShape::from_applied(&applied, known);
+        *self
+            .cart_shape
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), shape));
+        Ok(shape)
     }
 
     pub fn edge(&self) -> &AppState {
@@ -223,11 +256,23 @@ async fn products(State(shop): State<Shop>) -> AppResult<Response> {
         .into_response())
 }
 
-async fn cart_get(State(shop): State<Shop>, user: Authed) -> AppResult<Json<Cart>> {
+/// Where carts live now, for a handler (see [`Shop::cart_shape`]).
+impl FromRequestParts<Shop> for CartShape {
+    type Rejection = AppError;
+    async fn from_request_parts(_: &mut Parts, shop: &Shop) -> AppResult<Self> {
+        Ok(shop.cart_shape().await?)
+    }
+}
+
+async fn cart_get(
+    State(shop): State<Shop>,
+    shape: CartShape,
+    user: Authed,
+) -> AppResult<Json<Cart>> {
     let cart = shop
         .store()
         .read("cart_get", |c| {
-            sql::cart_read::<Infallible>(c, &user.user_id, "").scope_boxed()
+            sql::cart_read::<Infallible>(c, &user.user_id, shape.read, "").scope_boxed()
         })
         .await?;
     Ok(Json(cart))
@@ -277,6 +322,7 @@ fn render_order(order: &Order) -> StoredResponse {
 
 /// Adds to the cart. `Idempotency-Key` is optional here; with one, a retry adds only once.
 async fn cart_add(
+    shape: CartShape,
     user: Authed,
     Idempotent {
         body: CartAdd { sku, qty },
@@ -287,13 +333,14 @@ async fn cart_add(
     claim
         .run(
             "cart_add",
-            |tx| sql::cart_add(tx, &user.user_id, &sku, qty).scope_boxed(),
+            |tx| sql::cart_add(tx, shape, &user.user_id, &sku, qty).scope_boxed(),
             render_cart,
         )
         .await
 }
 
 async fn cart_remove(
+    shape: CartShape,
     user: Authed,
     SkuParam(sku): SkuParam,
     Idempotent { claim, .. }: Idempotent<()>,
@@ -301,7 +348,7 @@ async fn cart_remove(
     claim
         .run(
             "cart_remove",
-            |tx| sql::cart_remove(tx, &user.user_id, &sku).scope_boxed(),
+            |tx| sql::cart_remove(tx, shape, &user.user_id, &sku).scope_boxed(),
             render_cart,
         )
         .await
@@ -323,13 +370,14 @@ impl FromBody for CheckoutBody {
 /// Turns the cart into an order. `Idempotency-Key` is required: a checkout is the request a
 /// client must be able to retry blindly.
 async fn checkout(
+    shape: CartShape,
     user: Authed,
     Idempotent { claim, .. }: Idempotent<CheckoutBody, Required>,
 ) -> AppResult<Response> {
     claim
         .run(
             "checkout",
-            |tx| sql::checkout(tx, &user.user_id).scope_boxed(),
+            |tx| sql::checkout(tx, shape, &user.user_id).scope_boxed(),
             render_order,
         )
         .await
@@ -338,6 +386,7 @@ async fn checkout(
 /// The same checkout without the key (see [`ShopOptions::bench_routes`]).
 async fn unkeyed_checkout(
     State(shop): State<Shop>,
+    shape: CartShape,
     user: Authed,
     headers: HeaderMap,
     holdfast_web::RawBody(body): holdfast_web::RawBody,
@@ -346,7 +395,7 @@ async fn unkeyed_checkout(
     let order = shop
         .store()
         .transaction("checkout", holdfast_store::Rerun::IfUncommitted, |tx| {
-            sql::checkout(tx, &user.user_id).scope_boxed()
+            sql::checkout(tx, shape, &user.user_id).scope_boxed()
         })
         .await?;
     Ok(holdfast_web::respond(render_order(&order), false))

@@ -26,7 +26,7 @@ pub use flows::Flows;
 pub use http::{app, CatalogBody, CatalogCache, Shop, ShopOptions};
 pub use sabotage::Sabotage;
 
-use holdfast_store::{Migration, Schema};
+use holdfast_store::{Migration, Phase, Schema};
 
 /// The queue a checkout's payout job runs on, and its kind.
 /// The routes that honour `Idempotency-Key` (they take an `Idempotent` extractor), as a
@@ -39,16 +39,77 @@ pub const PAYOUT_KIND: &str = "payout";
 pub const EMAIL_QUEUE: &str = "email";
 pub const RECEIPT_KIND: &str = "receipt_email";
 
+/// One of the shop's migrations, by its name in `crates/holdfast-shop/migrations/`: the file
+/// `NAME.sql` and what undoes it, `NAME.down.sql`.
+macro_rules! shop_file {
+    ($version:literal, $name:literal) => {
+        Migration::new(
+            $version,
+            concat!("crates/holdfast-shop/migrations/", $name, ".sql"),
+            include_str!(concat!("../migrations/", $name, ".sql")),
+        )
+    };
+}
+
 /// The shop's tables, migrated after the store's own.
+///
+/// Versions 2–6 are the change `cart_lines` (carts move from `cart_items.qty` to
+/// `cart_lines.quantity`) as expand/contract phases; [`sql::CartShape`] is how the code runs
+/// on either side of each.
 pub static SCHEMA: Schema = Schema {
     name: "shop",
-    migrations: &[Migration::new(
-        1,
-        "crates/holdfast-shop/migrations/0001_shop.sql",
-        include_str!("../migrations/0001_shop.sql"),
-    )
-    .replacing_legacy(1)
-    .with_down(include_str!("../migrations/0001_shop.down.sql"))],
+    migrations: MIGRATIONS,
+};
+
+const MIGRATIONS: &[Migration] = &[
+    shop_file!(1, "0001_shop")
+        .replacing_legacy(1)
+        .with_down(include_str!("../migrations/0001_shop.down.sql")),
+    shop_file!(2, "0002_cart_lines_expand")
+        .phase(Phase::Expand)
+        .with_down(include_str!(
+            "../migrations/0002_cart_lines_expand.down.sql"
+        ))
+        .with_postgres(
+            include_str!("../migrations/0002_cart_lines_expand.postgres.sql"),
+            Some(include_str!(
+                "../migrations/0002_cart_lines_expand.postgres.down.sql"
+            )),
+        ),
+    shop_file!(3, "0003_cart_lines_backfill")
+        .phase(Phase::Backfill)
+        .with_down(include_str!(
+            "../migrations/0003_cart_lines_backfill.down.sql"
+        ))
+        .with_postgres(
+            include_str!("../migrations/0003_cart_lines_backfill.postgres.sql"),
+            Some(include_str!(
+                "../migrations/0003_cart_lines_backfill.down.sql"
+            )),
+        ),
+    shop_file!(4, "0004_cart_lines_switch_reads")
+        .phase(Phase::SwitchReads)
+        .with_down(include_str!(
+            "../migrations/0004_cart_lines_switch_reads.down.sql"
+        )),
+    shop_file!(5, "0005_cart_lines_switch_writes")
+        .phase(Phase::SwitchWrites)
+        .with_down(include_str!(
+            "../migrations/0005_cart_lines_switch_writes.down.sql"
+        )),
+    shop_file!(6, "0006_cart_lines_contract")
+        .phase(Phase::Contract)
+        .with_postgres(
+            include_str!("../migrations/0006_cart_lines_contract.postgres.sql"),
+            None,
+        ),
+];
+
+/// The shop's schema as a build from before the change `cart_lines` had it (version 1 only):
+/// what `holdfast serve --as-old-release` runs with, the old binary of a rolling deploy.
+pub static SCHEMA_BEFORE_CART_LINES: Schema = Schema {
+    name: "shop",
+    migrations: MIGRATIONS.split_at(1).0,
 };
 
 /// What a shop request can get wrong.
@@ -71,6 +132,11 @@ mod tests {
             assert_eq!(m.version, i as i64 + 1);
             let on_disk = std::fs::read_to_string(root.join(m.file)).expect(m.file);
             assert_eq!(on_disk, m.sql, "{} is the file it names", m.file);
+            if let Some((up, _)) = m.postgres {
+                let pg = m.file.replace(".sql", ".postgres.sql");
+                let on_disk = std::fs::read_to_string(root.join(&pg)).expect(&pg);
+                assert_eq!(on_disk, up, "{pg} is Postgres's spelling of {}", m.file);
+            }
         }
     }
 

@@ -70,10 +70,11 @@ async fn promise_then_commit(shop: Shop, req: Request) -> Result<Response, AppEr
         .await
         .map_err(|_| AppError::bad_request("unreadable-body", "could not read the request body"))?;
     let (CheckoutBody, _) = CheckoutBody::from_body(&parts.headers, &bytes)?;
+    let shape = shop.cart_shape().await?;
     let cart = shop
         .store()
         .read("cart_get", |c| {
-            sql::cart_read::<Infallible>(c, &user.user_id, "").scope_boxed()
+            sql::cart_read::<Infallible>(c, &user.user_id, shape.read, "").scope_boxed()
         })
         .await?;
     if cart.items.is_empty() {
@@ -91,7 +92,7 @@ async fn promise_then_commit(shop: Shop, req: Request) -> Result<Response, AppEr
         let _ = shop
             .store()
             .transaction("checkout", Rerun::IfUncommitted, |tx| {
-                sql::checkout(tx, &user.user_id).scope_boxed()
+                sql::checkout(tx, shape, &user.user_id).scope_boxed()
             })
             .await;
     });

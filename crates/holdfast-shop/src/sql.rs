@@ -74,10 +74,88 @@ pub async fn product_list<E>(conn: &mut AnyConnection) -> Result<Vec<ProductRow>
     )
 }
 
-/// The user's cart, priced from the catalog. `lock` is appended to the query (a row lock).
-pub async fn cart_read<E>(conn: &mut AnyConnection, user_id: &str, lock: &str) -> Result<Cart, E> {
+/// The versions of the shop's schema that make up the change `cart_lines`: carts move from
+/// `cart_items.qty` to `cart_lines.quantity` (see the migrations' own comments).
+pub const CART_LINES_SWITCH_READS: i64 = 4;
+pub const CART_LINES_SWITCH_WRITES: i64 = 5;
+pub const CART_LINES_CONTRACT: i64 = 6;
+
+/// A table a cart can live in while the change `cart_lines` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CartTable {
+    /// `cart_items (qty)`: the shape before the change, and the only one an older build knows.
+    Items,
+    /// `cart_lines (quantity)`: the shape after it.
+    Lines,
+}
+
+impl CartTable {
+    fn table(self) -> &'static str {
+        match self {
+            CartTable::Items => "cart_items",
+            CartTable::Lines => "cart_lines",
+        }
+    }
+
+    fn quantity(self) -> &'static str {
+        match self {
+            CartTable::Items => "qty",
+            CartTable::Lines => "quantity",
+        }
+    }
+}
+
+/// Where carts are read and written, as the phases of `cart_lines` applied so far say. Any
+/// mix is correct while the expand's triggers keep both tables whole; the switches only move
+/// which one is asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CartShape {
+    pub read: CartTable,
+    pub write: CartTable,
+}
+
+impl CartShape {
+    /// Before the change, and always for a build that does not know it.
+    pub const OLD: CartShape = CartShape {
+        read: CartTable::Items,
+        write: CartTable::Items,
+    };
+
+    /// After the change: a database that ran its contract.
+    pub const NEW: CartShape = CartShape {
+        read: CartTable::Lines,
+        write: CartTable::Lines,
+    };
+
+    /// The shape for a database that has applied `applied`, as seen by a build whose shop
+    /// schema ends at version `known` (later versions are a newer build's, not this one's).
+    pub fn from_applied(applied: &[i64], known: i64) -> CartShape {
+        let has = |v: i64| v <= known && applied.contains(&v);
+        let pick = |switch: i64| {
+            if has(switch) || has(CART_LINES_CONTRACT) {
+                CartTable::Lines
+            } else {
+                CartTable::Items
+            }
+        };
+        CartShape {
+            read: pick(CART_LINES_SWITCH_READS),
+            write: pick(CART_LINES_SWITCH_WRITES),
+        }
+    }
+}
+
+/// The user's cart, priced from the catalog, from table `from`. `lock` is appended to the
+/// query (a row lock).
+pub async fn cart_read<E>(
+    conn: &mut AnyConnection,
+    user_id: &str,
+    from: CartTable,
+    lock: &str,
+) -> Result<Cart, E> {
+    let (table, quantity) = (from.table(), from.quantity());
     let rows = sqlx::query(&format!(
-        "SELECT c.sku, p.name, c.qty, p.price_cents FROM cart_items c JOIN products p ON p.sku = c.sku
+        "SELECT c.sku, p.name, c.{quantity} AS qty, p.price_cents FROM {table} c JOIN products p ON p.sku = c.sku
          WHERE c.user_id = $1 ORDER BY c.sku{lock}"
     ))
     .bind(user_id)
@@ -102,7 +180,13 @@ pub async fn cart_read<E>(conn: &mut AnyConnection, user_id: &str, lock: &str) -
 }
 
 /// Adds `qty` of `sku` to the cart (a line holds at most 99); the cart as it now stands.
-pub async fn cart_add(tx: &mut Tx, user_id: &str, sku: &Sku, qty: Quantity) -> Result<Cart> {
+pub async fn cart_add(
+    tx: &mut Tx,
+    shape: CartShape,
+    user_id: &str,
+    sku: &Sku,
+    qty: Quantity,
+) -> Result<Cart> {
     let known = sqlx::query("SELECT 1 AS one FROM products WHERE sku = $1")
         .bind(sku.as_str())
         .fetch_optional(tx.conn())
@@ -110,12 +194,13 @@ pub async fn cart_add(tx: &mut Tx, user_id: &str, sku: &Sku, qty: Quantity) -> R
     if known.is_none() {
         return Err(TxError::Abort(Error::UnknownSku(sku.as_str().to_owned())));
     }
-    let row = sqlx::query(
-        "INSERT INTO cart_items (user_id, sku, qty, added_at) VALUES ($1, $2, $3, $4)
-         ON CONFLICT (user_id, sku) DO UPDATE SET qty = cart_items.qty + excluded.qty
-         WHERE cart_items.qty + excluded.qty <= 99
-         RETURNING qty",
-    )
+    let (t, q) = (shape.write.table(), shape.write.quantity());
+    let row = sqlx::query(&format!(
+        "INSERT INTO {t} (user_id, sku, {q}, added_at) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (user_id, sku) DO UPDATE SET {q} = {t}.{q} + excluded.{q}
+         WHERE {t}.{q} + excluded.{q} <= 99
+         RETURNING {q}"
+    ))
     .bind(user_id)
     .bind(sku.as_str())
     .bind(qty.get())
@@ -125,27 +210,30 @@ pub async fn cart_add(tx: &mut Tx, user_id: &str, sku: &Sku, qty: Quantity) -> R
     if row.is_none() {
         return Err(TxError::Abort(Error::QuantityLimit));
     }
-    cart_read(tx.conn(), user_id, "").await
+    cart_read(tx.conn(), user_id, shape.read, "").await
 }
 
 /// Removes the line for `sku`; removing an absent line is not an error (DELETE is idempotent).
-pub async fn cart_remove(tx: &mut Tx, user_id: &str, sku: &Sku) -> Result<Cart> {
-    sqlx::query("DELETE FROM cart_items WHERE user_id = $1 AND sku = $2")
-        .bind(user_id)
-        .bind(sku.as_str())
-        .execute(tx.conn())
-        .await?;
-    cart_read(tx.conn(), user_id, "").await
+pub async fn cart_remove(tx: &mut Tx, shape: CartShape, user_id: &str, sku: &Sku) -> Result<Cart> {
+    sqlx::query(&format!(
+        "DELETE FROM {} WHERE user_id = $1 AND sku = $2",
+        shape.write.table()
+    ))
+    .bind(user_id)
+    .bind(sku.as_str())
+    .execute(tx.conn())
+    .await?;
+    cart_read(tx.conn(), user_id, shape.read, "").await
 }
 
 /// Turns the cart into a pending order: the order, its lines, the emptied cart and the order's
 /// payout job, all in the caller's transaction.
-pub async fn checkout(tx: &mut Tx, user_id: &str) -> Result<Order> {
+pub async fn checkout(tx: &mut Tx, shape: CartShape, user_id: &str) -> Result<Order> {
     let lock = match tx.backend() {
         Backend::Postgres => " FOR UPDATE OF c",
         Backend::Sqlite => "",
     };
-    let cart = cart_read(tx.conn(), user_id, lock).await?;
+    let cart = cart_read(tx.conn(), user_id, shape.read, lock).await?;
     if cart.items.is_empty() {
         return Err(TxError::Abort(Error::EmptyCart));
     }
@@ -186,8 +274,12 @@ pub async fn checkout(tx: &mut Tx, user_id: &str) -> Result<Order> {
     // Delete exactly the lines read (and on Postgres locked) above, not the whole cart: under
     // READ COMMITTED a line another transaction added since is visible to a later statement,
     // is not in this order, and must stay in the cart.
+    let delete = format!(
+        "DELETE FROM {} WHERE user_id = $1 AND sku = $2",
+        shape.write.table()
+    );
     for l in &order.items {
-        sqlx::query("DELETE FROM cart_items WHERE user_id = $1 AND sku = $2")
+        sqlx::query(&delete)
             .bind(user_id)
             .bind(&l.sku)
             .execute(tx.conn())

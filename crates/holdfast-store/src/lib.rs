@@ -32,8 +32,9 @@ pub use idempotency::{ClaimOutcome, IdemClaim, IdemLock, StoredResponse};
 pub use jobs::{DeadJob, JobFence, JobInsert, JobRow, LedgerEntry, QueueCount, NOTIFY_CHANNEL};
 pub use limits::{Quota, Refused};
 pub use migrate::{
-    render as render_migration, Guard as MigrationGuard, Migration, Mode as MigrateMode, Schema,
-    SchemaState, SCHEMA as STORE_SCHEMA,
+    render as render_migration, Guard as MigrationGuard, Migration, Mode as MigrateMode, Phase,
+    Recorded, Schema, SchemaState, Until as MigrateUntil, PHASE_REFRESH, SCHEMA as STORE_SCHEMA,
+    SETTLE,
 };
 pub use tx::{Rerun, ScopedFutureExt, Tx, TxBody, TxError};
 
@@ -121,6 +122,9 @@ pub enum Error {
         name: String,
         known: Vec<&'static str>,
     },
+    /// `holdfast migrate down` reached a contract.
+    #[error("{file} is a contract: it dropped the old shape, so there is no way back to it; nothing was changed (fix forward with a new migration)")]
+    PastContract { file: &'static str },
     /// `holdfast migrate down` reached a migration that has no down step.
     #[error("{file} has no down step (no .down.sql beside it): it cannot be undone; nothing was changed")]
     NoDownStep { file: &'static str },
@@ -339,7 +343,11 @@ impl Store {
             write_gate,
         };
         match &opts.migrate {
-            migrate::Mode::Apply(guard) => store.migrate_up(opts, guard).await?,
+            migrate::Mode::Apply(guard) => {
+                store
+                    .migrate_up(opts, guard, &migrate::Until::Everything)
+                    .await?;
+            }
             migrate::Mode::Verify => migrate::verify(&store, &store.schemas(opts)).await?,
             migrate::Mode::Inspect => {}
         }
@@ -353,13 +361,32 @@ impl Store {
         schemas
     }
 
-    /// Applies every pending migration of the store's and `opts`' schemas under `guard`.
-    pub async fn migrate_up(&self, opts: &StoreOptions, guard: &migrate::Guard) -> Result<()> {
+    /// Applies the store's and `opts`' schemas' pending migrations as far as `until`, under
+    /// `guard`; the files applied.
+    pub async fn migrate_up(
+        &self,
+        opts: &StoreOptions,
+        guard: &migrate::Guard,
+        until: &migrate::Until,
+    ) -> Result<Vec<&'static str>> {
         let schemas = self.schemas(opts);
         self.run(Rerun::Always, "migrate", || {
-            migrate::apply(self, &schemas, guard)
+            migrate::apply(self, &schemas, guard, until)
         })
         .await
+    }
+
+    /// The versions of `schema` this database has applied: how a schema's code learns which
+    /// phases of a change have run (ask again every [`migrate::PHASE_REFRESH`]).
+    pub async fn applied_versions(&self, schema: &str) -> Result<Vec<i64>> {
+        let rows =
+            sqlx::query("SELECT version FROM holdfast_schema_migrations WHERE schema_name = $1")
+                .bind(schema)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| Ok(sqlx::Row::try_get::<i64, _>(r, "version")?))
+            .collect()
     }
 
     /// Undoes the named schema's migrations above version `to`, newest first, under `guard`;

@@ -24,9 +24,25 @@
 //! file, and opening a database whose record differs from this build's file fails with
 //! [`Error::MigrationChanged`], naming the file.
 //!
+//! A change that old and new code must survive side by side is declared as **phases**
+//! ([`Phase`]): expand, backfill, switch reads, switch writes, contract — each its own
+//! migration, each applied by its own `holdfast migrate up --to <phase>` so an operator can
+//! stop between them, each undoable until contract. A schema that declares phases promises that
+//! its code runs on either side of every one of them (it asks [`crate::Store::applied_versions`]
+//! which have run), so:
+//! - an instance starts with phases still pending (a plain pending migration still stops it);
+//! - an older build starts beside phases it does not know, short of a contract (they are
+//!   recorded with their phase; a contract, or a plain migration it does not know, stops it);
+//! - a backfill runs in batches, one short guarded transaction each with a pause between, and
+//!   is recorded only when a batch finds nothing left, so a killed backfill resumes;
+//! - a contract waits [`SETTLE`] after the phase before it (instances notice a switch within
+//!   [`PHASE_REFRESH`]), and plain `migrate up` stops before it: the operator names it once
+//!   no older build runs. It has no down step: it is where the change becomes one-way.
+//!
 //! One file serves both engines. It is written as SQLite reads it, with `BIGINT` for every
 //! integer that may exceed 32 bits; for Postgres, `BLOB` becomes `BYTEA` and
-//! `INTEGER PRIMARY KEY AUTOINCREMENT` becomes `BIGSERIAL PRIMARY KEY` (see [`render`]).
+//! `INTEGER PRIMARY KEY AUTOINCREMENT` becomes `BIGSERIAL PRIMARY KEY` (see [`render`]). What
+//! cannot be said once for both (triggers) has a `NNNN_name.postgres.sql` of its own.
 
 use crate::{Backend, Error, Result, Store};
 use sha2::{Digest, Sha256};
@@ -55,6 +71,10 @@ pub struct Guard {
     pub statement_timeout: Duration,
     /// How long to keep retrying a run that timed out on a lock.
     pub deadline: Duration,
+    /// Rows one backfill batch (one transaction) copies at most.
+    pub batch_rows: i64,
+    /// The pause between backfill batches, leaving the database to the requests.
+    pub batch_pause: Duration,
 }
 
 impl Default for Guard {
@@ -63,7 +83,91 @@ impl Default for Guard {
             lock_timeout: Duration::from_millis(500),
             statement_timeout: Duration::from_secs(60),
             deadline: Duration::from_secs(60),
+            batch_rows: 500,
+            batch_pause: Duration::from_millis(20),
         }
+    }
+}
+
+/// How often a schema's code asks which phases have run; a switch takes effect fleet-wide
+/// within this.
+pub const PHASE_REFRESH: Duration = Duration::from_secs(1);
+/// How long a contract (or a down step that drops what a switch pointed at) waits after the
+/// switch before it: every instance has noticed the switch by then.
+pub const SETTLE: Duration = Duration::from_secs(2);
+
+/// One step of an expand/contract change (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    /// Add the new shape beside the old, kept in step with it; old code cannot tell.
+    Expand,
+    /// Copy what exists into the new shape, in batches.
+    Backfill,
+    /// Code reads the new shape.
+    SwitchReads,
+    /// Code writes the new shape.
+    SwitchWrites,
+    /// Drop the old shape: one-way, and no build older than the change may run after it.
+    Contract,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 5] = [
+        Phase::Expand,
+        Phase::Backfill,
+        Phase::SwitchReads,
+        Phase::SwitchWrites,
+        Phase::Contract,
+    ];
+
+    /// The phase's name, as `--to` takes it and the migrations table records it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Expand => "expand",
+            Phase::Backfill => "backfill",
+            Phase::SwitchReads => "switch-reads",
+            Phase::SwitchWrites => "switch-writes",
+            Phase::Contract => "contract",
+        }
+    }
+
+    /// The phase named `name`, if there is one.
+    pub fn parse(name: &str) -> Option<Phase> {
+        Phase::ALL.into_iter().find(|p| p.name() == name)
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How far [`apply`] goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Until {
+    /// Every pending migration, contracts included: a database no older build serves
+    /// (`holdfast up`, `serve --migrate`, a fresh one).
+    Everything,
+    /// Stop before the first pending contract (`holdfast migrate up` without `--to`).
+    BeforeContract,
+    /// Up to and including version `version` of schema `schema`, with all that precedes it.
+    Version { schema: &'static str, version: i64 },
+}
+
+/// A migration the database recorded that this build does not know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Recorded {
+    pub version: i64,
+    pub file: String,
+    /// Its phase, if it was one: short of a contract, this build can run beside it.
+    pub phase: Option<Phase>,
+}
+
+impl Recorded {
+    /// Whether a build that does not know this migration can still run beside it.
+    pub fn spares_older_builds(&self) -> bool {
+        self.phase.is_some_and(|p| p != Phase::Contract)
     }
 }
 
@@ -76,7 +180,7 @@ pub struct SchemaState {
     /// This build's migrations the database has not run, in order.
     pub pending: Vec<&'static Migration>,
     /// Versions the database recorded that this build does not have (a newer build migrated).
-    pub unknown: Vec<(i64, String)>,
+    pub unknown: Vec<Recorded>,
     /// Applied migrations whose file differs in this build: `(file, recorded, built)`.
     pub changed: Vec<(&'static str, String, String)>,
 }
@@ -95,6 +199,11 @@ pub struct Migration {
     pub legacy: Option<i64>,
     /// The SQL that undoes it (`NNNN_name.down.sql` beside the file), if it can be undone.
     pub down: Option<&'static str>,
+    /// Postgres's own text for `sql` and `down` (`NNNN_name.postgres.sql`,
+    /// `NNNN_name.postgres.down.sql`), where one file cannot serve both engines.
+    pub postgres: Option<(&'static str, Option<&'static str>)>,
+    /// Its phase, if it is a step of an expand/contract change.
+    pub phase: Option<Phase>,
 }
 
 /// A named list of migrations owned by one crate.
@@ -114,6 +223,24 @@ impl Migration {
             sql,
             legacy: None,
             down: None,
+            postgres: None,
+            phase: None,
+        }
+    }
+
+    /// This migration is `phase` of an expand/contract change (see the module docs).
+    pub const fn phase(self, phase: Phase) -> Self {
+        Migration {
+            phase: Some(phase),
+            ..self
+        }
+    }
+
+    /// Postgres runs `up` (and undoes it with `down`) instead of the rendered shared file.
+    pub const fn with_postgres(self, up: &'static str, down: Option<&'static str>) -> Self {
+        Migration {
+            postgres: Some((up, down)),
+            ..self
         }
     }
 
@@ -134,14 +261,32 @@ impl Migration {
         }
     }
 
-    /// The SQL as it runs on `backend` (one file serves both engines; see [`render`]).
+    /// The SQL as it runs on `backend` (one file serves both engines unless Postgres has its
+    /// own; see [`render`]).
     pub fn render(&self, backend: Backend) -> String {
-        render(self.sql, backend)
+        match (backend, self.postgres) {
+            (Backend::Postgres, Some((up, _))) => up.to_owned(),
+            _ => render(self.sql, backend),
+        }
     }
 
-    /// SHA-256 of the file, hex.
+    /// What undoes it on `backend`, if anything does.
+    pub fn render_down(&self, backend: Backend) -> Option<String> {
+        match (backend, self.postgres) {
+            (Backend::Postgres, Some((_, down))) => down.map(str::to_owned),
+            _ => self.down.map(|d| render(d, backend)),
+        }
+    }
+
+    /// SHA-256 of the file (and of Postgres's own, if it has one), hex.
     pub fn checksum(&self) -> String {
-        hex::encode(Sha256::digest(self.sql.as_bytes()))
+        let mut h = Sha256::new();
+        h.update(self.sql.as_bytes());
+        if let Some((up, _)) = self.postgres {
+            h.update(b"\n-- postgres --\n");
+            h.update(up.as_bytes());
+        }
+        hex::encode(h.finalize())
     }
 }
 
@@ -210,10 +355,50 @@ fn replace_word(text: &str, word: &str, with: &str) -> String {
     out
 }
 
-/// Applies every pending migration of `schemas` under `guard`: retried with full-jitter
-/// backoff while a lock wait times out, until the guard's deadline.
-pub(crate) async fn apply(store: &Store, schemas: &[&Schema], guard: &Guard) -> Result<()> {
-    retried(store, guard, || run_once(store, schemas, guard)).await
+/// Applies `schemas`' pending migrations as far as `until`, under `guard`; the files applied.
+/// Each step is its own guarded transaction, retried with full-jitter backoff while a lock
+/// wait times out, until the guard's deadline: consecutive plain migrations together, each
+/// phase alone, a backfill one batch at a time.
+pub(crate) async fn apply(
+    store: &Store,
+    schemas: &[&Schema],
+    guard: &Guard,
+    until: &Until,
+) -> Result<Vec<&'static str>> {
+    let started_at = holdfast_core::now_ms();
+    let mut applied = Vec::new();
+    loop {
+        match retried(store, guard, || {
+            step(store, schemas, guard, until, started_at)
+        })
+        .await?
+        {
+            Step::Done => return Ok(applied),
+            Step::Applied(files) => applied.extend(files),
+            Step::Copied { file, rows } => {
+                tracing::info!(file, rows, "backfill batch committed");
+                tokio::time::sleep(guard.batch_pause).await;
+            }
+            Step::Settle(wait) => {
+                tracing::info!(?wait, "letting every instance notice the last switch first");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// What one guarded transaction of [`apply`] did.
+enum Step {
+    /// Nothing is pending within the target.
+    Done,
+    Applied(Vec<&'static str>),
+    /// A backfill batch copied `rows` and there may be more.
+    Copied {
+        file: &'static str,
+        rows: u64,
+    },
+    /// A contract must wait this long after the switch before it.
+    Settle(Duration),
 }
 
 /// Runs `once` again, with full-jitter backoff, while it times out on a lock, until the
@@ -289,17 +474,27 @@ async fn lock_holder(store: &Store) -> Option<i32> {
 /// The database's migrations against this build's, changing nothing.
 pub(crate) async fn status(store: &Store, schemas: &[&Schema]) -> Result<Vec<SchemaState>> {
     let mut conn = store.pool.acquire().await?;
-    let mut recorded: HashMap<(String, i64), (String, String)> = HashMap::new();
+    let mut recorded: HashMap<(String, i64), (String, String, Option<String>)> = HashMap::new();
     if table_exists(&mut conn, store.backend, TABLE).await? {
+        // A table an earlier build made has no phases (its builds declared none).
+        let phase = if has_phase_column(&mut conn, store.backend).await? {
+            "phase"
+        } else {
+            "NULL AS phase"
+        };
         for r in sqlx::query(&format!(
-            "SELECT schema_name, version, file, checksum FROM {TABLE}"
+            "SELECT schema_name, version, file, checksum, {phase} FROM {TABLE}"
         ))
         .fetch_all(&mut *conn)
         .await?
         {
             recorded.insert(
                 (r.try_get("schema_name")?, r.try_get("version")?),
-                (r.try_get("file")?, r.try_get("checksum")?),
+                (
+                    r.try_get("file")?,
+                    r.try_get("checksum")?,
+                    r.try_get("phase")?,
+                ),
             );
         }
     }
@@ -314,7 +509,7 @@ pub(crate) async fn status(store: &Store, schemas: &[&Schema]) -> Result<Vec<Sch
         };
         for m in schema.migrations {
             match recorded.remove(&(schema.name.to_owned(), m.version)) {
-                Some((_, sum)) if sum != m.checksum() => {
+                Some((_, sum, _)) if sum != m.checksum() => {
                     state.applied.push(m.version);
                     state.changed.push((m.file, sum, m.checksum()));
                 }
@@ -322,76 +517,96 @@ pub(crate) async fn status(store: &Store, schemas: &[&Schema]) -> Result<Vec<Sch
                 None => state.pending.push(m),
             }
         }
-        let mut unknown: Vec<(i64, String)> = recorded
+        let mut unknown: Vec<Recorded> = recorded
             .iter()
             .filter(|((name, _), _)| name == schema.name)
-            .map(|((_, v), (file, _))| (*v, file.clone()))
+            .map(|((_, v), (file, _, phase))| Recorded {
+                version: *v,
+                file: file.clone(),
+                phase: phase.as_deref().and_then(Phase::parse),
+            })
             .collect();
-        unknown.sort();
+        unknown.sort_by_key(|r| r.version);
         state.unknown = unknown;
         states.push(state);
     }
     Ok(states)
 }
 
-/// Undoes `schema`'s applied migrations above version `to`, newest first, in one guarded
-/// transaction (retried like [`apply`]); returns the files undone. A migration without a
-/// down step stops it before anything changes.
+/// Undoes `schema`'s applied migrations above version `to`, newest first, each in its own
+/// guarded transaction (retried like [`apply`]); returns the files undone. A contract, or a
+/// migration without a down step, in that range stops it before anything changes. Undoing
+/// an expand right after a switch waits [`SETTLE`] first, so no instance still uses what it
+/// drops.
 pub(crate) async fn revert(
     store: &Store,
     schema: &Schema,
     to: i64,
     guard: &Guard,
 ) -> Result<Vec<&'static str>> {
-    retried(store, guard, || revert_once(store, schema, to, guard)).await
-}
-
-async fn revert_once(
-    store: &Store,
-    schema: &Schema,
-    to: i64,
-    guard: &Guard,
-) -> Result<Vec<&'static str>> {
     let states = status(store, &[schema]).await?;
-    refuse_unknown(&states)?;
-    let state = &states[0];
+    refuse_unknown(&states, Tolerate::Nothing)?;
     let mut undo: Vec<&'static Migration> = schema
         .migrations
         .iter()
-        .filter(|m| m.version > to && state.applied.contains(&m.version))
+        .filter(|m| m.version > to && states[0].applied.contains(&m.version))
         .collect();
     undo.sort_by_key(|m| std::cmp::Reverse(m.version));
-    if let Some(m) = undo.iter().find(|m| m.down.is_none()) {
+    if let Some(m) = undo.iter().find(|m| m.phase == Some(Phase::Contract)) {
+        return Err(Error::PastContract { file: m.file });
+    }
+    if let Some(m) = undo.iter().find(|m| m.render_down(store.backend).is_none()) {
         return Err(Error::NoDownStep { file: m.file });
     }
-    let mut tx = begin_guarded(store, guard).await?;
     let mut undone = Vec::new();
+    let mut switched: Option<Instant> = None;
     for m in undo {
-        let down = m.down.unwrap_or_default();
+        if m.phase == Some(Phase::Expand) {
+            if let Some(at) = switched {
+                tokio::time::sleep(SETTLE.saturating_sub(at.elapsed())).await;
+            }
+        }
+        retried(store, guard, || revert_one(store, schema, m, guard)).await?;
+        if matches!(m.phase, Some(Phase::SwitchReads | Phase::SwitchWrites)) {
+            switched = Some(Instant::now());
+        }
+        undone.push(m.file);
+    }
+    Ok(undone)
+}
+
+async fn revert_one(
+    store: &Store,
+    schema: &Schema,
+    m: &'static Migration,
+    guard: &Guard,
+) -> Result<()> {
+    let mut tx = begin_guarded(store, guard).await?;
+    let down = m.render_down(store.backend).unwrap_or_default();
+    if has_statements(&down) {
         tx.conn()
-            .execute(render(down, store.backend).as_str())
+            .execute(down.as_str())
             .await
             .map_err(|source| Error::Migration {
                 file: m.file,
                 source,
             })?;
-        sqlx::query(&format!(
-            "DELETE FROM {TABLE} WHERE schema_name = $1 AND version = $2"
-        ))
-        .bind(schema.name)
-        .bind(m.version)
-        .execute(tx.conn())
-        .await?;
-        tracing::info!(
-            schema = schema.name,
-            version = m.version,
-            file = m.file,
-            "undid migration"
-        );
-        undone.push(m.file);
     }
+    sqlx::query(&format!(
+        "DELETE FROM {TABLE} WHERE schema_name = $1 AND version = $2"
+    ))
+    .bind(schema.name)
+    .bind(m.version)
+    .execute(tx.conn())
+    .await?;
     tx.commit().await?;
-    Ok(undone)
+    tracing::info!(
+        schema = schema.name,
+        version = m.version,
+        file = m.file,
+        "undid migration"
+    );
+    Ok(())
 }
 
 /// A write transaction with the guard's timeouts and (on Postgres) the migration lock.
@@ -417,11 +632,23 @@ async fn begin_guarded(store: &Store, guard: &Guard) -> Result<crate::Tx> {
     Ok(tx)
 }
 
-/// Refuses a database that has migrations this build does not know (a newer build's).
-fn refuse_unknown(states: &[SchemaState]) -> Result<()> {
+/// Which migrations of a newer build [`refuse_unknown`] lets pass.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tolerate {
+    /// None: changing a database a newer build migrated is that build's business.
+    Nothing,
+    /// Phases short of a contract: an older build serves beside them.
+    PhasesBeforeContract,
+}
+
+/// Refuses a database that has migrations this build does not know (a newer build's),
+/// except those `tolerate` lets pass.
+fn refuse_unknown(states: &[SchemaState], tolerate: Tolerate) -> Result<()> {
     let unknown: Vec<String> = states
         .iter()
-        .flat_map(|s| s.unknown.iter().map(|(_, file)| file.clone()))
+        .flat_map(|s| s.unknown.iter())
+        .filter(|r| !(tolerate == Tolerate::PhasesBeforeContract && r.spares_older_builds()))
+        .map(|r| r.file.clone())
         .collect();
     if unknown.is_empty() {
         Ok(())
@@ -430,7 +657,9 @@ fn refuse_unknown(states: &[SchemaState]) -> Result<()> {
     }
 }
 
-/// Refuses a database whose migrations are not exactly this build's (changes nothing).
+/// Refuses a database this build cannot serve (changes nothing): one whose migrations differ
+/// from this build's, save phases — pending ones this build's code handles, and a newer
+/// build's short of its contract.
 pub(crate) async fn verify(store: &Store, schemas: &[&Schema]) -> Result<()> {
     let states = status(store, schemas).await?;
     if let Some((file, recorded, built)) = states.iter().flat_map(|s| s.changed.clone()).next() {
@@ -440,10 +669,22 @@ pub(crate) async fn verify(store: &Store, schemas: &[&Schema]) -> Result<()> {
             built,
         });
     }
-    refuse_unknown(&states)?;
+    refuse_unknown(&states, Tolerate::PhasesBeforeContract)?;
+    for r in states.iter().flat_map(|s| s.unknown.iter()) {
+        tracing::warn!(
+            file = r.file,
+            phase = r.phase.map(Phase::name),
+            "a newer build's phase is applied; this build runs beside it until its contract"
+        );
+    }
     let pending: Vec<&str> = states
         .iter()
-        .flat_map(|s| s.pending.iter().map(|m| m.file))
+        .flat_map(|s| {
+            s.pending
+                .iter()
+                .filter(|m| m.phase.is_none())
+                .map(|m| m.file)
+        })
         .collect();
     if !pending.is_empty() {
         return Err(Error::SchemaBehind {
@@ -470,76 +711,191 @@ async fn table_exists(
     Ok(n > 0)
 }
 
-async fn run_once(store: &Store, schemas: &[&Schema], guard: &Guard) -> Result<()> {
+async fn step(
+    store: &Store,
+    schemas: &[&Schema],
+    guard: &Guard,
+    until: &Until,
+    started_at: i64,
+) -> Result<Step> {
     // A database newer than this build is not touched (a newer build's migrations are its own).
-    let states = status(store, schemas).await?;
-    refuse_unknown(&states)?;
+    refuse_unknown(&status(store, schemas).await?, Tolerate::Nothing)?;
     let mut tx = begin_guarded(store, guard).await?;
-    tx.conn()
-        .execute(
-            format!(
-                "CREATE TABLE IF NOT EXISTS {TABLE} (
-                     schema_name TEXT NOT NULL, version BIGINT NOT NULL, file TEXT NOT NULL,
-                     checksum TEXT NOT NULL, applied_at BIGINT NOT NULL,
-                     PRIMARY KEY (schema_name, version))"
-            )
-            .as_str(),
-        )
-        .await?;
+    ensure_table(&mut tx).await?;
     adopt_legacy(&mut tx, schemas).await?;
-    let mut applied: HashMap<(String, i64), String> = HashMap::new();
+    let mut applied: HashMap<(String, i64), (String, i64)> = HashMap::new();
     for r in sqlx::query(&format!(
-        "SELECT schema_name, version, checksum FROM {TABLE}"
+        "SELECT schema_name, version, checksum, applied_at FROM {TABLE}"
     ))
     .fetch_all(tx.conn())
     .await?
     {
         applied.insert(
             (r.try_get("schema_name")?, r.try_get("version")?),
-            r.try_get("checksum")?,
+            (r.try_get("checksum")?, r.try_get("applied_at")?),
         );
     }
-    for schema in schemas {
+    // This build's migrations in order, each checked against its record; the pending ones
+    // up to the target.
+    let mut pending: Vec<(&Schema, &'static Migration)> = Vec::new();
+    'schemas: for schema in schemas {
         for m in schema.migrations {
             let built = m.checksum();
-            if let Some(recorded) = applied.get(&(schema.name.to_owned(), m.version)) {
-                if *recorded != built {
+            match applied.get(&(schema.name.to_owned(), m.version)) {
+                Some((recorded, _)) if *recorded != built => {
                     return Err(Error::MigrationChanged {
                         file: m.file,
                         recorded: recorded.clone(),
                         built,
                     });
                 }
-                continue;
+                Some(_) => {}
+                None if *until == Until::BeforeContract && m.phase == Some(Phase::Contract) => {
+                    break 'schemas;
+                }
+                None => pending.push((schema, m)),
             }
-            tx.conn()
-                .execute(render(m.sql, store.backend).as_str())
-                .await
-                .map_err(|source| Error::Migration {
-                    file: m.file,
-                    source,
-                })?;
-            record(&mut tx, schema, m, holdfast_core::now_ms()).await?;
-            tracing::info!(
-                schema = schema.name,
-                version = m.version,
-                file = m.file,
-                "applied migration"
-            );
+            if let Until::Version { schema: s, version } = until {
+                if *s == schema.name && *version == m.version {
+                    break 'schemas;
+                }
+            }
         }
     }
-    tx.commit().await
+    let Some(&(schema, first)) = pending.first() else {
+        tx.commit().await?;
+        return Ok(Step::Done);
+    };
+    match first.phase {
+        None => {
+            let mut files = Vec::new();
+            for (schema, m) in pending.into_iter().take_while(|(_, m)| m.phase.is_none()) {
+                run_up(&mut tx, schema, m).await?;
+                files.push(m.file);
+            }
+            tx.commit().await?;
+            Ok(Step::Applied(files))
+        }
+        Some(Phase::Backfill) => {
+            let rows = sqlx::query(&first.render(store.backend))
+                .bind(guard.batch_rows)
+                .execute(tx.conn())
+                .await
+                .map_err(|source| Error::Migration {
+                    file: first.file,
+                    source,
+                })?
+                .rows_affected();
+            if rows > 0 {
+                tx.commit().await?;
+                return Ok(Step::Copied {
+                    file: first.file,
+                    rows,
+                });
+            }
+            record(&mut tx, schema, first, holdfast_core::now_ms()).await?;
+            tx.commit().await?;
+            tracing::info!(file = first.file, "backfill complete");
+            Ok(Step::Applied(vec![first.file]))
+        }
+        Some(phase) => {
+            if phase == Phase::Contract {
+                // Instances of a schema that was in use before this run may still act on the
+                // switch before the contract: give them time to notice it.
+                let mine = applied.iter().filter(|((s, _), _)| s == schema.name);
+                let in_use_before = mine.clone().any(|(_, (_, at))| *at < started_at);
+                let last = mine.map(|(_, (_, at))| *at).max().unwrap_or(0);
+                let since = Duration::from_millis(
+                    u64::try_from(holdfast_core::now_ms() - last).unwrap_or(0),
+                );
+                if in_use_before && since < SETTLE {
+                    drop(tx);
+                    return Ok(Step::Settle(SETTLE - since));
+                }
+            }
+            run_up(&mut tx, schema, first).await?;
+            tx.commit().await?;
+            Ok(Step::Applied(vec![first.file]))
+        }
+    }
+}
+
+/// Runs `m` (unless it is only a comment: a switch has no DDL) and records it.
+async fn run_up(tx: &mut crate::Tx, schema: &Schema, m: &'static Migration) -> Result<()> {
+    let sql = m.render(tx.backend());
+    if has_statements(&sql) {
+        tx.conn()
+            .execute(sql.as_str())
+            .await
+            .map_err(|source| Error::Migration {
+                file: m.file,
+                source,
+            })?;
+    }
+    record(tx, schema, m, holdfast_core::now_ms()).await?;
+    tracing::info!(
+        schema = schema.name,
+        version = m.version,
+        file = m.file,
+        phase = m.phase.map(Phase::name),
+        "applied migration"
+    );
+    Ok(())
+}
+
+/// Whether `sql` says anything but `--` comments.
+fn has_statements(sql: &str) -> bool {
+    sql.lines()
+        .map(str::trim)
+        .any(|l| !l.is_empty() && !l.starts_with("--"))
+}
+
+/// The table of applied migrations, with the `phase` column a table made by an earlier build
+/// lacks.
+async fn ensure_table(tx: &mut crate::Tx) -> Result<()> {
+    tx.conn()
+        .execute(
+            format!(
+                "CREATE TABLE IF NOT EXISTS {TABLE} (
+                     schema_name TEXT NOT NULL, version BIGINT NOT NULL, file TEXT NOT NULL,
+                     checksum TEXT NOT NULL, applied_at BIGINT NOT NULL, phase TEXT,
+                     PRIMARY KEY (schema_name, version))"
+            )
+            .as_str(),
+        )
+        .await?;
+    let backend = tx.backend();
+    if !has_phase_column(tx.conn(), backend).await? {
+        tx.conn()
+            .execute(format!("ALTER TABLE {TABLE} ADD COLUMN phase TEXT").as_str())
+            .await?;
+    }
+    Ok(())
+}
+
+async fn has_phase_column(conn: &mut sqlx::AnyConnection, backend: Backend) -> Result<bool> {
+    let q = match backend {
+        Backend::Sqlite => "SELECT COUNT(*) AS n FROM pragma_table_info($1) WHERE name = 'phase'",
+        Backend::Postgres => "SELECT COUNT(*) AS n FROM information_schema.columns WHERE table_schema = current_schema() AND table_name = $1 AND column_name = 'phase'",
+    };
+    let n: i64 = sqlx::query(q)
+        .bind(TABLE)
+        .fetch_one(&mut *conn)
+        .await?
+        .try_get("n")?;
+    Ok(n > 0)
 }
 
 async fn record(tx: &mut crate::Tx, schema: &Schema, m: &Migration, applied_at: i64) -> Result<()> {
     sqlx::query(&format!(
-        "INSERT INTO {TABLE} (schema_name, version, file, checksum, applied_at) VALUES ($1, $2, $3, $4, $5)"
+        "INSERT INTO {TABLE} (schema_name, version, file, checksum, applied_at, phase) VALUES ($1, $2, $3, $4, $5, $6)"
     ))
     .bind(schema.name)
     .bind(m.version)
     .bind(m.file)
     .bind(m.checksum())
     .bind(applied_at)
+    .bind(m.phase.map(Phase::name))
     .execute(tx.conn())
     .await?;
     Ok(())

@@ -88,6 +88,30 @@ async fn instance(dir: Arc<tempfile::TempDir>, web: WebOptions, opts: ShopOption
     }
 }
 
+/// An instance on the database at `url` as a serving process opens it: verifying, not
+/// migrating, with `shop.schema` (an older build's, for a rolling deploy). Refused as that
+/// process would be refused.
+pub async fn instance_on(
+    url: &str,
+    web: WebOptions,
+    shop: ShopOptions,
+) -> Result<TestApp, holdfast_store::Error> {
+    let store = Store::open(
+        &StoreOptions::new(url)
+            .schema(shop.schema)
+            .migrate(holdfast_store::MigrateMode::Verify),
+    )
+    .await?;
+    let shop = Shop::new(AppState::new(store.clone(), web, None), shop);
+    Ok(TestApp {
+        router: holdfast_shop::app(shop.clone()),
+        operator: holdfast_web::operator_app(shop.edge().clone()),
+        store,
+        shop,
+        dir: Arc::new(tempfile::tempdir().expect("tempdir")),
+    })
+}
+
 impl TestApp {
     /// Another instance on this one's database.
     pub async fn sibling(&self, web: WebOptions) -> TestApp {

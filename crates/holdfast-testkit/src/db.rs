@@ -247,5 +247,19 @@ pub async fn rewind_to_legacy_layout(url: &str) {
     ] {
         conn.execute(sql).await.expect(sql);
     }
+    // The shop's carts as they were then, if the shop's tables are here (the change
+    // `cart_lines` moved them).
+    let has_lines = conn
+        .execute("SELECT 1 FROM cart_lines WHERE 1 = 0")
+        .await
+        .is_ok();
+    if has_lines {
+        for sql in [
+            "ALTER TABLE cart_lines RENAME TO cart_items",
+            "ALTER TABLE cart_items RENAME COLUMN quantity TO qty",
+        ] {
+            conn.execute(sql).await.expect(sql);
+        }
+    }
     let _ = conn.close().await;
 }

@@ -120,16 +120,26 @@ pub enum MigrateCommand {
         /// Which schema (`store` or `shop`).
         #[arg(long)]
         schema: String,
-        /// Keep migrations up to this version; undo those above it (0: all of the schema's).
+        /// Keep migrations up to this version, or this applied phase (`expand`, …); undo those
+        /// above it (0: all of the schema's).
         #[arg(long)]
-        to: i64,
+        to: String,
         #[command(flatten)]
         guard: GuardArgs,
     },
-    /// Apply the pending migrations, each run guarded (see `--lock-timeout`).
+    /// Apply the pending migrations, each step guarded (see `--lock-timeout`): without `--to`,
+    /// all of them short of a contract (a contract is one-way: name it once no older build
+    /// runs).
     Up {
         #[command(flatten)]
         store: StoreArgs,
+        /// Stop after this step: a phase of the next pending expand/contract change (`expand`,
+        /// `backfill`, `switch-reads`, `switch-writes`, `contract`), or a version of `--schema`.
+        #[arg(long)]
+        to: Option<String>,
+        /// The schema `--to VERSION` counts in (`store` or `shop`).
+        #[arg(long)]
+        schema: Option<String>,
         #[command(flatten)]
         guard: GuardArgs,
     },
@@ -148,6 +158,12 @@ pub struct GuardArgs {
     /// How long to keep retrying before giving up and saying who holds the lock.
     #[arg(long, value_parser = parse_duration, default_value = "60s")]
     pub deadline: Duration,
+    /// Rows a backfill copies per transaction.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub batch_rows: i64,
+    /// Pause between backfill batches (throttle).
+    #[arg(long, value_parser = parse_duration, default_value = "20ms")]
+    pub batch_pause: Duration,
 }
 
 /// `holdfast balance`.
@@ -637,6 +653,11 @@ pub struct ServeArgs {
     /// database that lacks them: for a lone instance. A fleet runs `holdfast migrate up` once.
     #[arg(long)]
     pub migrate: bool,
+    /// Run as the release from before the change `cart_lines` (shop schema version 1: carts
+    /// only in `cart_items`): the old binary of a rolling deploy, which the `migrate` drill
+    /// serves beside this one. It refuses a database past the change's contract.
+    #[arg(long)]
+    pub as_old_release: bool,
     /// Set by `up`: the supervisor's pid; this instance dies with it (Linux).
     #[arg(long, hide = true)]
     pub parent_pid: Option<i32>,

@@ -102,8 +102,17 @@ pub(crate) fn store_options(
     args: &cli::StoreArgs,
     migrate: holdfast_store::MigrateMode,
 ) -> anyhow::Result<holdfast_store::StoreOptions> {
+    store_options_as(args, migrate, &holdfast_shop::SCHEMA)
+}
+
+/// [`store_options`] with the shop schema `shop` (an older release's, for `--as-old-release`).
+fn store_options_as(
+    args: &cli::StoreArgs,
+    migrate: holdfast_store::MigrateMode,
+    shop: &'static holdfast_store::Schema,
+) -> anyhow::Result<holdfast_store::StoreOptions> {
     Ok(holdfast_store::StoreOptions::new(args.store_url()?)
-        .schema(&holdfast_shop::SCHEMA)
+        .schema(shop)
         .migrate(migrate))
 }
 
@@ -113,7 +122,16 @@ pub(crate) async fn open_store(
     args: &cli::StoreArgs,
     migrate: holdfast_store::MigrateMode,
 ) -> anyhow::Result<holdfast_store::Store> {
-    holdfast_store::Store::open(&store_options(args, migrate)?)
+    open_store_as(args, migrate, &holdfast_shop::SCHEMA).await
+}
+
+/// [`open_store`] with the shop schema `shop`.
+pub(crate) async fn open_store_as(
+    args: &cli::StoreArgs,
+    migrate: holdfast_store::MigrateMode,
+    shop: &'static holdfast_store::Schema,
+) -> anyhow::Result<holdfast_store::Store> {
+    holdfast_store::Store::open(&store_options_as(args, migrate, shop)?)
         .await
         .context("opening the store")
 }

@@ -5,7 +5,7 @@
 //! `--lock-timeout` (see `holdfast_store`'s migrate module).
 
 use anyhow::Context;
-use holdfast_store::{MigrateMode, MigrationGuard, Store};
+use holdfast_store::{MigrateMode, MigrateUntil, MigrationGuard, Phase, SchemaState, Store};
 
 use crate::cli::GuardArgs;
 use serde::Serialize;
@@ -63,10 +63,13 @@ pub async fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
             guard,
         } => {
             let (db, opts) = inspect(&store, Existing::Required).await?;
-            let undone = db
-                .migrate_down(&opts, &schema, to, &guard.to_guard())
-                .await
-                .context("undoing migrations");
+            let undone = match keep_up_to(&db, &opts, &schema, &to).await {
+                Ok(to) => db
+                    .migrate_down(&opts, &schema, to, &guard.to_guard())
+                    .await
+                    .context("undoing migrations"),
+                Err(e) => Err(e),
+            };
             let lines = lines(&db, &opts).await;
             db.close().await;
             let undone = undone?;
@@ -75,27 +78,132 @@ pub async fn run(cmd: MigrateCommand) -> anyhow::Result<()> {
                 println!("{}", describe(l));
             }
         }
-        MigrateCommand::Up { store, guard } => {
+        MigrateCommand::Up {
+            store,
+            to,
+            schema,
+            guard,
+        } => {
             let guard = guard.to_guard();
             let (db, opts) = inspect(&store, Existing::MayCreate).await?;
-            let pending: usize = db
-                .migration_status(&opts)
-                .await?
-                .iter()
-                .map(|s| s.pending.len())
-                .sum();
-            let migrated = db.migrate_up(&opts, &guard).await.context("migrating");
+            let states = db.migration_status(&opts).await;
+            let until = states
+                .map_err(anyhow::Error::from)
+                .and_then(|states| target(&states, to.as_deref(), schema.as_deref()));
+            let migrated = match until {
+                Ok(until) => db
+                    .migrate_up(&opts, &guard, &until)
+                    .await
+                    .context("migrating"),
+                Err(e) => Err(e),
+            };
             let lines = lines(&db, &opts).await;
             db.close().await;
-            migrated?;
-            let lines = lines?;
-            println!("applied {pending} migration(s)");
-            for l in &lines {
+            let applied = migrated?;
+            println!(
+                "applied {} migration(s): {}",
+                applied.len(),
+                applied.join(", ")
+            );
+            for l in &lines? {
                 println!("{}", describe(l));
             }
         }
     }
     Ok(())
+}
+
+/// How far `up` goes: `--to` a phase of the next pending change, or a version of `--schema`;
+/// without `--to`, everything short of a contract.
+fn target(
+    states: &[SchemaState],
+    to: Option<&str>,
+    schema: Option<&str>,
+) -> anyhow::Result<MigrateUntil> {
+    let known: Vec<&str> = states.iter().map(|s| s.schema).collect();
+    let scope: Vec<&SchemaState> = match schema {
+        Some(name) => {
+            let Some(s) = states.iter().find(|s| s.schema == name) else {
+                anyhow::bail!(
+                    "no schema named {name:?} (this build has {known:?}); nothing was changed"
+                );
+            };
+            vec![s]
+        }
+        None => states.iter().collect(),
+    };
+    let Some(to) = to else {
+        return Ok(MigrateUntil::BeforeContract);
+    };
+    if let Ok(version) = to.parse::<i64>() {
+        let [state] = scope[..] else {
+            anyhow::bail!("--to {version} needs --schema (one of {known:?}); nothing was changed");
+        };
+        let all = state.applied.len() + state.pending.len();
+        if let Some(m) = state.pending.iter().find(|m| m.version == version) {
+            return Ok(MigrateUntil::Version {
+                schema: state.schema,
+                version: m.version,
+            });
+        }
+        if state.applied.contains(&version) {
+            anyhow::bail!(
+                "{} migration {version} is already applied; nothing was changed",
+                state.schema
+            );
+        }
+        anyhow::bail!(
+            "this build has no {} migration {version} (it has 1 to {all}); nothing was changed",
+            state.schema
+        );
+    }
+    let Some(phase) = Phase::parse(to) else {
+        let names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
+        anyhow::bail!(
+            "--to {to:?} is neither a version nor a phase ({}); nothing was changed",
+            names.join(", ")
+        );
+    };
+    for state in scope {
+        if let Some(m) = state.pending.iter().find(|m| m.phase == Some(phase)) {
+            return Ok(MigrateUntil::Version {
+                schema: state.schema,
+                version: m.version,
+            });
+        }
+    }
+    anyhow::bail!("no change has a pending {phase} phase (see `holdfast migrate status`); nothing was changed")
+}
+
+/// The version `down --to` keeps: a number, or the applied migration of that phase.
+async fn keep_up_to(
+    db: &Store,
+    opts: &holdfast_store::StoreOptions,
+    schema: &str,
+    to: &str,
+) -> anyhow::Result<i64> {
+    if let Ok(version) = to.parse::<i64>() {
+        return Ok(version);
+    }
+    let Some(phase) = Phase::parse(to) else {
+        anyhow::bail!("--to {to:?} is neither a version nor a phase; nothing was changed");
+    };
+    let states = db.migration_status(opts).await?;
+    let applied = states
+        .iter()
+        .filter(|s| s.schema == schema)
+        .flat_map(|s| s.applied.iter().copied())
+        .collect::<Vec<_>>();
+    std::iter::once(&holdfast_store::STORE_SCHEMA)
+        .chain(opts.schemas.iter().copied())
+        .filter(|s| s.name == schema)
+        .flat_map(|s| s.migrations.iter())
+        .filter(|m| m.phase == Some(phase) && applied.contains(&m.version))
+        .map(|m| m.version)
+        .max()
+        .with_context(|| {
+            format!("schema {schema:?} has no applied {phase} phase; nothing was changed")
+        })
 }
 
 /// Whether a command may create the database (`plan`, `up`) or needs one (`status`, `down`).
@@ -129,8 +237,22 @@ async fn lines(
         .map(|s| SchemaLine {
             schema: s.schema,
             applied: s.applied.clone(),
-            pending: s.pending.iter().map(|m| m.file.to_owned()).collect(),
-            unknown: s.unknown.iter().map(|(_, f)| f.clone()).collect(),
+            pending: s
+                .pending
+                .iter()
+                .map(|m| match m.phase {
+                    Some(p) => format!("{} ({p})", m.file),
+                    None => m.file.to_owned(),
+                })
+                .collect(),
+            unknown: s
+                .unknown
+                .iter()
+                .map(|r| match r.phase {
+                    Some(p) => format!("{} ({p})", r.file),
+                    None => r.file.clone(),
+                })
+                .collect(),
             changed: s.changed.iter().map(|(f, _, _)| (*f).to_owned()).collect(),
         })
         .collect())
@@ -192,8 +314,13 @@ fn lint(extra: &[std::path::PathBuf]) -> anyhow::Result<()> {
     };
     for schema in [&holdfast_store::STORE_SCHEMA, &holdfast_shop::SCHEMA] {
         for m in schema.migrations {
-            let name = m.file.rsplit('/').next().unwrap_or(m.file).to_owned();
-            add(name, m.file.to_owned(), &m.render(Backend::Postgres))?;
+            // Postgres's own file, where the migration has one.
+            let file = match m.postgres {
+                Some(_) => m.file.replace(".sql", ".postgres.sql"),
+                None => m.file.to_owned(),
+            };
+            let name = file.rsplit('/').next().unwrap_or(&file).to_owned();
+            add(name, file.clone(), &m.render(Backend::Postgres))?;
         }
     }
     for file in extra {
@@ -297,6 +424,18 @@ fn excused<'a>(w: &Warning, excuses: &'a [(String, String, String)]) -> Option<&
         .map(|(_, _, why)| why.as_str())
 }
 
+impl GuardArgs {
+    fn to_guard(&self) -> MigrationGuard {
+        MigrationGuard {
+            lock_timeout: self.lock_timeout,
+            statement_timeout: self.statement_timeout,
+            deadline: self.deadline,
+            batch_rows: self.batch_rows,
+            batch_pause: self.batch_pause,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,15 +462,5 @@ mod tests {
             None,
             "a planted warning is not excused"
         );
-    }
-}
-
-impl GuardArgs {
-    fn to_guard(&self) -> MigrationGuard {
-        MigrationGuard {
-            lock_timeout: self.lock_timeout,
-            statement_timeout: self.statement_timeout,
-            deadline: self.deadline,
-        }
     }
 }

@@ -40,8 +40,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         catalog_cache: catalog_cache(&args.instance, &opts.sessions)?,
         bench_routes: args.instance.bench_routes,
         sabotage: args.sabotage.unsafe_sabotage,
+        schema: if args.as_old_release {
+            &holdfast_shop::SCHEMA_BEFORE_CART_LINES
+        } else {
+            &holdfast_shop::SCHEMA
+        },
         ..ShopOptions::default()
     };
+    if args.as_old_release {
+        warn!("running as the release from before the change cart_lines (shop schema 1)");
+    }
     if let Some(kind) = shop_opts.sabotage {
         warn!(%kind, "SABOTAGE: this instance is broken on purpose");
     }
@@ -65,7 +73,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ],
     )
     .map_err(anyhow::Error::msg)?;
-    let store = crate::open_store(&args.store, crate::serving_mode(args.migrate)).await?;
+    let store = crate::open_store_as(
+        &args.store,
+        crate::serving_mode(args.migrate),
+        shop_opts.schema,
+    )
+    .await?;
     // Opaque on purpose: the public answer names the instance, not its address.
     let name = format!("i-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
     opts.instance_name = Some(name.clone());

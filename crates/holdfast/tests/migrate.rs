@@ -78,7 +78,7 @@ fn an_instance_refuses_an_unmigrated_database_until_migrate_up_runs() {
     assert!(status.status.success(), "{}", said(&status));
     assert!(
         said(&status).contains("store: 0 applied, 5 pending")
-            && said(&status).contains("shop: 0 applied, 1 pending"),
+            && said(&status).contains("shop: 0 applied, 6 pending"),
         "{}",
         said(&status)
     );
@@ -86,9 +86,10 @@ fn an_instance_refuses_an_unmigrated_database_until_migrate_up_runs() {
     let up = holdfast(&["migrate", "up", "--data-dir", data]);
     assert!(up.status.success(), "{}", said(&up));
     assert!(
-        said(&up).contains("applied 6 migration(s)")
+        said(&up).contains("applied 10 migration(s)")
             && said(&up).contains("store: 5 applied, up to date")
-            && said(&up).contains("shop: 1 applied, up to date"),
+            && said(&up).contains("shop: 5 applied, 1 pending")
+            && said(&up).contains("0006_cart_lines_contract.sql (contract)"),
         "{}",
         said(&up)
     );
@@ -103,7 +104,7 @@ fn an_instance_refuses_an_unmigrated_database_until_migrate_up_runs() {
     let json: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(json[0]["schema"], "store");
     assert_eq!(json[0]["pending"], serde_json::json!([]));
-    assert_eq!(json[1]["applied"], serde_json::json!([1]));
+    assert_eq!(json[1]["applied"], serde_json::json!([1, 2, 3, 4, 5]));
 }
 
 /// A database a newer build migrated is refused by name — by the instances and by `migrate up`
@@ -119,7 +120,7 @@ async fn a_database_newer_than_the_build_is_refused_and_left_alone() {
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     sqlx::query(
         "INSERT INTO holdfast_schema_migrations (schema_name, version, file, checksum, applied_at) \
-         VALUES ('shop', 2, 'crates/holdfast-shop/migrations/0002_from_the_future.sql', 'x', 0)",
+         VALUES ('shop', 7, 'crates/holdfast-shop/migrations/0007_from_the_future.sql', 'x', 0)",
     )
     .execute(&pool)
     .await
@@ -146,7 +147,7 @@ async fn a_database_newer_than_the_build_is_refused_and_left_alone() {
         let out = holdfast(&args);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {}", said(&out));
         assert!(
-            said(&out).contains("0002_from_the_future.sql")
+            said(&out).contains("0007_from_the_future.sql")
                 && said(&out).contains("a newer build migrated it"),
             "{args:?}: {}",
             said(&out)
@@ -155,7 +156,8 @@ async fn a_database_newer_than_the_build_is_refused_and_left_alone() {
     assert_eq!(count().await, before, "nothing was changed");
     let status = holdfast(&["migrate", "status", "--data-dir", &data]);
     assert!(
-        said(&status).contains("shop: 1 applied, 1 UNKNOWN to this build"),
+        said(&status).contains("shop: 5 applied, 1 pending")
+            && said(&status).contains("1 UNKNOWN to this build"),
         "{}",
         said(&status)
     );
@@ -323,7 +325,7 @@ async fn down_then_up(backend: Backend, url: String) {
     .await
     .unwrap();
     assert!(
-        said(&shop).contains("shop: 0 applied, 1 pending"),
+        said(&shop).contains("shop: 0 applied, 6 pending"),
         "{}",
         said(&shop)
     );
@@ -341,9 +343,9 @@ async fn down_then_up(backend: Backend, url: String) {
     );
     let again = run(with_db(&["migrate", "up"])).await.unwrap();
     assert!(
-        said(&again).contains("applied 6 migration(s)")
+        said(&again).contains("applied 10 migration(s)")
             && said(&again).contains("store: 5 applied, up to date")
-            && said(&again).contains("shop: 1 applied, up to date"),
+            && said(&again).contains("shop: 5 applied, 1 pending"),
         "{}",
         said(&again)
     );
@@ -404,10 +406,221 @@ async fn a_held_sqlite_write_lock_makes_up_give_up_in_time() {
     let out = up(data).await.unwrap();
     assert!(out.status.success(), "{}", said(&out));
     assert!(
-        said(&out).contains("applied 6 migration(s)"),
+        said(&out).contains("applied 10 migration(s)"),
         "{}",
         said(&out)
     );
 }
 
 use sqlx::Connection as _;
+
+/// `up --to` names a phase or a version; a phase nobody has pending, a version this build
+/// does not have, a version without its schema and a word that is neither each get one clear
+/// error and change nothing. Plain `up` stops before a contract; `--to contract` runs it.
+#[test]
+fn up_runs_one_phase_at_a_time_and_refuses_what_it_cannot_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let up = |to: &[&str]| holdfast(&[&["migrate", "up", "--data-dir", data][..], to].concat());
+    let expand = up(&["--to", "expand"]);
+    assert!(expand.status.success(), "{}", said(&expand));
+    assert!(
+        said(&expand).contains("applied 7 migration(s)")
+            && said(&expand).contains("shop: 2 applied, 4 pending"),
+        "{}",
+        said(&expand)
+    );
+    for (args, says) in [
+        (&["--to", "sideways"][..], "neither a version nor a phase"),
+        (
+            &["--to", "expand"][..],
+            "no change has a pending expand phase",
+        ),
+        (
+            &["--to", "9", "--schema", "shop"][..],
+            "has no shop migration 9",
+        ),
+        (&["--to", "2", "--schema", "shop"][..], "already applied"),
+        (&["--to", "4"][..], "needs --schema"),
+        (
+            &["--to", "4", "--schema", "shops"][..],
+            "no schema named \"shops\"",
+        ),
+    ] {
+        let out = up(args);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {}", said(&out));
+        assert!(
+            said(&out).contains(says) && said(&out).contains("nothing was changed"),
+            "{args:?}: {}",
+            said(&out)
+        );
+        let status = holdfast(&["migrate", "status", "--data-dir", data]);
+        assert!(
+            said(&status).contains("shop: 2 applied, 4 pending"),
+            "{args:?}: {}",
+            said(&status)
+        );
+    }
+    let reads = up(&["--to", "switch-reads"]);
+    assert!(
+        said(&reads).contains("applied 2 migration(s)")
+            && said(&reads).contains("0003_cart_lines_backfill.sql, crates/holdfast-shop/migrations/0004_cart_lines_switch_reads.sql"),
+        "what precedes the target runs first: {}",
+        said(&reads)
+    );
+    let rest = up(&[]);
+    assert!(
+        said(&rest).contains("applied 1 migration(s)")
+            && said(&rest).contains("shop: 5 applied, 1 pending: crates/holdfast-shop/migrations/0006_cart_lines_contract.sql (contract)"),
+        "plain up stops before the contract: {}",
+        said(&rest)
+    );
+    let down = holdfast(&[
+        "migrate",
+        "down",
+        "--data-dir",
+        data,
+        "--schema",
+        "shop",
+        "--to",
+        "backfill",
+    ]);
+    assert!(
+        said(&down).contains("undid 2 migration(s)") && said(&down).contains("shop: 3 applied"),
+        "down --to a phase keeps it: {}",
+        said(&down)
+    );
+    let contract = up(&["--to", "contract"]);
+    assert!(
+        said(&contract).contains("applied 3 migration(s)")
+            && said(&contract).contains("shop: 6 applied, up to date"),
+        "{}",
+        said(&contract)
+    );
+    let past = holdfast(&[
+        "migrate",
+        "down",
+        "--data-dir",
+        data,
+        "--schema",
+        "shop",
+        "--to",
+        "1",
+    ]);
+    assert_eq!(past.status.code(), Some(1));
+    assert!(
+        said(&past).contains("0006_cart_lines_contract.sql is a contract")
+            && said(&past).contains("nothing was changed"),
+        "{}",
+        said(&past)
+    );
+}
+
+/// A backfill SIGKILLed between batches keeps what it committed, is not recorded as done, and
+/// the next `up` finishes it without copying anything twice.
+#[tokio::test]
+async fn a_killed_backfill_resumes_where_it_stopped() {
+    use holdfast_testkit::process::{eventually, Proc};
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap().to_owned();
+    let expand = holdfast(&["migrate", "up", "--data-dir", &data, "--to", "expand"]);
+    assert!(expand.status.success(), "{}", said(&expand));
+    let url = format!("sqlite:{data}/holdfast.sqlite");
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    // Carts from before the change, written as the old build writes them, without the
+    // expand's triggers (dropped and restored around the writes) so that only the backfill
+    // can carry them over.
+    let triggers: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'cart_items'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(triggers.len(), 3);
+    for (name, _) in &triggers {
+        sqlx::query(&format!("DROP TRIGGER {name}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    const CARTS: i64 = 40;
+    for i in 0..CARTS {
+        sqlx::query(
+            "INSERT INTO users (id, email, password_hash, created_at) VALUES ($1, $2, 'x', 0)",
+        )
+        .bind(format!("u{i:03}"))
+        .bind(format!("u{i}@example.com"))
+        .execute(&pool)
+        .await
+        .unwrap();
+        sqlx::query(
+            "INSERT INTO cart_items (user_id, sku, qty, added_at) VALUES ($1, 'HELMET', $2, 0)",
+        )
+        .bind(format!("u{i:03}"))
+        .bind(i % 99 + 1)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    for (_, sql) in &triggers {
+        sqlx::query(sql).execute(&pool).await.unwrap();
+    }
+    let copied = || async {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM cart_lines")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(copied().await, 0);
+
+    let slow = Proc::spawn(
+        std::path::Path::new(BIN),
+        &[
+            "migrate",
+            "up",
+            "--data-dir",
+            &data,
+            "--to",
+            "backfill",
+            "--batch-rows",
+            "5",
+            "--batch-pause",
+            "200ms",
+        ],
+    );
+    let partway = eventually(Duration::from_secs(30), "two batches committed", || async {
+        let n = copied().await;
+        (n >= 10).then_some(n)
+    })
+    .await;
+    drop(slow); // SIGKILL
+    assert!(partway < CARTS, "killed partway: {partway} of {CARTS}");
+    let status = holdfast(&["migrate", "status", "--data-dir", &data]);
+    assert!(
+        said(&status).contains("0003_cart_lines_backfill.sql (backfill)"),
+        "the backfill is still pending: {}",
+        said(&status)
+    );
+    let kept = copied().await;
+    assert!(
+        kept >= partway,
+        "committed batches stay: {kept} < {partway}"
+    );
+
+    let resumed = holdfast(&["migrate", "up", "--data-dir", &data, "--to", "backfill"]);
+    assert!(resumed.status.success(), "{}", said(&resumed));
+    assert!(
+        said(&resumed).contains("shop: 3 applied"),
+        "{}",
+        said(&resumed)
+    );
+    let diff: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM cart_items c LEFT JOIN cart_lines l ON l.user_id = c.user_id AND l.sku = c.sku \
+         WHERE l.quantity IS NOT c.qty",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(diff, 0, "every cart copied, with its quantity");
+    assert_eq!(copied().await, CARTS, "nothing copied twice");
+}

@@ -1,0 +1,2 @@
+-- Nothing to undo: the copied lines stay in step through the triggers; undoing the expand
+-- drops them.

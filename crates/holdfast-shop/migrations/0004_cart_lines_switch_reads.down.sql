@@ -1,0 +1,1 @@
+-- Back to reading `cart_items` (the triggers kept it whole).

@@ -1,0 +1,2 @@
+-- Switch reads (change `cart_lines`, phase 3 of 5): no DDL. Once this is recorded, the shop
+-- reads carts from `cart_lines`; each instance notices within a second.

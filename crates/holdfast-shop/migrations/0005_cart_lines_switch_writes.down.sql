@@ -1,0 +1,1 @@
+-- Back to writing `cart_items` (the triggers copy into `cart_lines`).

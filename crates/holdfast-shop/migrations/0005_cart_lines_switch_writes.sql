@@ -1,0 +1,3 @@
+-- Switch writes (change `cart_lines`, phase 4 of 5): no DDL. Once this is recorded, the shop
+-- writes carts to `cart_lines`; the triggers still copy into `cart_items`, so a build that
+-- knows only `cart_items` keeps serving until the contract.
