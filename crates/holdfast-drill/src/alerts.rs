@@ -49,7 +49,7 @@ pub fn expected(kind: FaultKind) -> &'static [&'static str] {
         FaultKind::RestartRedis | FaultKind::FlushCache => &["HoldfastSessionsLostByRedis"],
         FaultKind::LoginFlood => &["HoldfastClientsRateLimited"],
         FaultKind::SlowClients => &["HoldfastSlowClients"],
-        FaultKind::DrainInstance | FaultKind::RotateKeys => {
+        FaultKind::DrainInstance | FaultKind::RotateKeys | FaultKind::Migrate => {
             &["HoldfastProcessesReplaced{role=\"web\"}"]
         }
     }

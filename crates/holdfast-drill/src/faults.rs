@@ -65,6 +65,10 @@ pub enum FaultKind {
     SlowClients,
     /// Abuse: a web instance SIGSTOPped for 8–10 s.
     FreezeInstance,
+    /// The shop's change `cart_lines`, phase by phase, each rolled back once, with the web
+    /// instances rolled from the release before it to this one and (on Postgres) a long reader
+    /// on the old table (see `migration.rs`). Not part of `all`: name it.
+    Migrate,
 }
 
 impl FaultKind {
@@ -109,6 +113,7 @@ impl FaultKind {
             FaultKind::LoginFlood => "login-flood",
             FaultKind::SlowClients => "slow-clients",
             FaultKind::FreezeInstance => "freeze-instance",
+            FaultKind::Migrate => "migrate",
         }
     }
 
@@ -156,7 +161,8 @@ impl FaultKind {
             | FaultKind::RestartDb
             | FaultKind::RestartRedis
             | FaultKind::FlushCache
-            | FaultKind::RotateKeys => (0, 0),
+            | FaultKind::RotateKeys
+            | FaultKind::Migrate => (0, 0),
         }
     }
 }
@@ -205,11 +211,13 @@ impl FromStr for FaultSet {
             let kind = FaultKind::ALL
                 .into_iter()
                 .chain(FaultKind::ABUSE)
+                .chain([FaultKind::Migrate])
                 .find(|k| k.name() == name)
                 .ok_or_else(|| {
                     let known: Vec<&str> = FaultKind::ALL
                         .iter()
                         .chain(&FaultKind::ABUSE)
+                        .chain(&[FaultKind::Migrate])
                         .map(|k| k.name())
                         .collect();
                     format!(
@@ -336,7 +344,19 @@ pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
     // A rotation is two rolling restarts of every web instance: once per drill, mid-load.
     let rotate = kinds.contains(&FaultKind::RotateKeys);
     kinds.retain(|&k| k != FaultKind::RotateKeys);
+    // A migration runs once, early enough for its phases and roll to finish under load.
+    let migrate = kinds.contains(&FaultKind::Migrate);
+    kinds.retain(|&k| k != FaultKind::Migrate);
     s.planned = plan(&kinds, opts.duration, rng);
+    if migrate {
+        s.planned.push(Planned {
+            kind: FaultKind::Migrate,
+            at: opts.duration.mul_f64(0.2),
+            hold: Duration::ZERO,
+            pick: rng.next_u64(),
+        });
+        s.planned.sort_by_key(|p| p.at);
+    }
     if rotate {
         s.planned.push(Planned {
             kind: FaultKind::RotateKeys,
@@ -491,7 +511,12 @@ pub(crate) async fn inject(
                 kind: p.kind,
                 at_s,
                 target,
-                hold_s: if p.hold.is_zero() { 0.0 } else { hold_s },
+                // A migration holds for as long as its phases and roll take.
+                hold_s: if p.hold.is_zero() && p.kind != FaultKind::Migrate {
+                    0.0
+                } else {
+                    hold_s
+                },
                 applied,
                 note,
             }
@@ -573,6 +598,7 @@ async fn apply(p: &Planned, ctl: &Control) -> Result<String, String> {
             Ok(format!("redis-server :{} (FLUSHDB)", redis.port))
         }
         FaultKind::RotateKeys => ctl.rotate_keys().await,
+        FaultKind::Migrate => crate::migration::run(ctl).await,
         FaultKind::ProviderTimeouts => {
             let faults = json!({
                 "act_then_timeout_rate": 0.2,

@@ -27,6 +27,7 @@ mod abuse;
 pub mod alerts;
 pub mod checker;
 pub mod faults;
+pub mod migration;
 pub mod report;
 pub mod system;
 mod users;
@@ -208,7 +209,12 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         workers: opts.workers,
         sessions: opts.sessions,
         sabotage: opts.sabotage,
-        up_args: Vec::new(),
+        // The migration drill starts from the release before the change it runs.
+        up_args: if opts.faults.0.contains(&FaultKind::Migrate) {
+            vec!["--as-old-release".into()]
+        } else {
+            Vec::new()
+        },
         system_log: opts.system_log.clone(),
     })
     .await?;
@@ -367,6 +373,7 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         peak_rss_kb: observed.peak_rss_kb(),
         payouts_waiting: observed.payouts_waiting(),
         alerts,
+        migration: sys.control().migration(),
     }))
 }
 

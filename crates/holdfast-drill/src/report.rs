@@ -111,6 +111,38 @@ pub struct Abuse {
     pub frozen_max_ms: f64,
 }
 
+/// What the `migrate` fault did and what users felt while it ran (`--faults migrate`).
+#[derive(Clone, Debug, Serialize)]
+pub struct Migration {
+    #[serde(flatten)]
+    pub seen: crate::migration::Observed,
+    /// From the first phase to the end of the contract, seconds since the load started.
+    pub window_s: [f64; 2],
+    pub requests: u64,
+    /// Answers 5xx while it ran (goal: 0).
+    pub server_errors: u64,
+    pub transport_errors: u64,
+    /// p99 over as long a stretch just before it (warm-up left out), and while it ran.
+    pub p99_before_ms: f64,
+    pub p99_during_ms: f64,
+    /// `p99_during_ms` against `p99_before_ms`, in percent (goal: under +20%).
+    pub p99_change_pct: f64,
+    /// p99 while each phase ran (its rollback and re-apply included), and while the web
+    /// instances were rolled: where the cost is.
+    pub p99_by_stage_ms: Vec<(String, f64)>,
+    pub goals: Vec<Goal>,
+}
+
+/// One of the `migrate` fault's goals (the numbers), measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct Goal {
+    pub what: &'static str,
+    pub goal: &'static str,
+    pub value: String,
+    /// Whether it was met; none where this engine cannot measure it.
+    pub met: Option<bool>,
+}
+
 /// Top-level keys of [`Report::to_json`] that scripts may rely on.
 pub const STABLE_KEYS: &[&str] = &[
     "verdict",
@@ -184,6 +216,9 @@ pub struct Report {
     /// Present when the drill injected abuse.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub abuse: Option<Abuse>,
+    /// Present when the drill ran the `migrate` fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<Migration>,
     pub faults: Vec<Injected>,
     pub faults_skipped: Vec<Skipped>,
     /// What the shipped alert rules made of the run (a real Prometheus; see `alerts.rs`).
@@ -215,6 +250,7 @@ pub(crate) struct Inputs<'a> {
     pub peak_rss_kb: std::collections::BTreeMap<u32, u64>,
     pub payouts_waiting: std::collections::BTreeMap<u64, u64>,
     pub alerts: crate::alerts::Alerts,
+    pub migration: Option<crate::migration::Observed>,
 }
 
 /// Whether the sample completed inside one of the applied faults that `which` selects.
@@ -265,6 +301,94 @@ fn recovery(samples: &[Sample], injected: &[Injected]) -> Vec<Recovery> {
             }
         })
         .collect()
+}
+
+fn migration(i: &Inputs<'_>) -> Option<Migration> {
+    let seen = i.migration.clone()?;
+    let run = i
+        .injected
+        .iter()
+        .find(|f| f.applied && f.kind == crate::FaultKind::Migrate)?;
+    let (from, to) = (
+        (run.at_s * 1000.0) as u64,
+        ((run.at_s + run.hold_s) * 1000.0) as u64,
+    );
+    let before_from = from.saturating_sub(to - from).max(WARMUP_MS);
+    let p99 = |range: std::ops::Range<u64>| {
+        let mut us: Vec<u64> = i
+            .samples
+            .iter()
+            .filter(|s| range.contains(&s.t_ms))
+            .map(|s| s.latency_us)
+            .collect();
+        us.sort_unstable();
+        percentile(&us, 0.99) as f64 / 1000.0
+    };
+    let during: Vec<&Sample> = i
+        .samples
+        .iter()
+        .filter(|s| (from..=to).contains(&s.t_ms))
+        .collect();
+    let server_errors = during.iter().filter(|s| s.status >= 500).count() as u64;
+    let (before, while_) = (p99(before_from..from), p99(from..to + 1));
+    let change = if before > 0.0 {
+        100.0 * (while_ - before) / before
+    } else {
+        0.0
+    };
+    let rollback = seen.phases.iter().filter_map(|p| p.rollback_ms).max();
+    let stage = |[a, b]: [f64; 2]| {
+        let ms = |x: f64| from + (x * 1000.0) as u64;
+        (p99(ms(a)..ms(b) + 1) * 10.0).round() / 10.0
+    };
+    let mut p99_by_stage_ms: Vec<(String, f64)> = seen
+        .phases
+        .iter()
+        .map(|p| (p.phase.to_owned(), stage(p.span_s)))
+        .collect();
+    p99_by_stage_ms.insert(1, ("roll".to_owned(), stage(seen.roll_span_s)));
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    let goals = vec![
+        Goal {
+            what: "5xx caused",
+            goal: "0",
+            value: server_errors.to_string(),
+            met: Some(server_errors == 0),
+        },
+        Goal {
+            what: "p99 during vs before",
+            goal: "under +20%",
+            value: format!("{:+.1}% ({before:.1} ms -> {while_:.1} ms)", change),
+            met: Some(change < 20.0),
+        },
+        Goal {
+            what: "longest lock wait",
+            goal: "under 1 s",
+            value: match seen.longest_lock_wait_ms {
+                Some(ms) => format!("{ms:.0} ms"),
+                None => "not sampled (SQLite has no pg_stat_activity)".into(),
+            },
+            met: seen.longest_lock_wait_ms.map(|ms| ms < 1000.0),
+        },
+        Goal {
+            what: "slowest rollback of a phase",
+            goal: "at most 5 s",
+            value: format!("{} ms", rollback.unwrap_or(0)),
+            met: rollback.map(|ms| ms <= 5000),
+        },
+    ];
+    Some(Migration {
+        seen,
+        window_s: [round(run.at_s), round(run.at_s + run.hold_s)],
+        requests: during.len() as u64,
+        server_errors,
+        transport_errors: during.iter().filter(|s| s.class == Class::NoAnswer).count() as u64,
+        p99_before_ms: round(before),
+        p99_during_ms: round(while_),
+        p99_change_pct: round(change),
+        p99_by_stage_ms,
+        goals,
+    })
 }
 
 fn abuse(i: &Inputs<'_>) -> Option<Abuse> {
@@ -424,6 +548,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
             .collect(),
         max_peak_rss_mb: round(i.peak_rss_kb.values().copied().max().unwrap_or(0) as f64 / 1024.0),
         abuse: abuse(&i),
+        migration: migration(&i),
         errors_by_op: {
             let mut by: std::collections::BTreeMap<
                 String,
@@ -565,6 +690,42 @@ impl Report {
                 "  frozen        {} honest requests while an instance was frozen   max {:.0} ms   {} over 1 s",
                 a.frozen_requests, a.frozen_max_ms, a.frozen_over_1s
             );
+        }
+        if let Some(m) = &self.migration {
+            let _ = writeln!(
+                s,
+                "  migration     {:.1}–{:.1} s   {} requests   5xx {}   no answer {}   {} web instances rolled",
+                m.window_s[0], m.window_s[1], m.requests, m.server_errors, m.transport_errors, m.seen.rolled
+            );
+            for p in &m.seen.phases {
+                let _ = writeln!(
+                    s,
+                    "    {:<14} up {:>5} ms   rollback {}   lock waits turned away {}",
+                    p.phase,
+                    p.up_ms,
+                    p.rollback_ms
+                        .map_or("—".to_owned(), |ms| format!("{ms:>5} ms")),
+                    p.lock_retries
+                );
+            }
+            let stages: Vec<String> = m
+                .p99_by_stage_ms
+                .iter()
+                .map(|(stage, ms)| format!("{stage} {ms:.0}"))
+                .collect();
+            let _ = writeln!(s, "    p99 ms by stage   {}", stages.join("   "));
+            for g in &m.goals {
+                let verdict = match g.met {
+                    Some(true) => "met",
+                    Some(false) => "MISSED",
+                    None => "n/a",
+                };
+                let _ = writeln!(
+                    s,
+                    "    goal {:<28} {:<12} {:<40} {verdict}",
+                    g.what, g.goal, g.value
+                );
+            }
         }
         let _ = writeln!(
             s,
@@ -1034,7 +1195,80 @@ mod tests {
             peak_rss_kb: [(4242, 51_200)].into(),
             payouts_waiting: [(1, 3)].into(),
             alerts: crate::alerts::Alerts::not_checked("not checked: a unit test"),
+            migration: None,
         })
+    }
+
+    /// The migration's goals are judged from the samples in its window: a 5xx inside it, a
+    /// slow stretch and a slow rollback each show as missed; what lies outside does not count.
+    #[test]
+    fn the_migration_goals_see_a_planted_miss() {
+        use crate::migration::{Observed, PhaseRun};
+        let opts = DrillOptions::new("holdfast".into(), 42);
+        let judge = |samples: &[Sample], rollback_ms: u64| {
+            let injected = [Injected {
+                kind: FaultKind::Migrate,
+                at_s: 4.0,
+                target: "shop change cart_lines".into(),
+                hold_s: 2.0,
+                applied: true,
+                note: String::new(),
+            }];
+            let seen = Observed {
+                phases: vec![PhaseRun {
+                    phase: "expand",
+                    span_s: [0.0, 1.0],
+                    up_ms: 10,
+                    rollback_ms: Some(rollback_ms),
+                    lock_retries: 0,
+                }],
+                rolled: 2,
+                roll_span_s: [1.0, 2.0],
+                reader_held_s: Some(1.5),
+                longest_lock_wait_ms: Some(480.0),
+            };
+            build(Inputs {
+                opts: &opts,
+                setup: Duration::from_secs(1),
+                load_s: 8.0,
+                settle: Duration::from_secs(1),
+                samples,
+                injected: &injected,
+                skipped: &[],
+                verdict: Verdict::default(),
+                notes: vec![],
+                active_users: 0,
+                flood: Flood::default(),
+                slow_clients: SlowClients::default(),
+                peak_rss_kb: [].into(),
+                payouts_waiting: [].into(),
+                alerts: crate::alerts::Alerts::not_checked("not checked: a unit test"),
+                migration: Some(seen),
+            })
+            .migration
+            .expect("a migration section")
+        };
+        let met = |m: &Migration| m.goals.iter().map(|g| g.met).collect::<Vec<_>>();
+        let steady: Vec<Sample> = (0..80)
+            .map(|i| sample(2000 + i * 100, 10, Class::Ok))
+            .collect();
+        let clean = judge(&steady, 40);
+        assert_eq!(met(&clean), [Some(true); 4], "{:?}", clean.goals);
+        assert_eq!(clean.server_errors, 0);
+
+        // A 5xx and a slow answer inside the window; a 5xx before it does not count.
+        let mut bad = steady.clone();
+        bad.push(sample(4500, 10, Class::ServerError));
+        bad.push(sample(5000, 900, Class::Ok));
+        bad.push(sample(3000, 10, Class::ServerError));
+        let missed = judge(&bad, 6000);
+        assert_eq!(missed.server_errors, 1);
+        assert_eq!(
+            met(&missed),
+            [Some(false), Some(false), Some(true), Some(false)],
+            "{:?}",
+            missed.goals
+        );
     }
 
     #[test]

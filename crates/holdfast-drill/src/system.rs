@@ -131,6 +131,10 @@ pub(crate) struct Control {
     public_url: Mutex<String>,
     /// What abusers and the memory sampler saw.
     observed: crate::abuse::Observed,
+    /// The flags that point `holdfast migrate` at the system's store.
+    store_flags: Vec<String>,
+    /// What the `migrate` fault saw, once it ran.
+    migration: Mutex<Option<crate::migration::Observed>>,
 }
 
 impl System {
@@ -169,6 +173,20 @@ impl System {
             Database::Postgres(url) => url.clone(),
             _ => format!("sqlite:{}", data_dir.join("holdfast.sqlite").display()),
         };
+        let mut store_flags = vec!["--data-dir".to_owned(), data_dir.display().to_string()];
+        let postgres = match (&opts.database, &db) {
+            (Database::Postgres(url), _) => Some(url.clone()),
+            (_, Some(db)) => Some(db.url()),
+            _ => None,
+        };
+        if let Some(url) = postgres {
+            store_flags.extend([
+                "--backend".into(),
+                "postgres".into(),
+                "--database-url".into(),
+                url,
+            ]);
+        }
         let mut sys = System {
             url: String::new(),
             ops_url: String::new(),
@@ -190,6 +208,8 @@ impl System {
                 keys,
                 public_url: Mutex::default(),
                 observed: crate::abuse::Observed::default(),
+                store_flags,
+                migration: Mutex::default(),
             }),
             up: None,
             dir,
@@ -470,6 +490,33 @@ impl Control {
         ))
     }
 
+    /// The `holdfast` executable the system runs.
+    pub fn program(&self) -> &Path {
+        &self.program
+    }
+
+    /// The flags that point a `holdfast` command (`migrate`) at the system's store.
+    pub fn store_flags(&self) -> &[String] {
+        &self.store_flags
+    }
+
+    pub fn set_migration(&self, seen: crate::migration::Observed) {
+        *lock(&self.migration) = Some(seen);
+    }
+
+    /// What the `migrate` fault saw, if it ran.
+    pub fn migration(&self) -> Option<crate::migration::Observed> {
+        lock(&self.migration).clone()
+    }
+
+    /// A rolling deploy from the old release (`up --as-old-release`) to this one: the release
+    /// file says `false`, then each web instance is drained and replaced in turn.
+    pub async fn roll_to_this_release(&self) -> Result<usize, String> {
+        let file = crate::migration::release_file(&self.data_dir);
+        std::fs::write(&file, "false").map_err(|e| format!("writing {}: {e}", file.display()))?;
+        self.rolling_drain().await
+    }
+
     /// SIGTERMs each live web instance in turn, each time waiting until `up` has replaced it;
     /// returns how many were drained.
     async fn rolling_drain(&self) -> Result<usize, String> {
@@ -651,6 +698,33 @@ struct ClusterState {
 }
 
 impl Cluster {
+    /// The `holdfast` database, directly (not through the fault proxy).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/holdfast", self.port)
+    }
+
+    /// `psql` on the `holdfast` database, quiet and unaligned (`-XAt`), for the drill's own
+    /// sessions (the `migrate` fault's long reader).
+    pub fn psql_command(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(self.bin.join("psql"));
+        cmd.args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "postgres",
+            "-d",
+            "holdfast",
+        ])
+        .args(["-p", &self.port.to_string()])
+        .env_remove("PGDATABASE")
+        .env_remove("PGOPTIONS");
+        cmd
+    }
+
     /// initdb, start on a free port, create the `holdfast` database.
     async fn start(dir: &Arc<tempfile::TempDir>) -> Result<Arc<Cluster>, Error> {
         let tmp = dir.path();

@@ -418,7 +418,7 @@ where
     let mut lock_waits = 0u32;
     loop {
         match once().await {
-            Err(Error::Db(e)) if timed_out_on_lock(&e) => {
+            Err(Error::Db(e) | Error::Migration { source: e, .. }) if timed_out_on_lock(&e) => {
                 lock_waits += 1;
                 let waited = started.elapsed();
                 if waited >= guard.deadline {
@@ -611,6 +611,18 @@ async fn revert_one(
 
 /// A write transaction with the guard's timeouts and (on Postgres) the migration lock.
 async fn begin_guarded(store: &Store, guard: &Guard) -> Result<crate::Tx> {
+    let mut tx = begin_timed(store, guard).await?;
+    if store.backend == Backend::Postgres {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(PG_MIGRATION_LOCK)
+            .execute(tx.conn())
+            .await?;
+    }
+    Ok(tx)
+}
+
+/// A write transaction with the guard's timeouts only.
+async fn begin_timed(store: &Store, guard: &Guard) -> Result<crate::Tx> {
     let mut tx = store.begin_write().await?;
     if store.backend == Backend::Postgres {
         let ms = |d: Duration| d.as_millis().max(1);
@@ -623,10 +635,6 @@ async fn begin_guarded(store: &Store, guard: &Guard) -> Result<crate::Tx> {
                 )
                 .as_str(),
             )
-            .await?;
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(PG_MIGRATION_LOCK)
-            .execute(tx.conn())
             .await?;
     }
     Ok(tx)
@@ -770,7 +778,7 @@ async fn step(
         None => {
             let mut files = Vec::new();
             for (schema, m) in pending.into_iter().take_while(|(_, m)| m.phase.is_none()) {
-                run_up(&mut tx, schema, m).await?;
+                run_up(store, guard, &mut tx, schema, m).await?;
                 files.push(m.file);
             }
             tx.commit().await?;
@@ -813,24 +821,49 @@ async fn step(
                     return Ok(Step::Settle(SETTLE - since));
                 }
             }
-            run_up(&mut tx, schema, first).await?;
+            run_up(store, guard, &mut tx, schema, first).await?;
             tx.commit().await?;
             Ok(Step::Applied(vec![first.file]))
         }
     }
 }
 
-/// Runs `m` (unless it is only a comment: a switch has no DDL) and records it.
-async fn run_up(tx: &mut crate::Tx, schema: &Schema, m: &'static Migration) -> Result<()> {
+/// Where a migration's file splits into parts that commit one after another (see
+/// [`run_up`]).
+pub const COMMIT_HERE: &str = "-- holdfast: commit here";
+
+/// Runs `m` (unless it is only a comment: a switch has no DDL) and records it in `tx`.
+///
+/// On Postgres, the parts of a file before a [`COMMIT_HERE`] line each commit in a guarded
+/// transaction of their own first, so that what the last part waits for (a contract's
+/// `DROP TABLE`, behind a long reader) holds none of their locks meanwhile. They must be
+/// idempotent (`IF EXISTS`): a part may commit and the rest give up, and the next run repeats
+/// it. SQLite has one writer and no lock queue: every part runs in `tx`.
+async fn run_up(
+    store: &Store,
+    guard: &Guard,
+    tx: &mut crate::Tx,
+    schema: &Schema,
+    m: &'static Migration,
+) -> Result<()> {
     let sql = m.render(tx.backend());
-    if has_statements(&sql) {
-        tx.conn()
-            .execute(sql.as_str())
-            .await
-            .map_err(|source| Error::Migration {
-                file: m.file,
-                source,
-            })?;
+    let mut parts: Vec<&str> = sql.split(COMMIT_HERE).collect();
+    let last = parts.pop().unwrap_or_default();
+    let failed = |source| Error::Migration {
+        file: m.file,
+        source,
+    };
+    for part in parts.into_iter().filter(|p| has_statements(p)) {
+        if store.backend == Backend::Postgres {
+            let mut own = begin_timed(store, guard).await?;
+            own.conn().execute(part).await.map_err(failed)?;
+            own.commit().await?;
+        } else {
+            tx.conn().execute(part).await.map_err(failed)?;
+        }
+    }
+    if has_statements(last) {
+        tx.conn().execute(last).await.map_err(failed)?;
     }
     record(tx, schema, m, holdfast_core::now_ms()).await?;
     tracing::info!(

@@ -295,3 +295,18 @@ pub fn run_drill(
     eprintln!("{}", String::from_utf8_lossy(&out.stdout));
     (out, report, html)
 }
+
+/// Whether initdb and pg_ctl are on PATH or in Debian's /usr/lib/postgresql/*/bin.
+pub fn postgres_server_binaries() -> bool {
+    let has = |dir: &std::path::Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
+    let on_path = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| has(&d)))
+        .unwrap_or(false);
+    let debian = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .any(|d: std::path::PathBuf| has(&d));
+    on_path || debian
+}

@@ -97,6 +97,9 @@ impl GraphiteArgs {
     }
 }
 
+/// Set (`true`), `holdfast serve` runs as the release from before the change `cart_lines`.
+pub const AS_OLD_RELEASE_ENV: &str = "HOLDFAST_AS_OLD_RELEASE";
+
 /// `holdfast migrate`.
 #[derive(Debug, Subcommand)]
 pub enum MigrateCommand {
@@ -496,6 +499,12 @@ pub struct UpArgs {
     pub sabotage: SabotageArgs,
     #[command(flatten)]
     pub graphite: GraphiteArgs,
+    /// Start the web instances as the release from before the change `cart_lines` (and
+    /// migrate only as far as it knows). `run/as-old-release` in the data dir says `true`;
+    /// write `false` there and drain the instances one by one (`holdfast roll`) to deploy this
+    /// release over it, as the `migrate` drill does.
+    #[arg(long)]
+    pub as_old_release: bool,
 }
 
 /// How each worker behaves. `worker` takes them; `up` passes them on to its workers.
@@ -656,7 +665,7 @@ pub struct ServeArgs {
     /// Run as the release from before the change `cart_lines` (shop schema version 1: carts
     /// only in `cart_items`): the old binary of a rolling deploy, which the `migrate` drill
     /// serves beside this one. It refuses a database past the change's contract.
-    #[arg(long)]
+    #[arg(long, env = AS_OLD_RELEASE_ENV)]
     pub as_old_release: bool,
     /// Set by `up`: the supervisor's pid; this instance dies with it (Linux).
     #[arg(long, hide = true)]

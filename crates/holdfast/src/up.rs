@@ -73,9 +73,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // Migrate once, up front, so the instances find the schema ready instead of queueing on
     // the migration lock, and a bad URL fails here with one message instead of N crash loops.
     // Kept open to count the queue once for the whole fleet on the operator port.
-    let fleet_store = crate::open_store(
+    let shop_schema = if args.as_old_release {
+        &holdfast_shop::SCHEMA_BEFORE_CART_LINES
+    } else {
+        &holdfast_shop::SCHEMA
+    };
+    let fleet_store = crate::open_store_as(
         &args.store,
         holdfast_store::MigrateMode::Apply(holdfast_store::MigrationGuard::default()),
+        shop_schema,
     )
     .await?;
 
@@ -210,7 +216,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             .into_iter()
             .chain(args.instance.session_env()?)
             .collect(),
-        env_files: session_keys_file(&args.instance),
+        env_files: session_keys_file(&args.instance)
+            .into_iter()
+            .chain(release_file(&args)?)
+            .collect(),
         instances_file: args.store.data_dir.join("run").join("instances.json"),
         balancer,
         start_timeout: Duration::from_secs(30),
@@ -687,6 +696,21 @@ impl Default for Backoff {
         Self { next: Self::FIRST }
     }
 }
+
+/// With `--as-old-release`: `run/as-old-release` in the data dir, `true` at first, read as
+/// `HOLDFAST_AS_OLD_RELEASE` by every instance that (re)starts — so writing `false` there and
+/// draining the instances one by one is a rolling deploy of this release over the old one.
+fn release_file(args: &crate::cli::UpArgs) -> anyhow::Result<Option<(OsString, PathBuf)>> {
+    if !args.as_old_release {
+        return Ok(None);
+    }
+    let path = args.store.data_dir.join("run").join(AS_OLD_RELEASE_FILE);
+    write_atomically(&path, b"true")?;
+    Ok(Some((crate::cli::AS_OLD_RELEASE_ENV.into(), path)))
+}
+
+/// See [`release_file`].
+pub const AS_OLD_RELEASE_FILE: &str = "as-old-release";
 
 /// `HOLDFAST_SESSION_KEYS_FILE` (in `up`'s environment), with `--sessions cookie`: a file
 /// holding a key ring (`kid:base64key,…`) that `up` re-reads each time it starts an instance,

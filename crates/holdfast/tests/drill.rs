@@ -8,7 +8,7 @@
 //! the test says so and passes.
 
 use holdfast_testkit::process::have_tool;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Output;
 
 use serde_json::Value;
@@ -108,7 +108,7 @@ fn a_short_drill_on_sqlite_passes_and_reports() {
 
 #[test]
 fn a_short_drill_on_postgres_passes_and_reports() {
-    if !postgres_server_binaries() {
+    if !holdfast_testkit::process::postgres_server_binaries() {
         assert!(
             std::env::var("CI").as_deref() != Ok("true"),
             "CI=true but initdb/pg_ctl are missing: run scripts/install-drill-deps.sh"
@@ -237,19 +237,4 @@ fn a_redis_restart_loses_no_session() {
     assert_eq!(r["sessions_lost"], 0);
     assert_eq!(r["cart_items_lost"], 0);
     assert_eq!(r["active_users"], 50);
-}
-
-/// Whether initdb and pg_ctl are on PATH or in Debian's /usr/lib/postgresql/*/bin.
-fn postgres_server_binaries() -> bool {
-    let has = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
-    let on_path = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).any(|d| has(&d)))
-        .unwrap_or(false);
-    let debian = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("bin"))
-        .any(|d: PathBuf| has(&d));
-    on_path || debian
 }

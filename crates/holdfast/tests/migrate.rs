@@ -219,6 +219,73 @@ async fn a_held_migration_lock_makes_up_give_up_in_time_naming_the_holder() {
     .await;
 }
 
+/// A long reader on the table a contract drops (a `pg_dump`'s open transaction): the contract
+/// waits at most `--lock-timeout` per try, is retried until `--deadline`, gives up saying so
+/// and leaves the contract pending; the requests that write carts meanwhile are not held up
+/// (its first part already stopped copying into the old table). Once the reader is gone, the
+/// same command succeeds, repeating the first part harmlessly.
+#[tokio::test]
+async fn a_long_reader_turns_the_contract_away_until_it_ends() {
+    with_fresh_db(Backend::Postgres, "migrate_reader", |url| async move {
+        let up = |extra: &[&str]| {
+            let mut args = vec!["migrate", "up", "--backend", "postgres", "--database-url", &url];
+            args.extend_from_slice(extra);
+            let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+            tokio::task::spawn_blocking(move || {
+                let args: Vec<&str> = args.iter().map(String::as_str).collect();
+                holdfast(&args)
+            })
+        };
+        assert!(up(&[]).await.unwrap().status.success());
+        let mut reader = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
+        sqlx::query("SELECT COUNT(*) FROM cart_items")
+            .execute(&mut reader)
+            .await
+            .unwrap();
+        let contract = up(&["--to", "contract", "--lock-timeout", "200ms", "--deadline", "2s"]);
+        // Meanwhile a cart write (into cart_lines, as this build writes after switch-writes)
+        // goes through at once: nothing it needs waits behind the contract.
+        let mut writer = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("INSERT INTO users (id, email, password_hash, created_at) VALUES ('w', 'w@example.com', 'x', 0)")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let started = Instant::now();
+        sqlx::query("INSERT INTO cart_lines (user_id, sku, quantity, added_at) VALUES ('w', 'HELMET', 1, 0)")
+            .execute(&mut writer)
+            .await
+            .unwrap();
+        let write_took = started.elapsed();
+        let out = contract.await.unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", said(&out));
+        assert!(
+            said(&out).contains("gave up migrating")
+                && said(&out).contains("a long transaction holds a lock"),
+            "{}",
+            said(&out)
+        );
+        assert!(
+            write_took < Duration::from_millis(150),
+            "a cart write waited {write_took:?} behind the contract"
+        );
+        let status = holdfast(&[
+            "migrate", "status", "--backend", "postgres", "--database-url", &url,
+        ]);
+        assert!(
+            said(&status).contains("0006_cart_lines_contract.sql (contract)"),
+            "the contract is still pending: {}",
+            said(&status)
+        );
+        sqlx::query("ROLLBACK").execute(&mut reader).await.unwrap();
+        let out = up(&["--to", "contract"]).await.unwrap();
+        assert!(out.status.success(), "{}", said(&out));
+        assert!(said(&out).contains("shop: 6 applied, up to date"), "{}", said(&out));
+    })
+    .await;
+}
+
 /// The lint is CI's gate on migrations: every released one passes (its warnings excused in
 /// EXCUSES), and a new one with an unexcused warning fails, naming file, line and rule —
 /// until the excuse is written next to the statement.
