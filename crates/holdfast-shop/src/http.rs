@@ -117,8 +117,9 @@ pub struct Shop {
     edge: AppState,
     catalog: Catalog,
     opts: Arc<ShopOptions>,
-    /// The cart shape last learnt from the store, and when.
-    cart_shape: Arc<Mutex<Option<(Instant, CartShape)>>>,
+    /// The cart shape last learnt from the store, when, and whether it is final (the
+    /// contract ran, and cannot be undone).
+    cart_shape: Arc<Mutex<Option<(Instant, CartShape, bool)>>>,
 }
 
 impl FromRef<Shop> for AppState {
@@ -158,17 +159,20 @@ impl Shop {
             .cart_shape
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some((at, shape)) = cached {
-            if at.elapsed() < holdfast_store::PHASE_REFRESH {
+        if let Some((at, shape, last)) = cached {
+            // After the contract nothing can change the shape again: no need to ask.
+            if last || at.elapsed() < holdfast_store::PHASE_REFRESH {
                 return Ok(shape);
             }
         }
         let applied = self.store().applied_versions(self.opts.schema.name).await?;
         let shape = CartShape::from_applied(&applied, known);
+        let last = known >= sql::CART_LINES_CONTRACT && applied.contains(&sql::CART_LINES_CONTRACT);
         *self
             .cart_shape
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((Instant::now(), shape));
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((Instant::now(), shape, last));
         Ok(shape)
     }
 
