@@ -348,24 +348,20 @@ pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
     let migrate = kinds.contains(&FaultKind::Migrate);
     kinds.retain(|&k| k != FaultKind::Migrate);
     s.planned = plan(&kinds, opts.duration, rng);
-    if migrate {
-        s.planned.push(Planned {
-            kind: FaultKind::Migrate,
-            at: opts.duration.mul_f64(0.2),
-            hold: Duration::ZERO,
-            pick: rng.next_u64(),
-        });
-        s.planned.sort_by_key(|p| p.at);
+    for (wanted, kind, at) in [
+        (migrate, FaultKind::Migrate, 0.2),
+        (rotate, FaultKind::RotateKeys, 0.3),
+    ] {
+        if wanted {
+            s.planned.push(Planned {
+                kind,
+                at: opts.duration.mul_f64(at),
+                hold: Duration::ZERO,
+                pick: rng.next_u64(),
+            });
+        }
     }
-    if rotate {
-        s.planned.push(Planned {
-            kind: FaultKind::RotateKeys,
-            at: opts.duration.mul_f64(0.3),
-            hold: Duration::ZERO,
-            pick: rng.next_u64(),
-        });
-        s.planned.sort_by_key(|p| p.at);
-    }
+    s.planned.sort_by_key(|p| p.at);
     if let (true, Some(every)) = (periodic, every) {
         // Every `every` while the load runs, leaving the last 10% to show the recovery.
         let end = opts.duration.mul_f64(0.9);

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use crate::system::Control;
 
@@ -220,25 +220,17 @@ async fn migrate(
 struct LongReader {
     child: Child,
     /// Open: psql waits for more, and the transaction stays open.
-    _stdin: tokio::process::ChildStdin,
+    _stdin: ChildStdin,
     since: Instant,
 }
 
 impl LongReader {
-    async fn start(mut psql: Command) -> Result<LongReader, String> {
-        let mut child = psql
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("starting psql: {e}"))?;
-        let mut stdin = child.stdin.take().ok_or("no stdin")?;
-        stdin
-            .write_all(b"BEGIN;\nSELECT 'reading', count(*) FROM cart_items;\n")
-            .await
-            .map_err(|e| format!("psql: {e}"))?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
+    async fn start(psql: Command) -> Result<LongReader, String> {
+        let (child, stdin, stdout) = psql_session(
+            psql,
+            b"BEGIN;\nSELECT 'reading', count(*) FROM cart_items;\n",
+        )
+        .await?;
         let mut lines = BufReader::new(stdout).lines();
         let read = tokio::time::timeout(Duration::from_secs(10), async {
             while let Ok(Some(line)) = lines.next_line().await {
@@ -270,28 +262,18 @@ impl LongReader {
 struct LockSampler {
     child: Child,
     /// Open while it samples (`\watch` repeats the query until psql is killed).
-    _stdin: tokio::process::ChildStdin,
+    _stdin: ChildStdin,
     longest: tokio::task::JoinHandle<f64>,
 }
 
 impl LockSampler {
-    async fn start(mut psql: Command) -> Result<LockSampler, String> {
-        let mut child = psql
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| format!("starting psql: {e}"))?;
-        let mut stdin = child.stdin.take().ok_or("no stdin")?;
-        let stdout = child.stdout.take().ok_or("no stdout")?;
-        stdin
-            .write_all(
-                b"SELECT 'wait', COALESCE(EXTRACT(EPOCH FROM max(clock_timestamp() - query_start)) * 1000, 0) \
-                  FROM pg_stat_activity WHERE wait_event_type = 'Lock' \\watch 0.1\n",
-            )
-            .await
-            .map_err(|e| format!("psql: {e}"))?;
+    async fn start(psql: Command) -> Result<LockSampler, String> {
+        let (child, stdin, stdout) = psql_session(
+            psql,
+            b"SELECT 'wait', COALESCE(EXTRACT(EPOCH FROM max(clock_timestamp() - query_start)) * 1000, 0) \
+              FROM pg_stat_activity WHERE wait_event_type = 'Lock' \\watch 0.1\n",
+        )
+        .await?;
         let longest = tokio::spawn(async move {
             let mut lines = BufReader::new(stdout).lines();
             let mut longest = 0f64;
@@ -318,6 +300,28 @@ impl LockSampler {
         let ms = self.longest.await.unwrap_or(0.0);
         (ms * 10.0).round() / 10.0
     }
+}
+
+/// `psql` started with `script` written to it and its stdin kept open (the session lasts until
+/// it is killed); its stdout to read.
+async fn psql_session(
+    mut psql: Command,
+    script: &[u8],
+) -> Result<(Child, ChildStdin, ChildStdout), String> {
+    let mut child = psql
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("starting psql: {e}"))?;
+    let mut stdin = child.stdin.take().ok_or("no stdin")?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    stdin
+        .write_all(script)
+        .await
+        .map_err(|e| format!("psql: {e}"))?;
+    Ok((child, stdin, stdout))
 }
 
 /// Where `holdfast up --as-old-release` reads which release its instances start as.

@@ -297,7 +297,7 @@ pub fn run_drill(
 }
 
 /// Whether initdb and pg_ctl are on PATH or in Debian's /usr/lib/postgresql/*/bin.
-pub fn postgres_server_binaries() -> bool {
+fn postgres_server_binaries() -> bool {
     let has = |dir: &std::path::Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
     let on_path = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| has(&d)))
@@ -309,4 +309,18 @@ pub fn postgres_server_binaries() -> bool {
         .map(|e| e.path().join("bin"))
         .any(|d: std::path::PathBuf| has(&d));
     on_path || debian
+}
+
+/// Whether a test that needs a throwaway Postgres cluster can run: the server binaries are
+/// here, or (outside CI, where they must be) the test says it is skipped.
+pub fn postgres_server_binaries_or_skip() -> bool {
+    if postgres_server_binaries() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "CI=true but initdb/pg_ctl are missing: run scripts/install-drill-deps.sh"
+    );
+    eprintln!("skipped: no initdb/pg_ctl (scripts/install-drill-deps.sh installs them)");
+    false
 }

@@ -542,20 +542,23 @@ fn up_runs_one_phase_at_a_time_and_refuses_what_it_cannot_name() {
         "plain up stops before the contract: {}",
         said(&rest)
     );
-    let down = holdfast(&[
-        "migrate",
-        "down",
-        "--data-dir",
-        data,
-        "--schema",
-        "shop",
-        "--to",
-        "backfill",
-    ]);
+    let down = |to: &str| {
+        holdfast(&[
+            "migrate",
+            "down",
+            "--data-dir",
+            data,
+            "--schema",
+            "shop",
+            "--to",
+            to,
+        ])
+    };
+    let back = down("backfill");
     assert!(
-        said(&down).contains("undid 2 migration(s)") && said(&down).contains("shop: 3 applied"),
+        said(&back).contains("undid 2 migration(s)") && said(&back).contains("shop: 3 applied"),
         "down --to a phase keeps it: {}",
-        said(&down)
+        said(&back)
     );
     let contract = up(&["--to", "contract"]);
     assert!(
@@ -564,16 +567,7 @@ fn up_runs_one_phase_at_a_time_and_refuses_what_it_cannot_name() {
         "{}",
         said(&contract)
     );
-    let past = holdfast(&[
-        "migrate",
-        "down",
-        "--data-dir",
-        data,
-        "--schema",
-        "shop",
-        "--to",
-        "1",
-    ]);
+    let past = down("1");
     assert_eq!(past.status.code(), Some(1));
     assert!(
         said(&past).contains("0006_cart_lines_contract.sql is a contract")
