@@ -20,7 +20,6 @@ use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Serialize)]
@@ -45,6 +44,24 @@ struct BackendResult {
     without_idempotency: Phase,
     /// with / without: 1.0 means the layer is free.
     throughput_ratio: f64,
+    /// With `--peers`: the same work by the peers, in the same run.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    peers: Option<Peers>,
+}
+
+/// What `--peers` measures beside the system (see the module docs).
+#[derive(Debug, Serialize)]
+struct Peers {
+    /// The shop's checkout SQL in a minimal axum handler (`bare.rs`), same shoppers' loop.
+    bare: Phase,
+    /// `pgbench` TPC-B (`-c USERS -j 2`) on the same server (Postgres only).
+    pgbench_tps: Option<f64>,
+    /// The keyed checkout with +200±50 ms on every database round trip, as the drill's
+    /// `slow-db` fault adds (Postgres only).
+    slow_db: Option<Phase>,
+    /// Keyed checkouts/s against pgbench's transactions/s, and against the bare checkout's.
+    keyed_vs_pgbench: Option<f64>,
+    keyed_vs_bare: f64,
 }
 
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -108,6 +125,35 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             b.p50_ms,
             b.p99_ms
         );
+    }
+    for r in results.iter().filter(|r| r.peers.is_some()) {
+        let Some(p) = &r.peers else { continue };
+        let k = &r.with_idempotency;
+        println!(
+            "\npeers, {} ({}, round {}), same run:",
+            r.backend, r.build, r.round
+        );
+        if let Some(tps) = p.pgbench_tps {
+            println!("  pgbench TPC-B (-c {} -j 2)      {tps:>8.0} tps", r.users);
+        }
+        println!(
+            "  bare checkout (shop SQL, axum)  {:>8.0} co/s   p50/p99 {:.1}/{:.1} ms",
+            p.bare.checkouts_per_s, p.bare.p50_ms, p.bare.p99_ms
+        );
+        println!(
+            "  holdfast, with key              {:>8.0} co/s   p50/p99 {:.1}/{:.1} ms",
+            k.checkouts_per_s, k.p50_ms, k.p99_ms
+        );
+        let vs_pgbench = p
+            .keyed_vs_pgbench
+            .map_or(String::new(), |x| format!("{x:.3} of pgbench's tps, "));
+        println!("  ratios                          with key = {vs_pgbench}{:.3} of bare", p.keyed_vs_bare);
+        if let Some(slow) = &p.slow_db {
+            println!(
+                "  with key, slow db (+200±50 ms)  {:>8.1} co/s   p50/p99 {:.0}/{:.0} ms   errors {}",
+                slow.checkouts_per_s, slow.p50_ms, slow.p99_ms, slow.errors
+            );
+        }
     }
     if args.baseline.is_some() {
         println!("\nmedian checkouts/s with key, program / baseline:");
@@ -226,20 +272,22 @@ async fn bench_backend(
     let system = start_system(args, program, dir.path(), db_url.as_deref())?;
     let users = signup_users(&system.url, args.users).await?;
     // A short warm-up on the measured path fills pools and caches.
-    drive(&system.url, &users, "/api/checkout", Duration::from_secs(1)).await;
-    let with = drive(&system.url, &users, "/api/checkout", args.duration).await;
-    let without = drive(&system.url, &users, "/bench/checkout", args.duration).await;
+    let keyed = through(&system.url, &users, "/api/checkout");
+    drive(&keyed, Duration::from_secs(1)).await;
+    let with = drive(&keyed, args.duration).await;
+    let without = drive(
+        &through(&system.url, &users, "/bench/checkout"),
+        args.duration,
+    )
+    .await;
     drop(system);
     if let (Some(admin), Some(url)) = (&admin_url, &db_url) {
-        let name = url
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .split('?')
-            .next()
-            .unwrap_or_default();
-        holdfast_store::testing::drop_database(admin, name).await?;
+        drop_database(admin, url).await?;
     }
+    let peers = match args.peers {
+        true => Some(peers(args, program, admin_url.as_deref(), &with).await?),
+        false => None,
+    };
     let throughput_ratio = if without.checkouts_per_s > 0.0 {
         with.checkouts_per_s / without.checkouts_per_s
     } else {
@@ -255,7 +303,157 @@ async fn bench_backend(
         with_idempotency: with,
         without_idempotency: without,
         throughput_ratio,
+        peers,
     })
+}
+
+/// Drops the database `url` names, through the server at `admin`.
+async fn drop_database(admin: &str, url: &str) -> anyhow::Result<()> {
+    let name = url
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .split('?')
+        .next()
+        .unwrap_or_default();
+    Ok(holdfast_store::testing::drop_database(admin, name).await?)
+}
+
+/// `--peers`, after the system's own phases: the bare checkout on a database of its own on the
+/// same engine, then on Postgres pgbench on the same server and the keyed checkout behind a
+/// `slow-db` proxy. One at a time, so each has the machine to itself.
+async fn peers(
+    args: &BenchArgs,
+    program: &Path,
+    admin_url: Option<&str>,
+    keyed: &Phase,
+) -> anyhow::Result<Peers> {
+    let dir = tempfile::tempdir()?;
+    let store_url = match admin_url {
+        Some(admin) => holdfast_store::testing::create_database(admin, "holdfast_bare").await?,
+        None => holdfast_store::testing::sqlite_url(dir.path()),
+    };
+    let bare = crate::bare::Bare::start(&store_url, args.users).await?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let shoppers: Vec<Shopper> = bare
+        .users
+        .iter()
+        .map(|id| Shopper {
+            client: client.clone(),
+            add: format!("{}/cart/{id}", bare.url),
+            checkout: format!("{}/checkout/{id}", bare.url),
+        })
+        .collect();
+    drive(&shoppers, Duration::from_secs(1)).await;
+    let bare_phase = drive(&shoppers, args.duration).await;
+    bare.stop().await;
+    let (mut pgbench_tps, mut slow_db) = (None, None);
+    if let Some(admin) = admin_url {
+        drop_database(admin, &store_url).await?;
+        pgbench_tps = Some(pgbench(admin, args.users, args.duration).await?);
+        slow_db = Some(slow_db_phase(args, program, admin).await?);
+    }
+    let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+    Ok(Peers {
+        keyed_vs_bare: ratio(keyed.checkouts_per_s, bare_phase.checkouts_per_s),
+        keyed_vs_pgbench: pgbench_tps.map(|tps| ratio(keyed.checkouts_per_s, tps)),
+        bare: bare_phase,
+        pgbench_tps,
+        slow_db,
+    })
+}
+
+/// `pgbench` TPC-B at scale 1 on a fresh database of the server at `admin`, `clients`
+/// connections on two threads, for `duration`: its transactions per second.
+async fn pgbench(admin: &str, clients: usize, duration: Duration) -> anyhow::Result<f64> {
+    let program = pgbench_program().context(
+        "--peers needs pgbench (PostgreSQL's server or contrib package; scripts/install-drill-deps.sh installs the server binaries)",
+    )?;
+    let url = holdfast_store::testing::create_database(admin, "holdfast_pgbench").await?;
+    let run = |args: Vec<String>| {
+        let program = program.clone();
+        tokio::task::spawn_blocking(move || Command::new(program).args(args).output())
+    };
+    let init = run(vec!["-i".into(), "-s".into(), "1".into(), "-q".into(), url.clone()]).await??;
+    anyhow::ensure!(
+        init.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let secs = duration.as_secs().max(1).to_string();
+    let out = run(vec![
+        "-c".into(),
+        clients.to_string(),
+        "-j".into(),
+        "2".into(),
+        "-T".into(),
+        secs,
+        "-n".into(),
+        url.clone(),
+    ])
+    .await??;
+    drop_database(admin, &url).await?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .with_context(|| format!("no tps in pgbench's output: {text}"))
+}
+
+/// pgbench on PATH, or in Debian's /usr/lib/postgresql/*/bin.
+fn pgbench_program() -> Option<PathBuf> {
+    let on_path = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join("pgbench"))
+            .find(|p| p.is_file())
+    });
+    on_path.or_else(|| {
+        let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .flatten()
+            .map(|e| e.path().join("bin").join("pgbench"))
+            .filter(|p| p.is_file())
+            .collect();
+        found.sort();
+        found.pop()
+    })
+}
+
+/// The keyed checkout of a fresh system whose every database round trip crosses a fault
+/// proxy adding 200 ± 50 ms, as the drill's `slow-db` does.
+async fn slow_db_phase(args: &BenchArgs, program: &Path, admin: &str) -> anyhow::Result<Phase> {
+    use holdfast_faultproxy::{FaultProxy, Toxic, ToxicSpec};
+    let url = holdfast_store::testing::create_database(admin, "holdfast_bench_slow").await?;
+    let (head, name) = url.rsplit_once('/').context("a database URL")?;
+    let upstream = head.rsplit('@').next().unwrap_or(head).to_owned();
+    let proxy = FaultProxy::new();
+    proxy.create_proxy("db", "127.0.0.1:0", &upstream).await?;
+    let listen = proxy.proxy("db").await?.listen;
+    let user = head
+        .strip_prefix("postgres://")
+        .and_then(|rest| rest.split_once('@'))
+        .map_or("postgres", |(user, _)| user);
+    let via_proxy = format!("postgres://{user}@{listen}/{name}");
+    let dir = tempfile::tempdir()?;
+    let system = start_system(args, program, dir.path(), Some(&via_proxy))?;
+    let users = signup_users(&system.url, args.users).await?;
+    proxy
+        .add_toxic(
+            "db",
+            ToxicSpec::new(Toxic::Latency {
+                latency: 200,
+                jitter: 50,
+            }),
+        )
+        .await?;
+    let phase = drive(&through(&system.url, &users, "/api/checkout"), args.duration).await;
+    drop(system);
+    drop(proxy);
+    drop_database(admin, &url).await?;
+    Ok(phase)
 }
 
 async fn signup_users(base: &str, n: usize) -> anyhow::Result<Vec<reqwest::Client>> {
@@ -278,29 +476,42 @@ async fn signup_users(base: &str, n: usize) -> anyhow::Result<Vec<reqwest::Clien
     Ok(clients)
 }
 
-/// Every user loops add-then-checkout until `duration` is up; returns the checkout figures.
-async fn drive(
-    base: &str,
-    users: &[reqwest::Client],
-    checkout_path: &str,
-    duration: Duration,
-) -> Phase {
+/// One shopper of a closed loop: its client and where it adds to its cart and checks out.
+#[derive(Clone)]
+struct Shopper {
+    client: reqwest::Client,
+    add: String,
+    checkout: String,
+}
+
+/// The system's shoppers: `users` through the balancer at `base`, checking out at
+/// `checkout_path`.
+fn through(base: &str, users: &[reqwest::Client], checkout_path: &str) -> Vec<Shopper> {
+    users
+        .iter()
+        .map(|c| Shopper {
+            client: c.clone(),
+            add: format!("{base}/api/cart/items"),
+            checkout: format!("{base}{checkout_path}"),
+        })
+        .collect()
+}
+
+/// Every shopper loops add-then-checkout until `duration` is up; returns the checkout
+/// figures.
+async fn drive(shoppers: &[Shopper], duration: Duration) -> Phase {
     let deadline = Instant::now() + duration;
     let started = Instant::now();
-    let tasks: Vec<_> = users
+    let tasks: Vec<_> = shoppers
         .iter()
         .cloned()
-        .map(|c| {
-            let (add, checkout) = (
-                Arc::new(format!("{base}/api/cart/items")),
-                format!("{base}{checkout_path}"),
-            );
+        .map(|Shopper { client: c, add, checkout }| {
             tokio::spawn(async move {
                 let mut hist = Histogram::<u64>::new(3).expect("histogram");
                 let (mut ok, mut errors) = (0u64, 0u64);
                 while Instant::now() < deadline {
                     let added = c
-                        .post(add.as_str())
+                        .post(&add)
                         .json(&json!({ "sku": "CARABINER", "qty": 1 }))
                         .send()
                         .await;

@@ -154,6 +154,11 @@ pub struct BenchArgs {
     /// `--baseline` the medians are compared.
     #[arg(long, default_value_t = 1)]
     pub rounds: usize,
+    /// Also measure, in the same run, a bare checkout (the shop's SQL in a minimal axum
+    /// handler, no Holdfast layers) and, on Postgres, pgbench TPC-B on the same server and
+    /// the keyed checkout with +200±50 ms per database round trip (the drill's slow-db).
+    #[arg(long)]
+    pub peers: bool,
 }
 
 /// Which engines a benchmark runs on.

@@ -5,6 +5,7 @@
 //! A binary of its own so that the production `holdfast` links none of the peers: `holdfast
 //! bench …` runs this program from beside itself. Long runs live here, never in the test suite.
 
+mod bare;
 mod cache;
 mod checkout;
 mod cli;
