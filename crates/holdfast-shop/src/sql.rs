@@ -229,6 +229,9 @@ pub async fn cart_remove(tx: &mut Tx, shape: CartShape, user_id: &str, sku: &Sku
 /// Turns the cart into a pending order: the order, its lines, the emptied cart and the order's
 /// payout job, all in the caller's transaction.
 pub async fn checkout(tx: &mut Tx, shape: CartShape, user_id: &str) -> Result<Order> {
+    if tx.backend() == Backend::Postgres && shape.read == shape.write {
+        return checkout_in_one_statement(tx, shape.read, user_id).await;
+    }
     let lock = match tx.backend() {
         Backend::Postgres => " FOR UPDATE OF c",
         Backend::Sqlite => "",
@@ -286,6 +289,59 @@ pub async fn checkout(tx: &mut Tx, shape: CartShape, user_id: &str) -> Result<Or
             .await?;
     }
     // The payout job exists if and only if the order does.
+    tx.job_enqueue(&[payout_job(&order.order_id)]).await?;
+    Ok(order)
+}
+
+/// [`checkout`] on Postgres in one round trip instead of two plus two per line: one statement
+/// locks the cart's lines, writes the order and its lines and deletes exactly the lines it
+/// locked (a line added meanwhile stays), and returns what it took. An empty cart writes
+/// nothing. (SQLite has no data-modifying `WITH`; its statements are in-process calls anyway.)
+async fn checkout_in_one_statement(tx: &mut Tx, table: CartTable, user_id: &str) -> Result<Order> {
+    let (t, q) = (table.table(), table.quantity());
+    let (order_id, created_at) = (OrderId::generate().to_string(), holdfast_core::now_ms());
+    let rows = sqlx::query(&format!(
+        "WITH cart AS (
+             SELECT c.sku, p.name, c.{q} AS qty, p.price_cents FROM {t} c JOIN products p ON p.sku = c.sku
+             WHERE c.user_id = $1 FOR UPDATE OF c
+         ), placed AS (
+             INSERT INTO orders (id, user_id, total_cents, status, created_at)
+             SELECT $2, $1, SUM(qty * price_cents), 'pending', $3 FROM cart HAVING COUNT(*) > 0
+             RETURNING id
+         ), lines AS (
+             INSERT INTO order_items (order_id, sku, name, qty, unit_price_cents)
+             SELECT placed.id, cart.sku, cart.name, cart.qty, cart.price_cents FROM cart, placed
+         ), emptied AS (
+             DELETE FROM {t} d USING cart, placed WHERE d.user_id = $1 AND d.sku = cart.sku
+         )
+         SELECT sku, name, qty, price_cents FROM cart ORDER BY sku"
+    ))
+    .bind(user_id)
+    .bind(&order_id)
+    .bind(created_at)
+    .fetch_all(tx.conn())
+    .await?;
+    let items = rows
+        .iter()
+        .map(|r| {
+            Ok(OrderLine {
+                sku: r.try_get("sku")?,
+                name: r.try_get("name")?,
+                qty: r.try_get("qty")?,
+                unit_price_cents: r.try_get("price_cents")?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if items.is_empty() {
+        return Err(TxError::Abort(Error::EmptyCart));
+    }
+    let order = Order {
+        order_id,
+        total_cents: items.iter().map(|l| l.qty * l.unit_price_cents).sum(),
+        status: "pending".to_owned(),
+        created_at,
+        items,
+    };
     tx.job_enqueue(&[payout_job(&order.order_id)]).await?;
     Ok(order)
 }
