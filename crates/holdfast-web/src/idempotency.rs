@@ -8,6 +8,14 @@
 //! [`Claim::run`], which stores the rendered answer in the key's row in the same commit as the
 //! effect, and on failure releases the claim so the client's retry runs afresh.
 //!
+//! On Postgres the claim is not a commit of its own: [`Claim::run`] inserts the key's row as
+//! the first statement of the effect's transaction, so the key, the effect and the stored
+//! answer are one durable commit. A concurrent request with the same key waits on that row
+//! (the unique index) and then replays what committed — or, if the first rolled back, does
+//! the work itself; a request that dies mid-way leaves no claim to wait out. SQLite, whose
+//! single writer would serialize every keyed request behind the whole of another's work,
+//! keeps the claim as a short commit of its own, described next.
+//!
 //! A request that crosses a timeout boundary is covered both ways: if the server committed
 //! after the client gave up, the retry replays the answer; if the instance died first, the
 //! claim's lock expires and the retry does the work once. The lock is a short lease
@@ -94,6 +102,9 @@ pub struct Claim {
     edge: AppState,
     scope: String,
     held: Option<Held>,
+    /// On Postgres the key is claimed inside the effect's own transaction instead (see
+    /// [`Claim::run`]): one commit, and nothing to give back if the handler never runs.
+    deferred: Option<(IdempotencyKey, RequestFingerprint)>,
 }
 
 struct Held {
@@ -188,9 +199,18 @@ where
             edge,
             scope: user.user_id,
             held: None,
+            deferred: None,
         };
         if let Some(key) = key {
             let fingerprint = RequestFingerprint::of(method.as_str(), &path, &canonical);
+            if claim.edge.store.backend() == holdfast_store::Backend::Postgres {
+                claim.deferred = Some((key, fingerprint));
+                return Ok(Idempotent {
+                    body,
+                    claim,
+                    rule: PhantomData,
+                });
+            }
             match claim.claim(&key, &fingerprint).await? {
                 ClaimOutcome::Claimed { token } => {
                     claim.held = Some(Held {
@@ -202,13 +222,7 @@ where
                 }
                 ClaimOutcome::Replay(stored) => return Err(respond(stored, true)),
                 ClaimOutcome::InFlight => return Err(in_flight().into_response()),
-                ClaimOutcome::Mismatch => {
-                    return Err(AppError::unprocessable(
-                        "idempotency-key-reused",
-                        "this Idempotency-Key was already used for a different request",
-                    )
-                    .into_response())
-                }
+                ClaimOutcome::Mismatch => return Err(reused().into_response()),
             }
         }
         Ok(Idempotent {
@@ -222,7 +236,10 @@ where
 impl Claim {
     /// The request's key, if it carried one.
     pub fn key(&self) -> Option<&IdempotencyKey> {
-        self.held.as_ref().map(|h| &h.key)
+        self.held
+            .as_ref()
+            .map(|h| &h.key)
+            .or(self.deferred.as_ref().map(|(k, _)| k))
     }
 
     async fn claim(
@@ -262,6 +279,11 @@ impl Claim {
     {
         let store = self.edge.store.clone();
         let (body, render) = (&body, &render);
+        if let Some((key, fingerprint)) = self.deferred.take() {
+            return self
+                .run_claiming(op, (&key, &fingerprint), body, render)
+                .await;
+        }
         let Some(held) = self.held.take() else {
             let value = store
                 .transaction(op, Rerun::IfUncommitted, move |tx| {
@@ -304,6 +326,84 @@ impl Claim {
     }
 }
 
+/// How a transaction that claims its own key ended early (see [`Claim::run_claiming`]).
+enum Ended<E> {
+    Body(E),
+    Replay(StoredResponse),
+    InFlight,
+    Mismatch,
+}
+
+impl Claim {
+    /// [`Claim::run`] with the claim inside the effect's transaction (Postgres): the key's row
+    /// is inserted first, so a concurrent request with the same key waits on it and then
+    /// replays the answer committed with the effect (or, if this one rolled back, does the
+    /// work itself); a request that dies mid-way leaves no claim behind to wait out. One
+    /// durable commit for the key and the effect together.
+    async fn run_claiming<'a, T, E, F, R>(
+        &self,
+        op: &'static str,
+        (key, fingerprint): (&IdempotencyKey, &RequestFingerprint),
+        body: &F,
+        render: &R,
+    ) -> AppResult<Response>
+    where
+        F: for<'t> Fn(&'t mut Tx) -> TxBody<'a, 't, T, E> + Sync + 'a,
+        R: Fn(&T) -> StoredResponse + Sync + 'a,
+        T: Send + 'a,
+        E: Send + 'a,
+        AppError: From<E>,
+    {
+        let (scope, ttl) = (self.scope.as_str(), self.edge.opts.idempotency_lock_ttl);
+        let outcome = self
+            .edge
+            .store
+            .transaction(op, Rerun::Always, move |tx| {
+                async move {
+                    let claimed = tx
+                        .idem_claim(IdemClaim {
+                            scope,
+                            key,
+                            fingerprint,
+                            now: holdfast_core::now_ms(),
+                            lock_ttl: ttl,
+                        })
+                        .await?;
+                    let token = match claimed {
+                        ClaimOutcome::Claimed { token } => token,
+                        ClaimOutcome::Replay(stored) => {
+                            return Err(TxError::Abort(Ended::Replay(stored)))
+                        }
+                        ClaimOutcome::InFlight => return Err(TxError::Abort(Ended::InFlight)),
+                        ClaimOutcome::Mismatch => return Err(TxError::Abort(Ended::Mismatch)),
+                    };
+                    let value = body(tx).await.map_err(|e| match e {
+                        TxError::Abort(e) => TxError::Abort(Ended::Body(e)),
+                        TxError::Db(e) => TxError::Db(e),
+                    })?;
+                    let answer = render(&value);
+                    let lock = IdemLock {
+                        scope,
+                        key,
+                        token: &token,
+                    };
+                    tx.idem_finish(lock, &answer).await?;
+                    Ok(answer)
+                }
+                .scope_boxed()
+            })
+            .await;
+        match outcome {
+            Ok(answer) => Ok(respond(answer, false)),
+            Err(TxError::Abort(Ended::Replay(stored))) => Ok(respond(stored, true)),
+            Err(TxError::Abort(Ended::InFlight)) => Err(in_flight()),
+            Err(TxError::Abort(Ended::Mismatch)) => Err(reused()),
+            Err(TxError::Abort(Ended::Body(e))) => Err(e.into()),
+            Err(TxError::Db(e)) => Err(e.into()),
+        }
+    }
+}
+
 impl Drop for Claim {
     fn drop(&mut self) {
         let Some(held) = self.held.take() else {
@@ -318,6 +418,13 @@ impl Drop for Claim {
             }
         });
     }
+}
+
+fn reused() -> AppError {
+    AppError::unprocessable(
+        "idempotency-key-reused",
+        "this Idempotency-Key was already used for a different request",
+    )
 }
 
 fn in_flight() -> AppError {
