@@ -147,7 +147,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let vs_pgbench = p
             .keyed_vs_pgbench
             .map_or(String::new(), |x| format!("{x:.3} of pgbench's tps, "));
-        println!("  ratios                          with key = {vs_pgbench}{:.3} of bare", p.keyed_vs_bare);
+        println!(
+            "  ratios                          with key = {vs_pgbench}{:.3} of bare",
+            p.keyed_vs_bare
+        );
         if let Some(slow) = &p.slow_db {
             println!(
                 "  with key, slow db (+200±50 ms)  {:>8.1} co/s   p50/p99 {:.0}/{:.0} ms   errors {}",
@@ -376,7 +379,14 @@ async fn pgbench(admin: &str, clients: usize, duration: Duration) -> anyhow::Res
         let program = program.clone();
         tokio::task::spawn_blocking(move || Command::new(program).args(args).output())
     };
-    let init = run(vec!["-i".into(), "-s".into(), "1".into(), "-q".into(), url.clone()]).await??;
+    let init = run(vec![
+        "-i".into(),
+        "-s".into(),
+        "1".into(),
+        "-q".into(),
+        url.clone(),
+    ])
+    .await??;
     anyhow::ensure!(
         init.status.success(),
         "pgbench -i: {}",
@@ -449,7 +459,11 @@ async fn slow_db_phase(args: &BenchArgs, program: &Path, admin: &str) -> anyhow:
             }),
         )
         .await?;
-    let phase = drive(&through(&system.url, &users, "/api/checkout"), args.duration).await;
+    let phase = drive(
+        &through(&system.url, &users, "/api/checkout"),
+        args.duration,
+    )
+    .await;
     drop(system);
     drop(proxy);
     drop_database(admin, &url).await?;
@@ -505,36 +519,42 @@ async fn drive(shoppers: &[Shopper], duration: Duration) -> Phase {
     let tasks: Vec<_> = shoppers
         .iter()
         .cloned()
-        .map(|Shopper { client: c, add, checkout }| {
-            tokio::spawn(async move {
-                let mut hist = Histogram::<u64>::new(3).expect("histogram");
-                let (mut ok, mut errors) = (0u64, 0u64);
-                while Instant::now() < deadline {
-                    let added = c
-                        .post(&add)
-                        .json(&json!({ "sku": "CARABINER", "qty": 1 }))
-                        .send()
-                        .await;
-                    if !added.is_ok_and(|r| r.status().is_success()) {
-                        errors += 1;
-                        continue;
+        .map(
+            |Shopper {
+                 client: c,
+                 add,
+                 checkout,
+             }| {
+                tokio::spawn(async move {
+                    let mut hist = Histogram::<u64>::new(3).expect("histogram");
+                    let (mut ok, mut errors) = (0u64, 0u64);
+                    while Instant::now() < deadline {
+                        let added = c
+                            .post(&add)
+                            .json(&json!({ "sku": "CARABINER", "qty": 1 }))
+                            .send()
+                            .await;
+                        if !added.is_ok_and(|r| r.status().is_success()) {
+                            errors += 1;
+                            continue;
+                        }
+                        let t = Instant::now();
+                        let r = c
+                            .post(&checkout)
+                            .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
+                            .send()
+                            .await;
+                        if r.is_ok_and(|r| r.status().as_u16() == 201) {
+                            ok += 1;
+                            let _ = hist.record(t.elapsed().as_micros() as u64);
+                        } else {
+                            errors += 1;
+                        }
                     }
-                    let t = Instant::now();
-                    let r = c
-                        .post(&checkout)
-                        .header("Idempotency-Key", uuid::Uuid::new_v4().to_string())
-                        .send()
-                        .await;
-                    if r.is_ok_and(|r| r.status().as_u16() == 201) {
-                        ok += 1;
-                        let _ = hist.record(t.elapsed().as_micros() as u64);
-                    } else {
-                        errors += 1;
-                    }
-                }
-                (hist, ok, errors)
-            })
-        })
+                    (hist, ok, errors)
+                })
+            },
+        )
         .collect();
     let mut hist = Histogram::<u64>::new(3).expect("histogram");
     let (mut ok, mut errors) = (0, 0);

@@ -18,6 +18,26 @@ fn holdfast(args: &[&str]) -> Output {
         .expect("running holdfast")
 }
 
+/// `holdfast migrate up --backend postgres --database-url URL EXTRA…`, off the test's runtime.
+fn up_on_postgres(url: &str, extra: &[&str]) -> tokio::task::JoinHandle<Output> {
+    let mut args: Vec<String> = [
+        "migrate",
+        "up",
+        "--backend",
+        "postgres",
+        "--database-url",
+        url,
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        holdfast(&args)
+    })
+}
+
 fn said(out: &Output) -> String {
     format!(
         "{}{}",
@@ -169,22 +189,7 @@ async fn a_database_newer_than_the_build_is_refused_and_left_alone() {
 #[tokio::test]
 async fn a_held_migration_lock_makes_up_give_up_in_time_naming_the_holder() {
     with_fresh_db(Backend::Postgres, "migrate_lock", |url| async move {
-        let up = |extra: &[&str]| {
-            let mut args = vec![
-                "migrate",
-                "up",
-                "--backend",
-                "postgres",
-                "--database-url",
-                &url,
-            ];
-            args.extend_from_slice(extra);
-            let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-            tokio::task::spawn_blocking(move || {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                holdfast(&args)
-            })
-        };
+        let up = |extra: &[&str]| up_on_postgres(&url, extra);
         assert!(up(&[]).await.unwrap().status.success());
         let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
         let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
@@ -227,15 +232,7 @@ async fn a_held_migration_lock_makes_up_give_up_in_time_naming_the_holder() {
 #[tokio::test]
 async fn a_long_reader_turns_the_contract_away_until_it_ends() {
     with_fresh_db(Backend::Postgres, "migrate_reader", |url| async move {
-        let up = |extra: &[&str]| {
-            let mut args = vec!["migrate", "up", "--backend", "postgres", "--database-url", &url];
-            args.extend_from_slice(extra);
-            let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-            tokio::task::spawn_blocking(move || {
-                let args: Vec<&str> = args.iter().map(String::as_str).collect();
-                holdfast(&args)
-            })
-        };
+        let up = |extra: &[&str]| up_on_postgres(&url, extra);
         assert!(up(&[]).await.unwrap().status.success());
         let mut reader = sqlx::PgConnection::connect(&url).await.unwrap();
         sqlx::query("BEGIN").execute(&mut reader).await.unwrap();
