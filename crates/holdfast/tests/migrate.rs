@@ -248,7 +248,26 @@ async fn a_long_reader_turns_the_contract_away_until_it_ends() {
             .execute(&mut writer)
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Once the contract's DROP TABLE is seen queued behind the reader.
+        let watcher = sqlx::PgPool::connect(&url).await.unwrap();
+        holdfast_testkit::process::eventually(
+            Duration::from_secs(10),
+            "the contract waiting behind the reader",
+            || {
+                let watcher = watcher.clone();
+                async move {
+                    let waiting: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() \
+                         AND wait_event_type = 'Lock' AND query LIKE '%DROP TABLE cart_items%'",
+                    )
+                    .fetch_one(&watcher)
+                    .await
+                    .unwrap();
+                    (waiting > 0).then_some(())
+                }
+            },
+        )
+        .await;
         let started = Instant::now();
         sqlx::query("INSERT INTO cart_lines (user_id, sku, quantity, added_at) VALUES ('w', 'HELMET', 1, 0)")
             .execute(&mut writer)
