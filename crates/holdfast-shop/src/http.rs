@@ -47,6 +47,33 @@ pub struct ShopOptions {
     /// rolling-deploy drill [`crate::SCHEMA_BEFORE_CART_LINES`] (it reads and writes only
     /// `cart_items`). The store must be opened with the same one.
     pub schema: &'static holdfast_store::Schema,
+    /// Where video reviews' bytes go, and the upload knobs; `None` mounts no upload routes.
+    pub uploads: Option<UploadSetup>,
+}
+
+/// The shop's uploads: a blob store and the options of `holdfast-uploads`.
+#[derive(Clone)]
+pub struct UploadSetup {
+    pub blobs: Arc<dyn holdfast_uploads::BlobStore>,
+    pub options: holdfast_uploads::UploadOptions,
+}
+
+impl UploadSetup {
+    /// Blobs in `dir` (`<data dir>/uploads` for `holdfast serve`), default options.
+    pub fn local(dir: impl Into<std::path::PathBuf>) -> Result<Self, holdfast_uploads::Error> {
+        Ok(Self {
+            blobs: Arc::new(holdfast_uploads::LocalDir::new(dir)?),
+            options: holdfast_uploads::UploadOptions::default(),
+        })
+    }
+}
+
+impl std::fmt::Debug for UploadSetup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UploadSetup")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for ShopOptions {
@@ -58,6 +85,7 @@ impl Default for ShopOptions {
             bench_routes: false,
             sabotage: None,
             schema: &crate::SCHEMA,
+            uploads: None,
         }
     }
 }
@@ -120,6 +148,8 @@ pub struct Shop {
     /// The cart shape last learnt from the store, when, and whether it is final (the
     /// contract ran, and cannot be undone).
     cart_shape: Arc<Mutex<Option<(Instant, CartShape, bool)>>>,
+    /// Video reviews, when [`ShopOptions::uploads`] is set.
+    uploads: Option<holdfast_uploads::Uploads>,
 }
 
 impl FromRef<Shop> for AppState {
@@ -140,11 +170,20 @@ impl Shop {
                 builder.redis(conn.clone(), prefix.clone()).build()
             }
         };
+        let uploads = opts.uploads.as_ref().map(|u| {
+            holdfast_uploads::Uploads::new(
+                edge.store().clone(),
+                u.blobs.clone(),
+                Arc::new(crate::reviews::Reviews),
+                u.options.clone(),
+            )
+        });
         Self {
             edge,
             catalog,
             opts: Arc::new(opts),
             cart_shape: Arc::default(),
+            uploads,
         }
     }
 
@@ -188,6 +227,11 @@ impl Shop {
         &self.opts
     }
 
+    /// Video reviews' uploads, if mounted.
+    pub fn uploads(&self) -> Option<&holdfast_uploads::Uploads> {
+        self.uploads.as_ref()
+    }
+
     /// The catalog cache: flushing it loses nothing (the next read asks the store).
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
@@ -209,7 +253,11 @@ pub fn app(shop: Shop) -> Router {
         routes = routes.route("/bench/checkout", post(unkeyed_checkout));
     }
     let routes = crate::sabotage::apply(routes, &shop);
-    holdfast_web::app(shop, routes)
+    let streams = match &shop.uploads {
+        Some(uploads) => holdfast_uploads::router(shop.edge.clone(), uploads.clone()),
+        None => Router::new(),
+    };
+    holdfast_web::app_with_streams(shop, routes, streams)
 }
 
 impl From<Error> for AppError {

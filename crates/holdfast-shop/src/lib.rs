@@ -7,6 +7,8 @@
 //!   keys and the operator endpoints; the catalog is read through `holdfast-cache`.
 //! - `flows.rs`: its jobs — charge an order, send its receipt — through the effect ledger of
 //!   `holdfast-jobs`, against the payment provider of `holdfast-provider`.
+//! - `reviews.rs`: what a user may upload (a video review of a product they ordered), through
+//!   `holdfast-uploads`.
 //! - `sabotage.rs`: the deliberately broken variants the drill must catch.
 //!
 //! A checkout is one transaction: order, lines, emptied cart, payout job and the stored
@@ -17,13 +19,15 @@ mod catalog;
 mod domain;
 pub mod flows;
 mod http;
+mod reviews;
 pub mod sabotage;
 pub mod sql;
 
 pub use catalog::{Product, CATALOG};
 pub use domain::{OrderId, Quantity, Sku};
 pub use flows::Flows;
-pub use http::{app, CatalogBody, CatalogCache, Shop, ShopOptions};
+pub use http::{app, CatalogBody, CatalogCache, Shop, ShopOptions, UploadSetup};
+pub use reviews::Reviews;
 pub use sabotage::Sabotage;
 
 use holdfast_store::{Migration, Phase, Schema};

@@ -25,6 +25,7 @@ mod limits;
 mod migrate;
 pub mod testing;
 mod tx;
+mod uploads;
 
 pub use accounts::SessionCreate;
 pub use holdfast_core::Backend;
@@ -37,6 +38,7 @@ pub use migrate::{
     SETTLE,
 };
 pub use tx::{Rerun, ScopedFutureExt, Tx, TxBody, TxError};
+pub use uploads::{NewUpload, UploadAck, UploadPart, UploadQuota, UploadRow};
 
 use holdfast_core::retry::{RetryBudget, RetryPolicy};
 use serde::Serialize;
@@ -83,6 +85,10 @@ pub enum Error {
     /// Whatever this attempt did externally was idempotent; the newer one settles it.
     #[error("this job attempt is no longer current")]
     JobLost,
+    /// An upload writer's attempt is no longer current: its lease ran out and another writer,
+    /// a delete or the reaper took the upload. Nothing it wrote was acknowledged.
+    #[error("this upload is no longer held by this writer")]
+    UploadLeaseLost,
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
     #[error("migration {file} failed: {source}")]

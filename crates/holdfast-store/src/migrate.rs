@@ -312,6 +312,7 @@ pub static SCHEMA: Schema = Schema {
         store_file!(3, "0003_sessions").replacing_legacy(3),
         store_file!(4, "0004_job_claims"),
         store_file!(5, "0005_rate_limits"),
+        store_file!(6, "0006_uploads"),
     ],
 };
 

@@ -78,6 +78,13 @@ async fn instance(dir: Arc<tempfile::TempDir>, web: WebOptions, opts: ShopOption
         .await
         .expect("open the store");
     let metrics = holdfast_web::install_metrics_recorder().ok();
+    // Video reviews' bytes beside the database, shared by siblings as on one machine.
+    let opts = ShopOptions {
+        uploads: opts.uploads.or_else(|| {
+            Some(holdfast_shop::UploadSetup::local(dir.path().join("uploads")).expect("blob dir"))
+        }),
+        ..opts
+    };
     let shop = Shop::new(AppState::new(store.clone(), web, metrics), opts);
     TestApp {
         router: holdfast_shop::app(shop.clone()),
@@ -157,16 +164,7 @@ impl TestApp {
 
     /// Signs up and logs in; returns the `Cookie` header value.
     pub async fn user(&self, email: &str) -> String {
-        let creds = json!({ "email": email, "password": PASSWORD });
-        let signup = self
-            .call("POST", "/api/signup", Some(creds.clone()), None, &[])
-            .await;
-        assert_eq!(signup.status, StatusCode::CREATED);
-        let r = self
-            .call("POST", "/api/login", Some(creds), None, &[])
-            .await;
-        assert_eq!(r.status, StatusCode::OK);
-        cookie_of(&r)
+        sign_up(&self.router, email).await
     }
 
     pub async fn add(&self, cookie: &str, sku: &str, qty: i64) -> Reply {
@@ -190,6 +188,20 @@ impl TestApp {
         )
         .await
     }
+}
+
+/// Signs `email` up with [`PASSWORD`] and logs in through `router`; the `Cookie` header value.
+pub async fn sign_up(router: &Router, email: &str) -> String {
+    let creds = json!({ "email": email, "password": PASSWORD });
+    let signup = send(
+        router,
+        request("POST", "/api/signup", Some(creds.clone()), &[]),
+    )
+    .await;
+    assert_eq!(signup.status, StatusCode::CREATED);
+    let r = send(router, request("POST", "/api/login", Some(creds), &[])).await;
+    assert_eq!(r.status, StatusCode::OK);
+    cookie_of(&r)
 }
 
 /// A request as a client sends it: `Host: shop.test`, the headers given, and a JSON body

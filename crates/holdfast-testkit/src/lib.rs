@@ -7,12 +7,15 @@
 //! - [`process`]: the real `holdfast` binary as a child process, judged from the outside;
 //! - [`redis`]: the `REDIS_URL` server, a key prefix per test, and "Redis lost its memory";
 //! - [`system`]: a whole system (`holdfast up`, started exactly as the drill starts it) and a
-//!   shopper that talks to it.
+//!   shopper that talks to it;
+//! - [`uploads`]: `holdfast-uploads` in-process without the shop, instances sharing a blob
+//!   directory.
 
 pub mod app;
 pub mod db;
 pub mod process;
 pub mod redis;
 pub mod system;
+pub mod uploads;
 
 pub use holdfast_core::Backend;

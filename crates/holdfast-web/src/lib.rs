@@ -319,10 +319,21 @@ where
     S: Clone + Send + Sync + 'static,
     AppState: FromRef<S>,
 {
+    app_with_streams(state, routes, Router::new())
+}
+
+/// [`app`] with `streams` too: routes whose bodies or answers flow for as long as they take
+/// (resumable uploads, downloads). They get sessions, the CSRF guard, load shedding, metrics
+/// and panic containment, but neither the request deadline nor the body limit: each must
+/// bound its own time (an idle timeout) and memory (a fixed buffer).
+pub fn app_with_streams<S>(state: S, routes: Router<S>, streams: Router<S>) -> Router
+where
+    S: Clone + Send + Sync + 'static,
+    AppState: FromRef<S>,
+{
     let edge = AppState::from_ref(&state);
-    let api = accounts::routes::<S>(edge.opts.max_body_bytes.min(ACCOUNT_BODY_LIMIT))
-        .merge(routes)
-        .route_layer(middleware::from_fn_with_state(
+    let guarded = |r: Router<S>| {
+        r.route_layer(middleware::from_fn_with_state(
             edge.clone(),
             session::csrf_guard,
         ))
@@ -330,13 +341,21 @@ where
             edge.clone(),
             session::reissue_cookie,
         ))
-        .layer(axum::extract::DefaultBodyLimit::max(
-            edge.opts.max_body_bytes,
-        ));
-    Router::new()
+    };
+    let api = guarded(
+        accounts::routes::<S>(edge.opts.max_body_bytes.min(ACCOUNT_BODY_LIMIT)).merge(routes),
+    )
+    .layer(axum::extract::DefaultBodyLimit::max(
+        edge.opts.max_body_bytes,
+    ));
+    let bounded = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(api)
+        .layer(middleware::from_fn_with_state(edge.clone(), deadline));
+    let streams = guarded(streams).layer(axum::extract::DefaultBodyLimit::disable());
+    bounded
+        .merge(streams)
         .route_layer(middleware::from_fn(track))
         .fallback(|| async { AppError::not_found("no such route") })
         .method_not_allowed_fallback(|| async {
@@ -346,7 +365,6 @@ where
                 "method not allowed on this route",
             )
         })
-        .layer(middleware::from_fn_with_state(edge.clone(), deadline))
         .layer(middleware::from_fn_with_state(edge.clone(), shed_load))
         .layer(middleware::from_fn_with_state(edge, served_by))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use holdfast_shop::{CatalogCache, Shop, ShopOptions};
+use holdfast_shop::{CatalogCache, Shop, ShopOptions, UploadSetup};
 use holdfast_web::{AppState, WebOptions};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -45,6 +45,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         } else {
             &holdfast_shop::SCHEMA
         },
+        uploads: Some(
+            UploadSetup::local(args.store.data_dir.join("uploads"))
+                .context("opening the uploads directory")?,
+        ),
         ..ShopOptions::default()
     };
     if args.as_old_release {
@@ -114,8 +118,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     };
     let sessions = state.sessions().clone();
-    let app = holdfast_shop::app(Shop::new(state, shop_opts))
-        .into_make_service_with_connect_info::<SocketAddr>();
+    let shop = Shop::new(state, shop_opts);
+    if let Some(uploads) = shop.uploads().cloned() {
+        tokio::spawn(async move { uploads.run_reaper(REAP_EVERY, pending()).await });
+    }
+    let app = holdfast_shop::app(shop).into_make_service_with_connect_info::<SocketAddr>();
     let server =
         axum::serve(holdfast_web::public_listener(listener), app).with_graceful_shutdown(drain);
     let grace_over = async {

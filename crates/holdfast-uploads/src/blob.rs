@@ -1,0 +1,300 @@
+//! Where an upload's bytes live: one small trait, [`BlobStore`], and its backends.
+//!
+//! A blob store keeps *parts*: each writer's bytes go into a part numbered by the store's
+//! ledger (`Store::upload_next_part`), a number no other writer ever gets, so a writer that lost
+//! its lease can only ever write into a part the ledger will never name. A part is durable
+//! when [`PartWriter::finish`] returns; only then is it acknowledged. Reads follow the ledger.
+
+use crate::Error;
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::stream::BoxStream;
+use holdfast_store::UploadPart;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+/// A stream of an upload's bytes.
+pub type ByteStream = BoxStream<'static, Result<Bytes, std::io::Error>>;
+
+/// Where upload bytes are kept. Every method may be called by any instance for any upload.
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// Prepares for a new upload; the handle returned (if any) is kept with the upload's row
+    /// and passed back to every later call.
+    async fn begin(&self, upload: &str) -> Result<Option<String>, Error>;
+    /// Starts part `part_no` of `upload`.
+    async fn part(
+        &self,
+        upload: &str,
+        handle: Option<&str>,
+        part_no: i64,
+    ) -> Result<Box<dyn PartWriter>, Error>;
+    /// Throws away a finished part the ledger will not name (a checksum that did not match).
+    async fn drop_part(
+        &self,
+        upload: &str,
+        handle: Option<&str>,
+        part_no: i64,
+    ) -> Result<(), Error>;
+    /// The upload is complete and `parts` is its whole ledger.
+    async fn complete(
+        &self,
+        upload: &str,
+        handle: Option<&str>,
+        parts: &[UploadPart],
+    ) -> Result<(), Error>;
+    /// Bytes `range` of a complete upload whose ledger is `parts`.
+    async fn read(
+        &self,
+        upload: &str,
+        handle: Option<&str>,
+        parts: &[UploadPart],
+        range: Range<u64>,
+    ) -> Result<ByteStream, Error>;
+    /// Removes everything kept for `upload`, named by the ledger or not. Removing what is
+    /// already gone succeeds.
+    async fn remove(&self, upload: &str, handle: Option<&str>) -> Result<(), Error>;
+}
+
+/// One part being written. Dropped without [`PartWriter::finish`], its bytes were never
+/// acknowledged and may be left behind until the upload is removed.
+#[async_trait]
+pub trait PartWriter: Send {
+    async fn write(&mut self, bytes: Bytes) -> Result<(), Error>;
+    /// Makes the part durable; the store's tag for it, if it has one.
+    async fn finish(self: Box<Self>) -> Result<Option<String>, Error>;
+}
+
+/// Parts as files under a directory on a local disk (the default: `<data dir>/uploads`): one
+/// directory per upload, one file per part. Durable means `fdatasync` on the file and `fsync`
+/// on the directory that names it.
+#[derive(Debug, Clone)]
+pub struct LocalDir {
+    root: PathBuf,
+}
+
+/// How much a local part buffers before it writes (one system call per this many bytes).
+const WRITE_BUFFER: usize = 1024 * 1024;
+/// How much of a part one read hands to the response at a time.
+const READ_CHUNK: usize = 256 * 1024;
+
+impl LocalDir {
+    /// Parts under `root`, created if missing.
+    pub fn new(root: impl Into<PathBuf>) -> Result<Self, Error> {
+        let root = root.into();
+        std::fs::create_dir_all(&root)?;
+        Ok(Self { root })
+    }
+
+    fn dir(&self, upload: &str) -> PathBuf {
+        self.root.join(upload)
+    }
+
+    fn part_path(&self, upload: &str, part_no: i64) -> PathBuf {
+        self.dir(upload).join(format!("{part_no:010}"))
+    }
+}
+
+/// Makes a directory's entries durable.
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, Error> {
+    Ok(tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))??)
+}
+
+#[async_trait]
+impl BlobStore for LocalDir {
+    async fn begin(&self, upload: &str) -> Result<Option<String>, Error> {
+        let (root, dir) = (self.root.clone(), self.dir(upload));
+        blocking(move || {
+            std::fs::create_dir_all(&dir)?;
+            sync_dir(&root)
+        })
+        .await?;
+        Ok(None)
+    }
+
+    async fn part(
+        &self,
+        upload: &str,
+        _handle: Option<&str>,
+        part_no: i64,
+    ) -> Result<Box<dyn PartWriter>, Error> {
+        let (dir, path) = (self.dir(upload), self.part_path(upload, part_no));
+        let file = blocking({
+            let (dir, path) = (dir.clone(), path.clone());
+            move || {
+                std::fs::create_dir_all(&dir)?;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+            }
+        })
+        .await?;
+        Ok(Box::new(LocalPart {
+            file: Some(file),
+            dir,
+            buf: BytesMut::with_capacity(WRITE_BUFFER),
+        }))
+    }
+
+    async fn drop_part(
+        &self,
+        upload: &str,
+        _handle: Option<&str>,
+        part_no: i64,
+    ) -> Result<(), Error> {
+        let path = self.part_path(upload, part_no);
+        blocking(move || match std::fs::remove_file(path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        })
+        .await
+    }
+
+    async fn complete(
+        &self,
+        upload: &str,
+        _handle: Option<&str>,
+        parts: &[UploadPart],
+    ) -> Result<(), Error> {
+        // The ledger's parts are the upload; any other file in its directory is a part a
+        // writer never got acknowledged (it died, or lost its lease): sweep them now.
+        let dir = self.dir(upload);
+        let keep: std::collections::HashSet<String> =
+            parts.iter().map(|p| format!("{:010}", p.part_no)).collect();
+        blocking(move || {
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                if !keep.contains(entry.file_name().to_string_lossy().as_ref()) {
+                    std::fs::remove_file(entry.path())?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    async fn read(
+        &self,
+        upload: &str,
+        _handle: Option<&str>,
+        parts: &[UploadPart],
+        range: Range<u64>,
+    ) -> Result<ByteStream, Error> {
+        // Each piece: a part's file, where to start in it, how many bytes.
+        let mut pieces = std::collections::VecDeque::new();
+        for p in parts {
+            let (start, len) = (p.start_offset as u64, p.part_length as u64);
+            let (from, to) = (range.start.max(start), range.end.min(start + len));
+            if from < to {
+                pieces.push_back((self.part_path(upload, p.part_no), from - start, to - from));
+            }
+        }
+        let stream = futures::stream::try_unfold(
+            (pieces, None::<(std::fs::File, u64)>),
+            |(mut pieces, mut open)| async move {
+                loop {
+                    if let Some((file, left)) = open.take() {
+                        if left > 0 {
+                            let want = left.min(READ_CHUNK as u64) as usize;
+                            let (file, chunk) = tokio::task::spawn_blocking(move || {
+                                let mut file = file;
+                                let mut buf = vec![0; want];
+                                file.read_exact(&mut buf)?;
+                                Ok::<_, std::io::Error>((file, buf))
+                            })
+                            .await
+                            .map_err(|e| std::io::Error::other(e.to_string()))??;
+                            let left = left - chunk.len() as u64;
+                            return Ok(Some((Bytes::from(chunk), (pieces, Some((file, left))))));
+                        }
+                    }
+                    let Some((path, skip, len)) = pieces.pop_front() else {
+                        return Ok(None);
+                    };
+                    let file = tokio::task::spawn_blocking(move || {
+                        let mut f = std::fs::File::open(path)?;
+                        f.seek(SeekFrom::Start(skip))?;
+                        Ok::<_, std::io::Error>(f)
+                    })
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))??;
+                    open = Some((file, len));
+                }
+            },
+        );
+        Ok(Box::pin(stream))
+    }
+
+    async fn remove(&self, upload: &str, _handle: Option<&str>) -> Result<(), Error> {
+        let (root, dir) = (self.root.clone(), self.dir(upload));
+        blocking(move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => sync_dir(&root),
+        })
+        .await
+    }
+}
+
+/// A part file being written: bytes gather in `buf` and reach the file a megabyte at a time.
+struct LocalPart {
+    /// `None` only while a write runs on the blocking pool.
+    file: Option<std::fs::File>,
+    dir: PathBuf,
+    buf: BytesMut,
+}
+
+impl LocalPart {
+    async fn flush(&mut self) -> Result<(), Error> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let data = self.buf.split().freeze();
+        let mut file = self
+            .file
+            .take()
+            .ok_or_else(|| std::io::Error::other("part file lost by an earlier failed write"))?;
+        let file = blocking(move || {
+            file.write_all(&data)?;
+            Ok(file)
+        })
+        .await?;
+        self.file = Some(file);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PartWriter for LocalPart {
+    async fn write(&mut self, bytes: Bytes) -> Result<(), Error> {
+        self.buf.extend_from_slice(&bytes);
+        if self.buf.len() >= WRITE_BUFFER {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<Option<String>, Error> {
+        self.flush().await?;
+        let file = self
+            .file
+            .take()
+            .ok_or_else(|| std::io::Error::other("part file lost by an earlier failed write"))?;
+        let dir = self.dir.clone();
+        blocking(move || {
+            file.sync_data()?;
+            sync_dir(&dir)
+        })
+        .await?;
+        Ok(None)
+    }
+}
