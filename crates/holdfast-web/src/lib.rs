@@ -353,7 +353,11 @@ where
         .route("/readyz", get(readyz))
         .merge(api)
         .layer(middleware::from_fn_with_state(edge.clone(), deadline));
-    let streams = guarded(streams).layer(axum::extract::DefaultBodyLimit::disable());
+    let streams = if streams.has_routes() {
+        guarded(streams).layer(axum::extract::DefaultBodyLimit::disable())
+    } else {
+        streams
+    };
     bounded
         .merge(streams)
         .route_layer(middleware::from_fn(track))
