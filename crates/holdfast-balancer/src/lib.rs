@@ -27,7 +27,10 @@
 //! other upstream response, 5xx included, is passed through as-is.
 //!
 //! Request bodies are buffered (up to [`BalancerOptions::max_buffered_body`]) so they can be
-//! re-sent; response bodies are streamed. Errors made by the balancer itself are RFC 9457
+//! re-sent; response bodies are streamed. The exception is a route the application declares
+//! streamed ([`BalancerOptions::streamed_routes`], say a resumable upload's `PATCH`): its body
+//! flows through as it arrives, under an idle timeout instead of a total one, to one instance,
+//! and is never re-sent (the client resumes, asking the application where it stands). Errors made by the balancer itself are RFC 9457
 //! `application/problem+json`. The operator endpoints — `GET /ops/instances` (JSON published
 //! by the supervisor), `GET /ops/upstreams` (the health table) and `GET /ops/stats`
 //! (`retries_total`: requests re-sent to another instance) — are served on a listener of their
@@ -48,7 +51,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use holdfast_http::ParseErrorsAsProblems;
 use http::{header, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -100,6 +103,12 @@ pub struct BalancerOptions {
     /// no effect anyone minds, like a login: the unused session expires): a request to one
     /// of them may be re-sent after it may have reached an instance.
     pub repeatable_routes: Vec<String>,
+    /// Routes whose request bodies are streamed rather than buffered, as `"PATCH /api/x/{id}"`:
+    /// no size limit and no total time limit here (the application bounds them); a body that
+    /// sends nothing for `body_read_timeout` is cut; one attempt, never re-sent once sent, and
+    /// no `attempt_timeout` on the answer (it comes after the whole body). A frozen instance
+    /// still ends the attempt.
+    pub streamed_routes: Vec<String>,
     /// Consecutive failed attempts (no answer, or 500/502/504) after which an upstream is
     /// ejected: tried only when no other upstream can be, for `ejection_time`, however its
     /// `/readyz` answers. An instance that is ready but failing is an outlier, not a peer.
@@ -144,6 +153,7 @@ impl Default for BalancerOptions {
             max_connections_per_client: 256,
             keyed_routes: Vec::new(),
             repeatable_routes: Vec::new(),
+            streamed_routes: Vec::new(),
             eject_after_failures: 5,
             ejection_time: Duration::from_secs(10),
             client_rate: Some(ClientRate {
@@ -174,7 +184,7 @@ pub struct Balancer {
 
 struct Inner {
     opts: BalancerOptions,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpConnector, proxy::UpstreamBody>,
     upstreams: RwLock<Arc<[Arc<Upstream>]>>,
     next: AtomicUsize,
     instances: RwLock<Bytes>,
@@ -733,7 +743,7 @@ impl Balancer {
     /// dead process misses it) and records whether it answered in time.
     async fn check_liveness(&self, upstream: &Upstream) {
         let uri = format!("http://{}/healthz", upstream.addr);
-        let Ok(req) = Request::get(uri).body(Full::default()) else {
+        let Ok(req) = Request::get(uri).body(proxy::upstream_full(Bytes::new())) else {
             return;
         };
         let probe = async {
@@ -751,7 +761,7 @@ impl Balancer {
     /// Asks `upstream` for `/readyz`, records and returns whether it is healthy.
     async fn check_health(&self, upstream: &Upstream) -> bool {
         let uri = format!("http://{}/readyz", upstream.addr);
-        let Ok(req) = Request::get(uri).body(Full::default()) else {
+        let Ok(req) = Request::get(uri).body(proxy::upstream_full(Bytes::new())) else {
             return false;
         };
         let probe = async {

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use serde::Deserialize;
 
 use crate::Balancer;
@@ -314,7 +314,7 @@ impl Balancer {
 
     async fn scrape(&self, addr: &str) -> Option<String> {
         let req = Request::get(format!("http://{addr}/metrics"))
-            .body(Full::<Bytes>::default())
+            .body(crate::proxy::upstream_full(Bytes::new()))
             .ok()?;
         let fetch = async {
             let resp = self.inner.client.request(req).await.ok()?;

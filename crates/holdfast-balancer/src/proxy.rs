@@ -18,6 +18,14 @@ use tokio::time::timeout;
 use crate::{Balancer, Upstream};
 
 pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
+/// What the balancer sends upstream: a buffered body, or a streamed one that may fail
+/// (the client stalled or went away).
+pub(crate) type UpstreamBody = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A buffered body as an [`UpstreamBody`].
+pub(crate) fn upstream_full(bytes: Bytes) -> UpstreamBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
 
 use holdfast_http::IDEMPOTENCY_KEY;
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
@@ -40,6 +48,15 @@ enum Failure {
 impl Balancer {
     pub(crate) async fn proxy(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
         let (parts, body) = req.into_parts();
+        let streamed = self
+            .inner
+            .opts
+            .streamed_routes
+            .iter()
+            .any(|route| route_matches(route, &parts.method, parts.uri.path()));
+        if streamed {
+            return self.proxy_streamed(parts, body, peer).await;
+        }
         let body = match self.buffer(&parts.headers, body).await {
             Ok(body) => body,
             Err(resp) => return resp,
@@ -51,7 +68,7 @@ impl Balancer {
             &self.inner.opts.keyed_routes,
             &self.inner.opts.repeatable_routes,
         );
-        let headers = forwarded_headers(&parts.headers, peer, body.len());
+        let headers = forwarded_headers(&parts.headers, peer, Some(body.len()));
         let path = parts
             .uri
             .path_and_query()
@@ -72,13 +89,19 @@ impl Balancer {
             if attempt > 0 {
                 self.inner.retries.fetch_add(1, Ordering::Relaxed);
             }
-            let req = match upstream_request(&parts, upstream.addr, &path, &headers, &body) {
+            let req = match upstream_request(
+                &parts,
+                upstream.addr,
+                &path,
+                &headers,
+                upstream_full(body.clone()),
+            ) {
                 Ok(req) => req,
                 Err(detail) => return problem(StatusCode::BAD_REQUEST, detail),
             };
             // On the last candidate even a draining upstream's 503 is the best answer we have.
             let retry_503 = retry_safe && attempt + 1 < candidates.len();
-            let failure = match self.attempt(upstream, req, retry_503).await {
+            let failure = match self.attempt(upstream, req, retry_503, true).await {
                 Ok(resp) => return resp,
                 Err(failure) => failure,
             };
@@ -99,19 +122,62 @@ impl Balancer {
         problem(failure.status(), detail)
     }
 
-    /// Sends `req` to `upstream` once; a failed attempt marks the upstream unhealthy.
+    /// A streamed route's request: its body flows to one upstream as it arrives (cut if it
+    /// stalls for `body_read_timeout`), and is not re-sent unless it certainly never left.
+    async fn proxy_streamed(
+        &self,
+        parts: Parts,
+        body: Incoming,
+        peer: SocketAddr,
+    ) -> Response<Body> {
+        let headers = forwarded_headers(&parts.headers, peer, None);
+        let path = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let Some(upstream) = self.candidates().into_iter().next() else {
+            return problem(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no upstream instance is answering",
+            );
+        };
+        let body = idle_limited(body, self.inner.opts.body_read_timeout);
+        let req = match upstream_request(&parts, upstream.addr, &path, &headers, body) {
+            Ok(req) => req,
+            Err(detail) => return problem(StatusCode::BAD_REQUEST, detail),
+        };
+        match self.attempt(&upstream, req, false, false).await {
+            Ok(resp) => resp,
+            Err(failure) => {
+                let detail = format!(
+                    "{failure}; a streamed request is sent once: ask the application where it \
+                     stands and resume"
+                );
+                tracing::warn!(method = %parts.method, uri = %parts.uri, %detail, "request failed");
+                problem(failure.status(), detail)
+            }
+        }
+    }
+
+    /// Sends `req` to `upstream` once; a failed attempt marks the upstream unhealthy. With
+    /// `timed`, the answer's head must come within `attempt_timeout`.
     async fn attempt(
         &self,
         upstream: &Upstream,
-        req: Request<Full<Bytes>>,
+        req: Request<UpstreamBody>,
         retry_503: bool,
+        timed: bool,
     ) -> Result<Response<Body>, Failure> {
         let addr = upstream.addr;
         let frozen = upstream.frozen.notified();
-        let sent = timeout(
-            self.inner.opts.attempt_timeout,
-            self.inner.client.request(req),
-        );
+        let limit = if timed {
+            self.inner.opts.attempt_timeout
+        } else {
+            // A streamed body: the answer comes after the whole body, however long it takes.
+            std::time::Duration::from_secs(365 * 24 * 3600)
+        };
+        let sent = timeout(limit, self.inner.client.request(req));
         let outcome = tokio::select! {
             outcome = sent => outcome,
             () = frozen => return Err(Failure::Frozen(addr)),
@@ -304,20 +370,38 @@ fn never_sent(error: &hyper_util::client::legacy::Error) -> bool {
             .is_some_and(hyper::Error::is_canceled)
 }
 
+/// A client's body passed on as it arrives; a wait of more than `idle` for the next frame
+/// ends it with an error (the upstream sees the body cut short).
+fn idle_limited(body: Incoming, idle: std::time::Duration) -> UpstreamBody {
+    let frames = futures::stream::unfold(Some(body), move |body| async move {
+        let mut body = body?;
+        match timeout(idle, body.frame()).await {
+            Ok(Some(Ok(frame))) => Some((Ok(frame), Some(body))),
+            Ok(None) => None,
+            Ok(Some(Err(e))) => Some((
+                Err(Box::new(e) as Box<dyn std::error::Error + Send + Sync>),
+                None,
+            )),
+            Err(_) => Some((Err("the request body stalled".into()), None)),
+        }
+    });
+    http_body_util::StreamBody::new(frames).boxed()
+}
+
 fn upstream_request(
     parts: &Parts,
     addr: SocketAddr,
     path: &PathAndQuery,
     headers: &HeaderMap,
-    body: &Bytes,
-) -> Result<Request<Full<Bytes>>, String> {
+    body: UpstreamBody,
+) -> Result<Request<UpstreamBody>, String> {
     let uri = Uri::builder()
         .scheme("http")
         .authority(addr.to_string())
         .path_and_query(path.clone())
         .build()
         .map_err(|error| format!("invalid request target: {error}"))?;
-    let mut req = Request::new(Full::new(body.clone()));
+    let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = uri;
     *req.version_mut() = Version::HTTP_11;
@@ -325,15 +409,18 @@ fn upstream_request(
     Ok(req)
 }
 
-/// The client's headers as sent upstream: end-to-end ones only, the body's length, and the
-/// client's address appended to `X-Forwarded-For`.
-fn forwarded_headers(client: &HeaderMap, peer: SocketAddr, body_len: usize) -> HeaderMap {
+/// The client's headers as sent upstream: end-to-end ones only, the body's length (a
+/// buffered body's, `Some`; a streamed one keeps the client's `Content-Length`, if any), and
+/// the client's address appended to `X-Forwarded-For`.
+fn forwarded_headers(client: &HeaderMap, peer: SocketAddr, body_len: Option<usize>) -> HeaderMap {
     let mut headers = client.clone();
     strip_hop_by_hop(&mut headers);
-    // The body is already complete; nothing to wait for.
+    // The body is on its way; nothing to wait for.
     headers.remove(header::EXPECT);
-    if headers.remove(header::CONTENT_LENGTH).is_some() || body_len > 0 {
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+    if let Some(body_len) = body_len {
+        if headers.remove(header::CONTENT_LENGTH).is_some() || body_len > 0 {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(body_len));
+        }
     }
     let mut chain: Vec<&str> = client
         .get_all(X_FORWARDED_FOR)

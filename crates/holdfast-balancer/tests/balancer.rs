@@ -253,10 +253,10 @@ async fn answer(State(app): State<App>, req: AxumRequest) -> AxumResponse {
             }
             "finally".into_response()
         }
-        _ => {
-            let body = req.into_body().collect().await.expect("body").to_bytes();
-            format!("{} got {} bytes", app.name, body.len()).into_response()
-        }
+        _ => match req.into_body().collect().await {
+            Ok(body) => format!("{} got {} bytes", app.name, body.to_bytes().len()).into_response(),
+            Err(_) => (StatusCode::BAD_REQUEST, "the body was cut").into_response(),
+        },
     }
 }
 
@@ -806,6 +806,53 @@ async fn slow_clients_are_cut_off_and_cannot_take_every_connection() {
     assert!(served.starts_with("HTTP/1.1 200"), "{served}");
     assert!(served.ends_with("a got 0 bytes"), "{served}");
     drop(idle);
+}
+
+/// A streamed route (a resumable upload's PATCH) is not buffered: a body past the buffer limit
+/// passes; one that stalls is cut after the body timeout, and is not sent anywhere else.
+#[tokio::test]
+async fn streamed_routes_flow_past_the_buffer_limit_and_a_stall_cuts_them_once() {
+    let (a, app_a) = App::named("a").spawn().await;
+    let (b, app_b) = App::named("b").spawn().await;
+    let opts = BalancerOptions {
+        max_buffered_body: 1024,
+        body_read_timeout: Duration::from_millis(300),
+        streamed_routes: vec!["PATCH /uploads/{id}".to_owned()],
+        ..steady()
+    };
+    let lb = start(opts, vec![a, b]).await;
+    let big = vec![7; 64 * 1024];
+    let reply = lb.send(Method::PATCH, "/uploads/1", &[], &big).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert!(
+        reply.text().ends_with("got 65536 bytes"),
+        "{}",
+        reply.text()
+    );
+    // Any other route still buffers, and refuses what does not fit.
+    let reply = lb.send(Method::PATCH, "/uploads", &[], &big).await;
+    reply.assert_problem(StatusCode::PAYLOAD_TOO_LARGE);
+    let before = app_a.hits() + app_b.hits();
+
+    // 10 bytes of 100, then nothing: the body is cut on its way, and the request is not
+    // re-sent to the other instance.
+    let mut stalled = connect_from([127, 0, 0, 1], lb.addr).await;
+    stalled
+        .write_all(b"PATCH /uploads/2 HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), read_to_close(&mut stalled))
+        .await
+        .expect("the balancer gives up on the stalled body");
+    assert!(
+        answer.starts_with("HTTP/1.1 502") || answer.starts_with("HTTP/1.1 400"),
+        "{answer}"
+    );
+    assert_eq!(
+        app_a.hits() + app_b.hits(),
+        before + 1,
+        "sent once, to one instance"
+    );
 }
 
 #[tokio::test]

@@ -37,6 +37,10 @@ use holdfast_store::{Migration, Phase, Schema};
 /// balancer or proxy needs to know them to re-send a keyed request safely.
 pub const KEYED_ROUTES: &[&str] = &["POST /api/cart/items", "POST /api/checkout"];
 
+/// The routes whose request bodies a balancer should stream instead of buffering (a video
+/// review's bytes: tus creation-with-upload and PATCH), never re-sending them.
+pub const STREAMED_ROUTES: &[&str] = &["POST /api/uploads", "PATCH /api/uploads/{id}"];
+
 pub const PAYMENTS_QUEUE: &str = "payments";
 pub const PAYOUT_KIND: &str = "payout";
 /// The queue an order's receipt runs on, and its kind.
@@ -142,6 +146,15 @@ mod tests {
                 assert_eq!(on_disk, up, "{pg} is Postgres's spelling of {}", m.file);
             }
         }
+    }
+
+    #[test]
+    fn the_streamed_routes_are_where_uploads_are_mounted() {
+        let base = holdfast_uploads::UploadOptions::default().base_path;
+        assert_eq!(
+            super::STREAMED_ROUTES,
+            [format!("POST {base}"), format!("PATCH {base}/{{id}}")]
+        );
     }
 
     #[test]

@@ -39,7 +39,7 @@ use tracing::{info, warn};
 use crate::cli::UpArgs;
 use crate::serve::LISTENING;
 
-/// The balancer's options for the shop: the routes it may re-send, and `client_rate` requests
+/// The balancer's options for the shop: the routes it may re-send, those it streams, and `client_rate` requests
 /// per second per client address (bursts of twice that; 0: unlimited). Shared by `up` and
 /// `balance`, so both balance the same way.
 pub(crate) fn shop_balancer_options(client_rate: u32) -> BalancerOptions {
@@ -49,6 +49,10 @@ pub(crate) fn shop_balancer_options(client_rate: u32) -> BalancerOptions {
             .map(|r| (*r).to_owned())
             .collect(),
         repeatable_routes: holdfast_web::REPEATABLE_ROUTES
+            .iter()
+            .map(|r| (*r).to_owned())
+            .collect(),
+        streamed_routes: holdfast_shop::STREAMED_ROUTES
             .iter()
             .map(|r| (*r).to_owned())
             .collect(),

@@ -367,9 +367,9 @@ async fn down_then_up(backend: Backend, url: String) {
     .unwrap();
     assert!(down.status.success(), "{}", said(&down));
     assert!(
-        said(&down).contains(
-            "undid 1 migration(s): crates/holdfast-store/migrations/0006_uploads.sql"
-        ) && said(&down).contains("store: 5 applied, 1 pending"),
+        said(&down)
+            .contains("undid 1 migration(s): crates/holdfast-store/migrations/0006_uploads.sql")
+            && said(&down).contains("store: 5 applied, 1 pending"),
         "{}",
         said(&down)
     );
