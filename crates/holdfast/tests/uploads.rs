@@ -1,0 +1,213 @@
+//! A real tus client against the real system: `tus-js-client` from npm (installed by
+//! `crates/holdfast-uploads/scripts/install-peers.sh`, driven through
+//! `tests/node/tus_upload.js`) uploads a video review through `holdfast up`'s balancer, and
+//! the instance taking its PATCH is SIGKILLed mid-body. The client must resume the same upload
+//! on the other instance and finish it with the bytes it sent — and nothing on our side knows
+//! which client it is.
+//!
+//! Without node or the package the test is skipped with a note; under `CI=true` it fails.
+
+use holdfast_faultproxy::{FaultProxy, ProxySpec, Stream, Toxic, ToxicSpec};
+use holdfast_testkit::system::{spawn_system, web_pids};
+use holdfast_testkit::Backend;
+use sha2::{Digest, Sha256};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+const INSTALL: &str = "crates/holdfast-uploads/scripts/install-peers.sh";
+
+/// Where the npm packages are, or `None` (skip) when node or tus-js-client is missing.
+fn node_modules() -> Option<std::path::PathBuf> {
+    let modules =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../holdfast-uploads/tools/node/node_modules");
+    let node = std::process::Command::new("node").arg("--version").output();
+    let missing = if !node.is_ok_and(|out| out.status.success()) {
+        "node is not on PATH"
+    } else if !modules.join("tus-js-client/package.json").exists() {
+        "tus-js-client is not installed"
+    } else {
+        return Some(modules);
+    };
+    assert!(
+        !holdfast_store::testing::in_ci(),
+        "{missing}: run {INSTALL} (CI=true: not skipping)"
+    );
+    eprintln!("skipping the tus-js-client test: {missing}; run {INSTALL}");
+    None
+}
+
+/// Signs up, logs in (the cookie, as a header value) and orders `sku`, so that a review of it
+/// may be uploaded.
+async fn buyer(base: &str, sku: &str) -> String {
+    let http = reqwest::Client::new();
+    let creds = serde_json::json!({ "email": "reviewer@example.com", "password": holdfast_testkit::app::PASSWORD });
+    let signup = http
+        .post(format!("{base}/api/signup"))
+        .json(&creds)
+        .send()
+        .await
+        .expect("signup");
+    assert_eq!(signup.status(), 201);
+    let login = http
+        .post(format!("{base}/api/login"))
+        .json(&creds)
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(login.status(), 200);
+    let set = login.headers()["set-cookie"]
+        .to_str()
+        .expect("ascii cookie");
+    let cookie = set.split(';').next().expect("name=value").to_owned();
+    let add = http
+        .post(format!("{base}/api/cart/items"))
+        .header("cookie", &cookie)
+        .json(&serde_json::json!({ "sku": sku, "qty": 1 }))
+        .send()
+        .await
+        .expect("add");
+    assert_eq!(add.status(), 200);
+    let order = http
+        .post(format!("{base}/api/checkout"))
+        .header("cookie", &cookie)
+        .header("idempotency-key", "tus-js-client-order")
+        .send()
+        .await
+        .expect("checkout");
+    assert_eq!(order.status(), 201);
+    cookie
+}
+
+/// The web instance (of `pids`) writing an upload part now: it has a file open under the
+/// data dir's `uploads/`.
+fn writer_of_an_upload(pids: &[u32], data_dir: &Path) -> Option<u32> {
+    let uploads = data_dir.join("uploads").canonicalize().ok()?;
+    pids.iter().copied().find(|pid| {
+        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
+            fds.flatten()
+                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+                .any(|target| target.starts_with(&uploads))
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tus_js_client_finishes_an_upload_whose_instance_is_killed_mid_patch() {
+    let Some(modules) = node_modules() else {
+        return;
+    };
+    let Some(mut system) = spawn_system(
+        BIN.as_ref(),
+        Backend::Sqlite,
+        2,
+        "tus_js_client",
+        &["--workers", "0"],
+    )
+    .await
+    else {
+        return;
+    };
+    let sku = holdfast_shop::CATALOG[0].sku;
+    let cookie = buyer(&system.url, sku).await;
+    // The client reaches the balancer through a fault proxy that lets 8 MB/s through, so its
+    // one PATCH of 32 MiB is still flowing when its instance dies.
+    let proxy = FaultProxy::new();
+    let balancer = system.url.trim_start_matches("http://").to_owned();
+    let info = proxy
+        .add_proxy(ProxySpec::new("shop", "127.0.0.1:0", &balancer))
+        .await
+        .expect("proxy");
+    let throttle = ToxicSpec::new(Toxic::Bandwidth { rate: 8000 }).with_stream(Stream::Upstream);
+    proxy
+        .add_toxic("shop", throttle)
+        .await
+        .expect("bandwidth toxic");
+    let base = format!("http://{}", info.listen_addr().expect("listening"));
+
+    let bytes: Vec<u8> = (0..32u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("review.bin");
+    std::fs::write(&file, &bytes).expect("write the file");
+    let mut node = tokio::process::Command::new("node")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/node/tus_upload.js"))
+        .arg(format!("{base}/api/uploads"))
+        .arg(&cookie)
+        .arg(&file)
+        .arg(sku)
+        .env("NODE_PATH", &modules)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn node");
+    let mut lines = BufReader::new(node.stdout.take().expect("stdout")).lines();
+    let (mut killed, mut sent_at_kill, mut done) = (None, 0, None);
+    let (mut offsets, mut answers) = (Vec::new(), Vec::new());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while let Ok(Ok(Some(line))) = tokio::time::timeout_at(deadline, lines.next_line()).await {
+        let said: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+        if let Some(sent) = said["sent"].as_u64() {
+            if killed.is_none() && sent >= bytes.len() as u64 * 2 / 5 {
+                if let Some(pid) = writer_of_an_upload(&web_pids(&system), system.data_dir()) {
+                    assert!(
+                        system.signal(pid, nix::sys::signal::Signal::SIGKILL),
+                        "kill {pid}"
+                    );
+                    (killed, sent_at_kill) = (Some(pid), sent);
+                }
+            }
+        } else if let Some(offset) = said["head_offset"].as_u64() {
+            offsets.push(offset);
+        } else if let Some(answer) = said["answer"].as_str() {
+            answers.push(answer.to_owned());
+        } else if let Some(url) = said["done"].as_str() {
+            done = Some(url.to_owned());
+            break;
+        } else {
+            panic!("tus-js-client failed: {line} (answers: {answers:?})");
+        }
+    }
+    let url = done.unwrap_or_else(|| panic!("tus-js-client did not finish (answers: {answers:?})"));
+    let victim = killed.expect("the instance writing the upload was killed mid-PATCH");
+    assert!(!web_pids(&system).contains(&victim), "{victim} is gone");
+    assert!(
+        answers.iter().any(|a| a.starts_with("PATCH 50")),
+        "the PATCH in flight failed: {answers:?}"
+    );
+    // It resumed the same upload (a new one would start over at 0, and report no HEAD), from
+    // where the server had acknowledged: at most one part (8 MiB) plus what was still in the
+    // sockets and the proxy (4 MiB) is sent again.
+    assert!(
+        !offsets.is_empty(),
+        "the client asked where the upload stood: {answers:?}"
+    );
+    assert!(
+        offsets.windows(2).all(|w| w[0] <= w[1]),
+        "no acknowledged offset went backwards: {offsets:?}"
+    );
+    let resumed = offsets[0];
+    eprintln!("killed {victim} after {sent_at_kill} bytes sent; resumed at {resumed}; answers {answers:?}; HEAD offsets {offsets:?}");
+    assert!(
+        resumed + (12 << 20) >= sent_at_kill,
+        "resumed at {resumed} after {sent_at_kill} sent"
+    );
+
+    let got = reqwest::Client::new()
+        .get(format!("{}{}", system.url, url.trim_start_matches(&base)))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(got.status(), 200);
+    let got = got.bytes().await.expect("body");
+    assert_eq!(
+        hex::encode(Sha256::digest(&got)),
+        hex::encode(Sha256::digest(&bytes)),
+        "the bytes sent"
+    );
+    system.stop().await;
+}
