@@ -94,6 +94,9 @@ pub struct UploadAck<'a> {
     pub expires_at: i64,
     /// Keep the lease until then (more bytes are coming), or `None` to release it.
     pub lease_until: Option<i64>,
+    /// A short last part whose bytes the first of `parts` also holds (it starts where this
+    /// one does): it leaves the ledger as they join it.
+    pub replaces: Option<&'a UploadPart>,
 }
 
 const COLUMNS: &str = "id, owner_id, subject, upload_length, upload_offset, metadata, \
@@ -266,7 +269,8 @@ impl Store {
     /// transaction, only if the writer's attempt is still current and the offset is still
     /// where it started; the upload is complete when the offset reaches its length.
     pub async fn upload_ack(&self, ack: &UploadAck<'_>) -> Result<i64> {
-        let added: i64 = ack.parts.iter().map(|p| p.part_length).sum();
+        let added: i64 = ack.parts.iter().map(|p| p.part_length).sum::<i64>()
+            - ack.replaces.map_or(0, |r| r.part_length);
         let to = ack.from_offset + added;
         self.run(Rerun::IfUncommitted, "upload_ack", || async {
             let mut tx = self.begin_write().await?;
@@ -286,6 +290,13 @@ impl Store {
             .execute(tx.conn())
             .await?;
             one_row(&moved, Error::UploadLeaseLost)?;
+            if let Some(r) = ack.replaces {
+                sqlx::query("DELETE FROM upload_parts WHERE upload_id = $1 AND part_no = $2")
+                    .bind(ack.id)
+                    .bind(r.part_no)
+                    .execute(tx.conn())
+                    .await?;
+            }
             for p in ack.parts {
                 sqlx::query(
                     "INSERT INTO upload_parts (upload_id, part_no, start_offset, part_length, \

@@ -6,6 +6,7 @@
 //!   its real router, or served on port 0;
 //! - [`process`]: the real `holdfast` binary as a child process, judged from the outside;
 //! - [`redis`]: the `REDIS_URL` server, a key prefix per test, and "Redis lost its memory";
+//! - [`s3`]: a real S3-compatible server (moto's) per test;
 //! - [`system`]: a whole system (`holdfast up`, started exactly as the drill starts it) and a
 //!   shopper that talks to it;
 //! - [`uploads`]: `holdfast-uploads` in-process without the shop, instances sharing a blob
@@ -15,6 +16,7 @@ pub mod app;
 pub mod db;
 pub mod process;
 pub mod redis;
+pub mod s3;
 pub mod system;
 pub mod uploads;
 

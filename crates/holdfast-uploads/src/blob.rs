@@ -23,13 +23,20 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Prepares for a new upload; the handle returned (if any) is kept with the upload's row
     /// and passed back to every later call.
     async fn begin(&self, upload: &str) -> Result<Option<String>, Error>;
-    /// Starts part `part_no` of `upload`.
+    /// Starts a part of `upload` at `place`.
     async fn part(
         &self,
         upload: &str,
         handle: Option<&str>,
-        part_no: i64,
+        place: PartPlace,
     ) -> Result<Box<dyn PartWriter>, Error>;
+    /// Whether a part shorter than the part size that is not the upload's last is kept only
+    /// as a *tail*: acknowledged and durable, but absorbed (re-read and written again) by the
+    /// next PATCH's first part, so that every part but the last is exactly the part size (S3's
+    /// multipart upload wants parts of at least 5 MiB, numbered by position).
+    fn keeps_tails(&self) -> bool {
+        false
+    }
     /// Throws away a finished part the ledger will not name (a checksum that did not match).
     async fn drop_part(
         &self,
@@ -62,8 +69,18 @@ pub trait BlobStore: Send + Sync + 'static {
 #[async_trait]
 pub trait PartWriter: Send {
     async fn write(&mut self, bytes: Bytes) -> Result<(), Error>;
-    /// Makes the part durable; the store's tag for it, if it has one.
-    async fn finish(self: Box<Self>) -> Result<Option<String>, Error>;
+    /// Makes the part durable; the store's tag for it, if it has one (`None` for a store
+    /// that keeps tails: this part is a tail). `last`: it ends the upload.
+    async fn finish(self: Box<Self>, last: bool) -> Result<Option<String>, Error>;
+}
+
+/// Where a part goes: its number (unique to its writer, from the ledger), the offset it
+/// starts at, and the upload's part size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartPlace {
+    pub no: i64,
+    pub start: i64,
+    pub size: usize,
 }
 
 /// Parts as files under a directory on a local disk (the default: `<data dir>/uploads`): one
@@ -125,9 +142,9 @@ impl BlobStore for LocalDir {
         &self,
         upload: &str,
         _handle: Option<&str>,
-        part_no: i64,
+        place: PartPlace,
     ) -> Result<Box<dyn PartWriter>, Error> {
-        let (dir, path) = (self.dir(upload), self.part_path(upload, part_no));
+        let (dir, path) = (self.dir(upload), self.part_path(upload, place.no));
         let file = blocking({
             let (dir, path) = (dir.clone(), path.clone());
             move || {
@@ -283,7 +300,7 @@ impl PartWriter for LocalPart {
         Ok(())
     }
 
-    async fn finish(mut self: Box<Self>) -> Result<Option<String>, Error> {
+    async fn finish(mut self: Box<Self>, _last: bool) -> Result<Option<String>, Error> {
         self.flush().await?;
         let file = self
             .file

@@ -2,6 +2,7 @@
 //! download with `Range` (`GET {base}/{id}`). Every route but `OPTIONS` takes the session's
 //! user ([`Authed`]), and every lookup is by that user: another user's upload is a 404.
 
+use crate::blob::PartPlace;
 use crate::tus::{self, BadHeader, Checksum, Metadata, RangeAsk, OFFSET_OCTET_STREAM};
 use crate::{Error, Uploads};
 use axum::body::{Body, HttpBody};
@@ -501,12 +502,26 @@ async fn receive(
     declared: Option<i64>,
     checksum: Option<Checksum>,
 ) -> Result<i64, Refusal> {
+    // A blob store that keeps tails (see `BlobStore::keeps_tails`): the ledger's last part, if
+    // short, is absorbed into this PATCH's first part.
+    let tail = if up.blobs.keeps_tails() {
+        let parts = up.store.upload_parts(&row.id).await?;
+        parts
+            .last()
+            .filter(|p| p.etag.is_none() && p.start_offset + p.part_length == row.upload_offset)
+            .cloned()
+    } else {
+        None
+    };
     let mut r = Receiver {
         up,
         row,
         offset: row.upload_offset,
+        next_start: row.upload_offset,
         progressive: checksum.is_none() && declared.is_some(),
         pending: Vec::new(),
+        tail,
+        absorbed: None,
     };
     let outcome = r.run(body, declared, checksum).await;
     if outcome.is_err() {
@@ -526,6 +541,12 @@ struct Receiver<'a> {
     progressive: bool,
     /// Durable parts not yet acknowledged (a checksum, or an undeclared length, is pending).
     pending: Vec<UploadPart>,
+    /// Where the next part starts.
+    next_start: i64,
+    /// A short last part in the ledger, to be absorbed by this PATCH's first part.
+    tail: Option<UploadPart>,
+    /// The tail absorbed by a pending part: its acknowledgement replaces it.
+    absorbed: Option<UploadPart>,
 }
 
 impl Receiver<'_> {
@@ -568,7 +589,8 @@ impl Receiver<'_> {
             received += bytes.len() as i64;
             if received > room {
                 if let Some(part) = open.take() {
-                    self.pending.push(self.finish(part).await?);
+                    let done = self.finish(part).await?;
+                    self.pending.push(done);
                 }
                 return Err(past_the_end(room));
             }
@@ -602,7 +624,8 @@ impl Receiver<'_> {
             }
         };
         if let Some(part) = open.take() {
-            self.pending.push(self.finish(part).await?);
+            let done = self.finish(part).await?;
+            self.pending.push(done);
         }
         if let Some(why) = interrupted {
             // The client went away or stalled. What arrived is durable; keep it when nothing
@@ -637,30 +660,63 @@ impl Receiver<'_> {
         Ok(self.offset)
     }
 
-    /// Starts the next part, where the acknowledged and pending bytes end; its number comes
-    /// from the ledger (and renews the lease).
-    async fn open_part(&self) -> Result<OpenPart, Refusal> {
+    /// Starts the next part where the acknowledged and pending bytes end (or, absorbing a
+    /// tail, where the tail starts, with its bytes); its number comes from the ledger (and
+    /// renews the lease).
+    async fn open_part(&mut self) -> Result<OpenPart, Refusal> {
         let (up, row) = (self.up, self.row);
         let part_no = up
             .store
             .upload_next_part(&row.id, row.attempt, self.lease_until())
             .await?;
-        let start = self.offset + self.pending.iter().map(|p| p.part_length).sum::<i64>();
+        let tail = self.tail.take();
+        let start = tail.as_ref().map_or(self.next_start, |t| t.start_offset);
         let writer = up
             .blobs
-            .part(&row.id, row.blob_handle.as_deref(), part_no)
+            .part(
+                &row.id,
+                row.blob_handle.as_deref(),
+                PartPlace {
+                    no: part_no,
+                    start,
+                    size: up.opts.part_size,
+                },
+            )
             .await?;
-        Ok(OpenPart {
+        let mut part = OpenPart {
             writer,
             part_no,
             start,
             len: 0,
             sha: sha2::Sha256::new(),
-        })
+        };
+        if let Some(tail) = tail {
+            let range = tail.start_offset as u64..(tail.start_offset + tail.part_length) as u64;
+            let mut bytes = up
+                .blobs
+                .read(
+                    &row.id,
+                    row.blob_handle.as_deref(),
+                    std::slice::from_ref(&tail),
+                    range,
+                )
+                .await?;
+            while let Some(chunk) = bytes.next().await {
+                let chunk = chunk.map_err(Error::Blob)?;
+                part.sha.update(&chunk);
+                part.len += chunk.len() as i64;
+                part.writer.write(chunk).await?;
+            }
+            self.absorbed = Some(tail);
+        }
+        self.next_start = start;
+        Ok(part)
     }
 
-    async fn finish(&self, part: OpenPart) -> Result<UploadPart, Refusal> {
-        let etag = part.writer.finish().await?;
+    async fn finish(&mut self, part: OpenPart) -> Result<UploadPart, Refusal> {
+        let last = part.start + part.len == self.row.upload_length;
+        let etag = part.writer.finish(last).await?;
+        self.next_start = part.start + part.len;
         Ok(UploadPart {
             part_no: part.part_no,
             start_offset: part.start,
@@ -675,6 +731,11 @@ impl Receiver<'_> {
     async fn ack(&mut self, lease_until: Option<i64>) -> Result<(), Refusal> {
         let now = holdfast_core::now_ms();
         let parts = std::mem::take(&mut self.pending);
+        let replaces = if parts.is_empty() {
+            None
+        } else {
+            self.absorbed.take()
+        };
         match self
             .up
             .store
@@ -686,15 +747,25 @@ impl Receiver<'_> {
                 now,
                 expires_at: now + expire_ms(self.up),
                 lease_until,
+                replaces: replaces.as_ref(),
             })
             .await
         {
             Ok(offset) => {
                 self.offset = offset;
+                if let Some(tail) = replaces {
+                    // No longer named by the ledger; if this fails, completion sweeps it.
+                    let _ = self
+                        .up
+                        .blobs
+                        .drop_part(&self.row.id, self.row.blob_handle.as_deref(), tail.part_no)
+                        .await;
+                }
                 Ok(())
             }
             Err(e) => {
                 self.pending = parts;
+                self.absorbed = replaces;
                 Err(e.into())
             }
         }

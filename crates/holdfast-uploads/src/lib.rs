@@ -9,8 +9,8 @@
 //! - **State in the durable store** (`holdfast_store`'s `uploads` and `upload_parts`): the
 //!   length, the acknowledged offset, the metadata, the fence and the part ledger. Any
 //!   instance answers `HEAD` and continues a `PATCH`.
-//! - **Bytes in a blob store** ([`BlobStore`]; [`LocalDir`] by default), as parts, each
-//!   numbered by the ledger.
+//! - **Bytes in a blob store** ([`BlobStore`]): [`LocalDir`] by default, [`S3Blobs`] for a
+//!   fleet that shares no disk; as parts, each numbered by the ledger.
 //! - **One writer at a time, fenced**: a `PATCH` takes the upload for a short lease
 //!   ([`UploadOptions::lease`], renewed while bytes flow) by bumping its `attempt`; every part
 //!   it acknowledges names that attempt and the offset it started from, so a writer that
@@ -29,10 +29,12 @@
 
 pub mod blob;
 mod http;
+mod s3;
 pub mod tus;
 
-pub use blob::{BlobStore, ByteStream, LocalDir, PartWriter};
+pub use blob::{BlobStore, ByteStream, LocalDir, PartPlace, PartWriter};
 pub use http::{router, routes};
+pub use s3::S3Blobs;
 pub use tus::Metadata;
 
 use async_trait::async_trait;

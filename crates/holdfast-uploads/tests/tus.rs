@@ -6,113 +6,17 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use base64::Engine;
 use bytes::Bytes;
-use holdfast_testkit::app::{raw_request, Reply};
+use holdfast_testkit::app::raw_request;
 use holdfast_testkit::db::with_fresh_db;
-use holdfast_testkit::uploads::{spawn_uploads, UploadApp};
+use holdfast_testkit::uploads::{data, header, offset_of, small_parts, spawn_uploads, OCTETS};
 use holdfast_testkit::{both_backends, Backend};
 use holdfast_uploads::UploadOptions;
 use sha2::Digest;
 use std::time::Duration;
 
-const OCTETS: &str = "application/offset+octet-stream";
-
-/// Deterministic bytes: `n` of them, different for each `seed`.
-fn data(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
-}
-
+/// `s` in base64.
 fn b64(s: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(s)
-}
-
-fn header<'r>(r: &'r Reply, name: &str) -> Option<&'r str> {
-    r.headers.get(name).and_then(|v| v.to_str().ok())
-}
-
-fn offset_of(r: &Reply) -> Option<i64> {
-    header(r, "upload-offset").and_then(|v| v.parse().ok())
-}
-
-/// Small parts, so a few hundred KiB cross several.
-fn small_parts() -> UploadOptions {
-    UploadOptions {
-        part_size: 64 * 1024,
-        ..UploadOptions::default()
-    }
-}
-
-async fn create(app: &UploadApp, cookie: &str, length: usize, metadata: &str) -> String {
-    let r = app
-        .send(raw_request(
-            "POST",
-            "/api/uploads",
-            None,
-            Vec::new(),
-            &[
-                ("cookie", cookie),
-                ("tus-resumable", "1.0.0"),
-                ("upload-length", &length.to_string()),
-                ("upload-metadata", metadata),
-            ],
-        ))
-        .await;
-    assert_eq!(
-        r.status,
-        StatusCode::CREATED,
-        "{}",
-        String::from_utf8_lossy(&r.body)
-    );
-    assert_eq!(header(&r, "tus-resumable"), Some("1.0.0"));
-    assert!(
-        header(&r, "upload-expires").is_some(),
-        "an unfinished upload says when it expires"
-    );
-    header(&r, "location").expect("Location").to_owned()
-}
-
-async fn patch(
-    app: &UploadApp,
-    cookie: &str,
-    at: &str,
-    offset: usize,
-    bytes: &[u8],
-    extra: &[(&str, &str)],
-) -> Reply {
-    let offset = offset.to_string();
-    let mut headers = vec![
-        ("cookie", cookie),
-        ("tus-resumable", "1.0.0"),
-        ("upload-offset", offset.as_str()),
-    ];
-    headers.extend_from_slice(extra);
-    app.send(raw_request(
-        "PATCH",
-        at,
-        Some(OCTETS),
-        bytes.to_vec(),
-        &headers,
-    ))
-    .await
-}
-
-async fn head(app: &UploadApp, cookie: &str, at: &str) -> Reply {
-    app.send(raw_request(
-        "HEAD",
-        at,
-        None,
-        Vec::new(),
-        &[("cookie", cookie), ("tus-resumable", "1.0.0")],
-    ))
-    .await
-}
-
-async fn get(app: &UploadApp, cookie: &str, at: &str, extra: &[(&str, &str)]) -> Reply {
-    let mut headers = vec![("cookie", cookie)];
-    headers.extend_from_slice(extra);
-    app.send(raw_request("GET", at, None, Vec::new(), &headers))
-        .await
 }
 
 async fn options_advertise_exactly_what_is_supported(backend: Backend) {
@@ -153,14 +57,14 @@ async fn an_upload_moves_between_instances_and_downloads_whole(backend: Backend)
             b64("review.mp4"),
             b64("video/mp4")
         );
-        let at = create(&a, &cookie, bytes.len(), &meta).await;
+        let at = a.create(&cookie, bytes.len(), &meta).await;
 
-        let first = patch(&a, &cookie, &at, 0, &bytes[..100_000], &[]).await;
+        let first = a.patch(&cookie, &at, 0, &bytes[..100_000], &[]).await;
         assert_eq!(first.status, StatusCode::NO_CONTENT);
         assert_eq!(offset_of(&first), Some(100_000));
 
         // The other instance knows where the upload stands, and continues it.
-        let h = head(&b, &cookie, &at).await;
+        let h = b.head(&cookie, &at).await;
         assert_eq!(h.status, StatusCode::OK);
         assert_eq!(offset_of(&h), Some(100_000));
         assert_eq!(header(&h, "upload-length"), Some("307200"));
@@ -168,15 +72,15 @@ async fn an_upload_moves_between_instances_and_downloads_whole(backend: Backend)
         assert_eq!(header(&h, "cache-control"), Some("no-store"));
         let sum = base64::engine::general_purpose::STANDARD
             .encode(sha2::Sha256::digest(&bytes[100_000..]));
-        let rest = patch(
-            &b,
-            &cookie,
-            &at,
-            100_000,
-            &bytes[100_000..],
-            &[("upload-checksum", &format!("sha256 {sum}"))],
-        )
-        .await;
+        let rest = b
+            .patch(
+                &cookie,
+                &at,
+                100_000,
+                &bytes[100_000..],
+                &[("upload-checksum", &format!("sha256 {sum}"))],
+            )
+            .await;
         assert_eq!(
             rest.status,
             StatusCode::NO_CONTENT,
@@ -189,7 +93,7 @@ async fn an_upload_moves_between_instances_and_downloads_whole(backend: Backend)
             "a complete upload does not expire"
         );
 
-        let whole = get(&a, &cookie, &at, &[]).await;
+        let whole = a.get(&cookie, &at, &[]).await;
         assert_eq!(whole.status, StatusCode::OK);
         assert!(whole.body == bytes, "the download is the bytes sent");
         assert_eq!(
@@ -200,7 +104,9 @@ async fn an_upload_moves_between_instances_and_downloads_whole(backend: Backend)
             header(&whole, "content-type"),
             Some("application/octet-stream")
         );
-        let part = get(&b, &cookie, &at, &[("range", "bytes=65530-131080")]).await;
+        let part = b
+            .get(&cookie, &at, &[("range", "bytes=65530-131080")])
+            .await;
         assert_eq!(part.status, StatusCode::PARTIAL_CONTENT);
         assert_eq!(
             header(&part, "content-range"),
@@ -210,11 +116,11 @@ async fn an_upload_moves_between_instances_and_downloads_whole(backend: Backend)
             part.body == bytes[65530..=131080],
             "a range across parts is those bytes"
         );
-        let past = get(&b, &cookie, &at, &[("range", "bytes=307200-")]).await;
+        let past = b.get(&cookie, &at, &[("range", "bytes=307200-")]).await;
         assert_eq!(past.status, StatusCode::RANGE_NOT_SATISFIABLE);
         assert_eq!(header(&past, "content-range"), Some("bytes */307200"));
 
-        let listed = get(&b, &cookie, "/api/uploads", &[]).await.json();
+        let listed = b.get(&cookie, "/api/uploads", &[]).await.json();
         let one = &listed["uploads"][0];
         assert_eq!(one["location"], at.as_str());
         assert_eq!(one["complete"], true);
@@ -234,11 +140,8 @@ async fn an_upload_moves_between_instances_and_downloads_whole(backend: Backend)
             ))
             .await;
         assert_eq!(del.status, StatusCode::NO_CONTENT);
-        assert_eq!(head(&b, &cookie, &at).await.status, StatusCode::NOT_FOUND);
-        assert_eq!(
-            get(&b, &cookie, &at, &[]).await.status,
-            StatusCode::NOT_FOUND
-        );
+        assert_eq!(b.head(&cookie, &at).await.status, StatusCode::NOT_FOUND);
+        assert_eq!(b.get(&cookie, &at, &[]).await.status, StatusCode::NOT_FOUND);
         assert!(
             !a.dir.path().join("uploads").join(id).exists(),
             "the parts are gone"
@@ -268,9 +171,9 @@ async fn creation_with_upload_takes_the_first_bytes(backend: Backend) {
         assert_eq!(r.status, StatusCode::CREATED);
         assert_eq!(offset_of(&r), Some(70_000));
         let at = header(&r, "location").expect("Location").to_owned();
-        let rest = patch(&app, &cookie, &at, 70_000, &bytes[70_000..], &[]).await;
+        let rest = app.patch(&cookie, &at, 70_000, &bytes[70_000..], &[]).await;
         assert_eq!(rest.status, StatusCode::NO_CONTENT);
-        assert!(get(&app, &cookie, &at, &[]).await.body == bytes);
+        assert!(app.get(&cookie, &at, &[]).await.body == bytes);
     })
     .await;
 }
@@ -340,7 +243,7 @@ async fn two_patches_at_one_offset_give_one_204_and_one_423(backend: Backend) {
         let b = a.sibling(small_parts()).await;
         let cookie = a.user("racer@example.com").await;
         let bytes = data(200_000, 9);
-        let at = create(&a, &cookie, bytes.len(), "").await;
+        let at = a.create(&cookie, bytes.len(), "").await;
 
         let (body, asked, go) =
             gated_body(vec![bytes[..1000].to_vec(), bytes[1000..].to_vec()], false);
@@ -353,7 +256,7 @@ async fn two_patches_at_one_offset_give_one_204_and_one_423(backend: Backend) {
         });
         // The server reads a body only after it took the upload: the lease is A's now.
         asked.await.expect("the first PATCH's body is being read");
-        let second = patch(&b, &cookie, &at, 0, &bytes, &[]).await;
+        let second = b.patch(&cookie, &at, 0, &bytes, &[]).await;
         assert_eq!(
             second.status,
             StatusCode::LOCKED,
@@ -372,11 +275,11 @@ async fn two_patches_at_one_offset_give_one_204_and_one_423(backend: Backend) {
         assert_eq!(first.status, StatusCode::NO_CONTENT);
         assert_eq!(offset_of(&first), Some(200_000));
         // Once the first is done, the second's offset is stale: 409 with where it stands.
-        let late = patch(&b, &cookie, &at, 0, &bytes, &[]).await;
+        let late = b.patch(&cookie, &at, 0, &bytes, &[]).await;
         assert_eq!(late.status, StatusCode::CONFLICT);
         assert_eq!(offset_of(&late), Some(200_000));
         assert!(
-            get(&b, &cookie, &at, &[]).await.body == bytes,
+            b.get(&cookie, &at, &[]).await.body == bytes,
             "only the winner's bytes"
         );
     })
@@ -388,7 +291,7 @@ async fn a_cut_body_keeps_what_was_durable(backend: Backend) {
         let app = spawn_uploads(&url, small_parts()).await;
         let cookie = app.user("cut@example.com").await;
         let bytes = data(400_000, 5);
-        let at = create(&app, &cookie, bytes.len(), "").await;
+        let at = app.create(&cookie, bytes.len(), "").await;
         // 200,000 bytes arrive of the 400,000 declared, then the connection breaks.
         let (body, asked, go) = gated_body(
             vec![bytes[..150_000].to_vec(), bytes[150_000..200_000].to_vec()],
@@ -408,11 +311,13 @@ async fn a_cut_body_keeps_what_was_durable(backend: Backend) {
             Some(200_000),
             "every byte that arrived was kept"
         );
-        assert_eq!(offset_of(&head(&app, &cookie, &at).await), Some(200_000));
+        assert_eq!(offset_of(&app.head(&cookie, &at).await), Some(200_000));
         // The client resumes from there: nothing is sent twice.
-        let rest = patch(&app, &cookie, &at, 200_000, &bytes[200_000..], &[]).await;
+        let rest = app
+            .patch(&cookie, &at, 200_000, &bytes[200_000..], &[])
+            .await;
         assert_eq!(rest.status, StatusCode::NO_CONTENT);
-        assert!(get(&app, &cookie, &at, &[]).await.body == bytes);
+        assert!(app.get(&cookie, &at, &[]).await.body == bytes);
     })
     .await;
 }
@@ -425,9 +330,9 @@ async fn bad_requests_get_their_status_and_append_nothing(backend: Backend) {
         let cookie = app.user("careless@example.com").await;
         let other = app.user("other@example.com").await;
         let bytes = data(100_000, 1);
-        let at = create(&app, &cookie, bytes.len(), "").await;
+        let at = app.create(&cookie, bytes.len(), "").await;
         assert_eq!(
-            patch(&app, &cookie, &at, 0, &bytes[..10_000], &[])
+            app.patch(&cookie, &at, 0, &bytes[..10_000], &[])
                 .await
                 .status,
             StatusCode::NO_CONTENT
@@ -779,7 +684,7 @@ async fn bad_requests_get_their_status_and_append_nothing(backend: Backend) {
                     "{what}: says its tus version"
                 );
             }
-            let h = head(&app, &cookie, &at).await;
+            let h = app.head(&cookie, &at).await;
             assert_eq!(offset_of(&h), Some(10_000), "{what}: nothing appended");
         }
         let no_tus = app
@@ -794,11 +699,11 @@ async fn bad_requests_get_their_status_and_append_nothing(backend: Backend) {
         assert_eq!(no_tus.status, StatusCode::PRECONDITION_FAILED);
         assert_eq!(header(&no_tus, "tus-version"), Some("1.0.0"));
         assert_eq!(
-            head(&app, &cookie, unknown).await.status,
+            app.head(&cookie, unknown).await.status,
             StatusCode::NOT_FOUND
         );
-        assert_eq!(head(&app, &other, &at).await.status, StatusCode::NOT_FOUND);
-        let listed = get(&app, &other, "/api/uploads", &[]).await.json();
+        assert_eq!(app.head(&other, &at).await.status, StatusCode::NOT_FOUND);
+        let listed = app.get(&other, "/api/uploads", &[]).await.json();
         assert_eq!(
             listed["uploads"].as_array().map(Vec::len),
             Some(0),
@@ -806,9 +711,9 @@ async fn bad_requests_get_their_status_and_append_nothing(backend: Backend) {
         );
 
         // The bytes still fit exactly: the upload completes from where it stood.
-        let rest = patch(&app, &cookie, &at, 10_000, &bytes[10_000..], &[]).await;
+        let rest = app.patch(&cookie, &at, 10_000, &bytes[10_000..], &[]).await;
         assert_eq!(rest.status, StatusCode::NO_CONTENT);
-        assert!(get(&app, &cookie, &at, &[]).await.body == bytes);
+        assert!(app.get(&cookie, &at, &[]).await.body == bytes);
     })
     .await;
 }
@@ -824,10 +729,10 @@ async fn expired_and_over_quota_uploads_are_refused(backend: Backend) {
         )
         .await;
         let cookie = expiring.user("late@example.com").await;
-        let at = create(&expiring, &cookie, 10, "").await;
-        let h = head(&expiring, &cookie, &at).await;
+        let at = expiring.create(&cookie, 10, "").await;
+        let h = expiring.head(&cookie, &at).await;
         assert_eq!(h.status, StatusCode::GONE);
-        let p = patch(&expiring, &cookie, &at, 0, b"0123456789", &[]).await;
+        let p = expiring.patch(&cookie, &at, 0, b"0123456789", &[]).await;
         assert_eq!(p.status, StatusCode::GONE);
         assert!(p.is_problem());
         // The reaper takes the expired upload's row and bytes.
@@ -835,7 +740,7 @@ async fn expired_and_over_quota_uploads_are_refused(backend: Backend) {
         assert!(expiring.dir.path().join("uploads").join(&id).exists());
         assert_eq!(expiring.uploads.reap(10).await.expect("reap"), 1);
         assert_eq!(
-            head(&expiring, &cookie, &at).await.status,
+            expiring.head(&cookie, &at).await.status,
             StatusCode::NOT_FOUND
         );
         assert!(!expiring.dir.path().join("uploads").join(&id).exists());
@@ -849,7 +754,7 @@ async fn expired_and_over_quota_uploads_are_refused(backend: Backend) {
             ..small_parts()
         };
         let tight = expiring.sibling(opts).await;
-        create(&tight, &cookie, 600, "").await;
+        tight.create(&cookie, 600, "").await;
         let over = tight
             .send(raw_request(
                 "POST",
@@ -865,7 +770,7 @@ async fn expired_and_over_quota_uploads_are_refused(backend: Backend) {
             .await;
         assert_eq!(over.status, StatusCode::FORBIDDEN);
         assert!(over.is_problem());
-        create(&tight, &cookie, 400, "").await;
+        tight.create(&cookie, 400, "").await;
         let third = tight
             .send(raw_request(
                 "POST",
@@ -894,9 +799,9 @@ async fn a_stale_writer_never_moves_the_offset(backend: Backend) {
     with_fresh_db(backend, "tus_stale_writer", |url| async move {
         let app = spawn_uploads(&url, small_parts()).await;
         let cookie = app.user("stale@example.com").await;
-        let at = create(&app, &cookie, 100, "").await;
+        let at = app.create(&cookie, 100, "").await;
         let id = at.rsplit('/').next().expect("id");
-        let me = get(&app, &cookie, "/api/me", &[]).await.json();
+        let me = app.get(&cookie, "/api/me", &[]).await.json();
         let owner = me["id"].as_str().expect("user id").to_owned();
         let t0 = holdfast_core::now_ms();
         let old = app
@@ -946,6 +851,7 @@ async fn a_stale_writer_never_moves_the_offset(backend: Backend) {
                 now: t0,
                 expires_at: t0 + 10_000,
                 lease_until: None,
+                replaces: None,
             };
         let stale_parts: &'static [_] = Box::leak(Box::new([part(new_no + 100)]));
         let stale = app
@@ -978,7 +884,7 @@ async fn a_stale_writer_never_moves_the_offset(backend: Backend) {
             })
             .await;
         assert!(twice.is_err());
-        assert_eq!(offset_of(&head(&app, &cookie, &at).await), Some(10));
+        assert_eq!(offset_of(&app.head(&cookie, &at).await), Some(10));
         assert_eq!(
             app.store.upload_parts(id).await.expect("ledger"),
             fresh_parts.to_vec()

@@ -370,6 +370,11 @@ pub struct InstanceArgs {
     /// it with its instances, so restarting `up` logs cookie sessions out.
     #[arg(long, env = "HOLDFAST_SESSION_KEYS", hide_env_values = true)]
     pub session_keys: Option<String>,
+    /// Where video reviews' bytes go: a directory (default: `uploads` in `--data-dir`, which
+    /// every instance of one machine shares) or `s3://bucket[/prefix]` for a fleet that
+    /// shares no disk (endpoint, region and credentials from the `AWS_*` environment).
+    #[arg(long, value_name = "DIR|s3://BUCKET[/PREFIX]")]
+    pub uploads: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -418,6 +423,9 @@ impl InstanceArgs {
         }
         if self.bench_routes {
             args.push("--bench-routes".into());
+        }
+        if let Some(uploads) = &self.uploads {
+            args.extend(["--uploads".into(), uploads.into()]);
         }
         let sessions = self
             .sessions

@@ -9,6 +9,7 @@
 
 use std::future::{pending, IntoFuture};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
@@ -45,10 +46,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         } else {
             &holdfast_shop::SCHEMA
         },
-        uploads: Some(
-            UploadSetup::local(args.store.data_dir.join("uploads"))
-                .context("opening the uploads directory")?,
-        ),
+        uploads: Some(upload_setup(&args)?),
         ..ShopOptions::default()
     };
     if args.as_old_release {
@@ -141,6 +139,29 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     store.close().await;
     info!("stopped");
     Ok(())
+}
+
+/// Where uploads' bytes go (see `InstanceArgs::uploads`).
+fn upload_setup(args: &ServeArgs) -> anyhow::Result<UploadSetup> {
+    let blobs: Arc<dyn holdfast_uploads::BlobStore> = match &args.instance.uploads {
+        Some(url) if url.starts_with("s3://") => {
+            Arc::new(holdfast_uploads::S3Blobs::from_env(url).context("--uploads")?)
+        }
+        dir => {
+            let dir = dir.as_ref().map_or_else(
+                || args.store.data_dir.join("uploads"),
+                std::path::PathBuf::from,
+            );
+            Arc::new(
+                holdfast_uploads::LocalDir::new(&dir)
+                    .with_context(|| format!("opening the uploads directory {}", dir.display()))?,
+            )
+        }
+    };
+    Ok(UploadSetup {
+        blobs,
+        options: holdfast_uploads::UploadOptions::default(),
+    })
 }
 
 /// The session tier the flags name. The Redis connection is lazy: an instance starts, and
