@@ -35,7 +35,9 @@ pub const WINDOW_S: f64 = 30.0;
 /// drains), so what they raise is the `info` record of a rolling restart, never a ticket.
 pub fn expected(kind: FaultKind) -> &'static [&'static str] {
     match kind {
-        FaultKind::KillInstance => &["HoldfastProcessesFailing{role=\"web\"}"],
+        FaultKind::KillInstance | FaultKind::KillMidUpload => {
+            &["HoldfastProcessesFailing{role=\"web\"}"]
+        }
         FaultKind::KillWorker => &["HoldfastProcessesFailing{role=\"worker\"}"],
         FaultKind::PauseInstance => &["HoldfastInstanceFroze"],
         // Frozen past `up --kill-unresponsive-after`: seen frozen, then killed and replaced.

@@ -142,6 +142,9 @@ pub struct FinalState {
     pub accounts: Vec<FinalAccount>,
     pub charges: Vec<Charge>,
     pub emails: Vec<Email>,
+    /// Orders the drill's other clients placed (the reviewers of `kill-mid-upload`), read
+    /// back as existing: a charge for one is not an orphan.
+    pub elsewhere: BTreeSet<String>,
 }
 
 /// Acknowledged orders, and how often each invariant was violated.
@@ -172,11 +175,19 @@ pub struct Counts {
     pub alerts_missed: u64,
     /// Alerts that fired in a drill without faults: noise.
     pub alerts_on_clean_run: u64,
+    /// `kill-mid-upload`: complete uploads whose bytes are not the ones sent (or unreadable).
+    pub uploads_corrupted: u64,
+    /// `kill-mid-upload`: an acknowledged offset that went back.
+    pub upload_offsets_backwards: u64,
+    /// `kill-mid-upload`: a resume that had to send more than one chunk again.
+    pub upload_resent_over_chunk: u64,
+    /// `kill-mid-upload`: uploads not complete after the faults stopped.
+    pub uploads_unfinished: u64,
 }
 
 impl Counts {
     /// Every violation count by its report key (`orders_acknowledged` is not one).
-    pub fn violations(&self) -> [(&'static str, u64); 17] {
+    pub fn violations(&self) -> [(&'static str, u64); 21] {
         [
             ("orders_lost", self.orders_lost),
             ("orders_missing_on_read", self.orders_missing_on_read),
@@ -195,6 +206,10 @@ impl Counts {
             ("no_progress", self.no_progress),
             ("alerts_missed", self.alerts_missed),
             ("alerts_on_clean_run", self.alerts_on_clean_run),
+            ("uploads_corrupted", self.uploads_corrupted),
+            ("upload_offsets_backwards", self.upload_offsets_backwards),
+            ("upload_resent_over_chunk", self.upload_resent_over_chunk),
+            ("uploads_unfinished", self.uploads_unfinished),
         ]
     }
 
@@ -226,6 +241,13 @@ impl Verdict {
         self.counts.violated().is_empty()
     }
 
+    /// The `kill-mid-upload` fault's violations (see `uploads::judge`).
+    pub fn add_upload_violations(&mut self, found: Vec<Violation>) {
+        for v in found {
+            self.add(v.invariant, 1, || v.detail);
+        }
+    }
+
     fn add(&mut self, invariant: &'static str, n: u64, detail: impl FnOnce() -> String) {
         if n == 0 {
             return;
@@ -247,6 +269,10 @@ impl Verdict {
             "cart_items_duplicated" => &mut c.cart_items_duplicated,
             "final_state_unreadable" => &mut c.final_state_unreadable,
             "no_progress" => &mut c.no_progress,
+            "uploads_corrupted" => &mut c.uploads_corrupted,
+            "upload_offsets_backwards" => &mut c.upload_offsets_backwards,
+            "upload_resent_over_chunk" => &mut c.upload_resent_over_chunk,
+            "uploads_unfinished" => &mut c.uploads_unfinished,
             other => unreachable!("unknown invariant {other}"),
         };
         *count += n;
@@ -552,7 +578,7 @@ fn check_payments(
     // Only when every account was read can a charge be said to belong to no order.
     if all_readable {
         for (id, mine) in &charges {
-            if !orders.contains_key(id) {
+            if !orders.contains_key(id) && !fin.elsewhere.contains(*id) {
                 v.add("charges_orphaned", mine.len() as u64, || {
                     format!(
                         "{} charge(s) for order {id}, which does not exist",
@@ -679,6 +705,7 @@ mod tests {
                     kind: "receipt".into(),
                 })
                 .into(),
+            elsewhere: BTreeSet::new(),
         };
         let h = vec![AccountHistory {
             email: WHO.into(),

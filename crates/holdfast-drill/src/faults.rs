@@ -69,6 +69,9 @@ pub enum FaultKind {
     /// instances rolled from the release before it to this one and (on Postgres) a long reader
     /// on the old table (see `migration.rs`). Not part of `all`: name it.
     Migrate,
+    /// Video reviews uploaded with tus through the balancer while the instance taking each
+    /// PATCH is SIGKILLed (see `uploads.rs`). Not part of `all`: name it.
+    KillMidUpload,
 }
 
 impl FaultKind {
@@ -114,6 +117,7 @@ impl FaultKind {
             FaultKind::SlowClients => "slow-clients",
             FaultKind::FreezeInstance => "freeze-instance",
             FaultKind::Migrate => "migrate",
+            FaultKind::KillMidUpload => "kill-mid-upload",
         }
     }
 
@@ -163,6 +167,8 @@ impl FaultKind {
             | FaultKind::FlushCache
             | FaultKind::RotateKeys
             | FaultKind::Migrate => (0, 0),
+            // Most of the load: uploads run and instances die throughout.
+            FaultKind::KillMidUpload => (0, 0),
         }
     }
 }
@@ -211,13 +217,13 @@ impl FromStr for FaultSet {
             let kind = FaultKind::ALL
                 .into_iter()
                 .chain(FaultKind::ABUSE)
-                .chain([FaultKind::Migrate])
+                .chain([FaultKind::Migrate, FaultKind::KillMidUpload])
                 .find(|k| k.name() == name)
                 .ok_or_else(|| {
                     let known: Vec<&str> = FaultKind::ALL
                         .iter()
                         .chain(&FaultKind::ABUSE)
-                        .chain(&[FaultKind::Migrate])
+                        .chain(&[FaultKind::Migrate, FaultKind::KillMidUpload])
                         .map(|k| k.name())
                         .collect();
                     format!(
@@ -347,7 +353,18 @@ pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
     // A migration runs once, early enough for its phases and roll to finish under load.
     let migrate = kinds.contains(&FaultKind::Migrate);
     kinds.retain(|&k| k != FaultKind::Migrate);
+    // Uploads run from 10% to 80% of the load, the killer with them.
+    let uploads = kinds.contains(&FaultKind::KillMidUpload);
+    kinds.retain(|&k| k != FaultKind::KillMidUpload);
     s.planned = plan(&kinds, opts.duration, rng);
+    if uploads {
+        s.planned.push(Planned {
+            kind: FaultKind::KillMidUpload,
+            at: opts.duration.mul_f64(0.1),
+            hold: opts.duration.mul_f64(0.7),
+            pick: rng.next_u64(),
+        });
+    }
     for (wanted, kind, at) in [
         (migrate, FaultKind::Migrate, 0.2),
         (rotate, FaultKind::RotateKeys, 0.3),
@@ -595,6 +612,7 @@ async fn apply(p: &Planned, ctl: &Control) -> Result<String, String> {
         }
         FaultKind::RotateKeys => ctl.rotate_keys().await,
         FaultKind::Migrate => crate::migration::run(ctl).await,
+        FaultKind::KillMidUpload => crate::uploads::run(ctl, p.hold, p.pick).await,
         FaultKind::ProviderTimeouts => {
             let faults = json!({
                 "act_then_timeout_rate": 0.2,

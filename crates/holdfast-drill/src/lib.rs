@@ -30,6 +30,7 @@ pub mod faults;
 pub mod migration;
 pub mod report;
 pub mod system;
+pub mod uploads;
 mod users;
 
 use std::io::IsTerminal;
@@ -309,9 +310,13 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
             .push("payouts had not all settled after 90 s; the final state was read anyway".into());
     }
     let settle = settle_started.elapsed();
-    let (fin, read_notes) = load
+    let (mut fin, read_notes) = load
         .final_state(&accounts, &sessions, &sys.provider_url)
         .await;
+    let uploads = sys.control().uploads();
+    if let Some(seen) = &uploads {
+        fin.elsewhere.extend(seen.orders.iter().cloned());
+    }
     notes.extend(read_notes);
     let alerts = match &prometheus {
         Some(prometheus) => match prometheus.firing(load_started).await {
@@ -349,6 +354,9 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
     let mut verdict = checker::check(&histories, &fin);
     let applied = injected.iter().filter(|f| f.applied).count();
     alerts.judge_into(&mut verdict, applied);
+    if let Some(seen) = &uploads {
+        verdict.add_upload_violations(uploads::judge(seen));
+    }
     let active_users = runs
         .iter()
         .filter(|r| r.accounts.iter().any(|a| a.ever_logged_in()))
@@ -374,6 +382,7 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         payouts_waiting: observed.payouts_waiting(),
         alerts,
         migration: sys.control().migration(),
+        uploads,
     }))
 }
 

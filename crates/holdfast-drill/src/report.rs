@@ -219,6 +219,10 @@ pub struct Report {
     /// Present when the drill ran the `migrate` fault.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub migration: Option<Migration>,
+    /// Present when the drill ran the `kill-mid-upload` fault: every upload as its client
+    /// lived it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uploads: Option<crate::uploads::Observed>,
     pub faults: Vec<Injected>,
     pub faults_skipped: Vec<Skipped>,
     /// What the shipped alert rules made of the run (a real Prometheus; see `alerts.rs`).
@@ -251,6 +255,7 @@ pub(crate) struct Inputs<'a> {
     pub payouts_waiting: std::collections::BTreeMap<u64, u64>,
     pub alerts: crate::alerts::Alerts,
     pub migration: Option<crate::migration::Observed>,
+    pub uploads: Option<crate::uploads::Observed>,
 }
 
 /// Whether the sample completed inside one of the applied faults that `which` selects.
@@ -549,6 +554,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         max_peak_rss_mb: round(i.peak_rss_kb.values().copied().max().unwrap_or(0) as f64 / 1024.0),
         abuse: abuse(&i),
         migration: migration(&i),
+        uploads: i.uploads.clone(),
         errors_by_op: {
             let mut by: std::collections::BTreeMap<
                 String,
@@ -689,6 +695,19 @@ impl Report {
                 s,
                 "  frozen        {} honest requests while an instance was frozen   max {:.0} ms   {} over 1 s",
                 a.frozen_requests, a.frozen_max_ms, a.frozen_over_1s
+            );
+        }
+        if let Some(u) = &self.uploads {
+            let _ = writeln!(
+                s,
+                "  uploads       {} ({} complete, {} MiB)   {} instances killed mid-PATCH   {} resumes   at most {} KiB sent again (chunk {} KiB)",
+                u.uploads.len(),
+                u.completed(),
+                u.uploads.iter().filter(|r| r.completed).map(|r| r.length).sum::<u64>() >> 20,
+                u.kills_mid_patch,
+                u.resumes(),
+                u.max_resent() / 1024,
+                u.chunk_bytes / 1024
             );
         }
         if let Some(m) = &self.migration {
@@ -1196,6 +1215,7 @@ mod tests {
             payouts_waiting: [(1, 3)].into(),
             alerts: crate::alerts::Alerts::not_checked("not checked: a unit test"),
             migration: None,
+            uploads: None,
         })
     }
 
@@ -1244,6 +1264,7 @@ mod tests {
                 payouts_waiting: [].into(),
                 alerts: crate::alerts::Alerts::not_checked("not checked: a unit test"),
                 migration: Some(seen),
+                uploads: None,
             })
             .migration
             .expect("a migration section")

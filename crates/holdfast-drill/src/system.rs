@@ -135,6 +135,8 @@ pub(crate) struct Control {
     store_flags: Vec<String>,
     /// What the `migrate` fault saw, once it ran.
     migration: Mutex<Option<crate::migration::Observed>>,
+    /// What the `kill-mid-upload` fault saw, once it ran.
+    uploads: Mutex<Option<crate::uploads::Observed>>,
 }
 
 impl System {
@@ -210,6 +212,7 @@ impl System {
                 observed: crate::abuse::Observed::default(),
                 store_flags,
                 migration: Mutex::default(),
+                uploads: Mutex::default(),
             }),
             up: None,
             dir,
@@ -379,7 +382,7 @@ impl System {
     /// Sends `signal` to `pid` if it is one of this system's processes (never a pid the kernel
     /// has since given to someone else); whether it was.
     pub fn signal(&self, pid: u32, signal: Signal) -> bool {
-        self.ctl.is_ours(pid) && kill(Pid::from_raw(pid as i32), signal).is_ok()
+        self.ctl.signal(pid, signal)
     }
 
     /// Whether `up` itself is still running.
@@ -507,6 +510,25 @@ impl Control {
     /// What the `migrate` fault saw, if it ran.
     pub fn migration(&self) -> Option<crate::migration::Observed> {
         lock(&self.migration).clone()
+    }
+
+    pub fn set_uploads(&self, seen: crate::uploads::Observed) {
+        *lock(&self.uploads) = Some(seen);
+    }
+
+    /// What the `kill-mid-upload` fault saw, if it ran.
+    pub fn uploads(&self) -> Option<crate::uploads::Observed> {
+        lock(&self.uploads).clone()
+    }
+
+    /// `up`'s data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Sends `signal` to `pid` if it is one of this system's processes; whether it was.
+    pub fn signal(&self, pid: u32, signal: Signal) -> bool {
+        self.is_ours(pid) && kill(Pid::from_raw(pid as i32), signal).is_ok()
     }
 
     /// A rolling deploy from the old release (`up --as-old-release`) to this one: the release

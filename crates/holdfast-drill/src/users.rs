@@ -483,6 +483,7 @@ impl Load {
             accounts: finals,
             charges,
             emails,
+            elsewhere: Default::default(),
         };
         (fin, notes)
     }
