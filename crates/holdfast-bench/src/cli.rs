@@ -27,6 +27,40 @@ pub enum BenchCommand {
     Sessions(BenchSessionsArgs),
     /// Cache: hit-path gets/s of holdfast-cache (in-process tier) vs moka used directly.
     Cache(BenchCacheArgs),
+    /// Uploads: tus MB/s of `holdfast serve` vs @tus/server (file store) and vs the raw disk,
+    /// and the instance's peak memory for one large upload.
+    Uploads(BenchUploadsArgs),
+}
+
+/// `holdfast bench uploads`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchUploadsArgs {
+    /// The one large upload, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub big_mib: usize,
+    /// Uploads sent at once, each of `--small-mib`.
+    #[arg(long, default_value_t = 16)]
+    pub concurrent: usize,
+    #[arg(long, default_value_t = 16)]
+    pub small_mib: usize,
+    /// Bytes per PATCH, MiB (the same for both servers).
+    #[arg(long, default_value_t = 8)]
+    pub chunk_mib: usize,
+    /// Rounds; the servers take turns going first.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// One upload of this many MiB to a fresh instance, for its peak memory (0: skip).
+    #[arg(long, default_value_t = 1024)]
+    pub rss_mib: usize,
+    /// Where the servers keep their files (default: the current directory's disk).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// The `holdfast` executable (default: the one beside this binary).
+    #[arg(long)]
+    pub program: Option<PathBuf>,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
 /// `holdfast bench cache`.

@@ -11,6 +11,7 @@ mod checkout;
 mod cli;
 mod jobs;
 mod sessions;
+mod uploads;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,7 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Jobs(args) => jobs::run(args).await,
             BenchCommand::Sessions(args) => sessions::run(args).await,
             BenchCommand::Cache(args) => cache::run(args).await,
+            BenchCommand::Uploads(args) => uploads::run(args).await,
         }
     })
 }

@@ -48,7 +48,7 @@ pub enum Command {
     /// (`cargo build --release -p holdfast-bench`), so production links no peer crate.
     #[command(disable_help_flag = true)]
     Bench {
-        /// `checkout`, `jobs`, `sessions` or `cache`, and their flags (`holdfast bench --help`).
+        /// `checkout`, `jobs`, `sessions`, `cache` or `uploads`, and their flags (`holdfast bench --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
