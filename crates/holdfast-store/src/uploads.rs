@@ -178,20 +178,21 @@ impl Store {
 
     /// Takes the owner's unfinished, unexpired upload `id` for one writer until `until`,
     /// unless another writer's lease is still running at `now`. The row returned carries the
-    /// new `attempt`, which every later write must name. `None`: not taken (read the row to
-    /// say why).
+    /// new `attempt`, which every later write must name; the number is the writer's first
+    /// part number (as [`Store::upload_next_part`] gives them). `None`: not taken (read the
+    /// row to say why).
     pub async fn upload_take(
         &self,
         owner_id: &str,
         id: &str,
         now: i64,
         until: i64,
-    ) -> Result<Option<UploadRow>> {
+    ) -> Result<Option<(UploadRow, i64)>> {
         let sql = format!(
-            "UPDATE uploads SET attempt = attempt + 1, lease_until = $3 \
+            "UPDATE uploads SET attempt = attempt + 1, lease_until = $3, next_part = next_part + 1 \
              WHERE id = $1 AND owner_id = $2 AND deleted_at IS NULL AND completed_at IS NULL \
              AND expires_at > $4 AND (lease_until IS NULL OR lease_until <= $4) \
-             RETURNING {COLUMNS}"
+             RETURNING {COLUMNS}, next_part"
         );
         let rows = self
             .run(Rerun::IfUncommitted, "upload_take", || {
@@ -205,7 +206,12 @@ impl Store {
             })
             .await?;
         rows.first()
-            .map(|r| Ok(<UploadRow as sqlx::FromRow<_>>::from_row(r)?))
+            .map(|r| {
+                Ok((
+                    <UploadRow as sqlx::FromRow<_>>::from_row(r)?,
+                    sqlx::Row::try_get::<i64, _>(r, "next_part")?,
+                ))
+            })
             .transpose()
     }
 

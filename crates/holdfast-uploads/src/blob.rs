@@ -156,11 +156,7 @@ impl BlobStore for LocalDir {
             }
         })
         .await?;
-        Ok(Box::new(LocalPart {
-            file: Some(file),
-            dir,
-            buf: BytesMut::with_capacity(WRITE_BUFFER),
-        }))
+        Ok(Box::new(LocalPart::start(file, dir)))
     }
 
     async fn drop_part(
@@ -262,31 +258,67 @@ impl BlobStore for LocalDir {
     }
 }
 
-/// A part file being written: bytes gather in `buf` and reach the file a megabyte at a time.
+/// A part file being written: bytes gather in `buf` and go a megabyte at a time to a thread
+/// of its own that writes them, so the network and the disk work at once. At most
+/// [`WRITES_QUEUED`] megabytes wait for it.
 struct LocalPart {
-    /// `None` only while a write runs on the blocking pool.
-    file: Option<std::fs::File>,
-    dir: PathBuf,
+    /// `None` once finished.
+    to_writer: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    /// The writer: it writes what it is sent, then (once the sender is gone) makes the file
+    /// and its name durable.
+    writer: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     buf: BytesMut,
 }
 
+/// Buffers queued for a part's writer thread.
+const WRITES_QUEUED: usize = 4;
+
 impl LocalPart {
+    fn start(mut file: std::fs::File, dir: PathBuf) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(WRITES_QUEUED);
+        let writer = tokio::task::spawn_blocking(move || {
+            while let Some(data) = rx.blocking_recv() {
+                file.write_all(&data)?;
+            }
+            file.sync_data()?;
+            sync_dir(&dir)
+        });
+        Self {
+            to_writer: Some(tx),
+            writer: Some(writer),
+            buf: BytesMut::with_capacity(WRITE_BUFFER),
+        }
+    }
+
+    /// Hands the buffer to the writer; a writer that stopped says why.
     async fn flush(&mut self) -> Result<(), Error> {
         if self.buf.is_empty() {
             return Ok(());
         }
         let data = self.buf.split().freeze();
-        let mut file = self
-            .file
-            .take()
-            .ok_or_else(|| std::io::Error::other("part file lost by an earlier failed write"))?;
-        let file = blocking(move || {
-            file.write_all(&data)?;
-            Ok(file)
-        })
-        .await?;
-        self.file = Some(file);
-        Ok(())
+        let sent = match &self.to_writer {
+            Some(tx) => tx.send(data).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            Ok(())
+        } else {
+            self.to_writer = None;
+            Err(self
+                .writer_result()
+                .await
+                .err()
+                .unwrap_or_else(|| std::io::Error::other("the part's writer stopped").into()))
+        }
+    }
+
+    async fn writer_result(&mut self) -> Result<(), Error> {
+        match self.writer.take() {
+            Some(w) => Ok(w
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))??),
+            None => Err(std::io::Error::other("the part's writer is gone").into()),
+        }
     }
 }
 
@@ -302,16 +334,9 @@ impl PartWriter for LocalPart {
 
     async fn finish(mut self: Box<Self>, _last: bool) -> Result<Option<String>, Error> {
         self.flush().await?;
-        let file = self
-            .file
-            .take()
-            .ok_or_else(|| std::io::Error::other("part file lost by an earlier failed write"))?;
-        let dir = self.dir.clone();
-        blocking(move || {
-            file.sync_data()?;
-            sync_dir(&dir)
-        })
-        .await?;
+        // The writer ends once the sender is gone: it syncs the file and its directory.
+        self.to_writer = None;
+        self.writer_result().await?;
         Ok(None)
     }
 }

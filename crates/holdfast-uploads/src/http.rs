@@ -361,7 +361,7 @@ async fn create(
         };
         // The upload exists whatever happens to its first bytes: a failure here is answered
         // as a PATCH's would be, and the client resumes from the offset HEAD gives.
-        let offset = receive(&up, &row, body, declared, checksum).await?;
+        let offset = receive(&up, &row, None, body, declared, checksum).await?;
         h.insert(UPLOAD_OFFSET, HeaderValue::from(offset));
         if offset < length {
             h.insert(
@@ -442,7 +442,7 @@ async fn patch(
         .transpose()?;
     let id = upload_id(&id)?;
     let now = holdfast_core::now_ms();
-    let Some(row) = up
+    let Some((row, first_part)) = up
         .store
         .upload_take(&authed.user_id, id, now, now + lease_ms(&up))
         .await?
@@ -463,7 +463,7 @@ async fn patch(
         up.store.upload_release(&row.id, row.attempt).await?;
         return Err(offset_mismatch(row.upload_offset));
     }
-    let offset = receive(&up, &row, body, declared, checksum).await?;
+    let offset = receive(&up, &row, Some(first_part), body, declared, checksum).await?;
     let mut h = HeaderMap::new();
     h.insert(UPLOAD_OFFSET, HeaderValue::from(offset));
     if offset < row.upload_length {
@@ -498,6 +498,7 @@ struct OpenPart {
 async fn receive(
     up: &Uploads,
     row: &UploadRow,
+    first_part: Option<i64>,
     body: Body,
     declared: Option<i64>,
     checksum: Option<Checksum>,
@@ -522,6 +523,7 @@ async fn receive(
         pending: Vec::new(),
         tail,
         absorbed: None,
+        reserved: first_part,
     };
     let outcome = r.run(body, declared, checksum).await;
     if outcome.is_err() {
@@ -547,6 +549,8 @@ struct Receiver<'a> {
     tail: Option<UploadPart>,
     /// The tail absorbed by a pending part: its acknowledgement replaces it.
     absorbed: Option<UploadPart>,
+    /// A part number the take already reserved for the first part.
+    reserved: Option<i64>,
 }
 
 impl Receiver<'_> {
@@ -665,10 +669,14 @@ impl Receiver<'_> {
     /// renews the lease).
     async fn open_part(&mut self) -> Result<OpenPart, Refusal> {
         let (up, row) = (self.up, self.row);
-        let part_no = up
-            .store
-            .upload_next_part(&row.id, row.attempt, self.lease_until())
-            .await?;
+        let part_no = match self.reserved.take() {
+            Some(n) => n,
+            None => {
+                up.store
+                    .upload_next_part(&row.id, row.attempt, self.lease_until())
+                    .await?
+            }
+        };
         let tail = self.tail.take();
         let start = tail.as_ref().map_or(self.next_start, |t| t.start_offset);
         let writer = up

@@ -809,7 +809,8 @@ async fn a_stale_writer_never_moves_the_offset(backend: Backend) {
             .upload_take(&owner, id, t0, t0 + 1000)
             .await
             .expect("take")
-            .expect("taken");
+            .expect("taken")
+            .0;
         assert!(
             app.store
                 .upload_take(&owner, id, t0 + 999, t0 + 2000)
@@ -823,7 +824,8 @@ async fn a_stale_writer_never_moves_the_offset(backend: Backend) {
             .upload_take(&owner, id, t0 + 1000, t0 + 3000)
             .await
             .expect("take")
-            .expect("expired lease");
+            .expect("expired lease")
+            .0;
         assert!(new.attempt > old.attempt);
         let part = |n| holdfast_store::UploadPart {
             part_no: n,

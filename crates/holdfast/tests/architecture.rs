@@ -21,6 +21,7 @@ const GENERIC: &[&str] = &[
     "holdfast-web",
     "holdfast-sessions",
     "holdfast-cache",
+    "holdfast-uploads",
 ];
 const APPLICATION: &[&str] = &["holdfast-shop", "holdfast-provider"];
 const SERVER_CRATES: &[&str] = &[
@@ -32,6 +33,7 @@ const SERVER_CRATES: &[&str] = &[
     "holdfast-cache",
     "holdfast-provider",
     "holdfast-balancer",
+    "holdfast-uploads",
 ];
 const IO_AND_HTTP: &[&str] = &["axum", "sqlx", "tokio", "hyper", "http", "reqwest"];
 /// What `holdfast-bench` measures against.
