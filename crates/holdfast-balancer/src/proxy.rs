@@ -572,12 +572,21 @@ mod tests {
         let mut client = HeaderMap::new();
         client.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
         let peer: SocketAddr = ([127, 0, 0, 1], 5000).into();
-        let headers = forwarded_headers(&client, peer, 0);
+        let headers = forwarded_headers(&client, peer, Some(0));
         assert_eq!(headers[X_FORWARDED_FOR], "203.0.113.7, 127.0.0.1");
         assert!(!headers.contains_key(header::CONTENT_LENGTH));
         assert_eq!(
-            forwarded_headers(&HeaderMap::new(), peer, 3)[header::CONTENT_LENGTH],
+            forwarded_headers(&HeaderMap::new(), peer, Some(3))[header::CONTENT_LENGTH],
             "3"
+        );
+        // A streamed body keeps the length its client declared (none: chunked).
+        client.insert(header::CONTENT_LENGTH, HeaderValue::from_static("1048576"));
+        assert_eq!(
+            forwarded_headers(&client, peer, None)[header::CONTENT_LENGTH],
+            "1048576"
+        );
+        assert!(
+            !forwarded_headers(&HeaderMap::new(), peer, None).contains_key(header::CONTENT_LENGTH)
         );
     }
 }
