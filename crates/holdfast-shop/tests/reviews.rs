@@ -3,7 +3,8 @@
 
 use axum::http::StatusCode;
 use holdfast_shop::CATALOG;
-use holdfast_testkit::app::{local, raw_request, spawn_app, TestApp};
+use holdfast_testkit::app::{local, spawn_app, TestApp};
+use holdfast_testkit::uploads::creation;
 
 /// `Upload-Metadata` naming `sku` (base64, as tus wants it).
 fn review_of(sku: &str) -> String {
@@ -15,19 +16,7 @@ fn review_of(sku: &str) -> String {
 }
 
 async fn create(app: &TestApp, cookie: &str, metadata: &str) -> holdfast_testkit::app::Reply {
-    app.send(raw_request(
-        "POST",
-        "/api/uploads",
-        None,
-        Vec::new(),
-        &[
-            ("cookie", cookie),
-            ("tus-resumable", "1.0.0"),
-            ("upload-length", "5"),
-            ("upload-metadata", metadata),
-        ],
-    ))
-    .await
+    app.send(creation(cookie, 5, metadata)).await
 }
 
 #[tokio::test]

@@ -100,24 +100,27 @@ pub fn small_parts() -> UploadOptions {
     }
 }
 
+/// A tus creation (`POST /api/uploads`) of `length` bytes with `metadata`, by `cookie`'s user.
+pub fn creation(cookie: &str, length: usize, metadata: &str) -> axum::http::Request<Body> {
+    raw_request(
+        "POST",
+        "/api/uploads",
+        None,
+        Vec::new(),
+        &[
+            ("cookie", cookie),
+            ("tus-resumable", "1.0.0"),
+            ("upload-length", &length.to_string()),
+            ("upload-metadata", metadata),
+        ],
+    )
+}
+
 impl UploadApp {
     /// `POST /api/uploads` of `length` bytes with `metadata`, which must succeed: its
     /// `Location`.
     pub async fn create(&self, cookie: &str, length: usize, metadata: &str) -> String {
-        let r = self
-            .send(raw_request(
-                "POST",
-                "/api/uploads",
-                None,
-                Vec::new(),
-                &[
-                    ("cookie", cookie),
-                    ("tus-resumable", "1.0.0"),
-                    ("upload-length", &length.to_string()),
-                    ("upload-metadata", metadata),
-                ],
-            ))
-            .await;
+        let r = self.send(creation(cookie, length, metadata)).await;
         assert_eq!(
             r.status,
             StatusCode::CREATED,

@@ -342,87 +342,64 @@ async fn bad_requests_get_their_status_and_append_nothing(backend: Backend) {
             base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(b"other bytes"));
         let wrong_sum = format!("sha256 {wrong_sum}");
 
+        // A PATCH as a well-behaved client sends it, with one standard header replaced
+        // (or, with an empty value, left out).
+        let patch = |body: &[u8], change: (&'static str, &str)| {
+            let standard = [
+                ("cookie", cookie.as_str()),
+                ("upload-offset", "10000"),
+                ("tus-resumable", "1.0.0"),
+            ];
+            let mut headers: Vec<(&str, &str)> = standard
+                .into_iter()
+                .filter(|(k, _)| *k != change.0)
+                .collect();
+            if !change.1.is_empty() {
+                headers.push(change);
+            }
+            raw_request("PATCH", &at, Some(OCTETS), body.to_vec(), &headers)
+        };
+        let next = &bytes[10_000..20_000];
+        let keep = ("x-unchanged", "");
+        // A creation, with these headers beside the session.
+        let post = |content_type: Option<&str>, body: &[u8], headers: &[(&str, &str)]| {
+            let mut all = vec![("cookie", cookie.as_str()), ("tus-resumable", "1.0.0")];
+            all.extend_from_slice(headers);
+            raw_request("POST", "/api/uploads", content_type, body.to_vec(), &all)
+        };
+        let undeclared = Body::from_stream(futures::stream::iter(vec![
+            Ok::<_, std::io::Error>(Bytes::from(data(70_000, 2))),
+            Ok(Bytes::from(data(20_001, 2))),
+        ]));
         let cases: Vec<(&str, Request<Body>, StatusCode)> = vec![
             (
                 "no Tus-Resumable",
-                raw_request(
-                    "PATCH",
-                    &at,
-                    Some(OCTETS),
-                    bytes[10_000..20_000].to_vec(),
-                    &[("cookie", &cookie), ("upload-offset", "10000")],
-                ),
+                patch(next, ("tus-resumable", "")),
                 StatusCode::PRECONDITION_FAILED,
             ),
             (
                 "another tus version",
-                raw_request(
-                    "PATCH",
-                    &at,
-                    Some(OCTETS),
-                    bytes[10_000..20_000].to_vec(),
-                    &[
-                        ("cookie", &cookie),
-                        ("upload-offset", "10000"),
-                        ("tus-resumable", "0.2.2"),
-                    ],
-                ),
+                patch(next, ("tus-resumable", "0.2.2")),
                 StatusCode::PRECONDITION_FAILED,
             ),
             (
                 "offset behind",
-                raw_request(
-                    "PATCH",
-                    &at,
-                    Some(OCTETS),
-                    bytes[..10_000].to_vec(),
-                    &[
-                        ("cookie", &cookie),
-                        ("upload-offset", "0"),
-                        ("tus-resumable", "1.0.0"),
-                    ],
-                ),
+                patch(&bytes[..10_000], ("upload-offset", "0")),
                 StatusCode::CONFLICT,
             ),
             (
                 "offset ahead",
-                raw_request(
-                    "PATCH",
-                    &at,
-                    Some(OCTETS),
-                    bytes[20_000..30_000].to_vec(),
-                    &[
-                        ("cookie", &cookie),
-                        ("upload-offset", "20000"),
-                        ("tus-resumable", "1.0.0"),
-                    ],
-                ),
+                patch(&bytes[20_000..30_000], ("upload-offset", "20000")),
                 StatusCode::CONFLICT,
             ),
             (
                 "no offset",
-                raw_request(
-                    "PATCH",
-                    &at,
-                    Some(OCTETS),
-                    bytes[10_000..20_000].to_vec(),
-                    &[("cookie", &cookie), ("tus-resumable", "1.0.0")],
-                ),
+                patch(next, ("upload-offset", "")),
                 StatusCode::BAD_REQUEST,
             ),
             (
                 "negative offset",
-                raw_request(
-                    "PATCH",
-                    &at,
-                    Some(OCTETS),
-                    bytes[10_000..20_000].to_vec(),
-                    &[
-                        ("cookie", &cookie),
-                        ("upload-offset", "-1"),
-                        ("tus-resumable", "1.0.0"),
-                    ],
-                ),
+                patch(next, ("upload-offset", "-1")),
                 StatusCode::BAD_REQUEST,
             ),
             (
@@ -431,7 +408,7 @@ async fn bad_requests_get_their_status_and_append_nothing(backend: Backend) {
                     "PATCH",
                     &at,
                     Some("application/json"),
-                    bytes[10_000..20_000].to_vec(),
+                    next.to_vec(),
                     &[
                         ("cookie", &cookie),
                         ("upload-offset", "10000"),
@@ -442,78 +419,27 @@ async fn bad_requests_get_their_status_and_append_nothing(backend: Backend) {
             ),
             (
                 "past Upload-Length",
-                raw_request(
-                    "PATCH",
-                    &at,
-                    Some(OCTETS),
-                    data(90_001, 2),
-                    &[
-                        ("cookie", &cookie),
-                        ("upload-offset", "10000"),
-                        ("tus-resumable", "1.0.0"),
-                    ],
-                ),
+                patch(&data(90_001, 2), keep),
                 StatusCode::PAYLOAD_TOO_LARGE,
             ),
             (
                 "past Upload-Length, undeclared",
-                streamed_patch(
-                    &at,
-                    &cookie,
-                    10_000,
-                    None,
-                    Body::from_stream(futures::stream::iter(vec![
-                        Ok::<_, std::io::Error>(Bytes::from(data(70_000, 2))),
-                        Ok(Bytes::from(data(20_001, 2))),
-                    ])),
-                ),
+                streamed_patch(&at, &cookie, 10_000, None, undeclared),
                 StatusCode::PAYLOAD_TOO_LARGE,
             ),
             (
                 "bad checksum",
-                raw_request(
-                    "PATCH",
-                    &at,
-                    Some(OCTETS),
-                    bytes[10_000..20_000].to_vec(),
-                    &[
-                        ("cookie", &cookie),
-                        ("upload-offset", "10000"),
-                        ("tus-resumable", "1.0.0"),
-                        ("upload-checksum", &wrong_sum),
-                    ],
-                ),
+                patch(next, ("upload-checksum", &wrong_sum)),
                 StatusCode::from_u16(460).expect("460"),
             ),
             (
                 "unknown checksum algorithm",
-                raw_request(
-                    "PATCH",
-                    &at,
-                    Some(OCTETS),
-                    bytes[10_000..20_000].to_vec(),
-                    &[
-                        ("cookie", &cookie),
-                        ("upload-offset", "10000"),
-                        ("tus-resumable", "1.0.0"),
-                        ("upload-checksum", "md5 AAAAAAAAAAAAAAAAAAAAAA=="),
-                    ],
-                ),
+                patch(next, ("upload-checksum", "md5 AAAAAAAAAAAAAAAAAAAAAA==")),
                 StatusCode::BAD_REQUEST,
             ),
             (
                 "another user's upload",
-                raw_request(
-                    "PATCH",
-                    &at,
-                    Some(OCTETS),
-                    bytes[10_000..20_000].to_vec(),
-                    &[
-                        ("cookie", &other),
-                        ("upload-offset", "10000"),
-                        ("tus-resumable", "1.0.0"),
-                    ],
-                ),
+                patch(next, ("cookie", &other)),
                 StatusCode::NOT_FOUND,
             ),
             (
@@ -538,7 +464,7 @@ async fn bad_requests_get_their_status_and_append_nothing(backend: Backend) {
                     "PATCH",
                     unknown,
                     Some(OCTETS),
-                    bytes[10_000..20_000].to_vec(),
+                    next.to_vec(),
                     &[
                         ("cookie", &cookie),
                         ("upload-offset", "10000"),
@@ -553,7 +479,7 @@ async fn bad_requests_get_their_status_and_append_nothing(backend: Backend) {
                     "PATCH",
                     "/api/uploads/..%2f..%2fetc",
                     Some(OCTETS),
-                    bytes[10_000..20_000].to_vec(),
+                    next.to_vec(),
                     &[
                         ("cookie", &cookie),
                         ("upload-offset", "10000"),
@@ -564,29 +490,12 @@ async fn bad_requests_get_their_status_and_append_nothing(backend: Backend) {
             ),
             (
                 "no session",
-                raw_request(
-                    "PATCH",
-                    &at,
-                    Some(OCTETS),
-                    bytes[10_000..20_000].to_vec(),
-                    &[("upload-offset", "10000"), ("tus-resumable", "1.0.0")],
-                ),
+                patch(next, ("cookie", "")),
                 StatusCode::UNAUTHORIZED,
             ),
             (
                 "cross-site",
-                raw_request(
-                    "PATCH",
-                    &at,
-                    Some(OCTETS),
-                    bytes[10_000..20_000].to_vec(),
-                    &[
-                        ("cookie", &cookie),
-                        ("upload-offset", "10000"),
-                        ("tus-resumable", "1.0.0"),
-                        ("sec-fetch-site", "cross-site"),
-                    ],
-                ),
+                patch(next, ("sec-fetch-site", "cross-site")),
                 StatusCode::FORBIDDEN,
             ),
             (
@@ -596,55 +505,25 @@ async fn bad_requests_get_their_status_and_append_nothing(backend: Backend) {
             ),
             (
                 "creation without Upload-Length",
-                raw_request(
-                    "POST",
-                    "/api/uploads",
-                    None,
-                    Vec::new(),
-                    &[("cookie", &cookie), ("tus-resumable", "1.0.0")],
-                ),
+                post(None, b"", &[]),
                 StatusCode::BAD_REQUEST,
             ),
             (
                 "creation with deferred length",
-                raw_request(
-                    "POST",
-                    "/api/uploads",
-                    None,
-                    Vec::new(),
-                    &[
-                        ("cookie", &cookie),
-                        ("tus-resumable", "1.0.0"),
-                        ("upload-defer-length", "1"),
-                    ],
-                ),
+                post(None, b"", &[("upload-defer-length", "1")]),
                 StatusCode::BAD_REQUEST,
             ),
             (
                 "creation past Tus-Max-Size",
-                raw_request(
-                    "POST",
-                    "/api/uploads",
-                    None,
-                    Vec::new(),
-                    &[
-                        ("cookie", &cookie),
-                        ("tus-resumable", "1.0.0"),
-                        ("upload-length", "4294967297"),
-                    ],
-                ),
+                post(None, b"", &[("upload-length", "4294967297")]),
                 StatusCode::PAYLOAD_TOO_LARGE,
             ),
             (
                 "malformed Upload-Metadata",
-                raw_request(
-                    "POST",
-                    "/api/uploads",
+                post(
                     None,
-                    Vec::new(),
+                    b"",
                     &[
-                        ("cookie", &cookie),
-                        ("tus-resumable", "1.0.0"),
                         ("upload-length", "10"),
                         ("upload-metadata", "filename not*base64"),
                     ],
@@ -653,17 +532,7 @@ async fn bad_requests_get_their_status_and_append_nothing(backend: Backend) {
             ),
             (
                 "creation body of another type",
-                raw_request(
-                    "POST",
-                    "/api/uploads",
-                    Some("text/plain"),
-                    b"hello".to_vec(),
-                    &[
-                        ("cookie", &cookie),
-                        ("tus-resumable", "1.0.0"),
-                        ("upload-length", "10"),
-                    ],
-                ),
+                post(Some("text/plain"), b"hello", &[("upload-length", "10")]),
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ),
         ];
