@@ -43,6 +43,9 @@ enum Failure {
     /// The upstream stopped answering its liveness probe while the request was in flight;
     /// the request may have reached it.
     Frozen(SocketAddr),
+    /// The client's own body failed on its way (a streamed body stalled or was cut): the
+    /// upstream is not to blame.
+    ClientBody(String),
 }
 
 impl Balancer {
@@ -123,7 +126,7 @@ impl Balancer {
     }
 
     /// A streamed route's request: its body flows to one upstream as it arrives (cut if it
-    /// stalls for `body_read_timeout`), and is not re-sent unless it certainly never left.
+    /// stalls for `body_read_timeout`), and is never re-sent: its body is gone once read.
     async fn proxy_streamed(
         &self,
         parts: Parts,
@@ -203,6 +206,10 @@ impl Balancer {
                 }
                 Ok(downstream_response(resp))
             }
+            Ok(Err(error)) if client_body_failed(&error) => Err(Failure::ClientBody(format!(
+                "the request body failed on its way: {}",
+                holdfast_core::error_chain(&error)
+            ))),
             Ok(Err(error)) => {
                 upstream.set_healthy(false);
                 upstream.record(false, eject);
@@ -286,13 +293,14 @@ impl Failure {
     fn may_have_reached_upstream(&self) -> bool {
         matches!(
             self,
-            Self::MaybeSent(_) | Self::TimedOut(_) | Self::Frozen(_)
+            Self::MaybeSent(_) | Self::TimedOut(_) | Self::Frozen(_) | Self::ClientBody(_)
         )
     }
 
     fn status(&self) -> StatusCode {
         match self {
             Self::TimedOut(_) | Self::Frozen(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::ClientBody(_) => StatusCode::BAD_REQUEST,
             _ => StatusCode::BAD_GATEWAY,
         }
     }
@@ -301,7 +309,9 @@ impl Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::NotSent(detail) | Self::MaybeSent(detail) => f.write_str(detail),
+            Self::NotSent(detail) | Self::MaybeSent(detail) | Self::ClientBody(detail) => {
+                f.write_str(detail)
+            }
             Self::TimedOut(addr) => write!(f, "upstream {addr} did not answer in time"),
             Self::Draining(addr) => write!(f, "upstream {addr} is draining"),
             Self::Frozen(addr) => write!(f, "upstream {addr} stopped answering"),
@@ -357,6 +367,21 @@ fn route_matches(route: &str, method: &Method, path: &str) -> bool {
             _ => return false,
         }
     }
+}
+
+/// Whether the attempt failed because the request's own body did (hyper's "user" errors: our
+/// streamed client body stalled or was cut), not the upstream.
+fn client_body_failed(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source = error.source();
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_user)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
 }
 
 /// Whether the request certainly never reached the upstream: the connection could not be

@@ -145,15 +145,13 @@ impl BlobStore for LocalDir {
         place: PartPlace,
     ) -> Result<Box<dyn PartWriter>, Error> {
         let (dir, path) = (self.dir(upload), self.part_path(upload, place.no));
-        let file = blocking({
-            let (dir, path) = (dir.clone(), path.clone());
-            move || {
-                std::fs::create_dir_all(&dir)?;
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .open(&path)
-            }
+        // The directory is the upload's (made by `begin`): a writer whose upload was removed
+        // meanwhile finds it gone instead of leaving a file behind.
+        let file = blocking(move || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
         })
         .await?;
         Ok(Box::new(LocalPart::start(file, dir)))

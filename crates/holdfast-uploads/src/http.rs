@@ -324,7 +324,9 @@ async fn create(
             quota: up.opts.quota,
         })
         .await;
-    if !matches!(created, Ok(true)) {
+    if matches!(created, Ok(false)) {
+        // Refused for certain (over quota). A failure may have created the row after all:
+        // then the reaper removes it all with the upload.
         let _ = up.blobs.remove(&id, handle.as_deref()).await;
     }
     if !created? {
@@ -361,7 +363,15 @@ async fn create(
         };
         // The upload exists whatever happens to its first bytes: a failure here is answered
         // as a PATCH's would be, and the client resumes from the offset HEAD gives.
-        let offset = receive(&up, &row, None, body, declared, checksum).await?;
+        let offset = receive(&up, &row, None, body, declared, checksum)
+            .await
+            .map_err(|mut refused| {
+                // The upload exists: the client resumes it from the offset HEAD gives.
+                if let Some(l) = h.get(header::LOCATION) {
+                    refused.0.headers.insert(header::LOCATION, l.clone());
+                }
+                refused
+            })?;
         h.insert(UPLOAD_OFFSET, HeaderValue::from(offset));
         if offset < length {
             h.insert(
@@ -575,15 +585,19 @@ impl Receiver<'_> {
         let mut received: i64 = 0;
         let renew_every = up.opts.lease / 3;
         let mut next_renewal = Instant::now() + renew_every;
+        // A body is idle from its last frame: renewing the lease meanwhile does not count.
+        let mut last_frame = Instant::now();
         let interrupted = loop {
+            let idle_until = last_frame + up.opts.body_idle_timeout;
             let frame = tokio::select! {
-                frame = tokio::time::timeout(up.opts.body_idle_timeout, frames.next()) => frame,
+                frame = tokio::time::timeout_at(idle_until.into(), frames.next()) => frame,
                 () = tokio::time::sleep_until(next_renewal.into()) => {
                     up.store.upload_renew(&row.id, row.attempt, self.lease_until()).await?;
                     next_renewal = Instant::now() + renew_every;
                     continue;
                 }
             };
+            last_frame = Instant::now();
             let mut bytes: Bytes = match frame {
                 Ok(None) => break None,
                 Ok(Some(Ok(bytes))) => bytes,
@@ -723,7 +737,7 @@ impl Receiver<'_> {
 
     async fn finish(&mut self, part: OpenPart) -> Result<UploadPart, Refusal> {
         let last = part.start + part.len == self.row.upload_length;
-        let etag = part.writer.finish(last).await?;
+        let etag = self.renewing(part.writer.finish(last)).await?;
         self.next_start = part.start + part.len;
         Ok(UploadPart {
             part_no: part.part_no,
@@ -732,6 +746,25 @@ impl Receiver<'_> {
             sha256: hex::encode(part.sha.finalize()),
             etag,
         })
+    }
+
+    /// Runs `work` (making a part durable: an fsync, an S3 PUT) while renewing the lease every
+    /// third of it, so that no other writer can take the upload meanwhile; a renewal that
+    /// finds the upload taken abandons the work (its part will never be named).
+    async fn renewing<T>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Refusal> {
+        let (up, row) = (self.up, self.row);
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return Ok(done?),
+                () = tokio::time::sleep(up.opts.lease / 3) => {
+                    up.store.upload_renew(&row.id, row.attempt, self.lease_until()).await?;
+                }
+            }
+        }
     }
 
     /// Acknowledges the pending parts (fenced by the attempt and the offset), keeping the
@@ -772,7 +805,9 @@ impl Receiver<'_> {
                 Ok(())
             }
             Err(e) => {
-                self.pending = parts;
+                // It may have committed (a connection lost at COMMIT): its parts are left where
+                // they are, never deleted here; unnamed ones go when the upload completes or
+                // is removed.
                 self.absorbed = replaces;
                 Err(e.into())
             }

@@ -150,17 +150,28 @@ impl Uploads {
     pub async fn reap(&self, limit: i64) -> Result<usize, Error> {
         let now = holdfast_core::now_ms();
         let mut reaped = 0;
+        let mut failed = None;
         for row in self.store.upload_reapable(now, limit).await? {
             if !self.store.upload_take_for_reaping(&row, now).await? {
                 continue;
             }
-            self.blobs
-                .remove(&row.id, row.blob_handle.as_deref())
-                .await?;
-            self.store.upload_forget(&row.id).await?;
-            reaped += 1;
+            // One upload whose bytes cannot go now does not hold up the others.
+            match self.blobs.remove(&row.id, row.blob_handle.as_deref()).await {
+                Ok(()) => {
+                    self.store.upload_forget(&row.id).await?;
+                    reaped += 1;
+                }
+                Err(e) => failed = Some(e),
+            }
         }
-        Ok(reaped)
+        match failed {
+            Some(e) if reaped == 0 => Err(e),
+            Some(e) => {
+                tracing::warn!(error = %e, "some uploads' bytes could not be removed; will try again");
+                Ok(reaped)
+            }
+            None => Ok(reaped),
+        }
     }
 
     /// Reaps every `every` until `shutdown` resolves; failures are logged and tried again.

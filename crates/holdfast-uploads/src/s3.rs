@@ -163,7 +163,7 @@ impl BlobStore for S3Blobs {
             upload: upload.to_owned(),
             handle: Self::handle(handle)?,
             place,
-            buf: BytesMut::with_capacity(place.size),
+            buf: BytesMut::new(),
         }))
     }
 

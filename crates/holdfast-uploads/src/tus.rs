@@ -215,7 +215,7 @@ pub fn range(header: Option<&str>, len: u64) -> RangeAsk {
             (Some(s), _) if s >= len => RangeAsk::Unsatisfiable,
             (Some(s), "") => RangeAsk::Part(s, len),
             (Some(s), last) => match num(last) {
-                Some(e) if e >= s => RangeAsk::Part(s, (e + 1).min(len)),
+                Some(e) if e >= s => RangeAsk::Part(s, e.saturating_add(1).min(len)),
                 _ => RangeAsk::Whole,
             },
             (None, _) => RangeAsk::Whole,
@@ -287,6 +287,10 @@ mod tests {
         assert_eq!(range(Some("bytes=-10"), 100), RangeAsk::Part(90, 100));
         assert_eq!(range(Some("bytes=-1000"), 100), RangeAsk::Part(0, 100));
         assert_eq!(range(Some("bytes=50-1000"), 100), RangeAsk::Part(50, 100));
+        assert_eq!(
+            range(Some("bytes=5-18446744073709551615"), 100),
+            RangeAsk::Part(5, 100)
+        );
         assert_eq!(range(Some("bytes=100-"), 100), RangeAsk::Unsatisfiable);
         assert_eq!(range(Some("bytes=-0"), 100), RangeAsk::Unsatisfiable);
         for ignored in [

@@ -172,6 +172,25 @@ async fn creation_with_upload_takes_the_first_bytes(backend: Backend) {
         assert_eq!(offset_of(&r), Some(70_000));
         let at = header(&r, "location").expect("Location").to_owned();
         let rest = app.patch(&cookie, &at, 70_000, &bytes[70_000..], &[]).await;
+        // First bytes that fail their checksum: nothing appended, but the upload exists and
+        // the answer says where, so the client can resume it.
+        let bad = app
+            .send(raw_request(
+                "POST",
+                "/api/uploads",
+                Some(OCTETS),
+                bytes[..1000].to_vec(),
+                &[
+                    ("cookie", &cookie),
+                    ("tus-resumable", "1.0.0"),
+                    ("upload-length", "2000"),
+                    ("upload-checksum", "sha1 AAAAAAAAAAAAAAAAAAAAAAAAAAA="),
+                ],
+            ))
+            .await;
+        assert_eq!(bad.status.as_u16(), 460);
+        let there = header(&bad, "location").expect("a Location with the failure");
+        assert_eq!(offset_of(&app.head(&cookie, there).await), Some(0));
         assert_eq!(rest.status, StatusCode::NO_CONTENT);
         assert!(app.get(&cookie, &at, &[]).await.body == bytes);
     })
@@ -317,6 +336,50 @@ async fn a_cut_body_keeps_what_was_durable(backend: Backend) {
             .patch(&cookie, &at, 200_000, &bytes[200_000..], &[])
             .await;
         assert_eq!(rest.status, StatusCode::NO_CONTENT);
+        assert!(app.get(&cookie, &at, &[]).await.body == bytes);
+    })
+    .await;
+}
+
+/// A body that goes quiet is cut after the idle timeout even while the lease is being renewed
+/// (renewals are not traffic); what arrived is kept, and the upload is free at once.
+async fn a_stalled_body_is_cut_and_the_upload_freed(backend: Backend) {
+    with_fresh_db(backend, "tus_stalled_body", |url| async move {
+        let opts = UploadOptions {
+            body_idle_timeout: Duration::from_millis(400),
+            lease: Duration::from_millis(300),
+            ..small_parts()
+        };
+        let app = spawn_uploads(&url, opts).await;
+        let cookie = app.user("stalled@example.com").await;
+        let bytes = data(300_000, 8);
+        let at = app.create(&cookie, bytes.len(), "").await;
+        let (body, asked, _never) = gated_body(vec![bytes[..100_000].to_vec(), Vec::new()], false);
+        let req = streamed_patch(&at, &cookie, 0, Some(bytes.len()), body);
+        let sent = tokio::spawn({
+            let router = app.router.clone();
+            async move { holdfast_testkit::app::send(&router, req).await }
+        });
+        asked.await.expect("body read");
+        let cut = tokio::time::timeout(Duration::from_secs(10), sent)
+            .await
+            .expect("the stalled PATCH ends")
+            .expect("PATCH");
+        assert_eq!(
+            cut.status,
+            StatusCode::BAD_REQUEST,
+            "{}",
+            String::from_utf8_lossy(&cut.body)
+        );
+        assert_eq!(offset_of(&cut), Some(100_000));
+        let rest = app
+            .patch(&cookie, &at, 100_000, &bytes[100_000..], &[])
+            .await;
+        assert_eq!(
+            rest.status,
+            StatusCode::NO_CONTENT,
+            "the lease was released"
+        );
         assert!(app.get(&cookie, &at, &[]).await.body == bytes);
     })
     .await;
@@ -770,6 +833,7 @@ both_backends!(multi_thread;
     creation_with_upload_takes_the_first_bytes,
     two_patches_at_one_offset_give_one_204_and_one_423,
     a_cut_body_keeps_what_was_durable,
+    a_stalled_body_is_cut_and_the_upload_freed,
     bad_requests_get_their_status_and_append_nothing,
     expired_and_over_quota_uploads_are_refused,
     a_stale_writer_never_moves_the_offset,
