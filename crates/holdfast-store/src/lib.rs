@@ -255,15 +255,18 @@ impl StoreOptions {
     }
 }
 
-/// Creates a missing SQLite database file readable by its owner only (0600). SQLite gives its
-/// `-wal` and `-shm` files the database file's mode, so they are private too.
-fn create_private(url: &str) -> Result<()> {
-    let Some(path) = url
-        .strip_prefix("sqlite:")
+/// The file of a `sqlite:` URL, if it names one (not `:memory:`).
+fn sqlite_file(url: &str) -> Option<&str> {
+    url.strip_prefix("sqlite:")
         .map(|rest| rest.strip_prefix("//").unwrap_or(rest))
         .map(|rest| rest.split('?').next().unwrap_or(rest))
         .filter(|p| !p.is_empty() && !p.starts_with(':'))
-    else {
+}
+
+/// Creates a missing SQLite database file readable by its owner only (0600). SQLite gives its
+/// `-wal` and `-shm` files the database file's mode, so they are private too.
+fn create_private(url: &str) -> Result<()> {
+    let Some(path) = sqlite_file(url) else {
         return Ok(());
     };
     #[cfg(unix)]
@@ -297,6 +300,9 @@ pub struct Store {
     budget: RetryBudget,
     /// SQLite only: one write transaction at a time per process (see `Store::begin_write`).
     write_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// SQLite only: the file every process writing the database takes an exclusive `flock` on
+    /// before it begins a write transaction (see `Store::begin_write`).
+    write_lock: Option<Arc<std::fs::File>>,
 }
 
 impl Store {
@@ -341,12 +347,24 @@ impl Store {
             .await?;
         let write_gate =
             (backend == Backend::Sqlite).then(|| Arc::new(tokio::sync::Semaphore::new(1)));
+        let write_lock = match sqlite_file(&opts.url) {
+            Some(db) if backend == Backend::Sqlite => {
+                Some(Arc::new(tx::open_write_lock(db).map_err(|source| {
+                    Error::CreateFile {
+                        path: format!("{db}.write-lock"),
+                        source,
+                    }
+                })?))
+            }
+            _ => None,
+        };
         let store = Self {
             pool,
             backend,
             retry: opts.retry.clone(),
             budget: RetryBudget::default(),
             write_gate,
+            write_lock,
         };
         match &opts.migrate {
             migrate::Mode::Apply(guard) => {

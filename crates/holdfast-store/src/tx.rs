@@ -90,7 +90,23 @@ impl<E: std::error::Error + 'static> std::error::Error for TxError<E> {
 pub struct Tx {
     tx: Transaction<'static, Any>,
     backend: Backend,
+    // Dropped after `tx` (fields drop in order): the file's lock, then the process's turn —
+    // the next transaction of this process locks the same open file, so it must not get its
+    // turn while this one still holds the lock.
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
     _gate: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Opens (creating it, owner-only) `<database>.write-lock`, the file whose `flock` orders
+/// the processes writing one SQLite database.
+pub(crate) fn open_write_lock(db: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(format!("{db}.write-lock"))
 }
 
 impl Tx {
@@ -192,9 +208,12 @@ impl Store {
         }
     }
 
-    /// A write transaction. On SQLite it first passes this process's write gate: the file
-    /// has one write lock, and one waiter per process contending for it (instead of one per
-    /// pooled connection) keeps SQLite's sleeping busy handler out of the tail latency.
+    /// A write transaction. On SQLite it first passes this process's write gate, then takes
+    /// the database's write-lock file (`flock`, exclusive): the file has one write lock, and
+    /// SQLite's own wait for it is a busy handler that sleeps 1, 2, 5 … 100 ms between tries,
+    /// so processes contending through it queue in sleeps, not in order. A `flock` waiter is
+    /// woken by the kernel the moment the holder lets go, and a killed holder's lock goes
+    /// with it. (Other programs writing the file still meet SQLite's busy timeout.)
     pub(crate) async fn begin_write(&self) -> Result<Tx> {
         let gate = match &self.write_gate {
             Some(g) => Some(
@@ -203,6 +222,22 @@ impl Store {
                     .await
                     .map_err(|_| Error::Db(sqlx::Error::PoolClosed))?,
             ),
+            None => None,
+        };
+        let lock = match &self.write_lock {
+            Some(file) => {
+                // The gate admits one transaction per process, so the process's one open file
+                // description (shared by the clone) is locked by one holder at a time.
+                let file = file.try_clone().map_err(sqlx::Error::Io)?;
+                let locked = tokio::task::spawn_blocking(move || {
+                    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                        .map_err(|(_, errno)| std::io::Error::from(errno))
+                })
+                .await
+                .map_err(|_| Error::Db(sqlx::Error::WorkerCrashed))?
+                .map_err(sqlx::Error::Io)?;
+                Some(locked)
+            }
             None => None,
         };
         // Begun in its own task: sqlx-sqlite acknowledges a custom BEGIN before it builds the
@@ -224,6 +259,7 @@ impl Store {
         Ok(Tx {
             tx,
             backend: self.backend,
+            _lock: lock,
             _gate: gate,
         })
     }
