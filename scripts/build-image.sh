@@ -18,7 +18,8 @@ bash scripts/install-container-tools.sh
 ctx="$(mktemp -d)"
 trap 'rm -rf "$ctx"' EXIT
 root="$ctx/rootfs"
-mkdir -p "$root/usr/local/bin" "$root/etc" "$root/tmp" "$ctx/data"
+# data/uploads: the mount point of the web replicas' shared uploads volume, the user's own.
+mkdir -p "$root/usr/local/bin" "$root/etc" "$root/tmp" "$ctx/data/uploads"
 # Debug symbols out: the image carries what runs, nothing more.
 strip -o "$root/usr/local/bin/holdfast" "$bin"
 ldd "$bin" | awk '$2 == "=>" && $3 ~ /^\// {print $3} $1 ~ /^\// {print $1}' | while read -r lib; do

@@ -1,7 +1,7 @@
 // One upload driven by tus-js-client exactly as a user's client would drive it (its options
 // only; nothing on the server knows this client): the whole file in one PATCH, resumed after
-// failures. Prints JSON lines: progress every MiB sent, every answer that is not a success,
-// the offset each HEAD reports, then the upload's URL (or the error).
+// failures. Prints JSON lines: the upload's URL once created, progress every MiB sent, every
+// answer that is not a success, the offset each HEAD reports, then `done` (or the error).
 //   node tus_upload.js ENDPOINT COOKIE FILE SKU
 const fs = require('fs');
 const tus = require('tus-js-client');
@@ -20,6 +20,7 @@ const upload = new tus.Upload(fs.readFileSync(file), {
       say({ sent, total });
     }
   },
+  onUploadUrlAvailable: () => say({ url: upload.url }),
   onAfterResponse: (req, res) => {
     const status = res.getStatus();
     if (req.getMethod() === 'HEAD' && status === 200) {
