@@ -242,8 +242,9 @@ async fn kill_a_writer(ctl: &Control, deadline: Instant) -> bool {
     false
 }
 
-/// The first of `pids` with a file open under `dir`.
-fn writing_under(pids: &[u32], dir: &Path) -> Option<u32> {
+/// The first of `pids` with a file open under `dir` (through `/proc`): with `dir` a data
+/// dir's `uploads/`, the web instance in the middle of writing an upload part.
+pub fn writing_under(pids: &[u32], dir: &Path) -> Option<u32> {
     let dir = dir.canonicalize().ok()?;
     pids.iter().copied().find(|pid| {
         std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {

@@ -81,19 +81,6 @@ async fn buyer(base: &str, sku: &str) -> String {
     cookie
 }
 
-/// The web instance (of `pids`) writing an upload part now: it has a file open under the
-/// data dir's `uploads/`.
-fn writer_of_an_upload(pids: &[u32], data_dir: &Path) -> Option<u32> {
-    let uploads = data_dir.join("uploads").canonicalize().ok()?;
-    pids.iter().copied().find(|pid| {
-        std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|fds| {
-            fds.flatten()
-                .filter_map(|fd| std::fs::read_link(fd.path()).ok())
-                .any(|target| target.starts_with(&uploads))
-        })
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tus_js_client_finishes_an_upload_whose_instance_is_killed_mid_patch() {
     let Some(modules) = node_modules() else {
@@ -174,7 +161,10 @@ async fn tus_js_client_finishes_an_upload_whose_instance_is_killed_mid_patch() {
             if acked == 0 || acked == bytes.len() as u64 {
                 continue;
             }
-            if let Some(pid) = writer_of_an_upload(&web_pids(&system), system.data_dir()) {
+            if let Some(pid) = holdfast_drill::uploads::writing_under(
+                &web_pids(&system),
+                &system.data_dir().join("uploads"),
+            ) {
                 assert!(
                     system.signal(pid, nix::sys::signal::Signal::SIGKILL),
                     "kill {pid}"
