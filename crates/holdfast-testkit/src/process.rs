@@ -105,6 +105,59 @@ impl Drop for Proc {
     }
 }
 
+/// `PROGRAM up --port 0 --ops-port 0 --instances N --data-dir DIR EXTRA…`, once every web
+/// instance listens and `/healthz` answers through the balancer: the guard (which has
+/// adopted the web instances), the balancer's base URL, its operator URL, and the web
+/// instances.
+pub async fn spawn_up(
+    program: &Path,
+    data_dir: &Path,
+    n: usize,
+    extra: &[&str],
+) -> (Proc, String, String, Vec<Instance>) {
+    const WITHIN: Duration = Duration::from_secs(20);
+    let n_arg = n.to_string();
+    let dir = data_dir.to_str().expect("a UTF-8 data dir");
+    let mut args = vec![
+        "up",
+        "--port",
+        "0",
+        "--ops-port",
+        "0",
+        "--instances",
+        &n_arg,
+        "--data-dir",
+        dir,
+    ];
+    args.extend_from_slice(extra);
+    let mut up = Proc::spawn(program, &args);
+    let line = up.line_after("Holdfast is up: ", WITHIN);
+    let base = line
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(line.contains(&format!("({n} instances, ")), "{line}");
+    let ops = up.line_after("Operator endpoints: ", WITHIN);
+    let ops = ops.trim().trim_end_matches("/ops/instances").to_owned();
+    let client = client();
+    eventually(WITHIN, "/healthz through the balancer", || async {
+        (status(&client, &format!("{base}/healthz")).await == Some(200)).then_some(())
+    })
+    .await;
+    let live: Vec<Instance> = instances(data_dir)
+        .expect("instances.json")
+        .into_iter()
+        .filter(|i| i.role == "web")
+        .collect();
+    assert_eq!(live.len(), n, "{live:?}");
+    for i in &live {
+        up.adopt(i.pid);
+        assert!(alive(i.pid), "{i:?} is not alive");
+    }
+    (up, base, ops, live)
+}
+
 /// Polls `check` every 50 ms until it yields a value; panics after `within`.
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
 where

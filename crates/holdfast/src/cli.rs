@@ -62,6 +62,67 @@ pub enum Command {
     Balance(BalanceArgs),
     /// Exit 0 if URL answers 2xx in time: a health check for an image with no shell or curl.
     Probe(ProbeArgs),
+    /// Continuous backup of the SQLite store: run it, force it, check it, list what it holds.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Restore the store from a backup into a new or empty directory, as of a moment, and
+    /// check it (`PRAGMA integrity_check`) before saying it worked.
+    Restore(RestoreArgs),
+}
+
+/// Where the backup is and which store it is of.
+#[derive(Debug, Clone, Args)]
+pub struct BackupTarget {
+    /// A directory (on another disk) or `s3://bucket[/prefix]` (endpoint and credentials
+    /// from the `AWS_*` variables).
+    #[arg(long, env = "HOLDFAST_BACKUP", value_name = "DIR|s3://BUCKET[/PREFIX]")]
+    pub backup: String,
+    /// The data dir of the store (`holdfast.sqlite`).
+    #[arg(long, default_value = "./holdfast-data")]
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum BackupCommand {
+    /// Replicate the store to the target continuously (every second), until SIGTERM: beside
+    /// `holdfast serve` in production; `holdfast up --backup` runs the same.
+    Run {
+        #[command(flatten)]
+        target: BackupTarget,
+    },
+    /// Ship every committed change to the target now, and wait until it is there.
+    Now {
+        #[command(flatten)]
+        target: BackupTarget,
+    },
+    /// One line: is the continuous backup running, when did it last reach the target, what
+    /// can be restored. Exit 1 unless it is running and proved within `--stale-after`.
+    Status {
+        #[command(flatten)]
+        target: BackupTarget,
+        #[arg(long, value_parser = parse_duration, default_value = "30s")]
+        stale_after: Duration,
+    },
+    /// The moments the target can restore: its snapshots and its newest change.
+    List {
+        #[command(flatten)]
+        target: BackupTarget,
+    },
+}
+
+/// `holdfast restore`.
+#[derive(Debug, Clone, Args)]
+pub struct RestoreArgs {
+    /// The backup to restore from (as given to `holdfast up --backup`).
+    #[arg(long, env = "HOLDFAST_BACKUP", value_name = "DIR|s3://BUCKET[/PREFIX]")]
+    pub backup: String,
+    /// A new or empty directory; it becomes a data dir (`holdfast up --data-dir DIR`).
+    #[arg(long)]
+    pub to: PathBuf,
+    /// The moment to return to (RFC 3339, e.g. `2026-11-30T02:15:00Z`); the newest change
+    /// the backup holds by default.
+    #[arg(long)]
+    pub at: Option<String>,
 }
 
 /// Where to push the figures for Graphite (see `graphite.rs`); off unless `--graphite` is given.
@@ -507,6 +568,10 @@ pub struct UpArgs {
     pub sabotage: SabotageArgs,
     #[command(flatten)]
     pub graphite: GraphiteArgs,
+    /// Back the store up continuously to this directory or `s3://bucket[/prefix]` (SQLite;
+    /// see `holdfast backup`).
+    #[arg(long, value_name = "DIR|s3://BUCKET[/PREFIX]")]
+    pub backup: Option<String>,
     /// Start the web instances as the release from before the change `cart_lines` (and
     /// migrate only as far as it knows). `run/as-old-release` in the data dir says `true`;
     /// write `false` there and drain the instances one by one (`holdfast roll`) to deploy this

@@ -5,6 +5,7 @@
 //! This file only wires: parse flags, set up logging (to stderr, so stdout stays a channel the
 //! supervisor can parse), start a runtime, run the command. See `cli.rs` for the flags.
 
+mod backup;
 mod balance;
 mod cli;
 mod drill;
@@ -63,6 +64,8 @@ fn run() -> anyhow::Result<()> {
             Some(Command::Migrate(cmd)) => migrate::run(cmd).await,
             Some(Command::Balance(args)) => balance::run(args).await,
             Some(Command::Probe(args)) => balance::probe(args).await,
+            Some(Command::Backup(cmd)) => backup::run(cmd).await,
+            Some(Command::Restore(args)) => backup::restore(args).await,
             None => up::run(cli.up).await,
         }
     })

@@ -89,6 +89,19 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     )
     .await?;
 
+    // The backup starts before any instance, so no acknowledged write predates it.
+    let backup = match &args.backup {
+        None => None,
+        Some(_) if args.store.backend != holdfast_core::Backend::Sqlite => {
+            bail!(
+                "--backup: continuous backup covers the SQLite store; this is {}",
+                args.store.backend.name()
+            )
+        }
+        Some(target) => Some(crate::backup::start(target, &args.store.data_dir)?),
+    };
+    let backup_health = backup.as_ref().map(holdfast_backup::Continuous::watch);
+
     let listener = TcpListener::bind((args.host, args.port))
         .await
         .with_context(|| format!("binding the balancer to {}:{}", args.host, args.port))?;
@@ -97,19 +110,21 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // The instances and workers push their own figures to Graphite; `up` pushes the
     // balancer's and the fleet's queue depth, which only it exports.
     let restarts = RestartCounts::default();
+    let fleet = Fleet {
+        store: fleet_store,
+        restarts: restarts.clone(),
+        backup: backup_health,
+    };
     crate::graphite::spawn(&args.graphite, {
-        let (balancer, store, restarts) = (balancer.clone(), fleet_store.clone(), restarts.clone());
+        let (balancer, fleet) = (balancer.clone(), fleet.clone());
         move || {
-            let (balancer, store, restarts) = (balancer.clone(), store.clone(), restarts.clone());
-            async move { balancer.render_metrics() + &fleet_figures(&store, &restarts).await }
+            let (balancer, fleet) = (balancer.clone(), fleet.clone());
+            async move { balancer.render_metrics() + &fleet.figures().await }
         }
     });
-    balancer.set_fleet_metrics(Arc::new({
-        let restarts = restarts.clone();
-        move || {
-            let (store, restarts) = (fleet_store.clone(), restarts.clone());
-            Box::pin(async move { fleet_figures(&store, &restarts).await })
-        }
+    balancer.set_fleet_metrics(Arc::new(move || {
+        let fleet = fleet.clone();
+        Box::pin(async move { fleet.figures().await })
     }));
     let (stop_balancer, balancer_stopped) = oneshot::channel::<()>();
     let balancing = tokio::spawn(balancer.clone().serve(listener, async {
@@ -258,6 +273,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let _ = stop_balancer.send(());
     balancing.await?.context("balancer")?;
     let _ = std::fs::remove_file(&balancer_file);
+    // Stops the replication last, once it has shipped the instances' final writes.
+    if let Some(backup) = backup {
+        match backup.finish().await {
+            Ok(_) => info!("the backup has every write"),
+            Err(error) => warn!(%error, "the last backup sync failed"),
+        }
+    }
     info!("stopped");
     Ok(())
 }
@@ -435,9 +457,24 @@ async fn queue_depth(store: &holdfast_store::Store) -> String {
     out
 }
 
-/// What only `up` knows about the fleet: the queue depth (counted once) and the restarts.
-async fn fleet_figures(store: &holdfast_store::Store, restarts: &RestartCounts) -> String {
-    queue_depth(store).await + &render_restarts(restarts)
+/// What only `up` knows about the fleet: the queue depth (counted once), the restarts, and
+/// the continuous backup it runs.
+#[derive(Clone)]
+struct Fleet {
+    store: holdfast_store::Store,
+    restarts: RestartCounts,
+    backup: Option<tokio::sync::watch::Receiver<holdfast_backup::Health>>,
+}
+
+impl Fleet {
+    async fn figures(&self) -> String {
+        let backup = self
+            .backup
+            .as_ref()
+            .map(|b| b.borrow().render_metrics("balancer"))
+            .unwrap_or_default();
+        queue_depth(&self.store).await + &render_restarts(&self.restarts) + &backup
+    }
 }
 
 /// Kills web instances the balancer has found unresponsive for `after`, forever.

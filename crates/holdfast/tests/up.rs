@@ -5,7 +5,9 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use holdfast_testkit::process::{alive, client, eventually, instances, status, Instance, Proc};
+use holdfast_testkit::process::{
+    alive, client, eventually, instances, spawn_up, status, Instance, Proc,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 use nix::sys::signal::{kill, Signal};
@@ -13,49 +15,10 @@ use nix::unistd::Pid;
 
 const WITHIN: Duration = Duration::from_secs(20);
 
-/// `holdfast up --port 0 --instances N` in `dir`, once every instance listens: the guard, the
-/// balancer's base URL, its operator URL, and the instances (adopted by the guard).
+/// `holdfast up` with N web instances and no workers: these tests are about the balancer's
+/// upstreams.
 async fn start_up(dir: &Path, n: usize) -> (Proc, String, String, Vec<Instance>) {
-    let n_arg = n.to_string();
-    let data_dir = dir.to_str().unwrap();
-    let mut up = Proc::spawn(
-        BIN.as_ref(),
-        &[
-            "up",
-            "--port",
-            "0",
-            "--ops-port",
-            "0",
-            "--instances",
-            &n_arg,
-            "--data-dir",
-            data_dir,
-            // Web instances only: these tests are about the balancer's upstreams.
-            "--workers",
-            "0",
-        ],
-    );
-    let line = up.line_after("Holdfast is up: ", WITHIN);
-    let base = line.split_whitespace().next().unwrap().to_owned();
-    assert!(
-        line.ends_with(&format!("({n} instances, sqlite)")),
-        "{line}"
-    );
-    let ops = up.line_after("Operator endpoints: ", WITHIN);
-    let ops = ops.trim().trim_end_matches("/ops/instances").to_owned();
-    let client = client();
-    eventually(WITHIN, "/healthz through the balancer", || async {
-        (status(&client, &format!("{base}/healthz")).await == Some(200)).then_some(())
-    })
-    .await;
-    let live = instances(dir).expect("instances.json");
-    assert_eq!(live.len(), n, "{live:?}");
-    for i in &live {
-        up.adopt(i.pid);
-        assert_eq!(i.role, "web");
-        assert!(alive(i.pid), "{i:?} is not alive");
-    }
-    (up, base, ops, live)
+    spawn_up(BIN.as_ref(), dir, n, &["--workers", "0"]).await
 }
 
 async fn ops_instances(ops: &str) -> Vec<Instance> {

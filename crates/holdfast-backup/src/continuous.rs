@@ -1,0 +1,249 @@
+//! Continuous replication: Litestream kept running as a child process, restarted when it
+//! dies, and proven every few seconds by a forced sync whose success is published.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::litestream::{self, Config};
+use crate::{now_ms, Backup, Error};
+
+/// The replication's state file in [`Backup::run_dir`], rewritten after every check.
+const STATE_FILE: &str = "state.json";
+/// Litestream's pid while it runs, so a successor can stop one its killed supervisor left.
+const PID_FILE: &str = "litestream.pid";
+
+/// What the replication last proved, as published and as written to its state file.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Health {
+    /// The target, as given.
+    pub target: String,
+    /// The last forced sync that reached the target (ms since the Unix epoch).
+    pub last_success_ms: Option<i64>,
+    /// The transaction it carried.
+    pub txid: Option<u64>,
+    /// The last check's failure, cleared by the next success.
+    pub last_error: Option<String>,
+    /// Times Litestream exited and was started again.
+    pub restarts: u64,
+    /// The process replicating now (`pid` of Litestream) and the one supervising it.
+    pub litestream_pid: Option<u32>,
+    pub supervisor_pid: u32,
+    /// When this state was written (ms since the Unix epoch).
+    pub written_ms: i64,
+}
+
+impl Health {
+    /// The state the running (or last) replication of `backup` wrote, if any.
+    pub fn read(backup: &Backup) -> Option<Health> {
+        let bytes = std::fs::read(backup.run_dir.join(STATE_FILE)).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    /// `holdfast_backup_*` in the exposition format, labelled with `role`.
+    pub fn render_metrics(&self, role: &str) -> String {
+        let mut out = String::new();
+        let name = "holdfast_backup_last_success_timestamp_seconds";
+        out += &format!("# HELP {name} When the continuous backup last proved the target holds every committed change (a forced sync), Unix seconds; 0 before the first.\n# TYPE {name} gauge\n");
+        let at = self.last_success_ms.map_or(0.0, |ms| ms as f64 / 1000.0);
+        out += &format!("{name}{{role=\"{role}\"}} {at}\n");
+        let name = "holdfast_backup_restarts_total";
+        out += &format!("# HELP {name} Times the replication process exited and was started again.\n# TYPE {name} counter\n");
+        out += &format!("{name}{{role=\"{role}\"}} {}\n", self.restarts);
+        out
+    }
+}
+
+/// Whether a replication of `backup` is supervised now (its supervisor is alive); then only
+/// it may replicate the database.
+pub(crate) fn supervised(backup: &Backup) -> bool {
+    Health::read(backup).is_some_and(|h| Path::new(&format!("/proc/{}", h.supervisor_pid)).exists())
+}
+
+/// A running replication; dropping it stops Litestream.
+pub struct Continuous {
+    backup: Backup,
+    health: watch::Receiver<Health>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Continuous {
+    fn drop(&mut self) {
+        // Aborting drops the child, whose `kill_on_drop` ends Litestream.
+        self.task.abort();
+    }
+}
+
+impl Continuous {
+    /// Starts replicating `backup.database` to `backup.target`, checking every `check_every`.
+    /// Fails at once if Litestream is not installed or the configuration cannot be written;
+    /// a target that cannot be reached shows as failed checks, not as an error here.
+    pub fn start(backup: Backup, check_every: Duration) -> Result<Continuous, Error> {
+        litestream::binary()?;
+        stop_leftover(&backup.run_dir);
+        let config = Config::write_for(&backup, &backup.run_dir)?;
+        let (tx, health) = watch::channel(Health {
+            target: backup.target.to_string(),
+            supervisor_pid: std::process::id(),
+            ..Health::default()
+        });
+        let task = tokio::spawn(supervise(backup.clone(), config, check_every, tx));
+        Ok(Continuous {
+            backup,
+            health,
+            task,
+        })
+    }
+
+    /// What the replication last proved.
+    pub fn health(&self) -> Health {
+        self.health.borrow().clone()
+    }
+
+    /// Ships what is left, then stops: the end of a graceful shutdown.
+    pub async fn finish(self) -> Result<crate::Synced, Error> {
+        litestream::sync(&self.backup).await
+    }
+
+    /// Follows what the replication proves, for a metrics page.
+    pub fn watch(&self) -> watch::Receiver<Health> {
+        self.health.clone()
+    }
+
+    /// Resolves once a forced sync has reached the target after this call.
+    pub async fn synced(&mut self) {
+        let since = now_ms();
+        let _ = self
+            .health
+            .wait_for(|h| h.last_success_ms.is_some_and(|at| at >= since))
+            .await;
+    }
+}
+
+/// Stops a Litestream that a killed supervisor of this data dir left running (it would race
+/// the new one for the same target).
+fn stop_leftover(run_dir: &Path) {
+    let Some(pid) = std::fs::read_to_string(run_dir.join(PID_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let config = run_dir.join("litestream.yml");
+    let ours = String::from_utf8_lossy(&cmdline).contains(&*config.to_string_lossy());
+    if ours {
+        warn!(pid, "stopping the replication a previous run left behind");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+async fn supervise(
+    backup: Backup,
+    config: Config,
+    check_every: Duration,
+    health: watch::Sender<Health>,
+) {
+    let publish = |change: &dyn Fn(&mut Health)| {
+        health.send_modify(|h| {
+            change(h);
+            h.written_ms = now_ms();
+        });
+        write_state(&backup.run_dir, &health.borrow());
+    };
+    loop {
+        let _ = std::fs::remove_file(&config.socket);
+        let child = litestream::replicate_command(&config).and_then(|mut cmd| {
+            cmd.stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()
+                .map_err(Error::io("starting litestream"))
+        });
+        let mut child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                publish(&|h| h.last_error = Some(e.to_string()));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        let pid = child.id();
+        if let Some(pid) = pid {
+            let _ = std::fs::write(backup.run_dir.join(PID_FILE), pid.to_string());
+        }
+        publish(&|h| h.litestream_pid = pid);
+        if let Some(stderr) = child.stderr.take() {
+            tokio::spawn(pass_on_warnings(stderr));
+        }
+        info!(target = %backup.target, database = %backup.database.display(), "continuous backup started");
+        // Checks start once Litestream listens on its control socket.
+        for _ in 0..200 {
+            if config.socket.exists() || matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut tick = tokio::time::interval(check_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let exited = loop {
+            tokio::select! {
+                status = child.wait() => break status,
+                _ = tick.tick() => {}
+            }
+            match litestream::sync(&backup).await {
+                Ok(synced) => publish(&|h| {
+                    h.last_success_ms = Some(now_ms());
+                    h.txid = synced.txid;
+                    h.last_error = None;
+                }),
+                Err(e) => publish(&|h| h.last_error = Some(e.to_string())),
+            }
+        };
+        let why = match exited {
+            Ok(status) => status.to_string(),
+            Err(e) => e.to_string(),
+        };
+        warn!(%why, "litestream exited; starting it again");
+        publish(&|h| {
+            h.restarts += 1;
+            h.litestream_pid = None;
+            h.last_error = Some(format!("litestream exited ({why})"));
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// Writes the state file atomically (a reader never sees half of it).
+fn write_state(run_dir: &Path, health: &Health) {
+    let path: PathBuf = run_dir.join(STATE_FILE);
+    let tmp = run_dir.join(format!("{STATE_FILE}.tmp"));
+    let Ok(json) = serde_json::to_vec(health) else {
+        return;
+    };
+    if std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, &path))
+        .is_err()
+    {
+        warn!(path = %path.display(), "cannot write the backup state");
+    }
+}
+
+/// Litestream's warnings and errors go to our log; its routine lines do not.
+async fn pass_on_warnings(stderr: tokio::process::ChildStderr) {
+    let mut lines = BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if line.contains("level=WARN") || line.contains("level=ERROR") {
+            warn!(litestream = %line);
+        }
+    }
+}

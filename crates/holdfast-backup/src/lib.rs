@@ -1,0 +1,145 @@
+//! Backups of the embedded SQLite store that are proven by restoring them.
+//!
+//! Holdfast survives losing any process, but a lost disk takes the database with it. This
+//! crate ships the database's changes somewhere else as they commit and brings them back:
+//!
+//! - [`Continuous`] keeps Litestream (the field's SQLite WAL shipper, run as a supervised
+//!   child process) replicating the database to a [`Target`] — a directory, or an
+//!   S3-compatible bucket — every second, and proves each interval with a forced sync whose
+//!   success time it publishes ([`Health`]) for the operator port and `holdfast backup status`.
+//! - [`Backup::now`] forces one sync, [`Backup::points`] lists what can be restored.
+//! - [`restore`] writes the database as of a moment into an empty directory and refuses to
+//!   report success unless SQLite's `PRAGMA integrity_check` says `ok` and the file is a
+//!   Holdfast store (it has the migration ledger).
+//!
+//! Nothing here ever writes to a live database: a restore's destination must be new or
+//! empty, and replication only reads the database (Litestream's checkpoints are SQLite's own).
+
+mod continuous;
+mod litestream;
+mod restore;
+mod target;
+
+pub use continuous::{Continuous, Health};
+pub use litestream::{Point, Points};
+pub use restore::{restore, rfc3339, Restored};
+pub use target::Target;
+
+use std::path::{Path, PathBuf};
+
+/// Everything that can go wrong, each with the one line an operator reads.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A flag or argument that names something impossible (a bad target, a time in the
+    /// future, a destination that is not empty). Nothing was touched.
+    #[error("{0}")]
+    Usage(String),
+    /// The Litestream binary is not installed.
+    #[error(
+        "litestream is not installed: run scripts/install-backup-tools.sh (or set LITESTREAM to its path)"
+    )]
+    NoTool,
+    /// The target holds no backup.
+    #[error("no backup at {target}: {why}")]
+    NoBackup { target: String, why: String },
+    /// Litestream failed; its own last words.
+    #[error("{what}: {detail}")]
+    Tool { what: String, detail: String },
+    /// The restored file failed the engine's integrity check, or is not a Holdfast store.
+    #[error("the restore from {target} is not sound: {detail}")]
+    Integrity { target: String, detail: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+        let what = what.into();
+        move |source| Error::Io { what, source }
+    }
+}
+
+/// The database file inside a data directory, as the store names it.
+pub const DATABASE_FILE: &str = "holdfast.sqlite";
+
+/// One SQLite database and the target it is backed up to, with a directory of its own for
+/// the replication's configuration, control socket and state (`<data dir>/run/backup`).
+#[derive(Debug, Clone)]
+pub struct Backup {
+    /// The live database file.
+    pub database: PathBuf,
+    pub target: Target,
+    /// Where [`Continuous`] keeps its files.
+    pub run_dir: PathBuf,
+}
+
+impl Backup {
+    /// The store in `data_dir` (`holdfast.sqlite`), backed up to `target`.
+    pub fn of_data_dir(data_dir: &Path, target: Target) -> Result<Backup, Error> {
+        let data_dir = std::path::absolute(data_dir).map_err(Error::io("the data directory"))?;
+        Ok(Backup {
+            database: data_dir.join(DATABASE_FILE),
+            target,
+            run_dir: data_dir.join("run").join("backup"),
+        })
+    }
+
+    /// Forces the database's changes out to the target now and waits until they are there:
+    /// through the running [`Continuous`] replication if there is one, else by one
+    /// replication pass of its own.
+    pub async fn now(&self) -> Result<Synced, Error> {
+        if !self.database.exists() {
+            return Err(Error::Usage(format!(
+                "{} does not exist: nothing to back up",
+                self.database.display()
+            )));
+        }
+        let started = std::time::Instant::now();
+        if continuous::supervised(self) {
+            // Through the running replication, which may be (re)starting Litestream.
+            let mut tries = 0;
+            loop {
+                match litestream::sync(self).await {
+                    Err(_) if tries < 20 && !self.run_dir.join("litestream.sock").exists() => {
+                        tries += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    done => return done,
+                }
+            }
+        }
+        let config = litestream::Config::write_for(self, &self.run_dir)?;
+        litestream::replicate_once(&config, &self.target).await?;
+        Ok(Synced {
+            txid: None,
+            took: started.elapsed(),
+        })
+    }
+
+    /// What the target holds: the range of moments a restore can return to.
+    pub async fn points(&self) -> Result<Points, Error> {
+        let scratch = tempfile::tempdir().map_err(Error::io("a scratch directory"))?;
+        let config = litestream::Config::write_for(self, scratch.path())?;
+        litestream::points(&config, &self.target).await
+    }
+}
+
+/// One forced sync.
+#[derive(Debug, Clone)]
+pub struct Synced {
+    /// The last transaction now at the target (Litestream's TXID), when the running
+    /// replication reported it.
+    pub txid: Option<u64>,
+    pub took: std::time::Duration,
+}
+
+/// Milliseconds since the Unix epoch.
+fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}

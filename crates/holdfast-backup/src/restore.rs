@@ -1,0 +1,164 @@
+//! Restoring into an empty directory, and refusing to call it done without the engine's
+//! integrity check.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sqlx::sqlite::SqliteConnectOptions;
+use sqlx::{ConnectOptions, Connection};
+use time::OffsetDateTime;
+
+use crate::litestream::{self, Config, Point};
+use crate::{Backup, Error, Target, DATABASE_FILE};
+
+/// The table every Holdfast store has from its first migration on.
+const MIGRATION_LEDGER: &str = "holdfast_schema_migrations";
+
+/// A restore that passed its checks.
+#[derive(Debug, Clone)]
+pub struct Restored {
+    /// The restored database file.
+    pub database: PathBuf,
+    /// The newest change the target held at or before the moment asked for.
+    pub as_of: Point,
+    /// What `PRAGMA integrity_check` answered (always `ok`: anything else is an error).
+    pub integrity: String,
+    /// Migrations the restored store records.
+    pub migrations: i64,
+    pub took: Duration,
+}
+
+/// Restores the store backed up at `target` into `to` (a new or empty directory), as of `at`
+/// (the newest change by default), then checks it. On any failure nothing is left in `to`
+/// that the restore wrote. Never touches any other path.
+pub async fn restore(
+    target: &Target,
+    to: &Path,
+    at: Option<OffsetDateTime>,
+) -> Result<Restored, Error> {
+    let started = Instant::now();
+    if let Some(at) = at {
+        if at > OffsetDateTime::now_utc() {
+            return Err(Error::Usage(format!(
+                "--at {} is in the future; nothing was touched",
+                rfc3339(at)
+            )));
+        }
+    }
+    let to = std::path::absolute(to).map_err(Error::io("the restore destination"))?;
+    let existed = to.exists();
+    if existed {
+        let mut entries =
+            std::fs::read_dir(&to).map_err(Error::io(format!("reading {}", to.display())))?;
+        if entries.next().is_some() {
+            return Err(Error::Usage(format!(
+                "{} is not empty: a restore writes only into a new or empty directory; nothing was touched",
+                to.display()
+            )));
+        }
+    }
+    let backup = Backup {
+        database: to.join(DATABASE_FILE),
+        target: target.clone(),
+        run_dir: to.join("run").join("backup"),
+    };
+    let points = backup.points().await?;
+    let as_of = match at {
+        None => points.last.clone(),
+        Some(at) if at < points.first => {
+            return Err(Error::Usage(format!(
+                "--at {} is before the first backup at {target} ({}); nothing was touched",
+                rfc3339(at),
+                rfc3339(points.first)
+            )))
+        }
+        Some(at) if at >= points.last.at => points.last.clone(),
+        Some(at) => Point {
+            at,
+            txid: String::from("as of --at"),
+            bytes: 0,
+        },
+    };
+    std::fs::create_dir_all(&to).map_err(Error::io(format!("creating {}", to.display())))?;
+    let result = restore_and_check(&backup, at, as_of, started).await;
+    if result.is_err() {
+        clean_up(&to, existed);
+    }
+    result
+}
+
+async fn restore_and_check(
+    backup: &Backup,
+    at: Option<OffsetDateTime>,
+    as_of: Point,
+    started: Instant,
+) -> Result<Restored, Error> {
+    // The configuration lives outside the destination, which must end up holding only the
+    // store.
+    let scratch = tempfile::tempdir().map_err(Error::io("a scratch directory"))?;
+    let config = Config::write_for(backup, scratch.path())?;
+    litestream::restore(&config, &backup.target, at).await?;
+    let (integrity, migrations) =
+        check(&backup.database)
+            .await
+            .map_err(|detail| Error::Integrity {
+                target: backup.target.to_string(),
+                detail,
+            })?;
+    Ok(Restored {
+        database: backup.database.clone(),
+        as_of,
+        integrity,
+        migrations,
+        took: started.elapsed(),
+    })
+}
+
+/// SQLite's full `integrity_check` must answer exactly `ok`, and the file must be a Holdfast
+/// store (its migration ledger is readable and not empty).
+pub(crate) async fn check(database: &Path) -> Result<(String, i64), String> {
+    let mut conn = SqliteConnectOptions::new()
+        .filename(database)
+        .create_if_missing(false)
+        .connect()
+        .await
+        .map_err(|e| format!("SQLite cannot open it: {e}"))?;
+    let answers: Vec<String> = sqlx::query_scalar("PRAGMA integrity_check")
+        .fetch_all(&mut conn)
+        .await
+        .map_err(|e| format!("PRAGMA integrity_check failed: {e}"))?;
+    if answers != ["ok"] {
+        return Err(format!("PRAGMA integrity_check: {}", answers.join("; ")));
+    }
+    let migrations: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {MIGRATION_LEDGER}"))
+        .fetch_one(&mut conn)
+        .await
+        .map_err(|_| "not a Holdfast store (it has no migration ledger)".to_owned())?;
+    if migrations == 0 {
+        return Err("not a Holdfast store (its migration ledger is empty)".to_owned());
+    }
+    let _ = conn.close().await;
+    Ok(("ok".to_owned(), migrations))
+}
+
+/// Removes what a failed restore wrote: the directory if we made it, else its contents.
+fn clean_up(to: &Path, existed: bool) {
+    if !existed {
+        let _ = std::fs::remove_dir_all(to);
+        return;
+    }
+    for entry in std::fs::read_dir(to).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let _ = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+    }
+}
+
+/// `at` as RFC 3339, as operators type it back.
+pub fn rfc3339(at: OffsetDateTime) -> String {
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| at.to_string())
+}

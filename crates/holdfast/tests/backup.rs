@@ -1,0 +1,408 @@
+//! Backups proven by restoring them: `holdfast up --backup` replicates the SQLite store
+//! continuously (Litestream, `scripts/install-backup-tools.sh`); the machine's disk is lost;
+//! `holdfast restore` brings the store back on a fresh directory, checked; the system serves
+//! the user's orders from it. And every bad input gets one line and touches nothing.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use holdfast_testkit::process::{alive, client, eventually, have_tool, spawn_up};
+use holdfast_testkit::s3::S3Server;
+use holdfast_testkit::system::Shopper;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use reqwest::StatusCode;
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+const INSTALL: &str = "scripts/install-backup-tools.sh";
+
+fn litestream_or_skip() -> bool {
+    have_tool("litestream", INSTALL)
+}
+
+/// `holdfast ARGS` to completion, with `env` set.
+fn holdfast(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.args(args)
+        .env_remove("DATABASE_URL")
+        .env("RUST_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running holdfast")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The one `Error: …` line a failed command printed; panics if it succeeded.
+fn refusal(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{}{err}", stdout(out));
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("Error: ")).collect();
+    assert_eq!(lines.len(), 1, "one error line: {err}");
+    lines[0].to_owned()
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("a UTF-8 path")
+}
+
+#[tokio::test]
+async fn a_lost_disk_comes_back_from_the_backup_and_serves_the_users_orders() {
+    if !litestream_or_skip() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (data, target, restored) = (
+        root.path().join("data"),
+        root.path().join("backup"),
+        root.path().join("restored"),
+    );
+    let (up, base, ops, _) = spawn_up(
+        BIN.as_ref(),
+        &data,
+        1,
+        &["--workers", "0", "--backup", path(&target)],
+    )
+    .await;
+    let shopper = Shopper::new(&base, "keeper@example.com").await;
+    let products = shopper.retrying("GET", "/api/products", None, None).await;
+    let sku = products.body["products"][0]["sku"]
+        .as_str()
+        .expect("a product")
+        .to_owned();
+    let added = shopper
+        .retrying(
+            "POST",
+            "/api/cart/items",
+            Some(json!({"sku": sku, "qty": 2})),
+            None,
+        )
+        .await;
+    assert!(added.status.is_success(), "{}", added.body);
+    let order = shopper
+        .retrying("POST", "/api/checkout", None, Some("keeper-1"))
+        .await;
+    assert_eq!(order.status, StatusCode::CREATED, "{}", order.body);
+    let order_id = order.body["order_id"].clone();
+
+    // The operator can force the backup and read its state in one line each.
+    let data_flags = ["--backup", path(&target), "--data-dir", path(&data)];
+    let now = holdfast(&[&["backup", "now"][..], &data_flags].concat(), &[]);
+    assert!(now.status.success(), "{now:?}");
+    assert!(
+        stdout(&now).starts_with("backed up to "),
+        "{}",
+        stdout(&now)
+    );
+    // The replication proves itself every 2 s; its status says so once it has.
+    eventually(Duration::from_secs(10), "backup status: ok", || async {
+        let status = holdfast(&[&["backup", "status"][..], &data_flags].concat(), &[]);
+        (status.status.success() && stdout(&status).starts_with("backup ok: last reached"))
+            .then_some(())
+    })
+    .await;
+    let list = holdfast(&[&["backup", "list"][..], &data_flags].concat(), &[]);
+    assert!(stdout(&list).contains("restorable from"), "{list:?}");
+    // The operator port says when the backup last proved itself.
+    let metrics = client()
+        .get(format!("{ops}/ops/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let proved: f64 = metrics
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("holdfast_backup_last_success_timestamp_seconds{role=\"balancer\"} ")
+        })
+        .unwrap_or_else(|| panic!("no backup timestamp in\n{metrics}"))
+        .parse()
+        .unwrap();
+    let now_s = holdfast_core::now_ms() as f64 / 1000.0;
+    assert!(
+        now_s - proved < 30.0,
+        "the backup proved itself {}s ago",
+        now_s - proved
+    );
+
+    // The disk is lost: every process SIGKILLed, the data directory gone. The replication
+    // dies with its supervisor.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(data.join("run/backup/state.json")).unwrap())
+            .unwrap();
+    let litestream = state["litestream_pid"].as_u64().expect("litestream's pid") as u32;
+    assert!(alive(litestream));
+    let _ = kill(Pid::from_raw(up.pid() as i32), Signal::SIGKILL);
+    drop(up);
+    eventually(
+        Duration::from_secs(10),
+        "litestream to die with up",
+        || async { (!alive(litestream)).then_some(()) },
+    )
+    .await;
+    std::fs::remove_dir_all(&data).unwrap();
+    let status = holdfast(&[&["backup", "status"][..], &data_flags].concat(), &[]);
+    assert!(
+        refusal(&status).contains("backup NOT RUNNING"),
+        "{status:?}"
+    );
+
+    let restore = holdfast(
+        &[
+            "restore",
+            "--backup",
+            path(&target),
+            "--to",
+            path(&restored),
+        ],
+        &[],
+    );
+    assert!(restore.status.success(), "{restore:?}");
+    let said = stdout(&restore);
+    assert!(said.contains("integrity_check ok"), "{said}");
+    // Restoring over it again is refused: a restore never writes into a store.
+    let again = holdfast(
+        &[
+            "restore",
+            "--backup",
+            path(&target),
+            "--to",
+            path(&restored),
+        ],
+        &[],
+    );
+    assert!(refusal(&again).contains("is not empty"), "{again:?}");
+
+    let (_up, base, _, _) = spawn_up(BIN.as_ref(), &restored, 1, &["--workers", "0"]).await;
+    let shopper = Shopper::new(&base, "keeper@example.com").await;
+    let orders = shopper.retrying("GET", "/api/orders", None, None).await;
+    assert!(
+        orders.body["orders"]
+            .as_array()
+            .is_some_and(|o| o.iter().any(|o| o["order_id"] == order_id)),
+        "the order {order_id} is served from the restored store: {}",
+        orders.body
+    );
+    // The key's answer came back with the store: a retry replays, no second order.
+    let retried = shopper
+        .retrying("POST", "/api/checkout", None, Some("keeper-1"))
+        .await;
+    assert!(retried.replayed, "{}", retried.body);
+    assert_eq!(retried.body["order_id"], order_id);
+}
+
+/// A store with one backup taken by `holdfast backup now` (no replication running): the data
+/// dir and the target.
+fn store_with_a_backup(root: &Path, target: &str, env: &[(&str, &str)]) -> std::path::PathBuf {
+    let data = root.join("data");
+    let migrated = holdfast(&["migrate", "up", "--data-dir", path(&data)], &[]);
+    assert!(migrated.status.success(), "{migrated:?}");
+    let now = holdfast(
+        &[
+            "backup",
+            "now",
+            "--backup",
+            target,
+            "--data-dir",
+            path(&data),
+        ],
+        env,
+    );
+    assert!(now.status.success(), "{now:?}");
+    data
+}
+
+#[tokio::test]
+async fn every_bad_backup_or_restore_request_gets_one_line_and_touches_nothing() {
+    if !litestream_or_skip() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let good = root.path().join("backup");
+    store_with_a_backup(root.path(), path(&good), &[]);
+    let empty = root.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let foreign = root.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "not a backup").unwrap();
+    // A corrupt backup: bytes flipped in every file Litestream wrote.
+    let corrupt = root.path().join("corrupt");
+    copy_dir(&good, &corrupt);
+    for file in files_under(&corrupt) {
+        let mut bytes = std::fs::read(&file).unwrap();
+        for i in (100..bytes.len()).step_by(97) {
+            bytes[i] ^= 0xff;
+        }
+        std::fs::write(&file, bytes).unwrap();
+    }
+    let occupied = root.path().join("occupied");
+    std::fs::create_dir(&occupied).unwrap();
+    std::fs::write(occupied.join("holdfast.sqlite"), "live data").unwrap();
+    let to = root.path().join("to");
+    let to = path(&to);
+
+    let cases: Vec<(&str, Vec<&str>, &str)> = vec![
+        (
+            "a missing backup",
+            vec!["--backup", "/nonexistent/backup", "--to", to],
+            "no such directory",
+        ),
+        (
+            "an empty backup",
+            vec!["--backup", path(&empty), "--to", to],
+            "holds no Litestream files",
+        ),
+        (
+            "a foreign backup",
+            vec!["--backup", path(&foreign), "--to", to],
+            "holds no Litestream files",
+        ),
+        (
+            "a corrupt backup",
+            vec!["--backup", path(&corrupt), "--to", to],
+            "restoring from",
+        ),
+        (
+            "--at before the first backup",
+            vec![
+                "--backup",
+                path(&good),
+                "--to",
+                to,
+                "--at",
+                "2001-01-01T00:00:00Z",
+            ],
+            "before the first backup",
+        ),
+        (
+            "--at in the future",
+            vec![
+                "--backup",
+                path(&good),
+                "--to",
+                to,
+                "--at",
+                "2999-01-01T00:00:00Z",
+            ],
+            "in the future",
+        ),
+        (
+            "--at that is not a time",
+            vec!["--backup", path(&good), "--to", to, "--at", "yesterday"],
+            "not an RFC 3339 time",
+        ),
+        (
+            "a target of no known kind",
+            vec!["--backup", "gs://bucket", "--to", to],
+            "a backup target is",
+        ),
+        (
+            "a destination that is not empty",
+            vec!["--backup", path(&good), "--to", path(&occupied)],
+            "is not empty",
+        ),
+    ];
+    for (case, args, says) in cases {
+        let out = holdfast(&[&["restore"][..], &args].concat(), &[]);
+        let line = refusal(&out);
+        assert!(line.contains(says), "{case}: {line}");
+        assert!(
+            !Path::new(to).exists(),
+            "{case}: the destination was left behind"
+        );
+    }
+    assert_eq!(
+        std::fs::read(occupied.join("holdfast.sqlite")).unwrap(),
+        b"live data",
+        "a refused restore never touches what is there"
+    );
+    // Backing up a data dir with no store says so.
+    let out = holdfast(
+        &[
+            "backup",
+            "now",
+            "--backup",
+            path(&good),
+            "--data-dir",
+            path(&root.path().join("nothing")),
+        ],
+        &[],
+    );
+    assert!(refusal(&out).contains("nothing to back up"), "{out:?}");
+}
+
+#[tokio::test]
+async fn a_backup_to_s3_restores_and_an_unreachable_endpoint_is_one_line() {
+    if !litestream_or_skip() {
+        return;
+    }
+    let Some(s3) = S3Server::start("backup_to_s3").await else {
+        return;
+    };
+    let bucket = s3.bucket("backups").await;
+    let target = format!("{bucket}/shop");
+    let env = [
+        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ];
+    let root = tempfile::tempdir().unwrap();
+    store_with_a_backup(root.path(), &target, &env);
+    assert!(
+        s3.keys("backups")
+            .await
+            .iter()
+            .any(|k| k.starts_with("shop/")),
+        "the backup is in the bucket under its prefix"
+    );
+    let to = root.path().join("restored");
+    let restore = holdfast(&["restore", "--backup", &target, "--to", path(&to)], &env);
+    assert!(
+        stdout(&restore).contains("integrity_check ok"),
+        "{restore:?}"
+    );
+    let refused_to = root.path().join("never");
+    let unreachable = [
+        ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+    ];
+    let out = holdfast(
+        &["restore", "--backup", &target, "--to", path(&refused_to)],
+        &unreachable,
+    );
+    assert!(refusal(&out).contains("cannot reach the backup"), "{out:?}");
+    assert!(!refused_to.exists());
+}
+
+fn files_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(files_under(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if src.is_dir() {
+            copy_dir(&src, &dst);
+        } else {
+            std::fs::copy(&src, &dst).unwrap();
+        }
+    }
+}
