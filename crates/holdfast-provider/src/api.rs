@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::faults::Faults;
 use crate::ledger::{lock, Claim, Hold, Ledger};
-use crate::{Charge, Email, ProviderState};
+use crate::{Charge, Email, ProviderState, Refund};
 
 pub(crate) use holdfast_http::IDEMPOTENCY_KEY;
 pub(crate) const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
@@ -35,6 +35,11 @@ pub(crate) fn router(state: ProviderState) -> Router {
             "/emails",
             get(|State(st): State<ProviderState>, q| async move { list(&st.0.emails, q).await })
                 .post(send_email),
+        )
+        .route(
+            "/refunds",
+            get(|State(st): State<ProviderState>, q| async move { list(&st.0.refunds, q).await })
+                .post(create_refund),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route("/_faults", get(get_faults).put(put_faults))
@@ -56,6 +61,13 @@ pub(crate) fn router(state: ProviderState) -> Router {
 pub(crate) struct ChargeRequest {
     order_id: String,
     amount_cents: i64,
+}
+
+/// A request body of `POST /refunds`; also the key's fingerprint.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RefundRequest {
+    charge_id: String,
 }
 
 /// A request body of `POST /emails`; also the key's fingerprint.
@@ -103,6 +115,62 @@ async fn create_charge(
                 idempotency_key: key.unwrap_or_default().to_owned(),
                 order_id: req.order_id.clone(),
                 amount_cents: req.amount_cents,
+                created_at: now_ms(),
+            },
+        )
+        .await
+}
+
+/// `POST /refunds`: gives a charge's whole amount back, once. The charge must exist (404);
+/// a charge already refunded under another key is a 409 — a refund is one per charge.
+async fn create_refund(
+    State(state): State<ProviderState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, Problem> {
+    let key = idempotency_key(&headers)?.ok_or_else(|| {
+        bad_request(
+            "idempotency-key-missing",
+            "an Idempotency-Key header is required",
+        )
+    })?;
+    let req: RefundRequest = parse_body(body)?;
+    check_field("charge_id", &req.charge_id)?;
+    let shared = &state.0;
+    let charge = lock(&shared.charges)
+        .list(None)
+        .into_iter()
+        .find(|c| c.id == req.charge_id)
+        .ok_or_else(|| {
+            problem(
+                StatusCode::NOT_FOUND,
+                "no-such-charge",
+                format!("no charge {}", req.charge_id),
+            )
+        })?;
+    let refunded_under_another_key = lock(&shared.refunds)
+        .list(None)
+        .iter()
+        .any(|r| r.charge_id == charge.id && r.idempotency_key != key);
+    if refunded_under_another_key {
+        return Err(problem(
+            StatusCode::CONFLICT,
+            "charge-already-refunded",
+            format!("charge {} was already refunded", charge.id),
+        ));
+    }
+    shared
+        .perform(
+            &shared.refunds,
+            Some(key),
+            req,
+            &shared.stats.refunds,
+            |key, _| Refund {
+                id: new_id("re"),
+                idempotency_key: key.unwrap_or_default().to_owned(),
+                charge_id: charge.id.clone(),
+                order_id: charge.order_id.clone(),
+                amount_cents: charge.amount_cents,
                 created_at: now_ms(),
             },
         )

@@ -8,7 +8,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::api::IDEMPOTENCY_KEY;
-use crate::{Charge, Email, Faults, Stats};
+use crate::{Charge, Email, Faults, Refund, Stats};
 
 /// Why a provider call did not return a result.
 ///
@@ -145,6 +145,30 @@ impl ProviderClient {
     /// Every charge, or the one made under `idempotency_key` (for reconciliation).
     pub async fn charges(&self, idempotency_key: Option<&str>) -> Result<Vec<Charge>, ClientError> {
         self.call::<(), _>(Method::GET, "charges", idempotency_key, None, None)
+            .await
+    }
+
+    /// Refunds charge `charge_id` under `idempotency_key`, or returns the refund that key
+    /// already made.
+    pub async fn refund(
+        &self,
+        idempotency_key: &str,
+        charge_id: &str,
+    ) -> Result<Refund, ClientError> {
+        let body = json!({ "charge_id": charge_id });
+        self.call(
+            Method::POST,
+            "refunds",
+            None,
+            Some(idempotency_key),
+            Some(&body),
+        )
+        .await
+    }
+
+    /// Every refund, or the one made under `idempotency_key`.
+    pub async fn refunds(&self, idempotency_key: Option<&str>) -> Result<Vec<Refund>, ClientError> {
+        self.call::<(), _>(Method::GET, "refunds", idempotency_key, None, None)
             .await
     }
 

@@ -17,7 +17,11 @@
 //!   Missing or malformed key → 400; malformed JSON → 400; a body of the wrong shape → 422.
 //! - `POST /emails` `{order_id, to, kind}` → 201 and a new [`Email`]; an `Idempotency-Key`
 //!   is optional and, when present, behaves as for charges.
-//! - `GET /charges`, `GET /emails`: everything ever accepted, in creation order;
+//! - `POST /refunds` `{charge_id}` with a required `Idempotency-Key`: 201 and a [`Refund`] of
+//!   the charge's whole amount; keys behave as for charges; an unknown charge → 404; a charge
+//!   already refunded under another key → 409 (one refund per charge). How a restored
+//!   Holdfast gives back charges for orders its restore lost (`holdfast reconcile`).
+//! - `GET /charges`, `GET /emails`, `GET /refunds`: everything ever accepted, in creation order;
 //!   `?idempotency_key=K` narrows to what that key produced (zero or one record).
 //! - `GET /healthz`; `GET`/`PUT /_faults` ([`Faults`]); `GET /_stats` ([`Stats`]).
 //!
@@ -59,7 +63,7 @@ use tower::ServiceExt;
 pub use client::{ClientError, ProviderClient};
 pub use faults::Faults;
 
-use crate::api::{Abandon, ChargeRequest, EmailRequest};
+use crate::api::{Abandon, ChargeRequest, EmailRequest, RefundRequest};
 use crate::faults::Dice;
 use crate::ledger::{lock, Ledger};
 
@@ -76,6 +80,20 @@ pub struct Charge {
     /// `ch_` and 32 hex digits.
     pub id: String,
     pub idempotency_key: String,
+    pub order_id: String,
+    pub amount_cents: i64,
+    /// Unix time in milliseconds.
+    pub created_at: u64,
+}
+
+/// A refund the provider made: a charge's whole amount given back.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refund {
+    /// `re_` and 32 hex digits.
+    pub id: String,
+    pub idempotency_key: String,
+    pub charge_id: String,
+    /// The refunded charge's order.
     pub order_id: String,
     pub amount_cents: i64,
     /// Unix time in milliseconds.
@@ -104,6 +122,9 @@ pub struct Stats {
     pub charges_total: u64,
     /// Emails sent (replays not counted).
     pub emails_total: u64,
+    /// Refunds made (replays not counted).
+    #[serde(default)]
+    pub refunds_total: u64,
     /// 503s injected by `fail_rate`.
     pub failed_total: u64,
     /// Requests that acted (or replayed) and were then abandoned unanswered.
@@ -120,6 +141,7 @@ struct Shared {
     dice: Mutex<Dice>,
     charges: Mutex<Ledger<ChargeRequest, Charge>>,
     emails: Mutex<Ledger<EmailRequest, Email>>,
+    refunds: Mutex<Ledger<RefundRequest, Refund>>,
     stats: Counters,
     /// Set when [`serve`] stops: hanging requests give up at once.
     closing: watch::Sender<bool>,
@@ -129,6 +151,7 @@ struct Shared {
 struct Counters {
     charges: AtomicU64,
     emails: AtomicU64,
+    refunds: AtomicU64,
     failed: AtomicU64,
     act_then_timeout: AtomicU64,
     replays: AtomicU64,
@@ -142,6 +165,7 @@ impl ProviderState {
             dice: Mutex::new(Dice::new(opts.faults)),
             charges: Mutex::new(Ledger::new()),
             emails: Mutex::new(Ledger::new()),
+            refunds: Mutex::new(Ledger::new()),
             stats: Counters::default(),
             closing: watch::Sender::new(false),
         }))
@@ -165,6 +189,7 @@ impl ProviderState {
         Stats {
             charges_total: get(&c.charges),
             emails_total: get(&c.emails),
+            refunds_total: get(&c.refunds),
             failed_total: get(&c.failed),
             act_then_timeout_total: get(&c.act_then_timeout),
             replays_total: get(&c.replays),

@@ -500,3 +500,43 @@ async fn unparsable_requests_get_problems_not_empty_bodies() {
     let p = spawn().await;
     holdfast_testkit::process::assert_unparsable_requests_get_problems(p.addr).await;
 }
+
+#[tokio::test]
+async fn a_charge_is_refunded_once_and_the_refund_replays_by_key() {
+    let p = spawn().await;
+    let charge = p.client.charge("k-refund", "order-r", 1250).await.unwrap();
+    let (status, _, refund) = p
+        .post("/refunds", Some("r-1"), json!({ "charge_id": charge.id }))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{refund}");
+    assert_eq!(refund["amount_cents"], 1250);
+    assert_eq!(refund["order_id"], "order-r");
+    // The same key again replays the same refund.
+    let replayed = p.client.refund("r-1", &charge.id).await.unwrap();
+    assert_eq!(replayed.id, refund["id"].as_str().unwrap());
+    // Another key for the same charge is refused: one refund per charge.
+    let (status, _, problem) = p
+        .post("/refunds", Some("r-2"), json!({ "charge_id": charge.id }))
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{problem}");
+    // An unknown charge, a missing key, a body of the wrong shape.
+    let (status, _, _) = p
+        .post(
+            "/refunds",
+            Some("r-3"),
+            json!({ "charge_id": "ch_nothing" }),
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _, _) = p
+        .post("/refunds", None, json!({ "charge_id": charge.id }))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _, _) = p
+        .post("/refunds", Some("r-4"), json!({ "charge": charge.id }))
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let refunds = p.client.refunds(None).await.unwrap();
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(p.client.stats().await.unwrap().refunds_total, 1);
+}
