@@ -19,6 +19,7 @@ mod catalog;
 mod domain;
 pub mod flows;
 mod http;
+pub mod reconcile;
 mod reviews;
 pub mod sabotage;
 pub mod sql;

@@ -8,7 +8,7 @@ use holdfast_backup::{rfc3339, Backup, Continuous, Health, Target};
 use time::OffsetDateTime;
 use tracing::info;
 
-use crate::cli::{BackupCommand, BackupTarget, RestoreArgs};
+use crate::cli::{BackupCommand, BackupTarget, ReconcileArgs, RestoreArgs, StoreArgs};
 
 /// How often the continuous backup proves itself with a forced sync.
 pub const CHECK_EVERY: Duration = Duration::from_secs(2);
@@ -147,8 +147,26 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         })
         .transpose()?;
     let restored = holdfast_backup::restore(&target, &args.to, at).await?;
+    let reconciled = match &args.provider_url {
+        None => "; no --provider-url: run `holdfast reconcile` before serving it".to_owned(),
+        Some(url) => {
+            let store = StoreArgs {
+                backend: holdfast_core::Backend::Sqlite,
+                data_dir: args.to.clone(),
+                database_url: Some(format!("sqlite:{}", restored.database.display())),
+            };
+            let done = reconcile_store(&store, url).await.with_context(|| {
+                format!(
+                    "restored {} (integrity_check ok), but not reconciled: run `holdfast reconcile --data-dir {} --provider-url {url}` before serving it",
+                    restored.database.display(),
+                    args.to.display()
+                )
+            })?;
+            format!("; {}", reconcile_line(&done))
+        }
+    };
     println!(
-        "restored {} as of {} (transaction {}) from {target} in {:.1} s: integrity_check {}, {} migrations; serve it with `holdfast up --data-dir {}`",
+        "restored {} as of {} (transaction {}) from {target} in {:.1} s: integrity_check {}, {} migrations{reconciled}; serve it with `holdfast up --data-dir {}`",
         restored.database.display(),
         rfc3339(restored.as_of.at),
         restored.as_of.txid,
@@ -158,4 +176,38 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         args.to.display()
     );
     Ok(())
+}
+
+/// `holdfast reconcile`.
+pub async fn reconcile(args: ReconcileArgs) -> anyhow::Result<()> {
+    let done = reconcile_store(&args.store, &args.provider_url).await?;
+    println!("{}", reconcile_line(&done));
+    for orphan in &done.refunded {
+        println!(
+            "refunded {} ({} cents) for lost order {} (refund {})",
+            orphan.charge_id, orphan.amount_cents, orphan.order_id, orphan.refund_id
+        );
+    }
+    Ok(())
+}
+
+async fn reconcile_store(
+    store: &StoreArgs,
+    provider_url: &str,
+) -> anyhow::Result<holdfast_shop::reconcile::Reconciled> {
+    let store = crate::open_existing_store(store, holdfast_store::MigrateMode::Verify).await?;
+    let provider = holdfast_provider::ProviderClient::new(provider_url, Duration::from_secs(10))?;
+    Ok(holdfast_shop::reconcile::reconcile(&store, &provider).await?)
+}
+
+fn reconcile_line(done: &holdfast_shop::reconcile::Reconciled) -> String {
+    let orders: Vec<&str> = done.refunded.iter().map(|o| o.order_id.as_str()).collect();
+    format!(
+        "reconciled {} charges: {} linked to their orders, {} refunded now (orders lost: {}), {} refunded before",
+        done.charges,
+        done.linked,
+        done.refunded.len(),
+        if orders.is_empty() { "none".to_owned() } else { orders.join(", ") },
+        done.already_refunded
+    )
 }

@@ -68,6 +68,19 @@ pub enum Command {
     /// Restore the store from a backup into a new or empty directory, as of a moment, and
     /// check it (`PRAGMA integrity_check`) before saying it worked.
     Restore(RestoreArgs),
+    /// Match the payment provider's charges to the store's orders and refund each charge
+    /// whose order the store does not have (lost by a restore). Safe to run again.
+    Reconcile(ReconcileArgs),
+}
+
+/// `holdfast reconcile`.
+#[derive(Debug, Clone, Args)]
+pub struct ReconcileArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// The payment provider the workers charge.
+    #[arg(long, env = "HOLDFAST_PROVIDER_URL")]
+    pub provider_url: String,
 }
 
 /// Where the backup is and which store it is of.
@@ -123,6 +136,10 @@ pub struct RestoreArgs {
     /// the backup holds by default.
     #[arg(long)]
     pub at: Option<String>,
+    /// Then reconcile with this payment provider (`holdfast reconcile`): charges for orders
+    /// the restore lost are refunded before anyone serves the restored store.
+    #[arg(long, env = "HOLDFAST_PROVIDER_URL")]
+    pub provider_url: Option<String>,
 }
 
 /// Where to push the figures for Graphite (see `graphite.rs`); off unless `--graphite` is given.

@@ -66,6 +66,7 @@ fn run() -> anyhow::Result<()> {
             Some(Command::Probe(args)) => balance::probe(args).await,
             Some(Command::Backup(cmd)) => backup::run(cmd).await,
             Some(Command::Restore(args)) => backup::restore(args).await,
+            Some(Command::Reconcile(args)) => backup::reconcile(args).await,
             None => up::run(cli.up).await,
         }
     })

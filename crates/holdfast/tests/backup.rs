@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use holdfast_testkit::process::{alive, client, eventually, have_tool, spawn_up};
+use holdfast_provider::ProviderClient;
+use holdfast_testkit::process::{alive, client, eventually, have_tool, spawn_up, Proc};
 use holdfast_testkit::s3::S3Server;
 use holdfast_testkit::system::Shopper;
 use nix::sys::signal::{kill, Signal};
@@ -405,4 +406,175 @@ fn copy_dir(from: &Path, to: &Path) {
             std::fs::copy(&src, &dst).unwrap();
         }
     }
+}
+
+/// A checkout of the cart under `key`: the order's id.
+async fn buy(shopper: &Shopper, key: &str) -> serde_json::Value {
+    let order = shopper
+        .retrying("POST", "/api/checkout", None, Some(key))
+        .await;
+    assert_eq!(order.status, StatusCode::CREATED, "{}", order.body);
+    order.body["order_id"].clone()
+}
+
+async fn add_first_product(shopper: &Shopper) {
+    let products = shopper.retrying("GET", "/api/products", None, None).await;
+    let sku = products.body["products"][0]["sku"].clone();
+    let added = shopper
+        .retrying(
+            "POST",
+            "/api/cart/items",
+            Some(json!({"sku": sku, "qty": 1})),
+            None,
+        )
+        .await;
+    assert!(added.status.is_success(), "{}", added.body);
+}
+
+async fn paid(shopper: &Shopper, order: &serde_json::Value) {
+    let path = format!("/api/orders/{}", order.as_str().unwrap());
+    eventually(Duration::from_secs(20), "the order to be paid", || async {
+        let got = shopper.retrying("GET", &path, None, None).await;
+        (got.body["status"] == "paid").then_some(())
+    })
+    .await;
+}
+
+/// The seed's case: the provider (the outside world) knows a charge for an order the restored
+/// store does not have. The restore reconciles — that charge is refunded — and the customer's
+/// retry with the same `Idempotency-Key` ends with one order and one charge.
+#[tokio::test]
+async fn a_restore_that_loses_a_paid_order_refunds_its_charge_and_the_retry_charges_once() {
+    if !litestream_or_skip() {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let (data, target, restored) = (
+        root.path().join("data"),
+        root.path().join("backup"),
+        root.path().join("restored"),
+    );
+    let provider = Proc::spawn(BIN.as_ref(), &["provider", "--addr", "127.0.0.1:0"]);
+    let listening = provider.line_after("HOLDFAST_LISTENING ", Duration::from_secs(20));
+    let provider_url = format!("http://{}", listening.split_whitespace().next().unwrap());
+    let provider_api = ProviderClient::new(&provider_url, Duration::from_secs(5)).unwrap();
+    let node = ["--workers", "1", "--provider-url", provider_url.as_str()];
+    let (up, base, _, _) = spawn_up(
+        BIN.as_ref(),
+        &data,
+        1,
+        &[&node[..], &["--backup", path(&target)]].concat(),
+    )
+    .await;
+    let shopper = Shopper::new(&base, "twice@example.com").await;
+    add_first_product(&shopper).await;
+    let kept = buy(&shopper, "kept").await;
+    paid(&shopper, &kept).await;
+    // The second order's cart line is in the backup too.
+    add_first_product(&shopper).await;
+    let data_flags = ["--backup", path(&target), "--data-dir", path(&data)];
+    assert!(
+        holdfast(&[&["backup", "now"][..], &data_flags].concat(), &[])
+            .status
+            .success()
+    );
+    // The moment to restore to: the next whole second (Litestream stamps its files by the
+    // second), and the second order strictly after it.
+    let now = time::OffsetDateTime::now_utc();
+    let at = now.replace_nanosecond(0).unwrap() + time::Duration::seconds(1);
+    let after = at + time::Duration::seconds(1);
+    eventually(
+        Duration::from_secs(5),
+        "the clock to pass the restore point",
+        || async { (time::OffsetDateTime::now_utc() >= after).then_some(()) },
+    )
+    .await;
+    let lost = buy(&shopper, "lost-then-retried").await;
+    paid(&shopper, &lost).await;
+    assert!(
+        holdfast(&[&["backup", "now"][..], &data_flags].concat(), &[])
+            .status
+            .success()
+    );
+    assert_eq!(provider_api.charges(None).await.unwrap().len(), 2);
+
+    let _ = kill(Pid::from_raw(up.pid() as i32), Signal::SIGKILL);
+    drop(up);
+    std::fs::remove_dir_all(&data).unwrap();
+    let at = holdfast_backup::rfc3339(at);
+    let restore = holdfast(
+        &[
+            "restore",
+            "--backup",
+            path(&target),
+            "--to",
+            path(&restored),
+            "--at",
+            &at,
+            "--provider-url",
+            &provider_url,
+        ],
+        &[],
+    );
+    let said = stdout(&restore);
+    assert!(restore.status.success(), "{restore:?}");
+    let lost_id = lost.as_str().unwrap();
+    assert!(
+        said.contains("1 refunded now") && said.contains(lost_id),
+        "{said}"
+    );
+    let refunds = provider_api.refunds(None).await.unwrap();
+    assert_eq!(refunds.len(), 1, "{refunds:?}");
+    assert_eq!(refunds[0].order_id, lost_id);
+    // Reconciling again changes nothing.
+    let again = holdfast(
+        &[
+            "reconcile",
+            "--data-dir",
+            path(&restored),
+            "--provider-url",
+            &provider_url,
+        ],
+        &[],
+    );
+    assert!(
+        stdout(&again).contains("0 refunded now (orders lost: none), 1 refunded before"),
+        "{again:?}"
+    );
+
+    let (_up, base, _, _) = spawn_up(BIN.as_ref(), &restored, 1, &node).await;
+    let shopper = Shopper::new(&base, "twice@example.com").await;
+    let retried = buy(&shopper, "lost-then-retried").await;
+    assert_ne!(
+        retried, lost,
+        "the lost order cannot be replayed; it is placed again"
+    );
+    paid(&shopper, &retried).await;
+    let orders = shopper.retrying("GET", "/api/orders", None, None).await;
+    let ids: Vec<&serde_json::Value> = orders.body["orders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| &o["order_id"])
+        .collect();
+    assert_eq!(ids.len(), 2, "{}", orders.body);
+    assert!(ids.contains(&&kept) && ids.contains(&&retried));
+    // One charge per order the customer has; the lost order's charge was given back.
+    let refunded: Vec<String> = refunds.iter().map(|r| r.charge_id.clone()).collect();
+    let standing: Vec<String> = provider_api
+        .charges(None)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|c| !refunded.contains(&c.id))
+        .map(|c| c.order_id)
+        .collect();
+    let mut want = vec![
+        kept.as_str().unwrap().to_owned(),
+        retried.as_str().unwrap().to_owned(),
+    ];
+    let mut standing_sorted = standing.clone();
+    standing_sorted.sort();
+    want.sort();
+    assert_eq!(standing_sorted, want);
 }
