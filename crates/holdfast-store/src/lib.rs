@@ -227,6 +227,12 @@ pub struct StoreOptions {
     /// mid-transaction releases its row locks after this instead of when it dies, and its late
     /// commit fails. Our transactions never wait on anything but the database inside.
     pub idle_in_transaction_timeout: Duration,
+    /// SQLite: whether this process checkpoints the WAL into the database file when it grows
+    /// (SQLite's default, every 1000 pages). Off when a continuous backup (Litestream) runs:
+    /// it checkpoints itself, and a checkpoint by another process racing its snapshot is how
+    /// its backups come out corrupt (the `lose-primary` drill restored one that failed
+    /// `PRAGMA integrity_check` within 15 s). Off, with no backup running, the WAL grows.
+    pub sqlite_autocheckpoint: bool,
 }
 
 impl StoreOptions {
@@ -239,6 +245,7 @@ impl StoreOptions {
             schemas: Vec::new(),
             migrate: migrate::Mode::Apply(migrate::Guard::default()),
             idle_in_transaction_timeout: Duration::from_secs(2),
+            sqlite_autocheckpoint: true,
         }
     }
 
@@ -320,6 +327,7 @@ impl Store {
         };
         let connect = AnyConnectOptions::from_str(&url)?;
         let idle_in_tx_ms = opts.idle_in_transaction_timeout.as_millis().max(1);
+        let autocheckpoint = opts.sqlite_autocheckpoint;
         let pool = AnyPoolOptions::new()
             .max_connections(opts.max_connections)
             .acquire_timeout(opts.acquire_timeout)
@@ -335,6 +343,9 @@ impl Store {
                              PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
                         )
                         .await?;
+                        if !autocheckpoint {
+                            conn.execute("PRAGMA wal_autocheckpoint = 0;").await?;
+                        }
                     } else {
                         let set =
                             format!("SET idle_in_transaction_session_timeout = {idle_in_tx_ms}");

@@ -154,6 +154,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
                 backend: holdfast_core::Backend::Sqlite,
                 data_dir: args.to.clone(),
                 database_url: Some(format!("sqlite:{}", restored.database.display())),
+                backup_checkpoints: false,
             };
             let done = reconcile_store(&store, url).await.with_context(|| {
                 format!(

@@ -369,6 +369,11 @@ pub struct StoreArgs {
     /// in `--data-dir`). Without it, `DATABASE_URL` is used if it names the chosen backend.
     #[arg(long)]
     pub database_url: Option<String>,
+    /// SQLite: leave WAL checkpoints to the continuous backup (`holdfast backup run`), which
+    /// must then run on this database; every process on it needs the flag. `up --backup`
+    /// sets it for its processes.
+    #[arg(long)]
+    pub backup_checkpoints: bool,
 }
 
 impl StoreArgs {

@@ -115,9 +115,11 @@ fn store_options_as(
     migrate: holdfast_store::MigrateMode,
     shop: &'static holdfast_store::Schema,
 ) -> anyhow::Result<holdfast_store::StoreOptions> {
-    Ok(holdfast_store::StoreOptions::new(args.store_url()?)
+    let mut opts = holdfast_store::StoreOptions::new(args.store_url()?)
         .schema(shop)
-        .migrate(migrate))
+        .migrate(migrate);
+    opts.sqlite_autocheckpoint = !args.backup_checkpoints;
+    Ok(opts)
 }
 
 /// Opens the store the flags name, with the shop's schema; `migrate` says whether pending

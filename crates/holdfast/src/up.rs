@@ -82,6 +82,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     } else {
         &holdfast_shop::SCHEMA
     };
+    // With a continuous backup, Litestream alone checkpoints the WAL: every process on the
+    // database is told so (see `StoreOptions::sqlite_autocheckpoint`).
+    let mut args = args;
+    args.store.backup_checkpoints |= args.backup.is_some();
     let fleet_store = crate::open_store_as(
         &args.store,
         holdfast_store::MigrateMode::Apply(holdfast_store::MigrationGuard::default()),
@@ -165,6 +169,10 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         "--parent-pid".into(),
         parent.clone().into(),
     ];
+    let mut store_flags = store_flags;
+    if args.store.backup_checkpoints {
+        store_flags.push("--backup-checkpoints".into());
+    }
     let mut web_args: Vec<OsString> = vec!["serve".into(), "--addr".into(), "127.0.0.1:0".into()];
     web_args.extend(store_flags.iter().cloned());
     if !web.secure_cookies {
