@@ -14,5 +14,9 @@ named_variants! {
         /// Workers skip the effect ledger and call the provider with a fresh idempotency key
         /// on every attempt: redelivered payouts charge twice.
         LedgerBypass => "ledger-bypass",
+        /// The backup is damaged: bytes flipped in every file the continuous backup wrote,
+        /// just before the `lose-primary` fault restores from it (a failing disk, a bad copy).
+        /// Done by the drill to the files, not by a build: the restore must refuse.
+        CorruptBackup => "corrupt-backup",
     }
 }

@@ -28,6 +28,13 @@
 //!   order that consumed the cart, or from the final cart.
 //! - `final_state_unreadable`: an account whose final state could not be read (nothing can
 //!   be judged about it); `no_progress`: no order was acknowledged at all, so nothing was shown.
+//!
+//! A drill that lost the node and restored it from its backup (`lose-primary`, [`Loss`])
+//! holds the system to its backup's promise instead of to every acknowledgement: writes
+//! acknowledged within the loss window before the loss may be gone — such an order is listed
+//! in `orders_lost_to_restore` (not a violation), a session, cart line or checkout answer made
+//! then may be forgotten, and a retry of such a checkout may place the order again — while
+//! anything acknowledged earlier than the window must have survived like any other write.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -136,6 +143,28 @@ pub struct Email {
     pub kind: String,
 }
 
+/// The node was lost at `at_ms` (the drill's clock) and restored from its backup: writes
+/// acknowledged at most `window_ms` before may be gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Loss {
+    pub at_ms: u64,
+    pub window_ms: u64,
+}
+
+impl Loss {
+    /// Whether a write acknowledged at `acked_ms` may have been lost with the node.
+    fn may_lose(self, acked_ms: u64) -> bool {
+        acked_ms <= self.at_ms && acked_ms + self.window_ms >= self.at_ms
+    }
+
+    /// Whether an answer received at `completed_ms` came from the restored node (the loss's
+    /// moment is taken once every process of the old node is dead; an operation invoked
+    /// before it may have been retried onto the new node).
+    fn after(self, completed_ms: u64) -> bool {
+        completed_ms > self.at_ms
+    }
+}
+
 /// The system at the end. `accounts[i]` belongs to `histories[i]`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FinalState {
@@ -145,12 +174,17 @@ pub struct FinalState {
     /// Orders the drill's other clients placed (the reviewers of `kill-mid-upload`), read
     /// back as existing: a charge for one is not an orphan.
     pub elsewhere: BTreeSet<String>,
+    /// Set when the node was lost and restored during the run.
+    pub loss: Option<Loss>,
 }
 
 /// Acknowledged orders, and how often each invariant was violated.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
     pub orders_acknowledged: u64,
+    /// Not a violation: acknowledged orders gone with a lost node, acknowledged within the
+    /// loss window (each is listed in [`Verdict::lost_to_restore`]).
+    pub orders_lost_to_restore: u64,
     pub orders_lost: u64,
     pub orders_missing_on_read: u64,
     pub orders_duplicated: u64,
@@ -183,11 +217,14 @@ pub struct Counts {
     pub upload_resent_over_chunk: u64,
     /// `kill-mid-upload`: uploads not complete after the faults stopped.
     pub uploads_unfinished: u64,
+    /// `lose-primary`: the node could not be restored from its backup, or the restore's
+    /// integrity check did not say `ok`.
+    pub restore_failed: u64,
 }
 
 impl Counts {
     /// Every violation count by its report key (`orders_acknowledged` is not one).
-    pub fn violations(&self) -> [(&'static str, u64); 21] {
+    pub fn violations(&self) -> [(&'static str, u64); 22] {
         [
             ("orders_lost", self.orders_lost),
             ("orders_missing_on_read", self.orders_missing_on_read),
@@ -210,6 +247,7 @@ impl Counts {
             ("upload_offsets_backwards", self.upload_offsets_backwards),
             ("upload_resent_over_chunk", self.upload_resent_over_chunk),
             ("uploads_unfinished", self.uploads_unfinished),
+            ("restore_failed", self.restore_failed),
         ]
     }
 
@@ -234,11 +272,30 @@ pub struct Violation {
 pub struct Verdict {
     pub counts: Counts,
     pub violations: Vec<Violation>,
+    /// The orders a restore lost within its window.
+    pub lost_to_restore: Vec<LostToRestore>,
+}
+
+/// An acknowledged order a restore lost inside its window (not a violation: the backup's
+/// promise; listed in the report by id).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LostToRestore {
+    pub account: String,
+    pub order_id: String,
+    pub key: String,
+    /// How long before the loss it was acknowledged.
+    pub before_loss_ms: u64,
 }
 
 impl Verdict {
     pub fn passed(&self) -> bool {
         self.counts.violated().is_empty()
+    }
+
+    /// The `lose-primary` fault could not bring the node back (its restore failed or was not
+    /// checked): `why`, from `holdfast restore`.
+    pub fn add_restore_failure(&mut self, why: String) {
+        self.add("restore_failed", 1, || why);
     }
 
     /// The `kill-mid-upload` fault's violations (see `uploads::judge`).
@@ -273,6 +330,7 @@ impl Verdict {
             "upload_offsets_backwards" => &mut c.upload_offsets_backwards,
             "upload_resent_over_chunk" => &mut c.upload_resent_over_chunk,
             "uploads_unfinished" => &mut c.uploads_unfinished,
+            "restore_failed" => &mut c.restore_failed,
             other => unreachable!("unknown invariant {other}"),
         };
         *count += n;
@@ -290,7 +348,7 @@ pub fn check(histories: &[AccountHistory], fin: &FinalState) -> Verdict {
     let mut all_readable = true;
     for (i, h) in histories.iter().enumerate() {
         let account = fin.accounts.get(i).filter(|a| a.email == h.email);
-        check_account(h, account, &mut v);
+        check_account(h, account, fin.loss, &mut v);
         match account.and_then(|a| a.orders.as_ref()) {
             Some(orders) => {
                 for o in orders {
@@ -365,12 +423,40 @@ impl CartModel {
     fn maybe_emptied(&mut self) {
         self.min.clear();
     }
+
+    /// An acknowledged add may have been lost with the node.
+    fn forget(&mut self, sku: &str, qty: i64) {
+        if let Some(lo) = self.min.get_mut(sku) {
+            *lo = (*lo - qty).max(0);
+        }
+    }
+
+    /// A checkout lost with the node: what it consumed may be back in the cart.
+    fn may_return(&mut self, items: &Lines) {
+        for (sku, qty) in items {
+            *self.max.entry(sku.clone()).or_default() += qty;
+        }
+    }
 }
 
-fn check_account(h: &AccountHistory, fin: Option<&FinalAccount>, v: &mut Verdict) {
+fn check_account(
+    h: &AccountHistory,
+    fin: Option<&FinalAccount>,
+    loss: Option<Loss>,
+    v: &mut Verdict,
+) {
     let who = &h.email;
     let mut cart = CartModel::default();
     let mut logged_in = false;
+    let may_lose = |acked_ms: u64| loss.is_some_and(|l| l.may_lose(acked_ms));
+    let after_loss = |completed_ms: u64| loss.is_some_and(|l| l.after(completed_ms));
+    // When the session in use was acknowledged (a login).
+    let mut login_ms = 0;
+    // Since the cart was last emptied, acknowledged adds and checkouts that a loss may undo,
+    // applied to the cart model once the history crosses the loss.
+    let mut recent_adds: Vec<(&str, i64, u64)> = Vec::new();
+    let mut recent_checkouts: Vec<(&Lines, u64)> = Vec::new();
+    let mut crossed = false;
     // Every acknowledged order: id -> (key, when acknowledged).
     let mut acked: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
     let mut ids_by_key: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
@@ -387,8 +473,25 @@ fn check_account(h: &AccountHistory, fin: Option<&FinalAccount>, v: &mut Verdict
     };
     for op in &h.ops {
         let at = op.completed_ms as f64 / 1000.0;
+        if !crossed && after_loss(op.completed_ms) {
+            crossed = true;
+            for (sku, qty, ms) in recent_adds.drain(..) {
+                if may_lose(ms) {
+                    cart.forget(sku, qty);
+                }
+            }
+            for (items, ms) in recent_checkouts.drain(..) {
+                if may_lose(ms) {
+                    cart.may_return(items);
+                }
+            }
+        }
         if let Outcome::Fail { status: 401, .. } = op.outcome {
-            if logged_in && !matches!(op.kind, OpKind::Signup | OpKind::Login) {
+            if logged_in && after_loss(op.completed_ms) && may_lose(login_ms) {
+                // The login was made in the loss window: the restore forgot it.
+                logged_in = false;
+                v.counts.forced_relogins += 1;
+            } else if logged_in && !matches!(op.kind, OpKind::Signup | OpKind::Login) {
                 logged_in = false;
                 v.counts.forced_relogins += 1;
                 v.add("sessions_lost", 1, || {
@@ -400,9 +503,13 @@ fn check_account(h: &AccountHistory, fin: Option<&FinalAccount>, v: &mut Verdict
         match (&op.kind, &op.outcome) {
             (OpKind::Login, Outcome::Ok { .. }) => {
                 logged_in = true;
+                login_ms = op.completed_ms;
                 v.counts.logins += 1;
             }
-            (OpKind::CartAdd { sku, qty, .. }, Outcome::Ok { .. }) => cart.add(sku, *qty, true),
+            (OpKind::CartAdd { sku, qty, .. }, Outcome::Ok { .. }) => {
+                cart.add(sku, *qty, true);
+                recent_adds.push((sku, *qty, op.completed_ms));
+            }
             (OpKind::CartAdd { sku, qty, .. }, Outcome::Unknown { .. }) => {
                 cart.add(sku, *qty, false)
             }
@@ -424,7 +531,21 @@ fn check_account(h: &AccountHistory, fin: Option<&FinalAccount>, v: &mut Verdict
                 let id = o.order_id.as_str();
                 acked.entry(id).or_insert((key, op.completed_ms));
                 ids_by_key.entry(key).or_default().insert(id);
+                // A retry, on the restored node, of a checkout answered in the loss window:
+                // the restore may have forgotten it, and then it runs again.
+                let forgotten = |first: &OrderSeen| {
+                    after_loss(op.completed_ms)
+                        && acked
+                            .get(first.order_id.as_str())
+                            .is_some_and(|&(_, ms)| may_lose(ms))
+                };
                 match first_answer.get(key.as_str()) {
+                    Some(first) if *late && first.order_id != o.order_id && forgotten(first) => {
+                        first_answer.insert(key, o);
+                        cart.empty();
+                        recent_adds.clear();
+                        recent_checkouts.clear();
+                    }
                     Some(first) if *late => {
                         if *first != o {
                             v.add("replays_mismatched", 1, || {
@@ -445,8 +566,23 @@ fn check_account(h: &AccountHistory, fin: Option<&FinalAccount>, v: &mut Verdict
                         let when = format!("order {id} (checkout at {at:.1} s)");
                         cart_check(v, &mut cart, &o.items, when);
                         cart.empty();
+                        recent_adds.clear();
+                        // Every checkout the loss may undo gives its items back, not only
+                        // the last one.
+                        recent_checkouts.push((&o.items, op.completed_ms));
                     }
                 }
+            }
+            (OpKind::Checkout { key, late }, Outcome::Fail { .. })
+                if *late
+                    && after_loss(op.completed_ms)
+                    && first_answer.get(key.as_str()).is_some_and(|first| {
+                        acked
+                            .get(first.order_id.as_str())
+                            .is_some_and(|&(_, ms)| may_lose(ms))
+                    }) =>
+            {
+                // Its order was forgotten with the node, and so, maybe, was its cart.
             }
             (OpKind::Checkout { key, late }, Outcome::Fail { status, problem }) if *late => {
                 v.add("replays_mismatched", 1, || {
@@ -458,7 +594,11 @@ fn check_account(h: &AccountHistory, fin: Option<&FinalAccount>, v: &mut Verdict
                 cart.maybe_emptied();
             }
             (OpKind::OrderRead { order_id }, Outcome::Fail { status: 404, .. }) => {
-                if let Some((key, acked_ms)) = acked.get(order_id.as_str()) {
+                let forgotten = |ms: u64| after_loss(op.completed_ms) && may_lose(ms);
+                if let Some((key, acked_ms)) = acked
+                    .get(order_id.as_str())
+                    .filter(|(_, ms)| !forgotten(*ms))
+                {
                     let acked_s = *acked_ms as f64 / 1000.0;
                     v.add("orders_missing_on_read", 1, || {
                         format!(
@@ -479,7 +619,7 @@ fn check_account(h: &AccountHistory, fin: Option<&FinalAccount>, v: &mut Verdict
         });
         return;
     };
-    if logged_in && !fin.session_valid {
+    if logged_in && !fin.session_valid && !may_lose(login_ms) {
         v.add("sessions_lost", 1, || {
             format!("{who}: session refused at the end")
         });
@@ -494,16 +634,32 @@ fn check_account(h: &AccountHistory, fin: Option<&FinalAccount>, v: &mut Verdict
         return;
     };
     let present: BTreeSet<&str> = orders.iter().map(|o| o.order_id.as_str()).collect();
+    let mut lost_to_restore: BTreeSet<&str> = BTreeSet::new();
     for (id, (key, ms)) in &acked {
-        if !present.contains(id) {
-            let s = *ms as f64 / 1000.0;
-            v.add("orders_lost", 1, || {
-                format!("{who}: order {id} acknowledged at {s:.1} s (key {key}) is not in the final state")
-            });
+        if present.contains(id) {
+            continue;
         }
+        let s = *ms as f64 / 1000.0;
+        if let Some(loss) = loss.filter(|l| l.may_lose(*ms)) {
+            lost_to_restore.insert(id);
+            v.counts.orders_lost_to_restore += 1;
+            v.lost_to_restore.push(LostToRestore {
+                account: who.clone(),
+                order_id: (*id).to_owned(),
+                key: (*key).to_owned(),
+                before_loss_ms: loss.at_ms - ms,
+            });
+            continue;
+        }
+        v.add("orders_lost", 1, || {
+            format!(
+                "{who}: order {id} acknowledged at {s:.1} s (key {key}) is not in the final state"
+            )
+        });
     }
     for (key, ids) in &ids_by_key {
-        let extra = ids.len() as u64 - 1;
+        let ids: BTreeSet<&str> = ids.difference(&lost_to_restore).copied().collect();
+        let extra = (ids.len() as u64).saturating_sub(1);
         v.add("orders_duplicated", extra, || {
             format!(
                 "{who}: key {key} was answered with {} different orders: {ids:?}",
@@ -706,6 +862,7 @@ mod tests {
                 })
                 .into(),
             elsewhere: BTreeSet::new(),
+            loss: None,
         };
         let h = vec![AccountHistory {
             email: WHO.into(),
@@ -736,6 +893,74 @@ mod tests {
 
     fn final_orders(fin: &mut FinalState) -> &mut Vec<OrderSeen> {
         fin.accounts[0].orders.as_mut().unwrap()
+    }
+
+    /// The node lost at 100 ms: the second order (acknowledged at 95 ms) is gone from the
+    /// final state with its charge and receipt, as a restore to before it leaves things.
+    fn lose_o2(window_ms: u64) -> (Vec<AccountHistory>, FinalState) {
+        let (h, mut fin) = clean();
+        final_orders(&mut fin).retain(|o| o.order_id != "o2");
+        fin.charges.retain(|c| c.order_id != "o2");
+        fin.emails.retain(|e| e.order_id != "o2");
+        fin.loss = Some(Loss {
+            at_ms: 100,
+            window_ms,
+        });
+        (h, fin)
+    }
+
+    #[test]
+    fn a_restore_may_lose_only_what_was_acknowledged_inside_its_window() {
+        let (h, fin) = lose_o2(10);
+        let verdict = check(&h, &fin);
+        assert!(verdict.passed(), "{:#?}", verdict.violations);
+        assert_eq!(verdict.counts.orders_lost_to_restore, 1);
+        assert_eq!(verdict.lost_to_restore[0].order_id, "o2");
+        assert_eq!(verdict.lost_to_restore[0].before_loss_ms, 5);
+        // Acknowledged 5 ms before the loss, but the window is 4 ms: a real loss.
+        let (h, fin) = lose_o2(4);
+        let verdict = check(&h, &fin);
+        assert_eq!(verdict.counts.violated(), ["orders_lost"]);
+        assert_eq!(verdict.counts.orders_lost_to_restore, 0);
+    }
+
+    #[test]
+    fn a_retry_after_a_restore_that_lost_its_order_places_it_once_more() {
+        let o3 = order("o3", &[("CHALK", 1)], "paid");
+        let retry = |h: &mut Vec<AccountHistory>, fin: &mut FinalState| {
+            // On the restored node the cart holds the chalk again; the retry takes it, and
+            // the helmets are added after.
+            let helmets = h[0].ops.pop().expect("the last add");
+            h[0].ops
+                .push(op(checkout("c2", true), 110, ok(Seen::Order(o3.clone()))));
+            h[0].ops.push(Op {
+                invoked_ms: 120,
+                completed_ms: 125,
+                ..helmets
+            });
+            final_orders(fin).push(o3.clone());
+            fin.charges.push(Charge {
+                order_id: "o3".into(),
+                amount_cents: o3.total_cents,
+            });
+            fin.emails.push(Email {
+                order_id: "o3".into(),
+                kind: "receipt".into(),
+            });
+        };
+        let (mut h, mut fin) = lose_o2(10);
+        retry(&mut h, &mut fin);
+        let verdict = check(&h, &fin);
+        assert!(verdict.passed(), "{:#?}", verdict.violations);
+        // The same retry without a loss to explain it: a replay that made a new order.
+        let (mut h, mut fin) = lose_o2(10);
+        fin.loss = None;
+        retry(&mut h, &mut fin);
+        let violated = check(&h, &fin).counts.violated();
+        assert!(
+            violated.contains(&"replays_mismatched") && violated.contains(&"orders_lost"),
+            "{violated:?}"
+        );
     }
 
     #[test]

@@ -72,6 +72,10 @@ pub enum FaultKind {
     /// Video reviews uploaded with tus through the balancer while the instance taking each
     /// PATCH is SIGKILLed (see `uploads.rs`). Not part of `all`: name it.
     KillMidUpload,
+    /// The whole node lost: `up` and everything it runs SIGKILLed, its data directory
+    /// destroyed; a fresh node restored from the continuous backup takes over the address
+    /// (see `restore.rs`). SQLite. Not part of `all`: name it.
+    LosePrimary,
 }
 
 impl FaultKind {
@@ -118,6 +122,7 @@ impl FaultKind {
             FaultKind::FreezeInstance => "freeze-instance",
             FaultKind::Migrate => "migrate",
             FaultKind::KillMidUpload => "kill-mid-upload",
+            FaultKind::LosePrimary => "lose-primary",
         }
     }
 
@@ -126,6 +131,9 @@ impl FaultKind {
         match (self, backend) {
             (FaultKind::RestartDb | FaultKind::SlowDb | FaultKind::CutDb, Backend::Sqlite) => {
                 Some("SQLite is a file in each process, not a server: there is nothing to restart and no link to slow or cut")
+            }
+            (FaultKind::LosePrimary, Backend::Postgres) => {
+                Some("continuous backup covers the SQLite store; on Postgres there is nothing to restore from yet")
             }
             _ => None,
         }
@@ -166,7 +174,8 @@ impl FaultKind {
             | FaultKind::RestartRedis
             | FaultKind::FlushCache
             | FaultKind::RotateKeys
-            | FaultKind::Migrate => (0, 0),
+            | FaultKind::Migrate
+            | FaultKind::LosePrimary => (0, 0),
             // Most of the load: uploads run and instances die throughout.
             FaultKind::KillMidUpload => (0, 0),
         }
@@ -217,13 +226,21 @@ impl FromStr for FaultSet {
             let kind = FaultKind::ALL
                 .into_iter()
                 .chain(FaultKind::ABUSE)
-                .chain([FaultKind::Migrate, FaultKind::KillMidUpload])
+                .chain([
+                    FaultKind::Migrate,
+                    FaultKind::KillMidUpload,
+                    FaultKind::LosePrimary,
+                ])
                 .find(|k| k.name() == name)
                 .ok_or_else(|| {
                     let known: Vec<&str> = FaultKind::ALL
                         .iter()
                         .chain(&FaultKind::ABUSE)
-                        .chain(&[FaultKind::Migrate, FaultKind::KillMidUpload])
+                        .chain(&[
+                            FaultKind::Migrate,
+                            FaultKind::KillMidUpload,
+                            FaultKind::LosePrimary,
+                        ])
                         .map(|k| k.name())
                         .collect();
                     format!(
@@ -342,11 +359,21 @@ pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
                 .into(),
         );
     }
+    if opts.sabotage == Some(Sabotage::CorruptBackup) && !kinds.contains(&FaultKind::LosePrimary) {
+        kinds.push(FaultKind::LosePrimary);
+        s.notes.push(
+            "sabotage corrupt-backup: lose-primary added, the fault that restores from the backup"
+                .into(),
+        );
+    }
     let every = opts.restart_redis_every.filter(|d| !d.is_zero());
     let periodic = every.is_some() && kinds.contains(&FaultKind::RestartRedis);
     if periodic {
         kinds.retain(|&k| k != FaultKind::RestartRedis);
     }
+    // The node is lost once, in the middle, so that shopping before and after it shows.
+    let lose = kinds.contains(&FaultKind::LosePrimary);
+    kinds.retain(|&k| k != FaultKind::LosePrimary);
     // A rotation is two rolling restarts of every web instance: once per drill, mid-load.
     let rotate = kinds.contains(&FaultKind::RotateKeys);
     kinds.retain(|&k| k != FaultKind::RotateKeys);
@@ -368,6 +395,7 @@ pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
     for (wanted, kind, at) in [
         (migrate, FaultKind::Migrate, 0.2),
         (rotate, FaultKind::RotateKeys, 0.3),
+        (lose, FaultKind::LosePrimary, 0.4),
     ] {
         if wanted {
             s.planned.push(Planned {
@@ -511,7 +539,7 @@ pub(crate) async fn inject(
         tasks.spawn(async move {
             tokio::time::sleep(p.at.saturating_sub(clock.elapsed())).await;
             let at_s = clock.elapsed().as_secs_f64();
-            let result = apply(&p, &ctl).await;
+            let result = apply(&p, &ctl, clock).await;
             let hold_s = clock.elapsed().as_secs_f64() - at_s;
             let (target, applied, note) = match result {
                 Ok(target) => (target, true, String::new()),
@@ -546,7 +574,7 @@ pub(crate) async fn inject(
 }
 
 /// Injects one fault and undoes it after its hold; the target, or why it could not be hit.
-async fn apply(p: &Planned, ctl: &Control) -> Result<String, String> {
+async fn apply(p: &Planned, ctl: &Control, clock: Clock) -> Result<String, String> {
     match p.kind {
         FaultKind::KillInstance => ctl.signal_one("web", p.pick, Signal::SIGKILL),
         FaultKind::DrainInstance => ctl.signal_one("web", p.pick, Signal::SIGTERM),
@@ -613,6 +641,7 @@ async fn apply(p: &Planned, ctl: &Control) -> Result<String, String> {
         FaultKind::RotateKeys => ctl.rotate_keys().await,
         FaultKind::Migrate => crate::migration::run(ctl).await,
         FaultKind::KillMidUpload => crate::uploads::run(ctl, p.hold, p.pick).await,
+        FaultKind::LosePrimary => crate::restore::run(ctl, clock).await,
         FaultKind::ProviderTimeouts => {
             let faults = json!({
                 "act_then_timeout_rate": 0.2,

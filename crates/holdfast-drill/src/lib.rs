@@ -29,6 +29,7 @@ pub mod checker;
 pub mod faults;
 pub mod migration;
 pub mod report;
+pub mod restore;
 pub mod system;
 pub mod uploads;
 mod users;
@@ -75,6 +76,7 @@ pub fn expected_violation(sabotage: Sabotage) -> &'static str {
         Sabotage::NoIdempotency => "orders_duplicated",
         Sabotage::AckBeforeCommit => "orders_lost",
         Sabotage::LedgerBypass => "charges_duplicated",
+        Sabotage::CorruptBackup => "restore_failed",
     }
 }
 
@@ -217,6 +219,8 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
             Vec::new()
         },
         system_log: opts.system_log.clone(),
+        lose_primary: opts.faults.0.contains(&FaultKind::LosePrimary)
+            || opts.sabotage == Some(Sabotage::CorruptBackup),
     })
     .await?;
     let prometheus = if opts.alerts {
@@ -262,6 +266,20 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
             opts.duration,
         )))
     });
+    // A lost node whose restore failed will not come back: the users stop instead of
+    // retrying into nothing until the load's end.
+    let _gone = {
+        let (ctl, live) = (sys.control(), live.clone());
+        Task(tokio::spawn(async move {
+            loop {
+                if ctl.restore().is_some_and(|r| r.rto_ms == 0) {
+                    live.give_up();
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }))
+    };
     for user in 0..opts.users {
         let start = opts.ramp_up.mul_f64(user as f64 / opts.users as f64);
         let shopper = load.clone().shopper(user, rng.fork(user as u64 + 1));
@@ -300,23 +318,42 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
     if opts.progress {
         eprintln!("drill: load over; waiting for payouts and receipts to settle");
     }
-    let sessions = load.sessions(&accounts).await;
-    let cookies: Vec<_> = sessions.iter().map(|(_, s)| s.clone()).collect();
-    let settled = load
-        .settle(&cookies, &sys.provider_url, Duration::from_secs(90))
-        .await;
-    if !settled {
-        notes
-            .push("payouts had not all settled after 90 s; the final state was read anyway".into());
-    }
+    // A node that was lost and not restored has nothing left to settle or read back: every
+    // account's final state is unreadable (and `restore_failed` says why).
+    let node_gone = sys
+        .control()
+        .restore()
+        .is_some_and(|r| r.rto_ms == 0 || !r.integrity_ok);
+    let (mut fin, read_notes) = if node_gone {
+        let note = "the node was lost and not restored: nothing was settled or read back";
+        (checker::FinalState::default(), vec![note.to_owned()])
+    } else {
+        let sessions = load.sessions(&accounts).await;
+        let cookies: Vec<_> = sessions.iter().map(|(_, s)| s.clone()).collect();
+        let settled = load
+            .settle(&cookies, &sys.provider_url, Duration::from_secs(90))
+            .await;
+        if !settled {
+            notes.push(
+                "payouts had not all settled after 90 s; the final state was read anyway".into(),
+            );
+        }
+        load.final_state(&accounts, &sessions, &sys.provider_url)
+            .await
+    };
     let settle = settle_started.elapsed();
-    let (mut fin, read_notes) = load
-        .final_state(&accounts, &sessions, &sys.provider_url)
-        .await;
     let uploads = sys.control().uploads();
     if let Some(seen) = &uploads {
         fin.elsewhere.extend(seen.orders.iter().cloned());
     }
+    let restore = sys.control().restore();
+    fin.loss = restore
+        .as_ref()
+        .filter(|r| r.rto_ms > 0)
+        .map(|r| checker::Loss {
+            at_ms: r.lost_at_ms,
+            window_ms: restore::LOSS_WINDOW_MS,
+        });
     notes.extend(read_notes);
     let alerts = match &prometheus {
         Some(prometheus) => match prometheus.firing(load_started).await {
@@ -357,6 +394,16 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
     if let Some(seen) = &uploads {
         verdict.add_upload_violations(uploads::judge(seen));
     }
+    if let Some(seen) = restore
+        .as_ref()
+        .filter(|r| r.rto_ms == 0 || !r.integrity_ok)
+    {
+        verdict.add_restore_failure(format!(
+            "the node lost at {:.1} s was not restored: {}",
+            seen.lost_at_ms as f64 / 1000.0,
+            seen.restore_said
+        ));
+    }
     let active_users = runs
         .iter()
         .filter(|r| r.accounts.iter().any(|a| a.ever_logged_in()))
@@ -383,6 +430,7 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         alerts,
         migration: sys.control().migration(),
         uploads,
+        restore,
     }))
 }
 

@@ -223,6 +223,9 @@ pub struct Report {
     /// lived it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub uploads: Option<crate::uploads::Observed>,
+    /// Present when the drill lost the node and restored it (`lose-primary`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore: Option<Restore>,
     pub faults: Vec<Injected>,
     pub faults_skipped: Vec<Skipped>,
     /// What the shipped alert rules made of the run (a real Prometheus; see `alerts.rs`).
@@ -256,6 +259,47 @@ pub(crate) struct Inputs<'a> {
     pub alerts: crate::alerts::Alerts,
     pub migration: Option<crate::migration::Observed>,
     pub uploads: Option<crate::uploads::Observed>,
+    pub restore: Option<crate::restore::Observed>,
+}
+
+/// The `lose-primary` fault's figures.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Restore {
+    /// Loss → the first 2xx the restored node served through the same address.
+    pub rto_s: f64,
+    /// `holdfast restore` alone (restore, integrity check, reconciliation).
+    pub restore_s: f64,
+    /// The oldest acknowledged order the restore lost: how far back the loss reached (0 when
+    /// none was lost).
+    pub rpo_ms: u64,
+    /// What may be lost and still pass.
+    pub loss_window_ms: u64,
+    pub integrity_ok: bool,
+    /// The acknowledged orders the restore lost, by id (inside the window).
+    pub orders_lost: Vec<crate::checker::LostToRestore>,
+    /// `holdfast restore`'s line: the transaction restored, the integrity check, and what the
+    /// reconciliation refunded.
+    pub said: String,
+}
+
+fn restore(i: &Inputs) -> Option<Restore> {
+    let seen = i.restore.as_ref()?;
+    let rpo_ms = i
+        .verdict
+        .lost_to_restore
+        .iter()
+        .map(|l| l.before_loss_ms)
+        .max()
+        .unwrap_or(0);
+    Some(Restore {
+        rto_s: seen.rto_ms as f64 / 1000.0,
+        restore_s: seen.restore_ms as f64 / 1000.0,
+        rpo_ms,
+        loss_window_ms: crate::restore::LOSS_WINDOW_MS,
+        integrity_ok: seen.integrity_ok,
+        orders_lost: i.verdict.lost_to_restore.clone(),
+        said: seen.restore_said.clone(),
+    })
 }
 
 /// Whether the sample completed inside one of the applied faults that `which` selects.
@@ -555,6 +599,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         abuse: abuse(&i),
         migration: migration(&i),
         uploads: i.uploads.clone(),
+        restore: restore(&i),
         errors_by_op: {
             let mut by: std::collections::BTreeMap<
                 String,
@@ -709,6 +754,26 @@ impl Report {
                 u.max_resent() / 1024,
                 u.chunk_bytes / 1024
             );
+        }
+        if let Some(r) = &self.restore {
+            let _ = writeln!(
+                s,
+                "  restore       RTO {:.1} s (restore {:.1} s)   RPO {} ms (window {} ms)   integrity {}   {} acknowledged orders lost",
+                r.rto_s,
+                r.restore_s,
+                r.rpo_ms,
+                r.loss_window_ms,
+                if r.integrity_ok { "ok" } else { "NOT CHECKED" },
+                r.orders_lost.len()
+            );
+            for l in &r.orders_lost {
+                let _ = writeln!(
+                    s,
+                    "    lost  order {} of {} (key {}), acknowledged {} ms before the loss",
+                    l.order_id, l.account, l.key, l.before_loss_ms
+                );
+            }
+            let _ = writeln!(s, "    {}", r.said);
         }
         if let Some(m) = &self.migration {
             let _ = writeln!(
@@ -1216,6 +1281,7 @@ mod tests {
             alerts: crate::alerts::Alerts::not_checked("not checked: a unit test"),
             migration: None,
             uploads: None,
+            restore: None,
         })
     }
 
@@ -1265,6 +1331,7 @@ mod tests {
                 alerts: crate::alerts::Alerts::not_checked("not checked: a unit test"),
                 migration: Some(seen),
                 uploads: None,
+                restore: None,
             })
             .migration
             .expect("a migration section")

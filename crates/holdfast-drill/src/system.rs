@@ -72,6 +72,11 @@ pub struct SystemSpec {
     pub up_args: Vec<String>,
     /// Where the system's own log goes (default: the temporary directory).
     pub system_log: Option<PathBuf>,
+    /// Ready to lose the whole node (`lose-primary`): `up` backs its store up continuously
+    /// (a fresh directory per node), listens on fixed ports (a restored node takes over the
+    /// address), and the payment provider runs outside it (the outside world survives).
+    /// SQLite only.
+    pub lose_primary: bool,
 }
 
 impl SystemSpec {
@@ -95,6 +100,7 @@ impl SystemSpec {
             sabotage: None,
             up_args: Vec::new(),
             system_log: None,
+            lose_primary: false,
         }
     }
 }
@@ -108,14 +114,27 @@ pub struct System {
     pub provider_url: String,
     store_url: String,
     ctl: Arc<Control>,
-    up: Option<Child>,
     /// Removes everything the system created on disk once the last holder lets go: this, and
     /// the cluster, which is stopped first.
-    dir: Arc<tempfile::TempDir>,
+    _dir: Arc<tempfile::TempDir>,
 }
 
 /// What the fault injector and the teardown need; shared with their tasks.
 pub(crate) struct Control {
+    /// `holdfast up`, while it runs (the `lose-primary` fault kills it and starts another).
+    up: Mutex<Option<Child>>,
+    /// What `up` was started with, to start it again the same way.
+    spec: SystemSpec,
+    log_path: PathBuf,
+    /// The payment provider the drill runs itself when `up` may be lost with everything it
+    /// runs (`lose-primary`): it is the outside world, which outlives the node.
+    provider: Mutex<Option<Child>>,
+    /// Where the continuous backup goes (`lose-primary`), one generation per node: a restored
+    /// node backs up to a fresh directory.
+    backup_root: Option<PathBuf>,
+    backup_generation: AtomicUsize,
+    /// The `lose-primary` fault's observations, once it ran.
+    restore: Mutex<Option<crate::restore::Observed>>,
     program: PathBuf,
     data_dir: PathBuf,
     db: Option<Arc<Cluster>>,
@@ -189,12 +208,55 @@ impl System {
                 url,
             ]);
         }
+        let log_path = match &opts.system_log {
+            Some(path) => path.clone(),
+            None => dir.path().join("system.log"),
+        };
+        let mut spec = opts.clone();
+        let mut provider = None;
+        let backup_root = if opts.lose_primary {
+            if !matches!(opts.database, Database::Sqlite) {
+                return Err(Error::Setup(
+                    "lose-primary runs on SQLite (continuous backup covers the SQLite store)"
+                        .into(),
+                ));
+            }
+            let (child, url) = start_provider(&program).await?;
+            provider = Some(child);
+            let free = || -> Result<String, Error> {
+                let l = std::net::TcpListener::bind("127.0.0.1:0")
+                    .map_err(Error::io("finding a free port"))?;
+                Ok(l.local_addr()
+                    .map_err(Error::io("finding a free port"))?
+                    .port()
+                    .to_string())
+            };
+            let root = dir.path().join("backup");
+            spec.up_args.extend([
+                "--port".into(),
+                free()?,
+                "--ops-port".into(),
+                free()?,
+                "--provider-url".into(),
+                url,
+            ]);
+            Some(root)
+        } else {
+            None
+        };
         let mut sys = System {
             url: String::new(),
             ops_url: String::new(),
             provider_url: String::new(),
             store_url,
             ctl: Arc::new(Control {
+                up: Mutex::new(None),
+                spec,
+                log_path,
+                provider: Mutex::new(provider),
+                backup_root,
+                backup_generation: AtomicUsize::new(0),
+                restore: Mutex::default(),
                 program,
                 data_dir,
                 db,
@@ -214,27 +276,74 @@ impl System {
                 migration: Mutex::default(),
                 uploads: Mutex::default(),
             }),
-            up: None,
-            dir,
+            _dir: dir,
         };
-        let log_path = match &opts.system_log {
-            Some(path) => path.clone(),
-            None => sys.dir.path().join("system.log"),
-        };
-        sys.start_up(opts, &log_path).await?;
+        let (url, ops_url, provider_url) = sys.ctl.start_up().await?;
+        sys.url = url;
+        sys.ops_url = ops_url;
+        sys.provider_url = provider_url;
         Ok(sys)
     }
+}
 
-    /// Starts `holdfast up` and waits for its "Holdfast is up" line.
-    async fn start_up(&mut self, opts: &SystemSpec, log_path: &Path) -> Result<(), Error> {
-        let ctl = &self.ctl;
-        let log = std::fs::File::create(log_path)
+/// `holdfast provider` on a free port, as a child of the drill: its process and URL.
+async fn start_provider(program: &Path) -> Result<(Child, String), Error> {
+    let mut child = Command::new(program)
+        .args(["provider", "--addr", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(Error::io("starting holdfast provider"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::Start("no stdout from holdfast provider".into()))?;
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = tokio::time::timeout(Duration::from_secs(20), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.strip_prefix("HOLDFAST_LISTENING ") {
+                return rest.split_whitespace().next().map(str::to_owned);
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
+    .ok_or_else(|| Error::Start("holdfast provider did not say where it listens".into()))?;
+    Ok((child, format!("http://{addr}")))
+}
+
+impl Control {
+    /// Starts `holdfast up` as the spec says (on a `lose-primary` drill, with the continuous
+    /// backup to the current generation's directory) and waits until every process it runs
+    /// is listed: the public URL, the operator URL and the provider's URL. The system log is
+    /// appended to.
+    pub(crate) async fn start_up(&self) -> Result<(String, String, String), Error> {
+        let (opts, log_path) = (&self.spec, &self.log_path);
+        let ctl = self;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
             .map_err(Error::io(format!("creating {}", log_path.display())))?;
         let mut cmd = Command::new(&ctl.program);
-        cmd.arg("up")
-            .args(["--port", "0"])
-            .args(["--ops-port", "0"])
-            .args(["--instances", &opts.instances.to_string()])
+        cmd.arg("up");
+        for flag in ["--port", "--ops-port"] {
+            if !opts.up_args.iter().any(|a| a == flag) {
+                cmd.args([flag, "0"]);
+            }
+        }
+        if let Some(root) = &ctl.backup_root {
+            let generation = ctl.backup_generation.load(Ordering::SeqCst);
+            cmd.arg("--backup")
+                .arg(root.join(format!("gen-{generation}")));
+        }
+        cmd.args(["--instances", &opts.instances.to_string()])
             .args(["--workers", &opts.workers.to_string()])
             .arg("--data-dir")
             .arg(&ctl.data_dir);
@@ -252,7 +361,8 @@ impl System {
         if let Database::Postgres(url) = &opts.database {
             cmd.args(["--backend", "postgres", "--database-url", url]);
         }
-        if let Some(sabotage) = opts.sabotage {
+        // `corrupt-backup` is done to the backup's files by the drill itself (`restore_node`).
+        if let Some(sabotage) = opts.sabotage.filter(|s| *s != Sabotage::CorruptBackup) {
             cmd.args(["--unsafe-sabotage", sabotage.name()]);
         }
         if !opts.up_args.iter().any(|a| a == "--sessions") {
@@ -294,7 +404,7 @@ impl System {
             .spawn()
             .map_err(Error::io(format!("starting {} up", ctl.program.display())))?;
         let stdout = child.stdout.take();
-        self.up = Some(child);
+        *lock(&self.up) = Some(child);
         let Some(stdout) = stdout else {
             return Err(Error::Start("no stdout from holdfast up".into()));
         };
@@ -327,20 +437,23 @@ impl System {
                 let _ = writeln!(stdout_log, "{line}");
             }
         });
-        // Without workers `up` starts no provider.
-        let provider = ctl
-            .instances("provider")
-            .first()
-            .map(|i| format!("http://{}", i.addr));
+        // Given one (`--provider-url`), `up` starts none; without workers, none at all.
+        let given = opts
+            .up_args
+            .iter()
+            .position(|a| a == "--provider-url")
+            .and_then(|i| opts.up_args.get(i + 1).cloned());
+        let provider = given.or_else(|| {
+            ctl.instances("provider")
+                .first()
+                .map(|i| format!("http://{}", i.addr))
+        });
         if opts.workers > 0 && provider.is_none() {
             return Err(Error::Start("no provider in instances.json".into()));
         }
         let provider = provider.unwrap_or_default();
         *lock(&ctl.provider_url) = provider.clone();
         *lock(&ctl.public_url) = url.clone();
-        self.provider_url = provider;
-        self.url = url;
-        self.ops_url = ops_url;
         // Every process `up` runs is listed once it listens; wait for all of them.
         let want = usize::from(opts.instances) + usize::from(opts.workers);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -350,7 +463,7 @@ impl System {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Ok(())
+        Ok((url, ops_url, provider))
     }
 
     fn start_failed(&self, log_path: &Path, what: &str) -> Error {
@@ -359,7 +472,9 @@ impl System {
         let tail: Vec<&str> = tail.into_iter().rev().collect();
         Error::Start(format!("{what}; the end of its log:\n{}", tail.join("\n")))
     }
+}
 
+impl System {
     pub(crate) fn control(&self) -> Arc<Control> {
         self.ctl.clone()
     }
@@ -387,7 +502,7 @@ impl System {
 
     /// Whether `up` itself is still running.
     pub fn is_up(&mut self) -> bool {
-        self.up
+        lock(&self.ctl.up)
             .as_mut()
             .is_some_and(|up| matches!(up.try_wait(), Ok(None)))
     }
@@ -398,7 +513,8 @@ impl System {
     pub async fn stop(&mut self) -> Option<String> {
         self.ctl.resume_all();
         let mut note = None;
-        if let Some(mut up) = self.up.take() {
+        let up = lock(&self.ctl.up).take();
+        if let Some(mut up) = up {
             if let Ok(Some(status)) = up.try_wait() {
                 note = Some(format!("holdfast up exited during the drill ({status})"));
             }
@@ -412,6 +528,10 @@ impl System {
                 tracing::warn!("holdfast up did not stop within {UP_STOP_TIMEOUT:?}; killing it");
                 let _ = up.kill().await;
             }
+        }
+        let provider = lock(&self.ctl.provider).take();
+        if let Some(mut provider) = provider {
+            let _ = provider.kill().await;
         }
         if let Some(db) = &self.ctl.db {
             db.stop().await;
@@ -428,8 +548,11 @@ impl Drop for System {
     /// their parent-death signal), stop the cluster at once, then the directory goes.
     fn drop(&mut self) {
         self.ctl.resume_all();
-        if let Some(mut up) = self.up.take() {
+        if let Some(mut up) = lock(&self.ctl.up).take() {
             let _ = up.start_kill();
+        }
+        if let Some(mut provider) = lock(&self.ctl.provider).take() {
+            let _ = provider.start_kill();
         }
         if let Some(db) = &self.ctl.db {
             db.stop_blocking();
@@ -529,6 +652,100 @@ impl Control {
     /// Sends `signal` to `pid` if it is one of this system's processes; whether it was.
     pub fn signal(&self, pid: u32, signal: Signal) -> bool {
         self.is_ours(pid) && kill(Pid::from_raw(pid as i32), signal).is_ok()
+    }
+
+    /// `lose-primary`: SIGKILLs `up` and then everything it ran (instances, workers, the
+    /// backup's Litestream — they die with it anyway) and waits until none is alive; how many
+    /// processes died.
+    pub(crate) async fn kill_node(&self) -> Result<usize, String> {
+        let mut pids: Vec<u32> = ["web", "worker", "provider"]
+            .iter()
+            .flat_map(|role| self.instances(role))
+            .map(|i| i.pid)
+            .collect();
+        let state = self.data_dir.join("run").join("backup").join("state.json");
+        if let Some(pid) = std::fs::read(&state)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .and_then(|v| v["litestream_pid"].as_u64())
+        {
+            pids.push(pid as u32);
+        }
+        let up = lock(&self.up).take();
+        let Some(mut up) = up else {
+            return Err("holdfast up is not running".into());
+        };
+        if let Some(pid) = up.id() {
+            pids.push(pid);
+        }
+        let _ = up.start_kill();
+        let _ = up.wait().await;
+        for &pid in &pids {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pids
+            .iter()
+            .any(|&pid| Path::new(&format!("/proc/{pid}")).exists() && !zombie(pid))
+        {
+            if Instant::now() > deadline {
+                return Err("the node's processes were still alive 10 s after SIGKILL".into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(pids.len())
+    }
+
+    /// `lose-primary`: the data directory is gone, as with a lost disk.
+    pub(crate) fn destroy_data(&self) -> Result<(), String> {
+        std::fs::remove_dir_all(&self.data_dir)
+            .map_err(|e| format!("destroying {}: {e}", self.data_dir.display()))
+    }
+
+    /// `lose-primary`: `holdfast restore` of the current backup generation into the (empty)
+    /// data directory, reconciled with the provider; its line, or its error line.
+    pub(crate) async fn restore_node(&self) -> Result<String, String> {
+        let root = self.backup_root.as_ref().ok_or("no backup in this drill")?;
+        let generation = self.backup_generation.load(Ordering::SeqCst);
+        let backup = root.join(format!("gen-{generation}"));
+        if self.spec.sabotage == Some(Sabotage::CorruptBackup) {
+            corrupt_files_under(&backup)?;
+        }
+        let provider_url = lock(&self.provider_url).clone();
+        let out = Command::new(&self.program)
+            .arg("restore")
+            .arg("--backup")
+            .arg(&backup)
+            .arg("--to")
+            .arg(&self.data_dir)
+            .arg("--provider-url")
+            .arg(provider_url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .await
+            .map_err(|e| format!("running holdfast restore: {e}"))?;
+        let said = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
+        if out.status.success() {
+            Ok(said(&out.stdout))
+        } else {
+            Err(said(&out.stderr))
+        }
+    }
+
+    /// `lose-primary`: `holdfast up` on the restored data directory, on the same address,
+    /// backing up to the next generation's directory.
+    pub(crate) async fn start_next_node(&self) -> Result<(), String> {
+        self.backup_generation.fetch_add(1, Ordering::SeqCst);
+        self.start_up().await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    pub(crate) fn set_restore(&self, seen: crate::restore::Observed) {
+        *lock(&self.restore) = Some(seen);
+    }
+
+    /// What the `lose-primary` fault saw, if it ran.
+    pub fn restore(&self) -> Option<crate::restore::Observed> {
+        lock(&self.restore).clone()
     }
 
     /// A rolling deploy from the old release (`up --as-old-release`) to this one: the release
@@ -684,6 +901,35 @@ impl Control {
         }
         problems
     }
+}
+
+/// `--sabotage corrupt-backup`: every 97th byte of every file under `dir` flipped, past the
+/// first 100 (a failing disk does not spare the headers either, but this way the files still
+/// look like what they are).
+fn corrupt_files_under(dir: &Path) -> Result<(), String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("reading {}: {e}", dir.display()))?;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            corrupt_files_under(&path)?;
+            continue;
+        }
+        let mut bytes =
+            std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+        for i in (100..bytes.len()).step_by(97) {
+            bytes[i] ^= 0xff;
+        }
+        std::fs::write(&path, bytes).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Whether `pid` is a zombie (dead, not yet reaped by its parent).
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

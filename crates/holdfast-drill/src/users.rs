@@ -100,9 +100,21 @@ pub(crate) struct Live {
     orders: AtomicU64,
     /// Latencies (µs) since the progress line last looked.
     recent: Mutex<Vec<u64>>,
+    /// Set when the system is gone for good (a lost node whose restore failed): users stop,
+    /// and an operation in flight stops retrying and ends unknown.
+    gone: std::sync::atomic::AtomicBool,
 }
 
 impl Live {
+    /// The system is gone for good: stop shopping.
+    pub fn give_up(&self) {
+        self.gone.store(true, Ordering::Relaxed);
+    }
+
+    fn gone(&self) -> bool {
+        self.gone.load(Ordering::Relaxed)
+    }
+
     fn record(&self, s: &Sample) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         let counter = match s.class {
@@ -249,7 +261,7 @@ impl Load {
     }
 
     fn over(&self) -> bool {
-        self.clock.elapsed() >= self.duration
+        self.clock.elapsed() >= self.duration || self.live.gone()
     }
 
     pub fn shopper(self, user: usize, rng: Rng) -> Shopper {
@@ -478,12 +490,24 @@ impl Load {
         if charges.is_none() || emails.is_none() {
             notes.push("the provider's charges or emails could not be read".into());
         }
-        let (charges, emails) = (charges.unwrap_or_default(), emails.unwrap_or_default());
+        let (mut charges, emails) = (charges.unwrap_or_default(), emails.unwrap_or_default());
+        // A refunded charge is no charge (a restore's reconciliation gives back the charges
+        // of the orders it lost). A refund reads as the charge it gave back.
+        let refunds: Vec<Charge> = self
+            .provider_list(provider, "refunds")
+            .await
+            .unwrap_or_default();
+        for refund in refunds {
+            if let Some(i) = charges.iter().position(|c| *c == refund) {
+                charges.remove(i);
+            }
+        }
         let fin = FinalState {
             accounts: finals,
             charges,
             emails,
             elsewhere: Default::default(),
+            loss: None,
         };
         (fin, notes)
     }
@@ -838,7 +862,7 @@ impl Shopper {
             }
             let delay = jitter(&mut self.rng, attempt);
             attempt += 1;
-            if started.elapsed() + delay > OP_DEADLINE {
+            if started.elapsed() + delay > OP_DEADLINE || self.load.live.gone() {
                 let reason = format!("gave up after {attempt} attempts: {last}");
                 break if maybe_acted {
                     (Outcome::Unknown { reason }, Err(Failure::Unknown))

@@ -1,0 +1,94 @@
+//! The `lose-primary` fault: the whole node is lost and a fresh one is restored from the
+//! continuous backup, under load.
+//!
+//! `holdfast up` (the balancer, every instance and worker, and the backup's Litestream, which
+//! all die with it) is SIGKILLed and its data directory destroyed: the disk is gone. Then, as
+//! an operator would: `holdfast restore --backup … --to <the data dir> --provider-url …`
+//! (integrity check and reconciliation with the provider included), and `holdfast up` again on
+//! the same address, backing up to a fresh directory. Users keep shopping across it, retrying
+//! what failed with their keys.
+//!
+//! The report gets RTO (loss → the first 2xx the restored node served through the address),
+//! the restore's own time and line, and — from the checker, which is given the loss's moment
+//! — the acknowledged writes the restore lost, by id: allowed within [`LOSS_WINDOW_MS`] before
+//! the loss (the backup ships every second), a violation before that.
+
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::system::Control;
+use crate::users::Clock;
+
+/// How long before the loss an acknowledged write may be lost with it and the drill still
+/// pass: the backup's one-second sync interval, its upload, and a second of slack.
+pub const LOSS_WINDOW_MS: u64 = 2000;
+
+/// What the fault saw.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Observed {
+    /// When the node was lost, on the drill's clock (ms since the load started).
+    pub lost_at_ms: u64,
+    /// Loss → the first 2xx served by the restored node through the same address.
+    pub rto_ms: u64,
+    /// How long `holdfast restore` took (restore, integrity check, reconciliation).
+    pub restore_ms: u64,
+    /// `holdfast restore`'s own line.
+    pub restore_said: String,
+    /// Whether it said `integrity_check ok` (it fails otherwise).
+    pub integrity_ok: bool,
+}
+
+/// Loses the node and restores it; the fault's target line.
+pub(crate) async fn run(ctl: &Control, clock: Clock) -> Result<String, String> {
+    let killed = ctl.kill_node().await?;
+    let lost = Instant::now();
+    let lost_at_ms = clock.ms();
+    ctl.destroy_data()?;
+    let restoring = Instant::now();
+    let said = ctl.restore_node().await;
+    let restore_ms = restoring.elapsed().as_millis() as u64;
+    let said = match said {
+        Ok(said) => said,
+        Err(why) => {
+            ctl.set_restore(Observed {
+                lost_at_ms,
+                restore_ms,
+                restore_said: why.clone(),
+                ..Observed::default()
+            });
+            return Err(format!("the restore failed: {why}"));
+        }
+    };
+    ctl.start_next_node().await?;
+    let url = format!("{}/api/products", ctl.public_url());
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(&url).send().await {
+            if r.status().is_success() {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            return Err("the restored node served nothing within 60 s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rto_ms = lost.elapsed().as_millis() as u64;
+    let integrity_ok = said.contains("integrity_check ok");
+    ctl.set_restore(Observed {
+        lost_at_ms,
+        rto_ms,
+        restore_ms,
+        restore_said: said,
+        integrity_ok,
+    });
+    Ok(format!(
+        "the node ({killed} processes and its data dir); restored and serving after {:.1} s",
+        rto_ms as f64 / 1000.0
+    ))
+}
