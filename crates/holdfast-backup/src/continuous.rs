@@ -59,14 +59,23 @@ impl Health {
     }
 }
 
-/// Whether a replication of `backup` is supervised now (its supervisor is alive); then only
-/// it may replicate the database.
-pub(crate) fn supervised(backup: &Backup) -> bool {
-    Health::read(backup).is_some_and(|h| Path::new(&format!("/proc/{}", h.supervisor_pid)).exists())
+/// The target of the replication of `backup` supervised now, if one is: only it may
+/// replicate the database. (Its supervisor holds the lock file; a dead one's is free.)
+pub(crate) fn supervised(backup: &Backup) -> Option<String> {
+    let file = std::fs::File::open(backup.run_dir.join(LOCK_FILE)).ok()?;
+    match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock) {
+        Ok(_free) => None,
+        Err(_) => Health::read(backup).map(|h| h.target),
+    }
 }
+
+/// Held (`flock`, exclusive) by the supervisor of a running replication for its lifetime.
+const LOCK_FILE: &str = "lock";
 
 /// A running replication; dropping it stops Litestream.
 pub struct Continuous {
+    /// One replication per database: released when this is dropped or the process dies.
+    _lock: nix::fcntl::Flock<std::fs::File>,
     backup: Backup,
     health: watch::Receiver<Health>,
     task: tokio::task::JoinHandle<()>,
@@ -85,6 +94,16 @@ impl Continuous {
     /// a target that cannot be reached shows as failed checks, not as an error here.
     pub fn start(backup: Backup, check_every: Duration) -> Result<Continuous, Error> {
         litestream::binary()?;
+        std::fs::create_dir_all(&backup.run_dir)
+            .map_err(Error::io(format!("creating {}", backup.run_dir.display())))?;
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(backup.run_dir.join(LOCK_FILE))
+            .map_err(Error::io("opening the backup's lock file"))?;
+        let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| Error::AlreadyRunning(backup.database.display().to_string()))?;
         stop_leftover(&backup.run_dir);
         let config = Config::write_for(&backup, &backup.run_dir)?;
         let (tx, health) = watch::channel(Health {
@@ -94,6 +113,7 @@ impl Continuous {
         });
         let task = tokio::spawn(supervise(backup.clone(), config, check_every, tx));
         Ok(Continuous {
+            _lock: lock,
             backup,
             health,
             task,
@@ -113,15 +133,6 @@ impl Continuous {
     /// Follows what the replication proves, for a metrics page.
     pub fn watch(&self) -> watch::Receiver<Health> {
         self.health.clone()
-    }
-
-    /// Resolves once a forced sync has reached the target after this call.
-    pub async fn synced(&mut self) {
-        let since = now_ms();
-        let _ = self
-            .health
-            .wait_for(|h| h.last_success_ms.is_some_and(|at| at >= since))
-            .await;
     }
 }
 

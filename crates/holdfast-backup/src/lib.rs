@@ -12,8 +12,11 @@
 //!   report success unless SQLite's `PRAGMA integrity_check` says `ok` and the file is a
 //!   Holdfast store (it has the migration ledger).
 //!
-//! Nothing here ever writes to a live database: a restore's destination must be new or
-//! empty, and replication only reads the database (Litestream's checkpoints are SQLite's own).
+//! A restore never writes to a live database: its destination must be new or empty.
+//! Replication does write to the live one, as little as it can: Litestream keeps two small
+//! bookkeeping tables of its own in it and is the only one to checkpoint its WAL (every
+//! process on the database runs with SQLite's autocheckpoint off: see `holdfast-store`'s
+//! `StoreOptions::sqlite_autocheckpoint`).
 
 mod continuous;
 mod litestream;
@@ -30,6 +33,9 @@ use std::path::{Path, PathBuf};
 /// Everything that can go wrong, each with the one line an operator reads.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// Another continuous backup of the same database is running.
+    #[error("a continuous backup of {0} is already running (only one may replicate it)")]
+    AlreadyRunning(String),
     /// A flag or argument that names something impossible (a bad target, a time in the
     /// future, a destination that is not empty). Nothing was touched.
     #[error("{0}")]
@@ -98,7 +104,14 @@ impl Backup {
             )));
         }
         let started = std::time::Instant::now();
-        if continuous::supervised(self) {
+        if let Some(running) = continuous::supervised(self) {
+            if running != self.target.to_string() {
+                return Err(Error::Usage(format!(
+                    "the continuous backup of {} runs to {running}, not to {}; nothing was done",
+                    self.database.display(),
+                    self.target
+                )));
+            }
             // Through the running replication, which may be (re)starting Litestream.
             let mut tries = 0;
             loop {
@@ -136,10 +149,4 @@ pub struct Synced {
     pub took: std::time::Duration,
 }
 
-/// Milliseconds since the Unix epoch.
-fn now_ms() -> i64 {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-}
+use holdfast_core::now_ms;

@@ -255,7 +255,16 @@ pub(crate) async fn points(config: &Config, target: &Target) -> Result<Points, E
         &args,
     )
     .await?;
-    let files: Vec<LtxFile> = serde_json::from_str(out.stdout.trim()).unwrap_or_default();
+    // An empty listing prints nothing (or `null`); anything else must read as files.
+    let listing = out.stdout.trim();
+    let files: Vec<LtxFile> = if listing.is_empty() || listing == "null" {
+        Vec::new()
+    } else {
+        serde_json::from_str(listing).map_err(|e| Error::Tool {
+            what: format!("reading the backup at {target}"),
+            detail: format!("a listing we cannot read ({e})"),
+        })?
+    };
     let no_backup = |why: &str| Error::NoBackup {
         target: target.to_string(),
         why: why.to_owned(),
@@ -294,7 +303,8 @@ pub(crate) async fn points(config: &Config, target: &Target) -> Result<Points, E
 }
 
 /// Restores `config.database` (a path that must not exist) from the target as of `at` (the
-/// newest by default), with Litestream's own full integrity check.
+/// newest by default). The integrity check is ours, after it (`restore::check`): Litestream's
+/// own would run the same full check a second time.
 pub(crate) async fn restore(
     config: &Config,
     target: &Target,
@@ -302,12 +312,8 @@ pub(crate) async fn restore(
 ) -> Result<(), Error> {
     let mut args: Vec<OsString> = vec!["restore".into()];
     args.extend(config.flag());
-    args.extend(["-integrity-check".into(), "full".into()]);
     if let Some(at) = at {
-        let at = at
-            .format(&time::format_description::well_known::Rfc3339)
-            .map_err(|e| Error::Usage(format!("--at: {e}")))?;
-        args.extend(["-timestamp".into(), at.into()]);
+        args.extend(["-timestamp".into(), crate::rfc3339(at).into()]);
     }
     args.push(config.database.clone().into());
     run(&format!("restoring from {target}"), Some(config), &args)

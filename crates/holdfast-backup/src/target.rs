@@ -47,9 +47,7 @@ impl Target {
 
     /// The S3 endpoint from the environment, if one is set.
     fn endpoint() -> Option<String> {
-        ["AWS_ENDPOINT_URL", "AWS_ENDPOINT"]
-            .iter()
-            .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
+        env(&["AWS_ENDPOINT_URL", "AWS_ENDPOINT"])
     }
 
     /// Whether the target is reached without TLS (an `http://` S3 endpoint).
@@ -111,11 +109,6 @@ impl Target {
                 if !prefix.is_empty() {
                     out += &format!("      path: {}\n", q(prefix));
                 }
-                let env = |names: &[&str]| {
-                    names
-                        .iter()
-                        .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
-                };
                 let region = env(&["AWS_DEFAULT_REGION", "AWS_REGION"])
                     .unwrap_or_else(|| "us-east-1".to_owned());
                 out += &format!("      region: {}\n", q(&region));
@@ -132,6 +125,13 @@ impl Target {
         out += "      sync-interval: 1s\n";
         out
     }
+}
+
+/// The first of `names` set (and not empty) in the environment.
+fn env(names: &[&str]) -> Option<String> {
+    names
+        .iter()
+        .find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()))
 }
 
 impl fmt::Display for Target {

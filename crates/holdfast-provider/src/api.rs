@@ -148,11 +148,14 @@ async fn create_refund(
                 format!("no charge {}", req.charge_id),
             )
         })?;
-    let refunded_under_another_key = lock(&shared.refunds)
-        .list(None)
-        .iter()
-        .any(|r| r.charge_id == charge.id && r.idempotency_key != key);
-    if refunded_under_another_key {
+    // The first key to ask for a charge's refund is its only key, decided under one lock so
+    // that two keys racing cannot both refund it.
+    let another_key = {
+        let mut keys = lock(&shared.refund_keys);
+        let first = keys.entry(charge.id.clone()).or_insert_with(|| key.clone());
+        *first != key
+    };
+    if another_key {
         return Err(problem(
             StatusCode::CONFLICT,
             "charge-already-refunded",

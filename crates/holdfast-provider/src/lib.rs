@@ -142,6 +142,8 @@ struct Shared {
     charges: Mutex<Ledger<ChargeRequest, Charge>>,
     emails: Mutex<Ledger<EmailRequest, Email>>,
     refunds: Mutex<Ledger<RefundRequest, Refund>>,
+    /// Per charge, the key of the refund asked for first: the only key that may refund it.
+    refund_keys: Mutex<std::collections::HashMap<String, String>>,
     stats: Counters,
     /// Set when [`serve`] stops: hanging requests give up at once.
     closing: watch::Sender<bool>,
@@ -166,6 +168,7 @@ impl ProviderState {
             charges: Mutex::new(Ledger::new()),
             emails: Mutex::new(Ledger::new()),
             refunds: Mutex::new(Ledger::new()),
+            refund_keys: Mutex::default(),
             stats: Counters::default(),
             closing: watch::Sender::new(false),
         }))

@@ -7,7 +7,9 @@
 //! `holdfast-refund-<charge>`, so running it twice (or after a crash) refunds once.
 //!
 //! A charge exists only after its order committed, so an order missing now was lost with the
-//! restore and can never come back: refunding it is safe whenever this runs.
+//! restore. It comes back only if the store is restored again to a later moment; then its
+//! charge was given back, and [`Reconciled::present_but_refunded`] names it for the operator
+//! (the order stays as it is: whether to charge again is a person's call).
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -37,6 +39,9 @@ pub struct Reconciled {
     pub refunded: Vec<RefundedOrphan>,
     /// Charges whose order the store does not have that were refunded before this run.
     pub already_refunded: usize,
+    /// Orders the store has whose charge was refunded (lost by one restore, brought back by
+    /// a later one): paid orders whose money was given back.
+    pub present_but_refunded: Vec<String>,
 }
 
 /// A charge for an order the restore lost, and its refund.
@@ -77,6 +82,11 @@ pub async fn reconcile(
             .await
             .map_err(|e| ReconcileError(format!("the store: {}", TxError::into_db(e))))?
             .is_some();
+        if present && refunded.contains(&charge.id) {
+            tracing::warn!(order = %charge.order_id, charge = %charge.id, "an order whose charge was refunded is back");
+            out.present_but_refunded.push(charge.order_id);
+            continue;
+        }
         if present {
             out.linked += 1;
             continue;

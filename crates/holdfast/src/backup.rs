@@ -98,8 +98,15 @@ async fn status(backup: &Backup, stale_after: Duration) -> anyhow::Result<()> {
             backup.database.display()
         );
     };
+    if health.target != backup.target.to_string() {
+        bail!(
+            "backup NOT RUNNING to {}: the replication of {} goes to {}",
+            backup.target,
+            backup.database.display(),
+            health.target
+        );
+    }
     let age = |ms: i64| Duration::from_millis((holdfast_core::now_ms() - ms).max(0) as u64);
-    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     let last = match health.last_success_ms {
         Some(ms) => format!(
             "last reached {} {:.1} s ago",
@@ -113,7 +120,7 @@ async fn status(backup: &Backup, stale_after: Duration) -> anyhow::Result<()> {
         .as_deref()
         .map(|e| format!("; last error: {e}"))
         .unwrap_or_default();
-    if !alive(health.supervisor_pid) {
+    if !crate::pid_alive(health.supervisor_pid) {
         bail!(
             "backup NOT RUNNING: its process {} is gone; {last}{why}",
             health.supervisor_pid
@@ -203,8 +210,16 @@ async fn reconcile_store(
 
 fn reconcile_line(done: &holdfast_shop::reconcile::Reconciled) -> String {
     let orders: Vec<&str> = done.refunded.iter().map(|o| o.order_id.as_str()).collect();
+    let back = if done.present_but_refunded.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; ATTENTION: orders present whose charge was refunded: {}",
+            done.present_but_refunded.join(", ")
+        )
+    };
     format!(
-        "reconciled {} charges: {} linked to their orders, {} refunded now (orders lost: {}), {} refunded before",
+        "reconciled {} charges: {} linked to their orders, {} refunded now (orders lost: {}), {} refunded before{back}",
         done.charges,
         done.linked,
         done.refunded.len(),

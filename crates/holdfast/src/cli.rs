@@ -108,8 +108,9 @@ pub enum BackupCommand {
         #[command(flatten)]
         target: BackupTarget,
     },
-    /// One line: is the continuous backup running, when did it last reach the target, what
-    /// can be restored. Exit 1 unless it is running and proved within `--stale-after`.
+    /// One line: is the continuous backup running, and when did it last reach the target.
+    /// Exit 1 unless it is running to this target and proved within `--stale-after`: the
+    /// check to alert on where no `holdfast up` exports the backup's metric.
     Status {
         #[command(flatten)]
         target: BackupTarget,

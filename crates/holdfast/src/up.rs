@@ -102,7 +102,15 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
                 args.store.backend.name()
             )
         }
-        Some(target) => Some(crate::backup::start(target, &args.store.data_dir)?),
+        Some(target) => {
+            let file = args.store.data_dir.join(holdfast_backup::DATABASE_FILE);
+            anyhow::ensure!(
+                url == format!("sqlite:{}", file.display()),
+                "--backup backs up the store in --data-dir ({}), not {url}",
+                file.display()
+            );
+            Some(crate::backup::start(target, &args.store.data_dir)?)
+        }
     };
     let backup_health = backup.as_ref().map(holdfast_backup::Continuous::watch);
 
