@@ -143,6 +143,9 @@ pub struct Email {
     pub kind: String,
 }
 
+/// When an operation was invoked and when it completed (ms on the drill's clock).
+type When = (u64, u64);
+
 /// The node was lost at `at_ms` (the drill's clock) and restored from its backup: writes
 /// acknowledged at most `window_ms` before may be gone.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -152,9 +155,11 @@ pub struct Loss {
 }
 
 impl Loss {
-    /// Whether a write acknowledged at `acked_ms` may have been lost with the node.
-    fn may_lose(self, acked_ms: u64) -> bool {
-        acked_ms <= self.at_ms && acked_ms + self.window_ms >= self.at_ms
+    /// Whether a write invoked and acknowledged at `(invoked_ms, completed_ms)` may have
+    /// been lost with the node: acknowledged before the loss, and begun inside the window (a
+    /// write begun earlier may have committed earlier, whenever its answer came).
+    fn may_lose(self, (invoked_ms, completed_ms): When) -> bool {
+        completed_ms <= self.at_ms && invoked_ms + self.window_ms >= self.at_ms
     }
 
     /// Whether an answer received at `completed_ms` came from the restored node (the loss's
@@ -170,6 +175,10 @@ impl Loss {
 pub struct FinalState {
     pub accounts: Vec<FinalAccount>,
     pub charges: Vec<Charge>,
+    /// Refunds the provider made, each read as the charge it gave back. Only a refund of an
+    /// order a restore lost inside its window cancels its charge (the reconciliation's job);
+    /// any other refunded charge still counts.
+    pub refunds: Vec<Charge>,
     pub emails: Vec<Email>,
     /// Orders the drill's other clients placed (the reviewers of `kill-mid-upload`), read
     /// back as existing: a charge for one is not an orphan.
@@ -285,6 +294,8 @@ pub struct LostToRestore {
     pub key: String,
     /// How long before the loss it was acknowledged.
     pub before_loss_ms: u64,
+    /// Inside the loss window: the backup's promise. Outside it, also an `orders_lost`.
+    pub excused: bool,
 }
 
 impl Verdict {
@@ -358,7 +369,13 @@ pub fn check(histories: &[AccountHistory], fin: &FinalState) -> Verdict {
             None => all_readable = false,
         }
     }
-    check_payments(fin, &all_orders, all_readable, &mut v);
+    let lost: BTreeSet<String> = v
+        .lost_to_restore
+        .iter()
+        .filter(|l| l.excused)
+        .map(|l| l.order_id.clone())
+        .collect();
+    check_payments(fin, &all_orders, &lost, all_readable, &mut v);
     if v.counts.orders_acknowledged == 0 {
         v.add("no_progress", 1, || {
             "no checkout was acknowledged: the drill showed nothing".into()
@@ -448,17 +465,20 @@ fn check_account(
     let who = &h.email;
     let mut cart = CartModel::default();
     let mut logged_in = false;
-    let may_lose = |acked_ms: u64| loss.is_some_and(|l| l.may_lose(acked_ms));
+    let may_lose = |when: When| loss.is_some_and(|l| l.may_lose(when));
     let after_loss = |completed_ms: u64| loss.is_some_and(|l| l.after(completed_ms));
     // When the session in use was acknowledged (a login).
-    let mut login_ms = 0;
+    let mut login: When = (0, 0);
     // Since the cart was last emptied, acknowledged adds and checkouts that a loss may undo,
     // applied to the cart model once the history crosses the loss.
-    let mut recent_adds: Vec<(&str, i64, u64)> = Vec::new();
-    let mut recent_checkouts: Vec<(&Lines, u64)> = Vec::new();
+    let mut recent_adds: Vec<(&str, i64, When)> = Vec::new();
+    let mut recent_checkouts: Vec<(&Lines, When)> = Vec::new();
+    // Failed retries after the loss of a checkout answered in the window: excused only if its
+    // order is indeed gone at the end (key, first order, when, status, problem).
+    let mut excused_failures: Vec<(&str, &str, f64, u16, &str)> = Vec::new();
     let mut crossed = false;
     // Every acknowledged order: id -> (key, when acknowledged).
-    let mut acked: BTreeMap<&str, (&str, u64)> = BTreeMap::new();
+    let mut acked: BTreeMap<&str, (&str, When)> = BTreeMap::new();
     let mut ids_by_key: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
     let mut first_answer: BTreeMap<&str, &OrderSeen> = BTreeMap::new();
     let mut unknown_keys: BTreeSet<&str> = BTreeSet::new();
@@ -475,19 +495,19 @@ fn check_account(
         let at = op.completed_ms as f64 / 1000.0;
         if !crossed && after_loss(op.completed_ms) {
             crossed = true;
-            for (sku, qty, ms) in recent_adds.drain(..) {
-                if may_lose(ms) {
+            for (sku, qty, when) in recent_adds.drain(..) {
+                if may_lose(when) {
                     cart.forget(sku, qty);
                 }
             }
-            for (items, ms) in recent_checkouts.drain(..) {
-                if may_lose(ms) {
+            for (items, when) in recent_checkouts.drain(..) {
+                if may_lose(when) {
                     cart.may_return(items);
                 }
             }
         }
         if let Outcome::Fail { status: 401, .. } = op.outcome {
-            if logged_in && after_loss(op.completed_ms) && may_lose(login_ms) {
+            if logged_in && after_loss(op.completed_ms) && may_lose(login) {
                 // The login was made in the loss window: the restore forgot it.
                 logged_in = false;
                 v.counts.forced_relogins += 1;
@@ -503,12 +523,12 @@ fn check_account(
         match (&op.kind, &op.outcome) {
             (OpKind::Login, Outcome::Ok { .. }) => {
                 logged_in = true;
-                login_ms = op.completed_ms;
+                login = (op.invoked_ms, op.completed_ms);
                 v.counts.logins += 1;
             }
             (OpKind::CartAdd { sku, qty, .. }, Outcome::Ok { .. }) => {
                 cart.add(sku, *qty, true);
-                recent_adds.push((sku, *qty, op.completed_ms));
+                recent_adds.push((sku, *qty, (op.invoked_ms, op.completed_ms)));
             }
             (OpKind::CartAdd { sku, qty, .. }, Outcome::Unknown { .. }) => {
                 cart.add(sku, *qty, false)
@@ -529,15 +549,14 @@ fn check_account(
                 },
             ) => {
                 let id = o.order_id.as_str();
-                acked.entry(id).or_insert((key, op.completed_ms));
+                acked
+                    .entry(id)
+                    .or_insert((key, (op.invoked_ms, op.completed_ms)));
                 ids_by_key.entry(key).or_default().insert(id);
                 // A retry, on the restored node, of a checkout answered in the loss window:
                 // the restore may have forgotten it, and then it runs again.
                 let forgotten = |first: &OrderSeen| {
-                    after_loss(op.completed_ms)
-                        && acked
-                            .get(first.order_id.as_str())
-                            .is_some_and(|&(_, ms)| may_lose(ms))
+                    after_loss(op.completed_ms) && answered_in_window(&acked, &first.order_id, loss)
                 };
                 match first_answer.get(key.as_str()) {
                     Some(first) if *late && first.order_id != o.order_id && forgotten(first) => {
@@ -569,20 +588,21 @@ fn check_account(
                         recent_adds.clear();
                         // Every checkout the loss may undo gives its items back, not only
                         // the last one.
-                        recent_checkouts.push((&o.items, op.completed_ms));
+                        recent_checkouts.push((&o.items, (op.invoked_ms, op.completed_ms)));
                     }
                 }
             }
-            (OpKind::Checkout { key, late }, Outcome::Fail { .. })
+            (OpKind::Checkout { key, late }, Outcome::Fail { status, problem })
                 if *late
                     && after_loss(op.completed_ms)
-                    && first_answer.get(key.as_str()).is_some_and(|first| {
-                        acked
-                            .get(first.order_id.as_str())
-                            .is_some_and(|&(_, ms)| may_lose(ms))
-                    }) =>
+                    && first_answer
+                        .get(key.as_str())
+                        .is_some_and(|first| answered_in_window(&acked, &first.order_id, loss)) =>
             {
-                // Its order was forgotten with the node, and so, maybe, was its cart.
+                // Its order may have been forgotten with the node, and so, maybe, its cart:
+                // judged once the final state shows whether the order is gone.
+                let first = first_answer[key.as_str()].order_id.as_str();
+                excused_failures.push((key, first, at, *status, problem));
             }
             (OpKind::Checkout { key, late }, Outcome::Fail { status, problem }) if *late => {
                 v.add("replays_mismatched", 1, || {
@@ -594,10 +614,10 @@ fn check_account(
                 cart.maybe_emptied();
             }
             (OpKind::OrderRead { order_id }, Outcome::Fail { status: 404, .. }) => {
-                let forgotten = |ms: u64| after_loss(op.completed_ms) && may_lose(ms);
-                if let Some((key, acked_ms)) = acked
+                let forgotten = |when: When| after_loss(op.completed_ms) && may_lose(when);
+                if let Some((key, (_, acked_ms))) = acked
                     .get(order_id.as_str())
-                    .filter(|(_, ms)| !forgotten(*ms))
+                    .filter(|(_, when)| !forgotten(*when))
                 {
                     let acked_s = *acked_ms as f64 / 1000.0;
                     v.add("orders_missing_on_read", 1, || {
@@ -619,7 +639,7 @@ fn check_account(
         });
         return;
     };
-    if logged_in && !fin.session_valid && !may_lose(login_ms) {
+    if logged_in && !fin.session_valid && !may_lose(login) {
         v.add("sessions_lost", 1, || {
             format!("{who}: session refused at the end")
         });
@@ -635,27 +655,38 @@ fn check_account(
     };
     let present: BTreeSet<&str> = orders.iter().map(|o| o.order_id.as_str()).collect();
     let mut lost_to_restore: BTreeSet<&str> = BTreeSet::new();
-    for (id, (key, ms)) in &acked {
+    for (id, (key, when)) in &acked {
         if present.contains(id) {
             continue;
         }
-        let s = *ms as f64 / 1000.0;
-        if let Some(loss) = loss.filter(|l| l.may_lose(*ms)) {
-            lost_to_restore.insert(id);
-            v.counts.orders_lost_to_restore += 1;
+        let s = when.1 as f64 / 1000.0;
+        if let Some(loss) = loss.filter(|l| when.1 <= l.at_ms) {
+            let excused = loss.may_lose(*when);
             v.lost_to_restore.push(LostToRestore {
                 account: who.clone(),
                 order_id: (*id).to_owned(),
                 key: (*key).to_owned(),
-                before_loss_ms: loss.at_ms - ms,
+                before_loss_ms: loss.at_ms - when.1,
+                excused,
             });
-            continue;
+            if excused {
+                lost_to_restore.insert(id);
+                v.counts.orders_lost_to_restore += 1;
+                continue;
+            }
         }
         v.add("orders_lost", 1, || {
             format!(
                 "{who}: order {id} acknowledged at {s:.1} s (key {key}) is not in the final state"
             )
         });
+    }
+    for (key, first, at, status, problem) in excused_failures {
+        if present.contains(first) {
+            v.add("replays_mismatched", 1, || {
+                format!("{who}: retry of acknowledged key {key} at {at:.1} s failed: {status} {problem}")
+            });
+        }
     }
     for (key, ids) in &ids_by_key {
         let ids: BTreeSet<&str> = ids.difference(&lost_to_restore).copied().collect();
@@ -684,15 +715,34 @@ fn check_account(
     });
 }
 
+/// Whether the order `id` was acknowledged inside `loss`'s window.
+fn answered_in_window(acked: &BTreeMap<&str, (&str, When)>, id: &str, loss: Option<Loss>) -> bool {
+    acked
+        .get(id)
+        .is_some_and(|&(_, when)| loss.is_some_and(|l| l.may_lose(when)))
+}
+
 fn check_payments(
     fin: &FinalState,
     orders: &BTreeMap<&str, (&str, &OrderSeen)>,
+    lost: &BTreeSet<String>,
     all_readable: bool,
     v: &mut Verdict,
 ) {
     let mut charges: BTreeMap<&str, Vec<&Charge>> = BTreeMap::new();
     for c in &fin.charges {
         charges.entry(&c.order_id).or_default().push(c);
+    }
+    // A lost order's charge, refunded, is no charge; every other refund changes nothing.
+    for r in fin.refunds.iter().filter(|r| lost.contains(&r.order_id)) {
+        if let Some(mine) = charges.get_mut(r.order_id.as_str()) {
+            if let Some(i) = mine.iter().position(|c| *c == r) {
+                mine.remove(i);
+            }
+            if mine.is_empty() {
+                charges.remove(r.order_id.as_str());
+            }
+        }
     }
     let mut receipts: BTreeMap<&str, usize> = BTreeMap::new();
     for e in fin.emails.iter().filter(|e| e.kind == "receipt") {
@@ -862,6 +912,7 @@ mod tests {
                 })
                 .into(),
             elsewhere: BTreeSet::new(),
+            refunds: Vec::new(),
             loss: None,
         };
         let h = vec![AccountHistory {
@@ -917,11 +968,56 @@ mod tests {
         assert_eq!(verdict.counts.orders_lost_to_restore, 1);
         assert_eq!(verdict.lost_to_restore[0].order_id, "o2");
         assert_eq!(verdict.lost_to_restore[0].before_loss_ms, 5);
-        // Acknowledged 5 ms before the loss, but the window is 4 ms: a real loss.
-        let (h, fin) = lose_o2(4);
+        // Acknowledged 5 ms before the loss but begun 10 ms before it, and the window is
+        // 9 ms: it may have committed before the window, so losing it is a real loss.
+        let (h, fin) = lose_o2(9);
         let verdict = check(&h, &fin);
         assert_eq!(verdict.counts.violated(), ["orders_lost"]);
         assert_eq!(verdict.counts.orders_lost_to_restore, 0);
+        assert!(!verdict.lost_to_restore[0].excused);
+    }
+
+    #[test]
+    fn only_a_refund_of_an_order_lost_inside_the_window_cancels_its_charge() {
+        let o2_charge = Charge {
+            order_id: "o2".into(),
+            amount_cents: 100,
+        };
+        // The lost order's charge is still at the provider, and was refunded: nothing owed.
+        let (h, mut fin) = lose_o2(10);
+        fin.charges.push(o2_charge.clone());
+        fin.refunds.push(o2_charge.clone());
+        let verdict = check(&h, &fin);
+        assert!(verdict.passed(), "{:#?}", verdict.violations);
+        // Not refunded: a charge for an order that does not exist.
+        fin.refunds.clear();
+        assert_eq!(check(&h, &fin).counts.violated(), ["charges_orphaned"]);
+        // A refund of an order that was not lost cancels nothing: o1 charged twice is still
+        // charged twice.
+        let (h, mut fin) = lose_o2(10);
+        let o1_charge = fin.charges[0].clone();
+        fin.charges.push(o1_charge.clone());
+        fin.refunds.push(o1_charge);
+        assert_eq!(check(&h, &fin).counts.violated(), ["charges_duplicated"]);
+    }
+
+    #[test]
+    fn a_failed_retry_after_the_loss_is_excused_only_if_its_order_is_gone() {
+        let retry_fails = |h: &mut Vec<AccountHistory>| {
+            h[0].ops.push(op(checkout("c2", true), 110, fail(422)));
+        };
+        let (mut h, fin) = lose_o2(10);
+        retry_fails(&mut h);
+        let verdict = check(&h, &fin);
+        assert!(verdict.passed(), "{:#?}", verdict.violations);
+        // The order survived the restore: its key's retry had to replay it.
+        let (mut h, mut fin) = clean();
+        fin.loss = Some(Loss {
+            at_ms: 100,
+            window_ms: 10,
+        });
+        retry_fails(&mut h);
+        assert_eq!(check(&h, &fin).counts.violated(), ["replays_mismatched"]);
     }
 
     #[test]

@@ -94,6 +94,13 @@ impl FaultKind {
     ];
 
     /// What `--faults abuse` means.
+    /// Kinds that run only when named: each is a scenario of its own, not a random fault.
+    pub const NAMED_ONLY: [FaultKind; 3] = [
+        FaultKind::Migrate,
+        FaultKind::KillMidUpload,
+        FaultKind::LosePrimary,
+    ];
+
     pub const ABUSE: [FaultKind; 3] = [
         FaultKind::LoginFlood,
         FaultKind::SlowClients,
@@ -226,21 +233,13 @@ impl FromStr for FaultSet {
             let kind = FaultKind::ALL
                 .into_iter()
                 .chain(FaultKind::ABUSE)
-                .chain([
-                    FaultKind::Migrate,
-                    FaultKind::KillMidUpload,
-                    FaultKind::LosePrimary,
-                ])
+                .chain(FaultKind::NAMED_ONLY)
                 .find(|k| k.name() == name)
                 .ok_or_else(|| {
                     let known: Vec<&str> = FaultKind::ALL
                         .iter()
                         .chain(&FaultKind::ABUSE)
-                        .chain(&[
-                            FaultKind::Migrate,
-                            FaultKind::KillMidUpload,
-                            FaultKind::LosePrimary,
-                        ])
+                        .chain(&FaultKind::NAMED_ONLY)
                         .map(|k| k.name())
                         .collect();
                     format!(

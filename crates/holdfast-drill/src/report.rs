@@ -269,13 +269,14 @@ pub struct Restore {
     pub rto_s: f64,
     /// `holdfast restore` alone (restore, integrity check, reconciliation).
     pub restore_s: f64,
-    /// The oldest acknowledged order the restore lost: how far back the loss reached (0 when
-    /// none was lost).
+    /// The oldest acknowledged order the restore lost, inside the window or not: how far back
+    /// the loss reached (0 when none was lost).
     pub rpo_ms: u64,
     /// What may be lost and still pass.
     pub loss_window_ms: u64,
     pub integrity_ok: bool,
-    /// The acknowledged orders the restore lost, by id (inside the window).
+    /// The acknowledged orders the restore lost, by id (those outside the window are also
+    /// `orders_lost` violations).
     pub orders_lost: Vec<crate::checker::LostToRestore>,
     /// `holdfast restore`'s line: the transaction restored, the integrity check, and what the
     /// reconciliation refunded.
@@ -769,8 +770,16 @@ impl Report {
             for l in &r.orders_lost {
                 let _ = writeln!(
                     s,
-                    "    lost  order {} of {} (key {}), acknowledged {} ms before the loss",
-                    l.order_id, l.account, l.key, l.before_loss_ms
+                    "    lost  order {} of {} (key {}), acknowledged {} ms before the loss{}",
+                    l.order_id,
+                    l.account,
+                    l.key,
+                    l.before_loss_ms,
+                    if l.excused {
+                        ""
+                    } else {
+                        ": OUTSIDE THE WINDOW"
+                    }
                 );
             }
             let _ = writeln!(s, "    {}", r.said);

@@ -39,33 +39,40 @@ pub struct Observed {
     pub integrity_ok: bool,
 }
 
-/// Loses the node and restores it; the fault's target line.
+/// Loses the node and restores it; the fault's target line. Whatever fails once the node is
+/// lost is recorded as a failed restore (the drill then fails with `restore_failed`, and its
+/// users stop).
 pub(crate) async fn run(ctl: &Control, clock: Clock) -> Result<String, String> {
     let killed = ctl.kill_node().await?;
     let lost = Instant::now();
     let lost_at_ms = clock.ms();
-    ctl.destroy_data()?;
     let restoring = Instant::now();
-    let said = ctl.restore_node().await;
-    let restore_ms = restoring.elapsed().as_millis() as u64;
-    let said = match said {
-        Ok(said) => said,
-        Err(why) => {
-            ctl.set_restore(Observed {
-                lost_at_ms,
-                restore_ms,
-                restore_said: why.clone(),
-                ..Observed::default()
-            });
-            return Err(format!("the restore failed: {why}"));
-        }
+    let failed = |why: String, restore_ms: u64| {
+        ctl.set_restore(Observed {
+            lost_at_ms,
+            restore_ms,
+            restore_said: why.clone(),
+            ..Observed::default()
+        });
+        why
     };
-    ctl.start_next_node().await?;
+    let said = match ctl.destroy_data().and(Ok(())) {
+        Ok(()) => ctl.restore_node().await,
+        Err(why) => Err(why),
+    };
+    let restore_ms = restoring.elapsed().as_millis() as u64;
+    let said = said.map_err(|why| failed(format!("the restore failed: {why}"), restore_ms))?;
+    ctl.start_next_node().await.map_err(|why| {
+        failed(
+            format!("the restored node did not start: {why}"),
+            restore_ms,
+        )
+    })?;
     let url = format!("{}/api/products", ctl.public_url());
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(2))
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| failed(e.to_string(), restore_ms))?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(r) = http.get(&url).send().await {
@@ -74,7 +81,10 @@ pub(crate) async fn run(ctl: &Control, clock: Clock) -> Result<String, String> {
             }
         }
         if Instant::now() > deadline {
-            return Err("the restored node served nothing within 60 s".into());
+            return Err(failed(
+                "the restored node served nothing within 60 s".into(),
+                restore_ms,
+            ));
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -223,14 +223,7 @@ impl System {
             }
             let (child, url) = start_provider(&program).await?;
             provider = Some(child);
-            let free = || -> Result<String, Error> {
-                let l = std::net::TcpListener::bind("127.0.0.1:0")
-                    .map_err(Error::io("finding a free port"))?;
-                Ok(l.local_addr()
-                    .map_err(Error::io("finding a free port"))?
-                    .port()
-                    .to_string())
-            };
+            let free = || free_port().map(|p| p.to_string());
             let root = dir.path().join("backup");
             spec.up_args.extend([
                 "--port".into(),
@@ -712,7 +705,8 @@ impl Control {
             corrupt_files_under(&backup)?;
         }
         let provider_url = lock(&self.provider_url).clone();
-        let out = Command::new(&self.program)
+        let mut restore = Command::new(&self.program);
+        restore
             .arg("restore")
             .arg("--backup")
             .arg(&backup)
@@ -721,8 +715,10 @@ impl Control {
             .arg("--provider-url")
             .arg(provider_url)
             .env("RUST_LOG", "warn")
-            .output()
+            .kill_on_drop(true);
+        let out = tokio::time::timeout(Duration::from_secs(300), restore.output())
             .await
+            .map_err(|_| "holdfast restore did not finish within 300 s".to_owned())?
             .map_err(|e| format!("running holdfast restore: {e}"))?;
         let said = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
         if out.status.success() {

@@ -490,22 +490,17 @@ impl Load {
         if charges.is_none() || emails.is_none() {
             notes.push("the provider's charges or emails could not be read".into());
         }
-        let (mut charges, emails) = (charges.unwrap_or_default(), emails.unwrap_or_default());
-        // A refunded charge is no charge (a restore's reconciliation gives back the charges
-        // of the orders it lost). A refund reads as the charge it gave back.
+        let (charges, emails) = (charges.unwrap_or_default(), emails.unwrap_or_default());
+        // A refund reads as the charge it gave back (the checker decides which count).
         let refunds: Vec<Charge> = self
             .provider_list(provider, "refunds")
             .await
             .unwrap_or_default();
-        for refund in refunds {
-            if let Some(i) = charges.iter().position(|c| *c == refund) {
-                charges.remove(i);
-            }
-        }
         let fin = FinalState {
             accounts: finals,
             charges,
             emails,
+            refunds,
             elsewhere: Default::default(),
             loss: None,
         };
