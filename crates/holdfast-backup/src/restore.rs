@@ -23,6 +23,8 @@ pub struct Restored {
     pub as_of: Point,
     /// What `PRAGMA integrity_check` answered (always `ok`: anything else is an error).
     pub integrity: String,
+    /// How long the integrity check took (part of `took`).
+    pub checked_in: Duration,
     /// Migrations the restored store records.
     pub migrations: i64,
     pub took: Duration,
@@ -98,6 +100,7 @@ async fn restore_and_check(
     let scratch = tempfile::tempdir().map_err(Error::io("a scratch directory"))?;
     let config = Config::write_for(backup, scratch.path())?;
     litestream::restore(&config, &backup.target, at).await?;
+    let checking = Instant::now();
     let (integrity, migrations) =
         check(&backup.database)
             .await
@@ -109,6 +112,7 @@ async fn restore_and_check(
         database: backup.database.clone(),
         as_of,
         integrity,
+        checked_in: checking.elapsed(),
         migrations,
         took: started.elapsed(),
     })

@@ -174,12 +174,13 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
         }
     };
     println!(
-        "restored {} as of {} (transaction {}) from {target} in {:.1} s: integrity_check {}, {} migrations{reconciled}; serve it with `holdfast up --data-dir {}`",
+        "restored {} as of {} (transaction {}) from {target} in {:.1} s: integrity_check {} ({:.1} s), {} migrations{reconciled}; serve it with `holdfast up --data-dir {}`",
         restored.database.display(),
         rfc3339(restored.as_of.at),
         restored.as_of.txid,
         restored.took.as_secs_f64(),
         restored.integrity,
+        restored.checked_in.as_secs_f64(),
         restored.migrations,
         args.to.display()
     );
