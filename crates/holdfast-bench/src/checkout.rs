@@ -23,12 +23,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Serialize)]
-struct Phase {
-    checkouts: u64,
-    checkouts_per_s: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    errors: u64,
+pub(crate) struct Phase {
+    pub checkouts: u64,
+    pub checkouts_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub errors: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -192,9 +192,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 }
 
 /// A `holdfast up` child, stopped (drained) on drop.
-struct System {
+pub(crate) struct System {
     child: Child,
-    url: String,
+    pub url: String,
 }
 
 impl Drop for System {
@@ -205,11 +205,14 @@ impl Drop for System {
     }
 }
 
-fn start_system(
+/// `holdfast up --bench-routes` with `args.instances` instances in `dir` (and `extra` flags),
+/// once it says it is up.
+pub(crate) fn start_system(
     args: &BenchArgs,
     program: &Path,
     dir: &Path,
     database_url: Option<&str>,
+    extra: &[&str],
 ) -> anyhow::Result<System> {
     let mut cmd = Command::new(program);
     cmd.args([
@@ -222,6 +225,7 @@ fn start_system(
     ])
     .arg("--data-dir")
     .arg(dir)
+    .args(extra)
     .env("RUST_LOG", "warn")
     .stdout(Stdio::piped());
     if let Some(url) = database_url {
@@ -272,7 +276,7 @@ async fn bench_backend(
         }
         None => None,
     };
-    let system = start_system(args, program, dir.path(), db_url.as_deref())?;
+    let system = start_system(args, program, dir.path(), db_url.as_deref(), &[])?;
     let users = signup_users(&system.url, args.users).await?;
     // A short warm-up on the measured path fills pools and caches.
     let keyed = through(&system.url, &users, "/api/checkout");
@@ -448,7 +452,7 @@ async fn slow_db_phase(args: &BenchArgs, program: &Path, admin: &str) -> anyhow:
         .map_or("postgres", |(user, _)| user);
     let via_proxy = format!("postgres://{user}@{listen}/{name}");
     let dir = tempfile::tempdir()?;
-    let system = start_system(args, program, dir.path(), Some(&via_proxy))?;
+    let system = start_system(args, program, dir.path(), Some(&via_proxy), &[])?;
     let users = signup_users(&system.url, args.users).await?;
     proxy
         .add_toxic(
@@ -470,7 +474,7 @@ async fn slow_db_phase(args: &BenchArgs, program: &Path, admin: &str) -> anyhow:
     Ok(phase)
 }
 
-async fn signup_users(base: &str, n: usize) -> anyhow::Result<Vec<reqwest::Client>> {
+pub(crate) async fn signup_users(base: &str, n: usize) -> anyhow::Result<Vec<reqwest::Client>> {
     let mut clients = Vec::with_capacity(n);
     for i in 0..n {
         let c = reqwest::Client::builder()
@@ -492,7 +496,7 @@ async fn signup_users(base: &str, n: usize) -> anyhow::Result<Vec<reqwest::Clien
 
 /// One shopper of a closed loop: its client and where it adds to its cart and checks out.
 #[derive(Clone)]
-struct Shopper {
+pub(crate) struct Shopper {
     client: reqwest::Client,
     add: String,
     checkout: String,
@@ -500,7 +504,7 @@ struct Shopper {
 
 /// The system's shoppers: `users` through the balancer at `base`, checking out at
 /// `checkout_path`.
-fn through(base: &str, users: &[reqwest::Client], checkout_path: &str) -> Vec<Shopper> {
+pub(crate) fn through(base: &str, users: &[reqwest::Client], checkout_path: &str) -> Vec<Shopper> {
     users
         .iter()
         .map(|c| Shopper {
@@ -513,7 +517,7 @@ fn through(base: &str, users: &[reqwest::Client], checkout_path: &str) -> Vec<Sh
 
 /// Every shopper loops add-then-checkout until `duration` is up; returns the checkout
 /// figures.
-async fn drive(shoppers: &[Shopper], duration: Duration) -> Phase {
+pub(crate) async fn drive(shoppers: &[Shopper], duration: Duration) -> Phase {
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let tasks: Vec<_> = shoppers

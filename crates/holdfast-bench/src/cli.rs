@@ -30,6 +30,33 @@ pub enum BenchCommand {
     /// Uploads: tus MB/s of `holdfast serve` vs @tus/server (file store) and vs the raw disk,
     /// and the instance's peak memory for one large upload.
     Uploads(BenchUploadsArgs),
+    /// Restore: checkout throughput with the continuous backup vs without, restore time of a
+    /// large store vs copying its backup, and RPO/RTO from lose-primary drills.
+    Restore(BenchRestoreArgs),
+}
+
+/// `holdfast bench restore`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchRestoreArgs {
+    /// The store to back up and restore, MiB.
+    #[arg(long, default_value_t = 1024)]
+    pub size_mib: u64,
+    /// `holdfast drill --faults lose-primary` runs for RPO and RTO under load.
+    #[arg(long, default_value_t = 3)]
+    pub drills: usize,
+    #[arg(long, default_value_t = 3)]
+    pub instances: u16,
+    /// Concurrent shoppers in the overhead phases.
+    #[arg(long, default_value_t = 32)]
+    pub users: usize,
+    /// Measured time per overhead phase.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// The `holdfast` executable (default: the one built beside this binary).
+    #[arg(long)]
+    pub program: Option<PathBuf>,
 }
 
 /// `holdfast bench uploads`.

@@ -10,6 +10,7 @@ mod cache;
 mod checkout;
 mod cli;
 mod jobs;
+mod restore;
 mod sessions;
 mod uploads;
 
@@ -36,6 +37,7 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Sessions(args) => sessions::run(args).await,
             BenchCommand::Cache(args) => cache::run(args).await,
             BenchCommand::Uploads(args) => uploads::run(args).await,
+            BenchCommand::Restore(args) => restore::run(args).await,
         }
     })
 }

@@ -1,0 +1,339 @@
+//! `holdfast bench restore`: what the continuous backup costs and how fast it brings a lost
+//! store back, against the floor of copying the same bytes.
+//!
+//! Three parts, one after another so each has the machine to itself:
+//! 1. **Overhead**: keyed checkouts/s through `holdfast up` without and with `--backup`
+//!    (Litestream shipping every commit within a second), same shoppers' loop as `bench
+//!    checkout`; the ratio is the cost.
+//! 2. **Restore time**: a store of `--size-mib` (the shop's schema plus a filler table of
+//!    random bytes, which compress no better than real rows do), backed up once; then `cp -r`
+//!    of the backup's files (the physical floor: the same bytes read and written), `holdfast
+//!    restore` of it (decode, write, `PRAGMA integrity_check`), and `holdfast up` on the
+//!    restored store until its first 2xx. Restore ÷ copy is the ratio; restore + start is the
+//!    RTO of this size on this machine.
+//! 3. **RPO and RTO under load**: `--drills` runs of `holdfast drill --faults lose-primary`,
+//!    each reporting the oldest acknowledged write the restore lost (RPO) and loss → first
+//!    2xx from the restored node (RTO).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Serialize;
+
+use crate::checkout::{drive, signup_users, start_system, through, Phase};
+use crate::cli::{BenchArgs, BenchRestoreArgs};
+
+#[derive(Debug, Serialize)]
+struct Overhead {
+    without_backup: Phase,
+    with_backup: Phase,
+    /// with ÷ without (goal ≥ 0.9).
+    ratio: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct RestoreTime {
+    database_mib: f64,
+    backup_mib: f64,
+    /// `cp -r` of the backup's files.
+    copy_s: f64,
+    /// `holdfast restore`, integrity check included.
+    restore_s: f64,
+    /// restore ÷ copy.
+    restore_vs_copy: f64,
+    /// `holdfast up` on the restored store until `GET /api/products` answers 200.
+    start_s: f64,
+    /// restore + start (goal ≤ 30 s for 1 GiB).
+    rto_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct Drill {
+    rto_s: f64,
+    rpo_ms: u64,
+    orders_lost: usize,
+    verdict: String,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    overhead: Overhead,
+    restore: RestoreTime,
+    drills: Vec<Drill>,
+}
+
+pub async fn run(args: BenchRestoreArgs) -> anyhow::Result<()> {
+    let program = match &args.program {
+        Some(p) => p.clone(),
+        None => crate::sibling("holdfast")?,
+    };
+    let checkout_args = BenchArgs {
+        db: crate::cli::BenchDb {
+            backend: None,
+            database_url: None,
+        },
+        instances: args.instances,
+        users: args.users,
+        duration: args.duration,
+        json: None,
+        program: Some(program.clone()),
+        baseline: None,
+        rounds: 1,
+        peers: false,
+    };
+    eprintln!("bench restore: checkout throughput without and with the continuous backup");
+    let without_backup = keyed_phase(&checkout_args, &program, false).await?;
+    let with_backup = keyed_phase(&checkout_args, &program, true).await?;
+    let ratio = ratio(with_backup.checkouts_per_s, without_backup.checkouts_per_s);
+    let overhead = Overhead {
+        without_backup,
+        with_backup,
+        ratio,
+    };
+    eprintln!(
+        "bench restore: a {} MiB store backed up, copied, restored and served",
+        args.size_mib
+    );
+    let restore = restore_time(&program, args.size_mib).await?;
+    let mut drills = Vec::new();
+    for n in 0..args.drills {
+        eprintln!(
+            "bench restore: lose-primary drill {}/{}",
+            n + 1,
+            args.drills
+        );
+        drills.push(drill(&program, n as u64 + 1)?);
+    }
+    let report = Report {
+        overhead,
+        restore,
+        drills,
+    };
+    print_report(&report);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
+}
+
+/// Keyed checkouts/s on a fresh SQLite system, with or without the continuous backup.
+async fn keyed_phase(args: &BenchArgs, program: &Path, backup: bool) -> anyhow::Result<Phase> {
+    let dir = tempfile::tempdir()?;
+    let target = dir.path().join("backup");
+    let target = target.to_str().context("a UTF-8 path")?;
+    let data = dir.path().join("data");
+    let extra: &[&str] = if backup { &["--backup", target] } else { &[] };
+    let system = start_system(args, program, &data, None, extra)?;
+    let users = signup_users(&system.url, args.users).await?;
+    let keyed = through(&system.url, &users, "/api/checkout");
+    drive(&keyed, Duration::from_secs(1)).await;
+    Ok(drive(&keyed, args.duration).await)
+}
+
+/// Runs `program args`, failing with its stderr; how long it took.
+fn timed(program: &Path, args: &[&str]) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let out = Command::new(program)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .with_context(|| format!("running {}", program.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} {args:?}: {}",
+            program.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(started.elapsed())
+}
+
+fn mib_of(path: &Path) -> f64 {
+    fn bytes(path: &Path) -> u64 {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_dir() => std::fs::read_dir(path)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| bytes(&e.path()))
+                .sum(),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        }
+    }
+    bytes(path) as f64 / (1 << 20) as f64
+}
+
+async fn restore_time(program: &Path, size_mib: u64) -> anyhow::Result<RestoreTime> {
+    let dir = tempfile::tempdir()?;
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let (data, backup, copy, restored) =
+        (path("data"), path("backup"), path("copy"), path("restored"));
+    timed(program, &["migrate", "up", "--data-dir", &data])?;
+    fill(&Path::new(&data).join("holdfast.sqlite"), size_mib).await?;
+    timed(
+        program,
+        &["backup", "now", "--backup", &backup, "--data-dir", &data],
+    )?;
+    let copy_s = {
+        let started = Instant::now();
+        let status = Command::new("cp").args(["-r", &backup, &copy]).status()?;
+        anyhow::ensure!(status.success(), "cp -r failed");
+        Command::new("sync").status()?;
+        started.elapsed().as_secs_f64()
+    };
+    let restore_s = timed(
+        program,
+        &["restore", "--backup", &backup, "--to", &restored],
+    )?
+    .as_secs_f64();
+    let started = Instant::now();
+    let mut up = Command::new(program)
+        .args([
+            "up",
+            "--port",
+            "0",
+            "--ops-port",
+            "0",
+            "--instances",
+            "1",
+            "--workers",
+            "0",
+        ])
+        .args(["--data-dir", &restored])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = up.stdout.take().context("no stdout")?;
+    let url = std::io::BufRead::lines(std::io::BufReader::new(stdout))
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("Holdfast is up: ")
+                .map(|r| r.split_whitespace().next().unwrap_or_default().to_owned())
+        })
+        .context("the restored node did not come up")?;
+    let http = reqwest::Client::new();
+    loop {
+        if http
+            .get(format!("{url}/api/products"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            break;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(120),
+            "no 2xx within 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let start_s = started.elapsed().as_secs_f64();
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let _ = up.wait();
+    Ok(RestoreTime {
+        database_mib: mib_of(&Path::new(&data).join("holdfast.sqlite")),
+        backup_mib: mib_of(Path::new(&backup)),
+        copy_s,
+        restore_s,
+        restore_vs_copy: ratio(restore_s, copy_s),
+        start_s,
+        rto_s: restore_s + start_s,
+    })
+}
+
+/// Grows the store to about `size_mib` with a filler table of random bytes, in 64 MiB
+/// transactions.
+async fn fill(database: &Path, size_mib: u64) -> anyhow::Result<()> {
+    use sqlx::{ConnectOptions, Connection, Executor};
+    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(database)
+        .connect()
+        .await?;
+    conn.execute("CREATE TABLE bench_filler (id INTEGER PRIMARY KEY, bytes BLOB NOT NULL)")
+        .await?;
+    // 64 KiB rows, 1024 per transaction.
+    for _ in 0..size_mib.div_ceil(64) {
+        let mut tx = conn.begin().await?;
+        tx.execute("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1024) INSERT INTO bench_filler (bytes) SELECT randomblob(65536) FROM n")
+            .await?;
+        tx.commit().await?;
+    }
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").await?;
+    conn.close().await?;
+    Ok(())
+}
+
+/// One `holdfast drill --faults lose-primary`; its figures.
+fn drill(program: &Path, seed: u64) -> anyhow::Result<Drill> {
+    let dir = tempfile::tempdir()?;
+    let json = dir.path().join("drill.json");
+    let out = Command::new(program)
+        .args([
+            "drill",
+            "--faults",
+            "lose-primary",
+            "--duration",
+            "20s",
+            "--no-alerts",
+        ])
+        .args(["--seed", &seed.to_string()])
+        .arg("--json")
+        .arg(&json)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .env("RUST_LOG", "warn")
+        .output()?;
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json).with_context(|| {
+            format!("no drill report: {}", String::from_utf8_lossy(&out.stderr))
+        })?)?;
+    let r = &report["restore"];
+    Ok(Drill {
+        rto_s: r["rto_s"].as_f64().unwrap_or(0.0),
+        rpo_ms: r["rpo_ms"].as_u64().unwrap_or(0),
+        orders_lost: r["orders_lost"].as_array().map_or(0, Vec::len),
+        verdict: report["verdict"].as_str().unwrap_or("?").to_owned(),
+    })
+}
+
+fn print_report(r: &Report) {
+    let o = &r.overhead;
+    println!(
+        "overhead   keyed checkouts/s without backup {:.0} (p99 {:.0} ms), with {:.0} (p99 {:.0} ms): {:.2}x",
+        o.without_backup.checkouts_per_s,
+        o.without_backup.p99_ms,
+        o.with_backup.checkouts_per_s,
+        o.with_backup.p99_ms,
+        o.ratio
+    );
+    let t = &r.restore;
+    println!(
+        "restore    {:.0} MiB store, {:.0} MiB backup: cp -r {:.1} s, holdfast restore {:.1} s ({:.2}x the copy), up to first 2xx {:.1} s: RTO {:.1} s",
+        t.database_mib, t.backup_mib, t.copy_s, t.restore_s, t.restore_vs_copy, t.start_s, t.rto_s
+    );
+    for (i, d) in r.drills.iter().enumerate() {
+        println!(
+            "drill {}    lose-primary under load: RTO {:.1} s, RPO {} ms, {} acknowledged orders lost, {}",
+            i + 1,
+            d.rto_s,
+            d.rpo_ms,
+            d.orders_lost,
+            d.verdict
+        );
+    }
+}
