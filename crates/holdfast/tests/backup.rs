@@ -113,10 +113,16 @@ async fn a_lost_disk_comes_back_from_the_backup_and_serves_the_users_orders() {
     let elsewhere = root.path().join("elsewhere");
     let other = ["--backup", path(&elsewhere), "--data-dir", path(&data)];
     let now_elsewhere = holdfast(&[&["backup", "now"][..], &other].concat(), &[]);
-    assert!(refusal(&now_elsewhere).contains("runs to"), "{now_elsewhere:?}");
+    assert!(
+        refusal(&now_elsewhere).contains("runs to"),
+        "{now_elsewhere:?}"
+    );
     let second = holdfast(&[&["backup", "run"][..], &other].concat(), &[]);
     assert!(refusal(&second).contains("already running"), "{second:?}");
-    assert!(!elsewhere.exists(), "nothing was written to the other target");
+    assert!(
+        !elsewhere.exists(),
+        "nothing was written to the other target"
+    );
     // The operator port says when the backup last proved itself.
     let metrics = client()
         .get(format!("{ops}/ops/metrics"))
