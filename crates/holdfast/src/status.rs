@@ -1,7 +1,8 @@
 //! `holdfast status`: the one screen an operator reads first. What `up` runs in this data dir
 //! (from `run/instances.json` and `run/balancer.json`), each process's uptime, restarts and
 //! health (the balancer's view of web instances: ready, alive, ejected; a live pid for the
-//! rest), then the queue and how long the oldest due payout has waited. `--json` for machines.
+//! rest), then the queue, how long the oldest due payout has waited, and the continuous
+//! backup (from `run/backup/state.json`). `--json` for machines.
 
 use std::time::Duration;
 
@@ -68,6 +69,8 @@ struct Status {
     redis_sessions: Option<String>,
     /// The last `holdfast drill` recorded in this data dir, or null.
     last_drill: Option<crate::drill::LastDrill>,
+    /// The continuous backup of this data dir's store, as it last proved itself, or null.
+    backup: Option<holdfast_backup::Health>,
     #[serde(skip)]
     now_ms: i64,
 }
@@ -154,6 +157,7 @@ pub async fn run(args: JobsList) -> anyhow::Result<()> {
         oldest_waiting_payout_s: oldest.filter(|&t| t <= now).map(age),
         redis_sessions,
         last_drill: crate::read_json(&run_dir.join(crate::drill::LAST_DRILL_FILE)),
+        backup: crate::read_json(&run_dir.join("backup").join("state.json")),
         now_ms: now,
     };
     if args.json {
@@ -207,6 +211,10 @@ fn table(s: &Status) -> String {
         Some(secs) => format!("oldest waiting payout: {}\n", uptime(secs)),
         None => "oldest waiting payout: none waiting\n".to_owned(),
     });
+    out.push_str(&match &s.backup {
+        None => "backup: none has run here (holdfast up --backup)\n".to_owned(),
+        Some(b) => backup_line(b, s.now_ms),
+    });
     out.push_str(&match &s.last_drill {
         Some(d) => {
             let age = u64::try_from((s.now_ms - d.finished_at) / 1000).unwrap_or(0);
@@ -217,6 +225,34 @@ fn table(s: &Status) -> String {
         }
     });
     out
+}
+
+/// The continuous backup in one line: where to, when it last proved itself, and trouble in
+/// capitals (its supervisor gone, no proof for 30 s).
+fn backup_line(b: &holdfast_backup::Health, now_ms: i64) -> String {
+    let proved = match b.last_success_ms {
+        Some(at) => format!(
+            "last reached {:.1} s ago",
+            (now_ms - at).max(0) as f64 / 1000.0
+        ),
+        None => "never reached".to_owned(),
+    };
+    let state = if !crate::pid_alive(b.supervisor_pid) {
+        "NOT RUNNING"
+    } else if b.last_success_ms.is_none_or(|at| now_ms - at > 30_000) {
+        "STALE"
+    } else {
+        "ok"
+    };
+    let error = b
+        .last_error
+        .as_deref()
+        .map(|e| format!("; last error: {e}"))
+        .unwrap_or_default();
+    format!(
+        "backup: {state}, to {}, {proved}, {} restarts{error}\n",
+        b.target, b.restarts
+    )
 }
 
 fn uptime(secs: u64) -> String {
@@ -282,6 +318,7 @@ mod tests {
             oldest_waiting_payout_s: None,
             redis_sessions: None,
             last_drill,
+            backup: None,
             now_ms: 10_000_000,
         }
     }
@@ -304,5 +341,42 @@ mod tests {
             "{shown}"
         );
         assert!(table(&quiet(None)).contains("last drill: none recorded here"));
+    }
+
+    #[test]
+    fn the_backup_is_one_line_that_shouts_when_it_is_stale_or_gone() {
+        let mut status = quiet(None);
+        assert!(table(&status).contains("backup: none has run here"));
+        let backup = holdfast_backup::Health {
+            target: "/mnt/backup".into(),
+            last_success_ms: Some(10_000_000 - 800),
+            supervisor_pid: std::process::id(),
+            ..holdfast_backup::Health::default()
+        };
+        status.backup = Some(backup.clone());
+        assert!(
+            table(&status)
+                .contains("backup: ok, to /mnt/backup, last reached 0.8 s ago, 0 restarts\n"),
+            "{}",
+            table(&status)
+        );
+        status.backup = Some(holdfast_backup::Health {
+            last_success_ms: Some(10_000_000 - 45_000),
+            ..backup.clone()
+        });
+        assert!(
+            table(&status).contains("backup: STALE"),
+            "{}",
+            table(&status)
+        );
+        status.backup = Some(holdfast_backup::Health {
+            supervisor_pid: u32::MAX,
+            ..backup
+        });
+        assert!(
+            table(&status).contains("backup: NOT RUNNING"),
+            "{}",
+            table(&status)
+        );
     }
 }

@@ -107,6 +107,9 @@ async fn a_lost_disk_comes_back_from_the_backup_and_serves_the_users_orders() {
             .then_some(())
     })
     .await;
+    // The one status screen says it too.
+    let screen = holdfast(&["status", "--data-dir", path(&data)], &[]);
+    assert!(stdout(&screen).contains("backup: ok, to "), "{screen:?}");
     let list = holdfast(&[&["backup", "list"][..], &data_flags].concat(), &[]);
     assert!(stdout(&list).contains("restorable from"), "{list:?}");
     // One replication per database: another target, or a second replication, is refused.
