@@ -84,17 +84,22 @@ struct KeyFilter {
     idempotency_key: Option<String>,
 }
 
+/// The request's `Idempotency-Key`, which this route requires (400 without one).
+fn required_key(headers: &HeaderMap) -> Result<String, Problem> {
+    idempotency_key(headers)?.ok_or_else(|| {
+        bad_request(
+            "idempotency-key-missing",
+            "an Idempotency-Key header is required",
+        )
+    })
+}
+
 async fn create_charge(
     State(state): State<ProviderState>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
-    let key = idempotency_key(&headers)?.ok_or_else(|| {
-        bad_request(
-            "idempotency-key-missing",
-            "an Idempotency-Key header is required",
-        )
-    })?;
+    let key = required_key(&headers)?;
     let req: ChargeRequest = parse_body(body)?;
     check_field("order_id", &req.order_id)?;
     if req.amount_cents <= 0 {
@@ -128,12 +133,7 @@ async fn create_refund(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, Problem> {
-    let key = idempotency_key(&headers)?.ok_or_else(|| {
-        bad_request(
-            "idempotency-key-missing",
-            "an Idempotency-Key header is required",
-        )
-    })?;
+    let key = required_key(&headers)?;
     let req: RefundRequest = parse_body(body)?;
     check_field("charge_id", &req.charge_id)?;
     let shared = &state.0;

@@ -196,6 +196,25 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, ur
         .unwrap_or_else(|e| panic!("GET {url}: not the JSON expected: {e}"))
 }
 
+/// `GET url`'s body as text; panics if there is none.
+pub async fn get_text(http: &reqwest::Client, url: &str) -> String {
+    http.get(url)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .text()
+        .await
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}
+
+/// The invariants a drill's JSON report says were violated.
+pub fn violated(report: &serde_json::Value) -> Vec<&str> {
+    report["violated"]
+        .as_array()
+        .map(|v| v.iter().filter_map(serde_json::Value::as_str).collect())
+        .unwrap_or_default()
+}
+
 /// The status of `GET url`, or `None` if no response came.
 pub async fn status(client: &reqwest::Client, url: &str) -> Option<u16> {
     client

@@ -3,12 +3,12 @@
 //! `holdfast restore` brings the store back on a fresh directory, checked; the system serves
 //! the user's orders from it. And every bad input gets one line and touches nothing.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
 use holdfast_provider::ProviderClient;
-use holdfast_testkit::process::{alive, client, eventually, have_tool, spawn_up, Proc};
+use holdfast_testkit::process::{alive, client, eventually, get_text, have_tool, spawn_up, Proc};
 use holdfast_testkit::s3::S3Server;
 use holdfast_testkit::system::Shopper;
 use nix::sys::signal::{kill, Signal};
@@ -52,17 +52,21 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("a UTF-8 path")
 }
 
+/// A scratch directory with the paths of a data dir, a backup target and a restore's
+/// destination in it (none created).
+fn scratch() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let root = tempfile::tempdir().unwrap();
+    let at = |name: &str| root.path().join(name);
+    let (data, target, restored) = (at("data"), at("backup"), at("restored"));
+    (root, data, target, restored)
+}
+
 #[tokio::test]
 async fn a_lost_disk_comes_back_from_the_backup_and_serves_the_users_orders() {
     if !litestream_or_skip() {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let (data, target, restored) = (
-        root.path().join("data"),
-        root.path().join("backup"),
-        root.path().join("restored"),
-    );
+    let (root, data, target, restored) = scratch();
     let (up, base, ops, _) = spawn_up(
         BIN.as_ref(),
         &data,
@@ -127,14 +131,7 @@ async fn a_lost_disk_comes_back_from_the_backup_and_serves_the_users_orders() {
         "nothing was written to the other target"
     );
     // The operator port says when the backup last proved itself.
-    let metrics = client()
-        .get(format!("{ops}/ops/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&client(), &format!("{ops}/ops/metrics")).await;
     let proved: f64 = metrics
         .lines()
         .find_map(|l| {
@@ -465,12 +462,7 @@ async fn a_restore_that_loses_a_paid_order_refunds_its_charge_and_the_retry_char
     if !litestream_or_skip() {
         return;
     }
-    let root = tempfile::tempdir().unwrap();
-    let (data, target, restored) = (
-        root.path().join("data"),
-        root.path().join("backup"),
-        root.path().join("restored"),
-    );
+    let (_root, data, target, restored) = scratch();
     let provider = Proc::spawn(BIN.as_ref(), &["provider", "--addr", "127.0.0.1:0"]);
     let listening = provider.line_after("HOLDFAST_LISTENING ", Duration::from_secs(20));
     let provider_url = format!("http://{}", listening.split_whitespace().next().unwrap());

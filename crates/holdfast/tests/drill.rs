@@ -177,12 +177,7 @@ fn every_sabotage_fails_the_drill_naming_the_broken_invariant() {
         assert!(!out.status.success(), "{sabotage}: the drill must fail");
         assert_eq!(r["verdict"], "fail", "{sabotage}");
         assert_eq!(r["sabotage"], sabotage);
-        let violated: Vec<&str> = r["violated"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter_map(Value::as_str)
-            .collect();
+        let violated = holdfast_testkit::process::violated(&r);
         assert!(
             violated.contains(&invariant) && r[invariant].as_u64().unwrap() > 0,
             "{sabotage} must violate {invariant}; violated {violated:?}"

@@ -5,7 +5,6 @@
 //! must fail the drill, saying why. Needs Litestream (`scripts/install-backup-tools.sh`).
 
 use holdfast_testkit::process::{have_tool, run_drill};
-use serde_json::Value;
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 const INSTALL: &str = "scripts/install-backup-tools.sh";
@@ -102,12 +101,7 @@ fn a_corrupt_backup_fails_the_restore_drill_and_says_why() {
     );
     assert!(!out.status.success(), "the drill must fail");
     assert_eq!(r["verdict"], "fail");
-    let violated: Vec<&str> = r["violated"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
+    let violated = holdfast_testkit::process::violated(&r);
     assert!(violated.contains(&"restore_failed"), "{violated:?}");
     let why = r["violations"]
         .as_array()

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use holdfast_testkit::process::{
-    alive, client, eventually, instances, spawn_up, status, Instance, Proc,
+    alive, client, eventually, get_text, instances, spawn_up, status, Instance, Proc,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
@@ -168,14 +168,7 @@ async fn checkout_one_order(base: &str) {
 /// merged into one page where each family is described once, every series says which process
 /// it is from, and counters that have not happened yet are there at 0.
 async fn assert_fleet_metrics_add_up(ops: &str, live: &[Instance]) {
-    let page = client()
-        .get(format!("{ops}/ops/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let page = get_text(&client(), &format!("{ops}/ops/metrics")).await;
     for family in [
         "holdfast_balancer_requests_total",
         "holdfast_http_requests_total",
