@@ -587,3 +587,40 @@ async fn a_restore_that_loses_a_paid_order_refunds_its_charge_and_the_retry_char
     want.sort();
     assert_eq!(standing_sorted, want);
 }
+
+/// Production's shape: `holdfast backup run` beside the processes that serve the store (here
+/// none: the store is written directly), replicating until SIGTERM, then shipping what is
+/// left before it exits 0.
+#[tokio::test]
+async fn backup_run_replicates_beside_serve_until_sigterm() {
+    if !litestream_or_skip() {
+        return;
+    }
+    let (_root, data, target, restored) = scratch();
+    let migrated = holdfast(&["migrate", "up", "--data-dir", path(&data)], &[]);
+    assert!(migrated.status.success(), "{migrated:?}");
+    let flags = ["--backup", path(&target), "--data-dir", path(&data)];
+    let mut run = Proc::spawn(BIN.as_ref(), &[&["backup", "run"][..], &flags].concat());
+    run.line_after("backup running: ", Duration::from_secs(20));
+    eventually(Duration::from_secs(10), "backup status: ok", || async {
+        let status = holdfast(&[&["backup", "status"][..], &flags].concat(), &[]);
+        status.status.success().then_some(())
+    })
+    .await;
+    run.signal(Signal::SIGTERM);
+    assert!(run.exit_status(Duration::from_secs(20)).await.success());
+    let restore = holdfast(
+        &[
+            "restore",
+            "--backup",
+            path(&target),
+            "--to",
+            path(&restored),
+        ],
+        &[],
+    );
+    assert!(
+        stdout(&restore).contains("integrity_check ok"),
+        "{restore:?}"
+    );
+}
