@@ -75,25 +75,8 @@ async fn a_lost_disk_comes_back_from_the_backup_and_serves_the_users_orders() {
     )
     .await;
     let shopper = Shopper::new(&base, "keeper@example.com").await;
-    let products = shopper.retrying("GET", "/api/products", None, None).await;
-    let sku = products.body["products"][0]["sku"]
-        .as_str()
-        .expect("a product")
-        .to_owned();
-    let added = shopper
-        .retrying(
-            "POST",
-            "/api/cart/items",
-            Some(json!({"sku": sku, "qty": 2})),
-            None,
-        )
-        .await;
-    assert!(added.status.is_success(), "{}", added.body);
-    let order = shopper
-        .retrying("POST", "/api/checkout", None, Some("keeper-1"))
-        .await;
-    assert_eq!(order.status, StatusCode::CREATED, "{}", order.body);
-    let order_id = order.body["order_id"].clone();
+    add_first_product(&shopper).await;
+    let order_id = buy(&shopper, "keeper-1").await;
 
     // The operator can force the backup and read its state in one line each.
     let data_flags = ["--backup", path(&target), "--data-dir", path(&data)];
