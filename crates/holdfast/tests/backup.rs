@@ -35,6 +35,14 @@ fn holdfast(args: &[&str], env: &[(&str, &str)]) -> Output {
     cmd.output().expect("running holdfast")
 }
 
+/// `holdfast restore --backup TARGET --to TO`, to completion.
+fn restore_from(target: &Path, to: &Path) -> Output {
+    holdfast(
+        &["restore", "--backup", path(target), "--to", path(to)],
+        &[],
+    )
+}
+
 fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -152,30 +160,12 @@ async fn a_lost_disk_comes_back_from_the_backup_and_serves_the_users_orders() {
         "{status:?}"
     );
 
-    let restore = holdfast(
-        &[
-            "restore",
-            "--backup",
-            path(&target),
-            "--to",
-            path(&restored),
-        ],
-        &[],
-    );
+    let restore = restore_from(&target, &restored);
     assert!(restore.status.success(), "{restore:?}");
     let said = stdout(&restore);
     assert!(said.contains("integrity_check ok"), "{said}");
     // Restoring over it again is refused: a restore never writes into a store.
-    let again = holdfast(
-        &[
-            "restore",
-            "--backup",
-            path(&target),
-            "--to",
-            path(&restored),
-        ],
-        &[],
-    );
+    let again = restore_from(&target, &restored);
     assert!(refusal(&again).contains("is not empty"), "{again:?}");
 
     let (_up, base, _, _) = spawn_up(BIN.as_ref(), &restored, 1, &["--workers", "0"]).await;
@@ -592,16 +582,7 @@ async fn backup_run_replicates_beside_serve_until_sigterm() {
     .await;
     run.signal(Signal::SIGTERM);
     assert!(run.exit_status(Duration::from_secs(20)).await.success());
-    let restore = holdfast(
-        &[
-            "restore",
-            "--backup",
-            path(&target),
-            "--to",
-            path(&restored),
-        ],
-        &[],
-    );
+    let restore = restore_from(&target, &restored);
     assert!(
         stdout(&restore).contains("integrity_check ok"),
         "{restore:?}"
