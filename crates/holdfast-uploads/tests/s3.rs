@@ -142,3 +142,33 @@ async fn the_reaper_aborts_an_expired_uploads_multipart_state() {
     );
     assert_eq!(live.head(&cookie, &at).await.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn terminating_an_unfinished_upload_aborts_its_multipart_state() {
+    let Some(s3) = S3Server::start("s3_terminate").await else {
+        return;
+    };
+    let bucket = s3.bucket("terminated").await;
+    let blobs = S3Blobs::at_endpoint(&bucket, &s3.endpoint, "test", "test").expect("S3 blob store");
+    let db = tempfile::tempdir().expect("tempdir");
+    let url = holdfast_store::testing::sqlite_url(db.path());
+    let live = spawn_uploads_on(&url, Arc::new(blobs), s3_parts()).await;
+    let cookie = live.user("terminated@example.com").await;
+    let at = live.create(&cookie, 12 << 20, "").await;
+    let r = live
+        .patch(&cookie, &at, 0, &data(FIVE_MIB + (1 << 20), 4), &[])
+        .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(offset_of(&r), Some((FIVE_MIB + (1 << 20)) as i64));
+    assert_eq!(s3.open_multiparts("terminated").await, 1, "a part is up");
+
+    assert_eq!(live.delete(&cookie, &at).await.status, 204);
+    assert_eq!(live.head(&cookie, &at).await.status, 404);
+    live.reap_now().await;
+    assert!(s3.keys("terminated").await.is_empty(), "no tail left");
+    assert_eq!(
+        s3.open_multiparts("terminated").await,
+        0,
+        "the terminated upload's multipart upload is aborted"
+    );
+}

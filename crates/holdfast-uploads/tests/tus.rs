@@ -837,4 +837,53 @@ both_backends!(multi_thread;
     bad_requests_get_their_status_and_append_nothing,
     expired_and_over_quota_uploads_are_refused,
     a_stale_writer_never_moves_the_offset,
+    an_unfinished_upload_takes_a_sha1_checksum_and_is_terminated,
 );
+
+async fn an_unfinished_upload_takes_a_sha1_checksum_and_is_terminated(backend: Backend) {
+    with_fresh_db(backend, "tus_terminate_unfinished", |url| async move {
+        let a = spawn_uploads(&url, small_parts()).await;
+        let b = a.sibling(small_parts()).await;
+        let cookie = a.user("quitter@example.com").await;
+        let bytes = data(200 * 1024, 3);
+        let at = a.create(&cookie, bytes.len(), "").await;
+        let sum =
+            base64::engine::general_purpose::STANDARD.encode(sha1::Sha1::digest(&bytes[..100_000]));
+        let first = a
+            .patch(
+                &cookie,
+                &at,
+                0,
+                &bytes[..100_000],
+                &[("upload-checksum", &format!("sha1 {sum}"))],
+            )
+            .await;
+        assert_eq!(
+            first.status,
+            StatusCode::NO_CONTENT,
+            "{}",
+            String::from_utf8_lossy(&first.body)
+        );
+        assert_eq!(offset_of(&first), Some(100_000));
+
+        // Terminated half-way, through the other instance: gone everywhere, bytes too.
+        let id = at.rsplit('/').next().expect("an id");
+        assert!(a.dir.path().join("uploads").join(id).exists());
+        assert_eq!(b.delete(&cookie, &at).await.status, StatusCode::NO_CONTENT);
+        assert_eq!(a.head(&cookie, &at).await.status, StatusCode::NOT_FOUND);
+        let late = a.patch(&cookie, &at, 100_000, &bytes[100_000..], &[]).await;
+        assert_eq!(
+            late.status,
+            StatusCode::NOT_FOUND,
+            "no PATCH after termination"
+        );
+        a.reap_now().await;
+        assert!(
+            !a.dir.path().join("uploads").join(id).exists(),
+            "the parts are gone"
+        );
+        let listed = a.get(&cookie, "/api/uploads", &[]).await.json();
+        assert_eq!(listed["uploads"].as_array().map(Vec::len), Some(0));
+    })
+    .await;
+}
