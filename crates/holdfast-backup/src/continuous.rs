@@ -1,5 +1,6 @@
-//! Continuous replication: Litestream kept running as a child process, restarted when it
-//! dies, and proven every few seconds by a forced sync whose success is published.
+//! Continuous replication: the engine's replicator (Litestream for SQLite, `pg_receivewal`
+//! for PostgreSQL) kept running as a child process, restarted when it dies, and proven every
+//! few seconds by a check whose success is published.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -11,12 +12,12 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::litestream::{self, Config};
-use crate::{now_ms, Backup, Error};
+use crate::{now_ms, postgres, Backup, Error, Source, Synced};
 
 /// The replication's state file in [`Backup::run_dir`], rewritten after every check.
 const STATE_FILE: &str = "state.json";
-/// Litestream's pid while it runs, so a successor can stop one its killed supervisor left.
-const PID_FILE: &str = "litestream.pid";
+/// The replicator's pid while it runs, so a successor can stop one its killed supervisor left.
+const PID_FILE: &str = "replicator.pid";
 
 /// What the replication last proved, as published and as written to its state file.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -29,10 +30,10 @@ pub struct Health {
     pub txid: Option<u64>,
     /// The last check's failure, cleared by the next success.
     pub last_error: Option<String>,
-    /// Times Litestream exited and was started again.
+    /// Times the replicator exited and was started again.
     pub restarts: u64,
-    /// The process replicating now (`pid` of Litestream) and the one supervising it.
-    pub litestream_pid: Option<u32>,
+    /// The process replicating now (Litestream or `pg_receivewal`) and the one supervising it.
+    pub replicator_pid: Option<u32>,
     pub supervisor_pid: u32,
     /// When this state was written (ms since the Unix epoch).
     pub written_ms: i64,
@@ -49,7 +50,7 @@ impl Health {
     pub fn render_metrics(&self, role: &str) -> String {
         let mut out = String::new();
         let name = "holdfast_backup_last_success_timestamp_seconds";
-        out += &format!("# HELP {name} When the continuous backup last proved the target holds every committed change (a forced sync), Unix seconds; 0 before the first.\n# TYPE {name} gauge\n");
+        out += &format!("# HELP {name} When the continuous backup last proved the target holds every committed change, Unix seconds; 0 before the first.\n# TYPE {name} gauge\n");
         let at = self.last_success_ms.map_or(0.0, |ms| ms as f64 / 1000.0);
         out += &format!("{name}{{role=\"{role}\"}} {at}\n");
         let name = "holdfast_backup_restarts_total";
@@ -72,7 +73,7 @@ pub(crate) fn supervised(backup: &Backup) -> Option<String> {
 /// Held (`flock`, exclusive) by the supervisor of a running replication for its lifetime.
 const LOCK_FILE: &str = "lock";
 
-/// A running replication; dropping it stops Litestream.
+/// A running replication; dropping it stops the replicator.
 pub struct Continuous {
     /// One replication per database: released when this is dropped or the process dies.
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -83,17 +84,17 @@ pub struct Continuous {
 
 impl Drop for Continuous {
     fn drop(&mut self) {
-        // Aborting drops the child, whose `kill_on_drop` ends Litestream.
+        // Aborting drops the child, whose `kill_on_drop` ends the replicator.
         self.task.abort();
     }
 }
 
 impl Continuous {
-    /// Starts replicating `backup.database` to `backup.target`, checking every `check_every`.
-    /// Fails at once if Litestream is not installed or the configuration cannot be written;
-    /// a target that cannot be reached shows as failed checks, not as an error here.
+    /// Starts replicating `backup.source` to `backup.target`, checking every `check_every`.
+    /// Fails at once if the replicator is not installed or its configuration cannot be
+    /// written; a target or server that cannot be reached shows as failed checks, not as an
+    /// error here.
     pub fn start(backup: Backup, check_every: Duration) -> Result<Continuous, Error> {
-        litestream::binary()?;
         std::fs::create_dir_all(&backup.run_dir)
             .map_err(Error::io(format!("creating {}", backup.run_dir.display())))?;
         let lock = std::fs::OpenOptions::new()
@@ -103,15 +104,15 @@ impl Continuous {
             .open(backup.run_dir.join(LOCK_FILE))
             .map_err(Error::io("opening the backup's lock file"))?;
         let lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|_| Error::AlreadyRunning(backup.database.display().to_string()))?;
-        stop_leftover(&backup.run_dir);
-        let config = Config::write_for(&backup, &backup.run_dir)?;
+            .map_err(|_| Error::AlreadyRunning(backup.source.to_string()))?;
+        let engine = Engine::for_backup(&backup)?;
+        stop_leftover(&backup.run_dir, &engine.mark());
         let (tx, health) = watch::channel(Health {
             target: backup.target.to_string(),
             supervisor_pid: std::process::id(),
             ..Health::default()
         });
-        let task = tokio::spawn(supervise(backup.clone(), config, check_every, tx));
+        let task = tokio::spawn(supervise(backup.clone(), engine, check_every, tx));
         Ok(Continuous {
             _lock: lock,
             backup,
@@ -127,7 +128,10 @@ impl Continuous {
 
     /// Ships what is left, then stops: the end of a graceful shutdown.
     pub async fn finish(self) -> Result<crate::Synced, Error> {
-        litestream::sync(&self.backup).await
+        match &self.backup.source {
+            Source::Sqlite(_) => litestream::sync(&self.backup).await,
+            Source::Postgres(url) => postgres::prove(url, self.backup.target.dir()?).await,
+        }
     }
 
     /// Follows what the replication proves, for a metrics page.
@@ -136,9 +140,80 @@ impl Continuous {
     }
 }
 
-/// Stops a Litestream that a killed supervisor of this data dir left running (it would race
+/// What a replicator of one engine does: its command, when it is ready, and its proof.
+enum Engine {
+    Litestream(Config),
+    Postgres { url: String, dir: PathBuf },
+}
+
+impl Engine {
+    fn for_backup(backup: &Backup) -> Result<Engine, Error> {
+        Ok(match &backup.source {
+            Source::Sqlite(_) => {
+                litestream::binary()?;
+                Engine::Litestream(Config::write_for(backup, &backup.run_dir)?)
+            }
+            Source::Postgres(url) => {
+                postgres::bin("pg_receivewal")?;
+                postgres::bin("pg_basebackup")?;
+                Engine::Postgres {
+                    url: url.clone(),
+                    dir: backup.target.dir()?.to_path_buf(),
+                }
+            }
+        })
+    }
+
+    /// What the replicator's command line holds that names this backup alone.
+    fn mark(&self) -> String {
+        match self {
+            Engine::Litestream(config) => config.path.to_string_lossy().into_owned(),
+            Engine::Postgres { dir, .. } => dir.join("wal").to_string_lossy().into_owned(),
+        }
+    }
+
+    /// Before each start: on PostgreSQL the slot, and a base backup when there is none.
+    async fn prepare(&self) -> Result<(), Error> {
+        match self {
+            Engine::Litestream(config) => {
+                let _ = std::fs::remove_file(&config.socket);
+                Ok(())
+            }
+            Engine::Postgres { url, dir } => postgres::prepare(url, dir, true).await,
+        }
+    }
+
+    fn command(&self) -> Result<tokio::process::Command, Error> {
+        match self {
+            Engine::Litestream(config) => litestream::replicate_command(config),
+            Engine::Postgres { url, dir } => postgres::receiver_command(url, dir),
+        }
+    }
+
+    /// Waits (briefly) until the replicator can be asked for a proof.
+    async fn ready(&self, child: &mut tokio::process::Child) {
+        let Engine::Litestream(config) = self else {
+            return;
+        };
+        for _ in 0..200 {
+            if config.socket.exists() || matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn prove(&self, backup: &Backup) -> Result<Synced, Error> {
+        match self {
+            Engine::Litestream(_) => litestream::sync(backup).await,
+            Engine::Postgres { url, dir } => postgres::prove(url, dir).await,
+        }
+    }
+}
+
+/// Stops a replicator that a killed supervisor of this data dir left running (it would race
 /// the new one for the same target).
-fn stop_leftover(run_dir: &Path) {
+fn stop_leftover(run_dir: &Path, mark: &str) {
     let Some(pid) = std::fs::read_to_string(run_dir.join(PID_FILE))
         .ok()
         .and_then(|s| s.trim().parse::<i32>().ok())
@@ -146,8 +221,7 @@ fn stop_leftover(run_dir: &Path) {
         return;
     };
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    let config = run_dir.join("litestream.yml");
-    let ours = String::from_utf8_lossy(&cmdline).contains(&*config.to_string_lossy());
+    let ours = String::from_utf8_lossy(&cmdline).contains(mark);
     if ours {
         warn!(pid, "stopping the replication a previous run left behind");
         let _ = nix::sys::signal::kill(
@@ -159,7 +233,7 @@ fn stop_leftover(run_dir: &Path) {
 
 async fn supervise(
     backup: Backup,
-    config: Config,
+    engine: Engine,
     check_every: Duration,
     health: watch::Sender<Health>,
 ) {
@@ -171,14 +245,19 @@ async fn supervise(
         write_state(&backup.run_dir, &health.borrow());
     };
     loop {
-        let _ = std::fs::remove_file(&config.socket);
-        let child = litestream::replicate_command(&config).and_then(|mut cmd| {
+        if let Err(e) = engine.prepare().await {
+            warn!(error = %e, "the backup cannot start yet");
+            publish(&|h| h.last_error = Some(e.to_string()));
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        let child = engine.command().and_then(|mut cmd| {
             cmd.stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped())
                 .kill_on_drop(true)
                 .spawn()
-                .map_err(Error::io("starting litestream"))
+                .map_err(Error::io("starting the replicator"))
         });
         let mut child = match child {
             Ok(child) => child,
@@ -192,18 +271,12 @@ async fn supervise(
         if let Some(pid) = pid {
             let _ = std::fs::write(backup.run_dir.join(PID_FILE), pid.to_string());
         }
-        publish(&|h| h.litestream_pid = pid);
+        publish(&|h| h.replicator_pid = pid);
         if let Some(stderr) = child.stderr.take() {
             tokio::spawn(pass_on_warnings(stderr));
         }
-        info!(target = %backup.target, database = %backup.database.display(), "continuous backup started");
-        // Checks start once Litestream listens on its control socket.
-        for _ in 0..200 {
-            if config.socket.exists() || matches!(child.try_wait(), Ok(Some(_)) | Err(_)) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        info!(target = %backup.target, database = %backup.source, "continuous backup started");
+        engine.ready(&mut child).await;
         let mut tick = tokio::time::interval(check_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let exited = loop {
@@ -211,7 +284,7 @@ async fn supervise(
                 status = child.wait() => break status,
                 _ = tick.tick() => {}
             }
-            match litestream::sync(&backup).await {
+            match engine.prove(&backup).await {
                 Ok(synced) => publish(&|h| {
                     h.last_success_ms = Some(now_ms());
                     h.txid = synced.txid;
@@ -224,11 +297,11 @@ async fn supervise(
             Ok(status) => status.to_string(),
             Err(e) => e.to_string(),
         };
-        warn!(%why, "litestream exited; starting it again");
+        warn!(%why, "the replicator exited; starting it again");
         publish(&|h| {
             h.restarts += 1;
-            h.litestream_pid = None;
-            h.last_error = Some(format!("litestream exited ({why})"));
+            h.replicator_pid = None;
+            h.last_error = Some(format!("the replicator exited ({why})"));
         });
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -249,12 +322,14 @@ fn write_state(run_dir: &Path, health: &Health) {
     }
 }
 
-/// Litestream's warnings and errors go to our log; its routine lines do not.
+/// The replicator's warnings and errors go to our log; its routine lines do not.
 async fn pass_on_warnings(stderr: tokio::process::ChildStderr) {
     let mut lines = BufReader::new(stderr).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        if line.contains("level=WARN") || line.contains("level=ERROR") {
-            warn!(litestream = %line);
+        let litestream = line.contains("level=WARN") || line.contains("level=ERROR");
+        let postgres = line.contains("error:") || line.contains("warning:");
+        if litestream || postgres {
+            warn!(replicator = %line);
         }
     }
 }

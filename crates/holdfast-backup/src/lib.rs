@@ -20,12 +20,13 @@
 
 mod continuous;
 mod litestream;
+mod postgres;
 mod restore;
 mod target;
 
 pub use continuous::{Continuous, Health};
 pub use litestream::{Point, Points};
-pub use restore::{restore, rfc3339, Restored};
+pub use restore::{restore, rfc3339, Restored, Then};
 pub use target::Target;
 
 use std::path::{Path, PathBuf};
@@ -71,23 +72,72 @@ impl Error {
 /// The database file inside a data directory, as the store names it.
 pub const DATABASE_FILE: &str = "holdfast.sqlite";
 
-/// One SQLite database and the target it is backed up to, with a directory of its own for
-/// the replication's configuration, control socket and state (`<data dir>/run/backup`).
+/// The database a backup is of.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// The embedded store's file, replicated by Litestream.
+    Sqlite(PathBuf),
+    /// A PostgreSQL server (`postgres://…`, the database the store lives in), backed up as a
+    /// whole cluster: a base backup (`pg_basebackup`) and its WAL as it is written
+    /// (`pg_receivewal`).
+    Postgres(String),
+}
+
+impl Source {
+    /// The SQLite file, for the Litestream paths (which only SQLite sources take).
+    pub(crate) fn sqlite_file(&self) -> Result<&Path, Error> {
+        match self {
+            Source::Sqlite(file) => Ok(file),
+            Source::Postgres(_) => Err(Error::Usage(
+                "a PostgreSQL backup has no SQLite file".to_owned(),
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Source {
+    /// The file, or the server and database without a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Sqlite(file) => write!(f, "{}", file.display()),
+            Source::Postgres(url) => f.write_str(&postgres::redacted(url)),
+        }
+    }
+}
+
+/// One database and the target it is backed up to, with a directory of its own for the
+/// replication's configuration, control socket and state (`<data dir>/run/backup`).
 #[derive(Debug, Clone)]
 pub struct Backup {
-    /// The live database file.
-    pub database: PathBuf,
+    /// The live database.
+    pub source: Source,
     pub target: Target,
     /// Where [`Continuous`] keeps its files.
     pub run_dir: PathBuf,
 }
 
 impl Backup {
-    /// The store in `data_dir` (`holdfast.sqlite`), backed up to `target`.
+    /// The SQLite store in `data_dir` (`holdfast.sqlite`), backed up to `target`.
     pub fn of_data_dir(data_dir: &Path, target: Target) -> Result<Backup, Error> {
         let data_dir = std::path::absolute(data_dir).map_err(Error::io("the data directory"))?;
         Ok(Backup {
-            database: data_dir.join(DATABASE_FILE),
+            source: Source::Sqlite(data_dir.join(DATABASE_FILE)),
+            target,
+            run_dir: data_dir.join("run").join("backup"),
+        })
+    }
+
+    /// The PostgreSQL server `url` names, backed up to `target` (a directory), with its run
+    /// files in `data_dir`.
+    pub fn of_postgres(url: &str, data_dir: &Path, target: Target) -> Result<Backup, Error> {
+        if !matches!(target, Target::Dir(_)) {
+            return Err(Error::Usage(format!(
+                "{target}: a PostgreSQL backup goes to a directory (a mounted volume or another disk); S3 targets are for the SQLite store"
+            )));
+        }
+        let data_dir = std::path::absolute(data_dir).map_err(Error::io("the data directory"))?;
+        Ok(Backup {
+            source: Source::Postgres(url.to_owned()),
             target,
             run_dir: data_dir.join("run").join("backup"),
         })
@@ -95,22 +145,26 @@ impl Backup {
 
     /// Forces the database's changes out to the target now and waits until they are there:
     /// through the running [`Continuous`] replication if there is one, else by one
-    /// replication pass of its own.
+    /// replication pass of its own (on PostgreSQL: a new base backup).
     pub async fn now(&self) -> Result<Synced, Error> {
-        if !self.database.exists() {
-            return Err(Error::Usage(format!(
-                "{} does not exist: nothing to back up",
-                self.database.display()
-            )));
-        }
         let started = std::time::Instant::now();
+        if let Source::Sqlite(file) = &self.source {
+            if !file.exists() {
+                return Err(Error::Usage(format!(
+                    "{} does not exist: nothing to back up",
+                    file.display()
+                )));
+            }
+        }
         if let Some(running) = continuous::supervised(self) {
             if running != self.target.to_string() {
                 return Err(Error::Usage(format!(
                     "the continuous backup of {} runs to {running}, not to {}; nothing was done",
-                    self.database.display(),
-                    self.target
+                    self.source, self.target
                 )));
+            }
+            if let Source::Postgres(url) = &self.source {
+                return postgres::prove(url, self.target.dir()?).await;
             }
             // Through the running replication, which may be (re)starting Litestream.
             let mut tries = 0;
@@ -124,6 +178,16 @@ impl Backup {
                 }
             }
         }
+        if let Source::Postgres(url) = &self.source {
+            let dir = self.target.dir()?;
+            postgres::prepare(url, dir, false).await?;
+            let base = postgres::take_base(url, dir).await?;
+            tracing::info!(base = %base.display(), "base backup taken");
+            return Ok(Synced {
+                txid: None,
+                took: started.elapsed(),
+            });
+        }
         let config = litestream::Config::write_for(self, &self.run_dir)?;
         litestream::replicate_once(&config, &self.target).await?;
         Ok(Synced {
@@ -134,6 +198,9 @@ impl Backup {
 
     /// What the target holds: the range of moments a restore can return to.
     pub async fn points(&self) -> Result<Points, Error> {
+        if let Source::Postgres(_) = &self.source {
+            return postgres::points(self.target.dir()?);
+        }
         let scratch = tempfile::tempdir().map_err(Error::io("a scratch directory"))?;
         let config = litestream::Config::write_for(self, scratch.path())?;
         litestream::points(&config, &self.target).await

@@ -52,7 +52,7 @@ impl Config {
         let config = Config {
             path: dir.join("litestream.yml"),
             socket: dir.join("litestream.sock"),
-            database: backup.database.clone(),
+            database: backup.source.sqlite_file()?.to_path_buf(),
             plain_http: backup.target.plain_http(),
         };
         let q = |p: &Path| serde_json::Value::from(p.to_string_lossy()).to_string();
@@ -129,26 +129,30 @@ fn last_words(stderr: &str, stdout: &str) -> String {
         .to_owned()
 }
 
-/// The long-running `litestream replicate` for `config`, not yet started. Where util-linux's
-/// `setpriv` is installed it runs under `--pdeathsig KILL`, so it dies with its supervisor
-/// even when that is SIGKILLed.
+/// The long-running `litestream replicate` for `config`, not yet started; it dies with its
+/// supervisor.
 pub(crate) fn replicate_command(config: &Config) -> Result<tokio::process::Command, Error> {
-    let litestream = binary()?;
+    let mut cmd = dies_with_parent(binary()?);
+    cmd.arg("replicate").args(config.flag());
+    config.environment(&mut cmd);
+    Ok(cmd)
+}
+
+/// `program`, under `setpriv --pdeathsig KILL` where util-linux's `setpriv` is installed, so
+/// it dies with the process that started it even when that one is SIGKILLed.
+pub(crate) fn dies_with_parent(program: PathBuf) -> tokio::process::Command {
     let setpriv = ["/usr/bin/setpriv", "/bin/setpriv"]
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.is_file());
-    let mut cmd = match setpriv {
+    match setpriv {
         Some(setpriv) => {
             let mut cmd = tokio::process::Command::new(setpriv);
-            cmd.args(["--pdeathsig", "KILL", "--"]).arg(litestream);
+            cmd.args(["--pdeathsig", "KILL", "--"]).arg(program);
             cmd
         }
-        None => tokio::process::Command::new(litestream),
-    };
-    cmd.arg("replicate").args(config.flag());
-    config.environment(&mut cmd);
-    Ok(cmd)
+        None => tokio::process::Command::new(program),
+    }
 }
 
 /// One replication pass (`replicate -once`), for a database no running replication owns.
@@ -178,7 +182,7 @@ pub(crate) async fn sync(backup: &Backup) -> Result<Synced, Error> {
         "-json".into(),
         "-socket".into(),
         socket.into(),
-        backup.database.clone().into(),
+        backup.source.sqlite_file()?.to_path_buf().into(),
     ];
     let out = run("syncing the backup", None, &args).await?;
     let answer: SyncAnswer = serde_json::from_str(&out.stdout).map_err(|e| Error::Tool {

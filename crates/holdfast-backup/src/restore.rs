@@ -1,7 +1,9 @@
 //! Restoring into an empty directory, and refusing to call it done without the engine's
 //! integrity check.
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use sqlx::sqlite::SqliteConnectOptions;
@@ -9,34 +11,49 @@ use sqlx::{ConnectOptions, Connection};
 use time::OffsetDateTime;
 
 use crate::litestream::{self, Config, Point};
-use crate::{Backup, Error, Target, DATABASE_FILE};
+use crate::{postgres, Backup, Error, Source, Target, DATABASE_FILE};
+
+/// A step of the caller's run on the restored store once it has passed its checks, before
+/// the restore returns (a PostgreSQL restore's server runs only until then): given the
+/// store's URL, it says how it went in one line. Its failure does not undo the restore.
+pub type Then =
+    Box<dyn FnOnce(String) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send>> + Send>;
 
 /// The table every Holdfast store has from its first migration on.
-const MIGRATION_LEDGER: &str = "holdfast_schema_migrations";
+pub(crate) const MIGRATION_LEDGER: &str = "holdfast_schema_migrations";
 
 /// A restore that passed its checks.
 #[derive(Debug, Clone)]
 pub struct Restored {
-    /// The restored database file.
+    /// The restored database: the SQLite file, or PostgreSQL's data directory.
     pub database: PathBuf,
+    /// Which engine's backup it was.
+    pub engine: &'static str,
     /// The newest change the target held at or before the moment asked for.
     pub as_of: Point,
-    /// What `PRAGMA integrity_check` answered (always `ok`: anything else is an error).
+    /// What the integrity check answered (`integrity_check ok`, `pg_amcheck ok`:
+    /// anything else is an error).
     pub integrity: String,
     /// How long the integrity check took (part of `took`).
     pub checked_in: Duration,
     /// Migrations the restored store records.
     pub migrations: i64,
+    /// What the caller's [`Then`] said.
+    pub then: Option<Result<String, String>>,
     pub took: Duration,
 }
 
 /// Restores the store backed up at `target` into `to` (a new or empty directory), as of `at`
-/// (the newest change by default), then checks it. On any failure nothing is left in `to`
-/// that the restore wrote. Never touches any other path.
+/// (the newest change by default), then checks it and runs `then` on it. On any failure
+/// nothing is left in `to` that the restore wrote. Never touches any other path.
+///
+/// A directory holding a PostgreSQL backup restores as a PostgreSQL data directory (start it
+/// with `pg_ctl -D <to> start`); anything else is the SQLite store's backup.
 pub async fn restore(
     target: &Target,
     to: &Path,
     at: Option<OffsetDateTime>,
+    then: Option<Then>,
 ) -> Result<Restored, Error> {
     let started = Instant::now();
     if let Some(at) = at {
@@ -59,8 +76,30 @@ pub async fn restore(
             )));
         }
     }
+    if let Target::Dir(dir) = target {
+        if postgres::is_backup(dir) {
+            std::fs::create_dir_all(&to)
+                .map_err(Error::io(format!("creating {}", to.display())))?;
+            return match postgres::restore(dir, &to, at, then).await {
+                Ok(done) => Ok(Restored {
+                    database: to,
+                    engine: "postgres",
+                    as_of: done.as_of,
+                    integrity: done.integrity,
+                    checked_in: done.checked_in,
+                    migrations: done.migrations,
+                    then: done.then,
+                    took: started.elapsed(),
+                }),
+                Err(e) => {
+                    clean_up(&to, existed);
+                    Err(e)
+                }
+            };
+        }
+    }
     let backup = Backup {
-        database: to.join(DATABASE_FILE),
+        source: Source::Sqlite(to.join(DATABASE_FILE)),
         target: target.clone(),
         run_dir: to.join("run").join("backup"),
     };
@@ -82,7 +121,7 @@ pub async fn restore(
         },
     };
     std::fs::create_dir_all(&to).map_err(Error::io(format!("creating {}", to.display())))?;
-    let result = restore_and_check(&backup, at, as_of, started).await;
+    let result = restore_and_check(&backup, at, as_of, then, started).await;
     if result.is_err() {
         clean_up(&to, existed);
     }
@@ -93,27 +132,33 @@ async fn restore_and_check(
     backup: &Backup,
     at: Option<OffsetDateTime>,
     as_of: Point,
+    then: Option<Then>,
     started: Instant,
 ) -> Result<Restored, Error> {
+    let database = backup.source.sqlite_file()?.to_path_buf();
     // The configuration lives outside the destination, which must end up holding only the
     // store.
     let scratch = tempfile::tempdir().map_err(Error::io("a scratch directory"))?;
     let config = Config::write_for(backup, scratch.path())?;
     litestream::restore(&config, &backup.target, at).await?;
     let checking = Instant::now();
-    let (integrity, migrations) =
-        check(&backup.database)
-            .await
-            .map_err(|detail| Error::Integrity {
-                target: backup.target.to_string(),
-                detail,
-            })?;
+    let (integrity, migrations) = check(&database).await.map_err(|detail| Error::Integrity {
+        target: backup.target.to_string(),
+        detail,
+    })?;
+    let checked_in = checking.elapsed();
+    let then = match then {
+        Some(step) => Some(step(format!("sqlite:{}", database.display())).await),
+        None => None,
+    };
     Ok(Restored {
-        database: backup.database.clone(),
+        database,
+        engine: "sqlite",
         as_of,
-        integrity,
-        checked_in: checking.elapsed(),
+        integrity: format!("integrity_check {integrity}"),
+        checked_in,
         migrations,
+        then,
         took: started.elapsed(),
     })
 }

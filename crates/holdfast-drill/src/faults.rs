@@ -139,9 +139,6 @@ impl FaultKind {
             (FaultKind::RestartDb | FaultKind::SlowDb | FaultKind::CutDb, Backend::Sqlite) => {
                 Some("SQLite is a file in each process, not a server: there is nothing to restart and no link to slow or cut")
             }
-            (FaultKind::LosePrimary, Backend::Postgres) => {
-                Some("continuous backup covers the SQLite store; on Postgres there is nothing to restore from yet")
-            }
             _ => None,
         }
     }

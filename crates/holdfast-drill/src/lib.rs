@@ -44,7 +44,7 @@ use tokio::task::JoinSet;
 pub use faults::{FaultKind, FaultSet};
 pub use holdfast_core::{Backend, Sabotage};
 pub use report::Report;
-pub use system::{Database, Instance, System, SystemSpec, KEYS_FILE_ENV};
+pub use system::{Cluster, Database, Instance, System, SystemSpec, KEYS_FILE_ENV};
 
 use crate::faults::Rng;
 

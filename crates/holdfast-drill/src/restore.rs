@@ -1,11 +1,13 @@
 //! The `lose-primary` fault: the whole node is lost and a fresh one is restored from the
 //! continuous backup, under load.
 //!
-//! `holdfast up` (the balancer, every instance and worker, and the backup's Litestream, which
-//! all die with it) is SIGKILLed and its data directory destroyed: the disk is gone. Then, as
-//! an operator would: `holdfast restore --backup … --to <the data dir> --provider-url …`
-//! (integrity check and reconciliation with the provider included), and `holdfast up` again on
-//! the same address, backing up to a fresh directory. Users keep shopping across it, retrying
+//! `holdfast up` (the balancer, every instance and worker, and the backup's replicator, which
+//! all die with it) is SIGKILLed and its data directory destroyed: the disk is gone (on
+//! Postgres the drill's cluster is stopped at once and its data directory destroyed too).
+//! Then, as an operator would: `holdfast restore --backup … --to <the data dir> --provider-url
+//! …` (integrity check and reconciliation with the provider included; on Postgres into the
+//! cluster's data directory, which starts again on its port), and `holdfast up` again on the
+//! same address, backing up to a fresh directory. Users keep shopping across it, retrying
 //! what failed with their keys.
 //!
 //! The report gets RTO (loss → the first 2xx the restored node served through the address),
@@ -35,7 +37,7 @@ pub struct Observed {
     pub restore_ms: u64,
     /// `holdfast restore`'s own line.
     pub restore_said: String,
-    /// Whether it said `integrity_check ok` (it fails otherwise).
+    /// Whether it said `integrity_check ok` (SQLite) or `pg_amcheck ok` (it fails otherwise).
     pub integrity_ok: bool,
 }
 
@@ -89,7 +91,7 @@ pub(crate) async fn run(ctl: &Control, clock: Clock) -> Result<String, String> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let rto_ms = lost.elapsed().as_millis() as u64;
-    let integrity_ok = said.contains("integrity_check ok");
+    let integrity_ok = said.contains("integrity_check ok") || said.contains("pg_amcheck ok");
     ctl.set_restore(Observed {
         lost_at_ms,
         rto_ms,

@@ -215,9 +215,9 @@ impl System {
         let mut spec = opts.clone();
         let mut provider = None;
         let backup_root = if opts.lose_primary {
-            if !matches!(opts.database, Database::Sqlite) {
+            if matches!(opts.database, Database::Postgres(_)) {
                 return Err(Error::Setup(
-                    "lose-primary runs on SQLite (continuous backup covers the SQLite store)"
+                    "lose-primary destroys the database's disk: on Postgres it runs on the drill's own cluster, not on a server it was given"
                         .into(),
                 ));
             }
@@ -648,8 +648,9 @@ impl Control {
     }
 
     /// `lose-primary`: SIGKILLs `up` and then everything it ran (instances, workers, the
-    /// backup's Litestream — they die with it anyway) and waits until none is alive; how many
-    /// processes died.
+    /// backup's replicator — they die with it anyway) and waits until none is alive, and on
+    /// Postgres stops the cluster at once (`-m immediate`: no shutdown checkpoint, as a
+    /// crash); how many processes died.
     pub(crate) async fn kill_node(&self) -> Result<usize, String> {
         let mut pids: Vec<u32> = ["web", "worker", "provider"]
             .iter()
@@ -660,7 +661,7 @@ impl Control {
         if let Some(pid) = std::fs::read(&state)
             .ok()
             .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
-            .and_then(|v| v["litestream_pid"].as_u64())
+            .and_then(|v| v["replicator_pid"].as_u64())
         {
             pids.push(pid as u32);
         }
@@ -686,17 +687,26 @@ impl Control {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        if let Some(db) = &self.db {
+            db.stop().await;
+        }
         Ok(pids.len())
     }
 
-    /// `lose-primary`: the data directory is gone, as with a lost disk.
+    /// `lose-primary`: the data directory is gone, as with a lost disk; on Postgres, the
+    /// cluster's data directory too.
     pub(crate) fn destroy_data(&self) -> Result<(), String> {
+        if let Some(db) = &self.db {
+            std::fs::remove_dir_all(&db.data)
+                .map_err(|e| format!("destroying {}: {e}", db.data.display()))?;
+        }
         std::fs::remove_dir_all(&self.data_dir)
             .map_err(|e| format!("destroying {}: {e}", self.data_dir.display()))
     }
 
     /// `lose-primary`: `holdfast restore` of the current backup generation into the (empty)
-    /// data directory, reconciled with the provider; its line, or its error line.
+    /// data directory (on Postgres, the cluster's, which then starts again on its port),
+    /// reconciled with the provider; its line, or its error line.
     pub(crate) async fn restore_node(&self) -> Result<String, String> {
         let root = self.backup_root.as_ref().ok_or("no backup in this drill")?;
         let generation = self.backup_generation.load(Ordering::SeqCst);
@@ -711,7 +721,7 @@ impl Control {
             .arg("--backup")
             .arg(&backup)
             .arg("--to")
-            .arg(&self.data_dir)
+            .arg(self.db.as_ref().map_or(&self.data_dir, |db| &db.data))
             .arg("--provider-url")
             .arg(provider_url)
             .env("RUST_LOG", "warn")
@@ -721,11 +731,13 @@ impl Control {
             .map_err(|_| "holdfast restore did not finish within 300 s".to_owned())?
             .map_err(|e| format!("running holdfast restore: {e}"))?;
         let said = |b: &[u8]| String::from_utf8_lossy(b).trim().to_owned();
-        if out.status.success() {
-            Ok(said(&out.stdout))
-        } else {
-            Err(said(&out.stderr))
+        if !out.status.success() {
+            return Err(said(&out.stderr));
         }
+        if let Some(db) = &self.db {
+            db.start_again().await.map_err(|e| e.to_string())?;
+        }
+        Ok(said(&out.stdout))
     }
 
     /// `lose-primary`: `holdfast up` on the restored data directory, on the same address,
@@ -910,6 +922,14 @@ fn corrupt_files_under(dir: &Path) -> Result<(), String> {
             corrupt_files_under(&path)?;
             continue;
         }
+        // The data, not the label on the box: a PostgreSQL backup's marker and proven
+        // position stay readable, so the restore meets the damage itself.
+        if path
+            .file_name()
+            .is_some_and(|n| n == "postgres.json" || n == "proven")
+        {
+            continue;
+        }
         let mut bytes =
             std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
         for i in (100..bytes.len()).step_by(97) {
@@ -939,11 +959,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// to its end as a blocking task holding the cluster (the runtime waits for those when it shuts
 /// down), a server-starting one is marked `busy`, and stopping first waits for it. The
 /// cluster holds the temporary directory, so the directory goes only after the server.
-pub(crate) struct Cluster {
+pub struct Cluster {
     bin: PathBuf,
     /// Owned by the cluster's user: holds `data/`, the log and the Unix socket.
     root: PathBuf,
-    data: PathBuf,
+    pub data: PathBuf,
     log: PathBuf,
     pub port: u16,
     /// `(uid, gid)` to run as, when the drill runs as root.
@@ -989,8 +1009,9 @@ impl Cluster {
         cmd
     }
 
-    /// initdb, start on a free port, create the `holdfast` database.
-    async fn start(dir: &Arc<tempfile::TempDir>) -> Result<Arc<Cluster>, Error> {
+    /// initdb, start on a free port, create the `holdfast` database. (Also for tests that
+    /// need a cluster of their own to back up, lose and restore.)
+    pub async fn start(dir: &Arc<tempfile::TempDir>) -> Result<Arc<Cluster>, Error> {
         let tmp = dir.path();
         let bin = pg_bin_dir()?;
         let root = tmp.join("pg");
@@ -1033,20 +1054,26 @@ impl Cluster {
             .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C"])
             .arg("--no-sync");
         cluster.run("initdb", initdb).await?;
-        let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories={} \
-             -c max_connections=200",
-            cluster.root.display()
-        );
-        cluster
-            .server("pg_ctl start", &["start", "-w", "-t", "60", "-o", &options])
-            .await?;
+        cluster.start_again().await?;
         let mut createdb = cluster.command("createdb");
         createdb
             .args(["-h", "127.0.0.1", "-p", &port.to_string()])
             .args(["-U", "postgres", "holdfast"]);
         cluster.run("createdb", createdb).await?;
         Ok(cluster)
+    }
+
+    /// Starts the server on its data directory and port (at first, and after `lose-primary`
+    /// restored the directory).
+    pub async fn start_again(self: &Arc<Self>) -> Result<(), Error> {
+        let options = format!(
+            "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={} \
+             -c max_connections=200",
+            self.port,
+            self.root.display()
+        );
+        self.server("pg_ctl start", &["start", "-w", "-t", "60", "-o", &options])
+            .await
     }
 
     fn command(&self, program: &str) -> std::process::Command {
@@ -1167,7 +1194,7 @@ impl Cluster {
         }
     }
 
-    async fn stop(self: &Arc<Self>) {
+    pub async fn stop(self: &Arc<Self>) {
         let me = self.clone();
         let _ = tokio::task::spawn_blocking(move || me.stop_blocking()).await;
     }

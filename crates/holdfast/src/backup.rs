@@ -14,15 +14,33 @@ use crate::cli::{BackupCommand, BackupTarget, ReconcileArgs, RestoreArgs, StoreA
 pub const CHECK_EVERY: Duration = Duration::from_secs(2);
 
 fn backup_of(target: &BackupTarget) -> anyhow::Result<Backup> {
-    Ok(Backup::of_data_dir(
-        &target.data_dir,
-        Target::parse(&target.backup)?,
-    )?)
+    backup_to(&target.backup, &target.store)
+}
+
+/// The backup of the store `store` names to `target`: the SQLite file in its data dir, or its
+/// PostgreSQL server.
+fn backup_to(target: &str, store: &StoreArgs) -> anyhow::Result<Backup> {
+    let target = Target::parse(target)?;
+    Ok(match store.backend {
+        holdfast_core::Backend::Sqlite => {
+            let url = store.store_url()?;
+            let file = store.data_dir.join(holdfast_backup::DATABASE_FILE);
+            anyhow::ensure!(
+                url == format!("sqlite:{}", file.display()),
+                "--backup backs up the store in --data-dir ({}), not {url}",
+                file.display()
+            );
+            Backup::of_data_dir(&store.data_dir, target)?
+        }
+        holdfast_core::Backend::Postgres => {
+            Backup::of_postgres(&store.store_url()?, &store.data_dir, target)?
+        }
+    })
 }
 
 /// Starts the continuous backup `up --backup` asks for.
-pub fn start(target: &str, data_dir: &std::path::Path) -> anyhow::Result<Continuous> {
-    let backup = Backup::of_data_dir(data_dir, Target::parse(target)?)?;
+pub fn start(target: &str, store: &StoreArgs) -> anyhow::Result<Continuous> {
+    let backup = backup_to(target, store)?;
     Continuous::start(backup, CHECK_EVERY).context("--backup")
 }
 
@@ -30,18 +48,17 @@ pub async fn run(cmd: BackupCommand) -> anyhow::Result<()> {
     match cmd {
         BackupCommand::Run { target } => {
             let backup = backup_of(&target)?;
-            anyhow::ensure!(
-                backup.database.exists(),
-                "{} does not exist: start the store first (holdfast migrate up)",
-                backup.database.display()
-            );
+            if let holdfast_backup::Source::Sqlite(file) = &backup.source {
+                anyhow::ensure!(
+                    file.exists(),
+                    "{} does not exist: start the store first (holdfast migrate up)",
+                    file.display()
+                );
+            }
             let terminated = crate::on_terminate()?;
+            let source = backup.source.to_string();
             let continuous = Continuous::start(backup, CHECK_EVERY)?;
-            println!(
-                "backup running: {} to {} every second",
-                target.data_dir.display(),
-                target.backup
-            );
+            println!("backup running: {source} to {}", target.backup);
             let signal = terminated.await;
             info!(
                 signal,
@@ -95,14 +112,14 @@ async fn status(backup: &Backup, stale_after: Duration) -> anyhow::Result<()> {
     let Some(health) = Health::read(backup) else {
         bail!(
             "backup NOT RUNNING: no continuous backup has run for {} (holdfast up --backup, or holdfast backup run)",
-            backup.database.display()
+            backup.source
         );
     };
     if health.target != backup.target.to_string() {
         bail!(
             "backup NOT RUNNING to {}: the replication of {} goes to {}",
             backup.target,
-            backup.database.display(),
+            backup.source,
             health.target
         );
     }
@@ -153,36 +170,72 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
             )
         })
         .transpose()?;
-    let restored = holdfast_backup::restore(&target, &args.to, at).await?;
-    let reconciled = match &args.provider_url {
-        None => "; no --provider-url: run `holdfast reconcile` before serving it".to_owned(),
-        Some(url) => {
-            let store = StoreArgs {
-                backend: holdfast_core::Backend::Sqlite,
-                data_dir: args.to.clone(),
-                database_url: Some(format!("sqlite:{}", restored.database.display())),
-                backup_checkpoints: false,
-            };
-            let done = reconcile_store(&store, url).await.with_context(|| {
-                format!(
-                    "restored {} (integrity_check ok), but not reconciled: run `holdfast reconcile --data-dir {} --provider-url {url}` before serving it",
-                    restored.database.display(),
-                    args.to.display()
-                )
-            })?;
-            format!("; {}", reconcile_line(&done))
-        }
+    let then: Option<holdfast_backup::Then> = args.provider_url.clone().map(|provider| {
+        let to = args.to.clone();
+        Box::new(move |url: String| {
+            Box::pin(async move {
+                let store = StoreArgs {
+                    backend: holdfast_core::Backend::of_url(&url)
+                        .unwrap_or(holdfast_core::Backend::Sqlite),
+                    data_dir: to,
+                    database_url: Some(url),
+                    backup_checkpoints: false,
+                };
+                reconcile_store(&store, &provider)
+                    .await
+                    .map(|done| reconcile_line(&done))
+                    .map_err(|e| format!("{e:#}"))
+            }) as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+        }) as holdfast_backup::Then
+    });
+    let restored = holdfast_backup::restore(&target, &args.to, at, then).await?;
+    let postgres = restored.engine == "postgres";
+    let reconcile_later = if postgres {
+        format!(
+            "start it (pg_ctl -D {} start), then run `holdfast reconcile --backend postgres --database-url <its URL> --provider-url {}` before serving it",
+            args.to.display(),
+            args.provider_url.as_deref().unwrap_or("<provider>")
+        )
+    } else {
+        format!(
+            "run `holdfast reconcile --data-dir {} --provider-url {}` before serving it",
+            args.to.display(),
+            args.provider_url.as_deref().unwrap_or("<provider>")
+        )
+    };
+    let reconciled = match &restored.then {
+        None => format!("; no --provider-url: {reconcile_later}"),
+        Some(Ok(line)) => format!("; {line}"),
+        Some(Err(why)) => bail!(
+            "restored {} ({}), but not reconciled ({why}): {reconcile_later}",
+            restored.database.display(),
+            restored.integrity
+        ),
+    };
+    let serve = if postgres {
+        format!(
+            "start it with `pg_ctl -D {} start` and serve it with `holdfast up --backend postgres --database-url <its URL>`",
+            args.to.display()
+        )
+    } else {
+        format!(
+            "serve it with `holdfast up --data-dir {}`",
+            args.to.display()
+        )
     };
     println!(
-        "restored {} as of {} (transaction {}) from {target} in {:.1} s: integrity_check {} ({:.1} s), {} migrations{reconciled}; serve it with `holdfast up --data-dir {}`",
+        "restored {} as of {} ({}) from {target} in {:.1} s: {} ({:.1} s), {} migrations{reconciled}; {serve}",
         restored.database.display(),
         rfc3339(restored.as_of.at),
-        restored.as_of.txid,
+        if postgres {
+            format!("WAL to {}", restored.as_of.txid)
+        } else {
+            format!("transaction {}", restored.as_of.txid)
+        },
         restored.took.as_secs_f64(),
         restored.integrity,
         restored.checked_in.as_secs_f64(),
         restored.migrations,
-        args.to.display()
     );
     Ok(())
 }

@@ -62,11 +62,12 @@ pub enum Command {
     Balance(BalanceArgs),
     /// Exit 0 if URL answers 2xx in time: a health check for an image with no shell or curl.
     Probe(ProbeArgs),
-    /// Continuous backup of the SQLite store: run it, force it, check it, list what it holds.
+    /// Continuous backup of the store (SQLite: Litestream; PostgreSQL: base backups and WAL):
+    /// run it, force it, check it, list what it holds.
     #[command(subcommand)]
     Backup(BackupCommand),
     /// Restore the store from a backup into a new or empty directory, as of a moment, and
-    /// check it (`PRAGMA integrity_check`) before saying it worked.
+    /// check it (`PRAGMA integrity_check`; `pg_amcheck`) before saying it worked.
     Restore(RestoreArgs),
     /// Match the payment provider's charges to the store's orders and refund each charge
     /// whose order the store does not have (lost by a restore). Safe to run again.
@@ -90,9 +91,11 @@ pub struct BackupTarget {
     /// from the `AWS_*` variables).
     #[arg(long, env = "HOLDFAST_BACKUP", value_name = "DIR|s3://BUCKET[/PREFIX]")]
     pub backup: String,
-    /// The data dir of the store (`holdfast.sqlite`).
-    #[arg(long, default_value = "./holdfast-data")]
-    pub data_dir: PathBuf,
+    /// The store backed up: the SQLite file in `--data-dir`, or the PostgreSQL server of
+    /// `--backend postgres --database-url` (a directory target; the backup's run files go
+    /// in `--data-dir`).
+    #[command(flatten)]
+    pub store: StoreArgs,
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -591,8 +594,8 @@ pub struct UpArgs {
     pub sabotage: SabotageArgs,
     #[command(flatten)]
     pub graphite: GraphiteArgs,
-    /// Back the store up continuously to this directory or `s3://bucket[/prefix]` (SQLite;
-    /// see `holdfast backup`).
+    /// Back the store up continuously to this directory or `s3://bucket[/prefix]` (S3 for
+    /// SQLite only; see `holdfast backup`).
     #[arg(long, value_name = "DIR|s3://BUCKET[/PREFIX]")]
     pub backup: Option<String>,
     /// Start the web instances as the release from before the change `cart_lines` (and

@@ -85,7 +85,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // With a continuous backup, Litestream alone checkpoints the WAL: every process on the
     // database is told so (see `StoreOptions::sqlite_autocheckpoint`).
     let mut args = args;
-    args.store.backup_checkpoints |= args.backup.is_some();
+    args.store.backup_checkpoints |=
+        args.backup.is_some() && args.store.backend == holdfast_core::Backend::Sqlite;
     let fleet_store = crate::open_store_as(
         &args.store,
         holdfast_store::MigrateMode::Apply(holdfast_store::MigrationGuard::default()),
@@ -96,21 +97,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     // The backup starts before any instance, so no acknowledged write predates it.
     let backup = match &args.backup {
         None => None,
-        Some(_) if args.store.backend != holdfast_core::Backend::Sqlite => {
-            bail!(
-                "--backup: continuous backup covers the SQLite store; this is {}",
-                args.store.backend.name()
-            )
-        }
-        Some(target) => {
-            let file = args.store.data_dir.join(holdfast_backup::DATABASE_FILE);
-            anyhow::ensure!(
-                url == format!("sqlite:{}", file.display()),
-                "--backup backs up the store in --data-dir ({}), not {url}",
-                file.display()
-            );
-            Some(crate::backup::start(target, &args.store.data_dir)?)
-        }
+        Some(target) => Some(crate::backup::start(target, &args.store)?),
     };
     let backup_health = backup.as_ref().map(holdfast_backup::Continuous::watch);
 

@@ -15,6 +15,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use reqwest::StatusCode;
 use serde_json::json;
+use sqlx::Connection;
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 const INSTALL: &str = "scripts/install-backup-tools.sh";
@@ -143,7 +144,7 @@ async fn a_lost_disk_comes_back_from_the_backup_and_serves_the_users_orders() {
     let state: serde_json::Value =
         serde_json::from_slice(&std::fs::read(data.join("run/backup/state.json")).unwrap())
             .unwrap();
-    let litestream = state["litestream_pid"].as_u64().expect("litestream's pid") as u32;
+    let litestream = state["replicator_pid"].as_u64().expect("litestream's pid") as u32;
     assert!(alive(litestream));
     let _ = kill(Pid::from_raw(up.pid() as i32), Signal::SIGKILL);
     drop(up);
@@ -586,5 +587,135 @@ async fn backup_run_replicates_beside_serve_until_sigterm() {
     assert!(
         stdout(&restore).contains("integrity_check ok"),
         "{restore:?}"
+    );
+}
+
+/// PostgreSQL: `backup run` beside the server (a base backup, then every WAL record as it is
+/// written), `status`, `now`, `list`, then `restore` into a new directory, checked by
+/// `pg_amcheck`, which a server started on it serves; and its bad inputs, one line each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_backup_runs_proves_itself_and_restores_what_was_committed() {
+    if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
+        return;
+    }
+    let (root, data, target, restored) = scratch();
+    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+    let cluster = holdfast_drill::Cluster::start(&dir)
+        .await
+        .expect("a cluster");
+    let url = cluster.url();
+    let store = ["--backend", "postgres", "--database-url", url.as_str()];
+    let flags = [
+        &store[..],
+        &["--data-dir", path(&data), "--backup", path(&target)],
+    ]
+    .concat();
+    let migrated = holdfast(
+        &[&["migrate", "up"][..], &store, &["--data-dir", path(&data)]].concat(),
+        &[],
+    );
+    assert!(migrated.status.success(), "{migrated:?}");
+
+    let mut run = Proc::spawn(BIN.as_ref(), &[&["backup", "run"][..], &flags].concat());
+    run.line_after("backup running: ", Duration::from_secs(20));
+    eventually(Duration::from_secs(30), "backup status: ok", || async {
+        let status = holdfast(&[&["backup", "status"][..], &flags].concat(), &[]);
+        stdout(&status).starts_with("backup ok").then_some(())
+    })
+    .await;
+    // A write the backup must hold once `backup now` has answered.
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE kept (n int); INSERT INTO kept SELECT generate_series(1, 500)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let now = holdfast(&[&["backup", "now"][..], &flags].concat(), &[]);
+    assert!(stdout(&now).starts_with("backed up to"), "{now:?}");
+    let list = holdfast(&[&["backup", "list"][..], &flags].concat(), &[]);
+    assert!(stdout(&list).contains("restorable from"), "{list:?}");
+    assert!(
+        stdout(&list).contains("snapshot "),
+        "a base backup: {list:?}"
+    );
+    run.signal(Signal::SIGTERM);
+    assert!(run.exit_status(Duration::from_secs(20)).await.success());
+
+    // The server and its disk are lost; the restore checks itself, a server serves it.
+    cluster.stop().await;
+    std::fs::remove_dir_all(&cluster.data).unwrap();
+    let restore = restore_from(&target, &cluster.data);
+    let said = stdout(&restore);
+    assert!(said.contains("pg_amcheck ok"), "{restore:?}");
+    assert!(said.contains("migrations"), "{said}");
+    cluster
+        .start_again()
+        .await
+        .expect("the restored cluster starts");
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM kept")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kept, 500, "every committed row came back");
+
+    // Bad inputs: one line each, nothing touched.
+    let occupied = root.path().join("occupied");
+    std::fs::create_dir(&occupied).unwrap();
+    std::fs::write(occupied.join("PG_VERSION"), "15").unwrap();
+    let at_flag = |at: &str| {
+        holdfast(
+            &[
+                "restore",
+                "--backup",
+                path(&target),
+                "--to",
+                path(&restored),
+                "--at",
+                at,
+            ],
+            &[],
+        )
+    };
+    let line = refusal(&at_flag("2001-01-01T00:00:00Z"));
+    assert!(line.contains("before the first backup"), "{line}");
+    let line = refusal(&at_flag("2999-01-01T00:00:00Z"));
+    assert!(line.contains("in the future"), "{line}");
+    assert!(!restored.exists(), "nothing was written");
+    let line = refusal(&restore_from(&target, &occupied));
+    assert!(line.contains("is not empty"), "{line}");
+    assert_eq!(
+        std::fs::read_to_string(occupied.join("PG_VERSION")).unwrap(),
+        "15"
+    );
+    let s3 = holdfast(
+        &[
+            &["backup", "now"][..],
+            &store,
+            &["--data-dir", path(&data), "--backup", "s3://bucket/pg"],
+        ]
+        .concat(),
+        &[],
+    );
+    assert!(refusal(&s3).contains("a PostgreSQL backup goes to a directory"));
+    // Another cluster's backup directory is not mixed with this one's.
+    let foreign = root.path().join("foreign");
+    std::fs::create_dir(&foreign).unwrap();
+    std::fs::write(
+        foreign.join("postgres.json"),
+        r#"{"system_identifier":"1","database":"holdfast"}"#,
+    )
+    .unwrap();
+    let mixed = holdfast(
+        &[
+            &["backup", "now"][..],
+            &store,
+            &["--data-dir", path(&data), "--backup", path(&foreign)],
+        ]
+        .concat(),
+        &[],
+    );
+    assert!(
+        refusal(&mixed).contains("another PostgreSQL cluster"),
+        "{mixed:?}"
     );
 }

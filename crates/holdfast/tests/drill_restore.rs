@@ -2,9 +2,11 @@
 //! workers and the backup's Litestream) is SIGKILLed and its data directory destroyed; a
 //! fresh node is restored from the continuous backup onto the same address and users keep
 //! shopping. And `--sabotage corrupt-backup` (the backup damaged before the restore reads it)
-//! must fail the drill, saying why. Needs Litestream (`scripts/install-backup-tools.sh`).
+//! must fail the drill, saying why. On SQLite (Litestream, `scripts/install-backup-tools.sh`)
+//! and on Postgres (the drill's own cluster: base backup and WAL, `pg_amcheck`;
+//! `scripts/install-drill-deps.sh`).
 
-use holdfast_testkit::process::{have_tool, run_drill};
+use holdfast_testkit::process::{have_tool, postgres_server_binaries_or_skip, run_drill};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 const INSTALL: &str = "scripts/install-backup-tools.sh";
@@ -43,14 +45,24 @@ fn a_lost_node_is_restored_from_its_backup_and_users_keep_shopping() {
     if !have_tool("litestream", INSTALL) {
         return;
     }
+    lose_and_restore(&[], "integrity_check ok");
+}
+
+#[test]
+fn a_lost_postgres_node_is_restored_from_its_base_backup_and_wal() {
+    if !postgres_server_binaries_or_skip() {
+        return;
+    }
+    lose_and_restore(&["--backend", "postgres"], "pg_amcheck ok");
+}
+
+/// The `lose-primary` drill with `engine` flags, whose restore must say `checked`.
+fn lose_and_restore(engine: &[&str], checked: &str) {
     let _turn = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
-    let (out, r, html) = run_drill(
-        BIN.as_ref(),
-        dir.path(),
-        "lose-primary",
-        &args(&["--faults", "lose-primary"]),
-    );
+    let mut more = vec!["--faults", "lose-primary"];
+    more.extend_from_slice(engine);
+    let (out, r, html) = run_drill(BIN.as_ref(), dir.path(), "lose-primary", &args(&more));
     assert_eq!(r["verdict"], "pass", "violated: {}", r["violated"]);
     assert!(out.status.success());
     let fault = &r["faults"][0];
@@ -71,10 +83,12 @@ fn a_lost_node_is_restored_from_its_backup_and_users_keep_shopping() {
             "{lost}"
         );
     }
+    let said = restore["said"].as_str().unwrap();
     assert!(
-        restore["said"].as_str().unwrap().contains("reconciled"),
+        said.contains("reconciled"),
         "the restore reconciled with the provider: {restore}"
     );
+    assert!(said.contains(checked), "{said}");
     // Users kept shopping: orders were acknowledged after the loss too.
     let lost_at = restore["rto_s"].as_f64().unwrap();
     assert!(lost_at > 0.0);
@@ -91,14 +105,25 @@ fn a_corrupt_backup_fails_the_restore_drill_and_says_why() {
     if !have_tool("litestream", INSTALL) {
         return;
     }
+    corrupt_backup(&[], "restoring from");
+}
+
+#[test]
+fn a_corrupt_postgres_backup_fails_the_restore_drill_and_says_why() {
+    if !postgres_server_binaries_or_skip() {
+        return;
+    }
+    corrupt_backup(&["--backend", "postgres"], "pg_verifybackup");
+}
+
+/// The `corrupt-backup` sabotage with `engine` flags: the drill fails, and its reason names
+/// `why_names`.
+fn corrupt_backup(engine: &[&str], why_names: &str) {
     let _turn = one_at_a_time();
     let dir = tempfile::tempdir().unwrap();
-    let (out, r, _) = run_drill(
-        BIN.as_ref(),
-        dir.path(),
-        "corrupt-backup",
-        &args(&["--faults", "none", "--sabotage", "corrupt-backup"]),
-    );
+    let mut more = vec!["--faults", "none", "--sabotage", "corrupt-backup"];
+    more.extend_from_slice(engine);
+    let (out, r, _) = run_drill(BIN.as_ref(), dir.path(), "corrupt-backup", &args(&more));
     assert!(!out.status.success(), "the drill must fail");
     assert_eq!(r["verdict"], "fail");
     let violated = holdfast_testkit::process::violated(&r);
@@ -111,7 +136,7 @@ fn a_corrupt_backup_fails_the_restore_drill_and_says_why() {
         .map(|v| v["detail"].as_str().unwrap().to_owned())
         .unwrap();
     assert!(
-        why.contains("was not restored") && why.contains("restoring from"),
+        why.contains("was not restored") && why.contains(why_names),
         "{why}"
     );
 }
