@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::litestream::{self, Config};
-use crate::{now_ms, postgres, Backup, Error, Source, Synced};
+use crate::{now_ms, pg_s3, postgres, Backup, Error, Source, Synced, Target};
 
 /// The replication's state file in [`Backup::run_dir`], rewritten after every check.
 const STATE_FILE: &str = "state.json";
@@ -130,7 +130,7 @@ impl Continuous {
     pub async fn finish(self) -> Result<crate::Synced, Error> {
         match &self.backup.source {
             Source::Sqlite(_) => litestream::sync(&self.backup).await,
-            Source::Postgres(url) => postgres::prove(url, self.backup.target.dir()?).await,
+            Source::Postgres(_) => self.backup.now().await,
         }
     }
 
@@ -143,7 +143,27 @@ impl Continuous {
 /// What a replicator of one engine does: its command, when it is ready, and its proof.
 enum Engine {
     Litestream(Config),
-    Postgres { url: String, dir: PathBuf },
+    Postgres {
+        url: String,
+        /// The target directory, or the spool a mirror ships to a bucket.
+        dir: PathBuf,
+        mirror: Option<MirrorState>,
+    },
+}
+
+/// The mirror of a PostgreSQL backup to a bucket: ships on its own task.
+struct MirrorState {
+    bucket: pg_s3::Bucket,
+    running: Option<(watch::Receiver<u64>, AbortOnDrop)>,
+}
+
+/// A task that ends when its handle is dropped (with the supervisor's own task).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Engine {
@@ -156,9 +176,17 @@ impl Engine {
             Source::Postgres(url) => {
                 postgres::bin("pg_receivewal")?;
                 postgres::bin("pg_basebackup")?;
+                let mirror = match backup.target {
+                    Target::Dir(_) => None,
+                    Target::S3 { .. } => Some(MirrorState {
+                        bucket: pg_s3::Bucket::open(&backup.target)?,
+                        running: None,
+                    }),
+                };
                 Engine::Postgres {
                     url: url.clone(),
-                    dir: backup.target.dir()?.to_path_buf(),
+                    dir: backup.pg_dir()?,
+                    mirror,
                 }
             }
         })
@@ -172,21 +200,41 @@ impl Engine {
         }
     }
 
-    /// Before each start: on PostgreSQL the slot, and a base backup when there is none.
-    async fn prepare(&self) -> Result<(), Error> {
+    /// Before each start: on PostgreSQL the slot, and a base backup when there is none (for
+    /// a bucket: none in the bucket), and the mirror's task.
+    async fn prepare(&mut self) -> Result<(), Error> {
         match self {
             Engine::Litestream(config) => {
                 let _ = std::fs::remove_file(&config.socket);
                 Ok(())
             }
-            Engine::Postgres { url, dir } => postgres::prepare(url, dir, true).await,
+            Engine::Postgres {
+                url,
+                dir,
+                mirror: None,
+            } => postgres::prepare(url, dir, true).await,
+            Engine::Postgres {
+                url,
+                dir,
+                mirror: Some(mirror),
+            } => {
+                let needs_base = !mirror.bucket.has_base().await?;
+                postgres::prepare(url, dir, needs_base).await?;
+                if mirror.running.is_none() {
+                    let shipping = pg_s3::Mirror::new(mirror.bucket.clone(), dir.clone());
+                    let shipped = shipping.shipped();
+                    let task = tokio::spawn(shipping.run(url.clone()));
+                    mirror.running = Some((shipped, AbortOnDrop(task)));
+                }
+                Ok(())
+            }
         }
     }
 
     fn command(&self) -> Result<tokio::process::Command, Error> {
         match self {
             Engine::Litestream(config) => litestream::replicate_command(config),
-            Engine::Postgres { url, dir } => postgres::receiver_command(url, dir),
+            Engine::Postgres { url, dir, .. } => postgres::receiver_command(url, dir),
         }
     }
 
@@ -206,7 +254,13 @@ impl Engine {
     async fn prove(&self, backup: &Backup) -> Result<Synced, Error> {
         match self {
             Engine::Litestream(_) => litestream::sync(backup).await,
-            Engine::Postgres { url, dir } => postgres::prove(url, dir).await,
+            Engine::Postgres { url, dir, mirror } => {
+                let synced = postgres::prove(url, dir).await?;
+                if let Some((shipped, _)) = mirror.as_ref().and_then(|m| m.running.as_ref()) {
+                    pg_s3::shipped_to(&mut shipped.clone(), synced.txid.unwrap_or(0)).await?;
+                }
+                Ok(synced)
+            }
         }
     }
 }
@@ -233,7 +287,7 @@ fn stop_leftover(run_dir: &Path, mark: &str) {
 
 async fn supervise(
     backup: Backup,
-    engine: Engine,
+    mut engine: Engine,
     check_every: Duration,
     health: watch::Sender<Health>,
 ) {

@@ -20,6 +20,7 @@
 
 mod continuous;
 mod litestream;
+mod pg_s3;
 mod postgres;
 mod restore;
 mod target;
@@ -127,14 +128,9 @@ impl Backup {
         })
     }
 
-    /// The PostgreSQL server `url` names, backed up to `target` (a directory), with its run
-    /// files in `data_dir`.
+    /// The PostgreSQL server `url` names, backed up to `target`, with its run files (and,
+    /// for an S3 target, the spool the mirror ships from) in `data_dir`.
     pub fn of_postgres(url: &str, data_dir: &Path, target: Target) -> Result<Backup, Error> {
-        if !matches!(target, Target::Dir(_)) {
-            return Err(Error::Usage(format!(
-                "{target}: a PostgreSQL backup goes to a directory (a mounted volume or another disk); S3 targets are for the SQLite store"
-            )));
-        }
         let data_dir = std::path::absolute(data_dir).map_err(Error::io("the data directory"))?;
         Ok(Backup {
             source: Source::Postgres(url.to_owned()),
@@ -164,7 +160,13 @@ impl Backup {
                 )));
             }
             if let Source::Postgres(url) = &self.source {
-                return postgres::prove(url, self.target.dir()?).await;
+                let synced = postgres::prove(url, &self.pg_dir()?).await?;
+                // For a bucket, the running mirror must have shipped it too.
+                if let Target::S3 { .. } = self.target {
+                    let bucket = pg_s3::Bucket::open(&self.target)?;
+                    pg_s3::bucket_reaches(&bucket, synced.txid.unwrap_or(0)).await?;
+                }
+                return Ok(synced);
             }
             // Through the running replication, which may be (re)starting Litestream.
             let mut tries = 0;
@@ -179,10 +181,16 @@ impl Backup {
             }
         }
         if let Source::Postgres(url) = &self.source {
-            let dir = self.target.dir()?;
-            postgres::prepare(url, dir, false).await?;
-            let base = postgres::take_base(url, dir).await?;
+            let dir = self.pg_dir()?;
+            self.target.reachable().await?;
+            postgres::prepare(url, &dir, false).await?;
+            let base = postgres::take_base(url, &dir).await?;
             tracing::info!(base = %base.display(), "base backup taken");
+            if let Target::S3 { .. } = self.target {
+                pg_s3::Mirror::new(pg_s3::Bucket::open(&self.target)?, dir)
+                    .ship(0)
+                    .await?;
+            }
             return Ok(Synced {
                 txid: None,
                 took: started.elapsed(),
@@ -199,11 +207,28 @@ impl Backup {
     /// What the target holds: the range of moments a restore can return to.
     pub async fn points(&self) -> Result<Points, Error> {
         if let Source::Postgres(_) = &self.source {
-            return postgres::points(self.target.dir()?);
+            return match &self.target {
+                Target::Dir(dir) => postgres::points(dir),
+                Target::S3 { .. } => {
+                    self.target.reachable().await?;
+                    pg_s3::points(&pg_s3::Bucket::open(&self.target)?).await
+                }
+            };
         }
         let scratch = tempfile::tempdir().map_err(Error::io("a scratch directory"))?;
         let config = litestream::Config::write_for(self, scratch.path())?;
         litestream::points(&config, &self.target).await
+    }
+}
+
+impl Backup {
+    /// Where a PostgreSQL backup's files are written: the target directory, or for a bucket
+    /// the spool its mirror ships from.
+    pub(crate) fn pg_dir(&self) -> Result<PathBuf, Error> {
+        Ok(match &self.target {
+            Target::Dir(dir) => dir.clone(),
+            Target::S3 { .. } => self.run_dir.join("spool"),
+        })
     }
 }
 

@@ -30,7 +30,7 @@ use crate::{Error, Synced};
 /// The replication slot the receiver streams from: the server keeps WAL until it is ours.
 pub(crate) const SLOT: &str = "holdfast_backup";
 /// Marks a target as a PostgreSQL backup, and of which cluster.
-const MARKER: &str = "postgres.json";
+pub(crate) const MARKER: &str = "postgres.json";
 /// How long a proof waits for the receiver to flush what the server has flushed.
 const PROOF_DEADLINE: Duration = Duration::from_secs(10);
 /// How long a base backup, or a restore's recovery, may take.
@@ -93,7 +93,7 @@ pub(crate) fn bin(name: &str) -> Result<PathBuf, Error> {
         })
 }
 
-async fn connect(url: &str) -> Result<PgConnection, Error> {
+pub(crate) async fn connect(url: &str) -> Result<PgConnection, Error> {
     let options: PgConnectOptions = url
         .parse()
         .map_err(|e| Error::Usage(format!("{}: not a PostgreSQL URL ({e})", redacted(url))))?;
@@ -115,7 +115,7 @@ fn sql(what: &str) -> impl FnOnce(sqlx::Error) -> Error + '_ {
 }
 
 /// `X/Y` as a number.
-fn lsn(text: &str) -> Option<u64> {
+pub(crate) fn lsn(text: &str) -> Option<u64> {
     let (hi, lo) = text.split_once('/')?;
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
@@ -198,7 +198,7 @@ fn bases(dir: &Path) -> Result<Vec<(OffsetDateTime, PathBuf)>, Error> {
 const STAMP: &[time::format_description::BorrowedFormatItem<'static>] =
     time::macros::format_description!("[year][month][day]T[hour][minute][second]Z");
 
-fn parse_stamp(name: &str) -> Option<OffsetDateTime> {
+pub(crate) fn parse_stamp(name: &str) -> Option<OffsetDateTime> {
     time::PrimitiveDateTime::parse(name, STAMP)
         .ok()
         .map(time::PrimitiveDateTime::assume_utc)
@@ -280,16 +280,8 @@ pub(crate) async fn prove(url: &str, dir: &Path) -> Result<Synced, Error> {
         .map_err(sql("reading the server's WAL position"))?;
     let wanted_at = lsn(&wanted).unwrap_or(u64::MAX);
     loop {
-        let flushed: Option<String> = sqlx::query_scalar(
-            "SELECT r.flush_lsn::text FROM pg_stat_replication r \
-             JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1",
-        )
-        .bind(SLOT)
-        .fetch_optional(&mut conn)
-        .await
-        .map_err(sql("reading the receiver's position"))?
-        .flatten();
-        match flushed.as_deref().and_then(lsn) {
+        let flushed = receiver_flushed(&mut conn).await?;
+        match flushed {
             Some(at) if at >= wanted_at => {
                 let _ = conn.close().await;
                 write_proven(dir, at);
@@ -303,9 +295,10 @@ pub(crate) async fn prove(url: &str, dir: &Path) -> Result<Synced, Error> {
                     what: "proving the backup".into(),
                     detail: match flushed {
                         None => "no WAL receiver is streaming from the backup's slot".into(),
-                        Some(at) => {
-                            format!("the target has WAL to {at}, the server flushed to {wanted}")
-                        }
+                        Some(at) => format!(
+                            "the target has WAL to {}, the server flushed to {wanted}",
+                            lsn_text(at)
+                        ),
                     },
                 })
             }
@@ -314,10 +307,58 @@ pub(crate) async fn prove(url: &str, dir: &Path) -> Result<Synced, Error> {
     }
 }
 
+/// How far the receiver on our slot has flushed, as the server knows it; `None` when none
+/// streams.
+pub(crate) async fn receiver_flushed(conn: &mut PgConnection) -> Result<Option<u64>, Error> {
+    let flushed: Option<String> = sqlx::query_scalar(
+        "SELECT r.flush_lsn::text FROM pg_stat_replication r \
+         JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = $1",
+    )
+    .bind(SLOT)
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(sql("reading the receiver's position"))?
+    .flatten();
+    Ok(flushed.as_deref().and_then(lsn))
+}
+
+/// Whether two markers name the same cluster.
+pub(crate) fn same_cluster(a: &[u8], b: &[u8]) -> bool {
+    let id = |m: &[u8]| {
+        serde_json::from_slice::<Marker>(m)
+            .ok()
+            .map(|m| m.system_identifier)
+    };
+    id(a).is_some() && id(a) == id(b)
+}
+
+/// The base backup a restore as of `at` starts from: the newest complete at or before it.
+pub(crate) fn choose<T: Clone>(
+    bases: &[(OffsetDateTime, T)],
+    at: Option<OffsetDateTime>,
+    shown: &str,
+) -> Result<(OffsetDateTime, T), Error> {
+    let first = bases.first().map(|b| b.0).ok_or_else(|| Error::NoBackup {
+        target: shown.to_owned(),
+        why: "it holds no base backup".into(),
+    })?;
+    match at {
+        None => bases.last().cloned(),
+        Some(at) => bases.iter().rev().find(|b| b.0 <= at).cloned(),
+    }
+    .ok_or_else(|| {
+        Error::Usage(format!(
+            "--at {} is before the first backup at {shown} ({}); nothing was touched",
+            at.map(crate::rfc3339).unwrap_or_default(),
+            crate::rfc3339(first)
+        ))
+    })
+}
+
 /// One WAL page: a proof may end inside a record that spans pages.
 const WAL_PAGE: u64 = 8192;
 /// The newest position a proof found in the target, for a restore to check it reached.
-const PROVEN: &str = "proven";
+pub(crate) const PROVEN: &str = "proven";
 
 fn read_proven(dir: &Path) -> Option<u64> {
     lsn(std::fs::read_to_string(dir.join(PROVEN)).ok()?.trim())
@@ -334,7 +375,7 @@ fn write_proven(dir: &Path, at: u64) {
     }
 }
 
-fn lsn_text(at: u64) -> String {
+pub(crate) fn lsn_text(at: u64) -> String {
     format!("{:X}/{:X}", at >> 32, at & 0xffff_ffff)
 }
 
@@ -342,11 +383,30 @@ fn lsn_text(at: u64) -> String {
 /// every segment from the one the base backup began in on (a `.partial` one, still being
 /// received when the backup was lost, under its full name), and the timeline histories.
 fn copy_wal(wal: &Path, base: &Path, pg_wal: &Path) -> Result<usize, Error> {
+    let start = start_segment(base)?;
+    let mut copied = 0;
+    for entry in std::fs::read_dir(wal).map_err(Error::io(format!("reading {}", wal.display())))? {
+        let entry = entry.map_err(Error::io("reading the backup's WAL"))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let full = name.strip_suffix(".partial").unwrap_or(&name);
+        // A completed segment wins over a partial one of the same name.
+        if !wanted_segment(full, &start) || (name != full && wal.join(full).exists()) {
+            continue;
+        }
+        std::fs::copy(entry.path(), pg_wal.join(full))
+            .map_err(Error::io(format!("copying {name}")))?;
+        copied += 1;
+    }
+    Ok(copied)
+}
+
+/// The WAL segment a base backup began in (its `backup_label`).
+pub(crate) fn start_segment(base: &Path) -> Result<String, Error> {
     let label = std::fs::read_to_string(base.join("backup_label")).map_err(Error::io(format!(
         "reading {}/backup_label",
         base.display()
     )))?;
-    let start = label
+    label
         .lines()
         .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
         .and_then(|l| l.split("(file ").nth(1))
@@ -355,26 +415,14 @@ fn copy_wal(wal: &Path, base: &Path, pg_wal: &Path) -> Result<usize, Error> {
         .ok_or_else(|| Error::Integrity {
             target: base.display().to_string(),
             detail: "its backup_label names no start segment".into(),
-        })?;
-    let mut copied = 0;
-    for entry in std::fs::read_dir(wal).map_err(Error::io(format!("reading {}", wal.display())))? {
-        let entry = entry.map_err(Error::io("reading the backup's WAL"))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let full = name.strip_suffix(".partial").unwrap_or(&name);
-        let wanted = if full.ends_with(".history") {
-            true
-        } else {
-            full.len() == 24 && full[8..] >= start[8..] && full[..8] >= start[..8]
-        };
-        // A completed segment wins over a partial one of the same name.
-        if !wanted || (name != full && wal.join(full).exists()) {
-            continue;
-        }
-        std::fs::copy(entry.path(), pg_wal.join(full))
-            .map_err(Error::io(format!("copying {name}")))?;
-        copied += 1;
-    }
-    Ok(copied)
+        })
+}
+
+/// Whether a restore from a base backup that began in segment `start` needs the WAL file
+/// `name`: the timelines' histories, and every segment from `start` on.
+pub(crate) fn wanted_segment(name: &str, start: &str) -> bool {
+    name.ends_with(".history")
+        || (name.len() == 24 && name[8..] >= start[8..] && name[..8] >= start[..8])
 }
 
 /// What `dir` holds: its base backups, and WAL up to the newest segment received.
@@ -465,23 +513,7 @@ pub(crate) async fn restore(
     then: Option<crate::Then>,
 ) -> Result<Recovered, Error> {
     let marker = read_marker(dir)?;
-    let bases = bases(dir)?;
-    let first = bases.first().map(|b| b.0).ok_or_else(|| Error::NoBackup {
-        target: dir.display().to_string(),
-        why: "it holds no base backup".into(),
-    })?;
-    let (base_at, base) = match at {
-        None => bases.last().cloned(),
-        Some(at) => bases.iter().rev().find(|b| b.0 <= at).cloned(),
-    }
-    .ok_or_else(|| {
-        Error::Usage(format!(
-            "--at {} is before the first backup at {} ({}); nothing was touched",
-            at.map(crate::rfc3339).unwrap_or_default(),
-            dir.display(),
-            crate::rfc3339(first)
-        ))
-    })?;
+    let (base_at, base) = choose(&bases(dir)?, at, &dir.display().to_string())?;
     // The base backup is what its manifest says (checksums of every file, and its WAL).
     run(
         "pg_verifybackup",
@@ -693,34 +725,53 @@ impl Private {
                 &options,
             ])
             .await;
-        if let Err(e) = started {
-            let log = std::fs::read_to_string(server.log()).unwrap_or_default();
-            let reason = log
-                .lines()
-                .rev()
-                .find(|l| l.contains("FATAL") || l.contains("PANIC"))
-                .unwrap_or("")
-                .to_owned();
-            server.stop().await;
-            if reason.contains("before configured recovery target") {
-                return Err(Error::Usage(
-                    "--at is later than the newest change the backup holds; give an earlier time or none".into(),
-                ));
-            }
-            return Err(Error::Tool {
-                what: "recovering the restored server".into(),
-                detail: if reason.is_empty() {
-                    e.to_string()
-                } else {
-                    reason
-                },
-            });
-        }
+        // With hot_standby off, `pg_ctl -w` returns once recovery is consistent; the server
+        // takes connections once it has replayed everything and been promoted.
         let url = format!(
             "postgres://postgres@localhost/postgres?host={}&port={port}",
             server.socket_dir().display()
         );
-        let mut conn = connect(&url).await?;
+        let deadline = Instant::now() + LONG_DEADLINE;
+        let conn = match started {
+            Err(e) => Err(e),
+            Ok(()) => loop {
+                match connect(&url).await {
+                    Ok(conn) => break Ok(conn),
+                    Err(e)
+                        if !data.join("postmaster.pid").exists() || Instant::now() > deadline =>
+                    {
+                        break Err(e)
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            },
+        };
+        let mut conn = match conn {
+            Ok(conn) => conn,
+            Err(e) => {
+                let log = std::fs::read_to_string(server.log()).unwrap_or_default();
+                let reason = log
+                    .lines()
+                    .rev()
+                    .find(|l| l.contains("FATAL") || l.contains("PANIC"))
+                    .unwrap_or("")
+                    .to_owned();
+                server.stop().await;
+                if reason.contains("before configured recovery target") {
+                    return Err(Error::Usage(
+                        "--at is later than the newest change the backup holds; give an earlier time or none".into(),
+                    ));
+                }
+                return Err(Error::Tool {
+                    what: "recovering the restored server".into(),
+                    detail: if reason.is_empty() {
+                        e.to_string()
+                    } else {
+                        reason
+                    },
+                });
+            }
+        };
         let (recovering, end): (bool, Option<String>) =
             sqlx::query_as("SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn()::text")
                 .fetch_one(&mut conn)

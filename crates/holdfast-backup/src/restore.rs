@@ -76,8 +76,29 @@ pub async fn restore(
             )));
         }
     }
-    if let Target::Dir(dir) = target {
-        if postgres::is_backup(dir) {
+    // A PostgreSQL backup: in a directory, or fetched from a bucket into a scratch one.
+    let fetched = match target {
+        Target::S3 { .. } => {
+            target.reachable().await?;
+            let bucket = crate::pg_s3::Bucket::open(target)?;
+            if bucket.holds_postgres().await? {
+                let scratch = tempfile::tempdir().map_err(Error::io("a scratch directory"))?;
+                crate::pg_s3::fetch(&bucket, scratch.path(), at).await?;
+                Some(scratch)
+            } else {
+                None
+            }
+        }
+        Target::Dir(_) => None,
+    };
+    let pg_dir = match (target, &fetched) {
+        (_, Some(scratch)) => Some(scratch.path().to_path_buf()),
+        (Target::Dir(dir), None) if postgres::is_backup(dir) => Some(dir.clone()),
+        _ => None,
+    };
+    if let Some(dir) = pg_dir {
+        {
+            let dir = &dir;
             std::fs::create_dir_all(&to)
                 .map_err(Error::io(format!("creating {}", to.display())))?;
             return match postgres::restore(dir, &to, at, then).await {

@@ -50,16 +50,6 @@ impl Target {
         env(&["AWS_ENDPOINT_URL", "AWS_ENDPOINT"])
     }
 
-    /// The directory of a directory target.
-    pub(crate) fn dir(&self) -> Result<&std::path::Path, Error> {
-        match self {
-            Target::Dir(dir) => Ok(dir),
-            Target::S3 { .. } => Err(Error::Usage(format!(
-                "{self}: a PostgreSQL backup is kept in a directory"
-            ))),
-        }
-    }
-
     /// Whether the target is reached without TLS (an `http://` S3 endpoint).
     pub(crate) fn plain_http(&self) -> bool {
         matches!(self, Target::S3 { .. })

@@ -38,6 +38,10 @@ pub enum BenchCommand {
 /// `holdfast bench restore`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchRestoreArgs {
+    /// The engine: sqlite (Litestream) or postgres (a throwaway cluster of the bench's own,
+    /// backed up by base backup and WAL).
+    #[arg(long, value_parser = parse_backend, default_value = "sqlite")]
+    pub backend: Backend,
     /// The store to back up and restore, MiB.
     #[arg(long, default_value_t = 1024)]
     pub size_mib: u64,

@@ -1,25 +1,30 @@
 //! `holdfast bench restore`: what the continuous backup costs and how fast it brings a lost
 //! store back, against the floor of copying the same bytes.
 //!
-//! Three parts, one after another so each has the machine to itself:
+//! Three parts, one after another so each has the machine to itself, on the engine of
+//! `--backend` (SQLite; or PostgreSQL, on throwaway clusters of the bench's own):
 //! 1. **Overhead**: keyed checkouts/s through `holdfast up` without and with `--backup`
-//!    (Litestream shipping every commit within a second), same shoppers' loop as `bench
-//!    checkout`; the ratio is the cost.
+//!    (Litestream shipping every commit within a second; or `pg_receivewal` flushing every
+//!    WAL record as it comes), same shoppers' loop as `bench checkout`; the ratio is the cost.
 //! 2. **Restore time**: a store of `--size-mib` (the shop's schema plus a filler table of
-//!    random bytes, which compress no better than real rows do), backed up once; then `cp -r`
-//!    of the backup's files (the physical floor: the same bytes read and written), `holdfast
-//!    restore` of it (decode, write, `PRAGMA integrity_check`), and `holdfast up` on the
-//!    restored store until its first 2xx. Restore ÷ copy is the ratio; restore + start is the
-//!    RTO of this size on this machine.
+//!    random bytes, which compress no better than real rows do; on PostgreSQL stored
+//!    uncompressed), backed up once; then `cp -r` of the backup's files (the physical floor:
+//!    the same bytes read and written), `holdfast restore` of it (decode or verify, write,
+//!    replay, `PRAGMA integrity_check` or `pg_amcheck`), and `holdfast up` on the restored
+//!    store until its first 2xx (on PostgreSQL after `pg_ctl start` of it). Restore ÷ copy is
+//!    the ratio; restore + start is the RTO of this size on this machine.
 //! 3. **RPO and RTO under load**: `--drills` runs of `holdfast drill --faults lose-primary`,
 //!    each reporting the oldest acknowledged write the restore lost (RPO) and loss → first
 //!    2xx from the restored node (RTO).
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use holdfast_core::Backend;
+use holdfast_drill::Cluster;
 use serde::Serialize;
 
 use crate::checkout::{drive, signup_users, start_system, through, Phase};
@@ -59,6 +64,7 @@ struct Drill {
 
 #[derive(Debug, Serialize)]
 struct Report {
+    backend: &'static str,
     overhead: Overhead,
     restore: RestoreTime,
     drills: Vec<Drill>,
@@ -83,10 +89,18 @@ pub async fn run(args: BenchRestoreArgs) -> anyhow::Result<()> {
         rounds: 1,
         peers: false,
     };
-    eprintln!("bench restore: checkout throughput without and with the continuous backup");
-    let without_backup = keyed_phase(&checkout_args, &program, false).await?;
-    let with_backup = keyed_phase(&checkout_args, &program, true).await?;
+    let backend = args.backend;
+    eprintln!(
+        "bench restore ({}): checkout throughput without and with the continuous backup",
+        backend.name()
+    );
+    let without_backup = keyed_phase(&checkout_args, &program, backend, false).await?;
+    let with_backup = keyed_phase(&checkout_args, &program, backend, true).await?;
     let ratio = ratio(with_backup.checkouts_per_s, without_backup.checkouts_per_s);
+    eprintln!(
+        "bench restore: {:.0} keyed checkouts/s without the backup, {:.0} with: {ratio:.2}x",
+        without_backup.checkouts_per_s, with_backup.checkouts_per_s
+    );
     let overhead = Overhead {
         without_backup,
         with_backup,
@@ -96,7 +110,10 @@ pub async fn run(args: BenchRestoreArgs) -> anyhow::Result<()> {
         "bench restore: a {} MiB store backed up, copied, restored and served",
         args.size_mib
     );
-    let restore = restore_time(&program, args.size_mib).await?;
+    let restore = match backend {
+        Backend::Sqlite => restore_time(&program, args.size_mib).await?,
+        Backend::Postgres => postgres_restore_time(&program, args.size_mib).await?,
+    };
     let mut drills = Vec::new();
     for n in 0..args.drills {
         eprintln!(
@@ -104,9 +121,10 @@ pub async fn run(args: BenchRestoreArgs) -> anyhow::Result<()> {
             n + 1,
             args.drills
         );
-        drills.push(drill(&program, n as u64 + 1)?);
+        drills.push(drill(&program, backend, n as u64 + 1)?);
     }
     let report = Report {
+        backend: backend.name(),
         overhead,
         restore,
         drills,
@@ -127,14 +145,25 @@ fn ratio(a: f64, b: f64) -> f64 {
     }
 }
 
-/// Keyed checkouts/s on a fresh SQLite system, with or without the continuous backup.
-async fn keyed_phase(args: &BenchArgs, program: &Path, backup: bool) -> anyhow::Result<Phase> {
-    let dir = tempfile::tempdir()?;
+/// Keyed checkouts/s on a fresh system (on PostgreSQL, on a fresh throwaway cluster), with or
+/// without the continuous backup.
+async fn keyed_phase(
+    args: &BenchArgs,
+    program: &Path,
+    backend: Backend,
+    backup: bool,
+) -> anyhow::Result<Phase> {
+    let dir = Arc::new(tempfile::tempdir()?);
     let target = dir.path().join("backup");
     let target = target.to_str().context("a UTF-8 path")?;
     let data = dir.path().join("data");
     let extra: &[&str] = if backup { &["--backup", target] } else { &[] };
-    let system = start_system(args, program, &data, None, extra)?;
+    let cluster = match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(Cluster::start(&dir).await?),
+    };
+    let url = cluster.as_ref().map(|c| c.url());
+    let system = start_system(args, program, &data, url.as_deref(), extra)?;
     let users = signup_users(&system.url, args.users).await?;
     let keyed = through(&system.url, &users, "/api/checkout");
     drive(&keyed, Duration::from_secs(1)).await;
@@ -198,7 +227,81 @@ async fn restore_time(program: &Path, size_mib: u64) -> anyhow::Result<RestoreTi
         &["restore", "--backup", &backup, "--to", &restored],
     )?
     .as_secs_f64();
+    let start_s = first_2xx(program, Instant::now(), &["--data-dir", &restored]).await?;
+    Ok(RestoreTime {
+        database_mib: mib_of(&Path::new(&data).join("holdfast.sqlite")),
+        backup_mib: mib_of(Path::new(&backup)),
+        copy_s,
+        restore_s,
+        restore_vs_copy: ratio(restore_s, copy_s),
+        start_s,
+        rto_s: restore_s + start_s,
+    })
+}
+
+/// The same on PostgreSQL: a throwaway cluster filled to `size_mib`, a base backup of it
+/// (`backup now`), `cp -r` of that backup, `holdfast restore` into a fresh data directory, and
+/// the cluster started on it with `holdfast up` in front until the first 2xx.
+async fn postgres_restore_time(program: &Path, size_mib: u64) -> anyhow::Result<RestoreTime> {
+    let dir = Arc::new(tempfile::tempdir()?);
+    let cluster = Cluster::start(&dir).await?;
+    let url = cluster.url();
+    let path = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let (data, backup, copy) = (path("data"), path("backup"), path("copy"));
+    let store = ["--backend", "postgres", "--database-url", url.as_str()];
+    let data_flags = [&store[..], &["--data-dir", &data]].concat();
+    timed(program, &[&["migrate", "up"][..], &data_flags].concat())?;
+    fill_postgres(&url, size_mib).await?;
+    let database_mib = {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url).await?;
+        let bytes: i64 = sqlx::query_scalar("SELECT pg_database_size(current_database())")
+            .fetch_one(&mut conn)
+            .await?;
+        bytes as f64 / (1 << 20) as f64
+    };
+    timed(
+        program,
+        &[&["backup", "now", "--backup", &backup][..], &data_flags].concat(),
+    )?;
+    let copy_s = {
+        let started = Instant::now();
+        let status = Command::new("cp").args(["-r", &backup, &copy]).status()?;
+        anyhow::ensure!(status.success(), "cp -r failed");
+        Command::new("sync").status()?;
+        started.elapsed().as_secs_f64()
+    };
+    // The cluster and its disk are lost; the restore goes where its data directory was.
+    cluster.stop().await;
+    std::fs::remove_dir_all(&cluster.data)?;
+    let restored = cluster.data.to_string_lossy().into_owned();
+    let restore_s = timed(
+        program,
+        &["restore", "--backup", &backup, "--to", &restored],
+    )?
+    .as_secs_f64();
     let started = Instant::now();
+    cluster.start_again().await?;
+    let start_s = first_2xx(
+        program,
+        started,
+        &[&["--data-dir", &path("data2")][..], &store].concat(),
+    )
+    .await?;
+    Ok(RestoreTime {
+        database_mib,
+        backup_mib: mib_of(Path::new(&backup)),
+        copy_s,
+        restore_s,
+        restore_vs_copy: ratio(restore_s, copy_s),
+        start_s,
+        rto_s: restore_s + start_s,
+    })
+}
+
+/// `holdfast up` with `store_flags` (one instance, no worker) until its first 2xx: seconds
+/// since `started`.
+async fn first_2xx(program: &Path, started: Instant, store_flags: &[&str]) -> anyhow::Result<f64> {
     let mut up = Command::new(program)
         .args([
             "up",
@@ -211,7 +314,7 @@ async fn restore_time(program: &Path, size_mib: u64) -> anyhow::Result<RestoreTi
             "--workers",
             "0",
         ])
-        .args(["--data-dir", &restored])
+        .args(store_flags)
         .env("RUST_LOG", "warn")
         .stdout(std::process::Stdio::piped())
         .spawn()?;
@@ -245,15 +348,24 @@ async fn restore_time(program: &Path, size_mib: u64) -> anyhow::Result<RestoreTi
         nix::sys::signal::Signal::SIGTERM,
     );
     let _ = up.wait();
-    Ok(RestoreTime {
-        database_mib: mib_of(&Path::new(&data).join("holdfast.sqlite")),
-        backup_mib: mib_of(Path::new(&backup)),
-        copy_s,
-        restore_s,
-        restore_vs_copy: ratio(restore_s, copy_s),
-        start_s,
-        rto_s: restore_s + start_s,
-    })
+    Ok(start_s)
+}
+
+/// Grows the PostgreSQL store to about `size_mib` with a filler table of random bytes, stored
+/// uncompressed, in 64 MiB transactions.
+async fn fill_postgres(url: &str, size_mib: u64) -> anyhow::Result<()> {
+    use sqlx::{Connection, Executor};
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    conn.execute("CREATE TABLE bench_filler (id bigserial PRIMARY KEY, bytes bytea NOT NULL); ALTER TABLE bench_filler ALTER COLUMN bytes SET STORAGE EXTERNAL")
+        .await?;
+    // 64 KiB rows of random bytes, 1024 per transaction.
+    for _ in 0..size_mib.div_ceil(64) {
+        conn.execute("INSERT INTO bench_filler (bytes) SELECT (SELECT string_agg(decode(md5(random()::text || i || g), 'hex'), ''::bytea) FROM generate_series(1, 4096) AS i) FROM generate_series(1, 1024) AS g")
+            .await?;
+    }
+    conn.execute("CHECKPOINT").await?;
+    conn.close().await?;
+    Ok(())
 }
 
 /// Grows the store to about `size_mib` with a filler table of random bytes, in 64 MiB
@@ -279,7 +391,7 @@ async fn fill(database: &Path, size_mib: u64) -> anyhow::Result<()> {
 }
 
 /// One `holdfast drill --faults lose-primary`; its figures.
-fn drill(program: &Path, seed: u64) -> anyhow::Result<Drill> {
+fn drill(program: &Path, backend: Backend, seed: u64) -> anyhow::Result<Drill> {
     let dir = tempfile::tempdir()?;
     let json = dir.path().join("drill.json");
     let out = Command::new(program)
@@ -290,6 +402,8 @@ fn drill(program: &Path, seed: u64) -> anyhow::Result<Drill> {
             "--duration",
             "20s",
             "--no-alerts",
+            "--backend",
+            backend.name(),
         ])
         .args(["--seed", &seed.to_string()])
         .arg("--json")

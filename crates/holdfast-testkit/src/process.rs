@@ -27,8 +27,14 @@ impl Proc {
     /// Starts `program ARGS` with stdout captured, stderr passed through (`RUST_LOG`, default
     /// `warn`) and no `DATABASE_URL` from the environment.
     pub fn spawn(program: &Path, args: &[&str]) -> Self {
+        Self::spawn_with_env(program, args, &[])
+    }
+
+    /// [`Proc::spawn`] with `env` set as well.
+    pub fn spawn_with_env(program: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(program)
             .args(args)
+            .envs(env.iter().copied())
             .env_remove("DATABASE_URL")
             .env(
                 "RUST_LOG",

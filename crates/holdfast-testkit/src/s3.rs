@@ -79,12 +79,20 @@ impl S3Server {
 
     /// The keys in `bucket`, as its listing names them.
     pub async fn keys(&self, bucket: &str) -> Vec<String> {
-        let xml = reqwest::get(format!("{}/{bucket}?list-type=2", self.endpoint))
-            .await
-            .expect("list the bucket")
-            .text()
-            .await
-            .expect("listing");
+        self.keys_under(bucket, "").await
+    }
+
+    /// The keys in `bucket` that start with `prefix` (the first 1,000).
+    pub async fn keys_under(&self, bucket: &str, prefix: &str) -> Vec<String> {
+        let xml = reqwest::get(format!(
+            "{}/{bucket}?list-type=2&prefix={prefix}",
+            self.endpoint
+        ))
+        .await
+        .expect("list the bucket")
+        .text()
+        .await
+        .expect("listing");
         xml.split("<Key>")
             .skip(1)
             .filter_map(|s| s.split("</Key>").next())
