@@ -1,22 +1,26 @@
-//! Backups of the embedded SQLite store that are proven by restoring them.
+//! Backups of the store, on either engine, that are proven by restoring them.
 //!
 //! Holdfast survives losing any process, but a lost disk takes the database with it. This
 //! crate ships the database's changes somewhere else as they commit and brings them back:
 //!
-//! - [`Continuous`] keeps Litestream (the field's SQLite WAL shipper, run as a supervised
-//!   child process) replicating the database to a [`Target`] — a directory, or an
-//!   S3-compatible bucket — every second, and proves each interval with a forced sync whose
-//!   success time it publishes ([`Health`]) for the operator port and `holdfast backup status`.
+//! - [`Continuous`] keeps the engine's replicator running as a supervised child process —
+//!   Litestream (the field's SQLite WAL shipper) for the embedded store, `pg_receivewal` on a
+//!   replication slot (after a `pg_basebackup`) for PostgreSQL — to a [`Target`], a directory
+//!   or an S3-compatible bucket, and proves it every few seconds (a forced sync; the
+//!   receiver's flush position reaching the server's), publishing the success time
+//!   ([`Health`]) for the operator port and `holdfast backup status`.
 //! - [`Backup::now`] forces one sync, [`Backup::points`] lists what can be restored.
 //! - [`restore`] writes the database as of a moment into an empty directory and refuses to
-//!   report success unless SQLite's `PRAGMA integrity_check` says `ok` and the file is a
-//!   Holdfast store (it has the migration ledger).
+//!   report success unless the engine's check passes (SQLite's `PRAGMA integrity_check`;
+//!   `pg_verifybackup`, a replay that reaches what the backup proved, and `pg_amcheck`) and
+//!   it is a Holdfast store (it has the migration ledger).
 //!
-//! A restore never writes to a live database: its destination must be new or empty.
-//! Replication does write to the live one, as little as it can: Litestream keeps two small
-//! bookkeeping tables of its own in it and is the only one to checkpoint its WAL (every
-//! process on the database runs with SQLite's autocheckpoint off: see `holdfast-store`'s
-//! `StoreOptions::sqlite_autocheckpoint`).
+//! A restore never writes to a live database: its destination must be new or empty, and a
+//! PostgreSQL restore's server listens only on a private Unix socket. Replication does write
+//! to the live one, as little as it can: Litestream keeps two small bookkeeping tables of its
+//! own in it and is the only one to checkpoint its WAL (every process on the database runs
+//! with SQLite's autocheckpoint off: see `holdfast-store`'s
+//! `StoreOptions::sqlite_autocheckpoint`); on PostgreSQL the backup holds a replication slot.
 
 mod continuous;
 mod litestream;

@@ -59,7 +59,7 @@ impl Config {
         let yaml = format!(
             "# Written by holdfast for {target}; rewritten on every start.\n\
              socket:\n  enabled: true\n  path: {socket}\n\
-             dbs:\n  - path: {db}\n    monitor-interval: 250ms\n{replica}",
+             dbs:\n  - path: {db}\n    monitor-interval: 500ms\n{replica}",
             target = backup.target,
             socket = q(&config.socket),
             db = q(&config.database),

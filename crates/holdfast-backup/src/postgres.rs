@@ -254,7 +254,8 @@ pub(crate) async fn take_base(url: &str, dir: &Path) -> Result<PathBuf, Error> {
 /// record as it arrives and tells the server so at once (`--synchronous`), and exits on any
 /// failure for its supervisor to start it again (`--no-loop`). Dies with its supervisor.
 pub(crate) fn receiver_command(url: &str, dir: &Path) -> Result<tokio::process::Command, Error> {
-    let mut cmd = crate::litestream::dies_with_parent(bin("pg_receivewal")?);
+    let receiver = bin("pg_receivewal")?;
+    let mut cmd = crate::litestream::dies_with_parent(receiver);
     cmd.arg("-D")
         .arg(dir.join("wal"))
         .args([

@@ -56,6 +56,9 @@ pub struct BenchRestoreArgs {
     /// Measured time per overhead phase.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub duration: Duration,
+    /// Overhead phases per side, taking turns at going first; the medians are compared.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// The `holdfast` executable (default: the one built beside this binary).

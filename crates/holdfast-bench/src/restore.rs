@@ -5,7 +5,8 @@
 //! `--backend` (SQLite; or PostgreSQL, on throwaway clusters of the bench's own):
 //! 1. **Overhead**: keyed checkouts/s through `holdfast up` without and with `--backup`
 //!    (Litestream shipping every commit within a second; or `pg_receivewal` flushing every
-//!    WAL record as it comes), same shoppers' loop as `bench checkout`; the ratio is the cost.
+//!    WAL record as it comes), same shoppers' loop as `bench checkout`, `--rounds` of each
+//!    taking turns at going first; the ratio of the medians is the cost.
 //! 2. **Restore time**: a store of `--size-mib` (the shop's schema plus a filler table of
 //!    random bytes, which compress no better than real rows do; on PostgreSQL stored
 //!    uncompressed), backed up once; then `cp -r` of the backup's files (the physical floor:
@@ -94,11 +95,25 @@ pub async fn run(args: BenchRestoreArgs) -> anyhow::Result<()> {
         "bench restore ({}): checkout throughput without and with the continuous backup",
         backend.name()
     );
-    let without_backup = keyed_phase(&checkout_args, &program, backend, false).await?;
-    let with_backup = keyed_phase(&checkout_args, &program, backend, true).await?;
+    // Taking turns at going first, so neither side always meets a warmer machine.
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for round in 0..args.rounds.max(1) {
+        for backup in [round % 2 == 1, round % 2 == 0] {
+            let phase = keyed_phase(&checkout_args, &program, backend, backup).await?;
+            eprintln!(
+                "bench restore: round {}: {:.0} keyed checkouts/s {} the backup",
+                round + 1,
+                phase.checkouts_per_s,
+                if backup { "with" } else { "without" }
+            );
+            if backup { &mut with } else { &mut without }.push(phase);
+        }
+    }
+    let without_backup = median(without);
+    let with_backup = median(with);
     let ratio = ratio(with_backup.checkouts_per_s, without_backup.checkouts_per_s);
     eprintln!(
-        "bench restore: {:.0} keyed checkouts/s without the backup, {:.0} with: {ratio:.2}x",
+        "bench restore: medians {:.0} keyed checkouts/s without the backup, {:.0} with: {ratio:.2}x",
         without_backup.checkouts_per_s, with_backup.checkouts_per_s
     );
     let overhead = Overhead {
@@ -135,6 +150,13 @@ pub async fn run(args: BenchRestoreArgs) -> anyhow::Result<()> {
             .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
+}
+
+/// The phase with the median throughput.
+fn median(mut phases: Vec<Phase>) -> Phase {
+    phases.sort_by(|a, b| a.checkouts_per_s.total_cmp(&b.checkouts_per_s));
+    let middle = phases.len() / 2;
+    phases.swap_remove(middle)
 }
 
 fn ratio(a: f64, b: f64) -> f64 {

@@ -1009,12 +1009,12 @@ impl Cluster {
         cmd
     }
 
-    /// initdb, start on a free port, create the `holdfast` database. (Also for tests that
-    /// need a cluster of their own to back up, lose and restore.)
-    pub async fn start(dir: &Arc<tempfile::TempDir>) -> Result<Arc<Cluster>, Error> {
+    /// A cluster not yet made, in `dir/name` (owned by `postgres` when we are root), on a
+    /// free port.
+    fn new_in(dir: &Arc<tempfile::TempDir>, name: &str) -> Result<Arc<Cluster>, Error> {
         let tmp = dir.path();
         let bin = pg_bin_dir()?;
-        let root = tmp.join("pg");
+        let root = tmp.join(name);
         std::fs::create_dir_all(&root).map_err(Error::io("creating the cluster directory"))?;
         let owner = if nix::unistd::geteuid().is_root() {
             let user = nix::unistd::User::from_name("postgres")
@@ -1037,7 +1037,7 @@ impl Cluster {
             None
         };
         let port = free_port()?;
-        let cluster = Arc::new(Cluster {
+        Ok(Arc::new(Cluster {
             bin,
             data: root.join("data"),
             log: root.join("postgres.log"),
@@ -1046,7 +1046,49 @@ impl Cluster {
             owner,
             state: Mutex::default(),
             _dir: dir.clone(),
-        });
+        }))
+    }
+
+    /// A streaming standby of `primary` (`pg_basebackup -R`: it follows the primary's WAL,
+    /// read-only), in `dir` beside it, started on a port of its own.
+    pub async fn start_standby(
+        primary: &Arc<Cluster>,
+        dir: &Arc<tempfile::TempDir>,
+    ) -> Result<Arc<Cluster>, Error> {
+        let standby = Cluster::new_in(dir, "pg-standby")?;
+        let mut base = standby.command("pg_basebackup");
+        base.arg("-D")
+            .arg(&standby.data)
+            .args([
+                "-R",
+                "-X",
+                "stream",
+                "-c",
+                "fast",
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+            ])
+            .args(["-p", &primary.port.to_string()]);
+        standby.run("pg_basebackup", base).await?;
+        standby.start_again().await?;
+        Ok(standby)
+    }
+
+    /// `pg_ctl promote`: the standby stops following and takes writes. Returns how long it
+    /// took.
+    pub async fn promote(self: &Arc<Self>) -> Result<Duration, Error> {
+        let started = Instant::now();
+        let promote = self.pg_ctl(&["promote", "-w", "-t", "60"]);
+        self.run("pg_ctl promote", promote).await?;
+        Ok(started.elapsed())
+    }
+
+    /// initdb, start on a free port, create the `holdfast` database. (Also for tests that
+    /// need a cluster of their own to back up, lose and restore.)
+    pub async fn start(dir: &Arc<tempfile::TempDir>) -> Result<Arc<Cluster>, Error> {
+        let cluster = Cluster::new_in(dir, "pg")?;
         let mut initdb = cluster.command("initdb");
         initdb
             .arg("-D")
@@ -1057,7 +1099,7 @@ impl Cluster {
         cluster.start_again().await?;
         let mut createdb = cluster.command("createdb");
         createdb
-            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-h", "127.0.0.1", "-p", &cluster.port.to_string()])
             .args(["-U", "postgres", "holdfast"]);
         cluster.run("createdb", createdb).await?;
         Ok(cluster)

@@ -167,7 +167,7 @@ impl Store {
                 .bind(lock.scope)
                 .bind(lock.key.as_str())
                 .bind(lock.token)
-                .execute(&self.pool)
+                .execute(&self.pool())
                 .await?;
             Ok(())
         })
@@ -193,7 +193,7 @@ impl Store {
             .bind(lock.key.as_str())
             .bind(lock.token)
             .bind(now.saturating_add(ms(lock_ttl)))
-            .execute(&self.pool)
+            .execute(&self.pool())
             .await?;
             Ok(renewed.rows_affected() == 1)
         })
@@ -207,7 +207,7 @@ impl Store {
             Ok(sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= $1 AND (state = 'done' OR locked_until <= $2)")
                 .bind(now.saturating_sub(ms(retention)))
                 .bind(now)
-                .execute(&self.pool)
+                .execute(&self.pool())
                 .await?
                 .rows_affected())
         })

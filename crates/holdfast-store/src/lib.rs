@@ -23,6 +23,7 @@ mod idempotency;
 mod jobs;
 mod limits;
 mod migrate;
+mod primary;
 pub mod testing;
 mod tx;
 mod uploads;
@@ -42,10 +43,9 @@ pub use uploads::{NewUpload, UploadAck, UploadPart, UploadQuota, UploadRow};
 
 use holdfast_core::retry::{RetryBudget, RetryPolicy};
 use serde::Serialize;
+use sqlx::any::AnyPoolOptions;
 use sqlx::any::{AnyArguments, AnyRow};
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{Any, AnyPool, Executor};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,9 @@ impl<T: for<'r> sqlx::FromRow<'r, AnyRow> + Send + Unpin> RowType for T {}
 pub enum Error {
     #[error("no such record")]
     NotFound,
+    /// None of the PostgreSQL hosts the URL names answers as a primary (each reason given).
+    #[error("no primary among the store's hosts: {0}")]
+    NoPrimary(String),
     #[error("this email is already registered")]
     EmailTaken,
     /// The idempotency key was claimed by another attempt after this one's lock expired
@@ -177,13 +180,48 @@ impl Error {
 
     /// The store is unreachable or overloaded (as opposed to a caller's mistake).
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Error::Db(_) | Error::Migration { .. })
+        matches!(
+            self,
+            Error::Db(_) | Error::Migration { .. } | Error::NoPrimary(_)
+        )
+    }
+
+    /// A write refused as read-only, or a new connection that found a standby: the node the
+    /// pool connects to is no primary (now).
+    fn read_only(&self) -> bool {
+        match self {
+            Error::Db(sqlx::Error::Protocol(m)) => m == primary::STANDBY_REFUSED,
+            Error::Db(sqlx::Error::Database(db)) => db.code().as_deref() == Some("25006"),
+            _ => false,
+        }
+    }
+
+    /// A failure that says the primary may have moved (or gone): a write refused as
+    /// read-only, the server shutting down, a broken or refused connection, a connection that
+    /// found a standby; with several hosts, also no connection in time.
+    fn moves_primary(&self, several_hosts: bool) -> bool {
+        let Error::Db(e) = self else { return false };
+        match e {
+            sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::PoolTimedOut => several_hosts,
+            sqlx::Error::Protocol(m) => m == primary::STANDBY_REFUSED,
+            sqlx::Error::Database(db) => {
+                let code = db.code().unwrap_or_default();
+                code == "25006" || code.starts_with("57P0") || code.starts_with("08")
+            }
+            _ => false,
+        }
     }
 }
 
 fn transient(e: &sqlx::Error, must_be_uncommitted: bool) -> bool {
     match e {
         sqlx::Error::PoolTimedOut => true,
+        // The pool was replaced (the primary moved) between taking it and using it: nothing
+        // ran; the next attempt takes the new one.
+        sqlx::Error::PoolClosed => true,
+        // A new connection that found a standby: nothing ran on it.
+        sqlx::Error::Protocol(m) if m == primary::STANDBY_REFUSED => true,
         sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed => {
             !must_be_uncommitted
         }
@@ -196,10 +234,11 @@ fn transient(e: &sqlx::Error, must_be_uncommitted: bool) -> bool {
                 return code.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6));
             }
             // Postgres SQLSTATE: serialization failure, deadlock (rolled back, safe either
-            // way); admin shutdown, cannot connect now, connection exceptions (maybe
-            // committed if it happened at COMMIT).
+            // way); a write refused by a read-only (demoted) node (it ran nothing: safe
+            // either way, once the primary is found again); admin shutdown, cannot connect
+            // now, connection exceptions (maybe committed if it happened at COMMIT).
             match code.as_ref() {
-                "40001" | "40P01" => true,
+                "40001" | "40P01" | "25006" => true,
                 "57P01" | "57P02" | "57P03" => !must_be_uncommitted,
                 c if c.starts_with("08") => !must_be_uncommitted,
                 _ => false,
@@ -301,7 +340,8 @@ fn create_private(url: &str) -> Result<()> {
 /// The durable store. Cheap to clone: clones share one pool.
 #[derive(Clone)]
 pub struct Store {
-    pool: AnyPool,
+    /// The pool writes (and reads) use: on PostgreSQL, the primary's among the URL's hosts.
+    primary: Arc<primary::Primary>,
     backend: Backend,
     retry: RetryPolicy,
     budget: RetryBudget,
@@ -325,37 +365,58 @@ impl Store {
             Backend::Sqlite if !opts.url.contains('?') => format!("{}?mode=rwc", opts.url),
             _ => opts.url.clone(),
         };
-        let connect = AnyConnectOptions::from_str(&url)?;
         let idle_in_tx_ms = opts.idle_in_transaction_timeout.as_millis().max(1);
         let autocheckpoint = opts.sqlite_autocheckpoint;
-        let pool = AnyPoolOptions::new()
-            .max_connections(opts.max_connections)
-            .acquire_timeout(opts.acquire_timeout)
-            .after_connect(move |conn, _meta| {
-                Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        // WAL: readers never block the writer, and several processes share
-                        // the file safely. synchronous=FULL: an acknowledged write survives
-                        // a power cut, not only a killed process. busy_timeout: wait for
-                        // another process's write lock instead of failing at once.
-                        conn.execute(
-                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                             PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
-                        )
-                        .await?;
-                        if !autocheckpoint {
-                            conn.execute("PRAGMA wal_autocheckpoint = 0;").await?;
+        let (max_connections, acquire_timeout) = (opts.max_connections, opts.acquire_timeout);
+        let pool_options = move || {
+            AnyPoolOptions::new()
+                .max_connections(max_connections)
+                .acquire_timeout(acquire_timeout)
+                .after_connect(move |conn, _meta| {
+                    Box::pin(async move {
+                        if backend == Backend::Sqlite {
+                            // WAL: readers never block the writer, and several processes
+                            // share the file safely. synchronous=FULL: an acknowledged write
+                            // survives a power cut, not only a killed process. busy_timeout:
+                            // wait for another process's write lock instead of failing at
+                            // once.
+                            conn.execute(
+                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+                                 PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+                            )
+                            .await?;
+                            if !autocheckpoint {
+                                conn.execute("PRAGMA wal_autocheckpoint = 0;").await?;
+                            }
+                        } else {
+                            let set = format!(
+                                "SET idle_in_transaction_session_timeout = {idle_in_tx_ms}"
+                            );
+                            conn.execute(set.as_str()).await?;
+                            // Writes go to a primary only: a connection to a standby (a
+                            // demoted node, or the wrong host) is refused at once.
+                            let standby: bool = sqlx::query_scalar(primary::READ_ONLY)
+                                .fetch_one(&mut *conn)
+                                .await?;
+                            if standby {
+                                return Err(sqlx::Error::Protocol(primary::STANDBY_REFUSED.into()));
+                            }
                         }
-                    } else {
-                        let set =
-                            format!("SET idle_in_transaction_session_timeout = {idle_in_tx_ms}");
-                        conn.execute(set.as_str()).await?;
-                    }
-                    Ok(())
+                        Ok(())
+                    })
                 })
-            })
-            .connect_with(connect)
-            .await?;
+        };
+        let hosts = match backend {
+            Backend::Postgres => primary::hosts(&url),
+            Backend::Sqlite => vec![url.clone()],
+        };
+        let primary = primary::Primary::open(
+            hosts,
+            backend == Backend::Postgres,
+            Box::new(pool_options),
+            opts.acquire_timeout,
+        )
+        .await?;
         let write_gate =
             (backend == Backend::Sqlite).then(|| Arc::new(tokio::sync::Semaphore::new(1)));
         let write_lock = match sqlite_file(&opts.url) {
@@ -370,7 +431,7 @@ impl Store {
             _ => None,
         };
         let store = Self {
-            pool,
+            primary: Arc::new(primary),
             backend,
             retry: opts.retry.clone(),
             budget: RetryBudget::default(),
@@ -417,7 +478,7 @@ impl Store {
         let rows =
             sqlx::query("SELECT version FROM holdfast_schema_migrations WHERE schema_name = $1")
                 .bind(schema)
-                .fetch_all(&self.pool)
+                .fetch_all(&self.pool())
                 .await?;
         rows.iter()
             .map(|r| Ok(sqlx::Row::try_get::<i64, _>(r, "version")?))
@@ -454,17 +515,23 @@ impl Store {
 
     /// Connections in use and idle, for the pool gauges.
     pub fn pool_stats(&self) -> (u32, usize) {
-        (self.pool.size(), self.pool.num_idle())
+        let pool = self.pool();
+        (pool.size(), pool.num_idle())
+    }
+
+    /// The pool to use now (on PostgreSQL, the primary's; it changes when the primary moves).
+    pub(crate) fn pool(&self) -> AnyPool {
+        self.primary.pool()
     }
 
     /// One round trip, no retries: for readiness checks.
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.pool()).await?;
         Ok(())
     }
 
     pub async fn close(&self) {
-        self.pool.close().await;
+        self.primary.close().await;
     }
 
     /// The retry state of one operation: call [`Retries::after`] with each failure.
@@ -491,7 +558,7 @@ impl Store {
         query: impl Fn() -> AnyQuery<'q>,
     ) -> Result<Vec<T>> {
         self.run(Rerun::Always, op, || async {
-            let rows = query().fetch_all(&self.pool).await?;
+            let rows = query().fetch_all(&self.pool()).await?;
             Ok(rows.iter().map(T::from_row).collect::<Result<_, _>>()?)
         })
         .await
@@ -540,10 +607,18 @@ impl Retries<'_> {
     async fn after(&mut self, err: Error) -> Result<()> {
         self.attempts += 1;
         let (store, op) = (self.store, self.op);
-        let retryable = match self.rerun {
-            Rerun::Always => err.is_retryable(),
-            Rerun::IfUncommitted => err.is_retryable_uncommitted(),
-        };
+        // Whether or not this operation may run again, the next must find the primary.
+        if store.backend == Backend::Postgres && err.moves_primary(store.primary.several_hosts()) {
+            store
+                .primary
+                .search(store.primary.generation(), err.read_only())
+                .await;
+        }
+        let retryable = !store.primary.is_closed()
+            && match self.rerun {
+                Rerun::Always => err.is_retryable(),
+                Rerun::IfUncommitted => err.is_retryable_uncommitted(),
+            };
         let Some(delay) = retryable
             .then(|| store.retry.next_delay(self.attempts, self.started))
             .flatten()

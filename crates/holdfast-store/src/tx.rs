@@ -198,7 +198,7 @@ impl Store {
     {
         let mut retries = self.retries(Rerun::Always, op);
         loop {
-            match self.pool.acquire().await {
+            match self.pool().acquire().await {
                 Ok(mut conn) => match body(&mut conn).await {
                     Err(TxError::Db(e)) => retries.after(e).await?,
                     done => return done,
@@ -252,7 +252,7 @@ impl Store {
             Backend::Sqlite => "BEGIN IMMEDIATE",
             Backend::Postgres => "BEGIN",
         };
-        let pool = self.pool.clone();
+        let pool = self.pool().clone();
         let tx = tokio::spawn(async move { pool.begin_with(begin).await })
             .await
             .map_err(|_| Error::Db(sqlx::Error::WorkerCrashed))??;
@@ -273,7 +273,7 @@ impl Store {
         q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
     ) -> Result<u64> {
         match self.backend {
-            Backend::Postgres => Ok(q.execute(&self.pool).await?.rows_affected()),
+            Backend::Postgres => Ok(q.execute(&self.pool()).await?.rows_affected()),
             Backend::Sqlite => {
                 let mut tx = self.begin_write().await?;
                 let n = q.execute(tx.conn()).await?.rows_affected();
@@ -289,7 +289,7 @@ impl Store {
         q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
     ) -> Result<Vec<sqlx::any::AnyRow>> {
         match self.backend {
-            Backend::Postgres => Ok(q.fetch_all(&self.pool).await?),
+            Backend::Postgres => Ok(q.fetch_all(&self.pool()).await?),
             Backend::Sqlite => {
                 let mut tx = self.begin_write().await?;
                 let rows = q.fetch_all(tx.conn()).await?;

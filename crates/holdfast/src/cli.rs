@@ -92,7 +92,7 @@ pub struct BackupTarget {
     #[arg(long, env = "HOLDFAST_BACKUP", value_name = "DIR|s3://BUCKET[/PREFIX]")]
     pub backup: String,
     /// The store backed up: the SQLite file in `--data-dir`, or the PostgreSQL server of
-    /// `--backend postgres --database-url` (a directory target; the backup's run files go
+    /// `--backend postgres --database-url` (the backup's run files, and a bucket's spool, go
     /// in `--data-dir`).
     #[command(flatten)]
     pub store: StoreArgs,
@@ -594,8 +594,8 @@ pub struct UpArgs {
     pub sabotage: SabotageArgs,
     #[command(flatten)]
     pub graphite: GraphiteArgs,
-    /// Back the store up continuously to this directory or `s3://bucket[/prefix]` (S3 for
-    /// SQLite only; see `holdfast backup`).
+    /// Back the store up continuously to this directory or `s3://bucket[/prefix]` (see
+    /// `holdfast backup`).
     #[arg(long, value_name = "DIR|s3://BUCKET[/PREFIX]")]
     pub backup: Option<String>,
     /// Start the web instances as the release from before the change `cart_lines` (and

@@ -1,0 +1,235 @@
+//! Where writes go on PostgreSQL: the primary, found among the hosts the URL names, and found
+//! again when it moves.
+//!
+//! sqlx takes one host per URL, so a URL that names several (`postgres://u@h1:5432,h2:5432/db`,
+//! as libpq writes it) is split into one URL per host here. At open, and after any failure
+//! that says the primary may have moved (a write refused as read-only, 25006; the server
+//! shutting down, 57P0x; a broken or refused connection, 08xxx), each host is asked
+//! whether it takes writes (`pg_is_in_recovery()`, `transaction_read_only`) and the first
+//! that does gets a fresh pool; the old pool is
+//! closed, so no connection to a demoted node is used again. Every new connection checks too,
+//! so a pool can never hold a connection to a standby: when every host is a standby the store
+//! is unavailable, which the edge answers with 503 and `Retry-After`.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::RwLock;
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, ConnectOptions, Connection};
+
+use crate::{Error, Result};
+
+/// Whether the server a connection reached takes no writes: a standby (in recovery), or a
+/// primary set read-only (`default_transaction_read_only`, as some failover tools demote).
+pub(crate) const READ_ONLY: &str =
+    "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::bool";
+
+/// What a connection to a standby is refused with (classified as transient and uncommitted).
+pub(crate) const STANDBY_REFUSED: &str = "holdfast: connected to a standby (read-only)";
+
+/// The URLs of the hosts a Postgres URL names, one host each; a URL of one host is itself.
+pub(crate) fn hosts(url: &str) -> Vec<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return vec![url.to_owned()];
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, hostlist) = match authority.rsplit_once('@') {
+        Some((user, hosts)) => (format!("{user}@"), hosts),
+        None => (String::new(), authority),
+    };
+    let hosts: Vec<&str> = hostlist.split(',').filter(|h| !h.is_empty()).collect();
+    if hosts.len() <= 1 {
+        return vec![url.to_owned()];
+    }
+    hosts
+        .into_iter()
+        .map(|host| format!("{scheme}://{userinfo}{host}{tail}"))
+        .collect()
+}
+
+/// The pool writes use, and how to make another.
+pub(crate) struct Primary {
+    /// The pool, and the URL of the host it connects to.
+    current: RwLock<(AnyPool, String)>,
+    /// One URL per host to find the primary among (one entry for a single host).
+    hosts: Vec<String>,
+    options: AnyPoolOptionsMaker,
+    /// Bumped at each search, so failures seen before it do not start another.
+    generation: AtomicU64,
+    searching: tokio::sync::Mutex<()>,
+    acquire_timeout: Duration,
+    /// Closed for good ([`Primary::close`]): nothing is retried any more.
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// Makes the pool options (sizes, timeouts, the per-connection setup) afresh for each pool.
+pub(crate) type AnyPoolOptionsMaker = Box<dyn Fn() -> AnyPoolOptions + Send + Sync>;
+
+impl Primary {
+    /// Finds the primary among `hosts` (on PostgreSQL: even one host is asked, so a standby
+    /// is refused with its reason) and connects to it.
+    pub(crate) async fn open(
+        hosts: Vec<String>,
+        postgres: bool,
+        options: AnyPoolOptionsMaker,
+        acquire_timeout: Duration,
+    ) -> Result<Primary> {
+        let first = match hosts.as_slice() {
+            [one] if !postgres => one.clone(),
+            _ => find(&hosts, acquire_timeout).await?,
+        };
+        let pool = options().connect_with(first.parse()?).await?;
+        Ok(Primary {
+            current: RwLock::new((pool, first)),
+            hosts,
+            options,
+            generation: AtomicU64::new(0),
+            searching: tokio::sync::Mutex::new(()),
+            acquire_timeout,
+            closed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Whether the URL named several hosts.
+    pub(crate) fn several_hosts(&self) -> bool {
+        self.hosts.len() > 1
+    }
+
+    /// The pool writes use now.
+    pub(crate) fn pool(&self) -> AnyPool {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0
+            .clone()
+    }
+
+    /// Where the search stands: pass it to [`Primary::search`] after a failure.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// After a failure seen at `seen` that says the primary may have moved: unless another
+    /// search has run since, finds the primary and, if it is another host or the failure
+    /// said this one is `read_only` now, gives it a fresh pool (the old pool is closed: no
+    /// connection to a demoted node is used again). A search that finds none leaves the pool
+    /// as it was (its connections check for themselves); the operation's retries go on until
+    /// their deadline.
+    pub(crate) async fn search(&self, seen: u64, read_only: bool) {
+        let _one = self.searching.lock().await;
+        if self.generation() != seen {
+            return;
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let found = match self.hosts.as_slice() {
+            [one] => Ok(one.clone()),
+            hosts => find(hosts, self.acquire_timeout).await,
+        };
+        let Ok(url) = found else {
+            tracing::warn!("no primary among the store's hosts");
+            return;
+        };
+        let same = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+            == url;
+        if same && !read_only {
+            return;
+        }
+        let Ok(options) = url.parse::<AnyConnectOptions>() else {
+            return;
+        };
+        let fresh = (self.options)().connect_lazy_with(options);
+        let (old, _) = std::mem::replace(
+            &mut *self
+                .current
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            (fresh, url.clone()),
+        );
+        metrics::counter!("holdfast_store_primary_searches_total").increment(1);
+        tracing::warn!(primary = %redact(&url), "writes go to the primary found now");
+        tokio::spawn(async move { old.close().await });
+    }
+
+    pub(crate) async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.pool().close().await;
+    }
+
+    /// Whether the store was closed for good.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// The first host that answers as a primary.
+async fn find(hosts: &[String], timeout: Duration) -> Result<String> {
+    let mut why = Vec::new();
+    for url in hosts {
+        let asked = async {
+            let mut conn = url
+                .parse::<AnyConnectOptions>()?
+                .log_statements(tracing::log::LevelFilter::Off)
+                .connect()
+                .await?;
+            let standby: bool = sqlx::query_scalar(READ_ONLY).fetch_one(&mut conn).await?;
+            let _ = conn.close().await;
+            Ok::<bool, sqlx::Error>(standby)
+        };
+        match tokio::time::timeout(timeout, asked).await {
+            Ok(Ok(false)) => return Ok(url.clone()),
+            Ok(Ok(true)) => why.push(format!("{} is a standby (read-only)", redact(url))),
+            Ok(Err(e)) => why.push(format!("{}: {e}", redact(url))),
+            Err(_) => why.push(format!("{}: no answer", redact(url))),
+        }
+    }
+    Err(Error::NoPrimary(why.join("; ")))
+}
+
+/// `url` without its password.
+fn redact(url: &str) -> String {
+    match url.split_once("://").and_then(|(s, rest)| {
+        let (user, host) = rest.split_once('@')?;
+        Some(format!(
+            "{s}://{}@{host}",
+            user.split(':').next().unwrap_or("")
+        ))
+    }) {
+        Some(shown) => shown,
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_of_several_hosts_becomes_one_url_per_host() {
+        assert_eq!(
+            hosts("postgres://app:pw@a:5432,b:5433/shop?sslmode=disable"),
+            vec![
+                "postgres://app:pw@a:5432/shop?sslmode=disable",
+                "postgres://app:pw@b:5433/shop?sslmode=disable"
+            ]
+        );
+        assert_eq!(
+            hosts("postgres://a,b/shop"),
+            vec!["postgres://a/shop", "postgres://b/shop"]
+        );
+        assert_eq!(
+            hosts("postgres://app@a:5432/shop"),
+            vec!["postgres://app@a:5432/shop"]
+        );
+        assert_eq!(hosts("sqlite:/tmp/x.sqlite"), vec!["sqlite:/tmp/x.sqlite"]);
+        assert_eq!(
+            redact("postgres://app:pw@a:5432/shop"),
+            "postgres://app@a:5432/shop"
+        );
+    }
+}

@@ -1,0 +1,174 @@
+//! The store follows its primary. Given a URL that names several PostgreSQL hosts, it writes
+//! to whichever is the primary; when that one dies and a standby is promoted, the next
+//! writes find the new primary within the retry deadline, and none is lost or doubled. When
+//! every host is a standby, the store refuses to open, and says so.
+//!
+//! Real clusters: the drill's throwaway `Cluster` and a streaming standby of it
+//! (`pg_basebackup -R`); `scripts/install-drill-deps.sh` installs the server binaries.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use holdfast_drill::Cluster;
+use holdfast_store::{Rerun, ScopedFutureExt, Store, StoreOptions, TxError};
+use sqlx::Connection;
+
+/// One row, `n`, in a transaction that must not run twice.
+async fn write(store: &Store, n: i64) -> Result<(), holdfast_store::Error> {
+    store
+        .transaction("failover_write", Rerun::IfUncommitted, |tx| {
+            async move {
+                sqlx::query("INSERT INTO failover_rows (n) VALUES ($1)")
+                    .bind(n)
+                    .execute(tx.conn())
+                    .await
+                    .map_err(holdfast_store::Error::from)?;
+                Ok(())
+            }
+            .scope_boxed()
+        })
+        .await
+        .map_err(TxError::<Infallible>::into_db)
+}
+
+async fn rows(url: &str) -> Vec<i64> {
+    let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
+    sqlx::query_scalar("SELECT n FROM failover_rows ORDER BY n")
+        .fetch_all(&mut conn)
+        .await
+        .expect("rows")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_follow_the_primary_when_a_standby_is_promoted() {
+    if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
+        return;
+    }
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let primary = Cluster::start(&dir).await.expect("the primary");
+    let mut conn = sqlx::PgConnection::connect(&primary.url()).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE failover_rows (n bigint PRIMARY KEY)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let standby = Cluster::start_standby(&primary, &dir)
+        .await
+        .expect("a standby");
+    // The standby is named first: the store must ask, not assume.
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/holdfast",
+        standby.port, primary.port
+    );
+    let mut opts = StoreOptions::new(&url);
+    opts.acquire_timeout = Duration::from_secs(1);
+    opts.retry.deadline = Duration::from_secs(10);
+    let store = Store::open(&opts)
+        .await
+        .expect("the store finds the primary");
+    for n in 1..=3 {
+        write(&store, n).await.expect("a write to the primary");
+    }
+
+    // The primary dies at once (no shutdown checkpoint); the standby is promoted.
+    primary.stop().await;
+    standby.promote().await.expect("promote");
+    let flipped = Instant::now();
+    write(&store, 4)
+        .await
+        .expect("the write finds the new primary");
+    let recovered = flipped.elapsed();
+    eprintln!("writes came back {recovered:?} after the promotion");
+    assert!(
+        recovered < Duration::from_secs(5),
+        "writes came back after {recovered:?}"
+    );
+    for n in 5..=6 {
+        write(&store, n).await.expect("and stays there");
+    }
+    // Asynchronous replication: what the primary had acknowledged before it died had
+    // reached the standby (it was idle); nothing was written twice.
+    assert_eq!(rows(&standby.url()).await, vec![1, 2, 3, 4, 5, 6]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_standbys_only_refuses_to_open_and_says_why() {
+    if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
+        return;
+    }
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let primary = Cluster::start(&dir).await.expect("the primary");
+    let standby = Cluster::start_standby(&primary, &dir)
+        .await
+        .expect("a standby");
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:1/holdfast",
+        standby.port
+    );
+    let mut opts = StoreOptions::new(&url);
+    opts.acquire_timeout = Duration::from_secs(1);
+    let err = match Store::open(&opts).await {
+        Ok(_) => panic!("a store of standbys must not open"),
+        Err(e) => e,
+    };
+    let said = err.to_string();
+    assert!(said.contains("no primary"), "{said}");
+    assert!(said.contains("is a standby"), "{said}");
+    assert!(err.is_unavailable());
+    // One host, a standby: every new connection is refused as one.
+    let alone = StoreOptions::new(standby.url());
+    let err = match Store::open(&alone).await {
+        Ok(_) => panic!("a standby alone must not open"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains("standby"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_primary_fails_writes_within_the_deadline_and_they_come_back() {
+    if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
+        return;
+    }
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let primary = Cluster::start(&dir).await.expect("the primary");
+    let mut admin = sqlx::PgConnection::connect(&primary.url()).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE failover_rows (n bigint PRIMARY KEY)")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let mut opts = StoreOptions::new(primary.url());
+    opts.acquire_timeout = Duration::from_secs(1);
+    opts.retry.deadline = Duration::from_secs(2);
+    let store = Store::open(&opts).await.expect("the store");
+    write(&store, 1).await.expect("a write");
+
+    // Demoted in place, as some failover tools do it: new sessions are read-only, and the
+    // open ones are ended (the store's connections with them).
+    for sql in [
+        "ALTER DATABASE holdfast SET default_transaction_read_only = on",
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = 'holdfast' AND pid <> pg_backend_pid()",
+    ] {
+        sqlx::raw_sql(sql).execute(&mut admin).await.unwrap();
+    }
+    let started = Instant::now();
+    let err = write(&store, 2).await.expect_err("no node takes writes");
+    assert!(err.is_unavailable(), "{err}: a 503, not a client's mistake");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "gave up after {:?}, past the deadline",
+        started.elapsed()
+    );
+
+    sqlx::raw_sql("ALTER DATABASE holdfast RESET default_transaction_read_only")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    write(&store, 3).await.expect("writes come back");
+    assert_eq!(
+        rows(&primary.url()).await,
+        vec![1, 3],
+        "the refused write left nothing"
+    );
+}
