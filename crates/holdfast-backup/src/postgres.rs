@@ -66,18 +66,12 @@ pub(crate) fn redacted(url: &str) -> String {
 /// A PostgreSQL program: from the newest `/usr/lib/postgresql/*/bin` (Debian keeps the
 /// server's tools there), else from `PATH`.
 pub(crate) fn bin(name: &str) -> Result<PathBuf, Error> {
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+    let debian = holdfast_core::debian_postgres_bin_dirs();
+    if let Some(path) = debian
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let version = e.file_name().to_str()?.parse().ok()?;
-            Some((version, e.path().join("bin").join(name)))
-        })
-        .filter(|(_, p)| p.is_file())
-        .collect();
-    versions.sort();
-    if let Some((_, path)) = versions.pop() {
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+    {
         return Ok(path);
     }
     std::env::var_os("PATH")

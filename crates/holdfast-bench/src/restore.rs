@@ -210,6 +210,15 @@ fn timed(program: &Path, args: &[&str]) -> anyhow::Result<Duration> {
     Ok(started.elapsed())
 }
 
+/// The physical floor of a restore: `cp -r` of the backup's files, then `sync`; seconds.
+fn copy_floor(backup: &str, copy: &str) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let status = Command::new("cp").args(["-r", backup, copy]).status()?;
+    anyhow::ensure!(status.success(), "cp -r failed");
+    Command::new("sync").status()?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
 fn mib_of(path: &Path) -> f64 {
     fn bytes(path: &Path) -> u64 {
         match std::fs::metadata(path) {
@@ -237,13 +246,7 @@ async fn restore_time(program: &Path, size_mib: u64) -> anyhow::Result<RestoreTi
         program,
         &["backup", "now", "--backup", &backup, "--data-dir", &data],
     )?;
-    let copy_s = {
-        let started = Instant::now();
-        let status = Command::new("cp").args(["-r", &backup, &copy]).status()?;
-        anyhow::ensure!(status.success(), "cp -r failed");
-        Command::new("sync").status()?;
-        started.elapsed().as_secs_f64()
-    };
+    let copy_s = copy_floor(&backup, &copy)?;
     let restore_s = timed(
         program,
         &["restore", "--backup", &backup, "--to", &restored],
@@ -286,13 +289,7 @@ async fn postgres_restore_time(program: &Path, size_mib: u64) -> anyhow::Result<
         program,
         &[&["backup", "now", "--backup", &backup][..], &data_flags].concat(),
     )?;
-    let copy_s = {
-        let started = Instant::now();
-        let status = Command::new("cp").args(["-r", &backup, &copy]).status()?;
-        anyhow::ensure!(status.success(), "cp -r failed");
-        Command::new("sync").status()?;
-        started.elapsed().as_secs_f64()
-    };
+    let copy_s = copy_floor(&backup, &copy)?;
     // The cluster and its disk are lost; the restore goes where its data directory was.
     cluster.stop().await;
     std::fs::remove_dir_all(&cluster.data)?;

@@ -24,6 +24,23 @@ impl Backend {
     }
 }
 
+/// Debian's PostgreSQL server tool directories, `/usr/lib/postgresql/<version>/bin`, newest
+/// version first (Debian keeps the server's tools, `initdb`, `pg_ctl`, `pg_basebackup`…, off
+/// `PATH`).
+pub fn debian_postgres_bin_dirs() -> Vec<std::path::PathBuf> {
+    let mut versions: Vec<(u32, std::path::PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_str()?.parse().ok()?;
+            Some((version, e.path().join("bin")))
+        })
+        .collect();
+    versions.sort();
+    versions.into_iter().rev().map(|(_, dir)| dir).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::Backend;

@@ -51,7 +51,7 @@ mod ids;
 pub mod retry;
 pub mod sabotage;
 
-pub use backend::Backend;
+pub use backend::{debian_postgres_bin_dirs, Backend};
 pub use ids::{
     DeviceToken, Email, IdempotencyKey, Password, RequestFingerprint, SessionId, UserId,
 };

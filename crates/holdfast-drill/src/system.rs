@@ -1271,23 +1271,16 @@ fn pg_bin_dir() -> Result<PathBuf, Error> {
     if let Some(dir) = on_path.filter(|d| has_tools(d)) {
         return Ok(dir);
     }
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+    let debian = holdfast_core::debian_postgres_bin_dirs();
+    debian
         .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let version = e.file_name().to_str()?.parse().ok()?;
-            Some((version, e.path().join("bin")))
-        })
-        .filter(|(_, dir)| has_tools(dir))
-        .collect();
-    versions.sort();
-    versions.pop().map(|(_, dir)| dir).ok_or_else(|| {
-        Error::Setup(format!(
-            "--backend postgres runs its own throwaway cluster and needs initdb and pg_ctl, \
+        .find(|dir| has_tools(dir))
+        .ok_or_else(|| {
+            Error::Setup(format!(
+                "--backend postgres runs its own throwaway cluster and needs initdb and pg_ctl, \
              found neither on PATH nor in /usr/lib/postgresql/*/bin; {INSTALL_HINT}"
-        ))
-    })
+            ))
+        })
 }
 
 /// The drill's own `redis-server`: `redis-server` from PATH, on a free 127.0.0.1 port, with

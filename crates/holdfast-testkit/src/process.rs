@@ -380,12 +380,9 @@ fn postgres_server_binaries() -> bool {
     let on_path = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| has(&d)))
         .unwrap_or(false);
-    let debian = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("bin"))
-        .any(|d: std::path::PathBuf| has(&d));
+    let debian = holdfast_core::debian_postgres_bin_dirs()
+        .iter()
+        .any(|d| has(d));
     on_path || debian
 }
 

@@ -590,6 +590,120 @@ async fn backup_run_replicates_beside_serve_until_sigterm() {
     );
 }
 
+/// A throwaway PostgreSQL cluster with the store migrated on it, `holdfast backup run`
+/// replicating it to `target` (with `env`) and proven, and then `kept` rows committed and
+/// `backup now` answered: what the backup must hold.
+struct PostgresBackedUp {
+    _dir: std::sync::Arc<tempfile::TempDir>,
+    cluster: std::sync::Arc<holdfast_drill::Cluster>,
+    url: String,
+    /// `--backend postgres --database-url … --data-dir … --backup …`
+    flags: Vec<String>,
+    run: Proc,
+}
+
+impl PostgresBackedUp {
+    async fn start(data: &Path, target: &str, env: &[(&str, &str)], kept: i64) -> Self {
+        let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
+        let cluster = holdfast_drill::Cluster::start(&dir)
+            .await
+            .expect("a cluster");
+        let url = cluster.url();
+        let store = ["--backend", "postgres", "--database-url", url.as_str()];
+        let migrated = holdfast(
+            &[&["migrate", "up"][..], &store, &["--data-dir", path(data)]].concat(),
+            &[],
+        );
+        assert!(migrated.status.success(), "{migrated:?}");
+        let flags: Vec<String> = [&store[..], &["--data-dir", path(data), "--backup", target]]
+            .concat()
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let with = |cmd: &[&str]| -> Vec<String> {
+            cmd.iter()
+                .map(|s| (*s).to_owned())
+                .chain(flags.iter().cloned())
+                .collect()
+        };
+        let run_args = with(&["backup", "run"]);
+        let run_args: Vec<&str> = run_args.iter().map(String::as_str).collect();
+        let run = Proc::spawn_with_env(BIN.as_ref(), &run_args, env);
+        run.line_after("backup running: ", Duration::from_secs(20));
+        let backed_up = PostgresBackedUp {
+            _dir: dir,
+            cluster,
+            url,
+            flags,
+            run,
+        };
+        eventually(Duration::from_secs(30), "backup status: ok", || async {
+            let status = backed_up.holdfast(&["backup", "status"], env);
+            stdout(&status).starts_with("backup ok").then_some(())
+        })
+        .await;
+        let mut conn = sqlx::PgConnection::connect(&backed_up.url).await.unwrap();
+        sqlx::raw_sql(&format!(
+            "CREATE TABLE kept (n int); INSERT INTO kept SELECT generate_series(1, {kept})"
+        ))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+        let now = backed_up.holdfast(&["backup", "now"], env);
+        assert!(stdout(&now).starts_with("backed up to"), "{now:?}");
+        backed_up
+    }
+
+    /// `holdfast CMD <the backup's flags>`.
+    fn holdfast(&self, cmd: &[&str], env: &[(&str, &str)]) -> Output {
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        holdfast(&[cmd, &flags[..]].concat(), env)
+    }
+
+    /// `backup run` stops on SIGTERM, having shipped what was left.
+    async fn stop_backup(&mut self) {
+        self.run.signal(Signal::SIGTERM);
+        assert!(self
+            .run
+            .exit_status(Duration::from_secs(20))
+            .await
+            .success());
+    }
+
+    /// The server and its disk are lost; `holdfast restore` of `target` goes where its data
+    /// directory was (its line), and the cluster starts on it.
+    async fn lose_and_restore(&self, target: &str, env: &[(&str, &str)]) -> String {
+        self.cluster.stop().await;
+        std::fs::remove_dir_all(&self.cluster.data).unwrap();
+        let restore = holdfast(
+            &[
+                "restore",
+                "--backup",
+                target,
+                "--to",
+                path(&self.cluster.data),
+            ],
+            env,
+        );
+        let said = stdout(&restore);
+        assert!(said.contains("pg_amcheck ok"), "{restore:?}");
+        self.cluster
+            .start_again()
+            .await
+            .expect("the restored cluster starts");
+        said
+    }
+
+    /// The rows of `kept` the (restored) cluster has.
+    async fn kept(&self) -> i64 {
+        let mut conn = sqlx::PgConnection::connect(&self.url).await.unwrap();
+        sqlx::query_scalar("SELECT count(*) FROM kept")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+    }
+}
+
 /// PostgreSQL: `backup run` beside the server (a base backup, then every WAL record as it is
 /// written), `status`, `now`, `list`, then `restore` into a new directory, checked by
 /// `pg_amcheck`, which a server started on it serves; and its bad inputs, one line each.
@@ -599,46 +713,16 @@ async fn a_postgres_backup_runs_proves_itself_and_restores_what_was_committed() 
         return;
     }
     let (root, data, target, restored) = scratch();
-    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let cluster = holdfast_drill::Cluster::start(&dir)
-        .await
-        .expect("a cluster");
-    let url = cluster.url();
+    let mut pg = PostgresBackedUp::start(&data, path(&target), &[], 500).await;
+    let url = pg.url.clone();
     let store = ["--backend", "postgres", "--database-url", url.as_str()];
-    let flags = [
-        &store[..],
-        &["--data-dir", path(&data), "--backup", path(&target)],
-    ]
-    .concat();
-    let migrated = holdfast(
-        &[&["migrate", "up"][..], &store, &["--data-dir", path(&data)]].concat(),
-        &[],
-    );
-    assert!(migrated.status.success(), "{migrated:?}");
-
-    let mut run = Proc::spawn(BIN.as_ref(), &[&["backup", "run"][..], &flags].concat());
-    run.line_after("backup running: ", Duration::from_secs(20));
-    eventually(Duration::from_secs(30), "backup status: ok", || async {
-        let status = holdfast(&[&["backup", "status"][..], &flags].concat(), &[]);
-        stdout(&status).starts_with("backup ok").then_some(())
-    })
-    .await;
-    // A write the backup must hold once `backup now` has answered.
-    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::raw_sql("CREATE TABLE kept (n int); INSERT INTO kept SELECT generate_series(1, 500)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let now = holdfast(&[&["backup", "now"][..], &flags].concat(), &[]);
-    assert!(stdout(&now).starts_with("backed up to"), "{now:?}");
-    let list = holdfast(&[&["backup", "list"][..], &flags].concat(), &[]);
+    let list = pg.holdfast(&["backup", "list"], &[]);
     assert!(stdout(&list).contains("restorable from"), "{list:?}");
     assert!(
         stdout(&list).contains("snapshot "),
         "a base backup: {list:?}"
     );
-    run.signal(Signal::SIGTERM);
-    assert!(run.exit_status(Duration::from_secs(20)).await.success());
+    pg.stop_backup().await;
     // Retired, as the runbook says: the slot goes, and with it the WAL kept for it.
     let dropped = std::process::Command::new("psql")
         .args([url.as_str(), "-X", "-q", "-c"])
@@ -646,29 +730,17 @@ async fn a_postgres_backup_runs_proves_itself_and_restores_what_was_committed() 
         .output()
         .expect("psql");
     assert!(dropped.status.success(), "{dropped:?}");
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
     let slots: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots")
         .fetch_one(&mut conn)
         .await
         .unwrap();
     assert_eq!(slots, 0);
+    drop(conn);
 
-    // The server and its disk are lost; the restore checks itself, a server serves it.
-    cluster.stop().await;
-    std::fs::remove_dir_all(&cluster.data).unwrap();
-    let restore = restore_from(&target, &cluster.data);
-    let said = stdout(&restore);
-    assert!(said.contains("pg_amcheck ok"), "{restore:?}");
+    let said = pg.lose_and_restore(path(&target), &[]).await;
     assert!(said.contains("migrations"), "{said}");
-    cluster
-        .start_again()
-        .await
-        .expect("the restored cluster starts");
-    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM kept")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(kept, 500, "every committed row came back");
+    assert_eq!(pg.kept().await, 500, "every committed row came back");
 
     // Bad inputs: one line each, nothing touched.
     let occupied = root.path().join("occupied");
@@ -754,40 +826,7 @@ async fn a_postgres_backup_to_s3_restores_what_was_committed() {
         ("AWS_SECRET_ACCESS_KEY", "test"),
     ];
     let (_root, data, _, _) = scratch();
-    let dir = std::sync::Arc::new(tempfile::tempdir().unwrap());
-    let cluster = holdfast_drill::Cluster::start(&dir)
-        .await
-        .expect("a cluster");
-    let url = cluster.url();
-    let store = ["--backend", "postgres", "--database-url", url.as_str()];
-    let flags = [
-        &store[..],
-        &["--data-dir", path(&data), "--backup", &target],
-    ]
-    .concat();
-    let migrated = holdfast(
-        &[&["migrate", "up"][..], &store, &["--data-dir", path(&data)]].concat(),
-        &[],
-    );
-    assert!(migrated.status.success(), "{migrated:?}");
-    let mut run = Proc::spawn_with_env(
-        BIN.as_ref(),
-        &[&["backup", "run"][..], &flags].concat(),
-        &env,
-    );
-    run.line_after("backup running: ", Duration::from_secs(20));
-    eventually(Duration::from_secs(30), "backup status: ok", || async {
-        let status = holdfast(&[&["backup", "status"][..], &flags].concat(), &env);
-        stdout(&status).starts_with("backup ok").then_some(())
-    })
-    .await;
-    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    sqlx::raw_sql("CREATE TABLE kept (n int); INSERT INTO kept SELECT generate_series(1, 700)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    let now = holdfast(&[&["backup", "now"][..], &flags].concat(), &env);
-    assert!(stdout(&now).starts_with("backed up to"), "{now:?}");
+    let mut pg = PostgresBackedUp::start(&data, &target, &env, 700).await;
     // (A base backup is over a thousand objects: the listing of `base/` alone would stop
     // short of its `.done`.)
     let done = s3.keys_under("pgbackups", "cluster/base/2").await;
@@ -800,26 +839,13 @@ async fn a_postgres_backup_to_s3_restores_what_was_committed() {
         wal.iter().any(|k| k.contains(".partial.")),
         "the segment being received, in pieces: {wal:?}"
     );
-    let list = holdfast(&[&["backup", "list"][..], &flags].concat(), &env);
+    let list = pg.holdfast(&["backup", "list"], &env);
     assert!(stdout(&list).contains("snapshot "), "{list:?}");
-    run.signal(Signal::SIGTERM);
-    assert!(run.exit_status(Duration::from_secs(20)).await.success());
-
-    cluster.stop().await;
-    std::fs::remove_dir_all(&cluster.data).unwrap();
-    let restore = holdfast(
-        &["restore", "--backup", &target, "--to", path(&cluster.data)],
-        &env,
+    pg.stop_backup().await;
+    pg.lose_and_restore(&target, &env).await;
+    assert_eq!(
+        pg.kept().await,
+        700,
+        "every committed row came back from the bucket"
     );
-    assert!(stdout(&restore).contains("pg_amcheck ok"), "{restore:?}");
-    cluster
-        .start_again()
-        .await
-        .expect("the restored cluster starts");
-    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
-    let kept: i64 = sqlx::query_scalar("SELECT count(*) FROM kept")
-        .fetch_one(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(kept, 700, "every committed row came back from the bucket");
 }
