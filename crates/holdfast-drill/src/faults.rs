@@ -74,8 +74,12 @@ pub enum FaultKind {
     KillMidUpload,
     /// The whole node lost: `up` and everything it runs SIGKILLed, its data directory
     /// destroyed; a fresh node restored from the continuous backup takes over the address
-    /// (see `restore.rs`). SQLite. Not part of `all`: name it.
+    /// (see `restore.rs`). Not part of `all`: name it.
     LosePrimary,
+    /// The database's primary stopped at once under load and its streaming standby promoted;
+    /// the instances, given both hosts, must follow (see `failover.rs`). Postgres. Not part of
+    /// `all`: name it.
+    PromoteStandby,
 }
 
 impl FaultKind {
@@ -95,10 +99,11 @@ impl FaultKind {
 
     /// What `--faults abuse` means.
     /// Kinds that run only when named: each is a scenario of its own, not a random fault.
-    pub const NAMED_ONLY: [FaultKind; 3] = [
+    pub const NAMED_ONLY: [FaultKind; 4] = [
         FaultKind::Migrate,
         FaultKind::KillMidUpload,
         FaultKind::LosePrimary,
+        FaultKind::PromoteStandby,
     ];
 
     pub const ABUSE: [FaultKind; 3] = [
@@ -130,12 +135,16 @@ impl FaultKind {
             FaultKind::Migrate => "migrate",
             FaultKind::KillMidUpload => "kill-mid-upload",
             FaultKind::LosePrimary => "lose-primary",
+            FaultKind::PromoteStandby => "promote-standby",
         }
     }
 
     /// Why this fault cannot be injected on `backend`, if it cannot.
     pub fn unsupported_on(self, backend: Backend) -> Option<&'static str> {
         match (self, backend) {
+            (FaultKind::PromoteStandby, Backend::Sqlite) => {
+                Some("SQLite is a file on the node: it has no standby to promote")
+            }
             (FaultKind::RestartDb | FaultKind::SlowDb | FaultKind::CutDb, Backend::Sqlite) => {
                 Some("SQLite is a file in each process, not a server: there is nothing to restart and no link to slow or cut")
             }
@@ -179,7 +188,8 @@ impl FaultKind {
             | FaultKind::FlushCache
             | FaultKind::RotateKeys
             | FaultKind::Migrate
-            | FaultKind::LosePrimary => (0, 0),
+            | FaultKind::LosePrimary
+            | FaultKind::PromoteStandby => (0, 0),
             // Most of the load: uploads run and instances die throughout.
             FaultKind::KillMidUpload => (0, 0),
         }
@@ -367,9 +377,18 @@ pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
     if periodic {
         kinds.retain(|&k| k != FaultKind::RestartRedis);
     }
-    // The node is lost once, in the middle, so that shopping before and after it shows.
+    // The node is lost once, in the middle, so that shopping before and after it shows; so
+    // is the primary (one or the other: each replaces the database).
     let lose = kinds.contains(&FaultKind::LosePrimary);
     kinds.retain(|&k| k != FaultKind::LosePrimary);
+    let promote = kinds.contains(&FaultKind::PromoteStandby) && !lose;
+    if kinds.contains(&FaultKind::PromoteStandby) && lose {
+        s.skipped.push(Skipped {
+            kind: FaultKind::PromoteStandby,
+            reason: "lose-primary replaces the database already: name one of the two".into(),
+        });
+    }
+    kinds.retain(|&k| k != FaultKind::PromoteStandby);
     // A rotation is two rolling restarts of every web instance: once per drill, mid-load.
     let rotate = kinds.contains(&FaultKind::RotateKeys);
     kinds.retain(|&k| k != FaultKind::RotateKeys);
@@ -392,6 +411,7 @@ pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
         (migrate, FaultKind::Migrate, 0.2),
         (rotate, FaultKind::RotateKeys, 0.3),
         (lose, FaultKind::LosePrimary, 0.4),
+        (promote, FaultKind::PromoteStandby, 0.4),
     ] {
         if wanted {
             s.planned.push(Planned {
@@ -638,6 +658,7 @@ async fn apply(p: &Planned, ctl: &Control, clock: Clock) -> Result<String, Strin
         FaultKind::Migrate => crate::migration::run(ctl).await,
         FaultKind::KillMidUpload => crate::uploads::run(ctl, p.hold, p.pick).await,
         FaultKind::LosePrimary => crate::restore::run(ctl, clock).await,
+        FaultKind::PromoteStandby => crate::failover::run(ctl, clock).await,
         FaultKind::ProviderTimeouts => {
             let faults = json!({
                 "act_then_timeout_rate": 0.2,

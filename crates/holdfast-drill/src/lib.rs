@@ -26,6 +26,7 @@
 mod abuse;
 pub mod alerts;
 pub mod checker;
+pub mod failover;
 pub mod faults;
 pub mod migration;
 pub mod report;
@@ -221,6 +222,11 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         system_log: opts.system_log.clone(),
         lose_primary: opts.faults.0.contains(&FaultKind::LosePrimary)
             || opts.sabotage == Some(Sabotage::CorruptBackup),
+        standby: opts.faults.0.contains(&FaultKind::PromoteStandby)
+            && schedule
+                .planned
+                .iter()
+                .any(|p| p.kind == FaultKind::PromoteStandby),
     })
     .await?;
     let prometheus = if opts.alerts {
@@ -347,13 +353,18 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         fin.elsewhere.extend(seen.orders.iter().cloned());
     }
     let restore = sys.control().restore();
+    let failover = sys.control().failover();
     fin.loss = restore
         .as_ref()
         .filter(|r| r.rto_ms > 0)
         .map(|r| checker::Loss {
             at_ms: r.lost_at_ms,
             window_ms: restore::LOSS_WINDOW_MS,
-        });
+        })
+        .or(failover.as_ref().map(|f| checker::Loss {
+            at_ms: f.flipped_at_ms,
+            window_ms: failover::LOSS_WINDOW_MS,
+        }));
     notes.extend(read_notes);
     let alerts = match &prometheus {
         Some(prometheus) => match prometheus.firing(load_started).await {
@@ -431,7 +442,23 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         migration: sys.control().migration(),
         uploads,
         restore,
+        failover: failover.map(|seen| {
+            let back = writes_back_ms(&histories, seen.flipped_at_ms);
+            (seen, back)
+        }),
     }))
+}
+
+/// The flip → the first order acknowledged that was asked for after it (ms), if any was.
+fn writes_back_ms(histories: &[checker::AccountHistory], flipped_at_ms: u64) -> Option<u64> {
+    histories
+        .iter()
+        .flat_map(|h| &h.ops)
+        .filter(|op| matches!(op.kind, checker::OpKind::Checkout { .. }))
+        .filter(|op| matches!(op.outcome, checker::Outcome::Ok { .. }))
+        .filter(|op| op.invoked_ms >= flipped_at_ms)
+        .map(|op| op.completed_ms - flipped_at_ms)
+        .min()
 }
 
 /// A spawned task that is aborted when dropped, so an interrupted drill leaves none behind.

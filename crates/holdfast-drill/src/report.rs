@@ -226,6 +226,9 @@ pub struct Report {
     /// Present when the drill lost the node and restored it (`lose-primary`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub restore: Option<Restore>,
+    /// Present when the drill promoted the standby (`promote-standby`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failover: Option<Failover>,
     pub faults: Vec<Injected>,
     pub faults_skipped: Vec<Skipped>,
     /// What the shipped alert rules made of the run (a real Prometheus; see `alerts.rs`).
@@ -260,6 +263,33 @@ pub(crate) struct Inputs<'a> {
     pub migration: Option<crate::migration::Observed>,
     pub uploads: Option<crate::uploads::Observed>,
     pub restore: Option<crate::restore::Observed>,
+    /// What `promote-standby` saw, and the writes' recovery time after it.
+    pub failover: Option<(crate::failover::Observed, Option<u64>)>,
+}
+
+/// The `promote-standby` fault's figures.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct Failover {
+    /// `pg_ctl promote`.
+    pub promote_s: f64,
+    /// The flip → the first order acknowledged that was asked for after it (goal ≤ 5 s);
+    /// absent when none was.
+    pub writes_back_s: Option<f64>,
+    /// What may be lost (asynchronous replication) and still pass.
+    pub loss_window_ms: u64,
+    /// The acknowledged orders the promoted standby did not have, by id (those outside the
+    /// window are also `orders_lost` violations).
+    pub orders_lost: Vec<crate::checker::LostToRestore>,
+}
+
+fn failover(i: &Inputs) -> Option<Failover> {
+    let (seen, back) = i.failover.as_ref()?;
+    Some(Failover {
+        promote_s: seen.promote_ms as f64 / 1000.0,
+        writes_back_s: back.map(|ms| ms as f64 / 1000.0),
+        loss_window_ms: crate::failover::LOSS_WINDOW_MS,
+        orders_lost: i.verdict.lost_to_restore.clone(),
+    })
 }
 
 /// The `lose-primary` fault's figures.
@@ -601,6 +631,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         migration: migration(&i),
         uploads: i.uploads.clone(),
         restore: restore(&i),
+        failover: failover(&i),
         errors_by_op: {
             let mut by: std::collections::BTreeMap<
                 String,
@@ -783,6 +814,32 @@ impl Report {
                 );
             }
             let _ = writeln!(s, "    {}", r.said);
+        }
+        if let Some(f) = &self.failover {
+            let _ = writeln!(
+                s,
+                "  failover      standby promoted in {:.2} s   writes back after {}   {} acknowledged orders lost (window {} ms)",
+                f.promote_s,
+                f.writes_back_s
+                    .map_or("NEVER".to_owned(), |b| format!("{b:.1} s")),
+                f.orders_lost.len(),
+                f.loss_window_ms
+            );
+            for l in &f.orders_lost {
+                let _ = writeln!(
+                    s,
+                    "    lost  order {} of {} (key {}), acknowledged {} ms before the flip{}",
+                    l.order_id,
+                    l.account,
+                    l.key,
+                    l.before_loss_ms,
+                    if l.excused {
+                        ""
+                    } else {
+                        ": OUTSIDE THE WINDOW"
+                    }
+                );
+            }
         }
         if let Some(m) = &self.migration {
             let _ = writeln!(
@@ -1291,6 +1348,7 @@ mod tests {
             migration: None,
             uploads: None,
             restore: None,
+            failover: None,
         })
     }
 
@@ -1341,6 +1399,7 @@ mod tests {
                 migration: Some(seen),
                 uploads: None,
                 restore: None,
+                failover: None,
             })
             .migration
             .expect("a migration section")

@@ -40,6 +40,8 @@ pub const KEYS_FILE_ENV: &str = "HOLDFAST_SESSION_KEYS_FILE";
 
 /// The fault proxy's name for the database link.
 pub(crate) const DB_PROXY: &str = "postgres";
+/// The fault proxy's link to the standby (`promote-standby`).
+pub(crate) const DB_STANDBY_PROXY: &str = "postgres-standby";
 const INSTALL_HINT: &str =
     "install the PostgreSQL server binaries with scripts/install-drill-deps.sh";
 /// `holdfast up` drains instances within its request timeout plus slack; then we SIGKILL.
@@ -77,6 +79,9 @@ pub struct SystemSpec {
     /// address), and the payment provider runs outside it (the outside world survives).
     /// SQLite only.
     pub lose_primary: bool,
+    /// A streaming standby beside the drill's cluster (`promote-standby`), and `up` given
+    /// both hosts in its URL.
+    pub standby: bool,
 }
 
 impl SystemSpec {
@@ -101,6 +106,7 @@ impl SystemSpec {
             up_args: Vec::new(),
             system_log: None,
             lose_primary: false,
+            standby: false,
         }
     }
 }
@@ -135,6 +141,9 @@ pub(crate) struct Control {
     backup_generation: AtomicUsize,
     /// The `lose-primary` fault's observations, once it ran.
     restore: Mutex<Option<crate::restore::Observed>>,
+    /// The standby (`promote-standby`), and what its fault saw once it ran.
+    standby: Option<Arc<Cluster>>,
+    failover: Mutex<Option<crate::failover::Observed>>,
     program: PathBuf,
     data_dir: PathBuf,
     db: Option<Arc<Cluster>>,
@@ -170,8 +179,13 @@ impl System {
         std::fs::create_dir_all(&data_dir).map_err(Error::io("creating the data dir"))?;
         let program = std::fs::canonicalize(&opts.program)
             .map_err(Error::io(format!("finding {}", opts.program.display())))?;
-        let (db, proxy) = match &opts.database {
-            Database::Sqlite | Database::Postgres(_) => (None, None),
+        let (db, proxy, standby) = match &opts.database {
+            Database::Sqlite | Database::Postgres(_) if opts.standby => {
+                return Err(Error::Setup(
+                    "promote-standby runs on the drill's own cluster (--backend postgres), which it gives a standby".into(),
+                ))
+            }
+            Database::Sqlite | Database::Postgres(_) => (None, None, None),
             Database::ThrowawayPostgres => {
                 let db = Cluster::start(&dir).await?;
                 let proxy = FaultProxy::new();
@@ -179,7 +193,18 @@ impl System {
                 proxy
                     .create_proxy(DB_PROXY, "127.0.0.1:0", &upstream)
                     .await?;
-                (Some(db), Some(proxy))
+                let standby = match opts.standby {
+                    false => None,
+                    true => {
+                        let standby = Cluster::start_standby(&db, &dir).await?;
+                        let upstream = format!("127.0.0.1:{}", standby.port);
+                        proxy
+                            .create_proxy(DB_STANDBY_PROXY, "127.0.0.1:0", &upstream)
+                            .await?;
+                        Some(standby)
+                    }
+                };
+                (Some(db), Some(proxy), standby)
             }
         };
         let redis = match opts.sessions {
@@ -250,6 +275,8 @@ impl System {
                 backup_root,
                 backup_generation: AtomicUsize::new(0),
                 restore: Mutex::default(),
+                standby,
+                failover: Mutex::default(),
                 program,
                 data_dir,
                 db,
@@ -348,7 +375,13 @@ impl Control {
         cmd.args(&opts.up_args);
         if let Some(proxy) = &ctl.proxy {
             let link = proxy.proxy(DB_PROXY).await?;
-            let url = format!("postgres://postgres@{}/holdfast", link.listen);
+            let mut hosts = link.listen.to_string();
+            if ctl.standby.is_some() {
+                // Both hosts, as production names a primary and its standby: the store
+                // writes to the one that takes writes.
+                hosts += &format!(",{}", proxy.proxy(DB_STANDBY_PROXY).await?.listen);
+            }
+            let url = format!("postgres://postgres@{hosts}/holdfast");
             cmd.args(["--backend", "postgres", "--database-url", &url]);
         }
         if let Database::Postgres(url) = &opts.database {
@@ -745,6 +778,20 @@ impl Control {
     pub(crate) async fn start_next_node(&self) -> Result<(), String> {
         self.backup_generation.fetch_add(1, Ordering::SeqCst);
         self.start_up().await.map(|_| ()).map_err(|e| e.to_string())
+    }
+
+    /// The standby (`promote-standby`).
+    pub fn standby(&self) -> Option<&Arc<Cluster>> {
+        self.standby.as_ref()
+    }
+
+    pub(crate) fn set_failover(&self, seen: crate::failover::Observed) {
+        *lock(&self.failover) = Some(seen);
+    }
+
+    /// What the `promote-standby` fault saw, if it ran.
+    pub fn failover(&self) -> Option<crate::failover::Observed> {
+        lock(&self.failover).clone()
     }
 
     pub(crate) fn set_restore(&self, seen: crate::restore::Observed) {

@@ -1,0 +1,52 @@
+//! The `promote-standby` fault: the database's primary dies under load and its standby is
+//! promoted, as a managed database's failover flips it; the system must follow.
+//!
+//! The drill runs a streaming standby beside its cluster (`pg_basebackup -R`, asynchronous
+//! replication) and gives `up` both hosts in one URL, each through the fault proxy. Mid-load
+//! the primary is stopped at once (`pg_ctl stop -m immediate`: no shutdown checkpoint, no
+//! goodbye to clients) and the standby promoted (`pg_ctl promote`). The instances find the
+//! new primary themselves (`holdfast-store`'s `primary.rs`); users retry what failed with
+//! their keys.
+//!
+//! The report gets the promotion's time and the writes' recovery time (the flip → the first
+//! order acknowledged that was asked for after it; goal ≤ 5 s); the checker is given the
+//! flip's moment: acknowledged orders the promoted standby never received (replication is
+//! asynchronous) may be lost within [`LOSS_WINDOW_MS`] before it, listed by id, and any
+//! other loss is a violation.
+
+use serde::Serialize;
+
+use crate::system::Control;
+use crate::users::Clock;
+
+/// How long before the flip an acknowledged write may be missing on the promoted standby and
+/// the drill still pass: asynchronous replication on one machine lags by milliseconds; this
+/// is a second of slack.
+pub const LOSS_WINDOW_MS: u64 = 1000;
+
+/// What the fault saw.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Observed {
+    /// When the primary was stopped, on the drill's clock (ms since the load started).
+    pub flipped_at_ms: u64,
+    /// How long `pg_ctl promote` took.
+    pub promote_ms: u64,
+}
+
+/// Stops the primary at once and promotes the standby; the fault's target line.
+pub(crate) async fn run(ctl: &Control, clock: Clock) -> Result<String, String> {
+    let primary = ctl.db().ok_or("no database server in this drill")?.clone();
+    let standby = ctl.standby().ok_or("no standby in this drill")?.clone();
+    let flipped_at_ms = clock.ms();
+    primary.stop().await;
+    let took = standby.promote().await.map_err(|e| e.to_string())?;
+    ctl.set_failover(Observed {
+        flipped_at_ms,
+        promote_ms: took.as_millis() as u64,
+    });
+    Ok(format!(
+        "the primary (stopped at once); the standby on :{} promoted in {:.2} s",
+        standby.port,
+        took.as_secs_f64()
+    ))
+}
