@@ -38,6 +38,7 @@ pub use migrate::{
     Recorded, Schema, SchemaState, Until as MigrateUntil, PHASE_REFRESH, SCHEMA as STORE_SCHEMA,
     SETTLE,
 };
+pub use primary::Node;
 pub use tx::{Rerun, ScopedFutureExt, Tx, TxBody, TxError};
 pub use uploads::{NewUpload, UploadAck, UploadPart, UploadQuota, UploadRow};
 
@@ -517,6 +518,15 @@ impl Store {
     pub fn pool_stats(&self) -> (u32, usize) {
         let pool = self.pool();
         (pool.size(), pool.num_idle())
+    }
+
+    /// On PostgreSQL, each host the URL names: primary or standby, and how far each standby
+    /// is behind; on SQLite, nothing.
+    pub async fn replication(&self) -> Vec<primary::Node> {
+        match self.backend {
+            Backend::Sqlite => Vec::new(),
+            Backend::Postgres => self.primary.nodes().await,
+        }
     }
 
     /// The pool to use now (on PostgreSQL, the primary's; it changes when the primary moves).

@@ -92,6 +92,11 @@ impl Primary {
         })
     }
 
+    /// Each host's role and lag, asked now.
+    pub(crate) async fn nodes(&self) -> Vec<Node> {
+        nodes(&self.hosts, self.acquire_timeout).await
+    }
+
     /// Whether the URL named several hosts.
     pub(crate) fn several_hosts(&self) -> bool {
         self.hosts.len() > 1
@@ -232,4 +237,104 @@ mod tests {
             "postgres://app@a:5432/shop"
         );
     }
+}
+
+/// One host the store's URL names, as it answered just now.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Node {
+    /// `host:port`.
+    pub host: String,
+    /// `primary`, `standby`, or `unreachable: <why>`.
+    pub role: String,
+    /// A standby's distance behind the primary's WAL, in bytes.
+    pub lag_bytes: Option<u64>,
+    /// A standby's distance behind in time: 0 when it has replayed everything, else the age
+    /// of the last transaction it replayed.
+    pub lag_seconds: Option<f64>,
+}
+
+/// What one host answered: whether it is a standby, its WAL position, the age of its last
+/// replayed transaction; or why it did not answer.
+type Answer = Result<(bool, Option<u64>, Option<f64>), String>;
+
+/// Each host's role and, for standbys, how far behind the primary it is.
+pub(crate) async fn nodes(hosts: &[String], timeout: Duration) -> Vec<Node> {
+    // (host, standby?, its WAL position: written on a primary, replayed on a standby, the
+    // age of its last replayed transaction) or why it did not answer.
+    let mut answers: Vec<(String, Answer)> = Vec::new();
+    for url in hosts {
+        let asked = async {
+            let mut conn = url
+                .parse::<AnyConnectOptions>()?
+                .log_statements(tracing::log::LevelFilter::Off)
+                .connect()
+                .await?;
+            let answer: (bool, Option<String>, Option<f64>) = sqlx::query_as(
+                "SELECT pg_is_in_recovery(), \
+                 (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \
+                  ELSE pg_current_wal_lsn() END)::text, \
+                 (CASE WHEN pg_is_in_recovery() \
+                  THEN extract(epoch FROM now() - pg_last_xact_replay_timestamp()) END)::float8",
+            )
+            .fetch_one(&mut conn)
+            .await?;
+            let _ = conn.close().await;
+            Ok::<_, sqlx::Error>(answer)
+        };
+        let answer = match tokio::time::timeout(timeout, asked).await {
+            Ok(Ok((standby, lsn, age))) => Ok((standby, lsn.as_deref().and_then(parse_lsn), age)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("no answer".to_owned()),
+        };
+        answers.push((host_of(url), answer));
+    }
+    let primary_at = answers.iter().find_map(|(_, a)| match a {
+        Ok((false, at, _)) => *at,
+        _ => None,
+    });
+    answers
+        .into_iter()
+        .map(|(host, answer)| match answer {
+            Ok((false, _, _)) => Node {
+                host,
+                role: "primary".into(),
+                lag_bytes: None,
+                lag_seconds: None,
+            },
+            Ok((true, at, age)) => {
+                let lag_bytes = match (primary_at, at) {
+                    (Some(p), Some(at)) => Some(p.saturating_sub(at)),
+                    _ => None,
+                };
+                Node {
+                    host,
+                    role: "standby".into(),
+                    lag_bytes,
+                    lag_seconds: match lag_bytes {
+                        Some(0) => Some(0.0),
+                        _ => age,
+                    },
+                }
+            }
+            Err(why) => Node {
+                host,
+                role: format!("unreachable: {why}"),
+                lag_bytes: None,
+                lag_seconds: None,
+            },
+        })
+        .collect()
+}
+
+/// `X/Y` (a WAL position) as a number.
+fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.split_once('/')?;
+    Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+}
+
+/// The `host:port` of a one-host URL.
+fn host_of(url: &str) -> String {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    rest.split(['/', '?']).next().unwrap_or(rest).to_owned()
 }

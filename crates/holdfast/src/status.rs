@@ -71,6 +71,9 @@ struct Status {
     last_drill: Option<crate::drill::LastDrill>,
     /// The continuous backup of this data dir's store, as it last proved itself, or null.
     backup: Option<holdfast_backup::Health>,
+    /// On PostgreSQL, each host the store's URL names: primary or standby, and each
+    /// standby's lag (empty on SQLite).
+    database: Vec<holdfast_store::Node>,
     #[serde(skip)]
     now_ms: i64,
 }
@@ -149,6 +152,7 @@ pub async fn run(args: JobsList) -> anyhow::Result<()> {
         }
     }
     let oldest = store.job_next_run_at(holdfast_shop::PAYMENTS_QUEUE).await?;
+    let database = store.replication().await;
     store.close().await;
     let status = Status {
         balancer: balancer.map(|b| b.addr),
@@ -158,6 +162,7 @@ pub async fn run(args: JobsList) -> anyhow::Result<()> {
         redis_sessions,
         last_drill: crate::read_json(&run_dir.join(crate::drill::LAST_DRILL_FILE)),
         backup: crate::read_json(&run_dir.join("backup").join("state.json")),
+        database,
         now_ms: now,
     };
     if args.json {
@@ -215,6 +220,9 @@ fn table(s: &Status) -> String {
         None => "backup: none has run here (holdfast up --backup)\n".to_owned(),
         Some(b) => backup_line(b, s.now_ms),
     });
+    for node in &s.database {
+        out.push_str(&database_line(node));
+    }
     out.push_str(&match &s.last_drill {
         Some(d) => {
             let age = u64::try_from((s.now_ms - d.finished_at) / 1000).unwrap_or(0);
@@ -225,6 +233,25 @@ fn table(s: &Status) -> String {
         }
     });
     out
+}
+
+/// One database host in one line: its role, and a standby's lag (LAGGING past 10 s, as the
+/// `HoldfastReplicaLagging` alert).
+fn database_line(n: &holdfast_store::Node) -> String {
+    let lag = match (n.lag_bytes, n.lag_seconds) {
+        (Some(bytes), Some(secs)) => format!(
+            ", {} behind: {bytes} bytes, {secs:.1} s",
+            if secs > 10.0 { "LAGGING" } else { "replaying" }
+        ),
+        (Some(bytes), None) => format!(", replaying: {bytes} bytes behind"),
+        _ => String::new(),
+    };
+    let role = if n.role.starts_with("unreachable") {
+        n.role.to_uppercase()
+    } else {
+        n.role.clone()
+    };
+    format!("database {}: {role}{lag}\n", n.host)
 }
 
 /// The continuous backup in one line: where to, when it last proved itself, and trouble in
@@ -319,8 +346,40 @@ mod tests {
             redis_sessions: None,
             last_drill,
             backup: None,
+            database: Vec::new(),
             now_ms: 10_000_000,
         }
+    }
+
+    #[test]
+    fn each_database_host_is_one_line_and_a_lagging_standby_says_so() {
+        let node = |role: &str, lag_bytes, lag_seconds| holdfast_store::Node {
+            host: "db2:5432".into(),
+            role: role.into(),
+            lag_bytes,
+            lag_seconds,
+        };
+        let mut status = quiet(None);
+        status.database = vec![
+            node("primary", None, None),
+            node("standby", Some(0), Some(0.0)),
+            node("standby", Some(4096), Some(12.5)),
+            node("unreachable: connection refused", None, None),
+        ];
+        let text = table(&status);
+        assert!(text.contains("database db2:5432: primary\n"), "{text}");
+        assert!(
+            text.contains("database db2:5432: standby, replaying behind: 0 bytes, 0.0 s\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("database db2:5432: standby, LAGGING behind: 4096 bytes, 12.5 s\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("database db2:5432: UNREACHABLE: CONNECTION REFUSED\n"),
+            "{text}"
+        );
     }
 
     #[test]

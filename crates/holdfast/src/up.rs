@@ -476,8 +476,46 @@ impl Fleet {
             .as_ref()
             .map(|b| b.borrow().render_metrics("balancer"))
             .unwrap_or_default();
-        queue_depth(&self.store).await + &render_restarts(&self.restarts) + &backup
+        queue_depth(&self.store).await
+            + &render_restarts(&self.restarts)
+            + &backup
+            + &render_replication(&self.store.replication().await)
     }
+}
+
+/// `holdfast_replica_lag_seconds` and `_bytes` per standby, and which host is the primary
+/// (`holdfast_store_primary`), on PostgreSQL; nothing on SQLite.
+fn render_replication(nodes: &[holdfast_store::Node]) -> String {
+    if nodes.is_empty() {
+        return String::new();
+    }
+    let mut out = String::new();
+    let name = "holdfast_store_primary";
+    out += &format!("# HELP {name} 1 for the database host that takes writes now, 0 for the others.\n# TYPE {name} gauge\n");
+    for n in nodes {
+        let is = u8::from(n.role == "primary");
+        out += &format!("{name}{{host=\"{}\"}} {is}\n", n.host);
+    }
+    for (name, help, value) in [
+        (
+            "holdfast_replica_lag_seconds",
+            "How far a standby is behind the primary: 0 when it has replayed everything, else the age of the last transaction it replayed.",
+            (|n: &holdfast_store::Node| n.lag_seconds) as fn(&holdfast_store::Node) -> Option<f64>,
+        ),
+        (
+            "holdfast_replica_lag_bytes",
+            "How many bytes of the primary's WAL a standby has not replayed.",
+            |n: &holdfast_store::Node| n.lag_bytes.map(|b| b as f64),
+        ),
+    ] {
+        out += &format!("# HELP {name} {help}\n# TYPE {name} gauge\n");
+        for n in nodes.iter().filter(|n| n.role == "standby") {
+            if let Some(v) = value(n) {
+                out += &format!("{name}{{host=\"{}\"}} {v}\n", n.host);
+            }
+        }
+    }
+    out
 }
 
 /// Kills web instances the balancer has found unresponsive for `after`, forever.
@@ -773,6 +811,40 @@ fn session_keys_file(instance: &crate::cli::InstanceArgs) -> Vec<(OsString, Path
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn replication_is_which_host_takes_writes_and_each_standbys_lag() {
+        let node = |host: &str, role: &str, lag_bytes, lag_seconds| holdfast_store::Node {
+            host: host.into(),
+            role: role.into(),
+            lag_bytes,
+            lag_seconds,
+        };
+        assert_eq!(render_replication(&[]), "", "SQLite: nothing");
+        let text = render_replication(&[
+            node("a:5432", "primary", None, None),
+            node("b:5432", "standby", Some(8192), Some(1.5)),
+            node("c:5432", "unreachable: no answer", None, None),
+        ]);
+        assert!(
+            text.contains("holdfast_store_primary{host=\"a:5432\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("holdfast_store_primary{host=\"b:5432\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("holdfast_replica_lag_seconds{host=\"b:5432\"} 1.5\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("holdfast_replica_lag_bytes{host=\"b:5432\"} 8192\n"),
+            "{text}"
+        );
+        assert!(!text.contains("lag_seconds{host=\"c:5432\"}"), "{text}");
+    }
+
     use super::*;
 
     #[test]

@@ -32,6 +32,26 @@ async fn write(store: &Store, n: i64) -> Result<(), holdfast_store::Error> {
         .map_err(TxError::<Infallible>::into_db)
 }
 
+/// `holdfast status` of the store at `url` (no `up` running): its text.
+fn status_of(url: &str) -> String {
+    let data = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
+        .args([
+            "status",
+            "--backend",
+            "postgres",
+            "--database-url",
+            url,
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("holdfast status");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 async fn rows(url: &str) -> Vec<i64> {
     let mut conn = sqlx::PgConnection::connect(url).await.expect("connect");
     sqlx::query_scalar("SELECT n FROM failover_rows ORDER BY n")
@@ -61,7 +81,8 @@ async fn writes_follow_the_primary_when_a_standby_is_promoted() {
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/holdfast",
         standby.port, primary.port
     );
-    let mut opts = StoreOptions::new(&url);
+    // The shop's schema too, so that `holdfast status` can open it.
+    let mut opts = StoreOptions::new(&url).schema(&holdfast_shop::SCHEMA);
     opts.acquire_timeout = Duration::from_secs(1);
     opts.retry.deadline = Duration::from_secs(10);
     let store = Store::open(&opts)
@@ -70,6 +91,32 @@ async fn writes_follow_the_primary_when_a_standby_is_promoted() {
     for n in 1..=3 {
         write(&store, n).await.expect("a write to the primary");
     }
+    // Which host is which, and the standby's lag: what `holdfast status` and the fleet's
+    // metrics show.
+    // (Asynchronous: the standby catches up on its own time; wait until it has.)
+    let caught_up = Instant::now() + Duration::from_secs(10);
+    let nodes = loop {
+        let nodes = store.replication().await;
+        if nodes[0].lag_bytes == Some(0) || Instant::now() > caught_up {
+            break nodes;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    assert_eq!(nodes[0].host, format!("127.0.0.1:{}", standby.port));
+    assert_eq!(nodes[0].role, "standby");
+    assert_eq!(nodes[0].lag_bytes, Some(0), "caught up: {nodes:?}");
+    assert_eq!(nodes[0].lag_seconds, Some(0.0), "{nodes:?}");
+    assert_eq!(nodes[1].role, "primary");
+    let status = status_of(&url);
+    assert!(
+        status.contains(&format!("database 127.0.0.1:{}: standby", standby.port)),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("database 127.0.0.1:{}: primary", primary.port)),
+        "{status}"
+    );
 
     // The primary dies at once (no shutdown checkpoint); the standby is promoted.
     primary.stop().await;
@@ -87,6 +134,15 @@ async fn writes_follow_the_primary_when_a_standby_is_promoted() {
     for n in 5..=6 {
         write(&store, n).await.expect("and stays there");
     }
+    let status = status_of(&url);
+    assert!(
+        status.contains(&format!("database 127.0.0.1:{}: primary", standby.port)),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("database 127.0.0.1:{}: UNREACHABLE", primary.port)),
+        "{status}"
+    );
     // Asynchronous replication: what the primary had acknowledged before it died had
     // reached the standby (it was idle); nothing was written twice.
     assert_eq!(rows(&standby.url()).await, vec![1, 2, 3, 4, 5, 6]);
