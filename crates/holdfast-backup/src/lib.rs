@@ -51,6 +51,10 @@ pub enum Error {
         "litestream is not installed: run scripts/install-backup-tools.sh (or set LITESTREAM to its path)"
     )]
     NoTool,
+    /// A PostgreSQL restore's `--at` is past the last commit the backup holds (the restore
+    /// then goes to its newest change instead).
+    #[error("--at is later than the newest change the backup holds")]
+    PastNewest,
     /// The target holds no backup.
     #[error("no backup at {target}: {why}")]
     NoBackup { target: String, why: String },

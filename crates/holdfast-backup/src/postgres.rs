@@ -521,28 +521,26 @@ pub(crate) async fn restore(
         target: dir.display().to_string(),
         detail: e.to_string(),
     })?;
-    copy_tree(&base, to)?;
-    let _ = std::fs::remove_file(to.join("backup_manifest"));
-    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700))
-        .map_err(Error::io("closing the restored directory"))?;
+    // With `--at` past the last commit the backup holds, recovery ends before its target
+    // (an error since PostgreSQL 14): the newest change is then the state as of `--at`.
+    let mut target_time = at;
+    let (server, original_auto) = loop {
+        let original_auto = lay_out(dir, &base, to, target_time)?;
+        match Private::start(to).await {
+            Err(Error::PastNewest) if target_time.is_some() => {
+                crate::restore::clean_up(to, true);
+                target_time = None;
+            }
+            Err(e) => return Err(e),
+            Ok(server) => break (server, original_auto),
+        }
+    };
     let auto_conf = to.join("postgresql.auto.conf");
-    let original_auto = std::fs::read_to_string(&auto_conf).unwrap_or_default();
-    write_missing_configuration(to)?;
-    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
-    // The WAL since the base backup began goes into pg_wal, where recovery reads it: the
-    // server (run as `postgres` when we are root) need not be able to read the target.
-    let copied = copy_wal(&dir.join("wal"), &base, &to.join("pg_wal"))?;
-    let mut recovery = format!(
-        "{original_auto}\n# holdfast restore: removed once the restore is done (the WAL is in pg_wal)\nrestore_command = 'false'\nrecovery_target_action = 'promote'\n"
-    );
-    if let Some(at) = at {
-        recovery += &format!("recovery_target_time = {}\n", quote(&crate::rfc3339(at)));
-    }
-    std::fs::write(&auto_conf, recovery).map_err(Error::io("writing the recovery settings"))?;
-    std::fs::write(to.join("recovery.signal"), "").map_err(Error::io("writing recovery.signal"))?;
-    tracing::info!(segments = copied, "recovering");
-    let server = Private::start(to).await?;
-    let proven = if at.is_none() { read_proven(dir) } else { None };
+    let proven = if target_time.is_none() {
+        read_proven(dir)
+    } else {
+        None
+    };
     let checked = match (proven, server.replayed) {
         // Recovery stops quietly at the first damaged record: it must have reached what the
         // backup proved it held (less one WAL page, where a proof may end mid-record).
@@ -573,6 +571,47 @@ pub(crate) async fn restore(
         migrations,
         then,
     })
+}
+
+/// Copies the base backup into `to` and the WAL since into its `pg_wal`, and sets recovery up
+/// (to `at`, or to the end); the original `postgresql.auto.conf`, to put back afterwards.
+fn lay_out(
+    dir: &Path,
+    base: &Path,
+    to: &Path,
+    at: Option<OffsetDateTime>,
+) -> Result<String, Error> {
+    copy_tree(base, to)?;
+    let _ = std::fs::remove_file(to.join("backup_manifest"));
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700))
+        .map_err(Error::io("closing the restored directory"))?;
+    let auto_conf = to.join("postgresql.auto.conf");
+    let original_auto = std::fs::read_to_string(&auto_conf).unwrap_or_default();
+    write_missing_configuration(to)?;
+    let quote = |s: &str| format!("'{}'", s.replace('\'', "''"));
+    // The WAL since the base backup began goes into pg_wal, where recovery reads it: the
+    // server (run as `postgres` when we are root) need not be able to read the target.
+    let copied = copy_wal(&dir.join("wal"), base, &to.join("pg_wal"))?;
+    let mut recovery = format!(
+        "{original_auto}\n# holdfast restore: removed once the restore is done (the WAL is in pg_wal)\nrestore_command = 'false'\nrecovery_target_action = 'promote'\n"
+    );
+    if let Some(at) = at {
+        recovery += &format!("recovery_target_time = {}\n", quote(&pg_time(at)?));
+    }
+    std::fs::write(&auto_conf, recovery).map_err(Error::io("writing the recovery settings"))?;
+    std::fs::write(to.join("recovery.signal"), "").map_err(Error::io("writing recovery.signal"))?;
+    tracing::info!(segments = copied, "recovering");
+    Ok(original_auto)
+}
+
+/// `at` as `recovery_target_time` takes it: UTC, with `+00` (it refuses RFC 3339's `Z`).
+fn pg_time(at: OffsetDateTime) -> Result<String, Error> {
+    const PG: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+        "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:6]+00"
+    );
+    at.to_offset(time::UtcOffset::UTC)
+        .format(PG)
+        .map_err(|e| Error::Usage(format!("--at {}: {e}", crate::rfc3339(at))))
 }
 
 /// `pg_amcheck` over every database, then the migration ledger, then the caller's step.
@@ -753,9 +792,7 @@ impl Private {
                     .to_owned();
                 server.stop().await;
                 if reason.contains("before configured recovery target") {
-                    return Err(Error::Usage(
-                        "--at is later than the newest change the backup holds; give an earlier time or none".into(),
-                    ));
+                    return Err(Error::PastNewest);
                 }
                 return Err(Error::Tool {
                     what: "recovering the restored server".into(),
@@ -902,6 +939,15 @@ mod tests {
         let at = parse_stamp("20261130T041900Z").expect("a stamp");
         assert_eq!(crate::rfc3339(at), "2026-11-30T04:19:00Z");
         assert_eq!(parse_stamp(".taking-12"), None);
+        let at = time::OffsetDateTime::parse(
+            "2026-11-30T07:58:40.5+02:00",
+            &time::format_description::well_known::Rfc3339,
+        )
+        .expect("a time");
+        assert_eq!(
+            pg_time(at).expect("formats"),
+            "2026-11-30 05:58:40.500000+00"
+        );
         assert_eq!(
             redacted("postgres://app:secret@db.example:5433/shop"),
             "postgres://app@db.example:5433/shop"

@@ -212,7 +212,7 @@ pub(crate) async fn check(database: &Path) -> Result<(String, i64), String> {
 }
 
 /// Removes what a failed restore wrote: the directory if we made it, else its contents.
-fn clean_up(to: &Path, existed: bool) {
+pub(crate) fn clean_up(to: &Path, existed: bool) {
     if !existed {
         let _ = std::fs::remove_dir_all(to);
         return;

@@ -670,21 +670,25 @@ impl PostgresBackedUp {
             .success());
     }
 
-    /// The server and its disk are lost; `holdfast restore` of `target` goes where its data
-    /// directory was (its line), and the cluster starts on it.
-    async fn lose_and_restore(&self, target: &str, env: &[(&str, &str)]) -> String {
+    /// The server and its disk are lost; `holdfast restore` of `target` (as of `at`, or the
+    /// newest) goes where its data directory was (its line), and the cluster starts on it.
+    async fn lose_and_restore(
+        &self,
+        target: &str,
+        env: &[(&str, &str)],
+        at: Option<&str>,
+    ) -> String {
         self.cluster.stop().await;
         std::fs::remove_dir_all(&self.cluster.data).unwrap();
-        let restore = holdfast(
-            &[
-                "restore",
-                "--backup",
-                target,
-                "--to",
-                path(&self.cluster.data),
-            ],
-            env,
-        );
+        let mut args = vec![
+            "restore",
+            "--backup",
+            target,
+            "--to",
+            path(&self.cluster.data),
+        ];
+        args.extend(at.map(|at| ["--at", at]).into_iter().flatten());
+        let restore = holdfast(&args, env);
         let said = stdout(&restore);
         assert!(said.contains("pg_amcheck ok"), "{restore:?}");
         self.cluster
@@ -716,6 +720,26 @@ async fn a_postgres_backup_runs_proves_itself_and_restores_what_was_committed() 
     let mut pg = PostgresBackedUp::start(&data, path(&target), &[], 500).await;
     let url = pg.url.clone();
     let store = ["--backend", "postgres", "--database-url", url.as_str()];
+    // A moment to return to: after those 500 rows, before 250 more.
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let moment: String = sqlx::query_scalar(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    sqlx::raw_sql("SELECT pg_sleep(0.05); INSERT INTO kept SELECT generate_series(501, 750)")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    drop(conn);
+    let now = pg.holdfast(&["backup", "now"], &[]);
+    assert!(stdout(&now).starts_with("backed up to"), "{now:?}");
+    // And a moment after the last commit: recovery would end before reaching it, so the
+    // restore goes to the newest change.
+    let later = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
     let list = pg.holdfast(&["backup", "list"], &[]);
     assert!(stdout(&list).contains("restorable from"), "{list:?}");
     assert!(
@@ -738,9 +762,16 @@ async fn a_postgres_backup_runs_proves_itself_and_restores_what_was_committed() 
     assert_eq!(slots, 0);
     drop(conn);
 
-    let said = pg.lose_and_restore(path(&target), &[]).await;
+    // Back to the moment (point in time), then to the newest change.
+    let said = pg.lose_and_restore(path(&target), &[], Some(&moment)).await;
     assert!(said.contains("migrations"), "{said}");
-    assert_eq!(pg.kept().await, 500, "every committed row came back");
+    assert_eq!(
+        pg.kept().await,
+        500,
+        "as of {moment}: the 500 rows, not the 250 after"
+    );
+    pg.lose_and_restore(path(&target), &[], Some(&later)).await;
+    assert_eq!(pg.kept().await, 750, "every committed row came back");
 
     // Bad inputs: one line each, nothing touched.
     let occupied = root.path().join("occupied");
@@ -842,7 +873,7 @@ async fn a_postgres_backup_to_s3_restores_what_was_committed() {
     let list = pg.holdfast(&["backup", "list"], &env);
     assert!(stdout(&list).contains("snapshot "), "{list:?}");
     pg.stop_backup().await;
-    pg.lose_and_restore(&target, &env).await;
+    pg.lose_and_restore(&target, &env, None).await;
     assert_eq!(
         pg.kept().await,
         700,
