@@ -55,6 +55,21 @@ struct RestoreTime {
     rto_s: f64,
 }
 
+impl RestoreTime {
+    /// The figures of one restore of a `database_mib` store backed up to `backup`.
+    fn of(database_mib: f64, backup: &str, copy_s: f64, restore_s: f64, start_s: f64) -> Self {
+        RestoreTime {
+            database_mib,
+            backup_mib: mib_of(Path::new(backup)),
+            copy_s,
+            restore_s,
+            restore_vs_copy: ratio(restore_s, copy_s),
+            start_s,
+            rto_s: restore_s + start_s,
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 struct Drill {
     rto_s: f64,
@@ -253,15 +268,13 @@ async fn restore_time(program: &Path, size_mib: u64) -> anyhow::Result<RestoreTi
     )?
     .as_secs_f64();
     let start_s = first_2xx(program, Instant::now(), &["--data-dir", &restored]).await?;
-    Ok(RestoreTime {
-        database_mib: mib_of(&Path::new(&data).join("holdfast.sqlite")),
-        backup_mib: mib_of(Path::new(&backup)),
+    Ok(RestoreTime::of(
+        mib_of(&Path::new(&data).join("holdfast.sqlite")),
+        &backup,
         copy_s,
         restore_s,
-        restore_vs_copy: ratio(restore_s, copy_s),
         start_s,
-        rto_s: restore_s + start_s,
-    })
+    ))
 }
 
 /// The same on PostgreSQL: a throwaway cluster filled to `size_mib`, a base backup of it
@@ -307,15 +320,13 @@ async fn postgres_restore_time(program: &Path, size_mib: u64) -> anyhow::Result<
         &[&["--data-dir", &path("data2")][..], &store].concat(),
     )
     .await?;
-    Ok(RestoreTime {
+    Ok(RestoreTime::of(
         database_mib,
-        backup_mib: mib_of(Path::new(&backup)),
+        &backup,
         copy_s,
         restore_s,
-        restore_vs_copy: ratio(restore_s, copy_s),
         start_s,
-        rto_s: restore_s + start_s,
-    })
+    ))
 }
 
 /// `holdfast up` with `store_flags` (one instance, no worker) until its first 2xx: seconds

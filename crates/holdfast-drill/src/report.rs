@@ -333,6 +333,26 @@ fn restore(i: &Inputs) -> Option<Restore> {
     })
 }
 
+/// One line per acknowledged order a loss took (`before`: what it was taken before).
+fn lost_lines(s: &mut String, lost: &[crate::checker::LostToRestore], before: &str) {
+    use std::fmt::Write;
+    for l in lost {
+        let _ = writeln!(
+            s,
+            "    lost  order {} of {} (key {}), acknowledged {} ms before {before}{}",
+            l.order_id,
+            l.account,
+            l.key,
+            l.before_loss_ms,
+            if l.excused {
+                ""
+            } else {
+                ": OUTSIDE THE WINDOW"
+            }
+        );
+    }
+}
+
 /// Whether the sample completed inside one of the applied faults that `which` selects.
 fn during(s: &Sample, injected: &[Injected], which: impl Fn(&Injected) -> bool) -> bool {
     injected.iter().filter(|f| f.applied && which(f)).any(|f| {
@@ -798,21 +818,7 @@ impl Report {
                 if r.integrity_ok { "ok" } else { "NOT CHECKED" },
                 r.orders_lost.len()
             );
-            for l in &r.orders_lost {
-                let _ = writeln!(
-                    s,
-                    "    lost  order {} of {} (key {}), acknowledged {} ms before the loss{}",
-                    l.order_id,
-                    l.account,
-                    l.key,
-                    l.before_loss_ms,
-                    if l.excused {
-                        ""
-                    } else {
-                        ": OUTSIDE THE WINDOW"
-                    }
-                );
-            }
+            lost_lines(&mut s, &r.orders_lost, "the loss");
             let _ = writeln!(s, "    {}", r.said);
         }
         if let Some(f) = &self.failover {
@@ -825,21 +831,7 @@ impl Report {
                 f.orders_lost.len(),
                 f.loss_window_ms
             );
-            for l in &f.orders_lost {
-                let _ = writeln!(
-                    s,
-                    "    lost  order {} of {} (key {}), acknowledged {} ms before the flip{}",
-                    l.order_id,
-                    l.account,
-                    l.key,
-                    l.before_loss_ms,
-                    if l.excused {
-                        ""
-                    } else {
-                        ": OUTSIDE THE WINDOW"
-                    }
-                );
-            }
+            lost_lines(&mut s, &f.orders_lost, "the flip");
         }
         if let Some(m) = &self.migration {
             let _ = writeln!(

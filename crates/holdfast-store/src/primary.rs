@@ -172,16 +172,20 @@ impl Primary {
     }
 }
 
+/// One connection to `url`, its statements not logged (the store's pools log slow ones).
+async fn connect_quietly(url: &str) -> Result<sqlx::AnyConnection, sqlx::Error> {
+    url.parse::<AnyConnectOptions>()?
+        .log_statements(tracing::log::LevelFilter::Off)
+        .connect()
+        .await
+}
+
 /// The first host that answers as a primary.
 async fn find(hosts: &[String], timeout: Duration) -> Result<String> {
     let mut why = Vec::new();
     for url in hosts {
         let asked = async {
-            let mut conn = url
-                .parse::<AnyConnectOptions>()?
-                .log_statements(tracing::log::LevelFilter::Off)
-                .connect()
-                .await?;
+            let mut conn = connect_quietly(url).await?;
             let standby: bool = sqlx::query_scalar(READ_ONLY).fetch_one(&mut conn).await?;
             let _ = conn.close().await;
             Ok::<bool, sqlx::Error>(standby)
@@ -264,11 +268,7 @@ pub(crate) async fn nodes(hosts: &[String], timeout: Duration) -> Vec<Node> {
     let mut answers: Vec<(String, Answer)> = Vec::new();
     for url in hosts {
         let asked = async {
-            let mut conn = url
-                .parse::<AnyConnectOptions>()?
-                .log_statements(tracing::log::LevelFilter::Off)
-                .connect()
-                .await?;
+            let mut conn = connect_quietly(url).await?;
             let answer: (bool, Option<String>, Option<f64>) = sqlx::query_as(
                 "SELECT pg_is_in_recovery(), \
                  (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() \

@@ -100,6 +100,15 @@ impl S3Server {
             .collect()
     }
 
+    /// The `AWS_*` variables that point a client at this server (its test credentials).
+    pub fn aws_env(&self) -> [(&'static str, &str); 3] {
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint.as_str()),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+        ]
+    }
+
     /// Multipart uploads begun in `bucket` and neither completed nor aborted.
     pub async fn open_multiparts(&self, bucket: &str) -> usize {
         let xml = reqwest::get(format!("{}/{bucket}?uploads", self.endpoint))

@@ -337,11 +337,7 @@ async fn a_backup_to_s3_restores_and_an_unreachable_endpoint_is_one_line() {
     };
     let bucket = s3.bucket("backups").await;
     let target = format!("{bucket}/shop");
-    let env = [
-        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-    ];
+    let env = s3.aws_env();
     let root = tempfile::tempdir().unwrap();
     store_with_a_backup(root.path(), &target, &env);
     assert!(
@@ -851,11 +847,7 @@ async fn a_postgres_backup_to_s3_restores_what_was_committed() {
     };
     let bucket = s3.bucket("pgbackups").await;
     let target = format!("{bucket}/cluster");
-    let env = [
-        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
-        ("AWS_ACCESS_KEY_ID", "test"),
-        ("AWS_SECRET_ACCESS_KEY", "test"),
-    ];
+    let env = s3.aws_env();
     let (_root, data, _, _) = scratch();
     let mut pg = PostgresBackedUp::start(&data, &target, &env, 700).await;
     // (A base backup is over a thousand objects: the listing of `base/` alone would stop
