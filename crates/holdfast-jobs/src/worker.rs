@@ -61,7 +61,8 @@ pub struct QueueConfig {
 /// How a worker learns that work arrived, besides its own completions.
 #[derive(Debug, Clone)]
 pub enum Wakeup {
-    /// Postgres `LISTEN` on the store's notify channel (connection URL).
+    /// Postgres `LISTEN` on the store's notify channel (connection URL). When the store's URL
+    /// names several hosts, each (re)connection goes to the one the store writes to now.
     Postgres(String),
     /// inotify on the SQLite database's directory: any commit by any process writes the WAL.
     SqliteFile(PathBuf),
@@ -485,7 +486,9 @@ async fn maintenance(shared: Arc<Shared>) {
 async fn wakeups(shared: Arc<Shared>) {
     match shared.opts.wakeup.clone() {
         Wakeup::Postgres(url) => loop {
-            if let Err(e) = listen_postgres(&shared, &url).await {
+            // Notifications are sent where the writes go: the primary the store found.
+            let primary = shared.store.primary_url().unwrap_or_else(|| url.clone());
+            if let Err(e) = listen_postgres(&shared, &primary).await {
                 tracing::warn!(error = %e, "LISTEN connection lost; reconnecting");
             }
             shared.wake_all(); // notifications may have been missed meanwhile

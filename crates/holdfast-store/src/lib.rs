@@ -529,6 +529,12 @@ impl Store {
         }
     }
 
+    /// On PostgreSQL, the URL of the one host writes go to now (the URL may name several);
+    /// what a `LISTEN` must connect to, since notifications are sent on the primary.
+    pub fn primary_url(&self) -> Option<String> {
+        (self.backend == Backend::Postgres).then(|| self.primary.url())
+    }
+
     /// The pool to use now (on PostgreSQL, the primary's; it changes when the primary moves).
     pub(crate) fn pool(&self) -> AnyPool {
         self.primary.pool()

@@ -111,6 +111,15 @@ impl Primary {
             .clone()
     }
 
+    /// The URL of the host the pool connects to.
+    pub(crate) fn url(&self) -> String {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .1
+            .clone()
+    }
+
     /// Where the search stands: pass it to [`Primary::search`] after a failure.
     pub(crate) fn generation(&self) -> u64 {
         self.generation.load(Ordering::SeqCst)

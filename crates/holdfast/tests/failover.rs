@@ -91,6 +91,9 @@ async fn writes_follow_the_primary_when_a_standby_is_promoted() {
     for n in 1..=3 {
         write(&store, n).await.expect("a write to the primary");
     }
+    // Where a worker's LISTEN goes: the host the writes go to.
+    let host = |port: u16| format!("postgres://postgres@127.0.0.1:{port}/holdfast");
+    assert_eq!(store.primary_url(), Some(host(primary.port)));
     // Which host is which, and the standby's lag: what `holdfast status` and the fleet's
     // metrics show.
     // (Asynchronous: the standby catches up on its own time; wait until it has.)
@@ -134,6 +137,7 @@ async fn writes_follow_the_primary_when_a_standby_is_promoted() {
     for n in 5..=6 {
         write(&store, n).await.expect("and stays there");
     }
+    assert_eq!(store.primary_url(), Some(host(standby.port)));
     let status = status_of(&url);
     assert!(
         status.contains(&format!("database 127.0.0.1:{}: primary", standby.port)),
