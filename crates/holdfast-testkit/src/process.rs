@@ -374,6 +374,28 @@ pub fn run_drill(
     (out, report, html)
 }
 
+/// The flags of a small, short, seeded drill without alerts (8 users, 2 instances, 1 worker,
+/// 15 s), then `more`: for the drills of one fault each.
+pub fn small_drill_args<'a>(more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "--duration",
+        "15s",
+        "--users",
+        "8",
+        "--think-time",
+        "50ms",
+        "--instances",
+        "2",
+        "--workers",
+        "1",
+        "--seed",
+        "5",
+        "--no-alerts",
+    ];
+    args.extend_from_slice(more);
+    args
+}
+
 /// Whether initdb and pg_ctl are on PATH or in Debian's /usr/lib/postgresql/*/bin.
 fn postgres_server_binaries() -> bool {
     let has = |dir: &std::path::Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();

@@ -4,7 +4,7 @@
 //! asynchronous replication allows. Needs the PostgreSQL server binaries
 //! (`scripts/install-drill-deps.sh`).
 
-use holdfast_testkit::process::{postgres_server_binaries_or_skip, run_drill};
+use holdfast_testkit::process::{postgres_server_binaries_or_skip, run_drill, small_drill_args};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
@@ -18,25 +18,7 @@ fn the_system_follows_a_promoted_standby_and_keeps_what_it_acknowledged() {
         BIN.as_ref(),
         dir.path(),
         "promote-standby",
-        &[
-            "--backend",
-            "postgres",
-            "--faults",
-            "promote-standby",
-            "--duration",
-            "15s",
-            "--users",
-            "8",
-            "--think-time",
-            "50ms",
-            "--instances",
-            "2",
-            "--workers",
-            "1",
-            "--seed",
-            "5",
-            "--no-alerts",
-        ],
+        &small_drill_args(&["--backend", "postgres", "--faults", "promote-standby"]),
     );
     assert_eq!(r["verdict"], "pass", "violated: {}", r["violated"]);
     assert!(out.status.success());

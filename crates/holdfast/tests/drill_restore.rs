@@ -6,7 +6,9 @@
 //! and on Postgres (the drill's own cluster: base backup and WAL, `pg_amcheck`;
 //! `scripts/install-drill-deps.sh`).
 
-use holdfast_testkit::process::{have_tool, postgres_server_binaries_or_skip, run_drill};
+use holdfast_testkit::process::{
+    have_tool, postgres_server_binaries_or_skip, run_drill, small_drill_args as args,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 const INSTALL: &str = "scripts/install-backup-tools.sh";
@@ -18,26 +20,6 @@ fn one_at_a_time() -> std::sync::MutexGuard<'static, ()> {
     ONE_AT_A_TIME
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn args<'a>(more: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "--duration",
-        "15s",
-        "--users",
-        "8",
-        "--think-time",
-        "50ms",
-        "--instances",
-        "2",
-        "--workers",
-        "1",
-        "--seed",
-        "5",
-        "--no-alerts",
-    ];
-    args.extend_from_slice(more);
-    args
 }
 
 #[test]
