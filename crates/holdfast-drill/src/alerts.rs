@@ -57,6 +57,8 @@ pub fn expected(kind: FaultKind) -> &'static [&'static str] {
         // The node's own figures die with it, and the restored node's start from zero: what
         // pages for a lost node is outside it (the scrape target down, the backup's age).
         FaultKind::LosePrimary | FaultKind::PromoteStandby => &[],
+        // Reads move to the primary and nobody sees an error: nothing for a person to do now.
+        FaultKind::FailReplica => &[],
     }
 }
 

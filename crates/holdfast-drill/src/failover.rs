@@ -13,6 +13,11 @@
 //! flip's moment: acknowledged orders the promoted standby never received (replication is
 //! asynchronous) may be lost within [`LOSS_WINDOW_MS`] before it, listed by id, and any
 //! other loss is a violation.
+//!
+//! The `fail-replica` fault stops the standby at once instead, while it serves the reads that
+//! may go to a replica (the catalog, order history); the instances must send those reads to
+//! the primary without an error, and the checker's read-your-writes count
+//! (`orders_missing_on_read`) must stay 0 throughout, with the standby alive and without it.
 
 use serde::Serialize;
 
@@ -48,5 +53,15 @@ pub(crate) async fn run(ctl: &Control, clock: Clock) -> Result<String, String> {
         "the primary (stopped at once); the standby on :{} promoted in {:.2} s",
         standby.port,
         took.as_secs_f64()
+    ))
+}
+
+/// Stops the standby at once (it was serving reads); the fault's target line.
+pub(crate) async fn fail_replica(ctl: &Control) -> Result<String, String> {
+    let standby = ctl.standby().ok_or("no standby in this drill")?.clone();
+    standby.stop().await;
+    Ok(format!(
+        "the standby on :{} (stopped at once while serving reads)",
+        standby.port
     ))
 }

@@ -80,6 +80,10 @@ pub enum FaultKind {
     /// the instances, given both hosts, must follow (see `failover.rs`). Postgres. Not part of
     /// `all`: name it.
     PromoteStandby,
+    /// The database's streaming standby, serving reads, stopped at once under load; reads
+    /// must move to the primary without an error and without a stale read of one's own
+    /// write (see `failover.rs`). Postgres. Not part of `all`: name it.
+    FailReplica,
 }
 
 impl FaultKind {
@@ -99,11 +103,12 @@ impl FaultKind {
 
     /// What `--faults abuse` means.
     /// Kinds that run only when named: each is a scenario of its own, not a random fault.
-    pub const NAMED_ONLY: [FaultKind; 4] = [
+    pub const NAMED_ONLY: [FaultKind; 5] = [
         FaultKind::Migrate,
         FaultKind::KillMidUpload,
         FaultKind::LosePrimary,
         FaultKind::PromoteStandby,
+        FaultKind::FailReplica,
     ];
 
     pub const ABUSE: [FaultKind; 3] = [
@@ -136,6 +141,7 @@ impl FaultKind {
             FaultKind::KillMidUpload => "kill-mid-upload",
             FaultKind::LosePrimary => "lose-primary",
             FaultKind::PromoteStandby => "promote-standby",
+            FaultKind::FailReplica => "fail-replica",
         }
     }
 
@@ -144,6 +150,9 @@ impl FaultKind {
         match (self, backend) {
             (FaultKind::PromoteStandby, Backend::Sqlite) => {
                 Some("SQLite is a file on the node: it has no standby to promote")
+            }
+            (FaultKind::FailReplica, Backend::Sqlite) => {
+                Some("SQLite is a file on the node: it has no standby to read from")
             }
             (FaultKind::RestartDb | FaultKind::SlowDb | FaultKind::CutDb, Backend::Sqlite) => {
                 Some("SQLite is a file in each process, not a server: there is nothing to restart and no link to slow or cut")
@@ -189,7 +198,8 @@ impl FaultKind {
             | FaultKind::RotateKeys
             | FaultKind::Migrate
             | FaultKind::LosePrimary
-            | FaultKind::PromoteStandby => (0, 0),
+            | FaultKind::PromoteStandby
+            | FaultKind::FailReplica => (0, 0),
             // Most of the load: uploads run and instances die throughout.
             FaultKind::KillMidUpload => (0, 0),
         }
@@ -389,6 +399,15 @@ pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
         });
     }
     kinds.retain(|&k| k != FaultKind::PromoteStandby);
+    // The standby fails once, in the middle; not with a promotion (which makes it the primary).
+    let fail_replica = kinds.contains(&FaultKind::FailReplica) && !lose && !promote;
+    if kinds.contains(&FaultKind::FailReplica) && !fail_replica {
+        s.skipped.push(Skipped {
+            kind: FaultKind::FailReplica,
+            reason: "another fault replaces the database or promotes the standby: name one".into(),
+        });
+    }
+    kinds.retain(|&k| k != FaultKind::FailReplica);
     // A rotation is two rolling restarts of every web instance: once per drill, mid-load.
     let rotate = kinds.contains(&FaultKind::RotateKeys);
     kinds.retain(|&k| k != FaultKind::RotateKeys);
@@ -412,6 +431,7 @@ pub(crate) fn schedule(opts: &DrillOptions, rng: &mut Rng) -> Schedule {
         (rotate, FaultKind::RotateKeys, 0.3),
         (lose, FaultKind::LosePrimary, 0.4),
         (promote, FaultKind::PromoteStandby, 0.4),
+        (fail_replica, FaultKind::FailReplica, 0.4),
     ] {
         if wanted {
             s.planned.push(Planned {
@@ -659,6 +679,7 @@ async fn apply(p: &Planned, ctl: &Control, clock: Clock) -> Result<String, Strin
         FaultKind::KillMidUpload => crate::uploads::run(ctl, p.hold, p.pick).await,
         FaultKind::LosePrimary => crate::restore::run(ctl, clock).await,
         FaultKind::PromoteStandby => crate::failover::run(ctl, clock).await,
+        FaultKind::FailReplica => crate::failover::fail_replica(ctl).await,
         FaultKind::ProviderTimeouts => {
             let faults = json!({
                 "act_then_timeout_rate": 0.2,

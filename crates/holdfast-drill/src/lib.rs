@@ -222,11 +222,10 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
         system_log: opts.system_log.clone(),
         lose_primary: opts.faults.0.contains(&FaultKind::LosePrimary)
             || opts.sabotage == Some(Sabotage::CorruptBackup),
-        standby: opts.faults.0.contains(&FaultKind::PromoteStandby)
-            && schedule
-                .planned
-                .iter()
-                .any(|p| p.kind == FaultKind::PromoteStandby),
+        standby: schedule
+            .planned
+            .iter()
+            .any(|p| matches!(p.kind, FaultKind::PromoteStandby | FaultKind::FailReplica)),
     })
     .await?;
     let prometheus = if opts.alerts {

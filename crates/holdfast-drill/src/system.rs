@@ -79,7 +79,7 @@ pub struct SystemSpec {
     /// address), and the payment provider runs outside it (the outside world survives).
     /// SQLite only.
     pub lose_primary: bool,
-    /// A streaming standby beside the drill's cluster (`promote-standby`), and `up` given
+    /// A streaming standby beside the drill's cluster (`promote-standby`, `fail-replica`), and `up` given
     /// both hosts in its URL.
     pub standby: bool,
 }
@@ -182,7 +182,7 @@ impl System {
         let (db, proxy, standby) = match &opts.database {
             Database::Sqlite | Database::Postgres(_) if opts.standby => {
                 return Err(Error::Setup(
-                    "promote-standby runs on the drill's own cluster (--backend postgres), which it gives a standby".into(),
+                    "promote-standby and fail-replica run on the drill's own cluster (--backend postgres), which it gives a standby".into(),
                 ))
             }
             Database::Sqlite | Database::Postgres(_) => (None, None, None),

@@ -138,7 +138,8 @@ pub(crate) struct AccountRun {
     pub email: String,
     /// Which loopback source address the account's person connects from.
     pub source: u64,
-    /// The last session cookie (`name=value`), once logged in.
+    /// The cookies the account's browser sends, once logged in: its session's
+    /// (`name=value`), then its read-your-writes token's once a write handed one out.
     pub cookie: Option<String>,
     pub ops: Vec<Op>,
 }
@@ -176,7 +177,21 @@ pub(crate) struct UserRun {
 struct Answer {
     status: u16,
     body: Value,
+    /// The cookies it set, as a `Cookie` header would carry them (`a=1; b=2`), if any.
     cookie: Option<String>,
+}
+
+/// The cookies `jar` (`a=1; b=2`) with those `set` (the same form) in place of the ones of
+/// their names, as a browser keeps them: the session's, and the read-your-writes token a write
+/// hands out.
+fn with_cookies(jar: &str, set: &str) -> String {
+    let name = |pair: &str| pair.split('=').next().unwrap_or_default().to_owned();
+    let replaced: Vec<String> = set.split("; ").map(name).collect();
+    jar.split("; ")
+        .filter(|p| !p.is_empty() && !replaced.contains(&name(p)))
+        .chain(set.split("; "))
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// A request to make, possibly several times.
@@ -295,14 +310,15 @@ impl Load {
         }
         let resp = r.send().await.map_err(|e| holdfast_core::error_chain(&e))?;
         let status = resp.status().as_u16();
-        let cookie = resp
+        let pairs: Vec<&str> = resp
             .headers()
             .get_all(header::SET_COOKIE)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .filter_map(|v| v.split(';').next())
-            .find(|pair| pair.contains('='))
-            .map(str::to_owned);
+            .filter(|pair| pair.contains('='))
+            .collect();
+        let cookie = (!pairs.is_empty()).then(|| pairs.join("; "));
         let bytes = resp
             .bytes()
             .await
@@ -818,6 +834,19 @@ impl Shopper {
                 None
             };
             let answer = self.attempt(kind.name(), req, cookie.as_deref()).await;
+            // The browser keeps what an answer sets (a reissued session, the read-your-writes
+            // token a write hands out) and shows it with every later request.
+            if let (
+                true,
+                Ok(Answer {
+                    cookie: Some(set), ..
+                }),
+            ) = (authed, &answer)
+            {
+                if let Some(jar) = &mut self.accounts[i].cookie {
+                    *jar = with_cookies(jar, set);
+                }
+            }
             match answer {
                 Ok(a) if (200..300).contains(&a.status) => match seen(&a.body) {
                     Some(seen) => break (Outcome::Ok { seen }, Ok(a)),
@@ -982,6 +1011,13 @@ pub(crate) fn by_second(samples: &[Sample]) -> BTreeMap<u64, Vec<Sample>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cookie_jar_replaces_cookies_by_name() {
+        assert_eq!(with_cookies("s=1", "r=2"), "s=1; r=2");
+        assert_eq!(with_cookies("s=1; r=2", "r=3"), "s=1; r=3");
+        assert_eq!(with_cookies("s=1; r=2", "s=4; r=5"), "s=4; r=5");
+    }
 
     #[test]
     fn percentiles_are_nearest_rank() {

@@ -17,10 +17,10 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use holdfast_cache::Ttl;
 use holdfast_core::Sabotage;
-use holdfast_store::{ScopedFutureExt, Store, StoredResponse, TxError};
+use holdfast_store::{Freshness, ScopedFutureExt, Store, StoredResponse, TxError};
 use holdfast_web::{
     json_response, parse_json, AppError, AppResult, AppState, Authed, FromBody, Idempotent,
-    JsonBody, PathParam, Required,
+    JsonBody, PathParam, ReadAfter, Required,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -280,7 +280,10 @@ async fn products(State(shop): State<Shop>) -> AppResult<Response> {
         .catalog
         .get_with(CATALOG_KEY, move || async move {
             let products = store
-                .read("product_list", |c| sql::product_list(c).scope_boxed())
+                // No user writes the catalog: any standby in rotation may serve it.
+                .read_replica("product_list", Freshness::Any, |c| {
+                    sql::product_list(c).scope_boxed()
+                })
                 .await
                 .map_err(TxError::<Infallible>::into_db)?;
             let body = json!({ "products": products }).to_string();
@@ -458,12 +461,13 @@ async fn unkeyed_checkout(
 async fn orders(
     State(shop): State<Shop>,
     user: Authed,
+    ReadAfter(fresh): ReadAfter,
     RawQuery(query): RawQuery,
 ) -> AppResult<Response> {
     let page = OrdersPage::parse(query.as_deref().unwrap_or(""))?;
     let mut orders = shop
         .store()
-        .read("order_list", |c| {
+        .read_replica("order_list", fresh, |c| {
             sql::order_list::<Infallible>(c, &user.user_id, &page.after, page.limit + 1)
                 .scope_boxed()
         })
@@ -524,12 +528,13 @@ impl OrdersPage {
 async fn order(
     State(shop): State<Shop>,
     user: Authed,
+    ReadAfter(fresh): ReadAfter,
     PathParam(id): PathParam,
 ) -> AppResult<Json<Order>> {
     let missing = || AppError::not_found("no such order");
     let id = OrderId::parse(&id).map_err(|_| missing())?;
     shop.store()
-        .read("order_get", |c| {
+        .read_replica("order_get", fresh, |c| {
             sql::order_get::<Infallible>(c, &user.user_id, &id).scope_boxed()
         })
         .await?

@@ -24,6 +24,7 @@ mod jobs;
 mod limits;
 mod migrate;
 mod primary;
+mod replicas;
 pub mod testing;
 mod tx;
 mod uploads;
@@ -39,6 +40,7 @@ pub use migrate::{
     SETTLE,
 };
 pub use primary::Node;
+pub use replicas::{Freshness, Lsn, ReplicaOptions, WATCH_EVERY as REPLICA_WATCH_EVERY};
 pub use tx::{Rerun, ScopedFutureExt, Tx, TxBody, TxError};
 pub use uploads::{NewUpload, UploadAck, UploadPart, UploadQuota, UploadRow};
 
@@ -273,6 +275,10 @@ pub struct StoreOptions {
     /// its backups come out corrupt (the `lose-primary` drill restored one that failed
     /// `PRAGMA integrity_check` within 15 s). Off, with no backup running, the WAL grows.
     pub sqlite_autocheckpoint: bool,
+    /// PostgreSQL with a URL of several hosts: whether, and within which limits, the
+    /// standbys among them serve the reads that tolerate staleness ([`Store::read_replica`]).
+    /// `None`: every read goes to the primary.
+    pub replicas: Option<ReplicaOptions>,
 }
 
 impl StoreOptions {
@@ -286,6 +292,7 @@ impl StoreOptions {
             migrate: migrate::Mode::Apply(migrate::Guard::default()),
             idle_in_transaction_timeout: Duration::from_secs(2),
             sqlite_autocheckpoint: true,
+            replicas: Some(ReplicaOptions::default()),
         }
     }
 
@@ -351,6 +358,8 @@ pub struct Store {
     /// SQLite only: the file every process writing the database takes an exclusive `flock` on
     /// before it begins a write transaction (see `Store::begin_write`).
     write_lock: Option<Arc<std::fs::File>>,
+    /// PostgreSQL with several hosts: the standbys reads may go to (see `replicas.rs`).
+    replicas: Option<Arc<replicas::Replicas>>,
 }
 
 impl Store {
@@ -412,7 +421,7 @@ impl Store {
             Backend::Sqlite => vec![url.clone()],
         };
         let primary = primary::Primary::open(
-            hosts,
+            hosts.clone(),
             backend == Backend::Postgres,
             Box::new(pool_options),
             opts.acquire_timeout,
@@ -431,8 +440,19 @@ impl Store {
             }
             _ => None,
         };
+        let replicas = match (&opts.replicas, hosts.len()) {
+            (Some(limits), n) if backend == Backend::Postgres && n > 1 => {
+                let replicas = replicas::Replicas::start(&hosts, limits.clone());
+                // Know the standbys before the first read, rather than sending it to the
+                // primary while the watcher has yet to look.
+                replicas.look().await;
+                Some(replicas)
+            }
+            _ => None,
+        };
         let store = Self {
             primary: Arc::new(primary),
+            replicas,
             backend,
             retry: opts.retry.clone(),
             budget: RetryBudget::default(),
@@ -548,6 +568,105 @@ impl Store {
 
     pub async fn close(&self) {
         self.primary.close().await;
+        if let Some(r) = &self.replicas {
+            r.close().await;
+        }
+    }
+
+    /// Whether some reads may be served by a standby (PostgreSQL, several hosts, replica
+    /// reads on): then a writer should hand its readers a [`Store::write_position`].
+    pub fn reads_from_replicas(&self) -> bool {
+        self.replicas.is_some()
+    }
+
+    /// Each host's name, whether reads go to it now, and its lag as this store last saw it
+    /// (empty without replica reads).
+    pub fn replica_rotation(&self) -> Vec<(String, bool, Option<Duration>)> {
+        self.replicas
+            .as_ref()
+            .map_or_else(Vec::new, |r| r.rotation())
+    }
+
+    /// Where the primary's WAL is now (`None` without replica reads): every write committed
+    /// before this call is at or before it, so a reader told this position and served under
+    /// [`Freshness::AtLeast`] sees those writes.
+    pub async fn write_position(&self) -> Result<Option<Lsn>> {
+        if self.replicas.is_none() {
+            return Ok(None);
+        }
+        let at: String = self
+            .run(Rerun::Always, "write_position", || async {
+                Ok(sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+                    .fetch_one(&self.pool())
+                    .await?)
+            })
+            .await?;
+        Ok(at.parse().ok())
+    }
+
+    /// [`Store::read`] for reads that tolerate staleness (a catalog, an order history): a
+    /// standby in rotation serves it when it is as fresh as `fresh` demands (waiting within
+    /// the bound for a token to be replayed), else the primary does. A standby that fails it
+    /// is taken out of rotation and the primary serves it; so `body` may run twice.
+    pub async fn read_replica<'a, T, E, F>(
+        &self,
+        op: &'static str,
+        fresh: Freshness,
+        mut body: F,
+    ) -> std::result::Result<T, TxError<E>>
+    where
+        F: for<'t> FnMut(&'t mut sqlx::AnyConnection) -> TxBody<'a, 't, T, E> + Send + 'a,
+        T: Send + 'a,
+        E: Send + 'a,
+    {
+        if let Some(replicas) = self
+            .replicas
+            .as_ref()
+            .filter(|_| fresh != Freshness::Latest)
+        {
+            let after = match fresh {
+                Freshness::AtLeast(lsn) => Some(lsn),
+                Freshness::Any | Freshness::Latest => None,
+            };
+            if let Some((i, mut conn)) = replicas.connection(after).await {
+                match body(&mut conn).await {
+                    Err(TxError::Db(e)) => replicas.failed(i, &e.to_string()),
+                    done => {
+                        replicas::count(replicas::Served::Replica);
+                        return done;
+                    }
+                }
+            }
+            replicas::count(replicas::Served::Primary);
+        }
+        self.read(op, body).await
+    }
+
+    /// A random secret of 32 bytes every instance sharing this store shares, made at its
+    /// first use under `name` and kept in the store (so instances need no key configured to
+    /// agree on it). Deleting its row rotates it.
+    pub async fn shared_secret(&self, name: &str) -> Result<Vec<u8>> {
+        use rand::RngCore;
+        let mut fresh = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut fresh);
+        let fresh = hex::encode(fresh);
+        self.write_one(
+            sqlx::query(
+                "INSERT INTO holdfast_secrets (name, secret, created_at) VALUES ($1, $2, $3) \
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .bind(name.to_owned())
+            .bind(fresh)
+            .bind(holdfast_core::now_ms()),
+        )
+        .await?;
+        let (secret,): (String,) = self
+            .read_row("shared_secret", || {
+                sqlx::query("SELECT secret FROM holdfast_secrets WHERE name = $1").bind(name)
+            })
+            .await?
+            .ok_or_else(|| Error::Db(sqlx::Error::RowNotFound))?;
+        hex::decode(secret).map_err(|e| Error::Db(sqlx::Error::Decode(Box::new(e))))
     }
 
     /// The retry state of one operation: call [`Retries::after`] with each failure.

@@ -313,6 +313,7 @@ pub static SCHEMA: Schema = Schema {
         store_file!(4, "0004_job_claims"),
         store_file!(5, "0005_rate_limits"),
         store_file!(6, "0006_uploads"),
+        store_file!(7, "0007_secrets"),
     ],
 };
 

@@ -336,13 +336,13 @@ pub(crate) async fn nodes(hosts: &[String], timeout: Duration) -> Vec<Node> {
 }
 
 /// `X/Y` (a WAL position) as a number.
-fn parse_lsn(text: &str) -> Option<u64> {
+pub(crate) fn parse_lsn(text: &str) -> Option<u64> {
     let (hi, lo) = text.split_once('/')?;
     Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
 }
 
 /// The `host:port` of a one-host URL.
-fn host_of(url: &str) -> String {
+pub(crate) fn host_of(url: &str) -> String {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let rest = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     rest.split(['/', '?']).next().unwrap_or(rest).to_owned()

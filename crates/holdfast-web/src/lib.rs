@@ -21,6 +21,7 @@
 mod accounts;
 mod body;
 mod error;
+mod fresh;
 mod idempotency;
 mod limits;
 mod passwords;
@@ -30,6 +31,7 @@ pub use body::{
     canonical_json, idempotency_key, parse_json, FromBody, JsonBody, PathParam, RawBody,
 };
 pub use error::{AppError, AppResult, PROBLEM_JSON};
+pub use fresh::{read_cookie_name, ReadAfter, READ_TOKEN_TTL};
 pub use holdfast_sessions::{KeyRing, SessionTier, Sessions};
 pub use holdfast_store::Quota;
 pub use idempotency::{json_response, respond, Idempotent, Optional, Required};
@@ -132,6 +134,8 @@ pub struct AppState {
     pub(crate) metrics: Option<PrometheusHandle>,
     pub(crate) passwords: PasswordPool,
     pub(crate) refusals: Arc<limits::Refusals>,
+    /// The key read-your-writes tokens are signed with, once read from the store.
+    pub(crate) read_key: Arc<tokio::sync::OnceCell<Vec<u8>>>,
     in_flight: Arc<tokio::sync::Semaphore>,
 }
 
@@ -146,6 +150,7 @@ impl AppState {
             passwords: PasswordPool::new(opts.hash_concurrency, opts.hash_queue),
             in_flight: Arc::new(tokio::sync::Semaphore::new(opts.max_in_flight)),
             refusals: Arc::default(),
+            read_key: Arc::default(),
             store,
             opts: Arc::new(opts),
             draining: Arc::new(AtomicBool::new(false)),
@@ -369,6 +374,10 @@ where
                 "method not allowed on this route",
             )
         })
+        .layer(middleware::from_fn_with_state(
+            edge.clone(),
+            fresh::hand_out_token,
+        ))
         .layer(middleware::from_fn_with_state(edge.clone(), shed_load))
         .layer(middleware::from_fn_with_state(edge, served_by))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {

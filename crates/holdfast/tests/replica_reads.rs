@@ -1,0 +1,250 @@
+//! Reads on the standby, writes always visible to their writer. Given a URL that names a
+//! primary and its streaming standby, the shop's order history and catalog are read from the
+//! standby; a user who just wrote carries a signed read-your-writes token and is served by
+//! the standby only once it has replayed the write, else by the primary. A token that does
+//! not verify sends the read to the primary; a standby that dies, lags past the bound, or was
+//! never reachable is skipped, and no read fails for it.
+//!
+//! The standby is made to lag on purpose (`pg_wal_replay_pause()`), so what each read saw
+//! says where it was served: the standby without the new order, or the primary with it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use holdfast_drill::Cluster;
+use holdfast_shop::ShopOptions;
+use holdfast_store::{Freshness, ReplicaOptions, Store, StoreOptions};
+use holdfast_testkit::app::{instance_on, local, Reply, TestApp};
+use sqlx::Connection;
+
+/// A primary with the shop's schema and a streaming standby of it.
+async fn primary_and_standby(dir: &Arc<tempfile::TempDir>) -> (Arc<Cluster>, Arc<Cluster>) {
+    let primary = Cluster::start(dir).await.expect("the primary");
+    Store::open(&StoreOptions::new(primary.url()).schema(&holdfast_shop::SCHEMA))
+        .await
+        .expect("migrate the primary")
+        .close()
+        .await;
+    let standby = Cluster::start_standby(&primary, dir)
+        .await
+        .expect("a standby");
+    (primary, standby)
+}
+
+/// Both hosts in one URL, the standby first (the store must ask which is which).
+fn both(primary: &Cluster, standby: &Cluster) -> String {
+    format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/holdfast",
+        standby.port, primary.port
+    )
+}
+
+/// Runs one statement on `cluster` as the superuser.
+async fn on(cluster: &Cluster, sql: &str) {
+    let mut conn = sqlx::PgConnection::connect(&cluster.url()).await.unwrap();
+    sqlx::raw_sql(sql).execute(&mut conn).await.unwrap();
+}
+
+/// The `name=value` of the read-your-writes cookie an answer sets.
+fn read_token(reply: &Reply) -> Option<String> {
+    let name = holdfast_web::read_cookie_name(false);
+    reply
+        .headers
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .filter_map(|v| v.split(';').next())
+        .find(|pair| pair.starts_with(&format!("{name}=")))
+        .map(str::to_owned)
+}
+
+/// A user with one order, checked out while the standby replays nothing: the session
+/// cookie, the read token the checkout handed out, and the order's id.
+async fn an_order_the_standby_has_not_replayed(
+    app: &TestApp,
+    standby: &Cluster,
+) -> (String, String, String) {
+    let cookie = app.user("reader@example.com").await;
+    assert_eq!(app.add(&cookie, "HELMET", 1).await.status, 200);
+    on(standby, "SELECT pg_wal_replay_pause()").await;
+    let co = app.checkout(&cookie, "order-1").await;
+    assert_eq!(co.status, 201, "{:?}", co.json());
+    let token = read_token(&co).expect("a checkout hands out a read-your-writes token");
+    let id = co.json()["order_id"].as_str().unwrap().to_owned();
+    (cookie, token, id)
+}
+
+async fn get(app: &TestApp, path: &str, cookies: &str) -> Reply {
+    app.call("GET", path, None, Some(cookies), &[]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_reads_its_write_while_the_standby_lags_and_others_read_the_standby() {
+    if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
+        return;
+    }
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let (primary, standby) = primary_and_standby(&dir).await;
+    let app = instance_on(&both(&primary, &standby), local(), ShopOptions::default())
+        .await
+        .expect("an instance on both hosts");
+    assert!(app.store.reads_from_replicas());
+    let (cookie, token, id) = an_order_the_standby_has_not_replayed(&app, &standby).await;
+    let order = format!("/api/orders/{id}");
+
+    // With its token the writer is served by the primary: the standby has not replayed it.
+    let with_token = format!("{cookie}; {token}");
+    assert_eq!(get(&app, &order, &with_token).await.status, 200);
+    let list = get(&app, "/api/orders", &with_token).await;
+    assert_eq!(list.json()["orders"].as_array().unwrap().len(), 1);
+
+    // Without it, the standby serves: the order is not there yet. (This is what a browser
+    // that dropped the cookie sees, and it shows the reads really go to the standby.)
+    assert_eq!(get(&app, &order, &cookie).await.status, 404);
+    let stale = get(&app, "/api/orders", &cookie).await;
+    assert_eq!(stale.json()["orders"].as_array().unwrap().len(), 0);
+
+    // A token that does not verify is no error and no stale read: the primary serves.
+    let (body, _sig) = token.rsplit_once('.').unwrap();
+    let (name, _) = token.split_once('=').unwrap();
+    let expires = holdfast_core::now_ms() / 1000 + 60;
+    for bad in [
+        format!("{body}.AAAAAAAAAAAAAAAAAAAAAA"),
+        format!("{name}=1.{expires}.AAAAAAAAAAAAAAAAAAAAAA"),
+        format!("{name}=garbage"),
+        format!("{name}=ffffffffffff.1.x"),
+    ] {
+        let r = get(&app, &order, &format!("{cookie}; {bad}")).await;
+        assert_eq!(r.status, 200, "{bad}: {:?}", r.json());
+    }
+
+    // Once the standby replays the write, the token's reads go back to it and find it.
+    on(&standby, "SELECT pg_wal_replay_resume()").await;
+    assert_eq!(get(&app, &order, &with_token).await.status, 200);
+    assert_eq!(get(&app, &order, &cookie).await.status, 200);
+    app.store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_move_to_the_primary_when_the_standby_dies_or_lags_past_the_bound() {
+    if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
+        return;
+    }
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let (primary, standby) = primary_and_standby(&dir).await;
+    let app = instance_on(&both(&primary, &standby), local(), ShopOptions::default())
+        .await
+        .expect("an instance on both hosts");
+    let (cookie, _token, id) = an_order_the_standby_has_not_replayed(&app, &standby).await;
+    let order = format!("/api/orders/{id}");
+    assert_eq!(
+        get(&app, &order, &cookie).await.status,
+        404,
+        "the standby serves"
+    );
+
+    // A store whose bound is short takes the paused standby out of rotation as the primary
+    // moves on; its reads then see the primary's rows.
+    let short = Store::open(&StoreOptions {
+        replicas: Some(ReplicaOptions {
+            max_lag: Duration::from_millis(600),
+            ..ReplicaOptions::default()
+        }),
+        ..StoreOptions::new(both(&primary, &standby))
+            .schema(&holdfast_shop::SCHEMA)
+            .migrate(holdfast_store::MigrateMode::Verify)
+    })
+    .await
+    .unwrap();
+    let standby_host = format!("127.0.0.1:{}", standby.port);
+    let in_rotation = |store: &Store| {
+        store
+            .replica_rotation()
+            .into_iter()
+            .any(|(host, yes, _)| host == standby_host && yes)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while in_rotation(&short) {
+        assert!(
+            Instant::now() < deadline,
+            "a lagging standby stays in rotation"
+        );
+        // The primary's WAL moves on; the standby's does not.
+        on(
+            &primary,
+            "SELECT pg_switch_wal(); CREATE TEMP TABLE t AS SELECT 1",
+        )
+        .await;
+        tokio::time::sleep(holdfast_store::REPLICA_WATCH_EVERY).await;
+    }
+    let orders: i64 = short
+        .read_replica("count_orders", Freshness::Any, |c| {
+            use holdfast_store::ScopedFutureExt;
+            async move {
+                Ok::<_, holdfast_store::TxError<std::convert::Infallible>>(
+                    sqlx::query_scalar("SELECT count(*) FROM orders")
+                        .fetch_one(c)
+                        .await
+                        .map_err(holdfast_store::Error::from)?,
+                )
+            }
+            .scope_boxed()
+        })
+        .await
+        .unwrap();
+    assert_eq!(orders, 1, "the primary served the read");
+    short.close().await;
+
+    // The standby dies: the next read that would have gone to it is served by the primary,
+    // with no error, and the standby is out of rotation.
+    standby.stop().await;
+    let r = get(&app, &order, &cookie).await;
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert!(!in_rotation(&app.store));
+    let catalog = get(&app, "/api/products", &cookie).await;
+    assert_eq!(catalog.status, 200);
+    app.store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_unreachable_at_start_is_reported_and_skipped() {
+    if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
+        return;
+    }
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let primary = Cluster::start(&dir).await.expect("the primary");
+    // A port nothing listens on: bound, then released.
+    let gone = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = gone.local_addr().unwrap().port();
+    drop(gone);
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{port},127.0.0.1:{}/holdfast",
+        primary.port
+    );
+    let store = Store::open(&StoreOptions::new(url).schema(&holdfast_shop::SCHEMA))
+        .await
+        .expect("the store opens on the primary");
+    let rotation = store.replica_rotation();
+    let dead = rotation
+        .iter()
+        .find(|(host, _, _)| host == &format!("127.0.0.1:{port}"))
+        .expect("the dead host is listed");
+    assert!(!dead.1, "{rotation:?}");
+    let one: i64 = store
+        .read_replica("one", Freshness::Any, |c| {
+            use holdfast_store::ScopedFutureExt;
+            async move {
+                Ok::<_, holdfast_store::TxError<std::convert::Infallible>>(
+                    sqlx::query_scalar("SELECT 1::bigint")
+                        .fetch_one(c)
+                        .await
+                        .map_err(holdfast_store::Error::from)?,
+                )
+            }
+            .scope_boxed()
+        })
+        .await
+        .unwrap();
+    assert_eq!(one, 1);
+    store.close().await;
+}
