@@ -56,12 +56,70 @@ pub(crate) async fn run(ctl: &Control, clock: Clock) -> Result<String, String> {
     ))
 }
 
-/// Stops the standby at once (it was serving reads); the fault's target line.
+/// How long `fail-replica` watches where reads go after it stopped the standby.
+pub const REPLICA_LOST_WATCH: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// What `fail-replica` saw: the fleet's reads that may go to a standby
+/// (`holdfast_store_replica_reads_total`), by where they were served.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct ReplicaLost {
+    /// Served by the standby before it was stopped (none, and the fault fails: it would
+    /// prove nothing).
+    pub replica_reads_before: u64,
+    /// Served by the standby in the [`REPLICA_LOST_WATCH`] after it was stopped (reads
+    /// already under way when it stopped, at most).
+    pub replica_reads_after: u64,
+    /// Served by the primary in that time.
+    pub primary_reads_after: u64,
+}
+
+/// The fleet's `holdfast_store_replica_reads_total` by `served` (`replica`, `primary`), from
+/// the balancer's `/ops/metrics`.
+async fn replica_reads(ctl: &Control) -> Result<(u64, u64), String> {
+    let url = format!("{}/ops/metrics", ctl.ops_url());
+    let page = reqwest::get(&url)
+        .await
+        .and_then(reqwest::Response::error_for_status)
+        .map_err(|e| format!("{url}: {e}"))?
+        .text()
+        .await
+        .map_err(|e| format!("{url}: {e}"))?;
+    let sum = |served: &str| {
+        page.lines()
+            .filter(|l| {
+                l.starts_with("holdfast_store_replica_reads_total{")
+                    && l.contains(&format!("served=\"{served}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    };
+    Ok((sum("replica"), sum("primary")))
+}
+
+/// Stops the standby at once while it serves reads, and watches the reads move to the
+/// primary; the fault's target line.
 pub(crate) async fn fail_replica(ctl: &Control) -> Result<String, String> {
     let standby = ctl.standby().ok_or("no standby in this drill")?.clone();
+    let (replica_before, primary_before) = replica_reads(ctl).await?;
+    if replica_before == 0 {
+        return Err("the standby had served no reads: losing it would prove nothing".into());
+    }
     standby.stop().await;
+    tokio::time::sleep(REPLICA_LOST_WATCH).await;
+    let (replica_after, primary_after) = replica_reads(ctl).await?;
+    let seen = ReplicaLost {
+        replica_reads_before: replica_before,
+        replica_reads_after: replica_after.saturating_sub(replica_before),
+        primary_reads_after: primary_after.saturating_sub(primary_before),
+    };
+    ctl.set_replica_lost(seen.clone());
     Ok(format!(
-        "the standby on :{} (stopped at once while serving reads)",
-        standby.port
+        "the standby on :{} (stopped at once after serving {} reads; in the {} s after, \
+         {} reads on the primary, {} on the standby)",
+        standby.port,
+        seen.replica_reads_before,
+        REPLICA_LOST_WATCH.as_secs(),
+        seen.primary_reads_after,
+        seen.replica_reads_after
     ))
 }

@@ -445,6 +445,7 @@ async fn drill(opts: DrillOptions) -> Result<Report, Error> {
             let back = writes_back_ms(&histories, seen.flipped_at_ms);
             (seen, back)
         }),
+        replica_lost: sys.control().replica_lost(),
     }))
 }
 

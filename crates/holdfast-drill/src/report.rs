@@ -229,6 +229,9 @@ pub struct Report {
     /// Present when the drill promoted the standby (`promote-standby`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub failover: Option<Failover>,
+    /// Present when the drill stopped the standby that served reads (`fail-replica`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica_lost: Option<crate::failover::ReplicaLost>,
     pub faults: Vec<Injected>,
     pub faults_skipped: Vec<Skipped>,
     /// What the shipped alert rules made of the run (a real Prometheus; see `alerts.rs`).
@@ -265,6 +268,8 @@ pub(crate) struct Inputs<'a> {
     pub restore: Option<crate::restore::Observed>,
     /// What `promote-standby` saw, and the writes' recovery time after it.
     pub failover: Option<(crate::failover::Observed, Option<u64>)>,
+    /// What `fail-replica` saw.
+    pub replica_lost: Option<crate::failover::ReplicaLost>,
 }
 
 /// The `promote-standby` fault's figures.
@@ -652,6 +657,7 @@ pub(crate) fn build(i: Inputs<'_>) -> Report {
         uploads: i.uploads.clone(),
         restore: restore(&i),
         failover: failover(&i),
+        replica_lost: i.replica_lost.clone(),
         errors_by_op: {
             let mut by: std::collections::BTreeMap<
                 String,
@@ -832,6 +838,17 @@ impl Report {
                 f.loss_window_ms
             );
             lost_lines(&mut s, &f.orders_lost, "the flip");
+        }
+        if let Some(r) = &self.replica_lost {
+            let _ = writeln!(
+                s,
+                "  replica lost  {} reads served by the standby before; in the {} s after, {} on the primary, {} on the standby; stale self-reads {}",
+                r.replica_reads_before,
+                crate::failover::REPLICA_LOST_WATCH.as_secs(),
+                r.primary_reads_after,
+                r.replica_reads_after,
+                self.counts.orders_missing_on_read
+            );
         }
         if let Some(m) = &self.migration {
             let _ = writeln!(
@@ -1341,6 +1358,7 @@ mod tests {
             uploads: None,
             restore: None,
             failover: None,
+            replica_lost: None,
         })
     }
 
@@ -1392,6 +1410,7 @@ mod tests {
                 uploads: None,
                 restore: None,
                 failover: None,
+                replica_lost: None,
             })
             .migration
             .expect("a migration section")

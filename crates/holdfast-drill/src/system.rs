@@ -157,6 +157,10 @@ pub(crate) struct Control {
     keys: Option<KeyFile>,
     /// The balancer's public URL, once `up` said it.
     public_url: Mutex<String>,
+    /// The balancer's operator URL (`/ops/metrics`), once `up` said it.
+    ops_url: Mutex<String>,
+    /// What the `fail-replica` fault saw, once it ran.
+    replica_lost: Mutex<Option<crate::failover::ReplicaLost>>,
     /// What abusers and the memory sampler saw.
     observed: crate::abuse::Observed,
     /// The flags that point `holdfast migrate` at the system's store.
@@ -291,6 +295,8 @@ impl System {
                 redis,
                 keys,
                 public_url: Mutex::default(),
+                ops_url: Mutex::default(),
+                replica_lost: Mutex::default(),
                 observed: crate::abuse::Observed::default(),
                 store_flags,
                 migration: Mutex::default(),
@@ -480,6 +486,7 @@ impl Control {
         let provider = provider.unwrap_or_default();
         *lock(&ctl.provider_url) = provider.clone();
         *lock(&ctl.public_url) = url.clone();
+        *lock(&ctl.ops_url) = ops_url.clone();
         // Every process `up` runs is listed once it listens; wait for all of them.
         let want = usize::from(opts.instances) + usize::from(opts.workers);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -610,6 +617,20 @@ impl Control {
 
     pub fn public_url(&self) -> String {
         lock(&self.public_url).clone()
+    }
+
+    /// The balancer's operator URL.
+    pub fn ops_url(&self) -> String {
+        lock(&self.ops_url).clone()
+    }
+
+    pub(crate) fn set_replica_lost(&self, seen: crate::failover::ReplicaLost) {
+        *lock(&self.replica_lost) = Some(seen);
+    }
+
+    /// What the `fail-replica` fault saw, if it ran.
+    pub fn replica_lost(&self) -> Option<crate::failover::ReplicaLost> {
+        lock(&self.replica_lost).clone()
     }
 
     pub fn observed(&self) -> &crate::abuse::Observed {

@@ -1,9 +1,9 @@
 //! `holdfast drill --backend postgres --faults promote-standby`: under load, the database's
 //! primary is stopped at once and its streaming standby promoted; `up`, given both hosts,
 //! follows, users keep shopping, and nothing acknowledged is lost outside the window the
-//! asynchronous replication allows. Needs the PostgreSQL server binaries
-//! (`scripts/install-drill-deps.sh`).
-
+//! asynchronous replication allows. `--faults fail-replica`: the standby, serving reads, is
+//! stopped instead; reads move to the primary and no user misses their own write. Needs the
+//! PostgreSQL server binaries (`scripts/install-drill-deps.sh`).
 use holdfast_testkit::process::{postgres_server_binaries_or_skip, run_drill, small_drill_args};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
@@ -34,4 +34,30 @@ fn the_system_follows_a_promoted_standby_and_keeps_what_it_acknowledged() {
         assert_eq!(lost["excused"], true, "{lost}");
     }
     assert!(html.contains("promote-standby"));
+}
+
+#[test]
+fn reads_move_to_the_primary_when_the_standby_dies_and_nobody_reads_a_stale_write() {
+    if !postgres_server_binaries_or_skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (out, r, html) = run_drill(
+        BIN.as_ref(),
+        dir.path(),
+        "fail-replica",
+        &small_drill_args(&["--backend", "postgres", "--faults", "fail-replica"]),
+    );
+    // Passing includes the read-your-writes check: no acknowledged order missing from its
+    // owner's later read, with the standby serving order history and then gone.
+    assert_eq!(r["verdict"], "pass", "violated: {}", r["violated"]);
+    assert_eq!(r["orders_missing_on_read"], 0);
+    assert!(out.status.success());
+    let fault = &r["faults"][0];
+    assert_eq!(fault["kind"], "fail-replica", "{fault}");
+    assert_eq!(fault["applied"], true, "{fault}");
+    let lost = &r["replica_lost"];
+    assert!(lost["replica_reads_before"].as_u64().unwrap() > 0, "{lost}");
+    assert!(lost["primary_reads_after"].as_u64().unwrap() > 0, "{lost}");
+    assert!(html.contains("fail-replica"));
 }
