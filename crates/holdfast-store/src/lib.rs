@@ -64,6 +64,18 @@ pub const METRICS: &[holdfast_core::Metric] = &[
         "Store operations that failed because the process's retry budget was spent, by operation.",
     )
     .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
+        "holdfast_store_replica_reads_total",
+        "Reads that may go to a standby (catalog, order history), by where they were served: replica or primary.",
+    ),
+    holdfast_core::Metric::gauge(
+        "holdfast_replica_in_rotation",
+        "1 while this instance reads from the database host, 0 while it does not (the primary, or a standby down or past the lag bound).",
+    ),
+    holdfast_core::Metric::gauge(
+        "holdfast_replica_read_lag_seconds",
+        "How far behind the primary a standby is as this instance measures it for its reads: it had everything the primary had this long ago.",
+    ),
 ];
 
 /// A statement with its parameters bound, on the `Any` driver.

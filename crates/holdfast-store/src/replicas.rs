@@ -29,6 +29,9 @@ use crate::primary::{host_of, parse_lsn};
 /// How often the watcher asks every host where it is.
 pub const WATCH_EVERY: Duration = Duration::from_millis(200);
 
+/// Why the primary is not in rotation.
+const NOT_A_STANDBY: &str = "not a standby";
+
 /// How often a read waiting for a standby to replay its token asks again.
 const RECHECK_EVERY: Duration = Duration::from_millis(2);
 
@@ -224,6 +227,8 @@ impl Replicas {
             return;
         }
         match &why {
+            // The primary is among the hosts: not reading from it is no news.
+            Some(why) if why == NOT_A_STANDBY => {}
             Some(why) => tracing::warn!(replica = %host.name, %why, "replica out of rotation"),
             None => tracing::info!(replica = %host.name, "replica in rotation"),
         }
@@ -294,7 +299,7 @@ impl Replicas {
                 }
                 Ok((false, _)) => {
                     host.lag_ms.store(u64::MAX, Ordering::Relaxed);
-                    Some("not a standby".to_owned())
+                    Some(NOT_A_STANDBY.to_owned())
                 }
                 Ok((true, replayed)) => {
                     let replayed = replayed.unwrap_or(0);

@@ -212,6 +212,11 @@ pub const METRICS: &[holdfast_core::Metric] = &[
         &[("limit", "signup-address")],
         &[("limit", "password-change")],
     ]),
+    holdfast_core::Metric::counter(
+        "holdfast_read_tokens_refused_total",
+        "Read-your-writes tokens that did not verify (forged, expired, garbled): their reads went to the primary.",
+    )
+    .at_zero(&[&[]]),
     holdfast_core::Metric::gauge(
         "holdfast_db_pool_connections",
         "Store connections, by state (idle, in_use).",

@@ -604,6 +604,12 @@ pub struct UpArgs {
     /// release over it, as the `migrate` drill does.
     #[arg(long)]
     pub as_old_release: bool,
+    /// With `--backend postgres` and no `--database-url`: run a throwaway PostgreSQL primary
+    /// and a streaming standby of it (`pg_basebackup -R`), gone when `up` stops, and give
+    /// the instances both hosts, so order history and the catalog are read from the standby
+    /// (a local try of what a URL naming several hosts does in production).
+    #[arg(long)]
+    pub replica: bool,
 }
 
 /// How each worker behaves. `worker` takes them; `up` passes them on to its workers.

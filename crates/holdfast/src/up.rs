@@ -64,6 +64,41 @@ pub(crate) fn shop_balancer_options(client_rate: u32) -> BalancerOptions {
     }
 }
 
+/// `--replica`: a throwaway primary and a streaming standby of it, and `store` pointed at
+/// both (the standby named first: the store finds the primary by asking). The servers run
+/// as long as the returned handles live.
+async fn local_primary_and_standby(
+    store: &mut crate::cli::StoreArgs,
+) -> anyhow::Result<(Arc<holdfast_drill::Cluster>, Arc<holdfast_drill::Cluster>)> {
+    anyhow::ensure!(
+        store.backend == holdfast_core::Backend::Postgres,
+        "--replica runs PostgreSQL: add --backend postgres"
+    );
+    anyhow::ensure!(
+        store.database_url.is_none(),
+        "--replica runs its own primary and standby; to use yours, give --database-url a URL \
+         naming both hosts (postgres://user@primary:5432,standby:5432/db) without --replica"
+    );
+    let dir = Arc::new(
+        tempfile::Builder::new()
+            .prefix("holdfast-up-postgres-")
+            .tempdir()
+            .context("a directory for the throwaway PostgreSQL")?,
+    );
+    let primary = holdfast_drill::Cluster::start(&dir).await?;
+    let standby = holdfast_drill::Cluster::start_standby(&primary, &dir).await?;
+    store.database_url = Some(format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/holdfast",
+        standby.port, primary.port
+    ));
+    info!(
+        primary = primary.port,
+        standby = standby.port,
+        "a throwaway PostgreSQL primary and its streaming standby (gone when up stops)"
+    );
+    Ok((primary, standby))
+}
+
 /// The `up` command: migrate, start the balancer, supervise the instances until SIGTERM/SIGINT.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let terminated = crate::on_terminate()?;
@@ -73,6 +108,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let stop_timeout = (args.instance.drain_delay + web.request_timeout)
         .max(Duration::from_secs(10))
         + Duration::from_secs(10);
+    let mut args = args;
+    // Kept until `up` returns: dropping them stops the servers.
+    let _local_postgres = match args.replica {
+        true => Some(local_primary_and_standby(&mut args.store).await?),
+        false => None,
+    };
     let url = args.store.store_url()?;
     // Migrate once, up front, so the instances find the schema ready instead of queueing on
     // the migration lock, and a bad URL fails here with one message instead of N crash loops.
@@ -84,7 +125,6 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     };
     // With a continuous backup, Litestream alone checkpoints the WAL: every process on the
     // database is told so (see `StoreOptions::sqlite_autocheckpoint`).
-    let mut args = args;
     args.store.backup_checkpoints |=
         args.backup.is_some() && args.store.backend == holdfast_core::Backend::Sqlite;
     let fleet_store = crate::open_store_as(

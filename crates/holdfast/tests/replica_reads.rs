@@ -248,3 +248,112 @@ async fn a_replica_unreachable_at_start_is_reported_and_skipped() {
     assert_eq!(one, 1);
     store.close().await;
 }
+
+/// `holdfast up --backend postgres --replica`: a local try of a primary and its standby.
+/// The fleet reads from the standby, exports which host is the primary and the standby's
+/// lag, and a shopper's checkout is visible to their next read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_a_replica_runs_a_primary_and_a_standby_and_reads_from_it() {
+    use holdfast_testkit::process::{client, spawn_up};
+    if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
+        return;
+    }
+    let data = tempfile::tempdir().unwrap();
+    let (_up, base, ops, _web) = spawn_up(
+        env!("CARGO_BIN_EXE_holdfast").as_ref(),
+        data.path(),
+        2,
+        &["--backend", "postgres", "--replica", "--workers", "0"],
+    )
+    .await;
+    let http = client();
+    let creds =
+        serde_json::json!({ "email": "up@example.com", "password": "correct horse battery" });
+    let signup = http
+        .post(format!("{base}/api/signup"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signup.status(), 201);
+    let login = http
+        .post(format!("{base}/api/login"))
+        .json(&creds)
+        .send()
+        .await
+        .unwrap();
+    let cookies = |resp: &reqwest::Response| -> Vec<String> {
+        resp.headers()
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|v| v.to_str().ok()?.split(';').next().map(str::to_owned))
+            .collect()
+    };
+    let session = cookies(&login)
+        .into_iter()
+        .find(|c| c.starts_with(holdfast_web::cookie_name(false)))
+        .expect("a session cookie");
+    let add = http
+        .post(format!("{base}/api/cart/items"))
+        .header("cookie", &session)
+        .header("idempotency-key", "add-1")
+        .json(&serde_json::json!({ "sku": "HELMET", "qty": 1 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(add.status(), 200);
+    let co = http
+        .post(format!("{base}/api/checkout"))
+        .header("cookie", &session)
+        .header("idempotency-key", "co-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(co.status(), 201);
+    let token = cookies(&co)
+        .into_iter()
+        .find(|c| c.starts_with(holdfast_web::read_cookie_name(false)))
+        .expect("a read-your-writes token");
+    let order: serde_json::Value = co.json().await.unwrap();
+    let id = order["order_id"].as_str().unwrap();
+    let read = http
+        .get(format!("{base}/api/orders/{id}"))
+        .header("cookie", format!("{session}; {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200);
+
+    let metrics = http
+        .get(format!("{ops}/ops/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = |prefix: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} in {metrics}"))
+            .to_owned()
+    };
+    let primaries = metrics
+        .lines()
+        .filter(|l| l.starts_with("holdfast_store_primary{") && l.ends_with(" 1"))
+        .count();
+    assert_eq!(primaries, 1, "{metrics}");
+    line("holdfast_replica_lag_seconds{");
+    let served: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("holdfast_store_replica_reads_total{") && l.contains("served=\"replica\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        served >= 1.0,
+        "no read was served by the standby: {metrics}"
+    );
+}
