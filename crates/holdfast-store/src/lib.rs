@@ -67,7 +67,8 @@ pub const METRICS: &[holdfast_core::Metric] = &[
     holdfast_core::Metric::counter(
         "holdfast_store_replica_reads_total",
         "Reads that may go to a standby (catalog, order history), by where they were served: replica or primary.",
-    ),
+    )
+    .at_zero(&[&[("served", "replica")], &[("served", "primary")]]),
     holdfast_core::Metric::gauge(
         "holdfast_replica_in_rotation",
         "1 while this instance reads from the database host, 0 while it does not (the primary, or a standby down or past the lag bound).",

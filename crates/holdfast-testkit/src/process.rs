@@ -294,6 +294,27 @@ pub async fn assert_unparsable_requests_get_problems(addr: std::net::SocketAddr)
     }
 }
 
+/// `PROGRAM status --backend postgres --database-url URL` with no `up` running (a data dir
+/// of its own): its text, asserting it ran.
+pub fn status_of_postgres(program: &Path, url: &str) -> String {
+    let data = tempfile::tempdir().expect("a data dir");
+    let out = Command::new(program)
+        .args([
+            "status",
+            "--backend",
+            "postgres",
+            "--database-url",
+            url,
+            "--data-dir",
+        ])
+        .arg(data.path())
+        .env_remove("DATABASE_URL")
+        .output()
+        .expect("running holdfast status");
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// `PROGRAM status --json --data-dir DATA_DIR`: what `holdfast status` reports, asserting it ran.
 pub fn status_json(program: &Path, data_dir: &Path) -> serde_json::Value {
     let out = Command::new(program)
@@ -420,4 +441,33 @@ pub fn postgres_server_binaries_or_skip() -> bool {
     );
     eprintln!("skipped: no initdb/pg_ctl (scripts/install-drill-deps.sh installs them)");
     false
+}
+
+/// The DOM of the page at `url` once headless Chromium has run its scripts for five
+/// seconds of virtual time (`scripts/install-ops-tools.sh` installs it).
+pub async fn rendered_dom(url: &str) -> String {
+    let url = url.to_owned();
+    let out = tokio::task::spawn_blocking(move || {
+        let profile = tempfile::tempdir().expect("a browser profile dir");
+        std::process::Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--virtual-time-budget=5000",
+                "--dump-dom",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .arg(url)
+            .output()
+            .expect("running chromium")
+    })
+    .await
+    .expect("the browser's task");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -34,22 +34,7 @@ async fn write(store: &Store, n: i64) -> Result<(), holdfast_store::Error> {
 
 /// `holdfast status` of the store at `url` (no `up` running): its text.
 fn status_of(url: &str) -> String {
-    let data = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_holdfast"))
-        .args([
-            "status",
-            "--backend",
-            "postgres",
-            "--database-url",
-            url,
-            "--data-dir",
-        ])
-        .arg(data.path())
-        .env_remove("DATABASE_URL")
-        .output()
-        .expect("holdfast status");
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    holdfast_testkit::process::status_of_postgres(env!("CARGO_BIN_EXE_holdfast").as_ref(), url)
 }
 
 async fn rows(url: &str) -> Vec<i64> {

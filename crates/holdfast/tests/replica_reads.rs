@@ -177,6 +177,16 @@ async fn reads_move_to_the_primary_when_the_standby_dies_or_lags_past_the_bound(
         .await;
         tokio::time::sleep(holdfast_store::REPLICA_WATCH_EVERY).await;
     }
+    // What the runbook's "a replica is lagging" has the operator run.
+    let status = holdfast_testkit::process::status_of_postgres(
+        env!("CARGO_BIN_EXE_holdfast").as_ref(),
+        &both(&primary, &standby),
+    );
+    let line = status
+        .lines()
+        .find(|l| l.starts_with(&format!("database {standby_host}: standby")))
+        .unwrap_or_else(|| panic!("{status}"));
+    assert!(!line.contains("behind: 0 bytes"), "{status}");
     let orders: i64 = short
         .read_replica("count_orders", Freshness::Any, |c| {
             use holdfast_store::ScopedFutureExt;
@@ -356,4 +366,12 @@ async fn up_with_a_replica_runs_a_primary_and_a_standby_and_reads_from_it() {
         served >= 1.0,
         "no read was served by the standby: {metrics}"
     );
+
+    // The operator page shows which host is the primary and the standby's lag.
+    if holdfast_testkit::process::have_tool("chromium", "scripts/install-ops-tools.sh") {
+        let dom = holdfast_testkit::process::rendered_dom(&format!("{ops}/ops")).await;
+        assert!(dom.contains("data-role=\"primary\""), "{dom}");
+        assert!(dom.contains("data-role=\"standby\""), "{dom}");
+        assert!(dom.contains(" s</td>"), "the standby's lag:\n{dom}");
+    }
 }

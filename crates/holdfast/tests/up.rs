@@ -335,30 +335,7 @@ async fn the_operator_page_shows_the_instances_and_the_traffic_in_a_browser() {
     })
     .await;
     assert!(history.iter().all(|s| s["errors"] == 0), "{history:?}");
-    let profile = tempfile::tempdir().unwrap();
-    let url = format!("{ops}/ops");
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("chromium")
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--virtual-time-budget=5000",
-                "--dump-dom",
-            ])
-            .arg(format!("--user-data-dir={}", profile.path().display()))
-            .arg(url)
-            .output()
-            .expect("running chromium")
-    })
-    .await
-    .unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout);
+    let dom = holdfast_testkit::process::rendered_dom(&format!("{ops}/ops")).await;
     for i in &live {
         assert!(
             dom.contains(&format!("data-pid=\"{}\"", i.pid)),
