@@ -33,6 +33,36 @@ pub enum BenchCommand {
     /// Restore: checkout throughput with the continuous backup vs without, restore time of a
     /// large store vs copying its backup, and RPO/RTO from lose-primary drills.
     Restore(BenchRestoreArgs),
+    /// Replica: order-history and catalog reads/s with a streaming standby in rotation vs the
+    /// primary alone, and what the read-your-writes check adds to a read after a write.
+    Replica(BenchReplicaArgs),
+}
+
+/// `holdfast bench replica`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchReplicaArgs {
+    #[arg(long, default_value_t = 3)]
+    pub instances: u16,
+    /// Concurrent shoppers.
+    #[arg(long, default_value_t = 32)]
+    pub users: usize,
+    /// Measured time per phase.
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Phases per side, taking turns at going first; the medians are compared.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Shoppers in the read-your-writes check's part.
+    #[arg(long, default_value_t = 4)]
+    pub check_users: usize,
+    /// `up --replica-wait` in the read-your-writes check's part.
+    #[arg(long, value_parser = parse_duration, default_value = "50ms")]
+    pub replica_wait: Duration,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// The `holdfast` executable (default: the one built beside this binary).
+    #[arg(long)]
+    pub program: Option<PathBuf>,
 }
 
 /// `holdfast bench restore`.

@@ -10,6 +10,7 @@ mod cache;
 mod checkout;
 mod cli;
 mod jobs;
+mod replica;
 mod restore;
 mod sessions;
 mod uploads;
@@ -38,6 +39,7 @@ fn main() -> anyhow::Result<()> {
             BenchCommand::Cache(args) => cache::run(args).await,
             BenchCommand::Uploads(args) => uploads::run(args).await,
             BenchCommand::Restore(args) => restore::run(args).await,
+            BenchCommand::Replica(args) => replica::run(args).await,
         }
     })
 }
@@ -54,6 +56,23 @@ pub(crate) fn sibling(name: &str) -> anyhow::Result<PathBuf> {
         me.display()
     );
     Ok(path)
+}
+
+/// The middle of `runs` by `key` (the upper middle of an even count); `runs` must not be
+/// empty.
+pub(crate) fn median_by<T>(mut runs: Vec<T>, key: impl Fn(&T) -> f64) -> T {
+    runs.sort_by(|a, b| key(a).total_cmp(&key(b)));
+    let middle = runs.len() / 2;
+    runs.swap_remove(middle)
+}
+
+/// `a ÷ b`, 0 when `b` is not positive.
+pub(crate) fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 {
+        a / b
+    } else {
+        0.0
+    }
 }
 
 #[cfg(test)]

@@ -63,7 +63,7 @@ impl RestoreTime {
             backup_mib: mib_of(Path::new(backup)),
             copy_s,
             restore_s,
-            restore_vs_copy: ratio(restore_s, copy_s),
+            restore_vs_copy: crate::ratio(restore_s, copy_s),
             start_s,
             rto_s: restore_s + start_s,
         }
@@ -126,7 +126,7 @@ pub async fn run(args: BenchRestoreArgs) -> anyhow::Result<()> {
     }
     let without_backup = median(without);
     let with_backup = median(with);
-    let ratio = ratio(with_backup.checkouts_per_s, without_backup.checkouts_per_s);
+    let ratio = crate::ratio(with_backup.checkouts_per_s, without_backup.checkouts_per_s);
     eprintln!(
         "bench restore: medians {:.0} keyed checkouts/s without the backup, {:.0} with: {ratio:.2}x",
         without_backup.checkouts_per_s, with_backup.checkouts_per_s
@@ -168,18 +168,8 @@ pub async fn run(args: BenchRestoreArgs) -> anyhow::Result<()> {
 }
 
 /// The phase with the median throughput.
-fn median(mut phases: Vec<Phase>) -> Phase {
-    phases.sort_by(|a, b| a.checkouts_per_s.total_cmp(&b.checkouts_per_s));
-    let middle = phases.len() / 2;
-    phases.swap_remove(middle)
-}
-
-fn ratio(a: f64, b: f64) -> f64 {
-    if b > 0.0 {
-        a / b
-    } else {
-        0.0
-    }
+fn median(phases: Vec<Phase>) -> Phase {
+    crate::median_by(phases, |p| p.checkouts_per_s)
 }
 
 /// Keyed checkouts/s on a fresh system (on PostgreSQL, on a fresh throwaway cluster), with or

@@ -79,6 +79,9 @@ pub const METRICS: &[holdfast_core::Metric] = &[
     ),
 ];
 
+/// How long [`Store::write_position`] waits for the primary's answer.
+pub const POSITION_WITHIN: Duration = Duration::from_millis(250);
+
 /// A statement with its parameters bound, on the `Any` driver.
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
 
@@ -602,19 +605,18 @@ impl Store {
 
     /// Where the primary's WAL is now (`None` without replica reads): every write committed
     /// before this call is at or before it, so a reader told this position and served under
-    /// [`Freshness::AtLeast`] sees those writes.
-    pub async fn write_position(&self) -> Result<Option<Lsn>> {
-        if self.replicas.is_none() {
-            return Ok(None);
+    /// [`Freshness::AtLeast`] sees those writes. One attempt, bounded by [`POSITION_WITHIN`]
+    /// (an answer already earned is not held back for it); if it fails, [`Lsn::BEYOND`], which
+    /// sends the reader to the primary.
+    pub async fn write_position(&self) -> Option<Lsn> {
+        self.replicas.as_ref()?;
+        let pool = self.pool();
+        let asked =
+            sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text").fetch_one(&pool);
+        match tokio::time::timeout(POSITION_WITHIN, asked).await {
+            Ok(Ok(at)) => Some(at.parse().unwrap_or(Lsn::BEYOND)),
+            _ => Some(Lsn::BEYOND),
         }
-        let at: String = self
-            .run(Rerun::Always, "write_position", || async {
-                Ok(sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
-                    .fetch_one(&self.pool())
-                    .await?)
-            })
-            .await?;
-        Ok(at.parse().ok())
     }
 
     /// [`Store::read`] for reads that tolerate staleness (a catalog, an order history): a

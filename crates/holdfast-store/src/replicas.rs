@@ -32,12 +32,22 @@ pub const WATCH_EVERY: Duration = Duration::from_millis(200);
 /// Why the primary is not in rotation.
 const NOT_A_STANDBY: &str = "not a standby";
 
+/// Why a standby is not in rotation yet, just after start: it lacks the primary's first
+/// position seen, and too little time has passed to say how far behind it is.
+const LAG_UNKNOWN: &str = "lag not measured yet";
+
 /// How often a read waiting for a standby to replay its token asks again.
 const RECHECK_EVERY: Duration = Duration::from_millis(2);
 
 /// A position in PostgreSQL's write-ahead log (`X/Y` in its text form).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Lsn(pub u64);
+
+impl Lsn {
+    /// A position no standby reaches: what a writer hands out when it could not learn the
+    /// primary's, so its reader is served by the primary (at once, without waiting).
+    pub const BEYOND: Lsn = Lsn(u64::MAX);
+}
 
 impl std::fmt::Display for Lsn {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -113,6 +123,8 @@ pub(crate) struct Replicas {
     opts: ReplicaOptions,
     /// The primary's WAL positions as the watcher saw them, oldest first.
     primary_seen: Mutex<VecDeque<(Instant, u64)>>,
+    /// Closed with the store: the watcher stops.
+    closed: AtomicBool,
 }
 
 /// Where one read was served, for the caller's metrics.
@@ -152,6 +164,7 @@ impl Replicas {
             next: AtomicUsize::new(0),
             opts,
             primary_seen: Mutex::new(VecDeque::new()),
+            closed: AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&replicas);
         tokio::spawn(watch(weak));
@@ -164,6 +177,9 @@ impl Replicas {
         &self,
         after: Option<Lsn>,
     ) -> Option<(usize, PoolConnection<Any>)> {
+        if after == Some(Lsn::BEYOND) {
+            return None;
+        }
         let n = self.hosts.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in (0..n).map(|k| (start + k) % n) {
@@ -227,8 +243,9 @@ impl Replicas {
             return;
         }
         match &why {
-            // The primary is among the hosts: not reading from it is no news.
-            Some(why) if why == NOT_A_STANDBY => {}
+            // The primary is among the hosts, and a standby is not read from until its lag is
+            // known: neither is news.
+            Some(why) if why == NOT_A_STANDBY || why == LAG_UNKNOWN => {}
             Some(why) => tracing::warn!(replica = %host.name, %why, "replica out of rotation"),
             None => tracing::info!(replica = %host.name, "replica in rotation"),
         }
@@ -316,6 +333,12 @@ impl Replicas {
                             l.as_secs_f64(),
                             self.opts.max_lag.as_secs_f64()
                         )),
+                        None if history
+                            .front()
+                            .is_some_and(|(t, _)| now.duration_since(*t) < self.opts.max_lag) =>
+                        {
+                            Some(LAG_UNKNOWN.to_owned())
+                        }
                         None => Some(format!(
                             "more than {:.1} s behind",
                             self.opts.max_lag.as_secs_f64()
@@ -330,6 +353,7 @@ impl Replicas {
     }
 
     pub(crate) async fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
         for h in &self.hosts {
             h.pool.close().await;
         }
@@ -360,6 +384,9 @@ async fn watch(replicas: Weak<Replicas>) {
     loop {
         tick.tick().await;
         let Some(r) = replicas.upgrade() else { return };
+        if r.closed.load(Ordering::SeqCst) {
+            return;
+        }
         r.look().await;
     }
 }

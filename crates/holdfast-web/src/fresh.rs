@@ -28,6 +28,9 @@ pub const READ_TOKEN_TTL: Duration = Duration::from_secs(60);
 /// The name of the store's secret that signs tokens.
 const SECRET: &str = "read-your-writes";
 
+/// The token handed out when none can be signed: it never verifies.
+const UNSIGNED: &str = "primary";
+
 /// Bytes of the signature kept in the token.
 const SIGNATURE_BYTES: usize = 16;
 
@@ -134,13 +137,17 @@ pub(crate) async fn hand_out_token(
     if !wrote || !resp.status().is_success() || !st.store.reads_from_replicas() {
         return resp;
     }
-    let (Some(key), Ok(Some(lsn))) = (key(&st).await, st.store.write_position().await) else {
+    let Some(lsn) = st.store.write_position().await else {
         return resp;
     };
     let ttl = READ_TOKEN_TTL.as_secs() as i64;
-    let Some(token) = sign(&key, lsn, holdfast_core::now_ms() / 1000 + ttl) else {
-        return resp;
-    };
+    // Without the key (the store could not be read), a token that cannot verify: its reads
+    // go to the primary, which has the write.
+    let token = match key(&st).await {
+        Some(key) => sign(&key, lsn, holdfast_core::now_ms() / 1000 + ttl),
+        None => None,
+    }
+    .unwrap_or_else(|| UNSIGNED.to_owned());
     let secure = st.opts.secure_cookies;
     let cookie = format!(
         "{}={token}; Path=/; HttpOnly; SameSite=Lax; Max-Age={ttl}{}",
@@ -160,7 +167,7 @@ mod tests {
     #[test]
     fn a_token_verifies_until_it_expires_and_never_when_altered() {
         let key = b"k".repeat(32);
-        let lsn = Lsn(0x1_6B37_4D848);
+        let lsn = Lsn(0x0016_B374_D848);
         let token = sign(&key, lsn, 1000).unwrap();
         assert_eq!(verify(&key, &token, 999), Some(lsn));
         assert_eq!(verify(&key, &token, 1000), None, "expired");

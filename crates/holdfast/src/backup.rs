@@ -180,6 +180,8 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
                     data_dir: to,
                     database_url: Some(url),
                     backup_checkpoints: false,
+                    replica_max_lag: holdfast_store::ReplicaOptions::default().max_lag,
+                    replica_wait: holdfast_store::ReplicaOptions::default().wait,
                 };
                 reconcile_store(&store, &provider)
                     .await

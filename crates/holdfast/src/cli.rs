@@ -48,7 +48,7 @@ pub enum Command {
     /// (`cargo build --release -p holdfast-bench`), so production links no peer crate.
     #[command(disable_help_flag = true)]
     Bench {
-        /// `checkout`, `jobs`, `sessions`, `cache` or `uploads`, and their flags (`holdfast bench --help`).
+        /// `checkout`, `jobs`, `sessions`, `cache`, `uploads`, `restore` or `replica`, and their flags (`holdfast bench --help`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -378,6 +378,14 @@ pub struct StoreArgs {
     /// sets it for its processes.
     #[arg(long)]
     pub backup_checkpoints: bool,
+    /// PostgreSQL, a URL of several hosts: a standby further behind the primary than this is
+    /// not read from (under the read-your-writes token's 60 s).
+    #[arg(long, value_parser = parse_duration, default_value = "5s")]
+    pub replica_max_lag: Duration,
+    /// PostgreSQL, a URL of several hosts: how long a read after the reader's own write
+    /// waits for a standby to replay it before the primary serves it instead.
+    #[arg(long, value_parser = parse_duration, default_value = "50ms")]
+    pub replica_wait: Duration,
 }
 
 impl StoreArgs {

@@ -119,6 +119,17 @@ fn store_options_as(
         .schema(shop)
         .migrate(migrate);
     opts.sqlite_autocheckpoint = !args.backup_checkpoints;
+    anyhow::ensure!(
+        args.replica_max_lag < holdfast_web::READ_TOKEN_TTL,
+        "--replica-max-lag must be under the read-your-writes token's {} s: a standby that far \
+         behind could serve a reader whose token has expired a write it lacks",
+        holdfast_web::READ_TOKEN_TTL.as_secs()
+    );
+    opts.replicas = Some(holdfast_store::ReplicaOptions {
+        max_lag: args.replica_max_lag,
+        wait: args.replica_wait,
+        ..holdfast_store::ReplicaOptions::default()
+    });
     Ok(opts)
 }
 

@@ -208,6 +208,13 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.store.backup_checkpoints {
         store_flags.push("--backup-checkpoints".into());
     }
+    for (flag, value) in [
+        ("--replica-max-lag", args.store.replica_max_lag),
+        ("--replica-wait", args.store.replica_wait),
+    ] {
+        store_flags.push(flag.into());
+        store_flags.push(format!("{}ms", value.as_millis()).into());
+    }
     let mut web_args: Vec<OsString> = vec!["serve".into(), "--addr".into(), "127.0.0.1:0".into()];
     web_args.extend(store_flags.iter().cloned());
     if !web.secure_cookies {
