@@ -267,10 +267,8 @@ impl Prometheus {
         let config_file = dir.join("prometheus.yml");
         std::fs::write(&config_file, config)
             .map_err(|e| format!("writing {}: {e}", config_file.display()))?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("finding a port for Prometheus: {e}"))?
-            .port();
+        let port = crate::system::port_for_a_child()
+            .map_err(|e| format!("finding a port for Prometheus: {e}"))?;
         let log = std::fs::File::create(dir.join("prometheus.log"))
             .map_err(|e| format!("creating Prometheus's log: {e}"))?;
         let child = Command::new("prometheus")

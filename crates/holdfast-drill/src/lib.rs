@@ -45,7 +45,9 @@ use tokio::task::JoinSet;
 pub use faults::{FaultKind, FaultSet};
 pub use holdfast_core::{Backend, Sabotage};
 pub use report::Report;
-pub use system::{Cluster, Database, Instance, System, SystemSpec, KEYS_FILE_ENV};
+pub use system::{
+    port_for_a_child, Cluster, Database, Instance, System, SystemSpec, KEYS_FILE_ENV,
+};
 
 use crate::faults::Rng;
 

@@ -1317,12 +1317,42 @@ impl Drop for Cluster {
     }
 }
 
-/// A port on 127.0.0.1 nothing listens on right now.
+/// A port on 127.0.0.1 nothing listens on right now, for a server another process will
+/// start on it.
 fn free_port() -> Result<u16, Error> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
+    port_for_a_child().map_err(Error::io("finding a free port"))
+}
+
+/// A port on 127.0.0.1 free right now and outside the kernel's ephemeral range
+/// (`net.ipv4.ip_local_port_range`), for a server a child process will bind later. A port
+/// the kernel handed out for `bind(…:0)` and released could be handed out again, to another
+/// process binding port 0, before the child binds it (an instance of `up` took the
+/// provider's port so once); ports outside the range are never handed out that way.
+pub fn port_for_a_child() -> std::io::Result<u16> {
+    let (ephemeral_low, _) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| {
+            let mut it = s.split_whitespace().map(|n| n.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let below = ephemeral_low.max(10_001);
+    // Start somewhere different in each process, and one further on at each call, so that
+    // neither two processes nor two calls before their servers bind get the same port.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let span = u32::from(below - 10_000);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let start = std::process::id().wrapping_mul(7919).wrapping_add(call) % span;
+    for k in 0..span {
+        let port = 10_000 + ((start + k) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    // Every port below the range taken: fall back to one the kernel picks.
+    std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()
         .map(|a| a.port())
-        .map_err(Error::io("finding a free port"))
 }
 
 /// Where `initdb` and `pg_ctl` live: next to the `initdb` on `PATH`, else the newest

@@ -234,9 +234,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         Some(url) => url.clone(),
         None if args.workers == 0 => String::new(),
         None => {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
+            let port = holdfast_drill::port_for_a_child()?;
             let provider_args = vec![
                 "provider".into(),
                 "--addr".into(),
