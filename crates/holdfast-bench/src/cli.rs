@@ -38,9 +38,9 @@ pub enum BenchCommand {
     Replica(BenchReplicaArgs),
 }
 
-/// `holdfast bench replica`.
+/// What the benches that run `holdfast up` under shoppers, phase against phase, share.
 #[derive(Debug, Clone, Args)]
-pub struct BenchReplicaArgs {
+pub struct FleetPhases {
     #[arg(long, default_value_t = 3)]
     pub instances: u16,
     /// Concurrent shoppers.
@@ -52,17 +52,52 @@ pub struct BenchReplicaArgs {
     /// Phases per side, taking turns at going first; the medians are compared.
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// The `holdfast` executable (default: the one built beside this binary).
+    #[arg(long)]
+    pub program: Option<PathBuf>,
+}
+
+impl FleetPhases {
+    /// The `holdfast` executable to run.
+    pub fn program(&self) -> anyhow::Result<PathBuf> {
+        match &self.program {
+            Some(p) => Ok(p.clone()),
+            None => crate::sibling("holdfast"),
+        }
+    }
+
+    /// `bench checkout`'s arguments for one system of these (its engine given apart).
+    pub fn system(&self, program: &std::path::Path) -> BenchArgs {
+        BenchArgs {
+            db: BenchDb {
+                backend: None,
+                database_url: None,
+            },
+            instances: self.instances,
+            users: self.users,
+            duration: self.duration,
+            json: None,
+            program: Some(program.to_owned()),
+            baseline: None,
+            rounds: 1,
+            peers: false,
+        }
+    }
+}
+
+/// `holdfast bench replica`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchReplicaArgs {
+    #[command(flatten)]
+    pub phases: FleetPhases,
     /// Shoppers in the read-your-writes check's part.
     #[arg(long, default_value_t = 4)]
     pub check_users: usize,
     /// `up --replica-wait` in the read-your-writes check's part.
     #[arg(long, value_parser = parse_duration, default_value = "50ms")]
     pub replica_wait: Duration,
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// The `holdfast` executable (default: the one built beside this binary).
-    #[arg(long)]
-    pub program: Option<PathBuf>,
 }
 
 /// `holdfast bench restore`.
@@ -78,22 +113,9 @@ pub struct BenchRestoreArgs {
     /// `holdfast drill --faults lose-primary` runs for RPO and RTO under load.
     #[arg(long, default_value_t = 3)]
     pub drills: usize,
-    #[arg(long, default_value_t = 3)]
-    pub instances: u16,
-    /// Concurrent shoppers in the overhead phases.
-    #[arg(long, default_value_t = 32)]
-    pub users: usize,
-    /// Measured time per overhead phase.
-    #[arg(long, value_parser = parse_duration, default_value = "10s")]
-    pub duration: Duration,
-    /// Overhead phases per side, taking turns at going first; the medians are compared.
-    #[arg(long, default_value_t = 3)]
-    pub rounds: usize,
-    #[arg(long)]
-    pub json: Option<PathBuf>,
-    /// The `holdfast` executable (default: the one built beside this binary).
-    #[arg(long)]
-    pub program: Option<PathBuf>,
+    /// The overhead phases.
+    #[command(flatten)]
+    pub phases: FleetPhases,
 }
 
 /// `holdfast bench uploads`.

@@ -28,7 +28,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::checkout::start_system;
-use crate::cli::{BenchArgs, BenchReplicaArgs};
+use crate::cli::BenchReplicaArgs;
 
 /// The balancer paces each client address (50 requests/s by default, `up --client-rate`); a
 /// shopper here is a load generator, not a person, so the pace is lifted: what is measured is
@@ -87,10 +87,7 @@ struct Shopper {
 }
 
 pub async fn run(args: BenchReplicaArgs) -> anyhow::Result<()> {
-    let program = match &args.program {
-        Some(p) => p.clone(),
-        None => crate::sibling("holdfast")?,
-    };
+    let program = args.phases.program()?;
     let dir = Arc::new(tempfile::tempdir()?);
     let primary = Cluster::start(&dir).await?;
     let standby = Cluster::start_standby(&primary, &dir).await?;
@@ -99,28 +96,15 @@ pub async fn run(args: BenchReplicaArgs) -> anyhow::Result<()> {
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/holdfast",
         standby.port, primary.port
     );
-    let system_args = BenchArgs {
-        db: crate::cli::BenchDb {
-            backend: None,
-            database_url: None,
-        },
-        instances: args.instances,
-        users: args.users,
-        duration: args.duration,
-        json: None,
-        program: Some(program.clone()),
-        baseline: None,
-        rounds: 1,
-        peers: false,
-    };
+    let system_args = args.phases.system(&program);
     let data = dir.path().join("data");
     eprintln!(
         "bench replica: {} shoppers placing {ORDERS_EACH} orders each",
-        args.users
+        args.phases.users
     );
     let shoppers = {
         let system = start_system(&system_args, &program, &data, Some(&alone), UNPACED)?;
-        let shoppers = sign_up(&system.url, args.users).await?;
+        let shoppers = sign_up(&system.url, args.phases.users).await?;
         for s in &shoppers {
             for _ in 0..ORDERS_EACH {
                 s.add(&system.url, "CARABINER").await?;
@@ -131,13 +115,13 @@ pub async fn run(args: BenchReplicaArgs) -> anyhow::Result<()> {
     };
 
     let (mut alone_runs, mut both_runs) = (Vec::new(), Vec::new());
-    for round in 0..args.rounds.max(1) {
+    for round in 0..args.phases.rounds.max(1) {
         for replica in [round % 2 == 1, round % 2 == 0] {
             let url = if replica { &both } else { &alone };
             let system = start_system(&system_args, &program, &data, Some(url), UNPACED)?;
             reads(&system.url, &shoppers, Duration::from_secs(1)).await;
             let cpu_before = server_cpu_ms(&primary);
-            let mut phase = reads(&system.url, &shoppers, args.duration).await;
+            let mut phase = reads(&system.url, &shoppers, args.phases.duration).await;
             let cpu = server_cpu_ms(&primary) - cpu_before;
             phase.primary_cpu_ms_per_1000 = Some(cpu / phase.reads.max(1) as f64 * 1000.0);
             eprintln!(
@@ -189,7 +173,7 @@ pub async fn run(args: BenchReplicaArgs) -> anyhow::Result<()> {
     let (with_token, without_token) = write_then_read(
         &system.url,
         checkers,
-        args.duration * args.rounds.max(1) as u32,
+        args.phases.duration * args.phases.rounds.max(1) as u32,
     )
     .await;
     let extra_p50_ms = with_token.p50_ms - without_token.p50_ms;
@@ -198,8 +182,8 @@ pub async fn run(args: BenchReplicaArgs) -> anyhow::Result<()> {
         with_token.p50_ms, without_token.p50_ms
     );
     let report = Report {
-        instances: args.instances,
-        users: args.users,
+        instances: args.phases.instances,
+        users: args.phases.users,
         throughput: Throughput {
             primary_only,
             with_replica,
@@ -213,7 +197,7 @@ pub async fn run(args: BenchReplicaArgs) -> anyhow::Result<()> {
         },
     };
     let json = serde_json::to_string_pretty(&report)?;
-    match &args.json {
+    match &args.phases.json {
         Some(path) => std::fs::write(path, &json).with_context(|| format!("{}", path.display()))?,
         None => println!("{json}"),
     }

@@ -87,24 +87,8 @@ struct Report {
 }
 
 pub async fn run(args: BenchRestoreArgs) -> anyhow::Result<()> {
-    let program = match &args.program {
-        Some(p) => p.clone(),
-        None => crate::sibling("holdfast")?,
-    };
-    let checkout_args = BenchArgs {
-        db: crate::cli::BenchDb {
-            backend: None,
-            database_url: None,
-        },
-        instances: args.instances,
-        users: args.users,
-        duration: args.duration,
-        json: None,
-        program: Some(program.clone()),
-        baseline: None,
-        rounds: 1,
-        peers: false,
-    };
+    let program = args.phases.program()?;
+    let checkout_args = args.phases.system(&program);
     let backend = args.backend;
     eprintln!(
         "bench restore ({}): checkout throughput without and with the continuous backup",
@@ -112,7 +96,7 @@ pub async fn run(args: BenchRestoreArgs) -> anyhow::Result<()> {
     );
     // Taking turns at going first, so neither side always meets a warmer machine.
     let (mut without, mut with) = (Vec::new(), Vec::new());
-    for round in 0..args.rounds.max(1) {
+    for round in 0..args.phases.rounds.max(1) {
         for backup in [round % 2 == 1, round % 2 == 0] {
             let phase = keyed_phase(&checkout_args, &program, backend, backup).await?;
             eprintln!(
@@ -160,7 +144,7 @@ pub async fn run(args: BenchRestoreArgs) -> anyhow::Result<()> {
         drills,
     };
     print_report(&report);
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.phases.json {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }

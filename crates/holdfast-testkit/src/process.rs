@@ -471,3 +471,68 @@ pub async fn rendered_dom(url: &str) -> String {
     .expect("the browser's task");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// What [`buy_through`] did: the session's cookie (`name=value`), the order's JSON, and every
+/// cookie the checkout's answer set (`name=value` each).
+pub struct Bought {
+    pub session: String,
+    pub order: serde_json::Value,
+    pub set_by_checkout: Vec<String>,
+}
+
+/// The `name=value` of every cookie an answer sets.
+pub fn set_cookies(resp: &reqwest::Response) -> Vec<String> {
+    resp.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok()?.split(';').next().map(str::to_owned))
+        .collect()
+}
+
+/// Through the balancer at `base`: signs `email` up (with [`crate::app::PASSWORD`]), logs in,
+/// puts one `sku` in the cart and checks out, asserting each step's status.
+pub async fn buy_through(base: &str, email: &str, sku: &str) -> Bought {
+    let http = client();
+    let creds = serde_json::json!({ "email": email, "password": crate::app::PASSWORD });
+    let signup = http
+        .post(format!("{base}/api/signup"))
+        .json(&creds)
+        .send()
+        .await
+        .expect("signup");
+    assert_eq!(signup.status(), 201);
+    let login = http
+        .post(format!("{base}/api/login"))
+        .json(&creds)
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(login.status(), 200);
+    let session = set_cookies(&login)
+        .into_iter()
+        .find(|c| c.starts_with(holdfast_web::cookie_name(false)))
+        .expect("a session cookie");
+    let add = http
+        .post(format!("{base}/api/cart/items"))
+        .header("cookie", &session)
+        .json(&serde_json::json!({ "sku": sku, "qty": 1 }))
+        .send()
+        .await
+        .expect("add");
+    assert_eq!(add.status(), 200);
+    let checkout = http
+        .post(format!("{base}/api/checkout"))
+        .header("cookie", &session)
+        .header("idempotency-key", format!("buy-{}", email.replace(['@', '.'], "-")))
+        .send()
+        .await
+        .expect("checkout");
+    assert_eq!(checkout.status(), 201);
+    let set_by_checkout = set_cookies(&checkout);
+    let order = checkout.json().await.expect("the order's JSON");
+    Bought {
+        session,
+        order,
+        set_by_checkout,
+    }
+}

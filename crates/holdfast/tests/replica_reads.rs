@@ -74,14 +74,48 @@ async fn an_order_the_standby_has_not_replayed(
     (cookie, token, id)
 }
 
+/// One `bigint` read as a read that tolerates staleness ([`Freshness::Any`]).
+async fn any_replica_scalar(store: &Store, sql: &'static str) -> i64 {
+    use holdfast_store::ScopedFutureExt;
+    store
+        .read_replica("test_scalar", Freshness::Any, |c| {
+            async move {
+                Ok::<_, holdfast_store::TxError<std::convert::Infallible>>(
+                    sqlx::query_scalar(sql)
+                        .fetch_one(c)
+                        .await
+                        .map_err(holdfast_store::Error::from)?,
+                )
+            }
+            .scope_boxed()
+        })
+        .await
+        .unwrap()
+}
+
 async fn get(app: &TestApp, path: &str, cookies: &str) -> Reply {
     app.call("GET", path, None, Some(cookies), &[]).await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_writer_reads_its_write_while_the_standby_lags_and_others_read_the_standby() {
+/// A primary and its standby, a shop instance given both hosts, and a user whose order the
+/// standby has not replayed (its replay is paused).
+struct Lagging {
+    _dir: Arc<tempfile::TempDir>,
+    primary: Arc<Cluster>,
+    standby: Arc<Cluster>,
+    app: TestApp,
+    /// The user's session cookie.
+    cookie: String,
+    /// The read-your-writes token the checkout handed out.
+    token: String,
+    /// `/api/orders/ID` of the order.
+    order: String,
+}
+
+/// [`Lagging`], or `None` where the server binaries are missing (outside CI).
+async fn lagging() -> Option<Lagging> {
     if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
-        return;
+        return None;
     }
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let (primary, standby) = primary_and_standby(&dir).await;
@@ -90,7 +124,32 @@ async fn a_writer_reads_its_write_while_the_standby_lags_and_others_read_the_sta
         .expect("an instance on both hosts");
     assert!(app.store.reads_from_replicas());
     let (cookie, token, id) = an_order_the_standby_has_not_replayed(&app, &standby).await;
-    let order = format!("/api/orders/{id}");
+    Some(Lagging {
+        _dir: dir,
+        primary,
+        standby,
+        app,
+        cookie,
+        token,
+        order: format!("/api/orders/{id}"),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_reads_its_write_while_the_standby_lags_and_others_read_the_standby() {
+    // Every field bound: one left out would be dropped here, and a dropped cluster stops.
+    let Some(Lagging {
+        _dir,
+        primary: _primary,
+        standby,
+        app,
+        cookie,
+        token,
+        order,
+    }) = lagging().await
+    else {
+        return;
+    };
 
     // With its token the writer is served by the primary: the standby has not replayed it.
     let with_token = format!("{cookie}; {token}");
@@ -127,16 +186,18 @@ async fn a_writer_reads_its_write_while_the_standby_lags_and_others_read_the_sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_move_to_the_primary_when_the_standby_dies_or_lags_past_the_bound() {
-    if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
+    let Some(Lagging {
+        _dir,
+        primary,
+        standby,
+        app,
+        cookie,
+        order,
+        token: _,
+    }) = lagging().await
+    else {
         return;
-    }
-    let dir = Arc::new(tempfile::tempdir().unwrap());
-    let (primary, standby) = primary_and_standby(&dir).await;
-    let app = instance_on(&both(&primary, &standby), local(), ShopOptions::default())
-        .await
-        .expect("an instance on both hosts");
-    let (cookie, _token, id) = an_order_the_standby_has_not_replayed(&app, &standby).await;
-    let order = format!("/api/orders/{id}");
+    };
     assert_eq!(
         get(&app, &order, &cookie).await.status,
         404,
@@ -187,21 +248,7 @@ async fn reads_move_to_the_primary_when_the_standby_dies_or_lags_past_the_bound(
         .find(|l| l.starts_with(&format!("database {standby_host}: standby")))
         .unwrap_or_else(|| panic!("{status}"));
     assert!(!line.contains("behind: 0 bytes"), "{status}");
-    let orders: i64 = short
-        .read_replica("count_orders", Freshness::Any, |c| {
-            use holdfast_store::ScopedFutureExt;
-            async move {
-                Ok::<_, holdfast_store::TxError<std::convert::Infallible>>(
-                    sqlx::query_scalar("SELECT count(*) FROM orders")
-                        .fetch_one(c)
-                        .await
-                        .map_err(holdfast_store::Error::from)?,
-                )
-            }
-            .scope_boxed()
-        })
-        .await
-        .unwrap();
+    let orders = any_replica_scalar(&short, "SELECT count(*) FROM orders").await;
     assert_eq!(orders, 1, "the primary served the read");
     short.close().await;
 
@@ -240,21 +287,7 @@ async fn a_replica_unreachable_at_start_is_reported_and_skipped() {
         .find(|(host, _, _)| host == &format!("127.0.0.1:{port}"))
         .expect("the dead host is listed");
     assert!(!dead.1, "{rotation:?}");
-    let one: i64 = store
-        .read_replica("one", Freshness::Any, |c| {
-            use holdfast_store::ScopedFutureExt;
-            async move {
-                Ok::<_, holdfast_store::TxError<std::convert::Infallible>>(
-                    sqlx::query_scalar("SELECT 1::bigint")
-                        .fetch_one(c)
-                        .await
-                        .map_err(holdfast_store::Error::from)?,
-                )
-            }
-            .scope_boxed()
-        })
-        .await
-        .unwrap();
+    let one = any_replica_scalar(&store, "SELECT 1::bigint").await;
     assert_eq!(one, 1);
     store.close().await;
 }
@@ -264,7 +297,7 @@ async fn a_replica_unreachable_at_start_is_reported_and_skipped() {
 /// lag, and a shopper's checkout is visible to their next read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn up_with_a_replica_runs_a_primary_and_a_standby_and_reads_from_it() {
-    use holdfast_testkit::process::{client, spawn_up};
+    use holdfast_testkit::process::{buy_through, client, spawn_up};
     if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
         return;
     }
@@ -277,55 +310,14 @@ async fn up_with_a_replica_runs_a_primary_and_a_standby_and_reads_from_it() {
     )
     .await;
     let http = client();
-    let creds =
-        serde_json::json!({ "email": "up@example.com", "password": "correct horse battery" });
-    let signup = http
-        .post(format!("{base}/api/signup"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(signup.status(), 201);
-    let login = http
-        .post(format!("{base}/api/login"))
-        .json(&creds)
-        .send()
-        .await
-        .unwrap();
-    let cookies = |resp: &reqwest::Response| -> Vec<String> {
-        resp.headers()
-            .get_all("set-cookie")
-            .iter()
-            .filter_map(|v| v.to_str().ok()?.split(';').next().map(str::to_owned))
-            .collect()
-    };
-    let session = cookies(&login)
-        .into_iter()
-        .find(|c| c.starts_with(holdfast_web::cookie_name(false)))
-        .expect("a session cookie");
-    let add = http
-        .post(format!("{base}/api/cart/items"))
-        .header("cookie", &session)
-        .header("idempotency-key", "add-1")
-        .json(&serde_json::json!({ "sku": "HELMET", "qty": 1 }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(add.status(), 200);
-    let co = http
-        .post(format!("{base}/api/checkout"))
-        .header("cookie", &session)
-        .header("idempotency-key", "co-1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(co.status(), 201);
-    let token = cookies(&co)
+    let bought = buy_through(&base, "up@example.com", "HELMET").await;
+    let session = bought.session;
+    let token = bought
+        .set_by_checkout
         .into_iter()
         .find(|c| c.starts_with(holdfast_web::read_cookie_name(false)))
         .expect("a read-your-writes token");
-    let order: serde_json::Value = co.json().await.unwrap();
-    let id = order["order_id"].as_str().unwrap();
+    let id = bought.order["order_id"].as_str().unwrap();
     let read = http
         .get(format!("{base}/api/orders/{id}"))
         .header("cookie", format!("{session}; {token}"))

@@ -42,43 +42,9 @@ fn node_modules() -> Option<std::path::PathBuf> {
 /// Signs up, logs in (the cookie, as a header value) and orders `sku`, so that a review of it
 /// may be uploaded.
 async fn buyer(base: &str, sku: &str) -> String {
-    let http = reqwest::Client::new();
-    let creds = serde_json::json!({ "email": "reviewer@example.com", "password": holdfast_testkit::app::PASSWORD });
-    let signup = http
-        .post(format!("{base}/api/signup"))
-        .json(&creds)
-        .send()
+    holdfast_testkit::process::buy_through(base, "reviewer@example.com", sku)
         .await
-        .expect("signup");
-    assert_eq!(signup.status(), 201);
-    let login = http
-        .post(format!("{base}/api/login"))
-        .json(&creds)
-        .send()
-        .await
-        .expect("login");
-    assert_eq!(login.status(), 200);
-    let set = login.headers()["set-cookie"]
-        .to_str()
-        .expect("ascii cookie");
-    let cookie = set.split(';').next().expect("name=value").to_owned();
-    let add = http
-        .post(format!("{base}/api/cart/items"))
-        .header("cookie", &cookie)
-        .json(&serde_json::json!({ "sku": sku, "qty": 1 }))
-        .send()
-        .await
-        .expect("add");
-    assert_eq!(add.status(), 200);
-    let order = http
-        .post(format!("{base}/api/checkout"))
-        .header("cookie", &cookie)
-        .header("idempotency-key", "tus-js-client-order")
-        .send()
-        .await
-        .expect("checkout");
-    assert_eq!(order.status(), 201);
-    cookie
+        .session
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
