@@ -87,6 +87,32 @@ pub(crate) fn bin(name: &str) -> Result<PathBuf, Error> {
         })
 }
 
+/// The line of a server's log that says why it stopped: its last FATAL or PANIC that is not
+/// the refusal of one of our connection attempts (a refusal logged while the server shut
+/// down would otherwise hide the reason, such as a recovery target it could not reach).
+fn why_it_stopped(log: &str) -> String {
+    let refusal = |l: &str| {
+        [
+            "not accepting connections",
+            "is starting up",
+            "is shutting down",
+            "in recovery mode",
+        ]
+        .iter()
+        .any(|r| l.contains(r))
+    };
+    let fatal: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("FATAL") || l.contains("PANIC"))
+        .collect();
+    fatal
+        .iter()
+        .rev()
+        .find(|l| !refusal(l))
+        .or(fatal.last())
+        .map_or_else(String::new, |l| (*l).to_owned())
+}
+
 pub(crate) async fn connect(url: &str) -> Result<PgConnection, Error> {
     let options: PgConnectOptions = url
         .parse()
@@ -784,12 +810,7 @@ impl Private {
             Ok(conn) => conn,
             Err(e) => {
                 let log = std::fs::read_to_string(server.log()).unwrap_or_default();
-                let reason = log
-                    .lines()
-                    .rev()
-                    .find(|l| l.contains("FATAL") || l.contains("PANIC"))
-                    .unwrap_or("")
-                    .to_owned();
+                let reason = why_it_stopped(&log);
                 server.stop().await;
                 if reason.contains("before configured recovery target") {
                     return Err(Error::PastNewest);
@@ -929,6 +950,18 @@ async fn run(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_reason_a_server_stopped_is_not_a_refused_connection() {
+        let log = "LOG:  starting\n\
+            FATAL:  recovery ended before configured recovery target was reached\n\
+            FATAL:  the database system is not accepting connections\n\
+            LOG:  database system is shut down\n";
+        assert!(why_it_stopped(log).contains("before configured recovery target"));
+        let only_refusals = "FATAL:  the database system is starting up\n";
+        assert!(why_it_stopped(only_refusals).contains("starting up"));
+        assert_eq!(why_it_stopped("LOG:  fine\n"), "");
+    }
+
     use super::*;
 
     #[test]

@@ -523,7 +523,10 @@ pub async fn buy_through(base: &str, email: &str, sku: &str) -> Bought {
     let checkout = http
         .post(format!("{base}/api/checkout"))
         .header("cookie", &session)
-        .header("idempotency-key", format!("buy-{}", email.replace(['@', '.'], "-")))
+        .header(
+            "idempotency-key",
+            format!("buy-{}", email.replace(['@', '.'], "-")),
+        )
         .send()
         .await
         .expect("checkout");
