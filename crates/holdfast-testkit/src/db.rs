@@ -244,6 +244,7 @@ pub async fn rewind_to_legacy_layout(url: &str) {
         "DROP TABLE known_devices",
         "DROP TABLE upload_parts",
         "DROP TABLE uploads",
+        "DROP TABLE holdfast_secrets",
         "CREATE TABLE holdfast_migrations (version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)",
         "INSERT INTO holdfast_migrations VALUES (1, 'shop', 1), (2, 'jobs', 2), (3, 'sessions', 3)",
     ] {
