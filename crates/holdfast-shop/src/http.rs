@@ -20,7 +20,7 @@ use holdfast_core::Sabotage;
 use holdfast_store::{Freshness, ScopedFutureExt, Store, StoredResponse, TxError};
 use holdfast_web::{
     json_response, parse_json, AppError, AppResult, AppState, Authed, FromBody, Idempotent,
-    JsonBody, PathParam, ReadAfter, Required,
+    JsonBody, OneStatement, PathParam, ReadAfter, Required,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -429,6 +429,15 @@ async fn checkout(
     user: Authed,
     Idempotent { claim, .. }: Idempotent<CheckoutBody, Required>,
 ) -> AppResult<Response> {
+    let claim = match claim
+        .in_one_statement("checkout", |stmt, key| {
+            sql::checkout_statement(stmt, key, shape, &user.user_id)
+        })
+        .await?
+    {
+        OneStatement::Answered(done) => return Ok(done),
+        OneStatement::NotAnswered(claim) => *claim,
+    };
     claim
         .run(
             "checkout",

@@ -8,7 +8,7 @@
 
 use crate::domain::{OrderId, Quantity, Sku};
 use crate::{Error, PAYMENTS_QUEUE, PAYOUT_KIND};
-use holdfast_store::{Backend, JobInsert, Tx, TxError};
+use holdfast_store::{Backend, IdemClaim, JobInsert, Statement, Tx, TxError};
 use serde::Serialize;
 use sqlx::{AnyConnection, FromRow, Row};
 
@@ -344,6 +344,71 @@ async fn checkout_in_one_statement(tx: &mut Tx, table: CartTable, user_id: &str)
     };
     tx.job_enqueue(&[payout_job(&order.order_id)]).await?;
     Ok(order)
+}
+
+/// The whole keyed checkout as one statement on PostgreSQL (see
+/// `holdfast_web::Claim::in_one_statement`): [`checkout_in_one_statement`]'s steps, gated on
+/// the key's step, which stores the key done with the answer the database renders from the
+/// cart it locked: the bytes [`Order`]'s JSON serialization gives (a test holds the two to
+/// it), so a replay answers exactly what the first request got. The payout job and its
+/// order are written together. Returns the key step's name, or `None` while the cart's
+/// table is being moved (reads and writes name different tables).
+pub fn checkout_statement(
+    stmt: &mut Statement,
+    key: IdemClaim<'_>,
+    shape: CartShape,
+    user_id: &str,
+) -> Option<String> {
+    if shape.read != shape.write {
+        return None;
+    }
+    let (t, q) = (shape.read.table(), shape.read.quantity());
+    let order_id = OrderId::generate().to_string();
+    let payout = payout_job(&order_id);
+    let (user, order, created) = (
+        stmt.bind(user_id),
+        stmt.bind(order_id),
+        stmt.bind(holdfast_core::now_ms()),
+    );
+    stmt.step(
+        "cart",
+        &format!(
+            "SELECT c.sku, p.name, c.{q} AS qty, p.price_cents FROM {t} c JOIN products p ON p.sku = c.sku
+             WHERE c.user_id = {user} FOR UPDATE OF c"
+        ),
+    );
+    stmt.step(
+        "summed",
+        "SELECT SUM(qty * price_cents) AS total_cents,
+                string_agg('{\"sku\":' || to_json(sku)::text || ',\"name\":' || to_json(name)::text
+                           || ',\"qty\":' || qty || ',\"unit_price_cents\":' || price_cents || '}', ',' ORDER BY sku) AS items
+         FROM cart HAVING COUNT(*) > 0",
+    );
+    let answer = format!(
+        "'{{\"order_id\":' || to_json({order}::text)::text || ',\"total_cents\":' || total_cents
+         || ',\"status\":\"pending\",\"created_at\":' || {created} || ',\"items\":[' || items || ']}}'"
+    );
+    stmt.claim_key("key", key, 201, &answer, "summed");
+    stmt.step(
+        "placed",
+        &format!(
+            "INSERT INTO orders (id, user_id, total_cents, status, created_at)
+             SELECT {order}, {user}, summed.total_cents, 'pending', {created} FROM summed, key RETURNING id"
+        ),
+    );
+    stmt.step(
+        "lines",
+        "INSERT INTO order_items (order_id, sku, name, qty, unit_price_cents)
+         SELECT placed.id, cart.sku, cart.name, cart.qty, cart.price_cents FROM cart, placed",
+    );
+    stmt.step(
+        "emptied",
+        &format!(
+            "DELETE FROM {t} d USING cart, placed WHERE d.user_id = {user} AND d.sku = cart.sku"
+        ),
+    );
+    stmt.enqueue_jobs("payout", &[payout], "placed");
+    Some("key".to_owned())
 }
 
 /// The job that charges an order, unique per order.

@@ -1,12 +1,13 @@
-//! On Postgres an `Idempotency-Key` is claimed inside the checkout's own transaction (one
-//! commit for the key, the order and the stored answer): concurrent requests with one key wait
-//! for the first and replay its answer, and a request whose transaction rolls back leaves no
-//! claim behind.
+//! On Postgres a keyed checkout is one statement: the key stored done with its answer, the
+//! order, its lines, the emptied cart and the payout job, in one round trip and one commit
+//! after the session's. Concurrent requests with one key wait for the first and replay its
+//! answer, and a request that placed nothing (an empty cart) leaves no claim behind.
 
 use holdfast_shop::ShopOptions;
 use holdfast_store::{Store, StoreOptions};
 use holdfast_testkit::app::{instance_on, local};
 use holdfast_testkit::db::with_fresh_db;
+use holdfast_testkit::pgwire::RoundTrips;
 use holdfast_testkit::Backend;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -46,6 +47,64 @@ async fn concurrent_checkouts_with_one_key_make_one_order_and_all_answer_it() {
             .await
             .unwrap();
         assert_eq!(orders, 2, "one order per key");
+        migrated.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_checkout_is_two_round_trips_and_answers_the_orders_own_json() {
+    with_fresh_db(Backend::Postgres, "keyed_two_trips", |url| async move {
+        let migrated = Store::open(&StoreOptions::new(&url).schema(&holdfast_shop::SCHEMA))
+            .await
+            .expect("migrate");
+        // A name that every JSON escape touches: quotes, a backslash, control characters
+        // and text outside ASCII.
+        sqlx::query("INSERT INTO products (sku, name, price_cents) VALUES ('ODD-1', $1, 1234)")
+            .bind("Rope \"9 mm\" \\ caf\u{e9} \u{2713}\n\t\u{1}\u{7f} end")
+            .execute(&mut *pg(&url).await)
+            .await
+            .unwrap();
+        let wire = RoundTrips::start(&url).await;
+        let app = instance_on(wire.url(), local(), ShopOptions::default())
+            .await
+            .expect("instance");
+        let cookie = app.user("two-trips@example.com").await;
+        assert_eq!(app.add(&cookie, "ODD-1", 2).await.status, 200);
+        assert_eq!(app.add(&cookie, "HELMET", 1).await.status, 200);
+
+        let before = wire.count();
+        let placed = app.checkout(&cookie, "k-two").await;
+        let trips = wire.count() - before;
+        assert_eq!(placed.status, 201, "{:?}", placed.json());
+        assert_eq!(trips, 2, "the session, then the checkout as one statement");
+
+        // The answer the database rendered is, byte for byte, the order as the API renders it.
+        let id = placed.json()["order_id"].as_str().unwrap().to_owned();
+        let read = app
+            .call("GET", &format!("/api/orders/{id}"), None, Some(&cookie), &[])
+            .await;
+        assert_eq!(read.status, 200);
+        assert_eq!(
+            String::from_utf8_lossy(&placed.body),
+            String::from_utf8_lossy(&read.body)
+        );
+        let items = placed.json()["items"].as_array().unwrap().len();
+        assert_eq!(items, 2, "both lines are in the order");
+
+        // The retry replays those bytes; an empty cart with a fresh key places nothing.
+        let again = app.checkout(&cookie, "k-two").await;
+        assert!(again.replayed());
+        assert_eq!(again.body, placed.body);
+        let empty = app.checkout(&cookie, "k-after").await;
+        assert_eq!(empty.status, 422, "{:?}", empty.json());
+        let (orders, jobs): (i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM orders), (SELECT COUNT(*) FROM jobs WHERE kind = 'payout')",
+        )
+        .fetch_one(&mut *pg(&url).await)
+        .await
+        .unwrap();
+        assert_eq!((orders, jobs), (1, 1), "one order and its one payout job");
         migrated.close().await;
     })
     .await;

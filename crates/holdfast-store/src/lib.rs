@@ -19,12 +19,14 @@
 //! inside them, and it never calls back into another crate.
 
 mod accounts;
+mod group;
 mod idempotency;
 mod jobs;
 mod limits;
 mod migrate;
 mod primary;
 mod replicas;
+mod statement;
 pub mod testing;
 mod tx;
 mod uploads;
@@ -41,6 +43,7 @@ pub use migrate::{
 };
 pub use primary::Node;
 pub use replicas::{Freshness, Lsn, ReplicaOptions, WATCH_EVERY as REPLICA_WATCH_EVERY};
+pub use statement::{Param as StatementParam, Statement};
 pub use tx::{Rerun, ScopedFutureExt, Tx, TxBody, TxError};
 pub use uploads::{NewUpload, UploadAck, UploadPart, UploadQuota, UploadRow};
 
@@ -51,6 +54,9 @@ use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::{Any, AnyPool, Executor};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// A pooled connection idle this long is pinged before it is lent (see `Store::open`).
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
 
 /// The metric families the store exports (see [`holdfast_core::Metric`]).
 pub const METRICS: &[holdfast_core::Metric] = &[
@@ -64,6 +70,10 @@ pub const METRICS: &[holdfast_core::Metric] = &[
         "Store operations that failed because the process's retry budget was spent, by operation.",
     )
     .at_zero(&[&[]]),
+    holdfast_core::Metric::histogram(
+        "holdfast_store_group_commit_size",
+        "How many write transactions each SQLite commit of this process carried (group commit).",
+    ),
     holdfast_core::Metric::counter(
         "holdfast_store_replica_reads_total",
         "Reads that may go to a standby (catalog, order history), by where they were served: replica or primary.",
@@ -131,6 +141,16 @@ pub enum Error {
     },
     #[error("unsupported database url (want sqlite:… or postgres://…)")]
     UnsupportedUrl,
+    /// A write transaction this one shared a commit with (SQLite's group commit) was
+    /// abandoned before the commit: nothing of it was committed, and it may run again.
+    #[error("the group commit this transaction was in was abandoned before committing")]
+    GroupAbandoned,
+    /// The commit shared by a group of write transactions failed.
+    #[error("the group commit failed: {0}")]
+    GroupCommitFailed(String),
+    /// The operation exists on one engine only (a composed statement needs PostgreSQL).
+    #[error("not on this database engine: {0}")]
+    Unsupported(&'static str),
     /// The database lacks migrations this build needs.
     #[error(
         "the database lacks {} migration(s) this build needs ({}): run `holdfast migrate up` first",
@@ -183,6 +203,7 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Db(e) => transient(e, false),
+            Error::GroupAbandoned => true,
             _ => false,
         }
     }
@@ -193,6 +214,7 @@ impl Error {
     pub fn is_retryable_uncommitted(&self) -> bool {
         match self {
             Error::Db(e) => transient(e, true),
+            Error::GroupAbandoned => true,
             _ => false,
         }
     }
@@ -201,7 +223,11 @@ impl Error {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            Error::Db(_) | Error::Migration { .. } | Error::NoPrimary(_)
+            Error::Db(_)
+                | Error::Migration { .. }
+                | Error::NoPrimary(_)
+                | Error::GroupAbandoned
+                | Error::GroupCommitFailed(_)
         )
     }
 
@@ -371,6 +397,9 @@ pub struct Store {
     budget: RetryBudget,
     /// SQLite only: one write transaction at a time per process (see `Store::begin_write`).
     write_gate: Option<Arc<tokio::sync::Semaphore>>,
+    /// SQLite only: the queue through which this process's write transactions share commits
+    /// (see `group.rs`).
+    group: Option<Arc<group::Group>>,
     /// SQLite only: the file every process writing the database takes an exclusive `flock` on
     /// before it begins a write transaction (see `Store::begin_write`).
     write_lock: Option<Arc<std::fs::File>>,
@@ -398,6 +427,20 @@ impl Store {
             AnyPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(acquire_timeout)
+                // sqlx pings every connection it lends by default: one more round trip per
+                // statement, to learn what the statement itself would tell. Only a connection
+                // that sat idle, which a server restart or an idle timeout may have closed
+                // meanwhile, is pinged first; a broken one in use fails as any transient
+                // failure does.
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= PING_IF_IDLE_FOR {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .after_connect(move |conn, _meta| {
                     Box::pin(async move {
                         if backend == Backend::Sqlite {
@@ -472,6 +515,7 @@ impl Store {
             backend,
             retry: opts.retry.clone(),
             budget: RetryBudget::default(),
+            group: (backend == Backend::Sqlite).then(Arc::default),
             write_gate,
             write_lock,
         };

@@ -6,10 +6,12 @@
 //! backend failure ([`TxError::Db`]); only the latter is ever retried. The closure may run more
 //! than once, so it must not have effects outside the transaction.
 
+use crate::group::Group;
 use crate::{Backend, Error, Result, Store};
 use scoped_futures::ScopedBoxFuture;
 use sqlx::{Any, AnyConnection, Transaction};
 use std::fmt;
+use std::sync::Arc;
 
 /// Re-exported so callers can box their closure's future (`async { … }.scope_boxed()`).
 pub use scoped_futures::ScopedFutureExt;
@@ -169,6 +171,14 @@ impl Store {
     {
         let mut retries = self.retries(rerun, op);
         loop {
+            if let Some(group) = &self.group {
+                match self.grouped(group, &mut body).await {
+                    Ok(value) => return Ok(value),
+                    Err(TxError::Db(e)) => retries.after(e).await?,
+                    Err(abort) => return Err(abort),
+                }
+                continue;
+            }
             let err = match self.begin_write().await {
                 Ok(mut tx) => match body(&mut tx).await {
                     Ok(value) => match tx.commit().await {
@@ -182,6 +192,47 @@ impl Store {
             };
             retries.after(err).await?;
         }
+    }
+
+    /// One run of `body` as a member of this process's group commit (SQLite; see
+    /// `group.rs`): in a savepoint of the shared transaction, then answered once that
+    /// transaction commits.
+    async fn grouped<'a, T, E, F>(
+        &self,
+        group: &Arc<Group>,
+        body: &mut F,
+    ) -> std::result::Result<T, TxError<E>>
+    where
+        F: for<'t> FnMut(&'t mut Tx) -> TxBody<'a, 't, T, E> + Send + 'a,
+        T: Send + 'a,
+        E: Send + 'a,
+    {
+        let mut batch = group.join(self).await?;
+        sqlx::query("SAVEPOINT holdfast_member")
+            .execute(batch.tx().conn())
+            .await?;
+        let ran = body(batch.tx()).await;
+        if ran.is_err() {
+            // A failure here leaves the transaction in a state nobody should commit: dropping
+            // the batch rolls it back, and every member runs again.
+            sqlx::query("ROLLBACK TO holdfast_member")
+                .execute(batch.tx().conn())
+                .await?;
+        }
+        sqlx::query("RELEASE holdfast_member")
+            .execute(batch.tx().conn())
+            .await?;
+        let value = match ran {
+            Ok(value) => value,
+            Err(e) => {
+                batch.pass_on(group);
+                return Err(e);
+            }
+        };
+        let committed = batch.enlist();
+        batch.pass_on(group);
+        committed.wait().await?;
+        Ok(value)
     }
 
     /// Runs `body` on a pooled connection outside any write transaction (reads), retried

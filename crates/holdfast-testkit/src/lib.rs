@@ -4,6 +4,7 @@
 //!   run one test body on each;
 //! - [`app`]: the shop in-process on a fresh store (zero2prod's `spawn_app`), called through
 //!   its real router, or served on port 0;
+//! - [`pgwire`]: the round trips a process makes to PostgreSQL, counted on the wire;
 //! - [`process`]: the real `holdfast` binary as a child process, judged from the outside;
 //! - [`redis`]: the `REDIS_URL` server, a key prefix per test, and "Redis lost its memory";
 //! - [`s3`]: a real S3-compatible server (moto's) per test;
@@ -14,6 +15,7 @@
 
 pub mod app;
 pub mod db;
+pub mod pgwire;
 pub mod process;
 pub mod redis;
 pub mod s3;

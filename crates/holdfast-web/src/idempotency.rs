@@ -67,7 +67,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use holdfast_core::{IdempotencyKey, RequestFingerprint};
 use holdfast_store::{
-    ClaimOutcome, IdemClaim, IdemLock, Rerun, ScopedFutureExt, StoredResponse, Tx, TxBody, TxError,
+    ClaimOutcome, IdemClaim, IdemLock, Rerun, ScopedFutureExt, Statement, StoredResponse, Tx,
+    TxBody, TxError,
 };
 use std::marker::PhantomData;
 
@@ -322,6 +323,53 @@ impl Claim {
                 }
                 Err(e.into())
             }
+        }
+    }
+}
+
+/// What [`Claim::in_one_statement`] did.
+pub enum OneStatement {
+    /// The statement did the work and stored the key with this answer.
+    Answered(Response),
+    /// It did not run, or stored nothing (the key was used before, or the work wrote
+    /// nothing): hand the claim to [`Claim::run`], whose transaction tells which.
+    NotAnswered(Box<Claim>),
+}
+
+impl Claim {
+    /// A keyed request in one round trip and one commit (PostgreSQL): `build` adds the
+    /// work's steps to a [`Statement`] and the key's step with [`Statement::claim_key`] and
+    /// the [`IdemClaim`] it is handed, gating the work on that step, and returns the key
+    /// step's name, or `None` when this request cannot be one statement. Without a key, or on
+    /// SQLite, nothing runs. The happy path's answer is the one the statement stored; every
+    /// other outcome (a replay, a key in use or reused, work that refused) costs the general
+    /// path's transaction after it.
+    pub async fn in_one_statement<B>(self, op: &'static str, build: B) -> AppResult<OneStatement>
+    where
+        B: FnOnce(&mut Statement, IdemClaim<'_>) -> Option<String>,
+    {
+        let Some((key, fingerprint)) = self.deferred.as_ref() else {
+            return Ok(OneStatement::NotAnswered(Box::new(self)));
+        };
+        let mut stmt = Statement::new();
+        let claim = IdemClaim {
+            scope: &self.scope,
+            key,
+            fingerprint,
+            now: holdfast_core::now_ms(),
+            lock_ttl: self.edge.opts.idempotency_lock_ttl,
+        };
+        let Some(key_step) = build(&mut stmt, claim) else {
+            return Ok(OneStatement::NotAnswered(Box::new(self)));
+        };
+        match self
+            .edge
+            .store
+            .run_keyed_statement(op, &stmt, &key_step)
+            .await?
+        {
+            Some(answer) => Ok(OneStatement::Answered(respond(answer, false))),
+            None => Ok(OneStatement::NotAnswered(Box::new(self))),
         }
     }
 }

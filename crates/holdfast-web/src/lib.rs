@@ -34,7 +34,7 @@ pub use error::{AppError, AppResult, PROBLEM_JSON};
 pub use fresh::{read_cookie_name, ReadAfter, READ_TOKEN_TTL};
 pub use holdfast_sessions::{KeyRing, SessionTier, Sessions};
 pub use holdfast_store::Quota;
-pub use idempotency::{json_response, respond, Idempotent, Optional, Required};
+pub use idempotency::{json_response, respond, Idempotent, OneStatement, Optional, Required};
 pub use limits::{loopback, ClientAddr, RateLimits};
 pub use metrics_exporter_prometheus::PrometheusHandle;
 pub use passwords::PasswordPool;

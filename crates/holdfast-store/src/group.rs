@@ -1,0 +1,361 @@
+//! Group commit for SQLite: the write transactions of one process that queue for its write
+//! gate share one `BEGIN IMMEDIATE … COMMIT`, so one `fsync` and one turn at the database's
+//! write lock serve several of them.
+//!
+//! The transaction is handed from member to member: each runs its body inside a savepoint of
+//! its own (a body that fails rolls back to it, leaving the others' work), then passes the
+//! transaction to the next waiter, and the last one commits — in a task of its own, so a
+//! caller that gives up cannot cut a commit in half — and tells every member how it ended. No
+//! member is answered before that commit: a grouped write is exactly as durable as one alone.
+//! A member dropped while it holds the transaction (a request deadline) rolls everyone's work
+//! back, and each of them runs again as after any failure known to have committed nothing.
+
+use crate::{Error, Result, Store, Tx};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+
+/// At most this many transactions share one commit, so the first's wait stays short.
+const MAX_MEMBERS: usize = 32;
+
+/// One process's queue for its write transaction.
+#[derive(Default)]
+pub(crate) struct Group {
+    state: Mutex<State>,
+    /// Commits made, for the tests.
+    #[cfg(test)]
+    commits: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct State {
+    /// A transaction is open (or being opened): newcomers queue rather than open another.
+    open: bool,
+    waiting: VecDeque<oneshot::Sender<Turn>>,
+}
+
+/// What a waiter is handed.
+enum Turn {
+    /// Open a new transaction: none is open any more.
+    Open(Baton),
+    /// Run your body in this one.
+    Join(Batch),
+}
+
+/// The right to open the next transaction; dropped unused, it passes to the next waiter.
+pub(crate) struct Baton(Option<Arc<Group>>);
+
+impl Drop for Baton {
+    fn drop(&mut self) {
+        if let Some(group) = self.0.take() {
+            group.pass_the_baton();
+        }
+    }
+}
+
+/// The open transaction and the members whose bodies ran in it, awaiting its commit.
+pub(crate) struct Batch {
+    tx: Option<Tx>,
+    members: Vec<oneshot::Sender<std::result::Result<(), String>>>,
+    _baton: Baton,
+}
+
+/// A member's wait for the commit of the transaction its body ran in.
+pub(crate) struct Committed(oneshot::Receiver<std::result::Result<(), String>>);
+
+impl Committed {
+    pub(crate) async fn wait(self) -> Result<()> {
+        match self.0.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::GroupCommitFailed(e)),
+            Err(_) => Err(Error::GroupAbandoned),
+        }
+    }
+}
+
+impl Group {
+    fn pass_the_baton(self: &Arc<Self>) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(next) = state.waiting.pop_front() {
+            match next.send(Turn::Open(Baton(Some(self.clone())))) {
+                Ok(()) => return,
+                // That waiter gave up; its refused baton must not pass itself on while we
+                // hold the lock.
+                Err(Turn::Open(mut baton)) => baton.0 = None,
+                Err(Turn::Join(_)) => unreachable!("only a baton was sent"),
+            }
+        }
+        state.open = false;
+    }
+
+    /// This process's write transaction to run a body in: an open one handed over by the
+    /// member before, or a new one.
+    pub(crate) async fn join(self: &Arc<Self>, store: &Store) -> Result<Batch> {
+        let waiting = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if state.open {
+                let (send, receive) = oneshot::channel();
+                state.waiting.push_back(send);
+                Some(receive)
+            } else {
+                state.open = true;
+                None
+            }
+        };
+        let baton = match waiting {
+            None => Baton(Some(self.clone())),
+            Some(turn) => match turn.await.map_err(|_| Error::GroupAbandoned)? {
+                Turn::Join(batch) => return Ok(batch),
+                Turn::Open(baton) => baton,
+            },
+        };
+        let tx = store.begin_write().await?;
+        Ok(Batch {
+            tx: Some(tx),
+            members: Vec::new(),
+            _baton: baton,
+        })
+    }
+}
+
+impl Batch {
+    /// The transaction, for a member's body.
+    pub(crate) fn tx(&mut self) -> &mut Tx {
+        self.tx
+            .as_mut()
+            .expect("a batch holds its transaction until it commits")
+    }
+
+    /// Enlists the member whose body just ran, for the commit's outcome.
+    pub(crate) fn enlist(&mut self) -> Committed {
+        let (send, receive) = oneshot::channel();
+        self.members.push(send);
+        Committed(receive)
+    }
+
+    /// Hands the transaction to the next waiter, or commits it when nobody waits (or the
+    /// batch is full) and lets the next waiter open a new one.
+    pub(crate) fn pass_on(mut self, group: &Arc<Group>) {
+        if self.members.len() < MAX_MEMBERS {
+            let mut state = group.state.lock().unwrap_or_else(|p| p.into_inner());
+            while let Some(next) = state.waiting.pop_front() {
+                match next.send(Turn::Join(self)) {
+                    Ok(()) => return,
+                    Err(Turn::Join(back)) => self = back,
+                    Err(Turn::Open(_)) => unreachable!("only a batch was sent"),
+                }
+            }
+        }
+        let (Some(tx), members) = (self.tx.take(), std::mem::take(&mut self.members)) else {
+            return;
+        };
+        metrics::histogram!("holdfast_store_group_commit_size").record(members.len() as f64);
+        #[cfg(test)]
+        group
+            .commits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::spawn(async move {
+            let outcome = tx.commit().await.map_err(|e| e.to_string());
+            for m in members {
+                let _ = m.send(outcome.clone());
+            }
+        });
+        // Dropping `self` passes the baton: the next transaction may begin (it queues at the
+        // gate until this commit lets go of it).
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{JobInsert, Rerun, ScopedFutureExt, Store, StoreOptions, TxError};
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    async fn store(dir: &tempfile::TempDir) -> Store {
+        Store::open(&StoreOptions::new(crate::testing::sqlite_url(dir.path())))
+            .await
+            .expect("open")
+    }
+
+    fn job(n: usize) -> JobInsert {
+        JobInsert::new("q", "k", "{}".into()).unique(format!("job-{n}"))
+    }
+
+    /// Whether a transaction is open, and how many queue behind it.
+    fn queue(store: &Store) -> (bool, usize) {
+        let group = store.group.as_ref().expect("SQLite groups");
+        let state = group.state.lock().expect("state");
+        (state.open, state.waiting.len())
+    }
+
+    /// Until a transaction is open and `n` queue behind it (a transaction started after it
+    /// opened queues, whatever its body has done yet).
+    async fn until_waiting(store: &Store, n: usize) {
+        while queue(store) != (true, n) {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    async fn jobs(store: &Store) -> i64 {
+        store
+            .job_counts()
+            .await
+            .expect("counts")
+            .iter()
+            .filter(|c| c.state == "available")
+            .map(|c| c.count)
+            .sum()
+    }
+
+    /// Starts a transaction that enqueues job 0 and then holds the shared transaction open
+    /// until `release` fires; the returned task ends with the transaction.
+    fn holder(
+        store: &Store,
+        release: tokio::sync::oneshot::Receiver<()>,
+    ) -> tokio::task::JoinHandle<()> {
+        let (store, release) = (
+            store.clone(),
+            Arc::new(tokio::sync::Mutex::new(Some(release))),
+        );
+        tokio::spawn(async move {
+            store
+                .transaction("holder", Rerun::IfUncommitted, |tx| {
+                    let release = release.clone();
+                    async move {
+                        tx.job_enqueue(&[job(0)]).await?;
+                        if let Some(r) = release.lock().await.take() {
+                            let _ = r.await;
+                        }
+                        Ok::<_, TxError<()>>(())
+                    }
+                    .scope_boxed()
+                })
+                .await
+                .expect("the holder commits");
+        })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_transactions_share_one_commit_and_a_failing_one_leaves_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(&dir).await;
+        let (release, held) = tokio::sync::oneshot::channel();
+        let holder = holder(&store, held);
+        until_waiting(&store, 0).await;
+        let members: Vec<_> = (1..=10)
+            .map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .transaction("member", Rerun::IfUncommitted, |tx| {
+                            async move {
+                                tx.job_enqueue(&[job(n)]).await?;
+                                // Every third one gives up after writing: only its write goes.
+                                if n % 3 == 0 {
+                                    return Err(TxError::Abort(n));
+                                }
+                                Ok(n)
+                            }
+                            .scope_boxed()
+                        })
+                        .await
+                })
+            })
+            .collect();
+        until_waiting(&store, 10).await;
+        let before = store
+            .group
+            .as_ref()
+            .expect("group")
+            .commits
+            .load(Ordering::SeqCst);
+        release.send(()).expect("holder waits");
+        holder.await.expect("holder");
+        for (i, m) in members.into_iter().enumerate() {
+            let n = i + 1;
+            match m.await.expect("member") {
+                Ok(got) => assert_eq!(got, n),
+                Err(TxError::Abort(got)) => assert_eq!((got, n % 3), (n, 0)),
+                Err(TxError::Db(e)) => panic!("member {n}: {e}"),
+            }
+        }
+        let commits = store
+            .group
+            .as_ref()
+            .expect("group")
+            .commits
+            .load(Ordering::SeqCst)
+            - before;
+        assert_eq!(
+            commits, 1,
+            "the holder and the ten queued behind it committed together"
+        );
+        assert_eq!(
+            jobs(&store).await,
+            1 + 7,
+            "the holder's and the seven that did not give up"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_dropped_while_it_holds_the_transaction_costs_the_others_a_rerun_not_a_write()
+    {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(&dir).await;
+        let (release, held) = tokio::sync::oneshot::channel::<()>();
+        let holder = holder(&store, held);
+        until_waiting(&store, 0).await;
+        // Queued first behind the holder, it gets the transaction next and never lets go.
+        let (stuck_started, started) = tokio::sync::oneshot::channel::<()>();
+        let stuck_started = Arc::new(std::sync::Mutex::new(Some(stuck_started)));
+        let stuck = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .transaction("stuck", Rerun::IfUncommitted, |tx| {
+                        let started = stuck_started.clone();
+                        async move {
+                            tx.job_enqueue(&[job(99)]).await?;
+                            if let Some(s) = started.lock().expect("lock").take() {
+                                let _ = s.send(());
+                            }
+                            std::future::pending::<()>().await;
+                            Ok::<_, TxError<()>>(())
+                        }
+                        .scope_boxed()
+                    })
+                    .await
+            })
+        };
+        until_waiting(&store, 1).await;
+        let after = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .transaction("after", Rerun::IfUncommitted, |tx| {
+                        async move {
+                            tx.job_enqueue(&[job(1)]).await?;
+                            Ok::<_, TxError<()>>(())
+                        }
+                        .scope_boxed()
+                    })
+                    .await
+            })
+        };
+        until_waiting(&store, 2).await;
+        release.send(()).expect("holder waits");
+        started.await.expect("the stuck member runs");
+        stuck.abort();
+        // The holder's work was in the transaction the stuck member held: it runs again.
+        holder.await.expect("the holder commits after a rerun");
+        after
+            .await
+            .expect("task")
+            .expect("the member after commits");
+        assert_eq!(
+            jobs(&store).await,
+            2,
+            "the holder's and the later member's, not the stuck one's"
+        );
+    }
+}

@@ -1,0 +1,216 @@
+//! One PostgreSQL statement composed of steps that different owners write: the application's
+//! own `WITH` steps next to the store's generic ones (an idempotency key stored with its
+//! answer, jobs enqueued), sent in one round trip and committed by itself. It is the
+//! one-round-trip form of a [`crate::Store::transaction`] for work whose every value either is
+//! known before it starts or is computed by the database in the statement itself.
+//!
+//! A lone statement is atomic on PostgreSQL, and every data-modifying step of a `WITH` runs
+//! exactly once and to completion whether or not the final `SELECT` reads it, all against one
+//! snapshot; a step sees another step's writes only through its `RETURNING` rows. So a step
+//! that must happen only if another did names it in its `FROM` (an empty `RETURNING` writes
+//! nothing after it). SQLite has no data-modifying `WITH`: there, the same work is a
+//! transaction of several statements, which are in-process calls anyway.
+
+use crate::idempotency::{IdemClaim, StoredResponse};
+use crate::jobs::{JobInsert, NOTIFY_CHANNEL};
+use crate::{Backend, Error, Rerun, Result, Store};
+use sqlx::Row;
+
+/// A value bound to one placeholder of a [`Statement`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Param {
+    Int(i64),
+    Text(String),
+    MaybeText(Option<String>),
+}
+
+impl From<i64> for Param {
+    fn from(v: i64) -> Self {
+        Param::Int(v)
+    }
+}
+
+impl From<&str> for Param {
+    fn from(v: &str) -> Self {
+        Param::Text(v.to_owned())
+    }
+}
+
+impl From<String> for Param {
+    fn from(v: String) -> Self {
+        Param::Text(v)
+    }
+}
+
+impl From<Option<String>> for Param {
+    fn from(v: Option<String>) -> Self {
+        Param::MaybeText(v)
+    }
+}
+
+/// A statement under construction: named steps in order, their bound values, and the steps
+/// whose inserted jobs must wake the workers.
+#[derive(Debug, Default)]
+pub struct Statement {
+    steps: Vec<String>,
+    params: Vec<Param>,
+    enqueued: Vec<String>,
+}
+
+impl Statement {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Binds `value` and returns its placeholder (`$n`) for the caller's SQL.
+    pub fn bind(&mut self, value: impl Into<Param>) -> String {
+        self.params.push(value.into());
+        format!("${}", self.params.len())
+    }
+
+    /// Adds the step `name AS (sql)`; later steps and the final `SELECT` may read it by name.
+    pub fn step(&mut self, name: &str, sql: &str) {
+        self.steps.push(format!("{name} AS ({sql})"));
+    }
+
+    /// Adds the step `name`, which stores `claim`'s key already done with its answer (`status`,
+    /// and `body`: an SQL text expression over `from`'s columns) for each row of `from`, unless
+    /// the key exists. It returns `response_status, response_body` when it stored the key and
+    /// nothing when the key was there already (a concurrent holder is waited for first), so
+    /// the work the key guards names `name` in its `FROM`. Stored done in the very statement
+    /// that does the work, the key never exists without its effect, nor the effect without it.
+    pub fn claim_key(
+        &mut self,
+        name: &str,
+        claim: IdemClaim<'_>,
+        status: u16,
+        body: &str,
+        from: &str,
+    ) {
+        let (scope, key, fingerprint) = (
+            self.bind(claim.scope),
+            self.bind(claim.key.as_str()),
+            self.bind(claim.fingerprint.as_str()),
+        );
+        let (now, status) = (self.bind(claim.now), self.bind(i64::from(status)));
+        self.step(
+            name,
+            &format!(
+                "INSERT INTO idempotency_keys (user_id, idem_key, fingerprint, state, lock_token, locked_until, created_at, response_status, response_body)
+                 SELECT {scope}, {key}, {fingerprint}, 'done', NULL, {now}, {now}, {status}, convert_to({body}, 'UTF8') FROM {from}
+                 ON CONFLICT (user_id, idem_key) DO NOTHING
+                 RETURNING response_status, response_body"
+            ),
+        );
+    }
+
+    /// Adds the step `name`, which enqueues `jobs` (as [`crate::Tx::job_enqueue`] does) once
+    /// for each row of `after`; the workers are woken when the statement commits.
+    pub fn enqueue_jobs(&mut self, name: &str, jobs: &[JobInsert], after: &str) {
+        let now = holdfast_core::now_ms();
+        let rows = jobs
+            .iter()
+            .map(|j| {
+                format!(
+                    "SELECT {}, {}, {}, 'available', {}, {}, {}, {}, {} FROM {after}",
+                    self.bind(j.queue.as_str()),
+                    self.bind(j.kind.as_str()),
+                    self.bind(j.args.as_str()),
+                    self.bind(j.priority),
+                    self.bind(j.unique_key.clone()),
+                    self.bind(j.run_at),
+                    self.bind(j.max_attempts),
+                    self.bind(now),
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(" UNION ALL ");
+        self.step(
+            name,
+            &format!(
+                "INSERT INTO jobs (queue, kind, args, state, priority, unique_key, run_at, max_attempts, created_at) {rows}
+                 ON CONFLICT (unique_key) DO NOTHING RETURNING queue"
+            ),
+        );
+        self.enqueued.push(name.to_owned());
+    }
+
+    /// The whole statement: the steps, then `SELECT columns FROM from`. The answer has exactly
+    /// one row: `from`'s first row, or NULLs where `from` returned none.
+    fn sql(&self, columns: &str, from: &str) -> String {
+        // A `SELECT` step runs only if read, so the notifications are counted here, on the
+        // left of the join, which always has its one row.
+        let notify = self
+            .enqueued
+            .iter()
+            .map(|s| format!("(SELECT count(pg_notify('{NOTIFY_CHANNEL}', queue)::text) FROM {s})"))
+            .collect::<Vec<_>>();
+        let notified = if notify.is_empty() {
+            "0".to_owned()
+        } else {
+            notify.join(" + ")
+        };
+        format!(
+            "WITH {} SELECT {columns} FROM (SELECT {notified} AS holdfast_notified) n LEFT JOIN (SELECT * FROM {from} LIMIT 1) answer ON true",
+            self.steps.join(", ")
+        )
+    }
+}
+
+impl Store {
+    /// Runs `stmt` (PostgreSQL only), whose key step (see [`Statement::claim_key`]) is
+    /// `key_step`, as one round trip and one commit; returns the answer that step stored, or
+    /// `None` when it stored none (the key existed, or the work's own steps gave it no row).
+    /// Re-run after a transient failure: a re-run of a statement that did commit finds its
+    /// key and stores nothing.
+    pub async fn run_keyed_statement(
+        &self,
+        op: &'static str,
+        stmt: &Statement,
+        key_step: &str,
+    ) -> Result<Option<StoredResponse>> {
+        if self.backend() != Backend::Postgres {
+            return Err(Error::Unsupported(
+                "one composed statement needs PostgreSQL",
+            ));
+        }
+        let sql = stmt.sql("answer.response_status, answer.response_body", key_step);
+        let row = self
+            .run(Rerun::Always, op, || async {
+                let mut q = sqlx::query(&sql);
+                for p in &stmt.params {
+                    q = match p {
+                        Param::Int(v) => q.bind(*v),
+                        Param::Text(v) => q.bind(v.as_str()),
+                        Param::MaybeText(v) => q.bind(v.clone()),
+                    };
+                }
+                Ok(q.fetch_one(&self.pool()).await?)
+            })
+            .await?;
+        let status: Option<i64> = row.try_get(0)?;
+        let body: Option<Vec<u8>> = row.try_get(1)?;
+        Ok(match (status.and_then(|s| u16::try_from(s).ok()), body) {
+            (Some(status), Some(body)) => Some(StoredResponse { status, body }),
+            _ => None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_count_up_and_the_answer_row_is_always_there() {
+        let mut s = Statement::new();
+        assert_eq!(s.bind(7), "$1");
+        assert_eq!(s.bind("x"), "$2");
+        s.step("a", "SELECT 1 AS one");
+        s.enqueue_jobs("j", &[JobInsert::new("q", "k", "{}".into())], "a");
+        let sql = s.sql("answer.one", "a");
+        assert!(sql.starts_with("WITH a AS (SELECT 1 AS one), j AS (INSERT INTO jobs"));
+        assert!(sql.contains("FROM (SELECT (SELECT count(pg_notify('holdfast_jobs', queue)::text) FROM j) AS holdfast_notified) n LEFT JOIN (SELECT * FROM a LIMIT 1) answer ON true"));
+        assert_eq!(s.params.len(), 10);
+    }
+}
