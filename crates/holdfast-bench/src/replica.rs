@@ -30,11 +30,6 @@ use serde_json::json;
 use crate::checkout::start_system;
 use crate::cli::BenchReplicaArgs;
 
-/// The balancer paces each client address (50 requests/s by default, `up --client-rate`); a
-/// shopper here is a load generator, not a person, so the pace is lifted: what is measured is
-/// the system behind it.
-const UNPACED: &[&str] = &["--client-rate", "1000000"];
-
 /// Orders each shopper places before the reads.
 const ORDERS_EACH: usize = 5;
 
@@ -103,7 +98,7 @@ pub async fn run(args: BenchReplicaArgs) -> anyhow::Result<()> {
         args.phases.users
     );
     let shoppers = {
-        let system = start_system(&system_args, &program, &data, Some(&alone), UNPACED)?;
+        let system = start_system(&system_args, &program, &data, Some(&alone), &[])?;
         let shoppers = sign_up(&system.url, args.phases.users).await?;
         for s in &shoppers {
             for _ in 0..ORDERS_EACH {
@@ -118,7 +113,7 @@ pub async fn run(args: BenchReplicaArgs) -> anyhow::Result<()> {
     for round in 0..args.phases.rounds.max(1) {
         for replica in [round % 2 == 1, round % 2 == 0] {
             let url = if replica { &both } else { &alone };
-            let system = start_system(&system_args, &program, &data, Some(url), UNPACED)?;
+            let system = start_system(&system_args, &program, &data, Some(url), &[])?;
             reads(&system.url, &shoppers, Duration::from_secs(1)).await;
             let cpu_before = server_cpu_ms(&primary);
             let mut phase = reads(&system.url, &shoppers, args.phases.duration).await;
@@ -166,7 +161,7 @@ pub async fn run(args: BenchReplicaArgs) -> anyhow::Result<()> {
         &program,
         &data,
         Some(&both),
-        &[UNPACED, &["--replica-wait", &wait]].concat(),
+        &["--replica-wait", &wait],
     )?;
     let checkers = &shoppers[..args.check_users.clamp(1, shoppers.len())];
     write_then_read(&system.url, checkers, Duration::from_secs(1)).await;

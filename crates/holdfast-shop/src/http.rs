@@ -17,7 +17,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use holdfast_cache::Ttl;
 use holdfast_core::Sabotage;
-use holdfast_store::{Freshness, ScopedFutureExt, Store, StoredResponse, TxError};
+use holdfast_store::{Backend, Freshness, Rerun, ScopedFutureExt, Store, StoredResponse, TxError};
 use holdfast_web::{
     json_response, parse_json, AppError, AppResult, AppState, Authed, FromBody, Idempotent,
     JsonBody, OneStatement, PathParam, ReadAfter, Required,
@@ -377,6 +377,7 @@ fn render_order(order: &Order) -> StoredResponse {
 
 /// Adds to the cart. `Idempotency-Key` is optional here; with one, a retry adds only once.
 async fn cart_add(
+    State(shop): State<Shop>,
     shape: CartShape,
     user: Authed,
     Idempotent {
@@ -385,6 +386,18 @@ async fn cart_add(
         ..
     }: Idempotent<CartAdd>,
 ) -> AppResult<Response> {
+    let store = shop.store();
+    if claim.key().is_none() && store.backend() == Backend::Postgres && shape.read == shape.write {
+        // Without a key it is a plain write: one statement in autocommit, one round trip.
+        let sql = sql::cart_add_sql(shape.write);
+        let rows = store
+            .write_statement("cart_add", Rerun::IfUncommitted, || {
+                sql::bind_cart_add(&sql, &user.user_id, &sku, qty)
+            })
+            .await?;
+        let cart = sql::cart_from_added(&rows, &sku)?;
+        return Ok(holdfast_web::respond(render_cart(&cart), false));
+    }
     claim
         .run(
             "cart_add",

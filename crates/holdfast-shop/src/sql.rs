@@ -179,6 +179,79 @@ pub async fn cart_read<E>(
     Ok(Cart { items, total_cents })
 }
 
+/// [`cart_add`] on PostgreSQL as one statement (`$1` the user, `$2` the sku, `$3` the
+/// quantity, `$4` the time; [`bind_cart_add`]): the product looked up, the line added to (a
+/// line holds at most 99), and the cart as it now stands, read from the lines the statement
+/// did not touch and the one it wrote (a statement does not see its own writes). One row of
+/// flags and no line when nothing was written; [`cart_from_added`] reads the answer.
+pub fn cart_add_sql(table: CartTable) -> String {
+    let (t, q) = (table.table(), table.quantity());
+    format!(
+        "WITH known AS (SELECT sku FROM products WHERE sku = $2),
+         added AS (
+             INSERT INTO {t} (user_id, sku, {q}, added_at) SELECT $1, sku, $3, $4 FROM known
+             ON CONFLICT (user_id, sku) DO UPDATE SET {q} = {t}.{q} + excluded.{q}
+             WHERE {t}.{q} + excluded.{q} <= 99
+             RETURNING sku, {q} AS qty
+         )
+         SELECT flags.known, flags.added, line.sku, line.name, line.qty, line.price_cents
+         FROM (SELECT (SELECT COUNT(*) FROM known) AS known, (SELECT COUNT(*) FROM added) AS added) flags
+         LEFT JOIN (
+             SELECT c.sku, p.name, c.{q} AS qty, p.price_cents FROM {t} c JOIN products p ON p.sku = c.sku
+             WHERE c.user_id = $1 AND c.sku <> $2
+             UNION ALL
+             SELECT a.sku, p.name, a.qty, p.price_cents FROM added a JOIN products p ON p.sku = a.sku
+         ) line ON true
+         ORDER BY line.sku"
+    )
+}
+
+/// [`cart_add_sql`]'s statement with its values bound.
+pub fn bind_cart_add<'q>(
+    sql: &'q str,
+    user_id: &'q str,
+    sku: &'q Sku,
+    qty: Quantity,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    sqlx::query(sql)
+        .bind(user_id)
+        .bind(sku.as_str())
+        .bind(qty.get())
+        .bind(holdfast_core::now_ms())
+}
+
+/// The cart [`cart_add_sql`]'s rows describe, or why nothing was added.
+pub fn cart_from_added(rows: &[sqlx::any::AnyRow], sku: &Sku) -> Result<Cart> {
+    let flags = rows
+        .first()
+        .map(|r| -> std::result::Result<(i64, i64), sqlx::Error> {
+            Ok((r.try_get("known")?, r.try_get("added")?))
+        });
+    match flags.transpose()? {
+        Some((0, _)) | None => {
+            return Err(TxError::Abort(Error::UnknownSku(sku.as_str().to_owned())))
+        }
+        Some((_, 0)) => return Err(TxError::Abort(Error::QuantityLimit)),
+        Some(_) => {}
+    }
+    let items = rows
+        .iter()
+        .map(|r| {
+            let qty: i64 = r.try_get("qty")?;
+            let unit: i64 = r.try_get("price_cents")?;
+            Ok(CartLine {
+                sku: r.try_get("sku")?,
+                name: r.try_get("name")?,
+                qty,
+                unit_price_cents: unit,
+                line_total_cents: qty * unit,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let total_cents = items.iter().map(|l| l.line_total_cents).sum();
+    Ok(Cart { items, total_cents })
+}
+
 /// Adds `qty` of `sku` to the cart (a line holds at most 99); the cart as it now stands.
 pub async fn cart_add(
     tx: &mut Tx,
@@ -187,6 +260,13 @@ pub async fn cart_add(
     sku: &Sku,
     qty: Quantity,
 ) -> Result<Cart> {
+    if tx.backend() == Backend::Postgres && shape.read == shape.write {
+        let sql = cart_add_sql(shape.write);
+        let rows = bind_cart_add(&sql, user_id, sku, qty)
+            .fetch_all(tx.conn())
+            .await?;
+        return cart_from_added(&rows, sku);
+    }
     let known = sqlx::query("SELECT 1 AS one FROM products WHERE sku = $1")
         .bind(sku.as_str())
         .fetch_optional(tx.conn())

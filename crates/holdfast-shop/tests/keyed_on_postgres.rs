@@ -71,7 +71,27 @@ async fn a_keyed_checkout_is_two_round_trips_and_answers_the_orders_own_json() {
             .expect("instance");
         let cookie = app.user("two-trips@example.com").await;
         assert_eq!(app.add(&cookie, "ODD-1", 2).await.status, 200);
-        assert_eq!(app.add(&cookie, "HELMET", 1).await.status, 200);
+        let before = wire.count();
+        let added = app.add(&cookie, "HELMET", 1).await;
+        assert_eq!(added.status, 200);
+        assert_eq!(wire.count() - before, 2, "the session, then the add as one statement");
+        let lines: Vec<(String, i64)> = added.json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| (l["sku"].as_str().unwrap().to_owned(), l["qty"].as_i64().unwrap()))
+            .collect();
+        assert_eq!(lines, [("HELMET".to_owned(), 1), ("ODD-1".to_owned(), 2)]);
+        // What the statement refuses, it refuses as the transaction did, writing nothing.
+        let unknown = app.add(&cookie, "NO-SUCH-1", 1).await;
+        assert_eq!(
+            (unknown.status.as_u16(), unknown.json()["type"].as_str().map(|t| t.ends_with("unknown-sku"))),
+            (422, Some(true)),
+            "{:?}",
+            unknown.json()
+        );
+        let over = app.add(&cookie, "HELMET", 99).await;
+        assert_eq!(over.status, 422, "{:?}", over.json());
 
         let before = wire.count();
         let placed = app.checkout(&cookie, "k-two").await;

@@ -12,7 +12,10 @@
 //! gets a [`Tx`], runs the application's statements on [`Tx::conn`] and the generic ones as
 //! methods (`tx.job_enqueue`, `tx.idem_finish`, `tx.ledger_settle`), and commits them all or
 //! nothing. A transaction is retried with full-jitter backoff, a budget and a deadline when
-//! the failure is transient; [`Rerun`] says whether its body may run twice.
+//! the failure is transient; [`Rerun`] says whether its body may run twice. On PostgreSQL,
+//! work whose values are known up front or computed by the database can instead be one
+//! [`Statement`] of steps from both sides, one round trip; on SQLite, the transactions one
+//! process queues share a commit (group commit).
 //!
 //! Architecture invariant: this crate knows nothing about HTTP, and nothing about any
 //! application's records. It stores the bytes of an idempotent response but never looks

@@ -213,8 +213,8 @@ impl Store {
             .await?;
         let ran = body(batch.tx()).await;
         if ran.is_err() {
-            // A failure here leaves the transaction in a state nobody should commit: dropping
-            // the batch rolls it back, and every member runs again.
+            // Should even this fail, the transaction is in a state nobody may commit: `?`
+            // drops the batch, which rolls it back, and every member runs again.
             sqlx::query("ROLLBACK TO holdfast_member")
                 .execute(batch.tx().conn())
                 .await?;
@@ -222,17 +222,13 @@ impl Store {
         sqlx::query("RELEASE holdfast_member")
             .execute(batch.tx().conn())
             .await?;
-        let value = match ran {
-            Ok(value) => value,
-            Err(e) => {
-                batch.pass_on(group);
-                return Err(e);
-            }
-        };
+        // A body that gave up waits for the commit too: what it saw (a key already used, an
+        // empty cart) may be another member's uncommitted write, and no answer may rest on a
+        // write that could still be rolled back.
         let committed = batch.enlist();
         batch.pass_on(group);
         committed.wait().await?;
-        Ok(value)
+        ran
     }
 
     /// Runs `body` on a pooled connection outside any write transaction (reads), retried
@@ -332,6 +328,20 @@ impl Store {
                 Ok(n)
             }
         }
+    }
+
+    /// One statement, made afresh by `make` for each attempt, as its own transaction (on
+    /// PostgreSQL autocommit: one round trip), retried as `rerun` allows; its rows.
+    pub async fn write_statement<'q, F>(
+        &self,
+        op: &'static str,
+        rerun: crate::Rerun,
+        make: F,
+    ) -> Result<Vec<sqlx::any::AnyRow>>
+    where
+        F: Fn() -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+    {
+        self.run(rerun, op, || self.write_one_rows(make())).await
     }
 
     /// [`Self::write_one`] for a statement that returns rows.

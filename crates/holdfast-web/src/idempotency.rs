@@ -12,7 +12,10 @@
 //! the first statement of the effect's transaction, so the key, the effect and the stored
 //! answer are one durable commit. A concurrent request with the same key waits on that row
 //! (the unique index) and then replays what committed — or, if the first rolled back, does
-//! the work itself; a request that dies mid-way leaves no claim to wait out. SQLite, whose
+//! the work itself; a request that dies mid-way leaves no claim to wait out. A handler whose
+//! work fits one SQL statement goes further with [`Claim::in_one_statement`]: the key is
+//! stored done, with the answer the database renders, by that very statement — one round
+//! trip and one commit — and anything but the happy path falls back to [`Claim::run`]. SQLite, whose
 //! single writer would serialize every keyed request behind the whole of another's work,
 //! keeps the claim as a short commit of its own, described next.
 //!
