@@ -442,6 +442,9 @@ fn pgbench_program() -> Option<PathBuf> {
     })
 }
 
+/// How long the slow-database phase runs before it measures (each request takes seconds).
+const SLOW_WARM_UP: Duration = Duration::from_secs(3);
+
 /// The keyed checkout of a fresh system whose every database round trip crosses a fault
 /// proxy adding 200 ± 50 ms, as the drill's `slow-db` does.
 async fn slow_db_phase(args: &BenchArgs, program: &Path, admin: &str) -> anyhow::Result<Phase> {
@@ -469,11 +472,11 @@ async fn slow_db_phase(args: &BenchArgs, program: &Path, admin: &str) -> anyhow:
             }),
         )
         .await?;
-    let phase = drive(
-        &through(&system.url, &users, "/api/checkout"),
-        args.duration,
-    )
-    .await;
+    // The same warm-up as the other phases, under the latency: every pooled connection has
+    // prepared the checkout's statements and is in use, as in a system that has been running.
+    let shoppers = through(&system.url, &users, "/api/checkout");
+    drive(&shoppers, SLOW_WARM_UP).await;
+    let phase = drive(&shoppers, args.duration).await;
     drop(system);
     drop(proxy);
     drop_database(admin, &url).await?;
