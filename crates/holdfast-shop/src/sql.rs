@@ -161,6 +161,11 @@ pub async fn cart_read<E>(
     .bind(user_id)
     .fetch_all(conn)
     .await?;
+    cart_of_rows(&rows)
+}
+
+/// A cart from rows of `sku, name, qty, price_cents`, in their order.
+fn cart_of_rows<E>(rows: &[sqlx::any::AnyRow]) -> Result<Cart, E> {
     let items = rows
         .iter()
         .map(|r| {
@@ -234,22 +239,7 @@ pub fn cart_from_added(rows: &[sqlx::any::AnyRow], sku: &Sku) -> Result<Cart> {
         Some((_, 0)) => return Err(TxError::Abort(Error::QuantityLimit)),
         Some(_) => {}
     }
-    let items = rows
-        .iter()
-        .map(|r| {
-            let qty: i64 = r.try_get("qty")?;
-            let unit: i64 = r.try_get("price_cents")?;
-            Ok(CartLine {
-                sku: r.try_get("sku")?,
-                name: r.try_get("name")?,
-                qty,
-                unit_price_cents: unit,
-                line_total_cents: qty * unit,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let total_cents = items.iter().map(|l| l.line_total_cents).sum();
-    Ok(Cart { items, total_cents })
+    cart_of_rows(rows)
 }
 
 /// Adds `qty` of `sku` to the cart (a line holds at most 99); the cart as it now stands.
