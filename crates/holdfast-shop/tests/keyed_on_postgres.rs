@@ -93,11 +93,18 @@ async fn a_keyed_checkout_is_two_round_trips_and_answers_the_orders_own_json() {
         let over = app.add(&cookie, "HELMET", 99).await;
         assert_eq!(over.status, 422, "{:?}", over.json());
 
+        let mut workers = sqlx::postgres::PgListener::connect(&url).await.unwrap();
+        workers.listen(holdfast_store::NOTIFY_CHANNEL).await.unwrap();
         let before = wire.count();
         let placed = app.checkout(&cookie, "k-two").await;
         let trips = wire.count() - before;
         assert_eq!(placed.status, 201, "{:?}", placed.json());
         assert_eq!(trips, 2, "the session, then the checkout as one statement");
+        let woken = tokio::time::timeout(std::time::Duration::from_secs(5), workers.recv())
+            .await
+            .expect("the payout's queue is notified at commit")
+            .unwrap();
+        assert_eq!(woken.payload(), holdfast_shop::PAYMENTS_QUEUE);
 
         // The answer the database rendered is, byte for byte, the order as the API renders it.
         let id = placed.json()["order_id"].as_str().unwrap().to_owned();

@@ -7,8 +7,10 @@
 //! transaction to the next waiter, and the last one commits — in a task of its own, so a
 //! caller that gives up cannot cut a commit in half — and tells every member how it ended. No
 //! member is answered before that commit: a grouped write is exactly as durable as one alone.
-//! A member dropped while it holds the transaction (a request deadline) rolls everyone's work
-//! back, and each of them runs again as after any failure known to have committed nothing.
+//! A member dropped while it holds the transaction (a request deadline, a client gone) has its
+//! savepoint undone by a task that then carries the transaction on, so the others lose
+//! nothing; only if that fails is the transaction rolled back, and each member runs again as
+//! after any failure known to have committed nothing.
 
 use crate::{Error, Result, Store, Tx};
 use std::collections::VecDeque;
@@ -54,10 +56,66 @@ impl Drop for Baton {
 }
 
 /// The open transaction and the members whose bodies ran in it, awaiting its commit.
+/// Dropped while it still holds the transaction (a member's future was dropped at an
+/// `await`, or a waiter it was handed to was gone), it carries on in a task of its own: the
+/// member's savepoint undone, then on to the next waiter or the commit, so the others lose
+/// nothing. Only when that cannot be done is the transaction rolled back, and every member
+/// runs again.
 pub(crate) struct Batch {
     tx: Option<Tx>,
-    members: Vec<oneshot::Sender<std::result::Result<(), String>>>,
-    _baton: Baton,
+    members: Members,
+    /// A member's body is running: its savepoint is taken and not yet released.
+    in_member: bool,
+    /// Carrying on failed: dropping rolls the transaction back.
+    abandon: bool,
+    baton: Baton,
+}
+
+/// The members awaiting a commit's outcome. Dropped before being told (the commit's task
+/// ended without an outcome), each hears that the outcome is unknown, never that nothing
+/// was committed.
+#[derive(Default)]
+struct Members(Vec<oneshot::Sender<std::result::Result<(), String>>>);
+
+impl Members {
+    fn tell(mut self, outcome: std::result::Result<(), String>) {
+        for m in self.0.drain(..) {
+            let _ = m.send(outcome.clone());
+        }
+    }
+}
+
+impl Drop for Members {
+    fn drop(&mut self) {
+        for m in self.0.drain(..) {
+            let _ = m.send(Err("the commit's task ended without an outcome".to_owned()));
+        }
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        let Some(tx) = self.tx.take() else {
+            return;
+        };
+        if !self.abandon {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let rescued = Batch {
+                    tx: Some(tx),
+                    members: std::mem::take(&mut self.members),
+                    in_member: self.in_member,
+                    abandon: false,
+                    baton: Baton(self.baton.0.take()),
+                };
+                runtime.spawn(rescued.carry_on());
+                return;
+            }
+        }
+        // Rolled back as `tx` drops: certainly nothing committed, so the members hear that
+        // their batch was abandoned (their senders dropped), not that the outcome is unknown.
+        self.members.0.clear();
+        drop(tx);
+    }
 }
 
 /// A member's wait for the commit of the transaction its body ran in.
@@ -112,8 +170,10 @@ impl Group {
         let tx = store.begin_write().await?;
         Ok(Batch {
             tx: Some(tx),
-            members: Vec::new(),
-            _baton: baton,
+            members: Members::default(),
+            in_member: false,
+            abandon: false,
+            baton,
         })
     }
 }
@@ -126,17 +186,52 @@ impl Batch {
             .expect("a batch holds its transaction until it commits")
     }
 
+    /// Starts a member's turn: its savepoint.
+    pub(crate) async fn begin_member(&mut self) -> Result<()> {
+        sqlx::query("SAVEPOINT holdfast_member")
+            .execute(self.tx().conn())
+            .await?;
+        self.in_member = true;
+        Ok(())
+    }
+
+    /// Ends a member's turn, keeping its writes, or undoing them when its body `failed`.
+    pub(crate) async fn end_member(&mut self, failed: bool) -> Result<()> {
+        if failed {
+            sqlx::query("ROLLBACK TO holdfast_member")
+                .execute(self.tx().conn())
+                .await?;
+        }
+        sqlx::query("RELEASE holdfast_member")
+            .execute(self.tx().conn())
+            .await?;
+        self.in_member = false;
+        Ok(())
+    }
+
+    /// After a member was dropped mid-turn: undoes its writes and carries on.
+    async fn carry_on(mut self) {
+        if self.in_member && self.end_member(true).await.is_err() {
+            self.abandon = true;
+            return;
+        }
+        match self.baton.0.clone() {
+            Some(group) => self.pass_on(&group),
+            None => self.abandon = true,
+        }
+    }
+
     /// Enlists the member whose body just ran, for the commit's outcome.
     pub(crate) fn enlist(&mut self) -> Committed {
         let (send, receive) = oneshot::channel();
-        self.members.push(send);
+        self.members.0.push(send);
         Committed(receive)
     }
 
     /// Hands the transaction to the next waiter, or commits it when nobody waits (or the
     /// batch is full) and lets the next waiter open a new one.
     pub(crate) fn pass_on(mut self, group: &Arc<Group>) {
-        if self.members.len() < MAX_MEMBERS {
+        if self.members.0.len() < MAX_MEMBERS {
             let mut state = group.state.lock().unwrap_or_else(|p| p.into_inner());
             while let Some(next) = state.waiting.pop_front() {
                 match next.send(Turn::Join(self)) {
@@ -149,16 +244,14 @@ impl Batch {
         let (Some(tx), members) = (self.tx.take(), std::mem::take(&mut self.members)) else {
             return;
         };
-        metrics::histogram!("holdfast_store_group_commit_size").record(members.len() as f64);
+        metrics::histogram!("holdfast_store_group_commit_size").record(members.0.len() as f64);
         #[cfg(test)]
         group
             .commits
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             let outcome = tx.commit().await.map_err(|e| e.to_string());
-            for m in members {
-                let _ = m.send(outcome.clone());
-            }
+            members.tell(outcome);
         });
         // Dropping `self` passes the baton: the next transaction may begin (it queues at the
         // gate until this commit lets go of it).
@@ -298,8 +391,7 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_member_dropped_while_it_holds_the_transaction_costs_the_others_a_rerun_not_a_write()
-    {
+    async fn a_member_dropped_while_it_holds_the_transaction_loses_only_its_own_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = store(&dir).await;
         let (release, held) = tokio::sync::oneshot::channel::<()>();
@@ -343,15 +435,30 @@ mod tests {
             })
         };
         until_waiting(&store, 2).await;
+        let before = store
+            .group
+            .as_ref()
+            .expect("group")
+            .commits
+            .load(Ordering::SeqCst);
         release.send(()).expect("holder waits");
         started.await.expect("the stuck member runs");
         stuck.abort();
-        // The holder's work was in the transaction the stuck member held: it runs again.
-        holder.await.expect("the holder commits after a rerun");
+        // The holder's work is in the transaction the stuck member held: its savepoint is
+        // undone and the transaction goes on to the member after it.
+        holder.await.expect("the holder commits");
         after
             .await
             .expect("task")
             .expect("the member after commits");
+        let commits = store
+            .group
+            .as_ref()
+            .expect("group")
+            .commits
+            .load(Ordering::SeqCst)
+            - before;
+        assert_eq!(commits, 1, "one commit: nobody ran again");
         assert_eq!(
             jobs(&store).await,
             2,

@@ -58,9 +58,6 @@ use sqlx::{Any, AnyPool, Executor};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A pooled connection idle this long is pinged before it is lent (see `Store::open`).
-const PING_IF_IDLE_FOR: Duration = Duration::from_secs(1);
-
 /// The metric families the store exports (see [`holdfast_core::Metric`]).
 pub const METRICS: &[holdfast_core::Metric] = &[
     holdfast_core::Metric::counter(
@@ -430,20 +427,6 @@ impl Store {
             AnyPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(acquire_timeout)
-                // sqlx pings every connection it lends by default: one more round trip per
-                // statement, to learn what the statement itself would tell. Only a connection
-                // that sat idle, which a server restart or an idle timeout may have closed
-                // meanwhile, is pinged first; a broken one in use fails as any transient
-                // failure does.
-                .test_before_acquire(false)
-                .before_acquire(|conn, meta| {
-                    Box::pin(async move {
-                        if meta.idle_for >= PING_IF_IDLE_FOR {
-                            sqlx::Connection::ping(conn).await?;
-                        }
-                        Ok(true)
-                    })
-                })
                 .after_connect(move |conn, _meta| {
                     Box::pin(async move {
                         if backend == Backend::Sqlite {

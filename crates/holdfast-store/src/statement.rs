@@ -76,8 +76,8 @@ impl Statement {
     /// Adds the step `name`, which stores `claim`'s key already done with its answer (`status`,
     /// and `body`: an SQL text expression over `from`'s columns) for each row of `from`, unless
     /// the key exists. It returns `response_status, response_body` when it stored the key and
-    /// nothing when the key was there already (a concurrent holder is waited for first), so
-    /// the work the key guards names `name` in its `FROM`. Stored done in the very statement
+    /// nothing when the key was there already (a concurrent holder is waited for first) or
+    /// the answer is NULL, so the work the key guards names `name` in its `FROM`. Stored done in the very statement
     /// that does the work, the key never exists without its effect, nor the effect without it.
     pub fn claim_key(
         &mut self,
@@ -98,6 +98,7 @@ impl Statement {
             &format!(
                 "INSERT INTO idempotency_keys (user_id, idem_key, fingerprint, state, lock_token, locked_until, created_at, response_status, response_body)
                  SELECT {scope}, {key}, {fingerprint}, 'done', NULL, {now}, {now}, {status}, convert_to({body}, 'UTF8') FROM {from}
+                 WHERE ({body}) IS NOT NULL
                  ON CONFLICT (user_id, idem_key) DO NOTHING
                  RETURNING response_status, response_body"
             ),

@@ -208,20 +208,11 @@ impl Store {
         E: Send + 'a,
     {
         let mut batch = group.join(self).await?;
-        sqlx::query("SAVEPOINT holdfast_member")
-            .execute(batch.tx().conn())
-            .await?;
+        batch.begin_member().await?;
         let ran = body(batch.tx()).await;
-        if ran.is_err() {
-            // Should even this fail, the transaction is in a state nobody may commit: `?`
-            // drops the batch, which rolls it back, and every member runs again.
-            sqlx::query("ROLLBACK TO holdfast_member")
-                .execute(batch.tx().conn())
-                .await?;
-        }
-        sqlx::query("RELEASE holdfast_member")
-            .execute(batch.tx().conn())
-            .await?;
+        // Should even this fail, the transaction is in a state nobody may commit: `?` drops
+        // the batch, which tries once more and otherwise rolls it back for every member.
+        batch.end_member(ran.is_err()).await?;
         // A body that gave up waits for the commit too: what it saw (a key already used, an
         // empty cart) may be another member's uncommitted write, and no answer may rest on a
         // write that could still be rolled back.
