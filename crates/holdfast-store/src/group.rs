@@ -300,6 +300,31 @@ mod tests {
             .sum()
     }
 
+    fn commits(store: &Store) -> u64 {
+        let group = store.group.as_ref().expect("SQLite groups");
+        group.commits.load(Ordering::SeqCst)
+    }
+
+    /// Starts a transaction that enqueues job `n` and answers `n`, except that every third
+    /// gives up after writing (its write must go, and only its).
+    fn member(store: &Store, n: usize) -> tokio::task::JoinHandle<Result<usize, TxError<usize>>> {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .transaction("member", Rerun::IfUncommitted, |tx| {
+                    async move {
+                        tx.job_enqueue(&[job(n)]).await?;
+                        if n.is_multiple_of(3) {
+                            return Err(TxError::Abort(n));
+                        }
+                        Ok(n)
+                    }
+                    .scope_boxed()
+                })
+                .await
+        })
+    }
+
     /// Starts a transaction that enqueues job 0 and then holds the shared transaction open
     /// until `release` fires; the returned task ends with the transaction.
     fn holder(
@@ -335,33 +360,9 @@ mod tests {
         let (release, held) = tokio::sync::oneshot::channel();
         let holder = holder(&store, held);
         until_waiting(&store, 0).await;
-        let members: Vec<_> = (1..=10)
-            .map(|n| {
-                let store = store.clone();
-                tokio::spawn(async move {
-                    store
-                        .transaction("member", Rerun::IfUncommitted, |tx| {
-                            async move {
-                                tx.job_enqueue(&[job(n)]).await?;
-                                // Every third one gives up after writing: only its write goes.
-                                if n % 3 == 0 {
-                                    return Err(TxError::Abort(n));
-                                }
-                                Ok(n)
-                            }
-                            .scope_boxed()
-                        })
-                        .await
-                })
-            })
-            .collect();
+        let members: Vec<_> = (1..=10).map(|n| member(&store, n)).collect();
         until_waiting(&store, 10).await;
-        let before = store
-            .group
-            .as_ref()
-            .expect("group")
-            .commits
-            .load(Ordering::SeqCst);
+        let before = commits(&store);
         release.send(()).expect("holder waits");
         holder.await.expect("holder");
         for (i, m) in members.into_iter().enumerate() {
@@ -372,13 +373,7 @@ mod tests {
                 Err(TxError::Db(e)) => panic!("member {n}: {e}"),
             }
         }
-        let commits = store
-            .group
-            .as_ref()
-            .expect("group")
-            .commits
-            .load(Ordering::SeqCst)
-            - before;
+        let commits = commits(&store) - before;
         assert_eq!(
             commits, 1,
             "the holder and the ten queued behind it committed together"
@@ -420,27 +415,9 @@ mod tests {
             })
         };
         until_waiting(&store, 1).await;
-        let after = {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .transaction("after", Rerun::IfUncommitted, |tx| {
-                        async move {
-                            tx.job_enqueue(&[job(1)]).await?;
-                            Ok::<_, TxError<()>>(())
-                        }
-                        .scope_boxed()
-                    })
-                    .await
-            })
-        };
+        let after = member(&store, 1);
         until_waiting(&store, 2).await;
-        let before = store
-            .group
-            .as_ref()
-            .expect("group")
-            .commits
-            .load(Ordering::SeqCst);
+        let before = commits(&store);
         release.send(()).expect("holder waits");
         started.await.expect("the stuck member runs");
         stuck.abort();
@@ -451,13 +428,7 @@ mod tests {
             .await
             .expect("task")
             .expect("the member after commits");
-        let commits = store
-            .group
-            .as_ref()
-            .expect("group")
-            .commits
-            .load(Ordering::SeqCst)
-            - before;
+        let commits = commits(&store) - before;
         assert_eq!(commits, 1, "one commit: nobody ran again");
         assert_eq!(
             jobs(&store).await,
