@@ -89,6 +89,10 @@ pub const METRICS: &[holdfast_core::Metric] = &[
     ),
 ];
 
+/// A pooled connection back from its last use within this long is lent without a ping;
+/// one idle longer is pinged first (a dead one is replaced before a statement meets it).
+const LEND_UNPINGED_WITHIN: Duration = Duration::from_secs(1);
+
 /// How long [`Store::write_position`] waits for the primary's answer.
 pub const POSITION_WITHIN: Duration = Duration::from_millis(250);
 
@@ -427,6 +431,20 @@ impl Store {
             AnyPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(acquire_timeout)
+                // sqlx would ping every connection before lending it: a round trip before
+                // every statement. A connection back from its last use a moment ago is lent as
+                // it is; one that sat idle (through a restart or a failover, maybe) is
+                // pinged first. One that died unnoticed fails its first statement: in a
+                // transaction that is before `COMMIT`, so it is retried on another.
+                .test_before_acquire(false)
+                .before_acquire(|conn, meta| {
+                    Box::pin(async move {
+                        if meta.idle_for >= LEND_UNPINGED_WITHIN {
+                            sqlx::Connection::ping(conn).await?;
+                        }
+                        Ok(true)
+                    })
+                })
                 .after_connect(move |conn, _meta| {
                     Box::pin(async move {
                         if backend == Backend::Sqlite {
@@ -785,6 +803,17 @@ impl Retries<'_> {
     /// policy allows one more before the deadline, and the process-wide budget has a token;
     /// otherwise gives the failure back.
     async fn after(&mut self, err: Error) -> Result<()> {
+        self.after_attempt(err, false).await
+    }
+
+    /// As [`Retries::after`], for a failure known to have committed nothing (a transaction
+    /// that failed before its `COMMIT` was sent): a transient one may be retried even under
+    /// [`Rerun::IfUncommitted`].
+    async fn after_uncommitted(&mut self, err: Error) -> Result<()> {
+        self.after_attempt(err, true).await
+    }
+
+    async fn after_attempt(&mut self, err: Error, known_uncommitted: bool) -> Result<()> {
         self.attempts += 1;
         let (store, op) = (self.store, self.op);
         // Whether or not this operation may run again, the next must find the primary.
@@ -797,6 +826,7 @@ impl Retries<'_> {
         let retryable = !store.primary.is_closed()
             && match self.rerun {
                 Rerun::Always => err.is_retryable(),
+                Rerun::IfUncommitted if known_uncommitted => err.is_retryable(),
                 Rerun::IfUncommitted => err.is_retryable_uncommitted(),
             };
         let Some(delay) = retryable

@@ -179,18 +179,25 @@ impl Store {
                 }
                 continue;
             }
-            let err = match self.begin_write().await {
+            // A failure before `COMMIT` was sent left nothing committed (the server rolls an
+            // unfinished transaction back), so even a body that must not run twice may run
+            // again; only a failure at `COMMIT` itself leaves the outcome unknown.
+            let (err, uncommitted) = match self.begin_write().await {
                 Ok(mut tx) => match body(&mut tx).await {
                     Ok(value) => match tx.commit().await {
                         Ok(()) => return Ok(value),
-                        Err(e) => e,
+                        Err(e) => (e, false),
                     },
-                    Err(TxError::Db(e)) => e,
+                    Err(TxError::Db(e)) => (e, true),
                     Err(abort) => return Err(abort),
                 },
-                Err(e) => e,
+                Err(e) => (e, true),
             };
-            retries.after(err).await?;
+            if uncommitted {
+                retries.after_uncommitted(err).await?;
+            } else {
+                retries.after(err).await?;
+            }
         }
     }
 

@@ -217,3 +217,38 @@ async fn a_read_only_primary_fails_writes_within_the_deadline_and_they_come_back
         "the refused write left nothing"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_must_not_run_twice_survives_its_pooled_connection_being_ended() {
+    if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
+        return;
+    }
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let primary = Cluster::start(&dir).await.expect("the primary");
+    let mut admin = sqlx::PgConnection::connect(&primary.url()).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE failover_rows (n bigint PRIMARY KEY)")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let mut opts = StoreOptions::new(primary.url());
+    opts.max_connections = 1;
+    let store = Store::open(&opts).await.expect("the store");
+    write(&store, 1).await.expect("a write");
+
+    // The server ends the pool's one connection a moment after its last use: the pool lends
+    // it again without a ping (it was idle for less than a second), so the next write meets
+    // the dead connection. That is before its COMMIT, so nothing can have committed and the
+    // store retries it on a new connection, even though it must not run twice.
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = 'holdfast' AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(ended, vec![true], "the store's connection was ended");
+    write(&store, 2)
+        .await
+        .expect("the write lands on a new connection");
+    assert_eq!(rows(&primary.url()).await, vec![1, 2], "each once");
+}
