@@ -1,30 +1,26 @@
 //! `Idempotency-Key` for unsafe requests (draft-ietf-httpapi-idempotency-key-header-07), as
 //! one extractor a handler opts into.
 //!
-//! [`Idempotent`] parses the request body at the boundary (its [`FromBody`] type), then claims
-//! the key — scoped to the session's user — before the handler runs: a finished key replays its
-//! stored answer without reaching the handler, a key held by a live request is a 409, a key
-//! used for a different payload is a 422. The handler then hands its transaction to
-//! [`Claim::run`], which stores the rendered answer in the key's row in the same commit as the
-//! effect, and on failure releases the claim so the client's retry runs afresh.
-//!
-//! On Postgres the claim is not a commit of its own: [`Claim::run`] inserts the key's row as
-//! the first statement of the effect's transaction, so the key, the effect and the stored
-//! answer are one durable commit. A concurrent request with the same key waits on that row
-//! (the unique index) and then replays what committed — or, if the first rolled back, does
-//! the work itself; a request that dies mid-way leaves no claim to wait out. A handler whose
-//! work fits one SQL statement goes further with [`Claim::in_one_statement`]: the key is
+//! [`Idempotent`] parses the request body at the boundary (its [`FromBody`] type) and reads
+//! the key, scoped to the session's user; the handler hands its transaction to
+//! [`Claim::run`]. The claim is not a commit of its own: [`Claim::run`] inserts the key's row
+//! as the first statement of the effect's transaction, and stores the rendered answer in it
+//! before that transaction commits, so the key, the effect and the answer are one durable
+//! commit. A finished key replays its stored answer (the work does not run), a key used for a
+//! different payload is a 422. A concurrent request with the same key waits for the first
+//! one's transaction (on Postgres the unique index's row, on SQLite the single writer) and
+//! then replays what committed — or, if the first rolled back, does the work itself; a
+//! request that dies mid-way leaves no claim behind to wait out. A handler whose work fits
+//! one SQL statement goes further on Postgres with [`Claim::in_one_statement`]: the key is
 //! stored done, with the answer the database renders, by that very statement — one round
-//! trip and one commit — and anything but the happy path falls back to [`Claim::run`]. SQLite, whose
-//! single writer would serialize every keyed request behind the whole of another's work,
-//! keeps the claim as a short commit of its own, described next.
+//! trip and one commit — and anything but the happy path falls back to [`Claim::run`].
 //!
 //! A request that crosses a timeout boundary is covered both ways: if the server committed
-//! after the client gave up, the retry replays the answer; if the instance died first, the
-//! claim's lock expires and the retry does the work once. The lock is a short lease
-//! (`idempotency_lock_ttl`, 1 s by default) that the holder renews while it works, so a dead
-//! holder's key frees up within a second, while a holder that is merely slow keeps it; one
-//! that stalls past its lease (a paused process) is fenced out by its token at commit.
+//! after the client gave up, the retry replays the answer; if the instance died first, its
+//! transaction never committed and the retry does the work once. A claim committed on its
+//! own (by [`holdfast_store::Store::idem_claim`], as an older build did) holds the key for
+//! its lease (`idempotency_lock_ttl`, 1 s by default): until then the key is a 409, after it
+//! the next request takes the key over and the old token is fenced out at commit.
 //!
 //! ```no_run
 //! use axum::http::StatusCode;
@@ -92,78 +88,21 @@ impl KeyRule for Required {
     const REQUIRED: bool = true;
 }
 
-/// An unsafe request's parsed body and the claim on its `Idempotency-Key` (see the module
-/// docs). Its rejection is the answer: a replay, a 409, a 422, or the body's own error.
+/// An unsafe request's parsed body and its `Idempotency-Key`, to be claimed by the work's own
+/// transaction (see the module docs). Its rejection is the body's own error, or a 400 for a
+/// missing or malformed key.
 pub struct Idempotent<B, K = Optional> {
     pub body: B,
     pub claim: Claim,
     pub rule: PhantomData<K>,
 }
 
-/// A claimed key (or none, when the request carried none), to be spent by [`Claim::run`].
-/// Dropped unspent (the handler failed before running), it gives the key back.
+/// A request's key (or none, when it carried none), claimed inside the transaction
+/// [`Claim::run`] runs: one commit, and nothing to give back if the handler never runs.
 pub struct Claim {
     edge: AppState,
     scope: String,
-    held: Option<Held>,
-    /// On Postgres the key is claimed inside the effect's own transaction instead (see
-    /// [`Claim::run`]): one commit, and nothing to give back if the handler never runs.
-    deferred: Option<(IdempotencyKey, RequestFingerprint)>,
-}
-
-struct Held {
-    key: IdempotencyKey,
-    fingerprint: RequestFingerprint,
-    token: String,
-    /// Keeps the lease alive while the request works; stops when dropped.
-    _renewal: Renewal,
-}
-
-/// The task renewing a claim's lease; aborted on drop.
-struct Renewal(tokio::task::JoinHandle<()>);
-
-impl Drop for Renewal {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl Renewal {
-    /// Renews the lease every third of its length until the claim is no longer ours.
-    fn start(edge: &AppState, scope: &str, key: &IdempotencyKey, token: &str) -> Self {
-        let (store, ttl) = (edge.store.clone(), edge.opts.idempotency_lock_ttl);
-        let (scope, key, token) = (scope.to_owned(), key.clone(), token.to_owned());
-        Self(tokio::spawn(async move {
-            let mut tick = tokio::time::interval(ttl / 3);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let lock = IdemLock {
-                    scope: &scope,
-                    key: &key,
-                    token: &token,
-                };
-                match store.idem_renew(lock, holdfast_core::now_ms(), ttl).await {
-                    Ok(true) => {}
-                    Ok(false) => return,
-                    // The next tick tries again; if the store stays away the lease lapses,
-                    // which the token fences.
-                    Err(e) => tracing::warn!(error = %e, "could not renew an idempotency lease"),
-                }
-            }
-        }))
-    }
-}
-
-impl Held {
-    fn lock<'a>(&'a self, scope: &'a str) -> IdemLock<'a> {
-        IdemLock {
-            scope,
-            key: &self.key,
-            token: &self.token,
-        }
-    }
+    key: Option<(IdempotencyKey, RequestFingerprint)>,
 }
 
 impl<S, B, K> FromRequest<S> for Idempotent<B, K>
@@ -199,36 +138,15 @@ where
             .map_err(IntoResponse::into_response)?;
         let (body, canonical) =
             B::from_body(&headers, &bytes).map_err(IntoResponse::into_response)?;
-        let mut claim = Claim {
+        let key = key.map(|key| {
+            let fingerprint = RequestFingerprint::of(method.as_str(), &path, &canonical);
+            (key, fingerprint)
+        });
+        let claim = Claim {
             edge,
             scope: user.user_id,
-            held: None,
-            deferred: None,
+            key,
         };
-        if let Some(key) = key {
-            let fingerprint = RequestFingerprint::of(method.as_str(), &path, &canonical);
-            if claim.edge.store.backend() == holdfast_store::Backend::Postgres {
-                claim.deferred = Some((key, fingerprint));
-                return Ok(Idempotent {
-                    body,
-                    claim,
-                    rule: PhantomData,
-                });
-            }
-            match claim.claim(&key, &fingerprint).await? {
-                ClaimOutcome::Claimed { token } => {
-                    claim.held = Some(Held {
-                        _renewal: Renewal::start(&claim.edge, &claim.scope, &key, &token),
-                        key,
-                        fingerprint,
-                        token,
-                    })
-                }
-                ClaimOutcome::Replay(stored) => return Err(respond(stored, true)),
-                ClaimOutcome::InFlight => return Err(in_flight().into_response()),
-                ClaimOutcome::Mismatch => return Err(reused().into_response()),
-            }
-        }
         Ok(Idempotent {
             body,
             claim,
@@ -240,33 +158,12 @@ where
 impl Claim {
     /// The request's key, if it carried one.
     pub fn key(&self) -> Option<&IdempotencyKey> {
-        self.held
-            .as_ref()
-            .map(|h| &h.key)
-            .or(self.deferred.as_ref().map(|(k, _)| k))
-    }
-
-    async fn claim(
-        &self,
-        key: &IdempotencyKey,
-        fingerprint: &RequestFingerprint,
-    ) -> Result<ClaimOutcome, Response> {
-        self.edge
-            .store
-            .idem_claim(IdemClaim {
-                scope: &self.scope,
-                key,
-                fingerprint,
-                now: holdfast_core::now_ms(),
-                lock_ttl: self.edge.opts.idempotency_lock_ttl,
-            })
-            .await
-            .map_err(|e| AppError::from(e).into_response())
+        self.key.as_ref().map(|(k, _)| k)
     }
 
     /// Runs `body` in one store transaction named `op` and answers with `render` of its
-    /// value. With a key, the rendered answer is stored in the key's row in the same commit
-    /// (so a retry replays it), and a failure gives the key back; without one, the transaction
+    /// value. With a key, the transaction claims it first and stores the rendered answer in
+    /// the key's row before it commits (so a retry replays it); without one, the transaction
     /// is a plain write, re-run only when nothing can have committed.
     pub async fn run<'a, T, E, F, R>(
         mut self,
@@ -281,52 +178,20 @@ impl Claim {
         E: Send + 'a,
         AppError: From<E>,
     {
-        let store = self.edge.store.clone();
         let (body, render) = (&body, &render);
-        if let Some((key, fingerprint)) = self.deferred.take() {
+        if let Some((key, fingerprint)) = self.key.take() {
             return self
                 .run_claiming(op, (&key, &fingerprint), body, render)
                 .await;
         }
-        let Some(held) = self.held.take() else {
-            let value = store
-                .transaction(op, Rerun::IfUncommitted, move |tx| {
-                    async move { body(tx).await }.scope_boxed()
-                })
-                .await?;
-            return Ok(respond(render(&value), false));
-        };
-        let lock = held.lock(&self.scope);
-        let outcome = store
-            .transaction(op, Rerun::Always, move |tx| {
-                async move {
-                    let value = body(tx).await?;
-                    let answer = render(&value);
-                    tx.idem_finish(lock, &answer).await?;
-                    Ok(answer)
-                }
-                .scope_boxed()
+        let value = self
+            .edge
+            .store
+            .transaction(op, Rerun::IfUncommitted, move |tx| {
+                async move { body(tx).await }.scope_boxed()
             })
-            .await;
-        match outcome {
-            Ok(answer) => Ok(respond(answer, false)),
-            Err(TxError::Db(holdfast_store::Error::IdempotencyLockLost)) => {
-                // Either an earlier try of our own transaction committed (its ack was lost), or
-                // a newer claimant took over. Look again rather than guess.
-                match self.claim(&held.key, &held.fingerprint).await {
-                    Ok(ClaimOutcome::Replay(stored)) => Ok(respond(stored, true)),
-                    Ok(_) => Err(in_flight()),
-                    Err(resp) => Ok(resp),
-                }
-            }
-            Err(e) => {
-                if let Err(release) = store.idem_release(lock).await {
-                    // The lock expires on its own; the retry waits for it, nothing is lost.
-                    tracing::warn!(error = %release, "could not release an idempotency key");
-                }
-                Err(e.into())
-            }
-        }
+            .await?;
+        Ok(respond(render(&value), false))
     }
 }
 
@@ -351,9 +216,12 @@ impl Claim {
     where
         B: FnOnce(&mut Statement, IdemClaim<'_>) -> Option<String>,
     {
-        let Some((key, fingerprint)) = self.deferred.as_ref() else {
+        let Some((key, fingerprint)) = self.key.as_ref() else {
             return Ok(OneStatement::NotAnswered(Box::new(self)));
         };
+        if self.edge.store.backend() != holdfast_store::Backend::Postgres {
+            return Ok(OneStatement::NotAnswered(Box::new(self)));
+        }
         let mut stmt = Statement::new();
         let claim = IdemClaim {
             scope: &self.scope,
@@ -386,11 +254,11 @@ enum Ended<E> {
 }
 
 impl Claim {
-    /// [`Claim::run`] with the claim inside the effect's transaction (Postgres): the key's row
-    /// is inserted first, so a concurrent request with the same key waits on it and then
-    /// replays the answer committed with the effect (or, if this one rolled back, does the
-    /// work itself); a request that dies mid-way leaves no claim behind to wait out. One
-    /// durable commit for the key and the effect together.
+    /// [`Claim::run`] with a key: the key's row is inserted first in the effect's
+    /// transaction, so a concurrent request with the same key waits on it and then replays
+    /// the answer committed with the effect (or, if this one rolled back, does the work
+    /// itself); a request that dies mid-way leaves no claim behind to wait out. One durable
+    /// commit for the key and the effect together.
     async fn run_claiming<'a, T, E, F, R>(
         &self,
         op: &'static str,
@@ -452,22 +320,6 @@ impl Claim {
             Err(TxError::Abort(Ended::Body(e))) => Err(e.into()),
             Err(TxError::Db(e)) => Err(e.into()),
         }
-    }
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        let Some(held) = self.held.take() else {
-            return;
-        };
-        held._renewal.0.abort();
-        let (store, scope) = (self.edge.store.clone(), std::mem::take(&mut self.scope));
-        // The handler failed before running: give the key back so a retry runs afresh.
-        tokio::spawn(async move {
-            if let Err(e) = store.idem_release(held.lock(&scope)).await {
-                tracing::warn!(error = %e, "could not release an unused idempotency key");
-            }
-        });
     }
 }
 

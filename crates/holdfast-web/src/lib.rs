@@ -65,9 +65,9 @@ pub struct WebOptions {
     pub sessions: SessionTier,
     /// Set the cookie's `Secure` flag. Off only when explicitly serving plain-HTTP localhost.
     pub secure_cookies: bool,
-    /// The lease an in-flight idempotent request holds on its key, renewed every third of it
-    /// while the request works: a retry may take over a key whose holder stopped renewing
-    /// (died, or paused) for this long.
+    /// The lease written with a key's claim. A request claims its key inside the transaction
+    /// that does the work, so this matters only for a claim committed on its own (a build
+    /// before that, met during a rolling upgrade): a retry takes such a key over after it.
     pub idempotency_lock_ttl: Duration,
     /// How long finished idempotency keys are kept for replay (at least 24 h).
     pub idempotency_retention: Duration,

@@ -288,8 +288,9 @@ async fn paced_service(
 }
 
 #[tokio::test]
-async fn a_working_request_keeps_its_key_and_a_dead_ones_key_frees_within_its_lease() {
-    let lease = std::time::Duration::from_millis(150);
+async fn a_retry_while_the_first_request_works_replays_its_answer_and_a_dead_claim_frees_within_its_lease(
+) {
+    let lease = std::time::Duration::from_millis(500);
     let (app, mut arrived, release, edge) = paced_service(WebOptions {
         secure_cookies: false,
         idempotency_lock_ttl: lease,
@@ -300,29 +301,44 @@ async fn a_working_request_keeps_its_key_and_a_dead_ones_key_frees_within_its_le
     let h = keyed(&ann, "slow-1");
     let body = Some(json!({ "text": "slow" }));
 
-    let first = {
+    // Two tries with one key are both inside the handler before either writes (a client that
+    // gave up on the first and retried). The key is claimed by the work's own transaction, so
+    // one of them does the work and the other, waiting for that commit, replays its answer.
+    let send_one = || {
         let req = request("POST", "/api/notes", body.clone(), &h);
         let router = app.router.clone();
         tokio::spawn(async move { send(&router, req).await })
     };
-    arrived
-        .recv()
-        .await
-        .expect("the first request holds the key");
-    // Several leases pass while the first request works: it renews, so the key stays held.
-    tokio::time::sleep(lease * 4).await;
-    let retry = app.call("POST", "/api/notes", body.clone(), &h).await;
-    assert_eq!(retry.status, StatusCode::CONFLICT, "{:?}", retry.json());
-    release.notify_one();
-    let first = first.await.unwrap();
-    assert_eq!(first.status, StatusCode::CREATED);
-    let replay = app.call("POST", "/api/notes", body, &h).await;
+    let (first, retry) = (send_one(), send_one());
+    for _ in 0..2 {
+        arrived.recv().await.expect("both tries reach the handler");
+    }
+    release.notify_waiters();
+    let (first, retry) = (first.await.unwrap(), retry.await.unwrap());
     assert_eq!(
-        (replay.status, replay.replayed()),
-        (StatusCode::CREATED, true)
+        (first.status, retry.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    assert_eq!(
+        [first.replayed(), retry.replayed()]
+            .iter()
+            .filter(|r| **r)
+            .count(),
+        1,
+        "one did the work, the other replayed it"
+    );
+    assert_eq!(first.json(), retry.json(), "the same answer");
+    let notes = app
+        .call("GET", "/api/notes", None, &[("cookie", ann.as_str())])
+        .await;
+    assert_eq!(
+        notes.json().as_array().map(Vec::len),
+        Some(1),
+        "written once: {:?}",
+        notes.json()
     );
 
-    // A holder that died renews nothing: its claim (made here directly, as a killed instance
+    // A claim committed on its own (made here directly, as an older build's killed instance
     // leaves it) stops blocking the key one lease later, and the retry does the work.
     let me = app
         .call("GET", "/api/me", None, &[("cookie", ann.as_str())])
@@ -350,16 +366,21 @@ async fn a_working_request_keeps_its_key_and_a_dead_ones_key_frees_within_its_le
         orphan,
         holdfast_store::ClaimOutcome::Claimed { .. }
     ));
-    tokio::time::sleep(lease + std::time::Duration::from_millis(50)).await;
     let h = keyed(&ann, "dead-1");
-    let taken_over = {
-        let call = app.call("POST", "/api/notes", Some(dead_body), &h);
-        let (reply, _) = tokio::join!(call, async {
+    let (held, _) = tokio::join!(
+        app.call("POST", "/api/notes", Some(dead_body.clone()), &h),
+        async {
+            arrived.recv().await;
+            release.notify_one();
+        }
+    );
+    assert_eq!(held.status, StatusCode::CONFLICT, "{:?}", held.json());
+    tokio::time::sleep(lease + std::time::Duration::from_millis(50)).await;
+    let (taken_over, _) =
+        tokio::join!(app.call("POST", "/api/notes", Some(dead_body), &h), async {
             arrived.recv().await;
             release.notify_one();
         });
-        reply
-    };
     assert_eq!(
         taken_over.status,
         StatusCode::CREATED,

@@ -433,8 +433,9 @@ pub struct InstanceArgs {
     /// A session older than this is dead, however active, e.g. `12h`.
     #[arg(long, value_parser = parse_duration)]
     pub session_absolute_ttl: Option<Duration>,
-    /// The lease an in-flight idempotent request holds on its key (renewed while it works):
-    /// how soon a retry can take over from an instance that died (default 1s).
+    /// The lease written with a key's claim: how soon a retry takes over a claim committed on
+    /// its own, as a build before claims moved into the work's transaction left them
+    /// (default 1s).
     #[arg(long, value_parser = parse_duration)]
     pub idempotency_lock_ttl: Option<Duration>,
     /// Server-side deadline for one request, e.g. `10s`.
