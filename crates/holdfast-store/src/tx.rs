@@ -173,9 +173,12 @@ impl Store {
         loop {
             if let Some(group) = &self.group {
                 match self.grouped(group, &mut body).await {
-                    Ok(value) => return Ok(value),
-                    Err(TxError::Db(e)) => retries.after(e).await?,
-                    Err(abort) => return Err(abort),
+                    Ok(Ok(value)) => return Ok(value),
+                    // The body's own failure: its savepoint was undone, so it committed
+                    // nothing, whatever the shared commit did.
+                    Ok(Err(TxError::Db(e))) => retries.after_uncommitted(e).await?,
+                    Ok(Err(abort)) => return Err(abort),
+                    Err(e) => retries.after(e).await?,
                 }
                 continue;
             }
@@ -203,12 +206,13 @@ impl Store {
 
     /// One run of `body` as a member of this process's group commit (SQLite; see
     /// `group.rs`): in a savepoint of the shared transaction, then answered once that
-    /// transaction commits.
+    /// transaction commits. The outer error is the group's (joining, the savepoint, the
+    /// commit); the inner result is the body's, given only after the commit.
     async fn grouped<'a, T, E, F>(
         &self,
         group: &Arc<Group>,
         body: &mut F,
-    ) -> std::result::Result<T, TxError<E>>
+    ) -> Result<std::result::Result<T, TxError<E>>>
     where
         F: for<'t> FnMut(&'t mut Tx) -> TxBody<'a, 't, T, E> + Send + 'a,
         T: Send + 'a,
@@ -226,7 +230,7 @@ impl Store {
         let committed = batch.enlist();
         batch.pass_on(group);
         committed.wait().await?;
-        ran
+        Ok(ran)
     }
 
     /// Runs `body` on a pooled connection outside any write transaction (reads), retried
