@@ -462,8 +462,14 @@ impl Store {
                                 conn.execute("PRAGMA wal_autocheckpoint = 0;").await?;
                             }
                         } else {
+                            // A generic plan for every prepared statement: the store's
+                            // statements are keyed lookups whose best plan does not depend
+                            // on the values bound (the partial indexes' predicates are
+                            // literals), and planning each execution afresh cost the
+                            // keyed checkout 7% of its throughput (docs/PERFORMANCE.md).
                             let set = format!(
-                                "SET idle_in_transaction_session_timeout = {idle_in_tx_ms}"
+                                "SET idle_in_transaction_session_timeout = {idle_in_tx_ms}; \
+                                 SET plan_cache_mode = force_generic_plan"
                             );
                             conn.execute(set.as_str()).await?;
                             // Writes go to a primary only: a connection to a standby (a
