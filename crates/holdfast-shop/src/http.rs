@@ -3,7 +3,7 @@
 //!
 //! Every handler that touches a user's records takes [`Authed`] and passes its user id to the
 //! SQL, which filters by it. The unsafe ones take an [`Idempotent`] body: the key is claimed
-//! before the handler runs, and the answer is stored in the same commit as the effect.
+//! by the handler's own transaction, and the answer is stored in the same commit as the effect.
 
 use crate::domain::{OrderId, Quantity, Sku};
 use crate::sql::{self, Cart, CartShape, Order};

@@ -1,10 +1,12 @@
-//! Idempotency keys, in two phases. A request first *claims* its key in a transaction of its
-//! own ([`Store::idem_claim`]), which tells it to do the work, to replay a stored answer, that
-//! the key is busy, or that the key was used for a different request. It then does the work in
-//! a second transaction that ends with [`Tx::idem_finish`]: the answer is stored in the key's
-//! row in the same commit as the effect, so an effect exists if and only if its answer was
-//! kept for replay. The claim's token fences a claimant whose lock expired: its finish matches
-//! no row, and its transaction rolls back.
+//! Idempotency keys. A request *claims* its key ([`Tx::idem_claim`]), which tells it to do the
+//! work, to replay a stored answer, that the key is busy, or that the key was used for a
+//! different request, and ends the work with [`Tx::idem_finish`]: the answer is stored in the
+//! key's row in the same commit as the effect, so an effect exists if and only if its answer
+//! was kept for replay. The claim is normally the first statement of the work's own
+//! transaction, so a concurrent request with the same key waits for that transaction and a
+//! request that dies leaves nothing behind. A claim may also be committed on its own
+//! ([`Store::idem_claim`]); then its lock is a lease, and the claim's token fences a claimant
+//! whose lease expired: its finish matches no row, and its transaction rolls back.
 //!
 //! Keys are scoped (per user, per API client: the caller decides), and the store never looks
 //! inside a stored answer.
@@ -63,8 +65,10 @@ fn new_token() -> String {
 }
 
 impl Tx {
-    /// Claims `c.key` inside this transaction (see the module docs). Commit before doing the
-    /// work, so that a concurrent request sees the claim and gets `InFlight`.
+    /// Claims `c.key` inside this transaction (see the module docs): the work that follows in
+    /// the same transaction commits with the claim, and a concurrent request with the key
+    /// waits for that commit. (Committed on its own, the claim makes a concurrent request get
+    /// `InFlight` until its lease lapses.)
     pub async fn idem_claim(&mut self, c: IdemClaim<'_>) -> Result<ClaimOutcome> {
         let token = new_token();
         let locked_until = c.now.saturating_add(ms(c.lock_ttl));
@@ -170,32 +174,6 @@ impl Store {
                 .execute(&self.pool())
                 .await?;
             Ok(())
-        })
-        .await
-    }
-
-    /// Extends a held claim's lock to `now + lock_ttl`; `false` when the claim is no longer
-    /// ours (finished, released, or taken over after it lapsed). The holder calls this while it
-    /// works, so the lock can be short: a holder that dies stops renewing and its key frees up
-    /// within one `lock_ttl`.
-    pub async fn idem_renew(
-        &self,
-        lock: IdemLock<'_>,
-        now: i64,
-        lock_ttl: Duration,
-    ) -> Result<bool> {
-        self.run(Rerun::Always, "idem_renew", || async {
-            let renewed = sqlx::query(
-                "UPDATE idempotency_keys SET locked_until = $4
-                 WHERE user_id = $1 AND idem_key = $2 AND lock_token = $3 AND state = 'in_flight'",
-            )
-            .bind(lock.scope)
-            .bind(lock.key.as_str())
-            .bind(lock.token)
-            .bind(now.saturating_add(ms(lock_ttl)))
-            .execute(&self.pool())
-            .await?;
-            Ok(renewed.rows_affected() == 1)
         })
         .await
     }

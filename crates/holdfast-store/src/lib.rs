@@ -93,6 +93,43 @@ pub const METRICS: &[holdfast_core::Metric] = &[
 /// one idle longer is pinged first (a dead one is replaced before a statement meets it).
 const LEND_UNPINGED_WITHIN: Duration = Duration::from_secs(1);
 
+/// When this store last saw a connection fail (broken, ended by the server, refused as
+/// read-only): the pool pings every connection that went back to it before then, so after a
+/// restart or a failover the first failure is the only one a dead connection causes.
+#[derive(Debug)]
+struct LostConnections {
+    base: Instant,
+    /// Milliseconds since `base`, plus one, of the last failure seen; 0 for none yet.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl LostConnections {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn millis_now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn saw_one(&self) {
+        let at = self.millis_now().saturating_add(1);
+        self.last
+            .fetch_max(at, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether a connection idle for `idle_for` went back to the pool at or before the last
+    /// failure seen (to the millisecond, erring towards a ping).
+    fn predate_last(&self, idle_for: Duration) -> bool {
+        let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
+        let idle = u64::try_from(idle_for.as_millis()).unwrap_or(u64::MAX);
+        last != 0 && self.millis_now().saturating_sub(idle) <= last
+    }
+}
+
 /// How long [`Store::write_position`] waits for the primary's answer.
 pub const POSITION_WITHIN: Duration = Duration::from_millis(250);
 
@@ -409,6 +446,8 @@ pub struct Store {
     write_lock: Option<Arc<std::fs::File>>,
     /// PostgreSQL with several hosts: the standbys reads may go to (see `replicas.rs`).
     replicas: Option<Arc<replicas::Replicas>>,
+    /// When a connection last failed: the pool's lending check reads it.
+    lost: Arc<LostConnections>,
 }
 
 impl Store {
@@ -427,19 +466,26 @@ impl Store {
         let idle_in_tx_ms = opts.idle_in_transaction_timeout.as_millis().max(1);
         let autocheckpoint = opts.sqlite_autocheckpoint;
         let (max_connections, acquire_timeout) = (opts.max_connections, opts.acquire_timeout);
+        let lost = Arc::new(LostConnections::new());
+        let lost_seen = lost.clone();
         let pool_options = move || {
+            let lost = lost_seen.clone();
             AnyPoolOptions::new()
                 .max_connections(max_connections)
                 .acquire_timeout(acquire_timeout)
                 // sqlx would ping every connection before lending it: a round trip before
                 // every statement. A connection back from its last use a moment ago is lent as
-                // it is; one that sat idle (through a restart or a failover, maybe) is
-                // pinged first. One that died unnoticed fails its first statement: in a
-                // transaction that is before `COMMIT`, so it is retried on another.
+                // it is; one that sat idle for a while, or went back before the last
+                // connection failure this store saw, is pinged first. One that died
+                // unnoticed fails its first statement: in a transaction that is before
+                // `COMMIT`, so it is retried; a single statement that must not run twice
+                // fails (a 503), and every connection that went back before it is checked.
                 .test_before_acquire(false)
-                .before_acquire(|conn, meta| {
+                .before_acquire(move |conn, meta| {
+                    let suspect =
+                        meta.idle_for >= LEND_UNPINGED_WITHIN || lost.predate_last(meta.idle_for);
                     Box::pin(async move {
-                        if meta.idle_for >= LEND_UNPINGED_WITHIN {
+                        if suspect {
                             sqlx::Connection::ping(conn).await?;
                         }
                         Ok(true)
@@ -462,14 +508,8 @@ impl Store {
                                 conn.execute("PRAGMA wal_autocheckpoint = 0;").await?;
                             }
                         } else {
-                            // A generic plan for every prepared statement: the store's
-                            // statements are keyed lookups whose best plan does not depend
-                            // on the values bound (the partial indexes' predicates are
-                            // literals), and planning each execution afresh cost the
-                            // keyed checkout 7% of its throughput (docs/PERFORMANCE.md).
                             let set = format!(
-                                "SET idle_in_transaction_session_timeout = {idle_in_tx_ms}; \
-                                 SET plan_cache_mode = force_generic_plan"
+                                "SET idle_in_transaction_session_timeout = {idle_in_tx_ms}"
                             );
                             conn.execute(set.as_str()).await?;
                             // Writes go to a primary only: a connection to a standby (a
@@ -528,6 +568,7 @@ impl Store {
             group: (backend == Backend::Sqlite).then(Arc::default),
             write_gate,
             write_lock,
+            lost,
         };
         match &opts.migrate {
             migrate::Mode::Apply(guard) => {
@@ -822,6 +863,9 @@ impl Retries<'_> {
     async fn after_attempt(&mut self, err: Error, known_uncommitted: bool) -> Result<()> {
         self.attempts += 1;
         let (store, op) = (self.store, self.op);
+        if err.moves_primary(false) {
+            store.lost.saw_one();
+        }
         // Whether or not this operation may run again, the next must find the primary.
         if store.backend == Backend::Postgres && err.moves_primary(store.primary.several_hosts()) {
             store

@@ -24,7 +24,8 @@ pub enum Rerun {
     /// run after a lost acknowledgement changes nothing.
     Always,
     /// Only after failures that guarantee nothing was committed (a busy SQLite file, a
-    /// Postgres serialization failure, no connection at all): a plain write.
+    /// Postgres serialization failure, no connection at all, or in a transaction any
+    /// transient failure before its `COMMIT` was sent): a plain write.
     IfUncommitted,
 }
 

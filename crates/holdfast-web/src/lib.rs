@@ -6,9 +6,10 @@
 //! `/readyz` (503 while draining), the CSRF guard, a body limit, an in-flight cap, a request
 //! deadline and panic containment; [`operator_app`] serves `/metrics` on a listener of its own. A handler opts into the rest by taking an extractor:
 //! [`Authed`] is the session's user (its id is the authorization filter), and
-//! [`Idempotent`] claims the request's `Idempotency-Key`
-//! (draft-ietf-httpapi-idempotency-key-header-07) and runs the handler's transaction so that
-//! its answer is stored with its effect, and a retry replays it instead of acting twice.
+//! [`Idempotent`] reads the request's `Idempotency-Key`
+//! (draft-ietf-httpapi-idempotency-key-header-07) and runs the handler's transaction, which
+//! claims the key, so that its answer is stored with its effect, and a retry replays it
+//! instead of acting twice.
 //! Every failure is one [`AppError`], rendered as RFC 9457 problem+json.
 //!
 //! The application's own state reaches handlers through axum's `FromRef`: any state from
@@ -449,8 +450,8 @@ async fn shed_load(State(st): State<AppState>, req: Request, next: Next) -> Resp
     next.run(req).await
 }
 
-/// The server-side deadline. Dropping the handler rolls its transaction back and gives back
-/// the idempotency claim it held.
+/// The server-side deadline. Dropping the handler rolls its transaction back, and with it the
+/// claim on its idempotency key.
 async fn deadline(State(st): State<AppState>, req: Request, next: Next) -> Response {
     match tokio::time::timeout(st.opts.request_timeout, next.run(req)).await {
         Ok(resp) => resp,

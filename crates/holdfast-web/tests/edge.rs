@@ -241,7 +241,7 @@ impl axum::extract::FromRef<Paced> for AppState {
     }
 }
 
-/// A note handler that stops between claiming its key and writing, until released.
+/// A note handler that stops before its transaction (which claims its key), until released.
 async fn create_when_released(
     State(Paced {
         arrived, release, ..

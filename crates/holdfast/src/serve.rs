@@ -228,7 +228,7 @@ pub fn web_options(args: &InstanceArgs, secure_cookies: bool) -> anyhow::Result<
     };
     ensure!(
         opts.idempotency_lock_ttl >= std::time::Duration::from_millis(30),
-        "--idempotency-lock-ttl ({:?}) is too short: a claim would lapse before its request commits",
+        "--idempotency-lock-ttl ({:?}) is too short (at least 30ms)",
         opts.idempotency_lock_ttl,
     );
     Ok(opts)

@@ -252,3 +252,60 @@ async fn a_write_that_must_not_run_twice_survives_its_pooled_connection_being_en
         .expect("the write lands on a new connection");
     assert_eq!(rows(&primary.url()).await, vec![1, 2], "each once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_one_statement_meets_a_dead_connection_the_pool_checks_the_rest() {
+    if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
+        return;
+    }
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let primary = Cluster::start(&dir).await.expect("the primary");
+    let mut opts = StoreOptions::new(primary.url());
+    opts.max_connections = 2;
+    let store = Store::open(&opts).await.expect("the store");
+    // Two reads that wait for each other: the pool holds two connections.
+    let both = tokio::sync::Barrier::new(2);
+    let read_together = || {
+        store.read("two_at_once", |conn| {
+            let both = &both;
+            async move {
+                both.wait().await;
+                sqlx::query("SELECT 1")
+                    .execute(conn)
+                    .await
+                    .map_err(holdfast_store::Error::from)?;
+                Ok::<_, TxError<Infallible>>(())
+            }
+            .scope_boxed()
+        })
+    };
+    let (a, b) = tokio::join!(read_together(), read_together());
+    a.and(b).expect("two reads");
+
+    let mut admin = sqlx::PgConnection::connect(&primary.url()).await.unwrap();
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = 'holdfast' AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+    )
+    .fetch_all(&mut admin)
+    .await
+    .unwrap();
+    assert_eq!(ended, vec![true, true], "both of the store's connections");
+
+    // A single statement that must not run twice meets one dead connection (used a moment
+    // ago, so lent without a ping) and fails: whether it committed is unknown to the store.
+    let email = |s: &str| holdfast_core::Email::parse(s).unwrap();
+    let first = store.user_create(&email("first@example.com"), "hash").await;
+    assert!(
+        first
+            .as_ref()
+            .is_err_and(holdfast_store::Error::is_unavailable),
+        "{first:?}"
+    );
+    // The next one is lent the other dead connection, which went back to the pool before
+    // that failure: it is pinged, found dead and replaced, and the write lands.
+    store
+        .user_create(&email("second@example.com"), "hash")
+        .await
+        .expect("the pool replaced the other dead connection before lending it");
+}
