@@ -45,19 +45,37 @@ async fn rows(url: &str) -> Vec<i64> {
         .expect("rows")
 }
 
+/// A throwaway primary with the tests' table, and a connection of the test's own to it.
+async fn primary_with_rows(dir: &Arc<tempfile::TempDir>) -> (Arc<Cluster>, sqlx::PgConnection) {
+    let primary = Cluster::start(dir).await.expect("the primary");
+    let mut admin = sqlx::PgConnection::connect(&primary.url()).await.unwrap();
+    sqlx::raw_sql("CREATE TABLE failover_rows (n bigint PRIMARY KEY)")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    (primary, admin)
+}
+
+/// Ends every client connection to the store's database but `admin`'s own, as a server
+/// restart or an operator would: one `true` for each connection ended.
+async fn end_store_connections(admin: &mut sqlx::PgConnection) -> Vec<bool> {
+    sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = 'holdfast' AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+    )
+    .fetch_all(admin)
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_follow_the_primary_when_a_standby_is_promoted() {
     if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
         return;
     }
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let primary = Cluster::start(&dir).await.expect("the primary");
-    let mut conn = sqlx::PgConnection::connect(&primary.url()).await.unwrap();
-    sqlx::raw_sql("CREATE TABLE failover_rows (n bigint PRIMARY KEY)")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    drop(conn);
+    let (primary, admin) = primary_with_rows(&dir).await;
+    drop(admin);
     let standby = Cluster::start_standby(&primary, &dir)
         .await
         .expect("a standby");
@@ -176,12 +194,7 @@ async fn a_read_only_primary_fails_writes_within_the_deadline_and_they_come_back
         return;
     }
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let primary = Cluster::start(&dir).await.expect("the primary");
-    let mut admin = sqlx::PgConnection::connect(&primary.url()).await.unwrap();
-    sqlx::raw_sql("CREATE TABLE failover_rows (n bigint PRIMARY KEY)")
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    let (primary, mut admin) = primary_with_rows(&dir).await;
     let mut opts = StoreOptions::new(primary.url());
     opts.acquire_timeout = Duration::from_secs(1);
     opts.retry.deadline = Duration::from_secs(2);
@@ -190,13 +203,11 @@ async fn a_read_only_primary_fails_writes_within_the_deadline_and_they_come_back
 
     // Demoted in place, as some failover tools do it: new sessions are read-only, and the
     // open ones are ended (the store's connections with them).
-    for sql in [
-        "ALTER DATABASE holdfast SET default_transaction_read_only = on",
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = 'holdfast' AND pid <> pg_backend_pid()",
-    ] {
-        sqlx::raw_sql(sql).execute(&mut admin).await.unwrap();
-    }
+    sqlx::raw_sql("ALTER DATABASE holdfast SET default_transaction_read_only = on")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    end_store_connections(&mut admin).await;
     let started = Instant::now();
     let err = write(&store, 2).await.expect_err("no node takes writes");
     assert!(err.is_unavailable(), "{err}: a 503, not a client's mistake");
@@ -224,12 +235,7 @@ async fn a_write_that_must_not_run_twice_survives_its_pooled_connection_being_en
         return;
     }
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let primary = Cluster::start(&dir).await.expect("the primary");
-    let mut admin = sqlx::PgConnection::connect(&primary.url()).await.unwrap();
-    sqlx::raw_sql("CREATE TABLE failover_rows (n bigint PRIMARY KEY)")
-        .execute(&mut admin)
-        .await
-        .unwrap();
+    let (primary, mut admin) = primary_with_rows(&dir).await;
     let mut opts = StoreOptions::new(primary.url());
     opts.max_connections = 1;
     let store = Store::open(&opts).await.expect("the store");
@@ -239,13 +245,7 @@ async fn a_write_that_must_not_run_twice_survives_its_pooled_connection_being_en
     // it again without a ping (it was idle for less than a second), so the next write meets
     // the dead connection. That is before its COMMIT, so nothing can have committed and the
     // store retries it on a new connection, even though it must not run twice.
-    let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = 'holdfast' AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
-    )
-    .fetch_all(&mut admin)
-    .await
-    .unwrap();
+    let ended = end_store_connections(&mut admin).await;
     assert_eq!(ended, vec![true], "the store's connection was ended");
     write(&store, 2)
         .await
@@ -283,13 +283,7 @@ async fn after_one_statement_meets_a_dead_connection_the_pool_checks_the_rest() 
     a.and(b).expect("two reads");
 
     let mut admin = sqlx::PgConnection::connect(&primary.url()).await.unwrap();
-    let ended: Vec<bool> = sqlx::query_scalar(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = 'holdfast' AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
-    )
-    .fetch_all(&mut admin)
-    .await
-    .unwrap();
+    let ended = end_store_connections(&mut admin).await;
     assert_eq!(ended, vec![true, true], "both of the store's connections");
 
     // A single statement that must not run twice meets one dead connection (used a moment
