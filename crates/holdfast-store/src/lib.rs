@@ -860,6 +860,7 @@ impl Retries<'_> {
         self.after_attempt(err, true).await
     }
 
+    /// [`Retries::after`] or, when `known_uncommitted`, [`Retries::after_uncommitted`].
     async fn after_attempt(&mut self, err: Error, known_uncommitted: bool) -> Result<()> {
         self.attempts += 1;
         let (store, op) = (self.store, self.op);

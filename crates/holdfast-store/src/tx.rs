@@ -197,11 +197,7 @@ impl Store {
                 },
                 Err(e) => (e, true),
             };
-            if uncommitted {
-                retries.after_uncommitted(err).await?;
-            } else {
-                retries.after(err).await?;
-            }
+            retries.after_attempt(err, uncommitted).await?;
         }
     }
 
