@@ -171,7 +171,7 @@ impl Store {
                 .bind(lock.scope)
                 .bind(lock.key.as_str())
                 .bind(lock.token)
-                .execute(&self.pool())
+                .execute(&mut *self.lend().await?)
                 .await?;
             Ok(())
         })
@@ -185,7 +185,7 @@ impl Store {
             Ok(sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= $1 AND (state = 'done' OR locked_until <= $2)")
                 .bind(now.saturating_sub(ms(retention)))
                 .bind(now)
-                .execute(&self.pool())
+                .execute(&mut *self.lend().await?)
                 .await?
                 .rows_affected())
         })

@@ -95,7 +95,7 @@ impl Store {
         self.run(Rerun::Always, "rate_reap", || async {
             Ok(sqlx::query("DELETE FROM rate_limits WHERE tat <= $1")
                 .bind(now)
-                .execute(&self.pool())
+                .execute(&mut *self.lend().await?)
                 .await?
                 .rows_affected())
         })
@@ -118,7 +118,7 @@ impl Store {
             .bind(&hash)
             .bind(user_id)
             .bind(now)
-            .execute(&self.pool())
+            .execute(&mut *self.lend().await?)
             .await?;
             Ok(())
         })
@@ -141,7 +141,7 @@ impl Store {
             Ok(
                 sqlx::query("DELETE FROM known_devices WHERE created_at < $1")
                     .bind(before)
-                    .execute(&self.pool())
+                    .execute(&mut *self.lend().await?)
                     .await?
                     .rows_affected(),
             )

@@ -466,7 +466,7 @@ async fn lock_holder(store: &Store) -> Option<i32> {
          AND ((classid::bigint << 32) | objid::bigint) = $1",
     )
     .bind(PG_MIGRATION_LOCK)
-    .fetch_optional(&store.pool())
+    .fetch_optional(&mut *store.lend().await.ok()?)
     .await
     .ok()
     .flatten()
@@ -475,7 +475,7 @@ async fn lock_holder(store: &Store) -> Option<i32> {
 
 /// The database's migrations against this build's, changing nothing.
 pub(crate) async fn status(store: &Store, schemas: &[&Schema]) -> Result<Vec<SchemaState>> {
-    let mut conn = store.pool().acquire().await?;
+    let mut conn = store.lend().await?;
     let mut recorded: HashMap<(String, i64), (String, String, Option<String>)> = HashMap::new();
     if table_exists(&mut conn, store.backend, TABLE).await? {
         // A table an earlier build made has no phases (its builds declared none).

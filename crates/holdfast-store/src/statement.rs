@@ -186,7 +186,10 @@ impl Store {
                         Param::MaybeText(v) => q.bind(v.clone()),
                     };
                 }
-                Ok(q.fetch_one(&self.pool()).await?)
+                let mut conn = self.lend().await?;
+                let row = q.fetch_one(&mut *conn).await?;
+                conn.give_back();
+                Ok(row)
             })
             .await?;
         let status: Option<i64> = row.try_get(0)?;

@@ -1,0 +1,358 @@
+//! The store's connection pool: connections lent to one user at a time, and taken back
+//! without a round trip when their user says the connection is in a known state.
+//!
+//! sqlx's pool sends a ping (a round trip) every time a connection comes back to it, to
+//! flush a rollback left behind by a dropped transaction and to catch a connection left in
+//! an unknown state by a cancelled statement. That ping is not configurable, and it costs
+//! the database a round trip for every statement the store runs; under a slow network it
+//! also keeps the connection from its next user for that round trip. Here a connection
+//! whose user finished normally ([`Lent::give_back`]) goes straight back to the idle list;
+//! one dropped any other way (an error, a cancelled future, a transaction left open) is
+//! rolled back and pinged first, as sqlx would, and closed if that fails.
+//!
+//! Lending: a connection back within [`LEND_UNPINGED_WITHIN`] is lent as it is; one idle
+//! longer, or back since before the last connection failure the store saw
+//! ([`LostConnections`]), is pinged first, and replaced if the ping fails. At most
+//! `max_connections` are open or being opened at once; a borrower waits its turn (first
+//! come, first served) up to `acquire_timeout`.
+
+use std::future::Future;
+use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::any::AnyConnectOptions;
+use sqlx::{Any, AnyConnection, ConnectOptions, Connection, Database, TransactionManager};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// A connection back from its last use within this long is lent without a ping; one idle
+/// longer is pinged first (a dead one is replaced before a statement meets it).
+pub(crate) const LEND_UNPINGED_WITHIN: Duration = Duration::from_secs(1);
+
+/// An idle connection older than this is closed rather than lent (the server's resources
+/// are given back when the load that needed them has gone).
+const IDLE_FOR_AT_MOST: Duration = Duration::from_secs(600);
+
+/// How long the check of a connection dropped in an unknown state may take before it is
+/// closed instead.
+const CHECK_WITHIN: Duration = Duration::from_secs(5);
+
+/// What every new connection runs before it is lent (session settings, a role check).
+pub(crate) type Setup = Arc<
+    dyn for<'c> Fn(
+            &'c mut AnyConnection,
+        ) -> Pin<Box<dyn Future<Output = Result<(), sqlx::Error>> + Send + 'c>>
+        + Send
+        + Sync,
+>;
+
+/// The settings every pool of one store shares (a pool is made afresh when the primary moves).
+#[derive(Clone)]
+pub(crate) struct Settings {
+    pub(crate) max_connections: u32,
+    pub(crate) acquire_timeout: Duration,
+    pub(crate) setup: Setup,
+    pub(crate) lost: Arc<LostConnections>,
+}
+
+/// When this store last saw a connection fail (broken, ended by the server, refused as
+/// read-only): the pool pings every connection that went back to it before then, so after a
+/// restart or a failover the first failure is the only one a dead connection causes.
+#[derive(Debug)]
+pub(crate) struct LostConnections {
+    base: Instant,
+    /// Milliseconds since `base`, plus one, of the last failure seen; 0 for none yet.
+    last: AtomicU64,
+}
+
+impl LostConnections {
+    pub(crate) fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    fn millis_now(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn saw_one(&self) {
+        let at = self.millis_now().saturating_add(1);
+        self.last.fetch_max(at, Ordering::Relaxed);
+    }
+
+    /// Whether a connection idle for `idle_for` went back to the pool at or before the last
+    /// failure seen (to the millisecond, erring towards a ping).
+    fn predate_last(&self, idle_for: Duration) -> bool {
+        let last = self.last.load(Ordering::Relaxed);
+        let idle = u64::try_from(idle_for.as_millis()).unwrap_or(u64::MAX);
+        last != 0 && self.millis_now().saturating_sub(idle) <= last
+    }
+}
+
+/// A pool of connections to one server. Cheap to clone; clones share the connections.
+#[derive(Clone)]
+pub(crate) struct Pool(Arc<Inner>);
+
+struct Inner {
+    connect: AnyConnectOptions,
+    settings: Settings,
+    /// One permit per connection open, being opened or being checked.
+    permits: Arc<Semaphore>,
+    /// Connections nobody holds, the most recently used last (lent first).
+    idle: Mutex<Vec<Idle>>,
+    closed: AtomicBool,
+}
+
+struct Idle {
+    conn: AnyConnection,
+    since: Instant,
+}
+
+impl Pool {
+    /// A pool that opens its connections when they are first needed.
+    pub(crate) fn lazy(connect: AnyConnectOptions, settings: Settings) -> Pool {
+        let permits = Arc::new(Semaphore::new(settings.max_connections.max(1) as usize));
+        Pool(Arc::new(Inner {
+            connect,
+            settings,
+            permits,
+            idle: Mutex::new(Vec::new()),
+            closed: AtomicBool::new(false),
+        }))
+    }
+
+    /// A pool with one connection opened now, so a server that cannot be reached fails here.
+    pub(crate) async fn eager(
+        connect: AnyConnectOptions,
+        settings: Settings,
+    ) -> Result<Pool, sqlx::Error> {
+        let pool = Pool::lazy(connect, settings);
+        pool.lend().await?.give_back();
+        Ok(pool)
+    }
+
+    /// A connection for one user, waiting up to the pool's `acquire_timeout` for a turn.
+    pub(crate) async fn lend(&self) -> Result<Lent, sqlx::Error> {
+        match tokio::time::timeout(self.0.settings.acquire_timeout, self.lend_untimed()).await {
+            Ok(lent) => lent,
+            Err(_) => Err(sqlx::Error::PoolTimedOut),
+        }
+    }
+
+    async fn lend_untimed(&self) -> Result<Lent, sqlx::Error> {
+        let permit = self
+            .0
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| sqlx::Error::PoolClosed)?;
+        if self.is_closed() {
+            return Err(sqlx::Error::PoolClosed);
+        }
+        while let Some(Idle { mut conn, since }) = self.pop_idle() {
+            let idle_for = since.elapsed();
+            if idle_for >= IDLE_FOR_AT_MOST {
+                tokio::spawn(close_quietly(conn));
+                continue;
+            }
+            let suspect =
+                idle_for >= LEND_UNPINGED_WITHIN || self.0.settings.lost.predate_last(idle_for);
+            if suspect && conn.ping().await.is_err() {
+                // Dead (a restarted server, a cut link): let it go and try the next.
+                drop(conn);
+                continue;
+            }
+            return Ok(self.lent(conn, permit));
+        }
+        let mut conn = self.0.connect.connect().await?;
+        (self.0.settings.setup)(&mut conn).await?;
+        Ok(self.lent(conn, permit))
+    }
+
+    fn lent(&self, conn: AnyConnection, permit: OwnedSemaphorePermit) -> Lent {
+        Lent {
+            conn: Some(conn),
+            home: self.0.clone(),
+            permit: Some(permit),
+        }
+    }
+
+    fn pop_idle(&self) -> Option<Idle> {
+        self.0
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop()
+    }
+
+    /// Connections open (lent, idle, or being opened or checked), and of them idle.
+    pub(crate) fn stats(&self) -> (u32, usize) {
+        let idle = self
+            .0
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        let max = self.0.settings.max_connections.max(1) as usize;
+        let held = max.saturating_sub(self.0.permits.available_permits());
+        (u32::try_from(held + idle).unwrap_or(u32::MAX), idle)
+    }
+
+    /// Refuses every borrower from now on and closes the idle connections; a lent one is
+    /// closed when it comes back.
+    pub(crate) async fn close(&self) {
+        self.0.closed.store(true, Ordering::SeqCst);
+        self.0.permits.close();
+        let idle = std::mem::take(
+            &mut *self
+                .0
+                .idle
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for Idle { conn, .. } in idle {
+            close_quietly(conn).await;
+        }
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.0.closed.load(Ordering::SeqCst)
+    }
+}
+
+/// Closes a connection politely, within a bound (a hung server must not hold anyone up).
+async fn close_quietly(conn: AnyConnection) {
+    let _ = tokio::time::timeout(CHECK_WITHIN, conn.close()).await;
+}
+
+impl Inner {
+    fn take_back(&self, conn: AnyConnection) -> Option<AnyConnection> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Some(conn);
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        None
+    }
+}
+
+/// A connection lent by a [`Pool`], for one user until it is given back or dropped.
+pub(crate) struct Lent {
+    conn: Option<AnyConnection>,
+    home: Arc<Inner>,
+    /// Released once the connection is idle again or closed.
+    permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Lent {
+    /// Back to the pool as it is, without a round trip: for a user whose last statement or
+    /// transaction finished (its answer read in full, nothing left open).
+    pub(crate) fn give_back(mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        if <Any as Database>::TransactionManager::get_transaction_depth(&conn) > 0 {
+            // Not in a known state after all: the drop path rolls it back.
+            self.conn = Some(conn);
+            return;
+        }
+        if let Some(closing) = self.home.take_back(conn) {
+            tokio::spawn(close_quietly(closing));
+        }
+        self.permit.take();
+    }
+}
+
+impl Deref for Lent {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        self.conn
+            .as_ref()
+            .expect("a lent connection is held until it goes back")
+    }
+}
+
+impl DerefMut for Lent {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        self.conn
+            .as_mut()
+            .expect("a lent connection is held until it goes back")
+    }
+}
+
+/// Dropped without [`Lent::give_back`]: its state is unknown (an error, a cancelled
+/// statement, a transaction left open), so any transaction is rolled back and the connection
+/// pinged before it goes back, in a task of its own; one that fails that is closed.
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let Some(mut conn) = self.conn.take() else {
+            return;
+        };
+        let permit = self.permit.take();
+        let home = self.home.clone();
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        runtime.spawn(async move {
+            if <Any as Database>::TransactionManager::get_transaction_depth(&conn) > 0 {
+                <Any as Database>::TransactionManager::start_rollback(&mut conn);
+            }
+            // The ping flushes a queued rollback and reads whatever a cancelled statement
+            // left unread.
+            match tokio::time::timeout(CHECK_WITHIN, conn.ping()).await {
+                Ok(Ok(())) => {
+                    if let Some(closing) = home.take_back(conn) {
+                        close_quietly(closing).await;
+                    }
+                }
+                _ => drop(conn),
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// A transaction on a lent connection: rolled back if dropped before [`OpenTx::commit`], and
+/// its connection given back without a round trip once it commits.
+pub(crate) struct OpenTx {
+    conn: Lent,
+}
+
+impl OpenTx {
+    /// Begins a transaction with `begin` (`BEGIN`, `BEGIN IMMEDIATE`).
+    pub(crate) async fn begin(mut conn: Lent, begin: &'static str) -> Result<OpenTx, sqlx::Error> {
+        <Any as Database>::TransactionManager::begin(&mut conn, Some(begin.into())).await?;
+        Ok(OpenTx { conn })
+    }
+
+    pub(crate) async fn commit(mut self) -> Result<(), sqlx::Error> {
+        <Any as Database>::TransactionManager::commit(&mut self.conn).await?;
+        self.conn.give_back();
+        Ok(())
+    }
+}
+
+impl Deref for OpenTx {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        &self.conn
+    }
+}
+
+impl DerefMut for OpenTx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.conn
+    }
+}
