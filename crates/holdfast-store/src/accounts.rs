@@ -2,7 +2,7 @@
 //! SHA-256 of their id, and the opaque session blobs of the tower-sessions adapter. Each
 //! operation is one transaction inside [`Store::run`]'s retry loop.
 
-use crate::{Credentials, Error, Rerun, Result, SessionRecord, Store, User};
+use crate::{Credentials, Error, Pooled, Rerun, Result, SessionRecord, Store, User};
 use holdfast_core::{Email, SessionId, UserId};
 use sqlx::Row;
 use std::collections::{HashMap, HashSet};
@@ -39,7 +39,7 @@ impl Store {
             .bind(&user.email)
             .bind(password_hash)
             .bind(user.created_at)
-            .execute(&mut *self.lend().await?)
+            .execute_pooled(self)
             .await;
             match res {
                 Ok(_) => Ok(user),
@@ -66,7 +66,7 @@ impl Store {
             let n = sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
                 .bind(id)
                 .bind(password_hash)
-                .execute(&mut *self.lend().await?)
+                .execute_pooled(self)
                 .await?
                 .rows_affected();
             if n == 0 {
@@ -97,7 +97,7 @@ impl Store {
             .bind(p.user_id)
             .bind(p.now)
             .bind(p.now.saturating_add(ms(p.absolute_ttl)))
-            .execute(&mut *self.lend().await?)
+            .execute_pooled(self)
             .await;
             match res {
                 Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Ok(()),
@@ -154,7 +154,7 @@ impl Store {
         self.run(Rerun::Always, "session_delete", || async {
             sqlx::query("DELETE FROM sessions WHERE id_hash = $1")
                 .bind(&hash)
-                .execute(&mut *self.lend().await?)
+                .execute_pooled(self)
                 .await?;
             Ok(())
         })
@@ -266,7 +266,7 @@ impl Store {
             .bind(id_hash)
             .bind(data)
             .bind(expires_at)
-            .execute(&mut *self.lend().await?)
+            .execute_pooled(self)
             .await;
             match res {
                 Ok(_) => Ok(true),
@@ -292,7 +292,7 @@ impl Store {
             .bind(id_hash)
             .bind(data)
             .bind(expires_at)
-            .execute(&mut *self.lend().await?)
+            .execute_pooled(self)
             .await?;
             Ok(())
         })
@@ -317,7 +317,7 @@ impl Store {
         self.run(Rerun::Always, "session_blob_delete", || async {
             sqlx::query("DELETE FROM session_blobs WHERE id_hash = $1")
                 .bind(id_hash)
-                .execute(&mut *self.lend().await?)
+                .execute_pooled(self)
                 .await?;
             Ok(())
         })
@@ -330,7 +330,7 @@ impl Store {
             Ok(
                 sqlx::query("DELETE FROM session_blobs WHERE expires_at <= $1")
                     .bind(now)
-                    .execute(&mut *self.lend().await?)
+                    .execute_pooled(self)
                     .await?
                     .rows_affected(),
             )
@@ -345,7 +345,7 @@ impl Store {
                 sqlx::query("DELETE FROM sessions WHERE expires_at <= $1 OR last_seen_at <= $2")
                     .bind(now)
                     .bind(now.saturating_sub(ms(idle_ttl)))
-                    .execute(&mut *self.lend().await?)
+                    .execute_pooled(self)
                     .await?
                     .rows_affected(),
             )

@@ -95,6 +95,43 @@ pub const POSITION_WITHIN: Duration = Duration::from_millis(250);
 /// A statement with its parameters bound, on the `Any` driver.
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
 
+/// One statement on a connection the store's pool lends for it, given back (without a
+/// round trip) once the statement has answered; on PostgreSQL it runs in autocommit.
+trait Pooled {
+    fn execute_pooled(
+        self,
+        store: &Store,
+    ) -> impl std::future::Future<Output = std::result::Result<sqlx::any::AnyQueryResult, sqlx::Error>>
+           + Send;
+
+    fn fetch_all_pooled(
+        self,
+        store: &Store,
+    ) -> impl std::future::Future<Output = std::result::Result<Vec<AnyRow>, sqlx::Error>> + Send;
+}
+
+impl Pooled for AnyQuery<'_> {
+    async fn execute_pooled(
+        self,
+        store: &Store,
+    ) -> std::result::Result<sqlx::any::AnyQueryResult, sqlx::Error> {
+        let mut conn = store.lend().await?;
+        let done = self.execute(&mut *conn).await?;
+        conn.give_back();
+        Ok(done)
+    }
+
+    async fn fetch_all_pooled(
+        self,
+        store: &Store,
+    ) -> std::result::Result<Vec<AnyRow>, sqlx::Error> {
+        let mut conn = store.lend().await?;
+        let rows = self.fetch_all(&mut *conn).await?;
+        conn.give_back();
+        Ok(rows)
+    }
+}
+
 /// What a read returns a row as: a struct deriving `sqlx::FromRow`, or a tuple of columns.
 trait RowType: for<'r> sqlx::FromRow<'r, AnyRow> + Send + Unpin {}
 impl<T: for<'r> sqlx::FromRow<'r, AnyRow> + Send + Unpin> RowType for T {}
@@ -553,7 +590,7 @@ impl Store {
         let rows =
             sqlx::query("SELECT version FROM holdfast_schema_migrations WHERE schema_name = $1")
                 .bind(schema)
-                .fetch_all(&mut *self.lend().await?)
+                .fetch_all_pooled(self)
                 .await?;
         rows.iter()
             .map(|r| Ok(sqlx::Row::try_get::<i64, _>(r, "version")?))
@@ -621,9 +658,7 @@ impl Store {
 
     /// One round trip, no retries: for readiness checks.
     pub async fn ping(&self) -> Result<()> {
-        let mut conn = self.lend().await?;
-        sqlx::query("SELECT 1").execute(&mut *conn).await?;
-        conn.give_back();
+        sqlx::query("SELECT 1").execute_pooled(self).await?;
         Ok(())
     }
 
@@ -758,9 +793,7 @@ impl Store {
         query: impl Fn() -> AnyQuery<'q>,
     ) -> Result<Vec<T>> {
         self.run(Rerun::Always, op, || async {
-            let mut conn = self.lend().await?;
-            let rows = query().fetch_all(&mut *conn).await?;
-            conn.give_back();
+            let rows = query().fetch_all_pooled(self).await?;
             Ok(rows.iter().map(T::from_row).collect::<Result<_, _>>()?)
         })
         .await

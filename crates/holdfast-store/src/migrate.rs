@@ -44,7 +44,7 @@
 //! `INTEGER PRIMARY KEY AUTOINCREMENT` becomes `BIGSERIAL PRIMARY KEY` (see [`render`]). What
 //! cannot be said once for both (triggers) has a `NNNN_name.postgres.sql` of its own.
 
-use crate::{Backend, Error, Result, Store};
+use crate::{Backend, Error, Pooled, Result, Store};
 use sha2::{Digest, Sha256};
 use sqlx::{Executor, Row};
 use std::collections::HashMap;
@@ -466,10 +466,11 @@ async fn lock_holder(store: &Store) -> Option<i32> {
          AND ((classid::bigint << 32) | objid::bigint) = $1",
     )
     .bind(PG_MIGRATION_LOCK)
-    .fetch_optional(&mut *store.lend().await.ok()?)
+    .fetch_all_pooled(store)
     .await
-    .ok()
-    .flatten()
+    .ok()?
+    .into_iter()
+    .next()
     .and_then(|r| r.try_get::<i32, _>("pid").ok())
 }
 

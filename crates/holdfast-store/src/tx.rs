@@ -8,7 +8,7 @@
 
 use crate::group::Group;
 use crate::pool::OpenTx;
-use crate::{Backend, Error, Result, Store};
+use crate::{Backend, Error, Pooled, Result, Store};
 use scoped_futures::ScopedBoxFuture;
 use sqlx::{Any, AnyConnection};
 use std::fmt;
@@ -323,12 +323,7 @@ impl Store {
         q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
     ) -> Result<u64> {
         match self.backend {
-            Backend::Postgres => {
-                let mut conn = self.lend().await?;
-                let n = q.execute(&mut *conn).await?.rows_affected();
-                conn.give_back();
-                Ok(n)
-            }
+            Backend::Postgres => Ok(q.execute_pooled(self).await?.rows_affected()),
             Backend::Sqlite => {
                 let mut tx = self.begin_write().await?;
                 let n = q.execute(tx.conn()).await?.rows_affected();
@@ -358,12 +353,7 @@ impl Store {
         q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
     ) -> Result<Vec<sqlx::any::AnyRow>> {
         match self.backend {
-            Backend::Postgres => {
-                let mut conn = self.lend().await?;
-                let rows = q.fetch_all(&mut *conn).await?;
-                conn.give_back();
-                Ok(rows)
-            }
+            Backend::Postgres => Ok(q.fetch_all_pooled(self).await?),
             Backend::Sqlite => {
                 let mut tx = self.begin_write().await?;
                 let rows = q.fetch_all(tx.conn()).await?;
