@@ -45,6 +45,7 @@ pub use migrate::{
     Recorded, Schema, SchemaState, Until as MigrateUntil, PHASE_REFRESH, SCHEMA as STORE_SCHEMA,
     SETTLE,
 };
+pub use pool::SLOW_HOLD as POOL_SLOW_HOLD;
 pub use primary::Node;
 pub use replicas::{Freshness, Lsn, ReplicaOptions, WATCH_EVERY as REPLICA_WATCH_EVERY};
 pub use statement::{Param as StatementParam, Statement};
@@ -334,7 +335,11 @@ fn transient(e: &sqlx::Error, must_be_uncommitted: bool) -> bool {
 pub struct StoreOptions {
     /// `sqlite:PATH` (created if missing) or `postgres://…`.
     pub url: String,
+    /// Connections to the primary this process keeps open at most in the normal case.
     pub max_connections: u32,
+    /// How many more it may open while connections are held [`POOL_SLOW_HOLD`] or longer on
+    /// average (a slow link holds each connection longer; see `pool.rs`); 0 for none.
+    pub surplus_connections: u32,
     pub retry: RetryPolicy,
     /// How long an acquired connection may be waited for before the attempt fails.
     pub acquire_timeout: Duration,
@@ -365,6 +370,7 @@ impl StoreOptions {
         Self {
             url: url.into(),
             max_connections: 8,
+            surplus_connections: 8,
             retry: RetryPolicy::default(),
             acquire_timeout: Duration::from_secs(3),
             schemas: Vec::new(),
@@ -499,6 +505,7 @@ impl Store {
         let lost = Arc::new(pool::LostConnections::new());
         let settings = pool::Settings {
             max_connections: opts.max_connections,
+            surplus_connections: opts.surplus_connections,
             acquire_timeout: opts.acquire_timeout,
             setup: Arc::new(move |conn| {
                 Box::pin(set_up_connection(

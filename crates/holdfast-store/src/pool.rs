@@ -12,9 +12,18 @@
 //!
 //! Lending: a connection back within [`LEND_UNPINGED_WITHIN`] is lent as it is; one idle
 //! longer, or back since before the last connection failure the store saw
-//! ([`LostConnections`]), is pinged first, and replaced if the ping fails. At most
-//! `max_connections` are open or being opened at once; a borrower waits its turn (first
-//! come, first served) up to `acquire_timeout`.
+//! ([`LostConnections`]), is pinged first, and replaced if the ping fails. A borrower waits
+//! its turn (first come, first served) up to `acquire_timeout`.
+//!
+//! Size: `max_connections` while connections come back quickly, and up to
+//! `surplus_connections` more while they are held long ([`SLOW_HOLD`] on average). On a fast
+//! link a statement is back within milliseconds, and the pool keeps the database's
+//! concurrency where it was sized; on a slow link (every round trip 200 ms longer) each
+//! statement holds its connection that much longer, so the same work needs more connections
+//! at once (Little's law), and without them requests queue for the pool rather than for the
+//! database. The surplus turns are withheld again once the average hold falls under
+//! [`FAST_HOLD`], and a connection beyond `max_connections` is closed once it has sat idle
+//! for [`SURPLUS_IDLE`].
 
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
@@ -35,6 +44,16 @@ pub(crate) const LEND_UNPINGED_WITHIN: Duration = Duration::from_secs(1);
 /// are given back when the load that needed them has gone).
 const IDLE_FOR_AT_MOST: Duration = Duration::from_secs(600);
 
+/// While connections are held this long on average, the surplus turns are open.
+pub const SLOW_HOLD: Duration = Duration::from_millis(50);
+
+/// Once connections are held less than this on average, the surplus turns are withheld.
+const FAST_HOLD: Duration = Duration::from_millis(20);
+
+/// How long the oldest idle connection may sit unused while more than `max_connections`
+/// are open.
+const SURPLUS_IDLE: Duration = Duration::from_secs(30);
+
 /// How long the check of a connection dropped in an unknown state may take before it is
 /// closed instead.
 const CHECK_WITHIN: Duration = Duration::from_secs(5);
@@ -52,6 +71,7 @@ pub(crate) type Setup = Arc<
 #[derive(Clone)]
 pub(crate) struct Settings {
     pub(crate) max_connections: u32,
+    pub(crate) surplus_connections: u32,
     pub(crate) acquire_timeout: Duration,
     pub(crate) setup: Setup,
     pub(crate) lost: Arc<LostConnections>,
@@ -100,8 +120,18 @@ pub(crate) struct Pool(Arc<Inner>);
 struct Inner {
     connect: AnyConnectOptions,
     settings: Settings,
-    /// One permit per connection open, being opened or being checked.
+    /// One permit per connection lent, being opened or being checked: `max_connections`
+    /// plus `surplus_connections`, of which the pool itself holds the surplus while
+    /// connections come back quickly.
     permits: Arc<Semaphore>,
+    /// The surplus turns, while withheld.
+    withheld: Mutex<Option<OwnedSemaphorePermit>>,
+    /// How long a connection is held, on average (exponentially weighted, in microseconds).
+    hold_micros: AtomicU64,
+    /// Whether the surplus turns are open (`withheld` is empty), read without its lock.
+    surplus_open: AtomicBool,
+    /// Woken when a connection reaches the idle list (or an opening fails).
+    returned: tokio::sync::Notify,
     /// Connections nobody holds, the most recently used last (lent first).
     idle: Mutex<Vec<Idle>>,
     closed: AtomicBool,
@@ -115,11 +145,20 @@ struct Idle {
 impl Pool {
     /// A pool that opens its connections when they are first needed.
     pub(crate) fn lazy(connect: AnyConnectOptions, settings: Settings) -> Pool {
-        let permits = Arc::new(Semaphore::new(settings.max_connections.max(1) as usize));
+        let base = settings.max_connections.max(1) as usize;
+        let surplus = settings.surplus_connections;
+        let permits = Arc::new(Semaphore::new(base + surplus as usize));
+        let withheld = (surplus > 0)
+            .then(|| permits.clone().try_acquire_many_owned(surplus).ok())
+            .flatten();
         Pool(Arc::new(Inner {
             connect,
             settings,
             permits,
+            withheld: Mutex::new(withheld),
+            hold_micros: AtomicU64::new(0),
+            surplus_open: AtomicBool::new(false),
+            returned: tokio::sync::Notify::new(),
             idle: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
         }))
@@ -154,6 +193,34 @@ impl Pool {
         if self.is_closed() {
             return Err(sqlx::Error::PoolClosed);
         }
+        // Nothing idle: a connection is opened in a task of its own, which puts it on the idle
+        // list, and this borrower takes whatever reaches the list first, that one or one
+        // given back meanwhile. On a slow link opening takes several round trips and a
+        // connection in use comes back within one.
+        let mut opening: Option<tokio::task::JoinHandle<Result<(), sqlx::Error>>> = None;
+        loop {
+            let returned = self.0.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(conn) = self.pop_usable().await {
+                return Ok(self.lent(conn, permit));
+            }
+            match opening.take() {
+                Some(task) if task.is_finished() => {
+                    // It opened one that another borrower took first, or it failed.
+                    task.await.map_err(|_| sqlx::Error::WorkerCrashed)??;
+                    continue;
+                }
+                Some(task) => opening = Some(task),
+                None => opening = Some(tokio::spawn(open_into_idle(self.0.clone()))),
+            }
+            returned.await;
+        }
+    }
+
+    /// The most recently used idle connection that is fit to lend, if any: one idle for a
+    /// while, or since before the last failure seen, is pinged first, and closed if dead.
+    async fn pop_usable(&self) -> Option<AnyConnection> {
         while let Some(Idle { mut conn, since }) = self.pop_idle() {
             let idle_for = since.elapsed();
             if idle_for >= IDLE_FOR_AT_MOST {
@@ -167,11 +234,9 @@ impl Pool {
                 drop(conn);
                 continue;
             }
-            return Ok(self.lent(conn, permit));
+            return Some(conn);
         }
-        let mut conn = self.0.connect.connect().await?;
-        (self.0.settings.setup)(&mut conn).await?;
-        Ok(self.lent(conn, permit))
+        None
     }
 
     fn lent(&self, conn: AnyConnection, permit: OwnedSemaphorePermit) -> Lent {
@@ -179,6 +244,7 @@ impl Pool {
             conn: Some(conn),
             home: self.0.clone(),
             permit: Some(permit),
+            since: Instant::now(),
         }
     }
 
@@ -198,9 +264,10 @@ impl Pool {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .len();
-        let max = self.0.settings.max_connections.max(1) as usize;
-        let held = max.saturating_sub(self.0.permits.available_permits());
-        (u32::try_from(held + idle).unwrap_or(u32::MAX), idle)
+        (
+            u32::try_from(self.0.held() + idle).unwrap_or(u32::MAX),
+            idle,
+        )
     }
 
     /// Refuses every borrower from now on and closes the idle connections; a lent one is
@@ -225,24 +292,100 @@ impl Pool {
     }
 }
 
+/// Opens a connection onto the idle list, waking the borrowers waiting for one (also when it
+/// fails: the one that started it reads why).
+async fn open_into_idle(inner: Arc<Inner>) -> Result<(), sqlx::Error> {
+    let opened = async {
+        let mut conn = inner.connect.connect().await?;
+        (inner.settings.setup)(&mut conn).await?;
+        Ok(conn)
+    }
+    .await;
+    let outcome = opened.map(|conn| {
+        if let Some(closing) = inner.take_back(conn, false) {
+            tokio::spawn(close_quietly(closing));
+        }
+    });
+    inner.returned.notify_waiters();
+    outcome
+}
+
 /// Closes a connection politely, within a bound (a hung server must not hold anyone up).
 async fn close_quietly(conn: AnyConnection) {
     let _ = tokio::time::timeout(CHECK_WITHIN, conn.close()).await;
 }
 
 impl Inner {
-    fn take_back(&self, conn: AnyConnection) -> Option<AnyConnection> {
+    /// Turns taken: connections lent, being opened or being checked.
+    fn held(&self) -> usize {
+        let all = self.settings.max_connections.max(1) + self.settings.surplus_connections;
+        let withheld = self
+            .withheld
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits);
+        (all as usize).saturating_sub(self.permits.available_permits() + withheld)
+    }
+
+    /// Counts a connection held for `held`, and opens or withholds the surplus turns as the
+    /// average hold crosses [`SLOW_HOLD`] or [`FAST_HOLD`].
+    fn held_for(&self, held: Duration) {
+        let surplus = self.settings.surplus_connections;
+        if surplus == 0 {
+            return;
+        }
+        let sample = u64::try_from(held.as_micros()).unwrap_or(u64::MAX);
+        let mut average = 0;
+        let _ = self
+            .hold_micros
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+                average = (old - old / 8).saturating_add(sample / 8);
+                Some(average)
+            });
+        let slow = average >= u64::try_from(SLOW_HOLD.as_micros()).unwrap_or(u64::MAX);
+        let fast = average < u64::try_from(FAST_HOLD.as_micros()).unwrap_or(0);
+        let open = self.surplus_open.load(Ordering::Relaxed);
+        if (!slow && !fast) || slow == open {
+            return;
+        }
+        let mut withheld = self
+            .withheld
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (slow, withheld.is_some()) {
+            (true, true) => *withheld = None,
+            (false, false) => *withheld = self.permits.clone().try_acquire_many_owned(surplus).ok(),
+            _ => {}
+        }
+        self.surplus_open
+            .store(withheld.is_none(), Ordering::Relaxed);
+    }
+
+    /// Puts `conn` on the idle list (`lent`: coming back from a borrower, whose turn is still
+    /// counted) and wakes the borrowers waiting for one; gives back what must be closed
+    /// instead: `conn` itself when the pool is closed, else the oldest idle connection if it
+    /// has outstayed its use.
+    fn take_back(&self, conn: AnyConnection, lent: bool) -> Option<AnyConnection> {
         if self.closed.load(Ordering::SeqCst) {
             return Some(conn);
         }
-        self.idle
+        let held = self.held().saturating_sub(usize::from(lent));
+        let mut idle = self
+            .idle
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .push(Idle {
-                conn,
-                since: Instant::now(),
-            });
-        None
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+        let oldest = idle.first().map(|i| i.since.elapsed())?;
+        let surplus = held + idle.len() > self.settings.max_connections.max(1) as usize;
+        let closing = (oldest >= IDLE_FOR_AT_MOST || (surplus && oldest >= SURPLUS_IDLE))
+            .then(|| idle.remove(0).conn);
+        drop(idle);
+        self.returned.notify_waiters();
+        closing
     }
 }
 
@@ -252,6 +395,8 @@ pub(crate) struct Lent {
     home: Arc<Inner>,
     /// Released once the connection is idle again or closed.
     permit: Option<OwnedSemaphorePermit>,
+    /// When it was lent.
+    since: Instant,
 }
 
 impl Lent {
@@ -266,7 +411,8 @@ impl Lent {
             self.conn = Some(conn);
             return;
         }
-        if let Some(closing) = self.home.take_back(conn) {
+        self.home.held_for(self.since.elapsed());
+        if let Some(closing) = self.home.take_back(conn, true) {
             tokio::spawn(close_quietly(closing));
         }
         self.permit.take();
@@ -301,6 +447,7 @@ impl Drop for Lent {
         };
         let permit = self.permit.take();
         let home = self.home.clone();
+        home.held_for(self.since.elapsed());
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -312,7 +459,7 @@ impl Drop for Lent {
             // left unread.
             match tokio::time::timeout(CHECK_WITHIN, conn.ping()).await {
                 Ok(Ok(())) => {
-                    if let Some(closing) = home.take_back(conn) {
+                    if let Some(closing) = home.take_back(conn, true) {
                         close_quietly(closing).await;
                     }
                 }

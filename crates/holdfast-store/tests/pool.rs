@@ -2,9 +2,9 @@
 //! without a round trip, and one left in an unknown state (a cancelled statement, a
 //! transaction abandoned half-way) is put right before anyone else gets it.
 //!
-//! Each store here has a pool of one connection, so every operation waits for the previous
-//! one's connection to be back: what happened on its way back is on the wire before the next
-//! operation starts. Needs `DATABASE_URL` (skipped without it, except under `CI=true`).
+//! Each store here has a pool of one connection and no surplus, so every operation waits for
+//! the previous one's connection to be back: what happened on its way back is on the wire
+//! before the next operation starts. The last case gives the pool one surplus connection. Needs `DATABASE_URL` (skipped without it, except under `CI=true`).
 
 use holdfast_core::Backend;
 use holdfast_store::{Rerun, ScopedFutureExt, Store, StoreOptions, TxError};
@@ -12,11 +12,12 @@ use holdfast_testkit::db::with_fresh_db;
 use holdfast_testkit::pgwire::RoundTrips;
 use sqlx::Executor;
 use std::convert::Infallible;
+use tokio::sync::oneshot;
 
 /// A store whose pool holds one connection, reached through `wire`.
 async fn one_connection(wire: &RoundTrips) -> Store {
     let mut opts = StoreOptions::new(wire.url());
-    opts.max_connections = 1;
+    (opts.max_connections, opts.surplus_connections) = (1, 0);
     Store::open(&opts).await.expect("open")
 }
 
@@ -177,6 +178,84 @@ async fn a_transaction_abandoned_half_way_is_rolled_back_before_its_connection_i
             (0, false),
             "the insert was rolled back, and the next user is outside any transaction"
         );
+        store.close().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connections_held_long_open_the_surplus_and_no_more() {
+    with_fresh_db(Backend::Postgres, "pool_surplus", |url| async move {
+        let mut opts = StoreOptions::new(&url);
+        (opts.max_connections, opts.surplus_connections) = (1, 1);
+        opts.acquire_timeout = std::time::Duration::from_millis(500);
+        let store = Store::open(&opts).await.expect("open");
+        let store = &store;
+        // Holds a connection until told to let go.
+        let hold = |held: oneshot::Sender<()>, go: oneshot::Receiver<()>| {
+            let (mut held, mut go) = (Some(held), Some(go));
+            store.read("hold", move |conn| {
+                let (held, go) = (held.take(), go.take());
+                async move {
+                    sqlx::query("SELECT 1").execute(&mut *conn).await?;
+                    if let (Some(held), Some(go)) = (held, go) {
+                        let _ = held.send(());
+                        let _ = go.await;
+                    }
+                    Ok::<_, TxError<Infallible>>(())
+                }
+                .scope_boxed()
+            })
+        };
+        // While connections come back quickly, a second borrower waits for the one there is.
+        let ((held, holds), (go, goes)) = (oneshot::channel(), oneshot::channel());
+        let (first, ()) = tokio::join!(hold(held, goes), async {
+            holds.await.expect("the first holds the pool's connection");
+            let refused = store.ping().await;
+            assert!(
+                refused.is_err(),
+                "no surplus while connections come back quickly"
+            );
+            let _ = go.send(());
+        });
+        first.expect("first");
+
+        // Two statements that hold their connection 400 ms each: the average hold (each
+        // hold weighs an eighth) passes the threshold.
+        let threshold = holdfast_store::POOL_SLOW_HOLD;
+        assert!(threshold <= std::time::Duration::from_millis(400 / 8));
+        for _ in 0..2 {
+            store
+                .read("slow", |conn| {
+                    async move {
+                        sqlx::query("SELECT pg_sleep(0.4)")
+                            .execute(&mut *conn)
+                            .await?;
+                        Ok::<_, TxError<Infallible>>(())
+                    }
+                    .scope_boxed()
+                })
+                .await
+                .expect("slow");
+        }
+
+        // Now a second borrower gets a surplus connection, and a third still waits.
+        let ((held_a, a_holds), (go_a, a_goes)) = (oneshot::channel(), oneshot::channel());
+        let ((held_b, b_holds), (go_b, b_goes)) = (oneshot::channel(), oneshot::channel());
+        let (a, b, ()) = tokio::join!(hold(held_a, a_goes), hold(held_b, b_goes), async {
+            a_holds.await.expect("one holds its connection");
+            b_holds
+                .await
+                .expect("and another holds a surplus connection");
+            let refused = store.ping().await;
+            assert!(
+                refused.is_err(),
+                "no third connection: one normal, one surplus"
+            );
+            let _ = (go_a.send(()), go_b.send(()));
+        });
+        a.and(b).expect("both");
+        store.ping().await.expect("both back");
         store.close().await;
     })
     .await;
