@@ -370,7 +370,7 @@ impl StoreOptions {
         Self {
             url: url.into(),
             max_connections: 8,
-            surplus_connections: 8,
+            surplus_connections: 4,
             retry: RetryPolicy::default(),
             acquire_timeout: Duration::from_secs(3),
             schemas: Vec::new(),

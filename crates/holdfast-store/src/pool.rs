@@ -44,11 +44,14 @@ pub(crate) const LEND_UNPINGED_WITHIN: Duration = Duration::from_secs(1);
 /// are given back when the load that needed them has gone).
 const IDLE_FOR_AT_MOST: Duration = Duration::from_secs(600);
 
-/// While connections are held this long on average, the surplus turns are open.
-pub const SLOW_HOLD: Duration = Duration::from_millis(50);
+/// While connections are held this long on average, the surplus turns are open. Above what
+/// a busy database on the same network gives (tens of milliseconds on a saturated machine,
+/// where more connections would only add contention), below what a slow link gives (every
+/// round trip 200 ms).
+pub const SLOW_HOLD: Duration = Duration::from_millis(150);
 
 /// Once connections are held less than this on average, the surplus turns are withheld.
-const FAST_HOLD: Duration = Duration::from_millis(20);
+const FAST_HOLD: Duration = Duration::from_millis(50);
 
 /// How long the oldest idle connection may sit unused while more than `max_connections`
 /// are open.
@@ -130,15 +133,15 @@ struct Inner {
     hold_micros: AtomicU64,
     /// Whether the surplus turns are open (`withheld` is empty), read without its lock.
     surplus_open: AtomicBool,
-    /// Woken when a connection reaches the idle list (or an opening fails).
-    returned: tokio::sync::Notify,
+    /// How many connections are open, and the signal that one came back or went.
+    census: Arc<Census>,
     /// Connections nobody holds, the most recently used last (lent first).
     idle: Mutex<Vec<Idle>>,
     closed: AtomicBool,
 }
 
 struct Idle {
-    conn: AnyConnection,
+    conn: Counted,
     since: Instant,
 }
 
@@ -158,7 +161,7 @@ impl Pool {
             withheld: Mutex::new(withheld),
             hold_micros: AtomicU64::new(0),
             surplus_open: AtomicBool::new(false),
-            returned: tokio::sync::Notify::new(),
+            census: Arc::new(Census::default()),
             idle: Mutex::new(Vec::new()),
             closed: AtomicBool::new(false),
         }))
@@ -199,7 +202,7 @@ impl Pool {
         // connection in use comes back within one.
         let mut opening: Option<tokio::task::JoinHandle<Result<(), sqlx::Error>>> = None;
         loop {
-            let returned = self.0.returned.notified();
+            let returned = self.0.census.returned.notified();
             tokio::pin!(returned);
             returned.as_mut().enable();
             if let Some(conn) = self.pop_usable().await {
@@ -212,7 +215,11 @@ impl Pool {
                     continue;
                 }
                 Some(task) => opening = Some(task),
-                None => opening = Some(tokio::spawn(open_into_idle(self.0.clone()))),
+                // At the limit every connection is lent, idle or on its way back.
+                None if self.0.reserve_one() => {
+                    opening = Some(tokio::spawn(open_into_idle(self.0.clone())));
+                }
+                None => {}
             }
             returned.await;
         }
@@ -220,7 +227,7 @@ impl Pool {
 
     /// The most recently used idle connection that is fit to lend, if any: one idle for a
     /// while, or since before the last failure seen, is pinged first, and closed if dead.
-    async fn pop_usable(&self) -> Option<AnyConnection> {
+    async fn pop_usable(&self) -> Option<Counted> {
         while let Some(Idle { mut conn, since }) = self.pop_idle() {
             let idle_for = since.elapsed();
             if idle_for >= IDLE_FOR_AT_MOST {
@@ -239,7 +246,7 @@ impl Pool {
         None
     }
 
-    fn lent(&self, conn: AnyConnection, permit: OwnedSemaphorePermit) -> Lent {
+    fn lent(&self, conn: Counted, permit: OwnedSemaphorePermit) -> Lent {
         Lent {
             conn: Some(conn),
             home: self.0.clone(),
@@ -285,6 +292,7 @@ impl Pool {
         for Idle { conn, .. } in idle {
             close_quietly(conn).await;
         }
+        self.0.census.returned.notify_waiters();
     }
 
     pub(crate) fn is_closed(&self) -> bool {
@@ -295,9 +303,15 @@ impl Pool {
 /// Opens a connection onto the idle list, waking the borrowers waiting for one (also when it
 /// fails: the one that started it reads why).
 async fn open_into_idle(inner: Arc<Inner>) -> Result<(), sqlx::Error> {
+    // Counted from here: dropped on failure, it gives back the place `reserve_one` took.
+    let mut conn = Counted {
+        conn: None,
+        census: inner.census.clone(),
+    };
     let opened = async {
-        let mut conn = inner.connect.connect().await?;
-        (inner.settings.setup)(&mut conn).await?;
+        let mut raw = inner.connect.connect().await?;
+        (inner.settings.setup)(&mut raw).await?;
+        conn.conn = Some(raw);
         Ok(conn)
     }
     .await;
@@ -306,12 +320,59 @@ async fn open_into_idle(inner: Arc<Inner>) -> Result<(), sqlx::Error> {
             tokio::spawn(close_quietly(closing));
         }
     });
-    inner.returned.notify_waiters();
+    inner.census.returned.notify_waiters();
     outcome
 }
 
+/// How many connections a pool has open (or being opened), and the signal its borrowers
+/// wait on for one to come back or go.
+#[derive(Default)]
+struct Census {
+    open: std::sync::atomic::AtomicUsize,
+    returned: tokio::sync::Notify,
+}
+
+/// A connection, counted in its pool's [`Census`] until it is dropped or closed.
+struct Counted {
+    conn: Option<AnyConnection>,
+    census: Arc<Census>,
+}
+
+impl Counted {
+    async fn close(mut self) {
+        if let Some(conn) = self.conn.take() {
+            let _ = conn.close().await;
+        }
+    }
+}
+
+impl Deref for Counted {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        self.conn
+            .as_ref()
+            .expect("a counted connection is open until dropped")
+    }
+}
+
+impl DerefMut for Counted {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        self.conn
+            .as_mut()
+            .expect("a counted connection is open until dropped")
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.census.open.fetch_sub(1, Ordering::SeqCst);
+        self.census.returned.notify_waiters();
+    }
+}
+
 /// Closes a connection politely, within a bound (a hung server must not hold anyone up).
-async fn close_quietly(conn: AnyConnection) {
+async fn close_quietly(conn: Counted) {
     let _ = tokio::time::timeout(CHECK_WITHIN, conn.close()).await;
 }
 
@@ -328,45 +389,79 @@ impl Inner {
         (all as usize).saturating_sub(self.permits.available_permits() + withheld)
     }
 
+    /// Takes a place for one more connection if fewer are open than the turns usable now
+    /// (`max_connections`, and the surplus while it is open).
+    fn reserve_one(&self) -> bool {
+        let withheld = self
+            .withheld
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits);
+        let limit = (self.settings.max_connections.max(1) + self.settings.surplus_connections)
+            as usize
+            - withheld;
+        self.census
+            .open
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
     /// Counts a connection held for `held`, and opens or withholds the surplus turns as the
     /// average hold crosses [`SLOW_HOLD`] or [`FAST_HOLD`].
     fn held_for(&self, held: Duration) {
-        let surplus = self.settings.surplus_connections;
+        let surplus = self.settings.surplus_connections as usize;
         if surplus == 0 {
             return;
         }
-        let sample = u64::try_from(held.as_micros()).unwrap_or(u64::MAX);
+        // One long hold (a reaper's range delete) must not open the surplus by itself: each
+        // counts as at most twice the threshold, so it takes a run of long holds.
+        let slow_micros = u64::try_from(SLOW_HOLD.as_micros()).unwrap_or(u64::MAX);
+        let sample = u64::try_from(held.as_micros())
+            .unwrap_or(u64::MAX)
+            .min(2 * slow_micros);
         let mut average = 0;
         let _ = self
             .hold_micros
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
-                average = (old - old / 8).saturating_add(sample / 8);
+                average = old - old / 8 + sample / 8;
                 Some(average)
             });
-        let slow = average >= u64::try_from(SLOW_HOLD.as_micros()).unwrap_or(u64::MAX);
+        let slow = average >= slow_micros;
         let fast = average < u64::try_from(FAST_HOLD.as_micros()).unwrap_or(0);
         let open = self.surplus_open.load(Ordering::Relaxed);
-        if (!slow && !fast) || slow == open {
+        if !(slow || fast && open) {
             return;
         }
         let mut withheld = self
             .withheld
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        match (slow, withheld.is_some()) {
-            (true, true) => *withheld = None,
-            (false, false) => *withheld = self.permits.clone().try_acquire_many_owned(surplus).ok(),
-            _ => {}
+        if slow {
+            *withheld = None;
+            // Borrowers waiting at the old limit may open one now.
+            self.census.returned.notify_waiters();
+        } else if let Ok(turn) = self.permits.clone().try_acquire_owned() {
+            // Withheld again one free turn at a time: they free up as the load allows.
+            match withheld.as_mut() {
+                Some(all) => all.merge(turn),
+                None => *withheld = Some(turn),
+            }
         }
+        let now_withheld = withheld
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits);
         self.surplus_open
-            .store(withheld.is_none(), Ordering::Relaxed);
+            .store(now_withheld < surplus, Ordering::Relaxed);
     }
 
     /// Puts `conn` on the idle list (`lent`: coming back from a borrower, whose turn is still
     /// counted) and wakes the borrowers waiting for one; gives back what must be closed
     /// instead: `conn` itself when the pool is closed, else the oldest idle connection if it
     /// has outstayed its use.
-    fn take_back(&self, conn: AnyConnection, lent: bool) -> Option<AnyConnection> {
+    fn take_back(&self, conn: Counted, lent: bool) -> Option<Counted> {
         if self.closed.load(Ordering::SeqCst) {
             return Some(conn);
         }
@@ -384,14 +479,14 @@ impl Inner {
         let closing = (oldest >= IDLE_FOR_AT_MOST || (surplus && oldest >= SURPLUS_IDLE))
             .then(|| idle.remove(0).conn);
         drop(idle);
-        self.returned.notify_waiters();
+        self.census.returned.notify_waiters();
         closing
     }
 }
 
 /// A connection lent by a [`Pool`], for one user until it is given back or dropped.
 pub(crate) struct Lent {
-    conn: Option<AnyConnection>,
+    conn: Option<Counted>,
     home: Arc<Inner>,
     /// Released once the connection is idle again or closed.
     permit: Option<OwnedSemaphorePermit>,

@@ -220,15 +220,14 @@ async fn connections_held_long_open_the_surplus_and_no_more() {
         });
         first.expect("first");
 
-        // Two statements that hold their connection 400 ms each: the average hold (each
-        // hold weighs an eighth) passes the threshold.
-        let threshold = holdfast_store::POOL_SLOW_HOLD;
-        assert!(threshold <= std::time::Duration::from_millis(400 / 8));
-        for _ in 0..2 {
+        // A run of statements that hold their connection longer than twice the threshold
+        // (as much as one hold may count): the average hold passes the threshold.
+        assert!(holdfast_store::POOL_SLOW_HOLD * 2 <= std::time::Duration::from_millis(350));
+        for _ in 0..6 {
             store
                 .read("slow", |conn| {
                     async move {
-                        sqlx::query("SELECT pg_sleep(0.4)")
+                        sqlx::query("SELECT pg_sleep(0.35)")
                             .execute(&mut *conn)
                             .await?;
                         Ok::<_, TxError<Infallible>>(())
@@ -255,7 +254,19 @@ async fn connections_held_long_open_the_surplus_and_no_more() {
             let _ = (go_a.send(()), go_b.send(()));
         });
         a.and(b).expect("both");
-        store.ping().await.expect("both back");
+
+        // Quick statements again: the surplus is withheld once more.
+        for _ in 0..20 {
+            store.ping().await.expect("quick");
+        }
+        let ((held, holds), (go, goes)) = (oneshot::channel(), oneshot::channel());
+        let (first, ()) = tokio::join!(hold(held, goes), async {
+            holds.await.expect("one holds the pool's connection");
+            let refused = store.ping().await;
+            assert!(refused.is_err(), "the surplus is withheld again");
+            let _ = go.send(());
+        });
+        first.expect("first");
         store.close().await;
     })
     .await;
