@@ -57,6 +57,15 @@ const FAST_HOLD: Duration = Duration::from_millis(50);
 /// are open.
 const SURPLUS_IDLE: Duration = Duration::from_secs(30);
 
+/// The longest pause between two tries at opening a connection to a server out of reach.
+const REOPEN_AT_MOST_EVERY: Duration = Duration::from_millis(400);
+
+/// Whether opening a connection failed because the server could not be reached (refused,
+/// reset, timed out), which passes, rather than because it said no.
+fn out_of_reach(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
+}
+
 /// How long the check of a connection dropped in an unknown state may take before it is
 /// closed instead.
 const CHECK_WITHIN: Duration = Duration::from_secs(5);
@@ -201,6 +210,7 @@ impl Pool {
         // given back meanwhile. On a slow link opening takes several round trips and a
         // connection in use comes back within one.
         let mut opening: Option<tokio::task::JoinHandle<Result<(), sqlx::Error>>> = None;
+        let mut backoff = REOPEN_AT_MOST_EVERY / 8;
         loop {
             let returned = self.0.census.returned.notified();
             tokio::pin!(returned);
@@ -210,8 +220,16 @@ impl Pool {
             }
             match opening.take() {
                 Some(task) if task.is_finished() => {
-                    // It opened one that another borrower took first, or it failed.
-                    task.await.map_err(|_| sqlx::Error::WorkerCrashed)??;
+                    // It opened one that another borrower took first, or it failed: a server
+                    // out of reach is tried again until the borrower's time is up (the lend's
+                    // timeout), a refusal (authentication, a standby) is the answer.
+                    match task.await.map_err(|_| sqlx::Error::WorkerCrashed)? {
+                        Err(e) if out_of_reach(&e) => {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(REOPEN_AT_MOST_EVERY);
+                        }
+                        done => done?,
+                    }
                     continue;
                 }
                 Some(task) => opening = Some(task),
@@ -236,7 +254,8 @@ impl Pool {
             }
             let suspect =
                 idle_for >= LEND_UNPINGED_WITHIN || self.0.settings.lost.predate_last(idle_for);
-            if suspect && conn.ping().await.is_err() {
+            let within = self.0.settings.acquire_timeout;
+            if suspect && !matches!(tokio::time::timeout(within, conn.ping()).await, Ok(Ok(()))) {
                 // Dead (a restarted server, a cut link): let it go and try the next.
                 drop(conn);
                 continue;
@@ -308,13 +327,15 @@ async fn open_into_idle(inner: Arc<Inner>) -> Result<(), sqlx::Error> {
         conn: None,
         census: inner.census.clone(),
     };
-    let opened = async {
+    // Bounded: a connect into a cut link must not hold its place past the link's return.
+    let opened = tokio::time::timeout(inner.settings.acquire_timeout, async {
         let mut raw = inner.connect.connect().await?;
         (inner.settings.setup)(&mut raw).await?;
         conn.conn = Some(raw);
         Ok(conn)
-    }
-    .await;
+    })
+    .await
+    .unwrap_or(Err(sqlx::Error::PoolTimedOut));
     let outcome = opened.map(|conn| {
         if let Some(closing) = inner.take_back(conn, false) {
             tokio::spawn(close_quietly(closing));
