@@ -367,23 +367,27 @@ impl Counted {
     }
 }
 
-impl Deref for Counted {
-    type Target = AnyConnection;
+/// `Deref`/`DerefMut` to the connection in an `Option` field that holds one until the value
+/// is dropped or gives it up.
+macro_rules! deref_to_connection {
+    ($holder:ty, $why:literal) => {
+        impl Deref for $holder {
+            type Target = AnyConnection;
 
-    fn deref(&self) -> &AnyConnection {
-        self.conn
-            .as_ref()
-            .expect("a counted connection is open until dropped")
-    }
+            fn deref(&self) -> &AnyConnection {
+                self.conn.as_ref().expect($why)
+            }
+        }
+
+        impl DerefMut for $holder {
+            fn deref_mut(&mut self) -> &mut AnyConnection {
+                self.conn.as_mut().expect($why)
+            }
+        }
+    };
 }
 
-impl DerefMut for Counted {
-    fn deref_mut(&mut self) -> &mut AnyConnection {
-        self.conn
-            .as_mut()
-            .expect("a counted connection is open until dropped")
-    }
-}
+deref_to_connection!(Counted, "a counted connection is open until dropped");
 
 impl Drop for Counted {
     fn drop(&mut self) {
@@ -535,23 +539,7 @@ impl Lent {
     }
 }
 
-impl Deref for Lent {
-    type Target = AnyConnection;
-
-    fn deref(&self) -> &AnyConnection {
-        self.conn
-            .as_ref()
-            .expect("a lent connection is held until it goes back")
-    }
-}
-
-impl DerefMut for Lent {
-    fn deref_mut(&mut self) -> &mut AnyConnection {
-        self.conn
-            .as_mut()
-            .expect("a lent connection is held until it goes back")
-    }
-}
+deref_to_connection!(Lent, "a lent connection is held until it goes back");
 
 /// Dropped without [`Lent::give_back`]: its state is unknown (an error, a cancelled
 /// statement, a transaction left open), so any transaction is rolled back and the connection
