@@ -212,34 +212,40 @@ impl Pool {
         let mut opening: Option<tokio::task::JoinHandle<Result<(), sqlx::Error>>> = None;
         let mut backoff = REOPEN_AT_MOST_EVERY / 8;
         loop {
+            if self.is_closed() {
+                return Err(sqlx::Error::PoolClosed);
+            }
             let returned = self.0.census.returned.notified();
             tokio::pin!(returned);
             returned.as_mut().enable();
             if let Some(conn) = self.pop_usable().await {
                 return Ok(self.lent(conn, permit));
             }
-            match opening.take() {
-                Some(task) if task.is_finished() => {
-                    // It opened one that another borrower took first, or it failed: a server
-                    // out of reach is tried again until the borrower's time is up (the lend's
-                    // timeout), a refusal (authentication, a standby) is the answer.
-                    match task.await.map_err(|_| sqlx::Error::WorkerCrashed)? {
+            if opening.is_none() && self.0.reserve_one() {
+                opening = Some(tokio::spawn(open_into_idle(self.0.clone())));
+            }
+            // At the limit every connection is lent, idle or on its way back: wait for one.
+            let Some(task) = opening.as_mut() else {
+                returned.await;
+                continue;
+            };
+            tokio::select! {
+                () = &mut returned => {}
+                opened = task => {
+                    opening = None;
+                    // It opened one that another borrower may have taken first, or it failed:
+                    // a server out of reach is tried again until the borrower's time is up
+                    // (the lend's timeout), a refusal (authentication, a standby) is the
+                    // answer.
+                    match opened.map_err(|_| sqlx::Error::WorkerCrashed)? {
                         Err(e) if out_of_reach(&e) => {
                             tokio::time::sleep(backoff).await;
                             backoff = (backoff * 2).min(REOPEN_AT_MOST_EVERY);
                         }
                         done => done?,
                     }
-                    continue;
                 }
-                Some(task) => opening = Some(task),
-                // At the limit every connection is lent, idle or on its way back.
-                None if self.0.reserve_one() => {
-                    opening = Some(tokio::spawn(open_into_idle(self.0.clone())));
-                }
-                None => {}
             }
-            returned.await;
         }
     }
 
@@ -291,7 +297,7 @@ impl Pool {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .len();
         (
-            u32::try_from(self.0.held() + idle).unwrap_or(u32::MAX),
+            u32::try_from(self.0.census.open.load(Ordering::SeqCst)).unwrap_or(u32::MAX),
             idle,
         )
     }
@@ -337,7 +343,7 @@ async fn open_into_idle(inner: Arc<Inner>) -> Result<(), sqlx::Error> {
     .await
     .unwrap_or(Err(sqlx::Error::PoolTimedOut));
     let outcome = opened.map(|conn| {
-        if let Some(closing) = inner.take_back(conn, false) {
+        if let Some(closing) = inner.take_back(conn) {
             tokio::spawn(close_quietly(closing));
         }
     });
@@ -402,8 +408,8 @@ async fn close_quietly(conn: Counted) {
 }
 
 impl Inner {
-    /// Turns taken: connections lent, being opened or being checked.
-    fn held(&self) -> usize {
+    /// The turns usable now: `max_connections`, and the surplus while it is open.
+    fn usable_turns(&self) -> usize {
         let all = self.settings.max_connections.max(1) + self.settings.surplus_connections;
         let withheld = self
             .withheld
@@ -411,21 +417,15 @@ impl Inner {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
             .map_or(0, OwnedSemaphorePermit::num_permits);
-        (all as usize).saturating_sub(self.permits.available_permits() + withheld)
+        (all as usize).saturating_sub(withheld)
     }
 
-    /// Takes a place for one more connection if fewer are open than the turns usable now
-    /// (`max_connections`, and the surplus while it is open).
+    /// Takes a place for one more connection if fewer are open than the turns usable now.
     fn reserve_one(&self) -> bool {
-        let withheld = self
-            .withheld
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .as_ref()
-            .map_or(0, OwnedSemaphorePermit::num_permits);
-        let limit = (self.settings.max_connections.max(1) + self.settings.surplus_connections)
-            as usize
-            - withheld;
+        if self.closed.load(Ordering::SeqCst) {
+            return false;
+        }
+        let limit = self.usable_turns();
         self.census
             .open
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
@@ -464,10 +464,15 @@ impl Inner {
             .withheld
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let before = withheld
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits);
         if slow {
             *withheld = None;
             // Borrowers waiting at the old limit may open one now.
             self.census.returned.notify_waiters();
+        } else if before >= surplus {
+            // Another give-back withheld the last one first.
         } else if let Ok(turn) = self.permits.clone().try_acquire_owned() {
             // Withheld again one free turn at a time: they free up as the load allows.
             match withheld.as_mut() {
@@ -482,25 +487,25 @@ impl Inner {
             .store(now_withheld < surplus, Ordering::Relaxed);
     }
 
-    /// Puts `conn` on the idle list (`lent`: coming back from a borrower, whose turn is still
-    /// counted) and wakes the borrowers waiting for one; gives back what must be closed
+    /// Puts `conn` on the idle list and wakes the borrowers waiting for one; gives back what must be closed
     /// instead: `conn` itself when the pool is closed, else the oldest idle connection if it
     /// has outstayed its use.
-    fn take_back(&self, conn: Counted, lent: bool) -> Option<Counted> {
-        if self.closed.load(Ordering::SeqCst) {
-            return Some(conn);
-        }
-        let held = self.held().saturating_sub(usize::from(lent));
+    fn take_back(&self, conn: Counted) -> Option<Counted> {
+        let open = self.census.open.load(Ordering::SeqCst);
         let mut idle = self
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // Under the lock `close` empties the list with: nothing lands on a closed pool's list.
+        if self.closed.load(Ordering::SeqCst) {
+            return Some(conn);
+        }
         idle.push(Idle {
             conn,
             since: Instant::now(),
         });
         let oldest = idle.first().map(|i| i.since.elapsed())?;
-        let surplus = held + idle.len() > self.settings.max_connections.max(1) as usize;
+        let surplus = open > self.settings.max_connections.max(1) as usize;
         let closing = (oldest >= IDLE_FOR_AT_MOST || (surplus && oldest >= SURPLUS_IDLE))
             .then(|| idle.remove(0).conn);
         drop(idle);
@@ -532,7 +537,7 @@ impl Lent {
             return;
         }
         self.home.held_for(self.since.elapsed());
-        if let Some(closing) = self.home.take_back(conn, true) {
+        if let Some(closing) = self.home.take_back(conn) {
             tokio::spawn(close_quietly(closing));
         }
         self.permit.take();
@@ -556,18 +561,17 @@ impl Drop for Lent {
             return;
         };
         runtime.spawn(async move {
-            if <Any as Database>::TransactionManager::get_transaction_depth(&conn) > 0 {
-                <Any as Database>::TransactionManager::start_rollback(&mut conn);
-            }
-            // The ping flushes a queued rollback and reads whatever a cancelled statement
-            // left unread.
-            match tokio::time::timeout(CHECK_WITHIN, conn.ping()).await {
-                Ok(Ok(())) => {
-                    if let Some(closing) = home.take_back(conn, true) {
-                        close_quietly(closing).await;
-                    }
+            // Asked whatever the depth reads now: each driver checks it itself, and SQLite's
+            // worker also uses the call to settle a commit whose caller was cancelled.
+            <Any as Database>::TransactionManager::start_rollback(&mut conn);
+            // The ping flushes the queued rollback and reads whatever a cancelled statement
+            // left unread. A connection still in a transaction after it is closed.
+            let checked = tokio::time::timeout(CHECK_WITHIN, conn.ping()).await;
+            let settled = <Any as Database>::TransactionManager::get_transaction_depth(&conn) == 0;
+            if matches!(checked, Ok(Ok(()))) && settled {
+                if let Some(closing) = home.take_back(conn) {
+                    close_quietly(closing).await;
                 }
-                _ => drop(conn),
             }
             drop(permit);
         });

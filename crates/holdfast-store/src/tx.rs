@@ -248,10 +248,13 @@ impl Store {
             match self.lend().await {
                 Ok(mut conn) => match body(&mut conn).await {
                     Err(TxError::Db(e)) => retries.after(e).await?,
-                    done => {
+                    // Only a body that finished hands its connection back as it is: one that
+                    // gave up may have left it mid-answer or broken.
+                    Ok(done) => {
                         conn.give_back();
-                        return done;
+                        return Ok(done);
                     }
+                    aborted => return aborted,
                 },
                 Err(e) => retries.after(Error::Db(e)).await?,
             }
