@@ -15,10 +15,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::Duration;
 
-use sqlx::any::AnyConnectOptions;
-use sqlx::{ConnectOptions, Connection};
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, ConnectOptions, Connection};
 
-use crate::pool::{Pool, Settings};
 use crate::{Error, Result};
 
 /// Whether the server a connection reached takes no writes: a standby (in recovery), or a
@@ -53,11 +52,10 @@ pub(crate) fn hosts(url: &str) -> Vec<String> {
 /// The pool writes use, and how to make another.
 pub(crate) struct Primary {
     /// The pool, and the URL of the host it connects to.
-    current: RwLock<(Pool, String)>,
+    current: RwLock<(AnyPool, String)>,
     /// One URL per host to find the primary among (one entry for a single host).
     hosts: Vec<String>,
-    /// Sizes, timeouts and the per-connection setup, for each pool made.
-    settings: Settings,
+    options: AnyPoolOptionsMaker,
     /// Bumped at each search, so failures seen before it do not start another.
     generation: AtomicU64,
     searching: tokio::sync::Mutex<()>,
@@ -66,24 +64,27 @@ pub(crate) struct Primary {
     closed: std::sync::atomic::AtomicBool,
 }
 
+/// Makes the pool options (sizes, timeouts, the per-connection setup) afresh for each pool.
+pub(crate) type AnyPoolOptionsMaker = Box<dyn Fn() -> AnyPoolOptions + Send + Sync>;
+
 impl Primary {
     /// Finds the primary among `hosts` (on PostgreSQL: even one host is asked, so a standby
     /// is refused with its reason) and connects to it.
     pub(crate) async fn open(
         hosts: Vec<String>,
         postgres: bool,
-        settings: Settings,
+        options: AnyPoolOptionsMaker,
+        acquire_timeout: Duration,
     ) -> Result<Primary> {
-        let acquire_timeout = settings.acquire_timeout;
         let first = match hosts.as_slice() {
             [one] if !postgres => one.clone(),
             _ => find(&hosts, acquire_timeout).await?,
         };
-        let pool = Pool::eager(first.parse()?, settings.clone()).await?;
+        let pool = options().connect_with(first.parse()?).await?;
         Ok(Primary {
             current: RwLock::new((pool, first)),
             hosts,
-            settings,
+            options,
             generation: AtomicU64::new(0),
             searching: tokio::sync::Mutex::new(()),
             acquire_timeout,
@@ -102,7 +103,7 @@ impl Primary {
     }
 
     /// The pool writes use now.
-    pub(crate) fn pool(&self) -> Pool {
+    pub(crate) fn pool(&self) -> AnyPool {
         self.current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -156,7 +157,7 @@ impl Primary {
         let Ok(options) = url.parse::<AnyConnectOptions>() else {
             return;
         };
-        let fresh = Pool::lazy(options, self.settings.clone());
+        let fresh = (self.options)().connect_lazy_with(options);
         let (old, _) = std::mem::replace(
             &mut *self
                 .current
