@@ -32,7 +32,8 @@ pub const LOSS_WINDOW_MS: u64 = 1000;
 /// What the fault saw.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct Observed {
-    /// When the primary was stopped, on the drill's clock (ms since the load started).
+    /// When the primary was gone (its stop returned), on the drill's clock (ms since the load
+    /// started).
     pub flipped_at_ms: u64,
     /// How long `pg_ctl promote` took.
     pub promote_ms: u64,
@@ -42,8 +43,13 @@ pub struct Observed {
 pub(crate) async fn run(ctl: &Control, clock: Clock) -> Result<String, String> {
     let primary = ctl.db().ok_or("no database server in this drill")?.clone();
     let standby = ctl.standby().ok_or("no standby in this drill")?.clone();
-    let flipped_at_ms = clock.ms();
     primary.stop().await;
+    // Taken once every process of the old primary is gone (`pg_ctl stop -w` returned), as the
+    // checker reads it: an answer before it may have come from the old primary, one after it
+    // came from the promoted standby. Taken before the stop, a checkout the old primary
+    // committed while it was being stopped, and never shipped to the standby, counted as lost
+    // outside the window.
+    let flipped_at_ms = clock.ms();
     let took = standby.promote().await.map_err(|e| e.to_string())?;
     ctl.set_failover(Observed {
         flipped_at_ms,
