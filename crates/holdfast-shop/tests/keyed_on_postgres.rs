@@ -77,10 +77,11 @@ async fn a_keyed_checkout_is_two_round_trips_and_answers_the_orders_own_json() {
             assert_eq!(read.status, 200);
         }
         assert_eq!(app.add(&cookie, "ODD-1", 2).await.status, 200);
-        let before = wire.count();
+        let (before, pings) = (wire.count(), wire.pings());
         let added = app.add(&cookie, "HELMET", 1).await;
         assert_eq!(added.status, 200);
         assert_eq!(wire.count() - before, 2, "the session, then the add as one statement");
+        assert_eq!(wire.pings(), pings, "connections go back to the pool without a ping");
         let lines: Vec<(String, i64)> = added.json()["items"]
             .as_array()
             .unwrap()
@@ -101,11 +102,16 @@ async fn a_keyed_checkout_is_two_round_trips_and_answers_the_orders_own_json() {
 
         let mut workers = sqlx::postgres::PgListener::connect(&url).await.unwrap();
         workers.listen(holdfast_store::NOTIFY_CHANNEL).await.unwrap();
-        let before = wire.count();
+        let (before, pings) = (wire.count(), wire.pings());
         let placed = app.checkout(&cookie, "k-two").await;
         let trips = wire.count() - before;
         assert_eq!(placed.status, 201, "{:?}", placed.json());
         assert_eq!(trips, 2, "the session, then the checkout as one statement");
+        assert_eq!(
+            wire.pings() - pings,
+            0,
+            "connections go back to the pool without a ping (the store's pool, not sqlx's)"
+        );
         let woken = tokio::time::timeout(std::time::Duration::from_secs(5), workers.recv())
             .await
             .expect("the payout's queue is notified at commit")

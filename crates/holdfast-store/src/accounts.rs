@@ -2,7 +2,7 @@
 //! SHA-256 of their id, and the opaque session blobs of the tower-sessions adapter. Each
 //! operation is one transaction inside [`Store::run`]'s retry loop.
 
-use crate::{Credentials, Error, Rerun, Result, SessionRecord, Store, User};
+use crate::{Credentials, Error, Pooled, Rerun, Result, SessionRecord, Store, User};
 use holdfast_core::{Email, SessionId, UserId};
 use sqlx::Row;
 use std::collections::{HashMap, HashSet};
@@ -39,7 +39,7 @@ impl Store {
             .bind(&user.email)
             .bind(password_hash)
             .bind(user.created_at)
-            .execute(&self.pool())
+            .execute_pooled(self)
             .await;
             match res {
                 Ok(_) => Ok(user),
@@ -66,7 +66,7 @@ impl Store {
             let n = sqlx::query("UPDATE users SET password_hash = $2 WHERE id = $1")
                 .bind(id)
                 .bind(password_hash)
-                .execute(&self.pool())
+                .execute_pooled(self)
                 .await?
                 .rows_affected();
             if n == 0 {
@@ -97,7 +97,7 @@ impl Store {
             .bind(p.user_id)
             .bind(p.now)
             .bind(p.now.saturating_add(ms(p.absolute_ttl)))
-            .execute(&self.pool())
+            .execute_pooled(self)
             .await;
             match res {
                 Err(sqlx::Error::Database(db)) if db.is_unique_violation() => Ok(()),
@@ -119,27 +119,31 @@ impl Store {
     ) -> Result<Option<SessionRecord>> {
         let hash = id.storage_hash();
         self.run(Rerun::Always, "session_get", || async {
+            let mut conn = self.lend().await?;
             let Some(row) = sqlx::query("SELECT user_id, created_at, last_seen_at, expires_at FROM sessions WHERE id_hash = $1")
                 .bind(&hash)
-                .fetch_optional(&self.pool())
+                .fetch_optional(&mut *conn)
                 .await?
             else {
+                conn.give_back();
                 return Ok(None);
             };
             let last_seen: i64 = row.try_get("last_seen_at")?;
             let mut rec = SessionRecord { user_id: row.try_get("user_id")?, created_at: row.try_get("created_at")?, expires_at: row.try_get("expires_at")?, last_seen_at: last_seen };
             if now >= rec.expires_at || now.saturating_sub(last_seen) >= ms(idle_ttl) {
-                sqlx::query("DELETE FROM sessions WHERE id_hash = $1").bind(&hash).execute(&self.pool()).await?;
+                sqlx::query("DELETE FROM sessions WHERE id_hash = $1").bind(&hash).execute(&mut *conn).await?;
+                conn.give_back();
                 return Ok(None);
             }
             if now.saturating_sub(last_seen) >= ms(touch_every) {
                 sqlx::query("UPDATE sessions SET last_seen_at = $2 WHERE id_hash = $1 AND last_seen_at < $2")
                     .bind(&hash)
                     .bind(now)
-                    .execute(&self.pool())
+                    .execute(&mut *conn)
                     .await?;
                 rec.last_seen_at = now;
             }
+            conn.give_back();
             Ok(Some(rec))
         })
         .await
@@ -150,7 +154,7 @@ impl Store {
         self.run(Rerun::Always, "session_delete", || async {
             sqlx::query("DELETE FROM sessions WHERE id_hash = $1")
                 .bind(&hash)
-                .execute(&self.pool())
+                .execute_pooled(self)
                 .await?;
             Ok(())
         })
@@ -262,7 +266,7 @@ impl Store {
             .bind(id_hash)
             .bind(data)
             .bind(expires_at)
-            .execute(&self.pool())
+            .execute_pooled(self)
             .await;
             match res {
                 Ok(_) => Ok(true),
@@ -288,7 +292,7 @@ impl Store {
             .bind(id_hash)
             .bind(data)
             .bind(expires_at)
-            .execute(&self.pool())
+            .execute_pooled(self)
             .await?;
             Ok(())
         })
@@ -313,7 +317,7 @@ impl Store {
         self.run(Rerun::Always, "session_blob_delete", || async {
             sqlx::query("DELETE FROM session_blobs WHERE id_hash = $1")
                 .bind(id_hash)
-                .execute(&self.pool())
+                .execute_pooled(self)
                 .await?;
             Ok(())
         })
@@ -326,7 +330,7 @@ impl Store {
             Ok(
                 sqlx::query("DELETE FROM session_blobs WHERE expires_at <= $1")
                     .bind(now)
-                    .execute(&self.pool())
+                    .execute_pooled(self)
                     .await?
                     .rows_affected(),
             )
@@ -341,7 +345,7 @@ impl Store {
                 sqlx::query("DELETE FROM sessions WHERE expires_at <= $1 OR last_seen_at <= $2")
                     .bind(now)
                     .bind(now.saturating_sub(ms(idle_ttl)))
-                    .execute(&self.pool())
+                    .execute_pooled(self)
                     .await?
                     .rows_affected(),
             )

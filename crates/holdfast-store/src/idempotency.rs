@@ -12,7 +12,7 @@
 //! inside a stored answer.
 
 use crate::accounts::ms;
-use crate::{Error, Rerun, Result, Store, Tx, TxError};
+use crate::{Error, Pooled, Rerun, Result, Store, Tx, TxError};
 use holdfast_core::{IdempotencyKey, RequestFingerprint};
 use scoped_futures::ScopedFutureExt;
 use sqlx::Row;
@@ -171,7 +171,7 @@ impl Store {
                 .bind(lock.scope)
                 .bind(lock.key.as_str())
                 .bind(lock.token)
-                .execute(&self.pool())
+                .execute_pooled(self)
                 .await?;
             Ok(())
         })
@@ -185,7 +185,7 @@ impl Store {
             Ok(sqlx::query("DELETE FROM idempotency_keys WHERE created_at <= $1 AND (state = 'done' OR locked_until <= $2)")
                 .bind(now.saturating_sub(ms(retention)))
                 .bind(now)
-                .execute(&self.pool())
+                .execute_pooled(self)
                 .await?
                 .rows_affected())
         })

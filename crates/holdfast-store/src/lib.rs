@@ -27,6 +27,7 @@ mod idempotency;
 mod jobs;
 mod limits;
 mod migrate;
+mod pool;
 mod primary;
 mod replicas;
 mod statement;
@@ -44,6 +45,7 @@ pub use migrate::{
     Recorded, Schema, SchemaState, Until as MigrateUntil, PHASE_REFRESH, SCHEMA as STORE_SCHEMA,
     SETTLE,
 };
+pub use pool::SLOW_HOLD as POOL_SLOW_HOLD;
 pub use primary::Node;
 pub use replicas::{Freshness, Lsn, ReplicaOptions, WATCH_EVERY as REPLICA_WATCH_EVERY};
 pub use statement::{Param as StatementParam, Statement};
@@ -52,9 +54,8 @@ pub use uploads::{NewUpload, UploadAck, UploadPart, UploadQuota, UploadRow};
 
 use holdfast_core::retry::{RetryBudget, RetryPolicy};
 use serde::Serialize;
-use sqlx::any::AnyPoolOptions;
 use sqlx::any::{AnyArguments, AnyRow};
-use sqlx::{Any, AnyPool, Executor};
+use sqlx::{Any, Executor};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,52 +90,48 @@ pub const METRICS: &[holdfast_core::Metric] = &[
     ),
 ];
 
-/// A pooled connection back from its last use within this long is lent without a ping;
-/// one idle longer is pinged first (a dead one is replaced before a statement meets it).
-const LEND_UNPINGED_WITHIN: Duration = Duration::from_secs(1);
-
-/// When this store last saw a connection fail (broken, ended by the server, refused as
-/// read-only): the pool pings every connection that went back to it before then, so after a
-/// restart or a failover the first failure is the only one a dead connection causes.
-#[derive(Debug)]
-struct LostConnections {
-    base: Instant,
-    /// Milliseconds since `base`, plus one, of the last failure seen; 0 for none yet.
-    last: std::sync::atomic::AtomicU64,
-}
-
-impl LostConnections {
-    fn new() -> Self {
-        Self {
-            base: Instant::now(),
-            last: std::sync::atomic::AtomicU64::new(0),
-        }
-    }
-
-    fn millis_now(&self) -> u64 {
-        u64::try_from(self.base.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn saw_one(&self) {
-        let at = self.millis_now().saturating_add(1);
-        self.last
-            .fetch_max(at, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Whether a connection idle for `idle_for` went back to the pool at or before the last
-    /// failure seen (to the millisecond, erring towards a ping).
-    fn predate_last(&self, idle_for: Duration) -> bool {
-        let last = self.last.load(std::sync::atomic::Ordering::Relaxed);
-        let idle = u64::try_from(idle_for.as_millis()).unwrap_or(u64::MAX);
-        last != 0 && self.millis_now().saturating_sub(idle) <= last
-    }
-}
-
 /// How long [`Store::write_position`] waits for the primary's answer.
 pub const POSITION_WITHIN: Duration = Duration::from_millis(250);
 
 /// A statement with its parameters bound, on the `Any` driver.
 type AnyQuery<'q> = sqlx::query::Query<'q, Any, AnyArguments<'q>>;
+
+/// One statement on a connection the store's pool lends for it, given back (without a
+/// round trip) once the statement has answered; on PostgreSQL it runs in autocommit.
+trait Pooled {
+    fn execute_pooled(
+        self,
+        store: &Store,
+    ) -> impl std::future::Future<Output = std::result::Result<sqlx::any::AnyQueryResult, sqlx::Error>>
+           + Send;
+
+    fn fetch_all_pooled(
+        self,
+        store: &Store,
+    ) -> impl std::future::Future<Output = std::result::Result<Vec<AnyRow>, sqlx::Error>> + Send;
+}
+
+impl Pooled for AnyQuery<'_> {
+    async fn execute_pooled(
+        self,
+        store: &Store,
+    ) -> std::result::Result<sqlx::any::AnyQueryResult, sqlx::Error> {
+        let mut conn = store.lend().await?;
+        let done = self.execute(&mut *conn).await?;
+        conn.give_back();
+        Ok(done)
+    }
+
+    async fn fetch_all_pooled(
+        self,
+        store: &Store,
+    ) -> std::result::Result<Vec<AnyRow>, sqlx::Error> {
+        let mut conn = store.lend().await?;
+        let rows = self.fetch_all(&mut *conn).await?;
+        conn.give_back();
+        Ok(rows)
+    }
+}
 
 /// What a read returns a row as: a struct deriving `sqlx::FromRow`, or a tuple of columns.
 trait RowType: for<'r> sqlx::FromRow<'r, AnyRow> + Send + Unpin {}
@@ -338,7 +335,11 @@ fn transient(e: &sqlx::Error, must_be_uncommitted: bool) -> bool {
 pub struct StoreOptions {
     /// `sqlite:PATH` (created if missing) or `postgres://…`.
     pub url: String,
+    /// Connections to the primary this process keeps open at most in the normal case.
     pub max_connections: u32,
+    /// How many more it may open while connections are held [`POOL_SLOW_HOLD`] or longer on
+    /// average (a slow link holds each connection longer; see `pool.rs`); 0 for none.
+    pub surplus_connections: u32,
     pub retry: RetryPolicy,
     /// How long an acquired connection may be waited for before the attempt fails.
     pub acquire_timeout: Duration,
@@ -369,6 +370,7 @@ impl StoreOptions {
         Self {
             url: url.into(),
             max_connections: 8,
+            surplus_connections: 4,
             retry: RetryPolicy::default(),
             acquire_timeout: Duration::from_secs(3),
             schemas: Vec::new(),
@@ -447,7 +449,42 @@ pub struct Store {
     /// PostgreSQL with several hosts: the standbys reads may go to (see `replicas.rs`).
     replicas: Option<Arc<replicas::Replicas>>,
     /// When a connection last failed: the pool's lending check reads it.
-    lost: Arc<LostConnections>,
+    lost: Arc<pool::LostConnections>,
+}
+
+/// What every new connection runs before it is lent.
+async fn set_up_connection(
+    conn: &mut sqlx::AnyConnection,
+    backend: Backend,
+    idle_in_tx_ms: u128,
+    autocheckpoint: bool,
+) -> std::result::Result<(), sqlx::Error> {
+    if backend == Backend::Sqlite {
+        // WAL: readers never block the writer, and several processes share the file safely.
+        // synchronous=FULL: an acknowledged write survives a power cut, not only a killed
+        // process. busy_timeout: wait for another process's write lock instead of failing at
+        // once.
+        conn.execute(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
+             PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+        )
+        .await?;
+        if !autocheckpoint {
+            conn.execute("PRAGMA wal_autocheckpoint = 0;").await?;
+        }
+    } else {
+        let set = format!("SET idle_in_transaction_session_timeout = {idle_in_tx_ms}");
+        conn.execute(set.as_str()).await?;
+        // Writes go to a primary only: a connection to a standby (a demoted node, or the
+        // wrong host) is refused at once.
+        let standby: bool = sqlx::query_scalar(primary::READ_ONLY)
+            .fetch_one(&mut *conn)
+            .await?;
+        if standby {
+            return Err(sqlx::Error::Protocol(primary::STANDBY_REFUSED.into()));
+        }
+    }
+    Ok(())
 }
 
 impl Store {
@@ -465,77 +502,27 @@ impl Store {
         };
         let idle_in_tx_ms = opts.idle_in_transaction_timeout.as_millis().max(1);
         let autocheckpoint = opts.sqlite_autocheckpoint;
-        let (max_connections, acquire_timeout) = (opts.max_connections, opts.acquire_timeout);
-        let lost = Arc::new(LostConnections::new());
-        let lost_seen = lost.clone();
-        let pool_options = move || {
-            let lost = lost_seen.clone();
-            AnyPoolOptions::new()
-                .max_connections(max_connections)
-                .acquire_timeout(acquire_timeout)
-                // sqlx would ping every connection before lending it: a round trip before
-                // every statement. A connection back from its last use a moment ago is lent as
-                // it is; one that sat idle for a while, or went back before the last
-                // connection failure this store saw, is pinged first. One that died
-                // unnoticed fails its first statement: in a transaction that is before
-                // `COMMIT`, so it is retried; a single statement that must not run twice
-                // fails (a 503), and every connection that went back before it is checked.
-                .test_before_acquire(false)
-                .before_acquire(move |conn, meta| {
-                    let suspect =
-                        meta.idle_for >= LEND_UNPINGED_WITHIN || lost.predate_last(meta.idle_for);
-                    Box::pin(async move {
-                        if suspect {
-                            sqlx::Connection::ping(conn).await?;
-                        }
-                        Ok(true)
-                    })
-                })
-                .after_connect(move |conn, _meta| {
-                    Box::pin(async move {
-                        if backend == Backend::Sqlite {
-                            // WAL: readers never block the writer, and several processes
-                            // share the file safely. synchronous=FULL: an acknowledged write
-                            // survives a power cut, not only a killed process. busy_timeout:
-                            // wait for another process's write lock instead of failing at
-                            // once.
-                            conn.execute(
-                                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-                                 PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
-                            )
-                            .await?;
-                            if !autocheckpoint {
-                                conn.execute("PRAGMA wal_autocheckpoint = 0;").await?;
-                            }
-                        } else {
-                            let set = format!(
-                                "SET idle_in_transaction_session_timeout = {idle_in_tx_ms}"
-                            );
-                            conn.execute(set.as_str()).await?;
-                            // Writes go to a primary only: a connection to a standby (a
-                            // demoted node, or the wrong host) is refused at once.
-                            let standby: bool = sqlx::query_scalar(primary::READ_ONLY)
-                                .fetch_one(&mut *conn)
-                                .await?;
-                            if standby {
-                                return Err(sqlx::Error::Protocol(primary::STANDBY_REFUSED.into()));
-                            }
-                        }
-                        Ok(())
-                    })
-                })
+        let lost = Arc::new(pool::LostConnections::new());
+        let settings = pool::Settings {
+            max_connections: opts.max_connections,
+            surplus_connections: opts.surplus_connections,
+            acquire_timeout: opts.acquire_timeout,
+            setup: Arc::new(move |conn| {
+                Box::pin(set_up_connection(
+                    conn,
+                    backend,
+                    idle_in_tx_ms,
+                    autocheckpoint,
+                ))
+            }),
+            lost: lost.clone(),
         };
         let hosts = match backend {
             Backend::Postgres => primary::hosts(&url),
             Backend::Sqlite => vec![url.clone()],
         };
-        let primary = primary::Primary::open(
-            hosts.clone(),
-            backend == Backend::Postgres,
-            Box::new(pool_options),
-            opts.acquire_timeout,
-        )
-        .await?;
+        let primary =
+            primary::Primary::open(hosts.clone(), backend == Backend::Postgres, settings).await?;
         let write_gate =
             (backend == Backend::Sqlite).then(|| Arc::new(tokio::sync::Semaphore::new(1)));
         let write_lock = match sqlite_file(&opts.url) {
@@ -610,7 +597,7 @@ impl Store {
         let rows =
             sqlx::query("SELECT version FROM holdfast_schema_migrations WHERE schema_name = $1")
                 .bind(schema)
-                .fetch_all(&self.pool())
+                .fetch_all_pooled(self)
                 .await?;
         rows.iter()
             .map(|r| Ok(sqlx::Row::try_get::<i64, _>(r, "version")?))
@@ -647,8 +634,7 @@ impl Store {
 
     /// Connections in use and idle, for the pool gauges.
     pub fn pool_stats(&self) -> (u32, usize) {
-        let pool = self.pool();
-        (pool.size(), pool.num_idle())
+        self.pool().stats()
     }
 
     /// On PostgreSQL, each host the URL names: primary or standby, and how far each standby
@@ -667,13 +653,19 @@ impl Store {
     }
 
     /// The pool to use now (on PostgreSQL, the primary's; it changes when the primary moves).
-    pub(crate) fn pool(&self) -> AnyPool {
+    pub(crate) fn pool(&self) -> pool::Pool {
         self.primary.pool()
+    }
+
+    /// A connection of the pool writes use now, for one operation: given back
+    /// ([`pool::Lent::give_back`]) when it finished, it is lent again without a round trip.
+    pub(crate) async fn lend(&self) -> std::result::Result<pool::Lent, sqlx::Error> {
+        self.pool().lend().await
     }
 
     /// One round trip, no retries: for readiness checks.
     pub async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool()).await?;
+        sqlx::query("SELECT 1").execute_pooled(self).await?;
         Ok(())
     }
 
@@ -705,9 +697,14 @@ impl Store {
     /// sends the reader to the primary.
     pub async fn write_position(&self) -> Option<Lsn> {
         self.replicas.as_ref()?;
-        let pool = self.pool();
-        let asked =
-            sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text").fetch_one(&pool);
+        let asked = async {
+            let mut conn = self.lend().await?;
+            let at = sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text")
+                .fetch_one(&mut *conn)
+                .await?;
+            conn.give_back();
+            Ok::<_, sqlx::Error>(at)
+        };
         match tokio::time::timeout(POSITION_WITHIN, asked).await {
             Ok(Ok(at)) => Some(at.parse().unwrap_or(Lsn::BEYOND)),
             _ => Some(Lsn::BEYOND),
@@ -803,7 +800,7 @@ impl Store {
         query: impl Fn() -> AnyQuery<'q>,
     ) -> Result<Vec<T>> {
         self.run(Rerun::Always, op, || async {
-            let rows = query().fetch_all(&self.pool()).await?;
+            let rows = query().fetch_all_pooled(self).await?;
             Ok(rows.iter().map(T::from_row).collect::<Result<_, _>>()?)
         })
         .await

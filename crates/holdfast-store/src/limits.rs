@@ -9,7 +9,7 @@
 //! table holds no addresses or emails, and any key fits.
 
 use crate::accounts::ms;
-use crate::{Rerun, Result, Store};
+use crate::{Pooled, Rerun, Result, Store};
 use holdfast_core::DeviceToken;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -95,7 +95,7 @@ impl Store {
         self.run(Rerun::Always, "rate_reap", || async {
             Ok(sqlx::query("DELETE FROM rate_limits WHERE tat <= $1")
                 .bind(now)
-                .execute(&self.pool())
+                .execute_pooled(self)
                 .await?
                 .rows_affected())
         })
@@ -118,7 +118,7 @@ impl Store {
             .bind(&hash)
             .bind(user_id)
             .bind(now)
-            .execute(&self.pool())
+            .execute_pooled(self)
             .await?;
             Ok(())
         })
@@ -141,7 +141,7 @@ impl Store {
             Ok(
                 sqlx::query("DELETE FROM known_devices WHERE created_at < $1")
                     .bind(before)
-                    .execute(&self.pool())
+                    .execute_pooled(self)
                     .await?
                     .rows_affected(),
             )

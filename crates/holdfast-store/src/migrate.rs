@@ -44,7 +44,7 @@
 //! `INTEGER PRIMARY KEY AUTOINCREMENT` becomes `BIGSERIAL PRIMARY KEY` (see [`render`]). What
 //! cannot be said once for both (triggers) has a `NNNN_name.postgres.sql` of its own.
 
-use crate::{Backend, Error, Result, Store};
+use crate::{Backend, Error, Pooled, Result, Store};
 use sha2::{Digest, Sha256};
 use sqlx::{Executor, Row};
 use std::collections::HashMap;
@@ -466,16 +466,17 @@ async fn lock_holder(store: &Store) -> Option<i32> {
          AND ((classid::bigint << 32) | objid::bigint) = $1",
     )
     .bind(PG_MIGRATION_LOCK)
-    .fetch_optional(&store.pool())
+    .fetch_all_pooled(store)
     .await
-    .ok()
-    .flatten()
+    .ok()?
+    .into_iter()
+    .next()
     .and_then(|r| r.try_get::<i32, _>("pid").ok())
 }
 
 /// The database's migrations against this build's, changing nothing.
 pub(crate) async fn status(store: &Store, schemas: &[&Schema]) -> Result<Vec<SchemaState>> {
-    let mut conn = store.pool().acquire().await?;
+    let mut conn = store.lend().await?;
     let mut recorded: HashMap<(String, i64), (String, String, Option<String>)> = HashMap::new();
     if table_exists(&mut conn, store.backend, TABLE).await? {
         // A table an earlier build made has no phases (its builds declared none).

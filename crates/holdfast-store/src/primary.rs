@@ -15,9 +15,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 use std::time::Duration;
 
-use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{AnyPool, ConnectOptions, Connection};
+use sqlx::any::AnyConnectOptions;
+use sqlx::{ConnectOptions, Connection};
 
+use crate::pool::{Pool, Settings};
 use crate::{Error, Result};
 
 /// Whether the server a connection reached takes no writes: a standby (in recovery), or a
@@ -52,10 +53,11 @@ pub(crate) fn hosts(url: &str) -> Vec<String> {
 /// The pool writes use, and how to make another.
 pub(crate) struct Primary {
     /// The pool, and the URL of the host it connects to.
-    current: RwLock<(AnyPool, String)>,
+    current: RwLock<(Pool, String)>,
     /// One URL per host to find the primary among (one entry for a single host).
     hosts: Vec<String>,
-    options: AnyPoolOptionsMaker,
+    /// Sizes, timeouts and the per-connection setup, for each pool made.
+    settings: Settings,
     /// Bumped at each search, so failures seen before it do not start another.
     generation: AtomicU64,
     searching: tokio::sync::Mutex<()>,
@@ -64,27 +66,24 @@ pub(crate) struct Primary {
     closed: std::sync::atomic::AtomicBool,
 }
 
-/// Makes the pool options (sizes, timeouts, the per-connection setup) afresh for each pool.
-pub(crate) type AnyPoolOptionsMaker = Box<dyn Fn() -> AnyPoolOptions + Send + Sync>;
-
 impl Primary {
     /// Finds the primary among `hosts` (on PostgreSQL: even one host is asked, so a standby
     /// is refused with its reason) and connects to it.
     pub(crate) async fn open(
         hosts: Vec<String>,
         postgres: bool,
-        options: AnyPoolOptionsMaker,
-        acquire_timeout: Duration,
+        settings: Settings,
     ) -> Result<Primary> {
+        let acquire_timeout = settings.acquire_timeout;
         let first = match hosts.as_slice() {
             [one] if !postgres => one.clone(),
             _ => find(&hosts, acquire_timeout).await?,
         };
-        let pool = options().connect_with(first.parse()?).await?;
+        let pool = Pool::eager(first.parse()?, settings.clone()).await?;
         Ok(Primary {
             current: RwLock::new((pool, first)),
             hosts,
-            options,
+            settings,
             generation: AtomicU64::new(0),
             searching: tokio::sync::Mutex::new(()),
             acquire_timeout,
@@ -103,7 +102,7 @@ impl Primary {
     }
 
     /// The pool writes use now.
-    pub(crate) fn pool(&self) -> AnyPool {
+    pub(crate) fn pool(&self) -> Pool {
         self.current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -157,7 +156,7 @@ impl Primary {
         let Ok(options) = url.parse::<AnyConnectOptions>() else {
             return;
         };
-        let fresh = (self.options)().connect_lazy_with(options);
+        let fresh = Pool::lazy(options, self.settings.clone());
         let (old, _) = std::mem::replace(
             &mut *self
                 .current

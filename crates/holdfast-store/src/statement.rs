@@ -13,7 +13,7 @@
 
 use crate::idempotency::{IdemClaim, StoredResponse};
 use crate::jobs::{JobInsert, NOTIFY_CHANNEL};
-use crate::{Backend, Error, Rerun, Result, Store};
+use crate::{Backend, Error, Pooled, Rerun, Result, Store};
 use sqlx::Row;
 
 /// A value bound to one placeholder of a [`Statement`].
@@ -186,7 +186,8 @@ impl Store {
                         Param::MaybeText(v) => q.bind(v.clone()),
                     };
                 }
-                Ok(q.fetch_one(&self.pool()).await?)
+                let row = q.fetch_all_pooled(self).await?.into_iter().next();
+                Ok(row.ok_or(sqlx::Error::RowNotFound)?)
             })
             .await?;
         let status: Option<i64> = row.try_get(0)?;

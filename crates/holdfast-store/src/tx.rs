@@ -7,9 +7,10 @@
 //! than once, so it must not have effects outside the transaction.
 
 use crate::group::Group;
-use crate::{Backend, Error, Result, Store};
+use crate::pool::OpenTx;
+use crate::{Backend, Error, Pooled, Result, Store};
 use scoped_futures::ScopedBoxFuture;
-use sqlx::{Any, AnyConnection, Transaction};
+use sqlx::{Any, AnyConnection};
 use std::fmt;
 use std::sync::Arc;
 
@@ -91,7 +92,7 @@ impl<E: std::error::Error + 'static> std::error::Error for TxError<E> {
 /// An open write transaction. On SQLite it also holds the process's write gate, so that one
 /// waiter per process (not one per pooled connection) contends for the file's write lock.
 pub struct Tx {
-    tx: Transaction<'static, Any>,
+    tx: OpenTx,
     backend: Backend,
     // Dropped after `tx` (fields drop in order): the file's lock, then the process's turn —
     // the next transaction of this process locks the same open file, so it must not get its
@@ -244,10 +245,16 @@ impl Store {
     {
         let mut retries = self.retries(Rerun::Always, op);
         loop {
-            match self.pool().acquire().await {
+            match self.lend().await {
                 Ok(mut conn) => match body(&mut conn).await {
                     Err(TxError::Db(e)) => retries.after(e).await?,
-                    done => return done,
+                    // Only a body that finished hands its connection back as it is: one that
+                    // gave up may have left it mid-answer or broken.
+                    Ok(done) => {
+                        conn.give_back();
+                        return Ok(done);
+                    }
+                    aborted => return aborted,
                 },
                 Err(e) => retries.after(Error::Db(e)).await?,
             }
@@ -286,11 +293,11 @@ impl Store {
             }
             None => None,
         };
-        // Begun in its own task: sqlx-sqlite acknowledges a custom BEGIN before it builds the
-        // `Transaction`, and a caller dropped in between (a request deadline, a cancelled job)
+        // Begun in its own task: the driver counts a transaction as open only once BEGIN is
+        // acknowledged, and a caller dropped in between (a request deadline, a cancelled job)
         // would leave a pooled connection holding the database's write lock with nobody to
-        // roll it back. A task is not cancelled with its caller; its `Transaction`, if the
-        // caller is gone, is dropped and rolled back.
+        // roll it back. A task is not cancelled with its caller; its `OpenTx`, if the caller
+        // is gone, is dropped and rolled back.
         let begin = match self.backend {
             // SQLite must take the write lock up front: a deferred transaction that reads and
             // then writes can fail with SQLITE_BUSY at the upgrade, after its reads, with no
@@ -298,8 +305,8 @@ impl Store {
             Backend::Sqlite => "BEGIN IMMEDIATE",
             Backend::Postgres => "BEGIN",
         };
-        let pool = self.pool().clone();
-        let tx = tokio::spawn(async move { pool.begin_with(begin).await })
+        let pool = self.pool();
+        let tx = tokio::spawn(async move { OpenTx::begin(pool.lend().await?, begin).await })
             .await
             .map_err(|_| Error::Db(sqlx::Error::WorkerCrashed))??;
         Ok(Tx {
@@ -319,7 +326,7 @@ impl Store {
         q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
     ) -> Result<u64> {
         match self.backend {
-            Backend::Postgres => Ok(q.execute(&self.pool()).await?.rows_affected()),
+            Backend::Postgres => Ok(q.execute_pooled(self).await?.rows_affected()),
             Backend::Sqlite => {
                 let mut tx = self.begin_write().await?;
                 let n = q.execute(tx.conn()).await?.rows_affected();
@@ -349,7 +356,7 @@ impl Store {
         q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
     ) -> Result<Vec<sqlx::any::AnyRow>> {
         match self.backend {
-            Backend::Postgres => Ok(q.fetch_all(&self.pool()).await?),
+            Backend::Postgres => Ok(q.fetch_all_pooled(self).await?),
             Backend::Sqlite => {
                 let mut tx = self.begin_write().await?;
                 let rows = q.fetch_all(tx.conn()).await?;

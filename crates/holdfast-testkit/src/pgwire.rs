@@ -11,7 +11,16 @@ use tokio::net::{TcpListener, TcpStream};
 /// The relay; it serves until the test's runtime ends.
 pub struct RoundTrips {
     url: String,
-    count: Arc<AtomicU64>,
+    count: Arc<Counts>,
+}
+
+/// What the relay has seen, over every connection.
+#[derive(Default)]
+struct Counts {
+    /// Round trips that ran statements.
+    statements: AtomicU64,
+    /// Lone `Sync`s: a client checking that a connection answers, running nothing.
+    pings: AtomicU64,
 }
 
 impl RoundTrips {
@@ -25,7 +34,7 @@ impl RoundTrips {
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
-        let count = Arc::new(AtomicU64::new(0));
+        let count = Arc::new(Counts::default());
         let counted = count.clone();
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
@@ -52,13 +61,18 @@ impl RoundTrips {
         &self.url
     }
 
-    /// Round trips so far, over every connection.
+    /// Round trips that ran statements so far, over every connection.
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::SeqCst)
+        self.count.statements.load(Ordering::SeqCst)
+    }
+
+    /// Pings so far (a lone `Sync`, which runs nothing), over every connection.
+    pub fn pings(&self) -> u64 {
+        self.count.pings.load(Ordering::SeqCst)
     }
 }
 
-async fn relay(mut client: TcpStream, mut upstream: TcpStream, count: Arc<AtomicU64>) {
+async fn relay(mut client: TcpStream, mut upstream: TcpStream, count: Arc<Counts>) {
     let Ok(startup) = refuse_encryption(&mut client).await else {
         return;
     };
@@ -95,29 +109,33 @@ async fn refuse_encryption(client: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 
 /// Copies the frontend's typed messages one by one, counting each `Sync` that ends an
 /// exchange which executed something and each simple `Query`: the round trips that ran
-/// statements. A lone `Sync` (sqlx's ping of a connection it takes back into its pool) and a
-/// prepare (`Parse`, `Describe`, `Sync`, once per statement and connection) run none.
+/// statements. A prepare (`Parse`, `Describe`, `Sync`, once per statement and connection)
+/// runs none. A lone `Sync` (nothing sent since the last one: sqlx's ping) is counted apart.
 async fn frontend(
     from: &mut tokio::net::tcp::OwnedReadHalf,
     to: &mut tokio::net::tcp::OwnedWriteHalf,
-    count: &AtomicU64,
+    count: &Counts,
 ) -> std::io::Result<()> {
-    let mut executed = false;
+    let (mut executed, mut sent_since_sync) = (false, false);
     loop {
         let kind = from.read_u8().await?;
         let len = from.read_u32().await?;
         let mut rest = vec![0; (len as usize).saturating_sub(4)];
         from.read_exact(&mut rest).await?;
         match kind {
-            b'E' => executed = true,
             b'S' if std::mem::take(&mut executed) => {
-                count.fetch_add(1, Ordering::SeqCst);
+                count.statements.fetch_add(1, Ordering::SeqCst);
             }
+            b'S' if !sent_since_sync => {
+                count.pings.fetch_add(1, Ordering::SeqCst);
+            }
+            b'E' => executed = true,
             b'Q' => {
-                count.fetch_add(1, Ordering::SeqCst);
+                count.statements.fetch_add(1, Ordering::SeqCst);
             }
             _ => {}
         }
+        sent_since_sync = !matches!(kind, b'S' | b'Q');
         to.write_all(&[&[kind][..], &len.to_be_bytes(), &rest].concat())
             .await?;
     }

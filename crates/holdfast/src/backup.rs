@@ -182,6 +182,7 @@ pub async fn restore(args: RestoreArgs) -> anyhow::Result<()> {
                     backup_checkpoints: false,
                     replica_max_lag: holdfast_store::ReplicaOptions::default().max_lag,
                     replica_wait: holdfast_store::ReplicaOptions::default().wait,
+                    db_surplus_connections: 0,
                 };
                 reconcile_store(&store, &provider)
                     .await

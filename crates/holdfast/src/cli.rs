@@ -386,6 +386,11 @@ pub struct StoreArgs {
     /// waits for a standby to replay it before the primary serves it instead.
     #[arg(long, value_parser = parse_duration, default_value = "50ms")]
     pub replica_wait: Duration,
+    /// Connections each process may open beyond its pool's 8 while its connections are held
+    /// long on average (a slow link to the database: the same work needs more connections
+    /// at once). Counts against the server's connection limit; 0 turns it off.
+    #[arg(long, env = "HOLDFAST_DB_SURPLUS_CONNECTIONS", default_value_t = 4)]
+    pub db_surplus_connections: u32,
 }
 
 impl StoreArgs {

@@ -119,6 +119,7 @@ fn store_options_as(
         .schema(shop)
         .migrate(migrate);
     opts.sqlite_autocheckpoint = !args.backup_checkpoints;
+    opts.surplus_connections = args.db_surplus_connections;
     anyhow::ensure!(
         args.replica_max_lag < holdfast_web::READ_TOKEN_TTL,
         "--replica-max-lag must be under the read-your-writes token's {} s: a standby that far \

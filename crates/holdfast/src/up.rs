@@ -215,6 +215,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         store_flags.push(flag.into());
         store_flags.push(format!("{}ms", value.as_millis()).into());
     }
+    store_flags.push("--db-surplus-connections".into());
+    store_flags.push(args.store.db_surplus_connections.to_string().into());
     let mut web_args: Vec<OsString> = vec!["serve".into(), "--addr".into(), "127.0.0.1:0".into()];
     web_args.extend(store_flags.iter().cloned());
     if !web.secure_cookies {

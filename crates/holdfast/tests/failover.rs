@@ -237,7 +237,7 @@ async fn a_write_that_must_not_run_twice_survives_its_pooled_connection_being_en
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let (primary, mut admin) = primary_with_rows(&dir).await;
     let mut opts = StoreOptions::new(primary.url());
-    opts.max_connections = 1;
+    (opts.max_connections, opts.surplus_connections) = (1, 0);
     let store = Store::open(&opts).await.expect("the store");
     write(&store, 1).await.expect("a write");
 
@@ -261,7 +261,7 @@ async fn after_one_statement_meets_a_dead_connection_the_pool_checks_the_rest() 
     let dir = Arc::new(tempfile::tempdir().unwrap());
     let primary = Cluster::start(&dir).await.expect("the primary");
     let mut opts = StoreOptions::new(primary.url());
-    opts.max_connections = 2;
+    (opts.max_connections, opts.surplus_connections) = (2, 0);
     let store = Store::open(&opts).await.expect("the store");
     // Two reads that wait for each other: the pool holds two connections.
     let both = tokio::sync::Barrier::new(2);
