@@ -865,11 +865,13 @@ impl Retries<'_> {
             store.lost.saw_one();
         }
         // Whether or not this operation may run again, the next must find the primary.
+        // In a task of its own: a caller whose deadline passes mid-search must not take the
+        // search down with it, or under a failover every search could be cut short and the
+        // pool never move.
         if store.backend == Backend::Postgres && err.moves_primary(store.primary.several_hosts()) {
-            store
-                .primary
-                .search(store.primary.generation(), err.read_only())
-                .await;
+            let primary = store.primary.clone();
+            let (seen, read_only) = (primary.generation(), err.read_only());
+            let _ = tokio::spawn(async move { primary.search(seen, read_only).await }).await;
         }
         let retryable = !store.primary.is_closed()
             && match self.rerun {

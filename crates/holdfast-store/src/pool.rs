@@ -60,10 +60,18 @@ const SURPLUS_IDLE: Duration = Duration::from_secs(30);
 /// The longest pause between two tries at opening a connection to a server out of reach.
 const REOPEN_AT_MOST_EVERY: Duration = Duration::from_millis(400);
 
-/// Whether opening a connection failed because the server could not be reached (refused,
-/// reset, timed out), which passes, rather than because it said no.
+/// Whether opening a connection failed in a way that passes where the server is: nothing
+/// listening on its port (a restart under way) or a server still starting up (57P03). Any
+/// other failure is the borrower's answer at once, a connection reset or cut on its way in
+/// among them: through a proxy, that is how a server that died shows itself, and with
+/// several hosts the store must hear it now and look for the primary elsewhere, not after
+/// the borrower's whole wait.
 fn out_of_reach(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut)
+    match e {
+        sqlx::Error::Io(io) => io.kind() == std::io::ErrorKind::ConnectionRefused,
+        sqlx::Error::Database(db) => db.code().as_deref() == Some("57P03"),
+        _ => false,
+    }
 }
 
 /// How long the check of a connection dropped in an unknown state may take before it is
@@ -234,9 +242,9 @@ impl Pool {
                 opened = task => {
                     opening = None;
                     // It opened one that another borrower may have taken first, or it failed:
-                    // a server out of reach is tried again until the borrower's time is up
-                    // (the lend's timeout), a refusal (authentication, a standby) is the
-                    // answer.
+                    // a server out of reach (nothing listening, still starting) is tried again
+                    // until the borrower's time is up (the lend's timeout); any other failure
+                    // (a reset, a refusal of the login, a standby) is the answer.
                     match opened.map_err(|_| sqlx::Error::WorkerCrashed)? {
                         Err(e) if out_of_reach(&e) => {
                             tokio::time::sleep(backoff).await;
