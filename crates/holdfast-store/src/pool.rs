@@ -619,3 +619,53 @@ impl DerefMut for OpenTx {
         &mut self.conn
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool of `url` with a lend timeout of `within`.
+    fn pool_of(url: &str, within: Duration) -> Pool {
+        sqlx::any::install_default_drivers();
+        let settings = Settings {
+            max_connections: 1,
+            surplus_connections: 0,
+            acquire_timeout: within,
+            setup: Arc::new(|_| Box::pin(async { Ok(()) })),
+            lost: Arc::new(LostConnections::new()),
+        };
+        Pool::lazy(url.parse().expect("a postgres url"), settings)
+    }
+
+    #[tokio::test]
+    async fn a_connection_cut_on_its_way_in_is_the_answer_at_once() {
+        // What a proxy in front of a dead server does: it takes the connection and drops it.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let port = listener.local_addr().expect("bound").port();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                drop(socket);
+            }
+        });
+        let within = Duration::from_secs(5);
+        let pool = pool_of(&format!("postgres://u@127.0.0.1:{port}/db"), within);
+        let started = Instant::now();
+        let failed = pool.lend().await.err().expect("nothing to connect to");
+        assert!(matches!(failed, sqlx::Error::Io(_)), "{failed:?}");
+        assert!(started.elapsed() < within / 2, "{:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_port_with_nothing_listening_is_tried_until_the_lend_times_out() {
+        let port = {
+            let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+            taken.local_addr().expect("bound").port()
+        };
+        let within = Duration::from_millis(600);
+        let pool = pool_of(&format!("postgres://u@127.0.0.1:{port}/db"), within);
+        let started = Instant::now();
+        let failed = pool.lend().await.err().expect("nothing listens");
+        assert!(matches!(failed, sqlx::Error::PoolTimedOut), "{failed:?}");
+        assert!(started.elapsed() >= within, "{:?}", started.elapsed());
+    }
+}
