@@ -640,7 +640,9 @@ mod tests {
     #[tokio::test]
     async fn a_connection_cut_on_its_way_in_is_the_answer_at_once() {
         // What a proxy in front of a dead server does: it takes the connection and drops it.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a port");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a port");
         let port = listener.local_addr().expect("bound").port();
         tokio::spawn(async move {
             while let Ok((socket, _)) = listener.accept().await {

@@ -5,8 +5,9 @@
 //! as libpq writes it) is split into one URL per host here. At open, and after any failure
 //! that says the primary may have moved (a write refused as read-only, 25006; the server
 //! shutting down, 57P0x; a broken or refused connection, 08xxx), each host is asked
-//! whether it takes writes (`pg_is_in_recovery()`, `transaction_read_only`) and the first
-//! that does gets a fresh pool; the old pool is
+//! whether it takes writes (`pg_is_in_recovery()`, `transaction_read_only`), again and again
+//! up to the acquire timeout while none does (a promotion under way), and the first that does
+//! gets a fresh pool; the old pool is
 //! closed, so no connection to a demoted node is used again. Every new connection checks too,
 //! so a pool can never hold a connection to a standby: when every host is a standby the store
 //! is unavailable, which the edge answers with 503 and `Retry-After`.
@@ -50,6 +51,12 @@ pub(crate) fn hosts(url: &str) -> Vec<String> {
         .collect()
 }
 
+/// The first pause before the hosts are asked again when none was a primary.
+const ASK_AGAIN_AFTER: Duration = Duration::from_millis(20);
+
+/// The longest pause between two askings of the hosts while none is a primary.
+const ASK_AGAIN_AT_MOST_EVERY: Duration = Duration::from_millis(250);
+
 /// The pool writes use, and how to make another.
 pub(crate) struct Primary {
     /// The pool, and the URL of the host it connects to.
@@ -58,7 +65,7 @@ pub(crate) struct Primary {
     hosts: Vec<String>,
     /// Sizes, timeouts and the per-connection setup, for each pool made.
     settings: Settings,
-    /// Bumped at each search, so failures seen before it do not start another.
+    /// Bumped as each search finishes, so failures seen before then do not start another.
     generation: AtomicU64,
     searching: tokio::sync::Mutex<()>,
     acquire_timeout: Duration,
@@ -124,22 +131,25 @@ impl Primary {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// After a failure seen at `seen` that says the primary may have moved: unless another
-    /// search has run since, finds the primary and, if it is another host or the failure
-    /// said this one is `read_only` now, gives it a fresh pool (the old pool is closed: no
-    /// connection to a demoted node is used again). A search that finds none leaves the pool
-    /// as it was (its connections check for themselves); the operation's retries go on until
-    /// their deadline.
+    /// After a failure seen at `seen` that says the primary may have moved: unless a search
+    /// has finished since, finds the primary and, if it is another host or the failure said
+    /// this one is `read_only` now, gives it a fresh pool (the old pool is closed: no
+    /// connection to a demoted node is used again). With several hosts and none a primary
+    /// yet (a promotion under way), the hosts are asked again with backoff for up to the
+    /// acquire timeout: the failures that arrive meanwhile wait for this search, then use
+    /// what it found, rather than spend their attempts on a node that is gone. A search that
+    /// finds none leaves the pool as it was (its connections check for themselves); the
+    /// operation's retries go on until their deadline.
     pub(crate) async fn search(&self, seen: u64, read_only: bool) {
         let _one = self.searching.lock().await;
         if self.generation() != seen {
             return;
         }
-        self.generation.fetch_add(1, Ordering::SeqCst);
         let found = match self.hosts.as_slice() {
             [one] => Ok(one.clone()),
-            hosts => find(hosts, self.acquire_timeout).await,
+            hosts => self.find_while_promoting(hosts).await,
         };
+        self.generation.fetch_add(1, Ordering::SeqCst);
         let Ok(url) = found else {
             tracing::warn!("no primary among the store's hosts");
             return;
@@ -167,6 +177,21 @@ impl Primary {
         metrics::counter!("holdfast_store_primary_searches_total").increment(1);
         tracing::warn!(primary = %redact(&url), "writes go to the primary found now");
         tokio::spawn(async move { old.close().await });
+    }
+
+    /// [`find`], asked again with backoff while no host is a primary, for up to the
+    /// acquire timeout (a promotion takes from a tenth of a second to a few seconds).
+    async fn find_while_promoting(&self, hosts: &[String]) -> Result<String> {
+        let until = std::time::Instant::now() + self.acquire_timeout;
+        let mut pause = ASK_AGAIN_AFTER;
+        loop {
+            let found = find(hosts, self.acquire_timeout).await;
+            if found.is_ok() || self.is_closed() || std::time::Instant::now() + pause >= until {
+                return found;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(ASK_AGAIN_AT_MOST_EVERY);
+        }
     }
 
     pub(crate) async fn close(&self) {

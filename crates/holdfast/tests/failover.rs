@@ -156,6 +156,49 @@ async fn writes_follow_the_primary_when_a_standby_is_promoted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_meets_the_dead_primary_mid_promotion_waits_for_the_new_one() {
+    if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
+        return;
+    }
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    let (primary, admin) = primary_with_rows(&dir).await;
+    drop(admin);
+    let standby = Cluster::start_standby(&primary, &dir)
+        .await
+        .expect("a standby");
+    // The primary through a relay, as the drill reaches it through its fault proxy: once the
+    // server is gone, a connection is taken and dropped at once (not refused), so each
+    // attempt fails within a millisecond.
+    let relay = holdfast_testkit::pgwire::RoundTrips::start(&primary.url()).await;
+    let relayed = reqwest::Url::parse(relay.url()).expect("the relay's url");
+    let url = format!(
+        "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/holdfast",
+        relayed.port().expect("a port"),
+        standby.port
+    );
+    // The store's defaults: five attempts, a 3 s acquire timeout.
+    let store = Store::open(&StoreOptions::new(&url))
+        .await
+        .expect("the store finds the primary");
+    write(&store, 1).await.expect("a write to the primary");
+
+    primary.stop().await;
+    let writing = tokio::spawn({
+        let store = store.clone();
+        async move { write(&store, 2).await }
+    });
+    // The promotion takes its time (here half a second): longer than five quick attempts,
+    // within the search's wait for a primary.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    standby.promote().await.expect("promote");
+    writing
+        .await
+        .expect("the write's task")
+        .expect("the write waited for the promotion, then landed on the new primary");
+    assert_eq!(rows(&standby.url()).await, vec![1, 2]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_store_of_standbys_only_refuses_to_open_and_says_why() {
     if !holdfast_testkit::process::postgres_server_binaries_or_skip() {
         return;
