@@ -67,6 +67,11 @@ pub const METRICS: &[holdfast_core::Metric] = &[
     )
     .at_zero(&[&[]]),
     holdfast_core::Metric::counter(
+        pool::CONNECTIONS_FAILED,
+        "Connections to the database that failed to open, or were found dead when next lent: a restart or a cut link, seen even when no operation had to be retried.",
+    )
+    .at_zero(&[&[]]),
+    holdfast_core::Metric::counter(
         "holdfast_store_retry_budget_exhausted_total",
         "Store operations that failed because the process's retry budget was spent, by operation.",
     )

@@ -60,6 +60,11 @@ const SURPLUS_IDLE: Duration = Duration::from_secs(30);
 /// The longest pause between two tries at opening a connection to a server out of reach.
 const REOPEN_AT_MOST_EVERY: Duration = Duration::from_millis(400);
 
+/// Counts connections that failed to open or were found dead when lent. A cut link shorter
+/// than the acquire timeout makes requests wait rather than fail, so no operation is retried
+/// and only this shows it.
+pub(crate) const CONNECTIONS_FAILED: &str = "holdfast_store_connections_failed_total";
+
 /// Whether opening a connection failed in a way that passes where the server is: nothing
 /// listening on its port (a restart under way) or a server still starting up (57P03). Any
 /// other failure is the borrower's answer at once, a connection reset or cut on its way in
@@ -271,6 +276,7 @@ impl Pool {
             let within = self.0.settings.acquire_timeout;
             if suspect && !matches!(tokio::time::timeout(within, conn.ping()).await, Ok(Ok(()))) {
                 // Dead (a restarted server, a cut link): let it go and try the next.
+                metrics::counter!(CONNECTIONS_FAILED).increment(1);
                 drop(conn);
                 continue;
             }
@@ -350,6 +356,9 @@ async fn open_into_idle(inner: Arc<Inner>) -> Result<(), sqlx::Error> {
     })
     .await
     .unwrap_or(Err(sqlx::Error::PoolTimedOut));
+    if opened.is_err() {
+        metrics::counter!(CONNECTIONS_FAILED).increment(1);
+    }
     let outcome = opened.map(|conn| {
         if let Some(closing) = inner.take_back(conn) {
             tokio::spawn(close_quietly(closing));
@@ -649,12 +658,22 @@ mod tests {
                 drop(socket);
             }
         });
+        // This test's runtime runs every task on this thread: the opening's count lands here.
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let counts = recorder.handle();
+        let _counting = metrics::set_default_local_recorder(&recorder);
         let within = Duration::from_secs(5);
         let pool = pool_of(&format!("postgres://u@127.0.0.1:{port}/db"), within);
         let started = Instant::now();
         let failed = pool.lend().await.err().expect("nothing to connect to");
         assert!(matches!(failed, sqlx::Error::Io(_)), "{failed:?}");
         assert!(started.elapsed() < within / 2, "{:?}", started.elapsed());
+        // Seen by the operator even when nobody retries (the store's flaking alert).
+        let page = counts.render();
+        assert!(
+            page.lines().any(|l| l == format!("{CONNECTIONS_FAILED} 1")),
+            "{page}"
+        );
     }
 
     #[tokio::test]
