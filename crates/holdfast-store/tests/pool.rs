@@ -14,11 +14,14 @@ use sqlx::Executor;
 use std::convert::Infallible;
 use tokio::sync::oneshot;
 
-/// A store whose pool holds one connection, reached through `wire`.
-async fn one_connection(wire: &RoundTrips) -> Store {
+/// A store of the database at `url` whose pool holds one connection, reached through the
+/// relay returned with it, which counts what crosses it.
+async fn one_connection(url: &str) -> (RoundTrips, Store) {
+    let wire = RoundTrips::start(url).await;
     let mut opts = StoreOptions::new(wire.url());
     (opts.max_connections, opts.surplus_connections) = (1, 0);
-    Store::open(&opts).await.expect("open")
+    let store = Store::open(&opts).await.expect("open");
+    (wire, store)
 }
 
 /// The statements and the pings the wire saw while `op` ran and the connection came back.
@@ -36,8 +39,7 @@ async fn seen<F: std::future::Future>(store: &Store, wire: &RoundTrips, op: F) -
 #[tokio::test]
 async fn a_connection_whose_statement_finished_goes_back_without_a_ping() {
     with_fresh_db(Backend::Postgres, "pool_no_ping", |url| async move {
-        let wire = RoundTrips::start(&url).await;
-        let store = one_connection(&wire).await;
+        let (wire, store) = one_connection(&url).await;
         store.ping().await.expect("warm");
 
         let (statements, pings) = seen(&store, &wire, async {
@@ -70,8 +72,7 @@ async fn a_connection_whose_statement_finished_goes_back_without_a_ping() {
 #[tokio::test]
 async fn a_statement_cancelled_half_way_leaves_a_connection_the_next_user_can_use() {
     with_fresh_db(Backend::Postgres, "pool_cancelled", |url| async move {
-        let wire = RoundTrips::start(&url).await;
-        let store = one_connection(&wire).await;
+        let (wire, store) = one_connection(&url).await;
         store.ping().await.expect("warm");
         let (sent, cancel) = tokio::sync::oneshot::channel::<()>();
         let mut sent = Some(sent);
@@ -125,8 +126,7 @@ async fn a_statement_cancelled_half_way_leaves_a_connection_the_next_user_can_us
 #[tokio::test]
 async fn a_transaction_abandoned_half_way_is_rolled_back_before_its_connection_is_lent() {
     with_fresh_db(Backend::Postgres, "pool_abandoned", |url| async move {
-        let wire = RoundTrips::start(&url).await;
-        let store = one_connection(&wire).await;
+        let (_wire, store) = one_connection(&url).await;
         store
             .read("table", |conn| {
                 async move {

@@ -56,6 +56,18 @@ async fn primary_with_rows(dir: &Arc<tempfile::TempDir>) -> (Arc<Cluster>, sqlx:
     (primary, admin)
 }
 
+/// [`primary_with_rows`] and a streaming standby of it.
+async fn primary_with_rows_and_standby(
+    dir: &Arc<tempfile::TempDir>,
+) -> (Arc<Cluster>, Arc<Cluster>) {
+    let (primary, admin) = primary_with_rows(dir).await;
+    drop(admin);
+    let standby = Cluster::start_standby(&primary, dir)
+        .await
+        .expect("a standby");
+    (primary, standby)
+}
+
 /// Ends every client connection to the store's database but `admin`'s own, as a server
 /// restart or an operator would: one `true` for each connection ended.
 async fn end_store_connections(admin: &mut sqlx::PgConnection) -> Vec<bool> {
@@ -74,11 +86,7 @@ async fn writes_follow_the_primary_when_a_standby_is_promoted() {
         return;
     }
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let (primary, admin) = primary_with_rows(&dir).await;
-    drop(admin);
-    let standby = Cluster::start_standby(&primary, &dir)
-        .await
-        .expect("a standby");
+    let (primary, standby) = primary_with_rows_and_standby(&dir).await;
     // The standby is named first: the store must ask, not assume.
     let url = format!(
         "postgres://postgres@127.0.0.1:{},127.0.0.1:{}/holdfast",
@@ -161,11 +169,7 @@ async fn a_write_that_meets_the_dead_primary_mid_promotion_waits_for_the_new_one
         return;
     }
     let dir = Arc::new(tempfile::tempdir().unwrap());
-    let (primary, admin) = primary_with_rows(&dir).await;
-    drop(admin);
-    let standby = Cluster::start_standby(&primary, &dir)
-        .await
-        .expect("a standby");
+    let (primary, standby) = primary_with_rows_and_standby(&dir).await;
     // The primary through a relay, as the drill reaches it through its fault proxy: once the
     // server is gone, a connection is taken and dropped at once (not refused), so each
     // attempt fails within a millisecond.
