@@ -57,8 +57,14 @@ const FAST_HOLD: Duration = Duration::from_millis(50);
 /// are open.
 const SURPLUS_IDLE: Duration = Duration::from_secs(30);
 
-/// The longest pause between two tries at opening a connection to a server out of reach.
-const REOPEN_AT_MOST_EVERY: Duration = Duration::from_millis(400);
+/// The pauses between tries at opening a connection to a server out of reach: from 50 ms,
+/// doubling, at most 400 ms, jittered (the borrower's lend timeout ends them).
+const REOPEN: holdfast_core::retry::RetryPolicy = holdfast_core::retry::RetryPolicy {
+    base: Duration::from_millis(50),
+    cap: Duration::from_millis(400),
+    max_attempts: u32::MAX,
+    deadline: Duration::MAX,
+};
 
 /// Counts connections that failed to open or were found dead when lent. A cut link shorter
 /// than the acquire timeout makes requests wait rather than fail, so no operation is retried
@@ -223,7 +229,7 @@ impl Pool {
         // given back meanwhile. On a slow link opening takes several round trips and a
         // connection in use comes back within one.
         let mut opening: Option<tokio::task::JoinHandle<Result<(), sqlx::Error>>> = None;
-        let mut backoff = REOPEN_AT_MOST_EVERY / 8;
+        let mut reopened = 0;
         loop {
             if self.is_closed() {
                 return Err(sqlx::Error::PoolClosed);
@@ -252,8 +258,8 @@ impl Pool {
                     // (a reset, a refusal of the login, a standby) is the answer.
                     match opened.map_err(|_| sqlx::Error::WorkerCrashed)? {
                         Err(e) if out_of_reach(&e) => {
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(REOPEN_AT_MOST_EVERY);
+                            tokio::time::sleep(REOPEN.delay(reopened)).await;
+                            reopened += 1;
                         }
                         done => done?,
                     }

@@ -51,12 +51,6 @@ pub(crate) fn hosts(url: &str) -> Vec<String> {
         .collect()
 }
 
-/// The first pause before the hosts are asked again when none was a primary.
-const ASK_AGAIN_AFTER: Duration = Duration::from_millis(20);
-
-/// The longest pause between two askings of the hosts while none is a primary.
-const ASK_AGAIN_AT_MOST_EVERY: Duration = Duration::from_millis(250);
-
 /// The pool writes use, and how to make another.
 pub(crate) struct Primary {
     /// The pool, and the URL of the host it connects to.
@@ -182,15 +176,24 @@ impl Primary {
     /// [`find`], asked again with backoff while no host is a primary, for up to the
     /// acquire timeout (a promotion takes from a tenth of a second to a few seconds).
     async fn find_while_promoting(&self, hosts: &[String]) -> Result<String> {
-        let until = std::time::Instant::now() + self.acquire_timeout;
-        let mut pause = ASK_AGAIN_AFTER;
+        // From 20 ms, doubling, at most 250 ms, jittered: the instances of a fleet that
+        // lost the primary together do not ask together.
+        let asking = holdfast_core::retry::RetryPolicy {
+            base: Duration::from_millis(20),
+            cap: Duration::from_millis(250),
+            max_attempts: u32::MAX,
+            deadline: self.acquire_timeout,
+        };
+        let started = std::time::Instant::now();
+        let mut asked = 0;
         loop {
             let found = find(hosts, self.acquire_timeout).await;
-            if found.is_ok() || self.is_closed() || std::time::Instant::now() + pause >= until {
+            asked += 1;
+            let pause = asking.next_delay(asked, started);
+            let (Err(_), false, Some(pause)) = (&found, self.is_closed(), pause) else {
                 return found;
-            }
+            };
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(ASK_AGAIN_AT_MOST_EVERY);
         }
     }
 
