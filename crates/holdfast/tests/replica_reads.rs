@@ -310,6 +310,31 @@ async fn up_with_a_replica_runs_a_primary_and_a_standby_and_reads_from_it() {
     )
     .await;
     let http = client();
+    // Each instance puts the standby in rotation once its watcher has measured the lag; until
+    // then its reads go to the primary. Wait for both (a fresh fleet, not a slow one).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let page = http
+            .get(format!("{ops}/ops/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let reading = page
+            .lines()
+            .filter(|l| l.starts_with("holdfast_replica_in_rotation{") && l.ends_with(" 1"))
+            .count();
+        if reading == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the standby never joined both instances' rotation: {page}"
+        );
+        tokio::time::sleep(holdfast_store::REPLICA_WATCH_EVERY).await;
+    }
     let bought = buy_through(&base, "up@example.com", "HELMET").await;
     let session = bought.session;
     let token = bought
