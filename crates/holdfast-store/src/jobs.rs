@@ -371,19 +371,25 @@ impl Store {
     ) -> Result<Vec<JobRow>> {
         let due = "SELECT id FROM jobs WHERE state = 'available' AND queue = $4 AND run_at <= $3
                    ORDER BY priority, run_at, id LIMIT $5";
-        // Postgres: skip the rows other claimers hold, and reach the picked ones through the
-        // primary key: `id IN (subquery)` gets a generic plan that hash-joins the whole table
-        // (completed jobs included) on every claim. (The picked rows stay locked until the
-        // statement ends, so they are still available when it updates them.)
-        let picked = match self.backend {
-            Backend::Postgres => format!("id = ANY(ARRAY({due} FOR UPDATE SKIP LOCKED))"),
-            Backend::Sqlite => format!("id IN ({due})"),
+        let set = "state = 'running', attempt = attempt + 1, claim = claim + 1, lease_until = $1, worker_id = $2, started_at = $3";
+        let sql = match self.backend {
+            // Postgres: skip the rows other claimers hold, and join the picked ones back by
+            // primary key. The statement is prepared once per connection, and its generic plan
+            // is made while the table is still small: `id = ANY(ARRAY(picked))` was then planned
+            // as a scan of the whole table (completed jobs included) that stayed the plan as the
+            // table grew (1.7 ms a claim after 10 s of a benchmark), and `id IN (picked)` as a
+            // hash join over it. A join from the few picked rows is planned as an index lookup
+            // per row at any size. (The picked rows stay locked until the statement ends, so
+            // they are still available when it updates them.)
+            Backend::Postgres => format!(
+                "WITH picked (job_id) AS MATERIALIZED ({due} FOR UPDATE SKIP LOCKED)
+                 UPDATE jobs SET {set} FROM picked WHERE id = picked.job_id
+                 RETURNING {JOB_COLUMNS}"
+            ),
+            Backend::Sqlite => format!(
+                "UPDATE jobs SET {set} WHERE id IN ({due}) RETURNING {JOB_COLUMNS}"
+            ),
         };
-        let sql = format!(
-            "UPDATE jobs SET state = 'running', attempt = attempt + 1, claim = claim + 1, lease_until = $1, worker_id = $2, started_at = $3
-             WHERE {picked}
-             RETURNING {JOB_COLUMNS}"
-        );
         // A claim that committed but whose answer was lost leaves jobs running under a lease
         // nobody holds; the rescuer frees them. So only retry when nothing can have committed.
         self.run(Rerun::IfUncommitted, "job_claim", || async {
