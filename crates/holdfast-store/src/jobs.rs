@@ -8,7 +8,7 @@
 //! counts towards `max_attempts`, starts again at a redrive and is given back at a release.
 
 use crate::accounts::ms;
-use crate::{Backend, Error, Rerun, Result, Store, Tx, TxError};
+use crate::{Backend, Error, Pooled, Rerun, Result, Store, Tx, TxError};
 use scoped_futures::ScopedFutureExt;
 use serde::Serialize;
 use sqlx::any::AnyArguments;
@@ -598,12 +598,40 @@ impl Store {
             .await
     }
 
-    /// [`Tx::ledger_begin`] as its own transaction.
+    /// [`Tx::ledger_begin`] as its own transaction. On PostgreSQL it is one statement in
+    /// autocommit (one round trip instead of four), unless another attempt created the entry
+    /// while it ran: the statement's snapshot cannot see that entry, so the transaction, whose
+    /// second statement can, answers instead.
     pub async fn ledger_begin(
         &self,
         effect_key: &str,
         external_key: &str,
     ) -> Result<(LedgerEntry, bool)> {
+        if self.backend == Backend::Postgres {
+            let sql = "WITH created AS (
+                    INSERT INTO effect_ledger (effect_key, state, external_key, created_at, updated_at) VALUES ($1, 'pending', $2, $3, $3)
+                    ON CONFLICT (effect_key) DO NOTHING
+                    RETURNING effect_key, state, external_key, external_id)
+                 SELECT effect_key, state, external_key, external_id, 1 AS created FROM created
+                 UNION ALL
+                 SELECT effect_key, state, external_key, external_id, 0 FROM effect_ledger
+                 WHERE effect_key = $1 AND NOT EXISTS (SELECT 1 FROM created)";
+            let now = holdfast_core::now_ms();
+            let rows = self
+                .run(Rerun::Always, "ledger_begin", || async {
+                    Ok(sqlx::query(sql)
+                        .bind(effect_key)
+                        .bind(external_key)
+                        .bind(now)
+                        .fetch_all_pooled(self)
+                        .await?)
+                })
+                .await?;
+            if let Some(r) = rows.first() {
+                let created: i32 = r.try_get("created")?;
+                return Ok((LedgerEntry::from_row(r)?, created == 1));
+            }
+        }
         self.tx("ledger_begin", Rerun::Always, |tx| {
             async move { Ok(tx.ledger_begin(effect_key, external_key).await?) }.scope_boxed()
         })
