@@ -12,10 +12,13 @@
 //! 4. Otherwise call the dependency with the key; it deduplicates a retry of a call that
 //!    acted but whose answer was lost.
 //! 5. [`Ledger::settle`] marks the entry done, applies the caller's own consequences on the
-//!    store and completes the job — one transaction, fenced by the job's claim.
+//!    store and completes the job — all or nothing, fenced by the job's claim: one statement
+//!    on PostgreSQL (one round trip), one transaction on SQLite.
 
 use crate::{Done, JobError};
-use holdfast_store::{JobFence, LedgerEntry, Rerun, Store, Tx, TxBody, TxError};
+use holdfast_store::{
+    Backend, JobFence, LedgerEntry, Rerun, Statement, Store, Tx, TxBody, TxError,
+};
 use std::convert::Infallible;
 use std::future::Future;
 
@@ -69,20 +72,36 @@ impl Ledger {
         call(key).await
     }
 
-    /// Step 5: in one transaction, complete the job's claim `job`, mark `effect_key` done as
-    /// `external_id`, and run `then` (the caller's consequences, e.g. "the order is paid" and
-    /// a follow-up job). A claim that is no longer current changes nothing and still counts
-    /// as settled: the newer attempt settles the same effect.
-    pub async fn settle<'a, F>(
+    /// Step 5: all or nothing, complete the job's claim `job`, mark `effect_key` done as
+    /// `external_id`, and apply the caller's consequences (e.g. "the order is paid" and a
+    /// follow-up job): `then` in the transaction, or, on PostgreSQL, `then_as_steps`, which
+    /// adds the same consequences as steps of one statement, each writing once for each row of
+    /// the step it is given (one row when the claim is current). A claim that is no longer
+    /// current changes nothing and still counts as settled: the newer attempt settles the same
+    /// effect.
+    pub async fn settle<'a, F, S>(
         &self,
         job: JobFence,
         effect_key: &'a str,
         external_id: &'a str,
         then: F,
+        then_as_steps: S,
     ) -> Result<Done, JobError>
     where
         F: for<'t> Fn(&'t mut Tx) -> TxBody<'a, 't, (), Infallible> + Sync + 'a,
+        S: FnOnce(&mut Statement, &str),
     {
+        if self.store.backend() == Backend::Postgres {
+            // One round trip and one commit instead of a transaction's five or more.
+            let mut stmt = Statement::new();
+            stmt.complete_job("completed", job);
+            stmt.settle_effect("settled", effect_key, external_id, "completed");
+            then_as_steps(&mut stmt, "completed");
+            self.store
+                .run_statement("effect_settle", &stmt, "completed")
+                .await?;
+            return Ok(Done::Settled);
+        }
         let then = &then;
         let settled = self
             .store

@@ -3,8 +3,9 @@
 //! A checkout enqueues the order's `payout` job in its own transaction. The payout charges the
 //! order's total at the provider through the effect ledger (`holdfast_jobs::Ledger`: a
 //! deterministic idempotency key per order, recorded before the call, reconciled after an
-//! unknown outcome), then settles in one transaction fenced by the job's claim: ledger entry
-//! done, order paid, receipt job enqueued, job completed. The receipt does the same with the
+//! unknown outcome), then settles all or nothing, fenced by the job's claim: ledger entry
+//! done, order paid, receipt job enqueued, job completed (one statement on PostgreSQL, one
+//! transaction on SQLite). The receipt does the same with the
 //! mail sink. A worker killed anywhere in between loses its lease; the next attempt reuses the
 //! ledger's key, so the provider deduplicates, and a stale attempt's settlement is refused.
 
@@ -14,7 +15,7 @@ use futures::FutureExt;
 use holdfast_core::Sabotage;
 use holdfast_jobs::{Done, Handler, JobError, Ledger, QueueConfig, Worker};
 use holdfast_provider::{ClientError, ProviderClient};
-use holdfast_store::{JobInsert, JobRow, ScopedFutureExt, Store, Tx, TxError};
+use holdfast_store::{JobInsert, JobRow, ScopedFutureExt, Statement, Store, Tx, TxError};
 use serde::Deserialize;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -70,8 +71,8 @@ impl Flows {
     }
 
     /// Causes the job's effect for its order once, then settles: the ledger entry done, the
-    /// effect's consequences applied, the job completed — one transaction, fenced by the
-    /// job's claim.
+    /// effect's consequences applied, the job completed — all or nothing, fenced by the job's
+    /// claim.
     async fn cause(&self, job: JobRow, effect: Effect) -> Result<Done, JobError> {
         let order = self.order_of(&job).await?;
         let id = order.order_id.as_str();
@@ -92,9 +93,13 @@ impl Flows {
         )
         .await?;
         self.ledger
-            .settle(job.fence(), &effect_key, &external_id, |tx| {
-                effect.consequences(tx, id).scope_boxed()
-            })
+            .settle(
+                job.fence(),
+                &effect_key,
+                &external_id,
+                |tx| effect.consequences(tx, id).scope_boxed(),
+                |stmt, after| effect.consequence_steps(stmt, id, after),
+            )
             .await
     }
 
@@ -183,14 +188,27 @@ impl Effect {
     async fn consequences(self, tx: &mut Tx, order_id: &str) -> Result<(), TxError<Infallible>> {
         if let Effect::Charge = self {
             sql::order_mark_paid(tx, order_id).await?;
-            let receipt = JobInsert::new(
-                EMAIL_QUEUE,
-                RECEIPT_KIND,
-                serde_json::json!({ "order_id": order_id }).to_string(),
-            )
-            .unique(format!("receipt:{order_id}"));
-            tx.job_enqueue(&[receipt]).await?;
+            tx.job_enqueue(&[receipt_job(order_id)]).await?;
         }
         Ok(())
     }
+
+    /// The same consequences as steps of the settling statement (PostgreSQL), once for each
+    /// row of the step `after`.
+    fn consequence_steps(self, stmt: &mut Statement, order_id: &str, after: &str) {
+        if let Effect::Charge = self {
+            sql::order_mark_paid_step(stmt, "paid", order_id, after);
+            stmt.enqueue_jobs("receipt", &[receipt_job(order_id)], after);
+        }
+    }
+}
+
+/// The receipt job of a paid order: at most one per order.
+fn receipt_job(order_id: &str) -> JobInsert {
+    JobInsert::new(
+        EMAIL_QUEUE,
+        RECEIPT_KIND,
+        serde_json::json!({ "order_id": order_id }).to_string(),
+    )
+    .unique(format!("receipt:{order_id}"))
 }

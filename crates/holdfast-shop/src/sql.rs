@@ -592,3 +592,15 @@ pub async fn order_mark_paid(tx: &mut Tx, order_id: &str) -> std::result::Result
         .await?;
     Ok(())
 }
+
+/// [`order_mark_paid`] as the step `name` of a composed statement, done only if the step
+/// `after` returned a row.
+pub fn order_mark_paid_step(stmt: &mut Statement, name: &str, order_id: &str, after: &str) {
+    let id = stmt.bind(order_id);
+    stmt.step(
+        name,
+        &format!(
+            "UPDATE orders SET status = 'paid' WHERE id = {id} AND status = 'pending' AND EXISTS (SELECT 1 FROM {after}) RETURNING id"
+        ),
+    );
+}

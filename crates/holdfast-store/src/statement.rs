@@ -12,7 +12,7 @@
 //! transaction of several statements, which are in-process calls anyway.
 
 use crate::idempotency::{IdemClaim, StoredResponse};
-use crate::jobs::{JobInsert, NOTIFY_CHANNEL};
+use crate::jobs::{JobFence, JobInsert, NOTIFY_CHANNEL};
 use crate::{Backend, Error, Pooled, Rerun, Result, Store};
 use sqlx::Row;
 
@@ -136,6 +136,44 @@ impl Statement {
         self.enqueued.push(name.to_owned());
     }
 
+    /// Adds the step `name`, which completes the job attempt `fence` (as
+    /// [`crate::Tx::job_complete`] does) and returns its `id`, or nothing when the claim is no
+    /// longer current: the steps that must happen only for the current attempt name `name`
+    /// in their `FROM`.
+    pub fn complete_job(&mut self, name: &str, fence: JobFence) {
+        let (id, claim, now) = (
+            self.bind(fence.id),
+            self.bind(fence.claim),
+            self.bind(holdfast_core::now_ms()),
+        );
+        self.step(
+            name,
+            &format!(
+                "UPDATE jobs SET state = 'completed', finished_at = {now}, lease_until = NULL
+                 WHERE id = {id} AND claim = {claim} AND state = 'running' RETURNING id"
+            ),
+        );
+    }
+
+    /// Adds the step `name`, which marks the effect ledger's entry `effect_key` done as
+    /// `external_id` (as [`crate::Tx::ledger_settle`] does) once for each row of `after`.
+    pub fn settle_effect(&mut self, name: &str, effect_key: &str, external_id: &str, after: &str) {
+        let (key, id, now) = (
+            self.bind(effect_key),
+            self.bind(external_id),
+            self.bind(holdfast_core::now_ms()),
+        );
+        self.step(
+            name,
+            &format!(
+                "INSERT INTO effect_ledger (effect_key, state, external_key, external_id, created_at, updated_at)
+                 SELECT {key}, 'done', {key}, {id}, {now}, {now} FROM {after}
+                 ON CONFLICT (effect_key) DO UPDATE SET state = 'done', external_id = excluded.external_id, updated_at = excluded.updated_at
+                 RETURNING effect_key"
+            ),
+        );
+    }
+
     /// The whole statement: the steps, then `SELECT columns FROM from`. The answer has exactly
     /// one row: `from`'s first row, or NULLs where `from` returned none.
     fn sql(&self, columns: &str, from: &str) -> String {
@@ -159,6 +197,45 @@ impl Statement {
 }
 
 impl Store {
+    /// Runs `stmt` (PostgreSQL only) as one round trip and one commit; returns whether its
+    /// step `from` returned a row (one that names it in its `FROM` wrote something). Re-run
+    /// after a transient failure, so its steps must find their own earlier work done (a
+    /// completed job, a key that exists) and write nothing again.
+    pub async fn run_statement(&self, op: &'static str, stmt: &Statement, from: &str) -> Result<bool> {
+        let row = self.run_composed(op, stmt, "answer.holdfast_row IS NOT NULL", &format!("(SELECT 1 AS holdfast_row FROM {from}) AS stepped")).await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Runs `stmt` (PostgreSQL only), selecting `columns` of `from`'s first row: the answer's
+    /// one row.
+    async fn run_composed(
+        &self,
+        op: &'static str,
+        stmt: &Statement,
+        columns: &str,
+        from: &str,
+    ) -> Result<sqlx::any::AnyRow> {
+        if self.backend() != Backend::Postgres {
+            return Err(Error::Unsupported(
+                "one composed statement needs PostgreSQL",
+            ));
+        }
+        let sql = stmt.sql(columns, from);
+        self.run(Rerun::Always, op, || async {
+            let mut q = sqlx::query(&sql);
+            for p in &stmt.params {
+                q = match p {
+                    Param::Int(v) => q.bind(*v),
+                    Param::Text(v) => q.bind(v.as_str()),
+                    Param::MaybeText(v) => q.bind(v.clone()),
+                };
+            }
+            let row = q.fetch_all_pooled(self).await?.into_iter().next();
+            Ok(row.ok_or(sqlx::Error::RowNotFound)?)
+        })
+        .await
+    }
+
     /// Runs `stmt` (PostgreSQL only), whose key step (see [`Statement::claim_key`]) is
     /// `key_step`, as one round trip and one commit; returns the answer that step stored, or
     /// `None` when it stored none (the key existed, or the work's own steps gave it no row).
@@ -170,25 +247,13 @@ impl Store {
         stmt: &Statement,
         key_step: &str,
     ) -> Result<Option<StoredResponse>> {
-        if self.backend() != Backend::Postgres {
-            return Err(Error::Unsupported(
-                "one composed statement needs PostgreSQL",
-            ));
-        }
-        let sql = stmt.sql("answer.response_status, answer.response_body", key_step);
         let row = self
-            .run(Rerun::Always, op, || async {
-                let mut q = sqlx::query(&sql);
-                for p in &stmt.params {
-                    q = match p {
-                        Param::Int(v) => q.bind(*v),
-                        Param::Text(v) => q.bind(v.as_str()),
-                        Param::MaybeText(v) => q.bind(v.clone()),
-                    };
-                }
-                let row = q.fetch_all_pooled(self).await?.into_iter().next();
-                Ok(row.ok_or(sqlx::Error::RowNotFound)?)
-            })
+            .run_composed(
+                op,
+                stmt,
+                "answer.response_status, answer.response_body",
+                key_step,
+            )
             .await?;
         let status: Option<i64> = row.try_get(0)?;
         let body: Option<Vec<u8>> = row.try_get(1)?;

@@ -1142,21 +1142,33 @@ async fn assert_stale(store: &Store, stale: JobFence, now: i64) {
 }
 
 /// Settles `effect_key` as `external_id` for the claim `fence`, with a follow-up job: what the
-/// effect ledger's last step composes.
+/// effect ledger's last step composes, on each engine in its form (one statement on
+/// PostgreSQL, a transaction on SQLite). A claim that is no longer current is `JobLost`.
 async fn settle(
     store: &Store,
     fence: JobFence,
     effect_key: &str,
     external_id: &str,
 ) -> Result<(), Error> {
+    let followup =
+        JobInsert::new("followup", "next", "{}".into()).unique(format!("followup:{effect_key}"));
+    if store.backend() == holdfast_store::Backend::Postgres {
+        let mut stmt = holdfast_store::Statement::new();
+        stmt.complete_job("completed", fence);
+        stmt.settle_effect("settled", effect_key, external_id, "completed");
+        stmt.enqueue_jobs("followup", &[followup], "completed");
+        return match store.run_statement("settle", &stmt, "completed").await? {
+            true => Ok(()),
+            false => Err(Error::JobLost),
+        };
+    }
+    let followup = &followup;
     store
         .transaction("settle", Rerun::Always, |tx| {
             async move {
                 tx.job_complete(fence).await?;
                 tx.ledger_settle(effect_key, external_id).await?;
-                tx.job_enqueue(&[JobInsert::new("followup", "next", "{}".into())
-                    .unique(format!("followup:{effect_key}"))])
-                    .await?;
+                tx.job_enqueue(std::slice::from_ref(followup)).await?;
                 Ok::<_, TxError<Infallible>>(())
             }
             .scope_boxed()
