@@ -15,6 +15,7 @@ use crate::cli::BenchArgs;
 use anyhow::{bail, Context};
 use hdrhistogram::Histogram;
 use holdfast_core::Backend;
+use holdfast_store::{Store, StoreOptions};
 use serde::Serialize;
 use serde_json::json;
 use std::io::{BufRead, BufReader};
@@ -44,9 +45,57 @@ struct BackendResult {
     without_idempotency: Phase,
     /// with / without: 1.0 means the layer is free.
     throughput_ratio: f64,
+    /// Whether the workers kept up with each phase's checkouts.
+    jobs_with_key: JobsKeptUp,
+    jobs_without_key: JobsKeptUp,
     /// With `--peers`: the same work by the peers, in the same run.
     #[serde(skip_serializing_if = "Option::is_none")]
     peers: Option<Peers>,
+}
+
+/// The background work a phase left: each checkout enqueues a payout job, and each payout a
+/// receipt job, so workers that keep up complete 2 jobs per checkout. Fewer means checkouts
+/// were measured while part of their work waited: a backlog that grows is not a throughput.
+#[derive(Debug, Serialize)]
+struct JobsKeptUp {
+    completed_per_checkout: f64,
+    /// Available or running when the phase ended.
+    waiting_at_end: i64,
+}
+
+impl JobsKeptUp {
+    async fn during(
+        store: &Store,
+        phase: impl std::future::Future<Output = Phase>,
+    ) -> anyhow::Result<(Phase, Self)> {
+        let (done_before, _) = job_tally(store).await?;
+        let phase = phase.await;
+        let (done_after, waiting_at_end) = job_tally(store).await?;
+        let completed_per_checkout = match phase.checkouts {
+            0 => 0.0,
+            n => (done_after - done_before) as f64 / n as f64,
+        };
+        Ok((
+            phase,
+            Self {
+                completed_per_checkout,
+                waiting_at_end,
+            },
+        ))
+    }
+}
+
+/// The jobs of `store`: how many are completed, and how many wait or run.
+async fn job_tally(store: &Store) -> anyhow::Result<(i64, i64)> {
+    let counts = store.job_counts().await?;
+    let of = |states: &[&str]| {
+        counts
+            .iter()
+            .filter(|c| states.contains(&c.state.as_str()))
+            .map(|c| c.count)
+            .sum::<i64>()
+    };
+    Ok((of(&["completed"]), of(&["available", "running"])))
 }
 
 /// What `--peers` measures beside the system (see the module docs).
@@ -124,6 +173,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             a.p99_ms,
             b.p50_ms,
             b.p99_ms
+        );
+    }
+    println!("\njobs completed per checkout during each phase (2 = the workers kept up), and waiting at its end:");
+    for r in &results {
+        let (a, b) = (&r.jobs_with_key, &r.jobs_without_key);
+        println!(
+            "{:<10} {:<9} {:>5}   with key {:.2}, {} waiting   without {:.2}, {} waiting",
+            r.backend,
+            r.build,
+            r.round,
+            a.completed_per_checkout,
+            a.waiting_at_end,
+            b.completed_per_checkout,
+            b.waiting_at_end
         );
     }
     for r in results.iter().filter(|r| r.peers.is_some()) {
@@ -284,15 +347,21 @@ async fn bench_backend(
     };
     let system = start_system(args, program, dir.path(), db_url.as_deref(), &[])?;
     let users = signup_users(&system.url, args.users).await?;
+    // The system's own store, read between phases for the jobs they left.
+    let store_url = db_url
+        .clone()
+        .unwrap_or_else(|| holdfast_store::testing::sqlite_url(dir.path()));
+    let mut opts = StoreOptions::new(store_url);
+    opts.max_connections = 1;
+    let store = Store::open(&opts).await?;
     // A short warm-up on the measured path fills pools and caches.
     let keyed = through(&system.url, &users, "/api/checkout");
     drive(&keyed, Duration::from_secs(1)).await;
-    let with = drive(&keyed, args.duration).await;
-    let without = drive(
-        &through(&system.url, &users, "/bench/checkout"),
-        args.duration,
-    )
-    .await;
+    let (with, jobs_with_key) = JobsKeptUp::during(&store, drive(&keyed, args.duration)).await?;
+    let unkeyed = through(&system.url, &users, "/bench/checkout");
+    let (without, jobs_without_key) =
+        JobsKeptUp::during(&store, drive(&unkeyed, args.duration)).await?;
+    store.close().await;
     drop(system);
     if let (Some(admin), Some(url)) = (&admin_url, &db_url) {
         drop_database(admin, url).await?;
@@ -316,6 +385,8 @@ async fn bench_backend(
         with_idempotency: with,
         without_idempotency: without,
         throughput_ratio,
+        jobs_with_key,
+        jobs_without_key,
         peers,
     })
 }
