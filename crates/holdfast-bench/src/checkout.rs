@@ -290,6 +290,8 @@ pub(crate) fn start_system(
         "--bench-routes",
         "--instances",
         &args.instances.to_string(),
+        "--workers",
+        &args.workers.to_string(),
     ])
     .arg("--data-dir")
     .arg(dir)

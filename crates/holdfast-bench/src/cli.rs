@@ -76,6 +76,7 @@ impl FleetPhases {
                 database_url: None,
             },
             instances: self.instances,
+            workers: 2,
             users: self.users,
             duration: self.duration,
             json: None,
@@ -254,6 +255,10 @@ pub struct BenchArgs {
     pub db: BenchDb,
     #[arg(long, default_value_t = 3)]
     pub instances: u16,
+    /// Job workers beside the instances (`up --workers`). With 0 every job waits, and what is
+    /// measured is the requests alone.
+    #[arg(long, default_value_t = 2)]
+    pub workers: u16,
     /// Concurrent shoppers, each in a closed loop.
     #[arg(long, default_value_t = 32)]
     pub users: usize,
