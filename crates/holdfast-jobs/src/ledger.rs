@@ -12,8 +12,9 @@
 //! 4. Otherwise call the dependency with the key; it deduplicates a retry of a call that
 //!    acted but whose answer was lost.
 //! 5. [`Ledger::settle`] marks the entry done, applies the caller's own consequences on the
-//!    store and completes the job — all or nothing, fenced by the job's claim: one statement
-//!    on PostgreSQL (one round trip), one transaction on SQLite.
+//!    store and completes the job — one transaction, fenced by the job's claim
+//!    ([`Ledger::settle_with_steps`]: one statement on PostgreSQL, for a caller that also
+//!    gives its consequences as statement steps).
 
 use crate::{Done, JobError};
 use holdfast_store::{
@@ -72,36 +73,20 @@ impl Ledger {
         call(key).await
     }
 
-    /// Step 5: all or nothing, complete the job's claim `job`, mark `effect_key` done as
-    /// `external_id`, and apply the caller's consequences (e.g. "the order is paid" and a
-    /// follow-up job): `then` in the transaction, or, on PostgreSQL, `then_as_steps`, which
-    /// adds the same consequences as steps of one statement, each writing once for each row of
-    /// the step it is given (one row when the claim is current). A claim that is no longer
-    /// current changes nothing and still counts as settled: the newer attempt settles the same
-    /// effect.
-    pub async fn settle<'a, F, S>(
+    /// Step 5: in one transaction, complete the job's claim `job`, mark `effect_key` done as
+    /// `external_id`, and run `then` (the caller's consequences, e.g. "the order is paid" and
+    /// a follow-up job). A claim that is no longer current changes nothing and still counts
+    /// as settled: the newer attempt settles the same effect.
+    pub async fn settle<'a, F>(
         &self,
         job: JobFence,
         effect_key: &'a str,
         external_id: &'a str,
         then: F,
-        then_as_steps: S,
     ) -> Result<Done, JobError>
     where
         F: for<'t> Fn(&'t mut Tx) -> TxBody<'a, 't, (), Infallible> + Sync + 'a,
-        S: FnOnce(&mut Statement, &str),
     {
-        if self.store.backend() == Backend::Postgres {
-            // One round trip and one commit instead of a transaction's five or more.
-            let mut stmt = Statement::new();
-            stmt.complete_job("completed", job);
-            stmt.settle_effect("settled", effect_key, external_id, "completed");
-            then_as_steps(&mut stmt, "completed");
-            self.store
-                .run_statement("effect_settle", &stmt, "completed")
-                .await?;
-            return Ok(Done::Settled);
-        }
         let then = &then;
         let settled = self
             .store
@@ -117,6 +102,35 @@ impl Ledger {
             Ok(()) | Err(holdfast_store::Error::JobLost) => Ok(Done::Settled),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// [`Ledger::settle`] in one round trip on PostgreSQL: the caller gives its consequences
+    /// also as `then_as_steps`, which adds them as steps of one statement, each writing once
+    /// for each row of the step it is given (one row when the claim is current). SQLite runs
+    /// `then` in the transaction.
+    pub async fn settle_with_steps<'a, F, S>(
+        &self,
+        job: JobFence,
+        effect_key: &'a str,
+        external_id: &'a str,
+        then: F,
+        then_as_steps: S,
+    ) -> Result<Done, JobError>
+    where
+        F: for<'t> Fn(&'t mut Tx) -> TxBody<'a, 't, (), Infallible> + Sync + 'a,
+        S: FnOnce(&mut Statement, &str),
+    {
+        if self.store.backend() != Backend::Postgres {
+            return self.settle(job, effect_key, external_id, then).await;
+        }
+        let mut stmt = Statement::new();
+        stmt.complete_job("completed", job);
+        stmt.settle_effect("settled", effect_key, external_id, "completed");
+        then_as_steps(&mut stmt, "completed");
+        self.store
+            .run_statement("effect_settle", &stmt, "completed")
+            .await?;
+        Ok(Done::Settled)
     }
 }
 

@@ -93,7 +93,7 @@ impl Flows {
         )
         .await?;
         self.ledger
-            .settle(
+            .settle_with_steps(
                 job.fence(),
                 &effect_key,
                 &external_id,
