@@ -386,9 +386,9 @@ impl Store {
                  UPDATE jobs SET {set} FROM picked WHERE id = picked.job_id
                  RETURNING {JOB_COLUMNS}"
             ),
-            Backend::Sqlite => format!(
-                "UPDATE jobs SET {set} WHERE id IN ({due}) RETURNING {JOB_COLUMNS}"
-            ),
+            Backend::Sqlite => {
+                format!("UPDATE jobs SET {set} WHERE id IN ({due}) RETURNING {JOB_COLUMNS}")
+            }
         };
         // A claim that committed but whose answer was lost leaves jobs running under a lease
         // nobody holds; the rescuer frees them. So only retry when nothing can have committed.

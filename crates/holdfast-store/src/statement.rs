@@ -201,8 +201,20 @@ impl Store {
     /// step `from` returned a row (one that names it in its `FROM` wrote something). Re-run
     /// after a transient failure, so its steps must find their own earlier work done (a
     /// completed job, a key that exists) and write nothing again.
-    pub async fn run_statement(&self, op: &'static str, stmt: &Statement, from: &str) -> Result<bool> {
-        let row = self.run_composed(op, stmt, "answer.holdfast_row IS NOT NULL", &format!("(SELECT 1 AS holdfast_row FROM {from}) AS stepped")).await?;
+    pub async fn run_statement(
+        &self,
+        op: &'static str,
+        stmt: &Statement,
+        from: &str,
+    ) -> Result<bool> {
+        let row = self
+            .run_composed(
+                op,
+                stmt,
+                "answer.holdfast_row IS NOT NULL",
+                &format!("(SELECT 1 AS holdfast_row FROM {from}) AS stepped"),
+            )
+            .await?;
         Ok(row.try_get(0)?)
     }
 
