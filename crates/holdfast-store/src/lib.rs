@@ -302,6 +302,31 @@ impl Error {
     }
 }
 
+/// SQLite's SQLITE_BUSY or SQLITE_LOCKED (the low byte of its extended result code): another
+/// connection holds what this one needs, and trying again later may pass.
+fn sqlite_busy(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db)
+            if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() =>
+        {
+            db.code()
+                .unwrap_or_default()
+                .parse::<i32>()
+                .is_ok_and(|n| matches!(n & 0xff, 5 | 6))
+        }
+        _ => false,
+    }
+}
+
+/// The pauses between a new SQLite connection's tries at switching its file to WAL: from
+/// 5 ms, doubling, at most 100 ms, jittered, for at most the busy timeout.
+const WAL_SWITCH: RetryPolicy = RetryPolicy {
+    base: Duration::from_millis(5),
+    cap: Duration::from_millis(100),
+    max_attempts: u32::MAX,
+    deadline: Duration::from_secs(5),
+};
+
 fn transient(e: &sqlx::Error, must_be_uncommitted: bool) -> bool {
     match e {
         sqlx::Error::PoolTimedOut => true,
@@ -319,7 +344,7 @@ fn transient(e: &sqlx::Error, must_be_uncommitted: bool) -> bool {
             // code: 5 SQLITE_BUSY, 6 SQLITE_LOCKED. Ask the driver, not the code's shape: many
             // Postgres SQLSTATEs are all digits too (40001, 08006, 42501).
             if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-                return code.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6));
+                return sqlite_busy(e);
             }
             // Postgres SQLSTATE: serialization failure, deadlock (rolled back, safe either
             // way); a write refused by a read-only (demoted) node (it ran nothing: safe
@@ -465,15 +490,31 @@ async fn set_up_connection(
     autocheckpoint: bool,
 ) -> std::result::Result<(), sqlx::Error> {
     if backend == Backend::Sqlite {
-        // WAL: readers never block the writer, and several processes share the file safely.
+        // busy_timeout: wait for another process's write lock instead of failing at once.
         // synchronous=FULL: an acknowledged write survives a power cut, not only a killed
-        // process. busy_timeout: wait for another process's write lock instead of failing at
-        // once.
+        // process.
         conn.execute(
-            "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; \
-             PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+            "PRAGMA busy_timeout = 5000; PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON;",
         )
         .await?;
+        // WAL: readers never block the writer, and several processes share the file safely.
+        // It is the file's own setting, so only the first switch writes anything; but on a
+        // new file every connection opened at once switches it, and two that meet can each
+        // hold the lock the other needs next. SQLite then answers SQLITE_BUSY at once rather
+        // than wait (its busy handler would deadlock): the one refused tries again.
+        let started = std::time::Instant::now();
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match conn.execute("PRAGMA journal_mode = WAL").await {
+                Ok(_) => break,
+                Err(e) if sqlite_busy(&e) => match WAL_SWITCH.next_delay(attempts, started) {
+                    Some(pause) => tokio::time::sleep(pause).await,
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        }
         if !autocheckpoint {
             conn.execute("PRAGMA wal_autocheckpoint = 0;").await?;
         }

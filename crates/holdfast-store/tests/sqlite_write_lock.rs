@@ -1,7 +1,8 @@
 //! SQLite: processes writing one database take turns through an exclusive `flock` on
 //! `<database>.write-lock`, woken by the kernel, instead of SQLite's sleeping busy handler.
 //! Checked from outside, as another process would see it: while a write transaction is open
-//! the lock is held, and the moment it commits the lock is free.
+//! the lock is held, and the moment it commits the lock is free. And stores opened together on
+//! a new file all open.
 
 use holdfast_store::{Rerun, ScopedFutureExt, Store, StoreOptions, TxError};
 use nix::fcntl::{Flock, FlockArg};
@@ -50,4 +51,24 @@ async fn a_write_transaction_holds_the_file_lock_until_it_commits() {
     go_tx.send(()).unwrap();
     writer.await.unwrap().unwrap();
     assert!(free(&lock), "free once it committed");
+}
+
+/// Instances started together open a new database file at the same moment, and each new
+/// connection switches the file to WAL. Two switches that meet can each hold the lock the
+/// other needs next, and SQLite refuses one at once instead of waiting: every open must
+/// still succeed. (A race: each round gives it a new file and eight openers.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_opened_together_on_a_new_file_all_open() {
+    for round in 0..20 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = holdfast_store::testing::sqlite_url(dir.path());
+        let opens = (0..8).map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { Store::open(&StoreOptions::new(&url)).await })
+        });
+        for open in futures::future::join_all(opens).await {
+            let opened = open.expect("joined");
+            assert!(opened.is_ok(), "round {round}: {:?}", opened.err());
+        }
+    }
 }
