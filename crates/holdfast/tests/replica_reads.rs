@@ -314,14 +314,7 @@ async fn up_with_a_replica_runs_a_primary_and_a_standby_and_reads_from_it() {
     // then its reads go to the primary. Wait for both (a fresh fleet, not a slow one).
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let page = http
-            .get(format!("{ops}/ops/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let page = metrics_page(&http, &ops).await;
         let reading = page
             .lines()
             .filter(|l| l.starts_with("holdfast_replica_in_rotation{") && l.ends_with(" 1"))
@@ -351,14 +344,7 @@ async fn up_with_a_replica_runs_a_primary_and_a_standby_and_reads_from_it() {
         .unwrap();
     assert_eq!(read.status(), 200);
 
-    let metrics = http
-        .get(format!("{ops}/ops/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_page(&http, &ops).await;
     let line = |prefix: &str| {
         metrics
             .lines()
@@ -391,4 +377,15 @@ async fn up_with_a_replica_runs_a_primary_and_a_standby_and_reads_from_it() {
         assert!(dom.contains("data-role=\"standby\""), "{dom}");
         assert!(dom.contains(" s</td>"), "the standby's lag:\n{dom}");
     }
+}
+
+/// The fleet's metrics page, from the operator listener at `ops`.
+async fn metrics_page(http: &reqwest::Client, ops: &str) -> String {
+    http.get(format!("{ops}/ops/metrics"))
+        .send()
+        .await
+        .expect("the operator listener answers")
+        .text()
+        .await
+        .expect("a metrics page")
 }
