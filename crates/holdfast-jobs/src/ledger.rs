@@ -5,7 +5,9 @@
 //! steps, keyed by the effect (`charge:<id>`, `webhook:<id>`, …):
 //!
 //! 1. [`Ledger::once`] records the intent with a *deterministic* idempotency key for the
-//!    dependency. A later attempt finds the entry and reuses its key.
+//!    dependency. A later attempt finds the entry and reuses its key. A job that names its
+//!    effect when it is enqueued has this step done by the claim that hands it out
+//!    ([`Ledger::once_for`]).
 //! 2. If the ledger says `done`, only the settlement is (re)applied — no call.
 //! 3. If an earlier attempt left it `pending` (outcome unknown), reconcile: ask the
 //!    dependency whether it already acted under that key.
@@ -18,7 +20,8 @@
 
 use crate::{Done, JobError};
 use holdfast_store::{
-    Backend, JobFence, LedgerEntry, Rerun, Statement, Store, Tx, TxBody, TxError,
+    Backend, BegunEffect, JobFence, JobRow, LedgerEntry, Rerun, Statement, Store, Tx, TxBody,
+    TxError,
 };
 use std::convert::Infallible;
 use std::future::Future;
@@ -51,15 +54,54 @@ impl Ledger {
         L: FnOnce(String) -> LF,
         LF: Future<Output = Result<Option<String>, JobError>>,
     {
-        let (
-            LedgerEntry {
-                state,
-                external_key: key,
-                external_id,
-                ..
-            },
-            fresh,
-        ) = self.store.ledger_begin(effect_key, external_key).await?;
+        let (entry, fresh) = self.store.ledger_begin(effect_key, external_key).await?;
+        Self::call_once(entry, fresh, call, lookup).await
+    }
+
+    /// [`Ledger::once`] for the effect `job` names ([`holdfast_store::JobInsert::effect`]):
+    /// its claim already began the entry, so step 1 costs no round trip. A job that names no
+    /// effect, or another one than `effect_key` (enqueued by an older build), is begun here.
+    pub async fn once_for<C, CF, L, LF>(
+        &self,
+        job: &JobRow,
+        effect_key: &str,
+        external_key: &str,
+        call: C,
+        lookup: L,
+    ) -> Result<String, JobError>
+    where
+        C: FnOnce(String) -> CF,
+        CF: Future<Output = Result<String, JobError>>,
+        L: FnOnce(String) -> LF,
+        LF: Future<Output = Result<Option<String>, JobError>>,
+    {
+        match &job.effect {
+            Some(BegunEffect { entry, fresh }) if entry.effect_key == effect_key => {
+                Self::call_once(entry.clone(), *fresh, call, lookup).await
+            }
+            _ => self.once(effect_key, external_key, call, lookup).await,
+        }
+    }
+
+    /// Steps 2–4, for the entry as step 1 left it (`fresh`: step 1 created it).
+    async fn call_once<C, CF, L, LF>(
+        entry: LedgerEntry,
+        fresh: bool,
+        call: C,
+        lookup: L,
+    ) -> Result<String, JobError>
+    where
+        C: FnOnce(String) -> CF,
+        CF: Future<Output = Result<String, JobError>>,
+        L: FnOnce(String) -> LF,
+        LF: Future<Output = Result<Option<String>, JobError>>,
+    {
+        let LedgerEntry {
+            state,
+            external_key: key,
+            external_id,
+            ..
+        } = entry;
         if let (true, Some(id)) = (state == "done", external_id) {
             return Ok(id);
         }

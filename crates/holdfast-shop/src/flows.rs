@@ -76,10 +76,7 @@ impl Flows {
     async fn cause(&self, job: JobRow, effect: Effect) -> Result<Done, JobError> {
         let order = self.order_of(&job).await?;
         let id = order.order_id.as_str();
-        let (effect_key, external_key) = (
-            format!("{}:{id}", effect.name()),
-            format!("holdfast-{}-{id}", effect.name()),
-        );
+        let (effect_key, external_key) = effect.keys(id);
         let provider = &self.provider;
         let call = |key| effect.call(provider, &order, key);
         let lookup = |key| effect.lookup(provider, key);
@@ -87,6 +84,7 @@ impl Flows {
         let external_id = crate::sabotage::ledger_once(
             sabotage,
             ledger,
+            &job,
             (&effect_key, &external_key),
             call,
             lookup,
@@ -127,7 +125,7 @@ fn client_err(e: ClientError) -> JobError {
 
 /// The shop's two external effects.
 #[derive(Debug, Clone, Copy)]
-enum Effect {
+pub(crate) enum Effect {
     /// Charge the order's total.
     Charge,
     /// Send the order's receipt.
@@ -141,6 +139,32 @@ impl Effect {
             Effect::Charge => "charge",
             Effect::Receipt => "receipt",
         }
+    }
+
+    /// The order's ledger entry for this effect and the provider's idempotency key for it.
+    fn keys(self, order_id: &str) -> (String, String) {
+        let name = self.name();
+        (
+            format!("{name}:{order_id}"),
+            format!("holdfast-{name}-{order_id}"),
+        )
+    }
+
+    /// The job that causes this effect for an order: at most one per order (`payout:<order>`,
+    /// `receipt:<order>`), naming its effect, so the claim that hands it out begins it.
+    pub(crate) fn job(self, order_id: &str) -> JobInsert {
+        let (queue, kind, unique) = match self {
+            Effect::Charge => (PAYMENTS_QUEUE, PAYOUT_KIND, "payout"),
+            Effect::Receipt => (EMAIL_QUEUE, RECEIPT_KIND, "receipt"),
+        };
+        let (effect_key, external_key) = self.keys(order_id);
+        JobInsert::new(
+            queue,
+            kind,
+            serde_json::json!({ "order_id": order_id }).to_string(),
+        )
+        .unique(format!("{unique}:{order_id}"))
+        .effect(effect_key, external_key)
     }
 
     /// Asks the provider to act under `key`; its id for the effect.
@@ -188,7 +212,7 @@ impl Effect {
     async fn consequences(self, tx: &mut Tx, order_id: &str) -> Result<(), TxError<Infallible>> {
         if let Effect::Charge = self {
             sql::order_mark_paid(tx, order_id).await?;
-            tx.job_enqueue(&[receipt_job(order_id)]).await?;
+            tx.job_enqueue(&[Effect::Receipt.job(order_id)]).await?;
         }
         Ok(())
     }
@@ -198,17 +222,7 @@ impl Effect {
     fn consequence_steps(self, stmt: &mut Statement, order_id: &str, after: &str) {
         if let Effect::Charge = self {
             sql::order_mark_paid_step(stmt, "paid", order_id, after);
-            stmt.enqueue_jobs("receipt", &[receipt_job(order_id)], after);
+            stmt.enqueue_jobs("receipt", &[Effect::Receipt.job(order_id)], after);
         }
     }
-}
-
-/// The receipt job of a paid order: at most one per order.
-fn receipt_job(order_id: &str) -> JobInsert {
-    JobInsert::new(
-        EMAIL_QUEUE,
-        RECEIPT_KIND,
-        serde_json::json!({ "order_id": order_id }).to_string(),
-    )
-    .unique(format!("receipt:{order_id}"))
 }

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router};
 use holdfast_http::IDEMPOTENCY_KEY;
 use holdfast_jobs::{JobError, Ledger};
-use holdfast_store::{Rerun, ScopedFutureExt};
+use holdfast_store::{JobRow, Rerun, ScopedFutureExt};
 use holdfast_web::{AppError, Authed, FromBody};
 use std::convert::Infallible;
 use std::future::Future;
@@ -100,12 +100,13 @@ async fn promise_then_commit(shop: Shop, req: Request) -> Result<Response, AppEr
     Ok((StatusCode::CREATED, Json(promised)).into_response())
 }
 
-/// `Ledger::once` for `(effect_key, external_key)` — unless LedgerBypass is on: then the call
+/// `Ledger::once_for` the job's `(effect_key, external_key)` — unless LedgerBypass is on: then the call
 /// is made with a fresh idempotency key on every attempt and nothing is recorded first, so a
 /// redelivered job charges again.
 pub(crate) async fn ledger_once<CF, LF>(
     sabotage: Option<Sabotage>,
     ledger: &Ledger,
+    job: &JobRow,
     (effect_key, external_key): (&str, &str),
     call: impl FnOnce(String) -> CF,
     lookup: impl FnOnce(String) -> LF,
@@ -118,6 +119,10 @@ where
         Some(Sabotage::LedgerBypass) => {
             call(format!("{external_key}-{}", uuid::Uuid::new_v4().simple())).await
         }
-        _ => ledger.once(effect_key, external_key, call, lookup).await,
+        _ => {
+            ledger
+                .once_for(job, effect_key, external_key, call, lookup)
+                .await
+        }
     }
 }

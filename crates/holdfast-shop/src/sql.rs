@@ -7,7 +7,7 @@
 //! there is no way to name another user's cart or order.
 
 use crate::domain::{OrderId, Quantity, Sku};
-use crate::{Error, PAYMENTS_QUEUE, PAYOUT_KIND};
+use crate::Error;
 use holdfast_store::{Backend, IdemClaim, JobInsert, Statement, Tx, TxError};
 use serde::Serialize;
 use sqlx::{AnyConnection, FromRow, Row};
@@ -483,12 +483,7 @@ pub fn checkout_statement(
 
 /// The job that charges an order, unique per order.
 pub fn payout_job(order_id: &str) -> JobInsert {
-    JobInsert::new(
-        PAYMENTS_QUEUE,
-        PAYOUT_KIND,
-        serde_json::json!({ "order_id": order_id }).to_string(),
-    )
-    .unique(format!("payout:{order_id}"))
+    crate::flows::Effect::Charge.job(order_id)
 }
 
 /// Where a page of orders starts: after the order created at `created_at` with id `id`

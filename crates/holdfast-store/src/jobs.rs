@@ -34,6 +34,17 @@ pub struct JobInsert {
     /// Not before this time (ms since the epoch).
     pub run_at: i64,
     pub max_attempts: i64,
+    /// The one external effect the job causes, begun in the effect ledger by the claim that
+    /// hands the job out (see [`JobInsert::effect`]).
+    pub effect: Option<JobEffect>,
+}
+
+/// An effect a job names when it is enqueued: its ledger entry and the dependency's
+/// idempotency key for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobEffect {
+    pub effect_key: String,
+    pub external_key: String,
 }
 
 impl JobInsert {
@@ -46,10 +57,25 @@ impl JobInsert {
             unique_key: None,
             run_at: holdfast_core::now_ms(),
             max_attempts: 25,
+            effect: None,
         }
     }
     pub fn unique(mut self, key: impl Into<String>) -> Self {
         self.unique_key = Some(key.into());
+        self
+    }
+    /// The job causes the effect `effect_key` with the idempotency key `external_key`: each
+    /// claim of it also begins that entry in the effect ledger (as [`Store::ledger_begin`]
+    /// does), in the claim's own statement, and hands it over in [`JobRow::effect`].
+    pub fn effect(
+        mut self,
+        effect_key: impl Into<String>,
+        external_key: impl Into<String>,
+    ) -> Self {
+        self.effect = Some(JobEffect {
+            effect_key: effect_key.into(),
+            external_key: external_key.into(),
+        });
         self
     }
 }
@@ -68,6 +94,20 @@ pub struct JobRow {
     pub claim: i64,
     pub created_at: i64,
     pub run_at: i64,
+    /// The ledger entry of the job's effect as the claim that handed the job out found or
+    /// began it; `None` when the job names no effect ([`JobInsert::effect`]).
+    #[sqlx(skip)]
+    #[serde(skip)]
+    pub effect: Option<BegunEffect>,
+}
+
+/// An effect ledger entry as a claim began it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BegunEffect {
+    pub entry: LedgerEntry,
+    /// This claim created the entry. When false an earlier attempt began it, and may have
+    /// called the dependency with an outcome nobody learned.
+    pub fresh: bool,
 }
 
 impl JobRow {
@@ -152,8 +192,42 @@ fn fence_match(backend: Backend, n: usize) -> String {
 /// The columns a [`JobRow`] is read from.
 const JOB_COLUMNS: &str = "id, queue, kind, args, attempt, max_attempts, claim, created_at, run_at";
 
-/// Rows per INSERT: 8 parameters a row; 400 rows stays far below SQLite's parameter limit.
+/// A claim's begin of an effect: the insert of a pending entry (its source follows), which
+/// [`LEDGER_BEGIN_CONFLICT`] turns into a count of one more begin when the entry exists (an
+/// earlier attempt's key wins), answering the entry as it stands either way.
+const LEDGER_BEGIN_INSERT: &str =
+    "INSERT INTO effect_ledger (effect_key, state, external_key, created_at, updated_at, begun)";
+const LEDGER_BEGIN_CONFLICT: &str =
+    "ON CONFLICT (effect_key) DO UPDATE SET begun = COALESCE(effect_ledger.begun, 1) + 1
+     RETURNING effect_key, state, external_key, external_id, begun";
+
+/// The entry a claim began, from a row with the ledger's `effect_key, state, external_key,
+/// external_id, begun`; `None` when the row has no entry (its job names no effect).
+fn begun_effect(r: &sqlx::any::AnyRow) -> Result<Option<BegunEffect>> {
+    let state: Option<String> = r.try_get("state")?;
+    let Some(state) = state else {
+        return Ok(None);
+    };
+    let begun: i64 = r.try_get("begun")?;
+    Ok(Some(BegunEffect {
+        entry: LedgerEntry {
+            effect_key: r.try_get("effect_key")?,
+            state,
+            external_key: r.try_get("external_key")?,
+            external_id: r.try_get("external_id")?,
+        },
+        fresh: begun == 1,
+    }))
+}
+
+/// Parameters a row of the INSERT binds.
+const INSERT_PARAMS: usize = 10;
+/// Rows per INSERT: 400 rows of 10 parameters stays far below SQLite's parameter limit.
 const INSERT_CHUNK: usize = 400;
+
+/// The columns of `jobs` an enqueue writes, in the order [`bind_jobs`] binds them (`state`,
+/// always `available`, comes fourth and is not bound).
+pub(crate) const INSERT_COLUMNS: &str = "queue, kind, args, state, priority, unique_key, run_at, max_attempts, created_at, effect_key, effect_external_key";
 
 /// The INSERT of `rows` jobs, returning the ids of those inserted (a unique key that already
 /// exists is skipped). On Postgres the same statement notifies the queue of each job it
@@ -162,23 +236,21 @@ const INSERT_CHUNK: usize = 400;
 fn insert_sql(backend: Backend, rows: usize) -> String {
     let values = (0..rows)
         .map(|i| {
-            let p = |k: usize| format!("${}", i * 8 + k);
+            let p: Vec<String> = (1..=INSERT_PARAMS)
+                .map(|k| format!("${}", i * INSERT_PARAMS + k))
+                .collect();
             format!(
-                "({}, {}, {}, 'available', {}, {}, {}, {}, {})",
-                p(1),
-                p(2),
-                p(3),
-                p(4),
-                p(5),
-                p(6),
-                p(7),
-                p(8)
+                "({}, {}, {}, 'available', {})",
+                p[0],
+                p[1],
+                p[2],
+                p[3..].join(", ")
             )
         })
         .collect::<Vec<_>>()
         .join(", ");
     let insert = format!(
-        "INSERT INTO jobs (queue, kind, args, state, priority, unique_key, run_at, max_attempts, created_at) VALUES {values}
+        "INSERT INTO jobs ({INSERT_COLUMNS}) VALUES {values}
          ON CONFLICT (unique_key) DO NOTHING"
     );
     match backend {
@@ -205,7 +277,9 @@ fn bind_jobs<'q>(
             .bind(&j.unique_key)
             .bind(j.run_at)
             .bind(j.max_attempts)
-            .bind(now);
+            .bind(now)
+            .bind(j.effect.as_ref().map(|e| e.effect_key.as_str()))
+            .bind(j.effect.as_ref().map(|e| e.external_key.as_str()));
     }
     q
 }
@@ -360,7 +434,9 @@ impl Store {
     }
 
     /// Claims up to `limit` available jobs of `queue` due by `now`, most urgent first, for
-    /// `lease`; each claim increments the job's attempt and its claim (the fence).
+    /// `lease`; each claim increments the job's attempt and its claim (the fence), and begins
+    /// the effect the job names ([`JobInsert::effect`]) in the effect ledger, all in one
+    /// commit: one statement on PostgreSQL, one transaction on SQLite.
     pub async fn job_claim(
         &self,
         queue: &str,
@@ -372,6 +448,7 @@ impl Store {
         let due = "SELECT id FROM jobs WHERE state = 'available' AND queue = $4 AND run_at <= $3
                    ORDER BY priority, run_at, id LIMIT $5";
         let set = "state = 'running', attempt = attempt + 1, claim = claim + 1, lease_until = $1, worker_id = $2, started_at = $3";
+        let returning = format!("{JOB_COLUMNS}, effect_key, effect_external_key");
         let sql = match self.backend {
             // Postgres: skip the rows other claimers hold, and join the picked ones back by
             // primary key. The statement is prepared once per connection, and its generic plan
@@ -380,33 +457,78 @@ impl Store {
             // table grew (1.7 ms a claim after 10 s of a benchmark), and `id IN (picked)` as a
             // hash join over it. A join from the few picked rows is planned as an index lookup
             // per row at any size. (The picked rows stay locked until the statement ends, so
-            // they are still available when it updates them.)
+            // they are still available when it updates them.) The claimed jobs' effects are
+            // begun by the same statement, each once (`DISTINCT ON`: one upsert may not touch a
+            // row twice), and joined to their jobs.
             Backend::Postgres => format!(
-                "WITH picked (job_id) AS MATERIALIZED ({due} FOR UPDATE SKIP LOCKED)
-                 UPDATE jobs SET {set} FROM picked WHERE id = picked.job_id
-                 RETURNING {JOB_COLUMNS}"
+                "WITH picked (job_id) AS MATERIALIZED ({due} FOR UPDATE SKIP LOCKED),
+                 claimed AS (UPDATE jobs SET {set} FROM picked WHERE id = picked.job_id RETURNING {returning}),
+                 begun AS ({LEDGER_BEGIN_INSERT}
+                     SELECT DISTINCT ON (effect_key) effect_key, 'pending', effect_external_key, $3, $3, 1
+                     FROM claimed WHERE effect_key IS NOT NULL ORDER BY effect_key
+                     {LEDGER_BEGIN_CONFLICT})
+                 SELECT claimed.*, begun.state, begun.external_key, begun.external_id, begun.begun
+                 FROM claimed LEFT JOIN begun ON begun.effect_key = claimed.effect_key"
             ),
             Backend::Sqlite => {
-                format!("UPDATE jobs SET {set} WHERE id IN ({due}) RETURNING {JOB_COLUMNS}")
+                format!("UPDATE jobs SET {set} WHERE id IN ({due}) RETURNING {returning}")
             }
         };
         // A claim that committed but whose answer was lost leaves jobs running under a lease
         // nobody holds; the rescuer frees them. So only retry when nothing can have committed.
         self.run(Rerun::IfUncommitted, "job_claim", || async {
-            let rows = self
-                .write_one_rows(
-                    sqlx::query(&sql)
-                        .bind(now.saturating_add(ms(lease)))
-                        .bind(worker_id)
-                        .bind(now)
-                        .bind(queue)
-                        .bind(limit),
-                )
-                .await?;
-            let mut jobs = rows
-                .iter()
-                .map(JobRow::from_row)
-                .collect::<Result<Vec<_>, _>>()?;
+            let claim = sqlx::query(&sql)
+                .bind(now.saturating_add(ms(lease)))
+                .bind(worker_id)
+                .bind(now)
+                .bind(queue)
+                .bind(limit);
+            let mut jobs = match self.backend {
+                Backend::Postgres => {
+                    let rows = self.write_one_rows(claim).await?;
+                    rows.iter()
+                        .map(|r| {
+                            let mut job = JobRow::from_row(r)?;
+                            job.effect = begun_effect(r)?;
+                            Ok(job)
+                        })
+                        .collect::<Result<Vec<_>>>()?
+                }
+                Backend::Sqlite => {
+                    let mut tx = self.begin_write().await?;
+                    let rows = claim.fetch_all(tx.conn()).await?;
+                    let mut jobs = Vec::with_capacity(rows.len());
+                    for r in &rows {
+                        let mut job = JobRow::from_row(r)?;
+                        let key: Option<String> = r.try_get("effect_key")?;
+                        let external: Option<String> = r.try_get("effect_external_key")?;
+                        if let (Some(key), Some(external)) = (key, external) {
+                            // A key named twice in one claim is begun once.
+                            let earlier = jobs.iter().find_map(|j: &JobRow| {
+                                j.effect.clone().filter(|b| b.entry.effect_key == key)
+                            });
+                            job.effect = match earlier {
+                                Some(b) => Some(b),
+                                None => {
+                                    let sql = format!(
+                                        "{LEDGER_BEGIN_INSERT} VALUES ($1, 'pending', $2, $3, $3, 1) {LEDGER_BEGIN_CONFLICT}"
+                                    );
+                                    let r = sqlx::query(&sql)
+                                        .bind(&key)
+                                        .bind(&external)
+                                        .bind(now)
+                                        .fetch_one(tx.conn())
+                                        .await?;
+                                    begun_effect(&r)?
+                                }
+                            };
+                        }
+                        jobs.push(job);
+                    }
+                    tx.commit().await?;
+                    jobs
+                }
+            };
             jobs.sort_by_key(|j| j.id);
             Ok(jobs)
         })

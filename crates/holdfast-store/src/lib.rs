@@ -38,7 +38,10 @@ mod uploads;
 pub use accounts::SessionCreate;
 pub use holdfast_core::Backend;
 pub use idempotency::{ClaimOutcome, IdemClaim, IdemLock, StoredResponse};
-pub use jobs::{DeadJob, JobFence, JobInsert, JobRow, LedgerEntry, QueueCount, NOTIFY_CHANNEL};
+pub use jobs::{
+    BegunEffect, DeadJob, JobEffect, JobFence, JobInsert, JobRow, LedgerEntry, QueueCount,
+    NOTIFY_CHANNEL,
+};
 pub use limits::{Quota, Refused};
 pub use migrate::{
     render as render_migration, Guard as MigrationGuard, Migration, Mode as MigrateMode, Phase,

@@ -314,6 +314,7 @@ pub static SCHEMA: Schema = Schema {
         store_file!(5, "0005_rate_limits"),
         store_file!(6, "0006_uploads"),
         store_file!(7, "0007_secrets"),
+        store_file!(8, "0008_job_effects"),
     ],
 };
 

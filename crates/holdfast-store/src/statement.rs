@@ -12,7 +12,7 @@
 //! transaction of several statements, which are in-process calls anyway.
 
 use crate::idempotency::{IdemClaim, StoredResponse};
-use crate::jobs::{JobFence, JobInsert, NOTIFY_CHANNEL};
+use crate::jobs::{JobFence, JobInsert, INSERT_COLUMNS, NOTIFY_CHANNEL};
 use crate::{Backend, Error, Pooled, Rerun, Result, Store};
 use sqlx::Row;
 
@@ -112,8 +112,9 @@ impl Statement {
         let rows = jobs
             .iter()
             .map(|j| {
+                let effect = j.effect.as_ref();
                 format!(
-                    "SELECT {}, {}, {}, 'available', {}, {}, {}, {}, {} FROM {after}",
+                    "SELECT {}, {}, {}, 'available', {}, {}, {}, {}, {}, {}, {} FROM {after}",
                     self.bind(j.queue.as_str()),
                     self.bind(j.kind.as_str()),
                     self.bind(j.args.as_str()),
@@ -122,6 +123,8 @@ impl Statement {
                     self.bind(j.run_at),
                     self.bind(j.max_attempts),
                     self.bind(now),
+                    self.bind(effect.map(|e| e.effect_key.clone())),
+                    self.bind(effect.map(|e| e.external_key.clone())),
                 )
             })
             .collect::<Vec<_>>()
@@ -129,7 +132,7 @@ impl Statement {
         self.step(
             name,
             &format!(
-                "INSERT INTO jobs (queue, kind, args, state, priority, unique_key, run_at, max_attempts, created_at) {rows}
+                "INSERT INTO jobs ({INSERT_COLUMNS}) {rows}
                  ON CONFLICT (unique_key) DO NOTHING RETURNING queue"
             ),
         );
@@ -290,6 +293,6 @@ mod tests {
         let sql = s.sql("answer.one", "a");
         assert!(sql.starts_with("WITH a AS (SELECT 1 AS one), j AS (INSERT INTO jobs"));
         assert!(sql.contains("FROM (SELECT (SELECT count(pg_notify('holdfast_jobs', queue)::text) FROM j) AS holdfast_notified) n LEFT JOIN (SELECT * FROM a LIMIT 1) answer ON true"));
-        assert_eq!(s.params.len(), 10);
+        assert_eq!(s.params.len(), 12);
     }
 }

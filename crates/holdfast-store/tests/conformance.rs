@@ -60,6 +60,7 @@ holdfast_testkit::conformance! {
     opened "current_thread" fences_are_unique_forever,
     url   "multi_thread"   concurrent_claimers_never_share_a_job,
     opened "current_thread" ledger_settles_once,
+    opened "current_thread" a_claim_begins_the_effect_its_job_names,
     opened "current_thread" rate_quota_bursts_then_refills,
     url   "multi_thread"   rate_quota_holds_across_racing_instances,
     opened "current_thread" known_devices,
@@ -1270,6 +1271,94 @@ const SECOND: Duration = Duration::from_secs(1);
 /// A quota of 3 then one a second: three pass at once, the fourth is refused with the wait
 /// until the next unit; after that wait exactly one more passes. A refused request charges
 /// nothing, to its own key or to the keys after it; keys are independent.
+/// The effect a job names is begun by the claim that hands the job out: created pending with
+/// the job's key by the first claim (`fresh`: nothing can have been called yet), found with
+/// the first key by every later one (not fresh: an earlier attempt may have called), done
+/// once settled. A job that names no effect gets none; two jobs naming one effect share it.
+async fn a_claim_begins_the_effect_its_job_names(store: Store) {
+    let now = holdfast_core::now_ms();
+    let effect = |n: i64, key: &str, external: &str| job("q", n).effect(key, external);
+    store
+        .job_enqueue_many(&[
+            effect(1, "charge:o1", "key-1"),
+            job("q", 2),
+            effect(3, "mail:o2", "mail-key"),
+            effect(4, "mail:o2", "mail-key-again"),
+        ])
+        .await
+        .unwrap();
+    // An entry begun elsewhere (by `ledger_begin`) is not fresh to a claim either.
+    store.ledger_begin("refund:o3", "refund-key").await.unwrap();
+    store
+        .job_enqueue(&effect(5, "refund:o3", "other-key"))
+        .await
+        .unwrap();
+    let claimed = store.job_claim("q", "w", 10, now, LEASE).await.unwrap();
+    let begun: Vec<Option<(String, String, String, bool)>> = claimed
+        .iter()
+        .map(|j| {
+            j.effect.as_ref().map(|b| {
+                (
+                    b.entry.effect_key.clone(),
+                    b.entry.state.clone(),
+                    b.entry.external_key.clone(),
+                    b.fresh,
+                )
+            })
+        })
+        .collect();
+    let entry = |key: &str, state: &str, external: &str, fresh: bool| {
+        Some((key.into(), state.into(), external.into(), fresh))
+    };
+    assert_eq!(
+        begun,
+        vec![
+            entry("charge:o1", "pending", "key-1", true),
+            None,
+            entry("mail:o2", "pending", "mail-key", true),
+            entry("mail:o2", "pending", "mail-key", true),
+            entry("refund:o3", "pending", "refund-key", false),
+        ]
+    );
+    let pending = store.ledger_get("charge:o1").await.unwrap().unwrap();
+    assert_eq!(
+        (pending.state.as_str(), pending.external_key.as_str()),
+        ("pending", "key-1"),
+        "the intent is recorded by the claim's commit"
+    );
+
+    // The attempt fails with its outcome unknown; the next claim finds the entry it began.
+    assert!(store
+        .job_fail(claimed[0].fence(), "timeout", Some(now), now)
+        .await
+        .unwrap());
+    let retry = store.job_claim("q", "w", 10, now, LEASE).await.unwrap();
+    let again = retry[0].effect.clone().expect("begun");
+    assert!(
+        !again.fresh && again.entry.external_key == "key-1",
+        "a later attempt is told an earlier one may have called: {again:?}"
+    );
+
+    // Once settled, a claim of another job naming the effect finds it done.
+    settle(&store, retry[0].fence(), "charge:o1", "ch_1")
+        .await
+        .unwrap();
+    store
+        .job_enqueue(&effect(6, "charge:o1", "key-6"))
+        .await
+        .unwrap();
+    let late = store.job_claim("q", "w", 10, now, LEASE).await.unwrap();
+    let done = late[0].effect.clone().expect("begun").entry;
+    assert_eq!(
+        (
+            done.state.as_str(),
+            done.external_id.as_deref(),
+            done.external_key.as_str()
+        ),
+        ("done", Some("ch_1"), "key-1")
+    );
+}
+
 async fn rate_quota_bursts_then_refills(store: Store) {
     let q = Quota::new(3, SECOND);
     for i in 0..3 {

@@ -240,6 +240,9 @@ pub async fn rewind_to_legacy_layout(url: &str) {
     for sql in [
         "DROP TABLE holdfast_schema_migrations",
         "ALTER TABLE jobs DROP COLUMN claim",
+        "ALTER TABLE jobs DROP COLUMN effect_key",
+        "ALTER TABLE jobs DROP COLUMN effect_external_key",
+        "ALTER TABLE effect_ledger DROP COLUMN begun",
         "DROP TABLE rate_limits",
         "DROP TABLE known_devices",
         "DROP TABLE upload_parts",

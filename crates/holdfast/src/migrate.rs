@@ -258,7 +258,7 @@ async fn lines(
         .collect())
 }
 
-/// `store: 7 applied, up to date` or `shop: 0 applied, 1 pending (…)`.
+/// `store: 8 applied, up to date` or `shop: 0 applied, 1 pending (…)`.
 fn describe(l: &SchemaLine) -> String {
     let mut out = format!("{}: {} applied", l.schema, l.applied.len());
     if l.pending.is_empty() && l.unknown.is_empty() && l.changed.is_empty() {

@@ -74,7 +74,7 @@ fn an_instance_refuses_an_unmigrated_database_until_migrate_up_runs() {
     let serve = holdfast(&["serve", "--addr", "127.0.0.1:0", "--data-dir", data]);
     assert_eq!(serve.status.code(), Some(1), "{}", said(&serve));
     assert!(
-        said(&serve).contains("lacks 8 migration(s)")
+        said(&serve).contains("lacks 9 migration(s)")
             && said(&serve).contains("run `holdfast migrate up` first"),
         "{}",
         said(&serve)
@@ -97,7 +97,7 @@ fn an_instance_refuses_an_unmigrated_database_until_migrate_up_runs() {
     let status = holdfast(&["migrate", "status", "--data-dir", data]);
     assert!(status.status.success(), "{}", said(&status));
     assert!(
-        said(&status).contains("store: 0 applied, 7 pending")
+        said(&status).contains("store: 0 applied, 8 pending")
             && said(&status).contains("shop: 0 applied, 6 pending"),
         "{}",
         said(&status)
@@ -106,8 +106,8 @@ fn an_instance_refuses_an_unmigrated_database_until_migrate_up_runs() {
     let up = holdfast(&["migrate", "up", "--data-dir", data]);
     assert!(up.status.success(), "{}", said(&up));
     assert!(
-        said(&up).contains("applied 12 migration(s)")
-            && said(&up).contains("store: 7 applied, up to date")
+        said(&up).contains("applied 13 migration(s)")
+            && said(&up).contains("store: 8 applied, up to date")
             && said(&up).contains("shop: 5 applied, 1 pending")
             && said(&up).contains("0006_cart_lines_contract.sql (contract)"),
         "{}",
@@ -361,27 +361,27 @@ async fn down_then_up(backend: Backend, url: String) {
     assert!(up.status.success(), "{}", said(&up));
 
     let down = run(with_db(&[
-        "migrate", "down", "--schema", "store", "--to", "6",
+        "migrate", "down", "--schema", "store", "--to", "7",
     ]))
     .await
     .unwrap();
     assert!(down.status.success(), "{}", said(&down));
     assert!(
-        said(&down)
-            .contains("undid 1 migration(s): crates/holdfast-store/migrations/0007_secrets.sql")
-            && said(&down).contains("store: 6 applied, 1 pending"),
+        said(&down).contains(
+            "undid 1 migration(s): crates/holdfast-store/migrations/0008_job_effects.sql"
+        ) && said(&down).contains("store: 7 applied, 1 pending"),
         "{}",
         said(&down)
     );
     let plan = run(with_db(&["migrate", "plan"])).await.unwrap();
     assert!(
-        said(&plan).contains("0007_secrets.sql") && !said(&plan).contains("0006_uploads"),
+        said(&plan).contains("0008_job_effects.sql") && !said(&plan).contains("0007_secrets"),
         "{}",
         said(&plan)
     );
 
     let none = run(with_db(&[
-        "migrate", "down", "--schema", "store", "--to", "6",
+        "migrate", "down", "--schema", "store", "--to", "7",
     ]))
     .await
     .unwrap();
@@ -412,22 +412,22 @@ async fn down_then_up(backend: Backend, url: String) {
         "{}",
         said(&shop)
     );
-    // Every down step runs (0007 is already undone): the store back to nothing, then forward.
+    // Every down step runs (0008 is already undone): the store back to nothing, then forward.
     let all = run(with_db(&[
         "migrate", "down", "--schema", "store", "--to", "0",
     ]))
     .await
     .unwrap();
     assert!(
-        said(&all).contains("undid 6 migration(s)")
-            && said(&all).contains("store: 0 applied, 7 pending"),
+        said(&all).contains("undid 7 migration(s)")
+            && said(&all).contains("store: 0 applied, 8 pending"),
         "{}",
         said(&all)
     );
     let again = run(with_db(&["migrate", "up"])).await.unwrap();
     assert!(
-        said(&again).contains("applied 12 migration(s)")
-            && said(&again).contains("store: 7 applied, up to date")
+        said(&again).contains("applied 13 migration(s)")
+            && said(&again).contains("store: 8 applied, up to date")
             && said(&again).contains("shop: 5 applied, 1 pending"),
         "{}",
         said(&again)
@@ -489,7 +489,7 @@ async fn a_held_sqlite_write_lock_makes_up_give_up_in_time() {
     let out = up(data).await.unwrap();
     assert!(out.status.success(), "{}", said(&out));
     assert!(
-        said(&out).contains("applied 12 migration(s)"),
+        said(&out).contains("applied 13 migration(s)"),
         "{}",
         said(&out)
     );
@@ -508,7 +508,7 @@ fn up_runs_one_phase_at_a_time_and_refuses_what_it_cannot_name() {
     let expand = up(&["--to", "expand"]);
     assert!(expand.status.success(), "{}", said(&expand));
     assert!(
-        said(&expand).contains("applied 9 migration(s)")
+        said(&expand).contains("applied 10 migration(s)")
             && said(&expand).contains("shop: 2 applied, 4 pending"),
         "{}",
         said(&expand)
