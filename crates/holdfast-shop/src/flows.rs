@@ -20,9 +20,15 @@ use serde::Deserialize;
 use std::convert::Infallible;
 use std::sync::Arc;
 
+/// A job's arguments: the order, and what a receipt job also carries from the payment's
+/// read of the order (`receipt_job`), so that its worker reads nothing before it sends.
 #[derive(Deserialize)]
 struct OrderArgs {
     order_id: String,
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    total_cents: Option<i64>,
 }
 
 /// The dependencies of the shop's jobs. Cheap to clone.
@@ -95,16 +101,30 @@ impl Flows {
                 job.fence(),
                 &effect_key,
                 &external_id,
-                |tx| effect.consequences(tx, id).scope_boxed(),
-                |stmt, after| effect.consequence_steps(stmt, id, after),
+                |tx| effect.consequences(tx, &order).scope_boxed(),
+                |stmt, after| effect.consequence_steps(stmt, &order, after),
             )
             .await
     }
 
-    /// The order a job's `{"order_id": …}` names; a job for no order can never succeed.
+    /// The order a job's `{"order_id": …}` names, as the job carries it or else as the store
+    /// has it; a job for no order can never succeed.
     async fn order_of(&self, job: &JobRow) -> Result<PayoutInfo, JobError> {
-        let OrderArgs { order_id } = serde_json::from_str(&job.args)
+        let OrderArgs {
+            order_id,
+            email,
+            total_cents,
+        } = serde_json::from_str(&job.args)
             .map_err(|e| JobError::fatal(format!("bad args: {e}")))?;
+        if let (Some(email), Some(total_cents)) = (email, total_cents) {
+            // Only the payment's settlement enqueues a job that carries these.
+            return Ok(PayoutInfo {
+                order_id,
+                email,
+                total_cents,
+                status: "paid".into(),
+            });
+        }
         self.store
             .read("payout_info", |c| {
                 sql::payout_info::<Infallible>(c, &order_id).scope_boxed()
@@ -209,20 +229,37 @@ impl Effect {
 
     /// What follows on our own store, in the settling transaction: a charged order is paid and
     /// gets its receipt job.
-    async fn consequences(self, tx: &mut Tx, order_id: &str) -> Result<(), TxError<Infallible>> {
+    async fn consequences(
+        self,
+        tx: &mut Tx,
+        order: &PayoutInfo,
+    ) -> Result<(), TxError<Infallible>> {
         if let Effect::Charge = self {
-            sql::order_mark_paid(tx, order_id).await?;
-            tx.job_enqueue(&[Effect::Receipt.job(order_id)]).await?;
+            sql::order_mark_paid(tx, &order.order_id).await?;
+            tx.job_enqueue(&[receipt_job(order)]).await?;
         }
         Ok(())
     }
 
     /// The same consequences as steps of the settling statement (PostgreSQL), once for each
     /// row of the step `after`.
-    fn consequence_steps(self, stmt: &mut Statement, order_id: &str, after: &str) {
+    fn consequence_steps(self, stmt: &mut Statement, order: &PayoutInfo, after: &str) {
         if let Effect::Charge = self {
-            sql::order_mark_paid_step(stmt, "paid", order_id, after);
-            stmt.enqueue_jobs("receipt", &[Effect::Receipt.job(order_id)], after);
+            sql::order_mark_paid_step(stmt, "paid", &order.order_id, after);
+            stmt.enqueue_jobs("receipt", &[receipt_job(order)], after);
         }
+    }
+}
+
+/// The receipt job of a paid order, carrying the address and the total the payment read.
+fn receipt_job(order: &PayoutInfo) -> JobInsert {
+    JobInsert {
+        args: serde_json::json!({
+            "order_id": order.order_id,
+            "email": order.email,
+            "total_cents": order.total_cents,
+        })
+        .to_string(),
+        ..Effect::Receipt.job(&order.order_id)
     }
 }

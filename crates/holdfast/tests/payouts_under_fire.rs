@@ -39,6 +39,8 @@ const FLAGS: &[&str] = &[
 struct Run {
     /// order id -> total, for every checkout answered 201.
     orders: HashMap<String, i64>,
+    /// order id -> the address of the shopper who placed it.
+    owners: HashMap<String, String>,
     charges: Vec<Value>,
     emails: Vec<Value>,
     kills: usize,
@@ -92,7 +94,8 @@ async fn run(sys: &System, users: usize, per_user: usize, faults: Value) -> Run 
     let shoppers = (0..users).map(|u| {
         let base = sys.url.clone();
         tokio::spawn(async move {
-            let s = Shopper::new(&base, &format!("payer{u}@example.com")).await;
+            let address = format!("payer{u}@example.com");
+            let s = Shopper::new(&base, &address).await;
             let mut mine = HashMap::new();
             for n in 0..per_user {
                 let add = s
@@ -115,15 +118,18 @@ async fn run(sys: &System, users: usize, per_user: usize, faults: Value) -> Run 
                 );
                 mine.insert(
                     order.body["order_id"].as_str().unwrap().to_owned(),
-                    order.body["total_cents"].as_i64().unwrap(),
+                    (order.body["total_cents"].as_i64().unwrap(), address.clone()),
                 );
             }
             mine
         })
     });
-    let mut orders = HashMap::new();
+    let (mut orders, mut owners) = (HashMap::new(), HashMap::new());
     for s in futures::future::join_all(shoppers).await {
-        orders.extend(s.expect("shopper"));
+        for (order, (total, address)) in s.expect("shopper") {
+            orders.insert(order.clone(), total);
+            owners.insert(order, address);
+        }
     }
     shopping.store(false, Ordering::SeqCst);
     let kills = killer.await.expect("killer");
@@ -152,6 +158,7 @@ async fn run(sys: &System, users: usize, per_user: usize, faults: Value) -> Run 
     };
     Run {
         orders,
+        owners,
         charges,
         emails,
         kills,
@@ -206,6 +213,15 @@ async fn every_order_paid_once_while_workers_die(backend: Backend) {
             Some(&c["amount_cents"].as_i64().unwrap()),
             r.orders.get(c["order_id"].as_str().unwrap()),
             "charged the order's total"
+        );
+    }
+    for e in &r.emails {
+        assert_eq!(
+            e["to"].as_str(),
+            r.owners
+                .get(e["order_id"].as_str().unwrap())
+                .map(String::as_str),
+            "the receipt went to the shopper who ordered"
         );
     }
     // The API says paid, and the queue holds nothing running, waiting or dead.
