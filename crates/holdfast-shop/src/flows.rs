@@ -20,8 +20,9 @@ use serde::Deserialize;
 use std::convert::Infallible;
 use std::sync::Arc;
 
-/// A job's arguments: the order, and what a receipt job also carries from the payment's
-/// read of the order (`receipt_job`), so that its worker reads nothing before it sends.
+/// A job's arguments: the order, and what the job carries of it (`Effect::job_carrying`), so
+/// that its worker reads nothing before it acts. A job from a build that carried nothing reads
+/// the order.
 #[derive(Deserialize)]
 struct OrderArgs {
     order_id: String,
@@ -117,12 +118,10 @@ impl Flows {
         } = serde_json::from_str(&job.args)
             .map_err(|e| JobError::fatal(format!("bad args: {e}")))?;
         if let (Some(email), Some(total_cents)) = (email, total_cents) {
-            // Only the payment's settlement enqueues a job that carries these.
             return Ok(PayoutInfo {
                 order_id,
                 email,
                 total_cents,
-                status: "paid".into(),
             });
         }
         self.store
@@ -161,6 +160,19 @@ impl Effect {
         }
     }
 
+    /// [`Effect::job`], carrying the order's address and total.
+    pub(crate) fn job_carrying(self, order: &PayoutInfo) -> JobInsert {
+        JobInsert {
+            args: serde_json::json!({
+                "order_id": order.order_id,
+                "email": order.email,
+                "total_cents": order.total_cents,
+            })
+            .to_string(),
+            ..self.job(&order.order_id)
+        }
+    }
+
     /// The order's ledger entry for this effect and the provider's idempotency key for it.
     fn keys(self, order_id: &str) -> (String, String) {
         let name = self.name();
@@ -171,7 +183,8 @@ impl Effect {
     }
 
     /// The job that causes this effect for an order: at most one per order (`payout:<order>`,
-    /// `receipt:<order>`), naming its effect, so the claim that hands it out begins it.
+    /// `receipt:<order>`), naming its effect, so the claim that hands it out begins it. Its
+    /// arguments name the order only; [`Effect::job_carrying`] carries what the job needs.
     pub(crate) fn job(self, order_id: &str) -> JobInsert {
         let (queue, kind, unique) = match self {
             Effect::Charge => (PAYMENTS_QUEUE, PAYOUT_KIND, "payout"),
@@ -236,7 +249,8 @@ impl Effect {
     ) -> Result<(), TxError<Infallible>> {
         if let Effect::Charge = self {
             sql::order_mark_paid(tx, &order.order_id).await?;
-            tx.job_enqueue(&[receipt_job(order)]).await?;
+            tx.job_enqueue(&[Effect::Receipt.job_carrying(order)])
+                .await?;
         }
         Ok(())
     }
@@ -246,20 +260,7 @@ impl Effect {
     fn consequence_steps(self, stmt: &mut Statement, order: &PayoutInfo, after: &str) {
         if let Effect::Charge = self {
             sql::order_mark_paid_step(stmt, "paid", &order.order_id, after);
-            stmt.enqueue_jobs("receipt", &[receipt_job(order)], after);
+            stmt.enqueue_jobs("receipt", &[Effect::Receipt.job_carrying(order)], after);
         }
-    }
-}
-
-/// The receipt job of a paid order, carrying the address and the total the payment read.
-fn receipt_job(order: &PayoutInfo) -> JobInsert {
-    JobInsert {
-        args: serde_json::json!({
-            "order_id": order.order_id,
-            "email": order.email,
-            "total_cents": order.total_cents,
-        })
-        .to_string(),
-        ..Effect::Receipt.job(&order.order_id)
     }
 }

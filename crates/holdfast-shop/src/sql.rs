@@ -7,6 +7,7 @@
 //! there is no way to name another user's cart or order.
 
 use crate::domain::{OrderId, Quantity, Sku};
+use crate::flows::Effect;
 use crate::Error;
 use holdfast_store::{Backend, IdemClaim, JobInsert, Statement, Tx, TxError};
 use serde::Serialize;
@@ -56,14 +57,13 @@ pub struct Order {
     pub items: Vec<OrderLine>,
 }
 
-/// What a payout needs to know about an order.
+/// What a payout and a receipt need to know about an order.
 #[derive(Debug, Clone, PartialEq, Eq, FromRow)]
 pub struct PayoutInfo {
     #[sqlx(rename = "id")]
     pub order_id: String,
     pub email: String,
     pub total_cents: i64,
-    pub status: String,
 }
 
 pub async fn product_list<E>(conn: &mut AnyConnection) -> Result<Vec<ProductRow>, E> {
@@ -359,7 +359,12 @@ pub async fn checkout(tx: &mut Tx, shape: CartShape, user_id: &str) -> Result<Or
             .await?;
     }
     // The payout job exists if and only if the order does.
-    tx.job_enqueue(&[payout_job(&order.order_id)]).await?;
+    let email: String = sqlx::query("SELECT email FROM users WHERE id = $1")
+        .bind(user_id)
+        .fetch_one(tx.conn())
+        .await?
+        .try_get("email")?;
+    tx.job_enqueue(&[payout_job(&order, email)]).await?;
     Ok(order)
 }
 
@@ -384,7 +389,8 @@ async fn checkout_in_one_statement(tx: &mut Tx, table: CartTable, user_id: &str)
          ), emptied AS (
              DELETE FROM {t} d USING cart, placed WHERE d.user_id = $1 AND d.sku = cart.sku
          )
-         SELECT sku, name, qty, price_cents FROM cart ORDER BY sku"
+         SELECT sku, name, qty, price_cents, (SELECT email FROM users WHERE id = $1) AS email
+         FROM cart ORDER BY sku"
     ))
     .bind(user_id)
     .bind(&order_id)
@@ -402,9 +408,10 @@ async fn checkout_in_one_statement(tx: &mut Tx, table: CartTable, user_id: &str)
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    if items.is_empty() {
+    let Some(first) = rows.first() else {
         return Err(TxError::Abort(Error::EmptyCart));
-    }
+    };
+    let email: String = first.try_get("email")?;
     let order = Order {
         order_id,
         total_cents: items.iter().map(|l| l.qty * l.unit_price_cents).sum(),
@@ -412,7 +419,7 @@ async fn checkout_in_one_statement(tx: &mut Tx, table: CartTable, user_id: &str)
         created_at,
         items,
     };
-    tx.job_enqueue(&[payout_job(&order.order_id)]).await?;
+    tx.job_enqueue(&[payout_job(&order, email)]).await?;
     Ok(order)
 }
 
@@ -434,7 +441,7 @@ pub fn checkout_statement(
     }
     let (t, q) = (shape.read.table(), shape.read.quantity());
     let order_id = OrderId::generate().to_string();
-    let payout = payout_job(&order_id);
+    let payout = Effect::Charge.job(&order_id);
     let (user, order, created) = (
         stmt.bind(user_id),
         stmt.bind(order_id),
@@ -477,13 +484,23 @@ pub fn checkout_statement(
             "DELETE FROM {t} d USING cart, placed WHERE d.user_id = {user} AND d.sku = cart.sku"
         ),
     );
-    stmt.enqueue_jobs("payout", &[payout], "placed");
+    // The payout carries the total and the buyer's address, as `payout_job` writes them.
+    let args = format!(
+        "json_build_object('order_id', placed.id, 'email', (SELECT email FROM users WHERE id = {user}),
+                           'total_cents', summed.total_cents)::text"
+    );
+    stmt.enqueue_job_computed("payout", &payout, &args, "placed, summed");
     Some("key".to_owned())
 }
 
-/// The job that charges an order, unique per order.
-pub fn payout_job(order_id: &str) -> JobInsert {
-    crate::flows::Effect::Charge.job(order_id)
+/// The job that charges `order` (unique per order), carrying its total and the buyer's
+/// address, so that its worker reads nothing before it charges.
+fn payout_job(order: &Order, email: String) -> JobInsert {
+    Effect::Charge.job_carrying(&PayoutInfo {
+        order_id: order.order_id.clone(),
+        email,
+        total_cents: order.total_cents,
+    })
 }
 
 /// Where a page of orders starts: after the order created at `created_at` with id `id`
@@ -572,7 +589,7 @@ pub async fn payout_info<E>(
     order_id: &str,
 ) -> Result<Option<PayoutInfo>, E> {
     Ok(sqlx::query_as(
-        "SELECT o.id, u.email, o.total_cents, o.status FROM orders o JOIN users u ON u.id = o.user_id WHERE o.id = $1",
+        "SELECT o.id, u.email, o.total_cents FROM orders o JOIN users u ON u.id = o.user_id WHERE o.id = $1",
     )
     .bind(order_id)
     .fetch_optional(conn)

@@ -154,6 +154,16 @@ async fn a_keyed_checkout_is_two_round_trips_and_answers_the_orders_own_json() {
         .await
         .unwrap();
         assert_eq!((orders, jobs), (1, 1), "one order and its one payout job");
+        let args: String = sqlx::query_scalar("SELECT args FROM jobs WHERE kind = 'payout'")
+            .fetch_one(&mut *pg(&url).await)
+            .await
+            .unwrap();
+        let args: serde_json::Value = serde_json::from_str(&args).unwrap();
+        assert_eq!(
+            (args["order_id"].as_str(), args["total_cents"].as_i64(), args["email"].as_str()),
+            (Some(id.as_str()), placed.json()["total_cents"].as_i64(), Some("two-trips@example.com")),
+            "the payout carries what its worker needs: {args}"
+        );
         migrated.close().await;
     })
     .await;

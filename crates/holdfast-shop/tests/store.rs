@@ -404,7 +404,19 @@ async fn checkout_enqueues_its_payout_atomically(db: Db) {
     assert_eq!(jobs.len(), 1);
     assert_eq!(jobs[0].kind, PAYOUT_KIND);
     let args: serde_json::Value = serde_json::from_str(&jobs[0].args).unwrap();
-    assert_eq!(args["order_id"], order.order_id.as_str());
+    assert_eq!(
+        (
+            args["order_id"].as_str(),
+            args["total_cents"].as_i64(),
+            args["email"].as_str()
+        ),
+        (
+            Some(order.order_id.as_str()),
+            Some(order.total_cents),
+            Some("pay@example.com")
+        ),
+        "the payout carries what its worker needs"
+    );
     // A fenced-out idempotent checkout rolls back its payout job with its order.
     add(&db, &u, "HELMET", 1).await;
     let k = key("pay-1");

@@ -108,32 +108,53 @@ impl Statement {
     /// Adds the step `name`, which enqueues `jobs` (as [`crate::Tx::job_enqueue`] does) once
     /// for each row of `after`; the workers are woken when the statement commits.
     pub fn enqueue_jobs(&mut self, name: &str, jobs: &[JobInsert], after: &str) {
+        let mut rows = Vec::with_capacity(jobs.len());
+        for j in jobs {
+            let args = self.bind(j.args.as_str());
+            rows.push(self.job_row(j, &args, after));
+        }
+        self.insert_job_rows(name, &rows);
+    }
+
+    /// [`Statement::enqueue_jobs`] for one job whose arguments the statement computes:
+    /// `args_sql` is a text expression over the columns of `from`, evaluated (and the job
+    /// enqueued) once for each row of `from`. `job.args` is not used.
+    pub fn enqueue_job_computed(
+        &mut self,
+        name: &str,
+        job: &JobInsert,
+        args_sql: &str,
+        from: &str,
+    ) {
+        let row = self.job_row(job, args_sql, from);
+        self.insert_job_rows(name, &[row]);
+    }
+
+    /// The `SELECT` of one job's row for the insert, with `args` as its arguments.
+    fn job_row(&mut self, j: &JobInsert, args: &str, from: &str) -> String {
         let now = holdfast_core::now_ms();
-        let rows = jobs
-            .iter()
-            .map(|j| {
-                let effect = j.effect.as_ref();
-                format!(
-                    "SELECT {}, {}, {}, 'available', {}, {}, {}, {}, {}, {}, {} FROM {after}",
-                    self.bind(j.queue.as_str()),
-                    self.bind(j.kind.as_str()),
-                    self.bind(j.args.as_str()),
-                    self.bind(j.priority),
-                    self.bind(j.unique_key.clone()),
-                    self.bind(j.run_at),
-                    self.bind(j.max_attempts),
-                    self.bind(now),
-                    self.bind(effect.map(|e| e.effect_key.clone())),
-                    self.bind(effect.map(|e| e.external_key.clone())),
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(" UNION ALL ");
+        let effect = j.effect.as_ref();
+        format!(
+            "SELECT {}, {}, {args}, 'available', {}, {}, {}, {}, {}, {}, {} FROM {from}",
+            self.bind(j.queue.as_str()),
+            self.bind(j.kind.as_str()),
+            self.bind(j.priority),
+            self.bind(j.unique_key.clone()),
+            self.bind(j.run_at),
+            self.bind(j.max_attempts),
+            self.bind(now),
+            self.bind(effect.map(|e| e.effect_key.clone())),
+            self.bind(effect.map(|e| e.external_key.clone())),
+        )
+    }
+
+    fn insert_job_rows(&mut self, name: &str, rows: &[String]) {
         self.step(
             name,
             &format!(
-                "INSERT INTO jobs ({INSERT_COLUMNS}) {rows}
-                 ON CONFLICT (unique_key) DO NOTHING RETURNING queue"
+                "INSERT INTO jobs ({INSERT_COLUMNS}) {}
+                 ON CONFLICT (unique_key) DO NOTHING RETURNING queue",
+                rows.join(" UNION ALL ")
             ),
         );
         self.enqueued.push(name.to_owned());
