@@ -6,8 +6,7 @@
 //!
 //! 1. [`Ledger::once`] records the intent with a *deterministic* idempotency key for the
 //!    dependency. A later attempt finds the entry and reuses its key. A job that names its
-//!    effect when it is enqueued has this step done by the claim that hands it out
-//!    ([`Ledger::once_for`]).
+//!    effect when it is enqueued has this step done by the claim that hands it out.
 //! 2. If the ledger says `done`, only the settlement is (re)applied — no call.
 //! 3. If an earlier attempt left it `pending` (outcome unknown), reconcile: ask the
 //!    dependency whether it already acted under that key.
@@ -38,30 +37,13 @@ impl Ledger {
         Self { store }
     }
 
-    /// Steps 1–4 of the module docs: the dependency's id for `effect_key`, calling it at most
-    /// once per ledger entry. `call` and `lookup` get the idempotency key to use; `lookup`
-    /// answers the dependency's id for an effect it already caused under that key, if any.
+    /// Steps 1–4 of the module docs for `job`: the dependency's id for `effect_key`, calling
+    /// it at most once per ledger entry. `call` and `lookup` get the idempotency key to use;
+    /// `lookup` answers the dependency's id for an effect it already caused under that key,
+    /// if any. When the job names this effect ([`holdfast_store::JobInsert::effect`]), its
+    /// claim already began the entry and step 1 costs nothing; otherwise (a job that names
+    /// none, or one enqueued by an older build) it is begun here.
     pub async fn once<C, CF, L, LF>(
-        &self,
-        effect_key: &str,
-        external_key: &str,
-        call: C,
-        lookup: L,
-    ) -> Result<String, JobError>
-    where
-        C: FnOnce(String) -> CF,
-        CF: Future<Output = Result<String, JobError>>,
-        L: FnOnce(String) -> LF,
-        LF: Future<Output = Result<Option<String>, JobError>>,
-    {
-        let (entry, fresh) = self.store.ledger_begin(effect_key, external_key).await?;
-        Self::call_once(entry, fresh, call, lookup).await
-    }
-
-    /// [`Ledger::once`] for the effect `job` names ([`holdfast_store::JobInsert::effect`]):
-    /// its claim already began the entry, so step 1 costs no round trip. A job that names no
-    /// effect, or another one than `effect_key` (enqueued by an older build), is begun here.
-    pub async fn once_for<C, CF, L, LF>(
         &self,
         job: &JobRow,
         effect_key: &str,
@@ -75,27 +57,12 @@ impl Ledger {
         L: FnOnce(String) -> LF,
         LF: Future<Output = Result<Option<String>, JobError>>,
     {
-        match &job.effect {
+        let (entry, fresh) = match &job.effect {
             Some(BegunEffect { entry, fresh }) if entry.effect_key == effect_key => {
-                Self::call_once(entry.clone(), *fresh, call, lookup).await
+                (entry.clone(), *fresh)
             }
-            _ => self.once(effect_key, external_key, call, lookup).await,
-        }
-    }
-
-    /// Steps 2–4, for the entry as step 1 left it (`fresh`: step 1 created it).
-    async fn call_once<C, CF, L, LF>(
-        entry: LedgerEntry,
-        fresh: bool,
-        call: C,
-        lookup: L,
-    ) -> Result<String, JobError>
-    where
-        C: FnOnce(String) -> CF,
-        CF: Future<Output = Result<String, JobError>>,
-        L: FnOnce(String) -> LF,
-        LF: Future<Output = Result<Option<String>, JobError>>,
-    {
+            _ => self.store.ledger_begin(effect_key, external_key).await?,
+        };
         let LedgerEntry {
             state,
             external_key: key,

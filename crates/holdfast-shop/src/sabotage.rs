@@ -100,7 +100,7 @@ async fn promise_then_commit(shop: Shop, req: Request) -> Result<Response, AppEr
     Ok((StatusCode::CREATED, Json(promised)).into_response())
 }
 
-/// `Ledger::once_for` the job's `(effect_key, external_key)` — unless LedgerBypass is on: then the call
+/// `Ledger::once` for the job's `(effect_key, external_key)` — unless LedgerBypass is on: then the call
 /// is made with a fresh idempotency key on every attempt and nothing is recorded first, so a
 /// redelivered job charges again.
 pub(crate) async fn ledger_once<CF, LF>(
@@ -121,7 +121,7 @@ where
         }
         _ => {
             ledger
-                .once_for(job, effect_key, external_key, call, lookup)
+                .once(job, effect_key, external_key, call, lookup)
                 .await
         }
     }

@@ -211,6 +211,7 @@ impl Deliveries {
         let sent = self
             .ledger
             .once(
+                &job,
                 &effect_key,
                 &format!("webhook-{id}"),
                 |key| self.post(url, payload, key),
