@@ -474,6 +474,10 @@ impl Store {
                 format!("UPDATE jobs SET {set} WHERE id IN ({due}) RETURNING {returning}")
             }
         };
+        // SQLite begins each claimed job's effect with a statement of its own.
+        let begin_one = format!(
+            "{LEDGER_BEGIN_INSERT} VALUES ($1, 'pending', $2, $3, $3, 1) {LEDGER_BEGIN_CONFLICT}"
+        );
         // A claim that committed but whose answer was lost leaves jobs running under a lease
         // nobody holds; the rescuer frees them. So only retry when nothing can have committed.
         self.run(Rerun::IfUncommitted, "job_claim", || async {
@@ -510,10 +514,7 @@ impl Store {
                             job.effect = match earlier {
                                 Some(b) => Some(b),
                                 None => {
-                                    let sql = format!(
-                                        "{LEDGER_BEGIN_INSERT} VALUES ($1, 'pending', $2, $3, $3, 1) {LEDGER_BEGIN_CONFLICT}"
-                                    );
-                                    let r = sqlx::query(&sql)
+                                    let r = sqlx::query(&begin_one)
                                         .bind(&key)
                                         .bind(&external)
                                         .bind(now)
