@@ -57,7 +57,7 @@ pub use cookie::KeyRing;
 pub use redis;
 
 use holdfast_core::SessionId;
-use holdfast_store::{SessionCreate, Store};
+use holdfast_store::{SessionCheck, SessionCreate, Store};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis_tier::RedisTier;
 use std::fmt;
@@ -456,6 +456,25 @@ impl Sessions {
                 cookie::load(keys, store, config, &self.0.counters, token, now).await
             }
         }
+    }
+
+    /// For the `store` tier: the check of `token`'s session that a statement doing the
+    /// request's work can make itself ([`holdfast_store::Statement::session_user`]), the same
+    /// check [`Sessions::load`] makes with a read of its own. `None` for the other tiers (their
+    /// sessions are not rows of the statement's database) and for a token that is no session
+    /// id. A statement that writes nothing for a dead session says nothing either: the caller
+    /// then [`load`](Sessions::load)s it.
+    pub fn statement_check(&self, token: &str) -> Option<SessionCheck> {
+        if !matches!(self.0.tier, Tier::Store) {
+            return None;
+        }
+        let id = SessionId::parse(token).ok()?;
+        Some(SessionCheck {
+            id,
+            now: holdfast_core::now_ms(),
+            idle_ttl: self.0.config.idle_ttl,
+            touch_every: self.0.config.touch_every,
+        })
     }
 
     /// Ends one session everywhere. For signed cookies there is nothing to end server-side:

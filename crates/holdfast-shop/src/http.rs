@@ -1,9 +1,10 @@
 //! The shop's routes: the page, the catalog, the cart, checkout and orders. `holdfast_web::app`
 //! wraps them in the accounts API, sessions, CSRF and the operator endpoints.
 //!
-//! Every handler that touches a user's records takes [`Authed`] and passes its user id to the
-//! SQL, which filters by it. The unsafe ones take an [`Idempotent`] body: the key is claimed
-//! by the handler's own transaction, and the answer is stored in the same commit as the effect.
+//! Every handler that touches a user's records takes [`Authed`] (or, for checkout, the user
+//! its claim names) and passes its user id to the SQL, which filters by it. The unsafe ones
+//! take an [`Idempotent`] body: the key is claimed by the handler's own transaction, and the
+//! answer is stored in the same commit as the effect.
 
 use crate::domain::{OrderId, Quantity, Sku};
 use crate::sql::{self, Cart, CartShape, Order};
@@ -437,20 +438,24 @@ impl FromBody for CheckoutBody {
 
 /// Turns the cart into an order. `Idempotency-Key` is required: a checkout is the request a
 /// client must be able to retry blindly.
+///
+/// It takes no [`Authed`]: on Postgres with sessions in the store, the statement checks the
+/// session itself (one round trip for the request); otherwise, and on every path but the
+/// happy one, the claim reads the session first.
 async fn checkout(
     shape: CartShape,
-    user: Authed,
     Idempotent { claim, .. }: Idempotent<CheckoutBody, Required>,
 ) -> AppResult<Response> {
-    let claim = match claim
+    let mut claim = match claim
         .in_one_statement("checkout", |stmt, key| {
-            sql::checkout_statement(stmt, key, shape, &user.user_id)
+            sql::checkout_statement(stmt, key, shape)
         })
         .await?
     {
         OneStatement::Answered(done) => return Ok(done),
         OneStatement::NotAnswered(claim) => *claim,
     };
+    let user = claim.user().await?;
     claim
         .run(
             "checkout",

@@ -9,7 +9,7 @@
 use crate::domain::{OrderId, Quantity, Sku};
 use crate::flows::Effect;
 use crate::Error;
-use holdfast_store::{Backend, IdemClaim, JobInsert, Statement, Tx, TxError};
+use holdfast_store::{Backend, JobInsert, KeyStep, Statement, Tx, TxError};
 use serde::Serialize;
 use sqlx::{AnyConnection, FromRow, Row};
 
@@ -428,13 +428,14 @@ async fn checkout_in_one_statement(tx: &mut Tx, table: CartTable, user_id: &str)
 /// the key's step, which stores the key done with the answer the database renders from the
 /// cart it locked: the bytes [`Order`]'s JSON serialization gives (a test holds the two to
 /// it), so a replay answers exactly what the first request got. The payout job and its
-/// order are written together. Returns the key step's name, or `None` while the cart's
-/// table is being moved (reads and writes name different tables).
+/// order are written together. Every write descends from the read of the cart of
+/// `key.user`, the statement's user, which is NULL for a session the statement found dead:
+/// then there is no cart, and nothing is written. Returns the key step's name, or `None`
+/// while the cart's table is being moved (reads and writes name different tables).
 pub fn checkout_statement(
     stmt: &mut Statement,
-    key: IdemClaim<'_>,
+    key: KeyStep<'_>,
     shape: CartShape,
-    user_id: &str,
 ) -> Option<String> {
     if shape.read != shape.write {
         return None;
@@ -442,11 +443,8 @@ pub fn checkout_statement(
     let (t, q) = (shape.read.table(), shape.read.quantity());
     let order_id = OrderId::generate().to_string();
     let payout = Effect::Charge.job(&order_id);
-    let (user, order, created) = (
-        stmt.bind(user_id),
-        stmt.bind(order_id),
-        stmt.bind(holdfast_core::now_ms()),
-    );
+    let user = key.user.clone();
+    let (order, created) = (stmt.bind(order_id), stmt.bind(holdfast_core::now_ms()));
     stmt.step(
         "cart",
         &format!(
@@ -465,7 +463,7 @@ pub fn checkout_statement(
         "'{{\"order_id\":' || to_json({order}::text)::text || ',\"total_cents\":' || total_cents
          || ',\"status\":\"pending\",\"created_at\":' || {created} || ',\"items\":[' || items || ']}}'"
     );
-    stmt.claim_key("key", key, 201, &answer, "summed");
+    stmt.claim_key("key", &key, 201, &answer, "summed");
     stmt.step(
         "placed",
         &format!(

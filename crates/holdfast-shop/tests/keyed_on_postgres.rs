@@ -1,6 +1,6 @@
-//! On Postgres a keyed checkout is one statement: the key stored done with its answer, the
-//! order, its lines, the emptied cart and the payout job, in one round trip and one commit
-//! after the session's. Concurrent requests with one key wait for the first and replay its
+//! On Postgres a keyed checkout is one statement: the session's check, the key stored done
+//! with its answer, the order, its lines, the emptied cart and the payout job, in one round
+//! trip and one commit. Concurrent requests with one key wait for the first and replay its
 //! answer, and a request that placed nothing (an empty cart) leaves no claim behind.
 
 use holdfast_shop::ShopOptions;
@@ -53,7 +53,7 @@ async fn concurrent_checkouts_with_one_key_make_one_order_and_all_answer_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_keyed_checkout_is_two_round_trips_and_answers_the_orders_own_json() {
+async fn a_keyed_checkout_is_one_round_trip_and_answers_the_orders_own_json() {
     with_fresh_db(Backend::Postgres, "keyed_two_trips", |url| async move {
         let migrated = Store::open(&StoreOptions::new(&url).schema(&holdfast_shop::SCHEMA))
             .await
@@ -116,7 +116,7 @@ async fn a_keyed_checkout_is_two_round_trips_and_answers_the_orders_own_json() {
         let placed = app.checkout(&cookie, "k-two").await;
         let trips = wire.count() - before;
         assert_eq!(placed.status, 201, "{:?}", placed.json());
-        assert_eq!(trips, 2, "the session, then the checkout as one statement");
+        assert_eq!(trips, 1, "the checkout, its session's check included, as one statement");
         assert_eq!(
             wire.pings() - pings,
             0,
@@ -163,6 +163,80 @@ async fn a_keyed_checkout_is_two_round_trips_and_answers_the_orders_own_json() {
             (args["order_id"].as_str(), args["total_cents"].as_i64(), args["email"].as_str()),
             (Some(id.as_str()), placed.json()["total_cents"].as_i64(), Some("two-trips@example.com")),
             "the payout carries what its worker needs: {args}"
+        );
+        migrated.close().await;
+    })
+    .await;
+}
+
+/// The checkout's statement checks the session as a read of it would: a session used a while
+/// ago is refreshed, and one left idle past its timeout, past its absolute expiry or logged out
+/// is a 401 that writes nothing (and the dead one is deleted, as a read deletes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checkouts_statement_checks_the_session_itself() {
+    with_fresh_db(Backend::Postgres, "keyed_session", |url| async move {
+        let migrated = Store::open(&StoreOptions::new(&url).schema(&holdfast_shop::SCHEMA))
+            .await
+            .expect("migrate");
+        let app = instance_on(&url, local(), ShopOptions::default())
+            .await
+            .expect("instance");
+        let db = &mut *pg(&url).await;
+        let now = holdfast_core::now_ms();
+        let minute = 60_000;
+
+        // Used two minutes ago (a touch is due each minute, the idle timeout is 30): the
+        // checkout goes through and records the use.
+        let used = app.user("used@example.com").await;
+        assert_eq!(app.add(&used, "HELMET", 1).await.status, 200);
+        let back = now - 2 * minute;
+        sqlx::query("UPDATE sessions SET last_seen_at = $1").bind(back).execute(&mut *db).await.unwrap();
+        let placed = app.checkout(&used, "k-used").await;
+        assert_eq!(placed.status, 201, "{:?}", placed.json());
+        let seen: i64 = sqlx::query_scalar("SELECT last_seen_at FROM sessions")
+            .fetch_one(&mut *db)
+            .await
+            .unwrap();
+        assert!(seen >= now, "the use is recorded: {seen} against {now}");
+
+        // Dead three ways, each with a cart to check out.
+        let idle = app.user("idle@example.com").await;
+        let expired = app.user("expired@example.com").await;
+        let gone = app.user("gone@example.com").await;
+        for cookie in [&idle, &expired, &gone] {
+            assert_eq!(app.add(cookie, "HARNESS", 1).await.status, 200);
+        }
+        let owner = "(SELECT id FROM users WHERE email = $2)";
+        sqlx::query(&format!("UPDATE sessions SET last_seen_at = $1 WHERE user_id = {owner}"))
+            .bind(now - 31 * minute)
+            .bind("idle@example.com")
+            .execute(&mut *db)
+            .await
+            .unwrap();
+        sqlx::query(&format!("UPDATE sessions SET expires_at = $1 WHERE user_id = {owner}"))
+            .bind(now - 1)
+            .bind("expired@example.com")
+            .execute(&mut *db)
+            .await
+            .unwrap();
+        let out = app.call("POST", "/api/logout", None, Some(&gone), &[]).await;
+        assert!(out.status.is_success(), "{:?}", out.json());
+
+        for (cookie, who) in [(&idle, "idle"), (&expired, "expired"), (&gone, "logged out")] {
+            let refused = app.checkout(cookie, "k-dead").await;
+            assert_eq!(refused.status, 401, "{who}: {:?}", refused.json());
+        }
+        let (orders, keys, sessions, carts): (i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT (SELECT COUNT(*) FROM orders), (SELECT COUNT(*) FROM idempotency_keys),
+                    (SELECT COUNT(*) FROM sessions), (SELECT COUNT(*) FROM cart_lines)",
+        )
+        .fetch_one(&mut *db)
+        .await
+        .unwrap();
+        assert_eq!(
+            (orders, keys, sessions, carts),
+            (1, 1, 1, 3),
+            "only the live session's order and key; the dead sessions are deleted; their carts are untouched"
         );
         migrated.close().await;
     })

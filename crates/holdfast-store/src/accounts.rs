@@ -18,6 +18,17 @@ pub struct SessionCreate<'a> {
     pub absolute_ttl: Duration,
 }
 
+/// A session a request presented, to be checked by the statement that does the request's work
+/// rather than by a read of its own ([`crate::Statement::session_user`]): the same rules as
+/// [`Store::session_get`], at `now`.
+#[derive(Debug, Clone)]
+pub struct SessionCheck {
+    pub id: SessionId,
+    pub now: i64,
+    pub idle_ttl: Duration,
+    pub touch_every: Duration,
+}
+
 pub(crate) fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }

@@ -11,9 +11,11 @@
 //! nothing after it). SQLite has no data-modifying `WITH`: there, the same work is a
 //! transaction of several statements, which are in-process calls anyway.
 
-use crate::idempotency::{IdemClaim, StoredResponse};
+use crate::accounts::{ms, SessionCheck};
+use crate::idempotency::StoredResponse;
 use crate::jobs::{JobFence, JobInsert, INSERT_COLUMNS, NOTIFY_CHANNEL};
 use crate::{Backend, Error, Pooled, Rerun, Result, Store};
+use holdfast_core::{IdempotencyKey, RequestFingerprint};
 use sqlx::Row;
 
 /// A value bound to one placeholder of a [`Statement`].
@@ -48,6 +50,18 @@ impl From<Option<String>> for Param {
     }
 }
 
+/// The idempotency key a [`Statement`] stores (with [`Statement::claim_key`]) for the user it
+/// acts for.
+#[derive(Debug, Clone)]
+pub struct KeyStep<'a> {
+    /// The user, as an SQL expression of the statement: a placeholder bound to a user already
+    /// known, or [`Statement::session_user`]'s check of the request's session.
+    pub user: String,
+    pub key: &'a IdempotencyKey,
+    pub fingerprint: &'a RequestFingerprint,
+    pub now: i64,
+}
+
 /// A statement under construction: named steps in order, their bound values, and the steps
 /// whose inserted jobs must wake the workers.
 #[derive(Debug, Default)]
@@ -73,8 +87,40 @@ impl Statement {
         self.steps.push(format!("{name} AS ({sql})"));
     }
 
-    /// Adds the step `name`, which stores `claim`'s key already done with its answer (`status`,
-    /// and `body`: an SQL text expression over `from`'s columns) for each row of `from`, unless
+    /// Adds the steps that check `session` by the rules of [`Store::session_get`] (alive:
+    /// younger than its absolute expiry and used within its idle timeout; its last use
+    /// refreshed at most once per `touch_every`) and returns an SQL expression for its user's
+    /// id: NULL when the session is unknown, dead or logged out. Steps that read their user
+    /// through it find no rows for a dead session (`user_id = NULL` is never true), so a
+    /// statement whose every write descends from such a step writes nothing and answers
+    /// nothing for one; the caller then reads the session the usual way, which also deletes
+    /// a dead one. The request's session and its work are then one round trip, not two.
+    pub fn session_user(&mut self, session: &SessionCheck) -> String {
+        let (hash, now, idle, touch) = (
+            self.bind(session.id.storage_hash()),
+            self.bind(session.now),
+            self.bind(ms(session.idle_ttl)),
+            self.bind(ms(session.touch_every)),
+        );
+        let alive =
+            format!("id_hash = {hash} AND expires_at > {now} AND last_seen_at > {now} - {idle}");
+        self.step(
+            "holdfast_session",
+            &format!("SELECT user_id FROM sessions WHERE {alive}"),
+        );
+        // A data-modifying step runs whether or not anything reads it.
+        self.step(
+            "holdfast_session_touched",
+            &format!(
+                "UPDATE sessions SET last_seen_at = {now}
+                 WHERE {alive} AND last_seen_at <= {now} - {touch} AND last_seen_at < {now} RETURNING 1"
+            ),
+        );
+        "(SELECT user_id FROM holdfast_session)".to_owned()
+    }
+
+    /// Adds the step `name`, which stores `key` already done with its answer (`status`, and
+    /// `body`: an SQL text expression over `from`'s columns) for each row of `from`, unless
     /// the key exists. It returns `response_status, response_body` when it stored the key and
     /// nothing when the key was there already (a concurrent holder is waited for first) or
     /// the answer is NULL, so the work the key guards names `name` in its `FROM`. Stored done in the very statement
@@ -82,23 +128,22 @@ impl Statement {
     pub fn claim_key(
         &mut self,
         name: &str,
-        claim: IdemClaim<'_>,
+        key: &KeyStep<'_>,
         status: u16,
         body: &str,
         from: &str,
     ) {
-        let (scope, key, fingerprint) = (
-            self.bind(claim.scope),
-            self.bind(claim.key.as_str()),
-            self.bind(claim.fingerprint.as_str()),
+        let (idem_key, fingerprint) = (
+            self.bind(key.key.as_str()),
+            self.bind(key.fingerprint.as_str()),
         );
-        let (now, status) = (self.bind(claim.now), self.bind(i64::from(status)));
+        let (user, now, status) = (&key.user, self.bind(key.now), self.bind(i64::from(status)));
         self.step(
             name,
             &format!(
                 "INSERT INTO idempotency_keys (user_id, idem_key, fingerprint, state, lock_token, locked_until, created_at, response_status, response_body)
-                 SELECT {scope}, {key}, {fingerprint}, 'done', NULL, {now}, {now}, {status}, convert_to({body}, 'UTF8') FROM {from}
-                 WHERE ({body}) IS NOT NULL
+                 SELECT {user}, {idem_key}, {fingerprint}, 'done', NULL, {now}, {now}, {status}, convert_to({body}, 'UTF8') FROM {from}
+                 WHERE ({body}) IS NOT NULL AND {user} IS NOT NULL
                  ON CONFLICT (user_id, idem_key) DO NOTHING
                  RETURNING response_status, response_body"
             ),

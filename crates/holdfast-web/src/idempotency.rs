@@ -15,6 +15,13 @@
 //! stored done, with the answer the database renders, by that very statement — one round
 //! trip and one commit — and anything but the happy path falls back to [`Claim::run`].
 //!
+//! The key is the user's, so the extractor reads the session, unless the handler's user is
+//! not needed yet: on PostgreSQL with sessions in the store, a handler that does not take
+//! [`Authed`] itself leaves the session to [`Claim::in_one_statement`], whose statement checks
+//! it (`holdfast_store::Statement::session_user`), so the session and the work are one round
+//! trip. Anything else reads the session first ([`Claim::user`], [`Claim::run`]): a dead
+//! session is a 401 there, as it would have been here.
+//!
 //! A request that crosses a timeout boundary is covered both ways: if the server committed
 //! after the client gave up, the retry replays the answer; if the instance died first, its
 //! transaction never committed and the retry does the work once. A claim committed on its
@@ -59,15 +66,16 @@
 
 use crate::body::{idempotency_key, FromBody, RawBody};
 use crate::error::{AppError, AppResult};
-use crate::session::Authed;
+use crate::session::{token_from_headers, Authed};
 use crate::AppState;
 use axum::extract::{FromRef, FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use holdfast_core::{IdempotencyKey, RequestFingerprint};
 use holdfast_store::{
-    ClaimOutcome, IdemClaim, IdemLock, Rerun, ScopedFutureExt, Statement, StoredResponse, Tx,
-    TxBody, TxError,
+    Backend, ClaimOutcome, IdemClaim, IdemLock, KeyStep, Rerun, ScopedFutureExt, SessionCheck,
+    Statement, StoredResponse, Tx, TxBody, TxError,
 };
 use std::marker::PhantomData;
 
@@ -101,8 +109,26 @@ pub struct Idempotent<B, K = Optional> {
 /// [`Claim::run`] runs: one commit, and nothing to give back if the handler never runs.
 pub struct Claim {
     edge: AppState,
-    scope: String,
+    scope: Scope,
     key: Option<(IdempotencyKey, RequestFingerprint)>,
+}
+
+/// Whose key it is.
+enum Scope {
+    /// The user the request's session named.
+    User(String),
+    /// The session the request presented, not read yet (see the module docs).
+    Session(SessionCheck),
+}
+
+/// The session a handler's statement may check itself: on PostgreSQL, with sessions in the
+/// store, when the handler did not take [`Authed`] before this extractor.
+fn session_left_to_the_statement(edge: &AppState, parts: &Parts) -> Option<SessionCheck> {
+    if parts.extensions.get::<Authed>().is_some() || edge.store.backend() != Backend::Postgres {
+        return None;
+    }
+    let token = token_from_headers(&parts.headers, edge.opts.secure_cookies)?;
+    edge.sessions.statement_check(token)
 }
 
 impl<S, B, K> FromRequest<S> for Idempotent<B, K>
@@ -117,9 +143,15 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Response> {
         let edge = AppState::from_ref(state);
         let (mut parts, body) = req.into_parts();
-        let user = Authed::from_request_parts(&mut parts, state)
-            .await
-            .map_err(IntoResponse::into_response)?;
+        let scope = match session_left_to_the_statement(&edge, &parts) {
+            Some(session) => Scope::Session(session),
+            None => Scope::User(
+                Authed::from_request_parts(&mut parts, state)
+                    .await
+                    .map_err(IntoResponse::into_response)?
+                    .user_id,
+            ),
+        };
         let key = idempotency_key(&parts.headers).map_err(IntoResponse::into_response)?;
         if K::REQUIRED && key.is_none() {
             return Err(AppError::bad_request(
@@ -142,11 +174,7 @@ where
             let fingerprint = RequestFingerprint::of(method.as_str(), &path, &canonical);
             (key, fingerprint)
         });
-        let claim = Claim {
-            edge,
-            scope: user.user_id,
-            key,
-        };
+        let claim = Claim { edge, scope, key };
         Ok(Idempotent {
             body,
             claim,
@@ -159,6 +187,23 @@ impl Claim {
     /// The request's key, if it carried one.
     pub fn key(&self) -> Option<&IdempotencyKey> {
         self.key.as_ref().map(|(k, _)| k)
+    }
+
+    /// The request's user. A session not read yet is read now: a dead one is a 401.
+    pub async fn user(&mut self) -> AppResult<Authed> {
+        let user_id = match &self.scope {
+            Scope::User(id) => id.clone(),
+            Scope::Session(session) => {
+                self.edge
+                    .sessions
+                    .load(session.id.expose())
+                    .await?
+                    .ok_or_else(AppError::unauthorized)?
+                    .user_id
+            }
+        };
+        self.scope = Scope::User(user_id.clone());
+        Ok(Authed { user_id })
     }
 
     /// Runs `body` in one store transaction named `op` and answers with `render` of its
@@ -179,9 +224,10 @@ impl Claim {
         AppError: From<E>,
     {
         let (body, render) = (&body, &render);
+        let scope = self.user().await?.user_id;
         if let Some((key, fingerprint)) = self.key.take() {
             return self
-                .run_claiming(op, (&key, &fingerprint), body, render)
+                .run_claiming(op, &scope, (&key, &fingerprint), body, render)
                 .await;
         }
         let value = self
@@ -207,14 +253,17 @@ pub enum OneStatement {
 impl Claim {
     /// A keyed request in one round trip and one commit (PostgreSQL): `build` adds the
     /// work's steps to a [`Statement`] and the key's step with [`Statement::claim_key`] and
-    /// the [`IdemClaim`] it is handed, gating the work on that step, and returns the key
-    /// step's name, or `None` when this request cannot be one statement. Without a key, or on
-    /// SQLite, nothing runs. The happy path's answer is the one the statement stored; every
-    /// other outcome (a replay, a key in use or reused, work that refused) costs the general
-    /// path's transaction after it.
+    /// the [`KeyStep`] it is handed, gating the work on that step, and returns the key step's
+    /// name, or `None` when this request cannot be one statement. The work reads its user as
+    /// `KeyStep::user`, an SQL expression: the user's id, or, for a session not read yet, the
+    /// statement's own check of it (NULL for a dead session, so that nothing is written).
+    /// Without a key, or on SQLite, nothing runs. The happy path's answer is the one the
+    /// statement stored; every other outcome (a replay, a key in use or reused, work that
+    /// refused, a dead session) costs the general path's session read and transaction after
+    /// it.
     pub async fn in_one_statement<B>(self, op: &'static str, build: B) -> AppResult<OneStatement>
     where
-        B: FnOnce(&mut Statement, IdemClaim<'_>) -> Option<String>,
+        B: FnOnce(&mut Statement, KeyStep<'_>) -> Option<String>,
     {
         let Some((key, fingerprint)) = self.key.as_ref() else {
             return Ok(OneStatement::NotAnswered(Box::new(self)));
@@ -223,14 +272,17 @@ impl Claim {
             return Ok(OneStatement::NotAnswered(Box::new(self)));
         }
         let mut stmt = Statement::new();
-        let claim = IdemClaim {
-            scope: &self.scope,
+        let user = match &self.scope {
+            Scope::User(id) => stmt.bind(id.as_str()),
+            Scope::Session(session) => stmt.session_user(session),
+        };
+        let step = KeyStep {
+            user,
             key,
             fingerprint,
             now: holdfast_core::now_ms(),
-            lock_ttl: self.edge.opts.idempotency_lock_ttl,
         };
-        let Some(key_step) = build(&mut stmt, claim) else {
+        let Some(key_step) = build(&mut stmt, step) else {
             return Ok(OneStatement::NotAnswered(Box::new(self)));
         };
         match self
@@ -262,6 +314,7 @@ impl Claim {
     async fn run_claiming<'a, T, E, F, R>(
         &self,
         op: &'static str,
+        scope: &str,
         (key, fingerprint): (&IdempotencyKey, &RequestFingerprint),
         body: &F,
         render: &R,
@@ -273,7 +326,7 @@ impl Claim {
         E: Send + 'a,
         AppError: From<E>,
     {
-        let (scope, ttl) = (self.scope.as_str(), self.edge.opts.idempotency_lock_ttl);
+        let ttl = self.edge.opts.idempotency_lock_ttl;
         let outcome = self
             .edge
             .store
