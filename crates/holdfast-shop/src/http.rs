@@ -18,7 +18,9 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use holdfast_cache::Ttl;
 use holdfast_core::Sabotage;
-use holdfast_store::{Backend, Freshness, Rerun, ScopedFutureExt, Store, StoredResponse, TxError};
+use holdfast_store::{
+    Backend, Freshness, Rerun, ScopedFutureExt, Statement, Store, StoredResponse, TxError,
+};
 use holdfast_web::{
     json_response, parse_json, AppError, AppResult, AppState, Authed, FromBody, Idempotent,
     JsonBody, OneStatement, PathParam, ReadAfter, Required,
@@ -377,28 +379,33 @@ fn render_order(order: &Order) -> StoredResponse {
 }
 
 /// Adds to the cart. `Idempotency-Key` is optional here; with one, a retry adds only once.
+///
+/// Like checkout, it takes no [`Authed`]: without a key, on Postgres, the add is one
+/// statement that checks the session itself (see [`sql::cart_add_statement`]).
 async fn cart_add(
     State(shop): State<Shop>,
     shape: CartShape,
-    user: Authed,
     Idempotent {
         body: CartAdd { sku, qty },
-        claim,
+        mut claim,
         ..
     }: Idempotent<CartAdd>,
 ) -> AppResult<Response> {
     let store = shop.store();
     if claim.key().is_none() && store.backend() == Backend::Postgres && shape.read == shape.write {
         // Without a key it is a plain write: one statement in autocommit, one round trip.
-        let sql = sql::cart_add_sql(shape.write);
+        let mut stmt = Statement::new();
+        let user = claim.user_in(&mut stmt);
+        let select = sql::cart_add_statement(&mut stmt, shape.write, &user, &sku, qty);
         let rows = store
-            .write_statement("cart_add", Rerun::IfUncommitted, || {
-                sql::bind_cart_add(&sql, &user.user_id, &sku, qty)
-            })
+            .statement_rows("cart_add", Rerun::IfUncommitted, &stmt, &select)
             .await?;
-        let cart = sql::cart_from_added(&rows, &sku)?;
-        return Ok(holdfast_web::respond(render_cart(&cart), false));
+        if let Some(cart) = sql::cart_from_added(&rows, &sku)? {
+            return Ok(holdfast_web::respond(render_cart(&cart), false));
+        }
+        // No live session: the read below answers 401 (and deletes a dead one).
     }
+    let user = claim.user().await?;
     claim
         .run(
             "cart_add",

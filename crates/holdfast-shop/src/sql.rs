@@ -184,26 +184,45 @@ fn cart_of_rows<E>(rows: &[sqlx::any::AnyRow]) -> Result<Cart, E> {
     Ok(Cart { items, total_cents })
 }
 
-/// [`cart_add`] on PostgreSQL as one statement (`$1` the user, `$2` the sku, `$3` the
-/// quantity, `$4` the time; [`bind_cart_add`]): the product looked up, the line added to (a
-/// line holds at most 99), and the cart as it now stands, read from the lines the statement
-/// did not touch and the one it wrote (a statement does not see its own writes). One row of
-/// flags and no line when nothing was written; [`cart_from_added`] reads the answer.
-pub fn cart_add_sql(table: CartTable) -> String {
+/// [`cart_add`] on PostgreSQL as one statement for `user` (an SQL expression of `stmt`, NULL
+/// for a session the statement found dead; see `holdfast_web::Claim::user_in`): the product
+/// looked up, the line added to (a line holds at most 99), and the cart as it now stands, read
+/// from the lines the statement did not touch and the one it wrote (a statement does not see
+/// its own writes). Adds the steps and returns the final `SELECT`: one row of flags and no line
+/// when nothing was written; [`cart_from_added`] reads the answer.
+pub fn cart_add_statement(
+    stmt: &mut Statement,
+    table: CartTable,
+    user: &str,
+    sku: &Sku,
+    qty: Quantity,
+) -> String {
     let (t, q) = (table.table(), table.quantity());
-    format!(
-        "WITH known AS (SELECT sku FROM products WHERE sku = $2),
-         added AS (
-             INSERT INTO {t} (user_id, sku, {q}, added_at) SELECT $1, sku, $3, $4 FROM known
+    let (sku, qty, now) = (
+        stmt.bind(sku.as_str()),
+        stmt.bind(qty.get()),
+        stmt.bind(holdfast_core::now_ms()),
+    );
+    stmt.step(
+        "known",
+        &format!("SELECT sku FROM products WHERE sku = {sku} AND {user} IS NOT NULL"),
+    );
+    stmt.step(
+        "added",
+        &format!(
+            "INSERT INTO {t} (user_id, sku, {q}, added_at) SELECT {user}, sku, {qty}, {now} FROM known
              ON CONFLICT (user_id, sku) DO UPDATE SET {q} = {t}.{q} + excluded.{q}
              WHERE {t}.{q} + excluded.{q} <= 99
-             RETURNING sku, {q} AS qty
-         )
-         SELECT flags.known, flags.added, line.sku, line.name, line.qty, line.price_cents
-         FROM (SELECT (SELECT COUNT(*) FROM known) AS known, (SELECT COUNT(*) FROM added) AS added) flags
+             RETURNING sku, {q} AS qty"
+        ),
+    );
+    format!(
+        "SELECT flags.authed, flags.known, flags.added, line.sku, line.name, line.qty, line.price_cents
+         FROM (SELECT ({user}) IS NOT NULL AS authed, (SELECT COUNT(*) FROM known) AS known,
+                      (SELECT COUNT(*) FROM added) AS added) flags
          LEFT JOIN (
              SELECT c.sku, p.name, c.{q} AS qty, p.price_cents FROM {t} c JOIN products p ON p.sku = c.sku
-             WHERE c.user_id = $1 AND c.sku <> $2
+             WHERE c.user_id = {user} AND c.sku <> {sku}
              UNION ALL
              SELECT a.sku, p.name, a.qty, p.price_cents FROM added a JOIN products p ON p.sku = a.sku
          ) line ON true
@@ -211,35 +230,27 @@ pub fn cart_add_sql(table: CartTable) -> String {
     )
 }
 
-/// [`cart_add_sql`]'s statement with its values bound.
-pub fn bind_cart_add<'q>(
-    sql: &'q str,
-    user_id: &'q str,
-    sku: &'q Sku,
-    qty: Quantity,
-) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    sqlx::query(sql)
-        .bind(user_id)
-        .bind(sku.as_str())
-        .bind(qty.get())
-        .bind(holdfast_core::now_ms())
-}
-
-/// The cart [`cart_add_sql`]'s rows describe, or why nothing was added.
-pub fn cart_from_added(rows: &[sqlx::any::AnyRow], sku: &Sku) -> Result<Cart> {
+/// The cart [`cart_add_statement`]'s rows describe, or why nothing was added; `None` when
+/// the statement found no live session (it wrote nothing).
+pub fn cart_from_added(rows: &[sqlx::any::AnyRow], sku: &Sku) -> Result<Option<Cart>> {
     let flags = rows
         .first()
-        .map(|r| -> std::result::Result<(i64, i64), sqlx::Error> {
-            Ok((r.try_get("known")?, r.try_get("added")?))
+        .map(|r| -> std::result::Result<(bool, i64, i64), sqlx::Error> {
+            Ok((
+                r.try_get("authed")?,
+                r.try_get("known")?,
+                r.try_get("added")?,
+            ))
         });
     match flags.transpose()? {
-        Some((0, _)) | None => {
+        Some((false, _, _)) => return Ok(None),
+        Some((true, 0, _)) | None => {
             return Err(TxError::Abort(Error::UnknownSku(sku.as_str().to_owned())))
         }
-        Some((_, 0)) => return Err(TxError::Abort(Error::QuantityLimit)),
+        Some((true, _, 0)) => return Err(TxError::Abort(Error::QuantityLimit)),
         Some(_) => {}
     }
-    cart_of_rows(rows)
+    cart_of_rows(rows).map(Some)
 }
 
 /// Adds `qty` of `sku` to the cart (a line holds at most 99); the cart as it now stands.
@@ -251,11 +262,16 @@ pub async fn cart_add(
     qty: Quantity,
 ) -> Result<Cart> {
     if tx.backend() == Backend::Postgres && shape.read == shape.write {
-        let sql = cart_add_sql(shape.write);
-        let rows = bind_cart_add(&sql, user_id, sku, qty)
-            .fetch_all(tx.conn())
-            .await?;
-        return cart_from_added(&rows, sku);
+        let mut stmt = Statement::new();
+        let user = stmt.bind(user_id);
+        let select = cart_add_statement(&mut stmt, shape.write, &user, sku, qty);
+        let sql = stmt.selecting(&select);
+        let rows = stmt.bound(&sql).fetch_all(tx.conn()).await?;
+        if let Some(cart) = cart_from_added(&rows, sku)? {
+            return Ok(cart);
+        }
+        // A user bound by id is never NULL, so the statement always answers; had it not, it
+        // wrote nothing, and the steps below are the same add.
     }
     let known = sqlx::query("SELECT 1 AS one FROM products WHERE sku = $1")
         .bind(sku.as_str())

@@ -243,6 +243,29 @@ impl Statement {
         );
     }
 
+    /// The steps with `select` as the final `SELECT`, to run with [`Statement::bound`] in a
+    /// transaction of the caller's (where a statement's jobs wake their workers at its commit
+    /// only if it selects them: see [`Store::run_statement`]).
+    pub fn selecting(&self, select: &str) -> String {
+        format!("WITH {} {select}", self.steps.join(", "))
+    }
+
+    /// `sql` with this statement's values bound.
+    pub fn bound<'q>(
+        &'q self,
+        sql: &'q str,
+    ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        let mut q = sqlx::query(sql);
+        for p in &self.params {
+            q = match p {
+                Param::Int(v) => q.bind(*v),
+                Param::Text(v) => q.bind(v.as_str()),
+                Param::MaybeText(v) => q.bind(v.clone()),
+            };
+        }
+        q
+    }
+
     /// The whole statement: the steps, then `SELECT columns FROM from`. The answer has exactly
     /// one row: `from`'s first row, or NULLs where `from` returned none.
     fn sql(&self, columns: &str, from: &str) -> String {
@@ -303,16 +326,36 @@ impl Store {
         }
         let sql = stmt.sql(columns, from);
         self.run(Rerun::Always, op, || async {
-            let mut q = sqlx::query(&sql);
-            for p in &stmt.params {
-                q = match p {
-                    Param::Int(v) => q.bind(*v),
-                    Param::Text(v) => q.bind(v.as_str()),
-                    Param::MaybeText(v) => q.bind(v.clone()),
-                };
-            }
-            let row = q.fetch_all_pooled(self).await?.into_iter().next();
+            let row = stmt
+                .bound(&sql)
+                .fetch_all_pooled(self)
+                .await?
+                .into_iter()
+                .next();
             Ok(row.ok_or(sqlx::Error::RowNotFound)?)
+        })
+        .await
+    }
+
+    /// Runs `stmt` (PostgreSQL only) as one round trip and one commit, with `select` (over its
+    /// steps) as its final `SELECT`; that select's rows. Re-run after a transient failure as
+    /// `rerun` allows. Its steps may not enqueue jobs (their workers are woken by
+    /// [`Store::run_statement`]'s and [`Store::run_keyed_statement`]'s final select).
+    pub async fn statement_rows(
+        &self,
+        op: &'static str,
+        rerun: Rerun,
+        stmt: &Statement,
+        select: &str,
+    ) -> Result<Vec<sqlx::any::AnyRow>> {
+        if self.backend() != Backend::Postgres || !stmt.enqueued.is_empty() {
+            return Err(Error::Unsupported(
+                "rows of a composed statement need PostgreSQL and no enqueued jobs",
+            ));
+        }
+        let sql = stmt.selecting(select);
+        self.run(rerun, op, || async {
+            Ok(stmt.bound(&sql).fetch_all_pooled(self).await?)
         })
         .await
     }

@@ -206,6 +206,18 @@ impl Claim {
         Ok(Authed { user_id })
     }
 
+    /// The request's user as an SQL expression of `stmt`: a placeholder bound to the user's id,
+    /// or, for a session not read yet, the statement's own check of it, NULL for a dead one
+    /// ([`Statement::session_user`]). Every write of the statement must read its user through
+    /// this, so that nothing is written for a dead session; the caller then asks
+    /// [`Claim::user`], which answers 401.
+    pub fn user_in(&self, stmt: &mut Statement) -> String {
+        match &self.scope {
+            Scope::User(id) => stmt.bind(id.as_str()),
+            Scope::Session(session) => stmt.session_user(session),
+        }
+    }
+
     /// Runs `body` in one store transaction named `op` and answers with `render` of its
     /// value. With a key, the transaction claims it first and stores the rendered answer in
     /// the key's row before it commits (so a retry replays it); without one, the transaction
@@ -272,12 +284,8 @@ impl Claim {
             return Ok(OneStatement::NotAnswered(Box::new(self)));
         }
         let mut stmt = Statement::new();
-        let user = match &self.scope {
-            Scope::User(id) => stmt.bind(id.as_str()),
-            Scope::Session(session) => stmt.session_user(session),
-        };
         let step = KeyStep {
-            user,
+            user: self.user_in(&mut stmt),
             key,
             fingerprint,
             now: holdfast_core::now_ms(),
