@@ -5,8 +5,9 @@
 //! (`/api/signup`, `/api/login`, `/api/logout`, `/api/password`, `/api/me`), `/healthz`,
 //! `/readyz` (503 while draining), the CSRF guard, a body limit, an in-flight cap, a request
 //! deadline and panic containment; [`operator_app`] serves `/metrics` on a listener of its own. A handler opts into the rest by taking an extractor:
-//! [`Authed`] is the session's user (its id is the authorization filter), and
-//! [`Idempotent`] reads the request's `Idempotency-Key`
+//! [`Authed`] is the session's user (its id is the authorization filter; a handler whose work
+//! is one statement on Postgres may leave the session's check to that statement instead, see
+//! [`Claim::user_in`]), and [`Idempotent`] reads the request's `Idempotency-Key`
 //! (draft-ietf-httpapi-idempotency-key-header-07) and runs the handler's transaction, which
 //! claims the key, so that its answer is stored with its effect, and a retry replays it
 //! instead of acting twice.
@@ -35,7 +36,9 @@ pub use error::{AppError, AppResult, PROBLEM_JSON};
 pub use fresh::{read_cookie_name, ReadAfter, READ_TOKEN_TTL};
 pub use holdfast_sessions::{KeyRing, SessionTier, Sessions};
 pub use holdfast_store::Quota;
-pub use idempotency::{json_response, respond, Idempotent, OneStatement, Optional, Required};
+pub use idempotency::{
+    json_response, respond, Claim, Idempotent, OneStatement, Optional, Required,
+};
 pub use limits::{loopback, ClientAddr, RateLimits};
 pub use metrics_exporter_prometheus::PrometheusHandle;
 pub use passwords::PasswordPool;

@@ -72,7 +72,9 @@ pub fn clear_cookie(state: &AppState) -> HeaderValue {
 }
 
 /// The authenticated user of a request. Extracting it is the authorization check: every
-/// handler that touches a user's records takes one and passes its id to the store.
+/// handler that touches a user's records takes one and passes its id to the store, or gets
+/// one from its [`Claim`](crate::Claim) (`user`, or `user_in` for a statement that checks
+/// the session itself).
 #[derive(Debug, Clone)]
 pub struct Authed {
     pub user_id: String,
