@@ -13,12 +13,8 @@ use holdfast_testkit::Backend;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_checkouts_with_one_key_make_one_order_and_all_answer_it() {
     with_fresh_db(Backend::Postgres, "keyed_one_commit", |url| async move {
-        let migrated = Store::open(&StoreOptions::new(&url).schema(&holdfast_shop::SCHEMA))
-            .await
-            .expect("migrate");
-        let app = instance_on(&url, local(), ShopOptions::default())
-            .await
-            .expect("instance");
+        let migrated = migrated(&url).await;
+        let app = shop_on(&url).await;
         let cookie = app.user("racer@example.com").await;
         assert_eq!(app.add(&cookie, "HELMET", 2).await.status, 200);
 
@@ -54,10 +50,8 @@ async fn concurrent_checkouts_with_one_key_make_one_order_and_all_answer_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_keyed_checkout_is_one_round_trip_and_answers_the_orders_own_json() {
-    with_fresh_db(Backend::Postgres, "keyed_two_trips", |url| async move {
-        let migrated = Store::open(&StoreOptions::new(&url).schema(&holdfast_shop::SCHEMA))
-            .await
-            .expect("migrate");
+    with_fresh_db(Backend::Postgres, "keyed_one_trip", |url| async move {
+        let migrated = migrated(&url).await;
         // A name that every JSON escape touches: quotes, a backslash, control characters
         // and text outside ASCII.
         sqlx::query("INSERT INTO products (sku, name, price_cents) VALUES ('ODD-1', $1, 1234)")
@@ -66,9 +60,7 @@ async fn a_keyed_checkout_is_one_round_trip_and_answers_the_orders_own_json() {
             .await
             .unwrap();
         let wire = RoundTrips::start(&url).await;
-        let app = instance_on(wire.url(), local(), ShopOptions::default())
-            .await
-            .expect("instance");
+        let app = shop_on(wire.url()).await;
         let cookie = app.user("two-trips@example.com").await;
         // Several connections in the pool first, so that no request below opens one (a new
         // connection's own setup statements would be counted with the request's).
@@ -176,12 +168,8 @@ async fn a_keyed_checkout_is_one_round_trip_and_answers_the_orders_own_json() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_checkouts_statement_checks_the_session_itself() {
     with_fresh_db(Backend::Postgres, "keyed_session", |url| async move {
-        let migrated = Store::open(&StoreOptions::new(&url).schema(&holdfast_shop::SCHEMA))
-            .await
-            .expect("migrate");
-        let app = instance_on(&url, local(), ShopOptions::default())
-            .await
-            .expect("instance");
+        let migrated = migrated(&url).await;
+        let app = shop_on(&url).await;
         let db = &mut *pg(&url).await;
         let now = holdfast_core::now_ms();
         let minute = 60_000;
@@ -251,6 +239,20 @@ async fn the_checkouts_statement_checks_the_session_itself() {
         migrated.close().await;
     })
     .await;
+}
+
+/// The shop's schema migrated on `url`; close it at the end.
+async fn migrated(url: &str) -> Store {
+    Store::open(&StoreOptions::new(url).schema(&holdfast_shop::SCHEMA))
+        .await
+        .expect("migrate")
+}
+
+/// A shop instance on `url` (the database itself, or a proxy in front of it).
+async fn shop_on(url: &str) -> holdfast_testkit::app::TestApp {
+    instance_on(url, local(), ShopOptions::default())
+        .await
+        .expect("instance")
 }
 
 async fn pg(url: &str) -> Box<sqlx::PgConnection> {
