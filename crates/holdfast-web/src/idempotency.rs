@@ -17,8 +17,9 @@
 //!
 //! The key is the user's, so the extractor reads the session, unless the handler's user is
 //! not needed yet: on PostgreSQL with sessions in the store, a handler that does not take
-//! [`Authed`] itself leaves the session to [`Claim::in_one_statement`], whose statement checks
-//! it (`holdfast_store::Statement::session_user`), so the session and the work are one round
+//! [`Authed`] itself leaves the session to its one statement ([`Claim::in_one_statement`], or
+//! any statement given [`Claim::user_in`]), which checks it
+//! (`holdfast_store::Statement::session_user`), so the session and the work are one round
 //! trip. Anything else reads the session first ([`Claim::user`], [`Claim::run`]): a dead
 //! session is a 401 there, as it would have been here.
 //!
