@@ -630,8 +630,10 @@ pub struct UpArgs {
 #[derive(Debug, Clone, Args)]
 #[command(next_help_heading = "Worker options")]
 pub struct JobArgs {
-    /// Jobs of each queue one worker runs at once.
-    #[arg(long, default_value_t = 16)]
+    /// Jobs of each queue one worker runs at once. More lets a worker's settlements share
+    /// more commits (on SQLite, 64 completed about twice the jobs of 16) and takes more of the
+    /// machine from the requests.
+    #[arg(long, env = "HOLDFAST_JOB_CONCURRENCY", default_value_t = 16)]
     pub job_concurrency: usize,
     /// A job whose worker stops heartbeating is rescued after this long.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
