@@ -1,10 +1,10 @@
 //! The shop's routes: the page, the catalog, the cart, checkout and orders. `holdfast_web::app`
 //! wraps them in the accounts API, sessions, CSRF and the operator endpoints.
 //!
-//! Every handler that touches a user's records takes [`Authed`] (or, for checkout, the user
-//! its claim names) and passes its user id to the SQL, which filters by it. The unsafe ones
-//! take an [`Idempotent`] body: the key is claimed by the handler's own transaction, and the
-//! answer is stored in the same commit as the effect.
+//! Every handler that touches a user's records takes [`Authed`] (or, for checkout and the cart
+//! add, the user its claim names) and passes its user id to the SQL, which filters by it. The
+//! unsafe ones take an [`Idempotent`] body: the key is claimed by the handler's own
+//! transaction, and the answer is stored in the same commit as the effect.
 
 use crate::domain::{OrderId, Quantity, Sku};
 use crate::sql::{self, Cart, CartShape, Order};
