@@ -336,20 +336,6 @@ impl Store {
         }
     }
 
-    /// One statement, made afresh by `make` for each attempt, as its own transaction (on
-    /// PostgreSQL autocommit: one round trip), retried as `rerun` allows; its rows.
-    pub async fn write_statement<'q, F>(
-        &self,
-        op: &'static str,
-        rerun: crate::Rerun,
-        make: F,
-    ) -> Result<Vec<sqlx::any::AnyRow>>
-    where
-        F: Fn() -> sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
-    {
-        self.run(rerun, op, || self.write_one_rows(make())).await
-    }
-
     /// [`Self::write_one`] for a statement that returns rows.
     pub(crate) async fn write_one_rows<'q>(
         &self,
