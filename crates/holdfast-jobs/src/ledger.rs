@@ -15,8 +15,10 @@
 //! 5. [`Ledger::settle`] marks the entry done, applies the caller's own consequences on the
 //!    store and completes the job — one transaction, fenced by the job's claim
 //!    ([`Ledger::settle_with_steps`]: one statement on PostgreSQL, for a caller that also
-//!    gives its consequences as statement steps).
+//!    gives its consequences as statement steps, shared with the settlements of other jobs
+//!    of its kind that are ready at the same moment: see `settlements.rs`).
 
+use crate::settlements::{Settlements, Shared};
 use crate::{Done, JobError};
 use holdfast_store::{
     Backend, BegunEffect, JobFence, JobRow, LedgerEntry, Rerun, Statement, Store, Tx, TxBody,
@@ -24,17 +26,22 @@ use holdfast_store::{
 };
 use std::convert::Infallible;
 use std::future::Future;
+use std::sync::Arc;
 
 /// Causes external effects at most once each, through the store's `effect_ledger` table.
-/// Cheap to clone.
+/// Cheap to clone; clones share their settlements' statements.
 #[derive(Clone)]
 pub struct Ledger {
     store: Store,
+    settlements: Arc<Settlements>,
 }
 
 impl Ledger {
     pub fn new(store: Store) -> Self {
-        Self { store }
+        Self {
+            store,
+            settlements: Arc::default(),
+        }
     }
 
     /// Steps 1–4 of the module docs for `job`: the dependency's id for `effect_key`, calling
@@ -113,13 +120,18 @@ impl Ledger {
         }
     }
 
-    /// [`Ledger::settle`] in one round trip on PostgreSQL: the caller gives its consequences
-    /// also as `then_as_steps`, which adds them as steps of one statement, each writing once
-    /// for each row of the step it is given (one row when the claim is current). SQLite runs
-    /// `then` in the transaction.
+    /// [`Ledger::settle`] for `job` in one round trip on PostgreSQL. The caller also gives its
+    /// consequences as `then_as_steps(stmt, after)`, which adds them as steps of a statement.
+    /// Each step writes once for each row of the step `after`, which has one row when the
+    /// claim is current. The steps' names must be made from `after` (say `{after}_paid`),
+    /// because the settlements of other jobs of `job`'s kind that are ready at the same moment
+    /// share the statement, each under its own `after`. It should add the same steps for every
+    /// job of a kind, so that each kind's statements keep a few texts that stay prepared. A
+    /// shared statement that fails is not the end: each of its settlements is then written
+    /// alone. SQLite runs `then` in the transaction.
     pub async fn settle_with_steps<'a, F, S>(
         &self,
-        job: JobFence,
+        job: &JobRow,
         effect_key: &'a str,
         external_id: &'a str,
         then: F,
@@ -127,19 +139,35 @@ impl Ledger {
     ) -> Result<Done, JobError>
     where
         F: for<'t> Fn(&'t mut Tx) -> TxBody<'a, 't, (), Infallible> + Sync + 'a,
-        S: FnOnce(&mut Statement, &str),
+        S: Fn(&mut Statement, &str),
     {
+        let fence = job.fence();
         if self.store.backend() != Backend::Postgres {
-            return self.settle(job, effect_key, external_id, then).await;
+            return self.settle(fence, effect_key, external_id, then).await;
         }
-        let mut stmt = Statement::new();
-        stmt.complete_job("completed", job);
-        stmt.settle_effect("settled", effect_key, external_id, "completed");
-        then_as_steps(&mut stmt, "completed");
-        self.store
-            .run_statement("effect_settle", &stmt, "completed")
-            .await?;
-        Ok(Done::Settled)
+        let steps = |stmt: &mut Statement, member: usize| {
+            let completed = format!("completed_{member}");
+            stmt.complete_job(&completed, fence);
+            stmt.settle_effect(
+                &format!("settled_{member}"),
+                effect_key,
+                external_id,
+                &completed,
+            );
+            then_as_steps(stmt, &completed);
+        };
+        match self.settlements.join(&self.store, &job.kind, steps).await {
+            Shared::Committed => Ok(Done::Settled),
+            Shared::Failed(e) => Err(JobError::retry(format!("store: {e}"))),
+            Shared::SettleAlone => {
+                let mut stmt = Statement::new();
+                steps(&mut stmt, 0);
+                self.store
+                    .run_statement("effect_settle", &stmt, "completed_0")
+                    .await?;
+                Ok(Done::Settled)
+            }
+        }
     }
 }
 

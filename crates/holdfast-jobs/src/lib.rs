@@ -23,6 +23,7 @@
 //! settlement changes nothing, and the newer attempt's result stands.
 
 pub mod ledger;
+mod settlements;
 mod worker;
 
 /// The metric families job workers export (see [`holdfast_core::Metric`]).

@@ -99,7 +99,7 @@ impl Flows {
         .await?;
         self.ledger
             .settle_with_steps(
-                job.fence(),
+                &job,
                 &effect_key,
                 &external_id,
                 |tx| effect.consequences(tx, &order).scope_boxed(),
@@ -256,11 +256,16 @@ impl Effect {
     }
 
     /// The same consequences as steps of the settling statement (PostgreSQL), once for each
-    /// row of the step `after`.
+    /// row of the step `after`, and named from it (other jobs' settlements may share the
+    /// statement).
     fn consequence_steps(self, stmt: &mut Statement, order: &PayoutInfo, after: &str) {
         if let Effect::Charge = self {
-            sql::order_mark_paid_step(stmt, "paid", &order.order_id, after);
-            stmt.enqueue_jobs("receipt", &[Effect::Receipt.job_carrying(order)], after);
+            sql::order_mark_paid_step(stmt, &format!("{after}_paid"), &order.order_id, after);
+            stmt.enqueue_jobs(
+                &format!("{after}_receipt"),
+                &[Effect::Receipt.job_carrying(order)],
+                after,
+            );
         }
     }
 }

@@ -1,0 +1,126 @@
+//! Group commit for settlements on PostgreSQL. Each settlement is a handful of small writes,
+//! and alone it costs a statement, a round trip and a durable commit. The writes are cheap,
+//! so the statement and the commit are most of the cost. So settlements of one job kind that
+//! arrive while an earlier statement of that kind is being written wait for it to finish,
+//! then go together in the next one. A lone settlement is written at once.
+//!
+//! Each kind has one writer task. Per kind, only one statement is in flight at a time in this
+//! process. Every settlement in a shared statement has its own steps under its own names, so
+//! each is fenced by its own claim: a stale attempt writes nothing, just as it would alone.
+//! When a shared statement fails, its members settle one by one instead, so that one bad
+//! settlement cannot fail the others.
+
+use holdfast_store::{Statement, Store};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use tokio::sync::{mpsc, watch};
+
+/// How the statement a settlement joined ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Shared {
+    /// It committed. (A member whose claim was no longer current wrote nothing, and that
+    /// counts as settled, as it does alone.)
+    Committed,
+    /// It did not commit, and it held other settlements too: settle alone.
+    SettleAlone,
+    /// It held this settlement only, and failed with this error.
+    Failed(String),
+}
+
+/// The open statements, one per job kind. Cheap to share.
+#[derive(Default)]
+pub(crate) struct Settlements {
+    kinds: Mutex<HashMap<String, Arc<Kind>>>,
+}
+
+/// One job kind's settlements: the statement that arrivals join, and a wake-up for its writer.
+struct Kind {
+    open: Mutex<Option<Open>>,
+    wake: mpsc::UnboundedSender<()>,
+}
+
+/// A statement that is still taking settlements.
+struct Open {
+    stmt: Statement,
+    members: usize,
+    done: watch::Sender<Option<Shared>>,
+}
+
+impl Settlements {
+    /// Adds one settlement to the next statement for job kind `kind`, and waits for that
+    /// statement. `add` writes the settlement's steps into it. It is given a number that no
+    /// other member of that statement has, so that it can name its steps apart. The first
+    /// member's step `completed_0` is what the statement answers for.
+    pub(crate) async fn join(
+        &self,
+        store: &Store,
+        kind: &str,
+        add: impl FnOnce(&mut Statement, usize),
+    ) -> Shared {
+        let kind = self.kind(store, kind);
+        let mut done = {
+            let mut open = lock(&kind.open);
+            let open = open.get_or_insert_with(|| Open {
+                stmt: Statement::new(),
+                members: 0,
+                done: watch::channel(None).0,
+            });
+            add(&mut open.stmt, open.members);
+            open.members += 1;
+            open.done.subscribe()
+        };
+        // A send only fails when the writer is gone, and then `done`'s sender is gone too.
+        let _ = kind.wake.send(());
+        let ended = done.wait_for(Option::is_some).await;
+        match ended.as_deref() {
+            Ok(Some(shared)) => shared.clone(),
+            // The writer is gone (its runtime is shutting down): nothing was written for us.
+            _ => Shared::SettleAlone,
+        }
+    }
+
+    /// `name`'s statements, and their writer (started on first use).
+    fn kind(&self, store: &Store, name: &str) -> Arc<Kind> {
+        let mut kinds = lock(&self.kinds);
+        if let Some(kind) = kinds.get(name) {
+            return kind.clone();
+        }
+        let (wake, woken) = mpsc::unbounded_channel();
+        let kind = Arc::new(Kind {
+            open: Mutex::new(None),
+            wake,
+        });
+        tokio::spawn(write(store.clone(), Arc::downgrade(&kind), woken));
+        kinds.insert(name.to_owned(), kind.clone());
+        kind
+    }
+}
+
+/// One kind's writer: on each wake-up, takes the open statement (everything that joined it
+/// so far) and writes it. It stops when its [`Kind`] is dropped with the [`Settlements`].
+async fn write(store: Store, kind: Weak<Kind>, mut woken: mpsc::UnboundedReceiver<()>) {
+    while woken.recv().await.is_some() {
+        // Every member that joined before the take is in the statement taken next; a later
+        // one opens a new statement and wakes this task again.
+        while woken.try_recv().is_ok() {}
+        let Some(open) = kind.upgrade().and_then(|k| lock(&k.open).take()) else {
+            continue;
+        };
+        let written = store
+            .run_statement("effect_settle", &open.stmt, "completed_0")
+            .await;
+        let shared = match written {
+            Ok(_) => Shared::Committed,
+            Err(e) if open.members == 1 => Shared::Failed(e.to_string()),
+            Err(e) => {
+                tracing::debug!(members = open.members, error = %e, "a shared settlement failed; its members settle alone");
+                Shared::SettleAlone
+            }
+        };
+        open.done.send_replace(Some(shared));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
