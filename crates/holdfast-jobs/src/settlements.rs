@@ -15,13 +15,18 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use tokio::sync::{mpsc, watch};
 
+/// Settlements in one statement at most. The job slots of a worker bound them already (16 a
+/// queue by default); this bounds the statement's size and its placeholders for any number of
+/// slots. A settlement that finds the next statement full is written alone, at once.
+const MAX_MEMBERS: usize = 64;
+
 /// How the statement a settlement joined ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Shared {
     /// It committed. (A member whose claim was no longer current wrote nothing, and that
     /// counts as settled, as it does alone.)
     Committed,
-    /// It did not commit, and it held other settlements too: settle alone.
+    /// It did not commit, and it held other settlements too; or it was full: settle alone.
     SettleAlone,
     /// It held this settlement only, and failed with this error.
     Failed(String),
@@ -48,7 +53,7 @@ struct Open {
 
 impl Settlements {
     /// Adds one settlement to the next statement for job kind `kind`, and waits for that
-    /// statement. `add` writes the settlement's steps into it. It is given a number that no
+    /// statement (or answers [`Shared::SettleAlone`] at once when it is full). `add` writes the settlement's steps into it. It is given a number that no
     /// other member of that statement has, so that it can name its steps apart. The first
     /// member's step `completed_0` is what the statement answers for.
     pub(crate) async fn join(
@@ -65,6 +70,9 @@ impl Settlements {
                 members: 0,
                 done: watch::channel(None).0,
             });
+            if open.members >= MAX_MEMBERS {
+                return Shared::SettleAlone;
+            }
             add(&mut open.stmt, open.members);
             open.members += 1;
             open.done.subscribe()

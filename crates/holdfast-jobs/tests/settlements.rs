@@ -14,19 +14,23 @@ const JOBS: usize = 5;
 /// A fresh Postgres store with `JOBS` claimed jobs of one kind, each naming its own effect,
 /// and a plain connection pool to look at the same database.
 async fn claimed() -> Option<(Store, PgPool, Vec<JobRow>)> {
+    claimed_n(JOBS).await
+}
+
+async fn claimed_n(n: usize) -> Option<(Store, PgPool, Vec<JobRow>)> {
     let url = testing::fresh_postgres_url("settlements").await?;
     let store = Store::open(&StoreOptions::new(&url)).await.unwrap();
-    for i in 0..JOBS {
+    for i in 0..n {
         let job = JobInsert::new("q", "pay", format!("{{\"n\":{i}}}"))
             .effect(format!("charge:{i}"), format!("key-{i}"));
         store.job_enqueue(&job).await.unwrap();
     }
     let now = holdfast_core::now_ms();
     let jobs = store
-        .job_claim("q", "w", JOBS as i64, now, Duration::from_secs(60))
+        .job_claim("q", "w", n as i64, now, Duration::from_secs(60))
         .await
         .unwrap();
-    assert_eq!(jobs.len(), JOBS);
+    assert_eq!(jobs.len(), n);
     let pool = PgPool::connect(&url).await.unwrap();
     Some((store, pool, jobs))
 }
@@ -208,5 +212,48 @@ async fn a_settlement_that_fails_in_company_fails_alone() {
             assert_eq!(result.unwrap(), Done::Settled);
             assert_eq!((&*state, &*effect), ("completed", "done"), "job {}", job.id);
         }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_statement_leaves_the_next_settlement_to_go_alone() {
+    // The first settlement in flight, 64 waiting for the next statement (its most), and one more.
+    let Some((store, pool, jobs)) = claimed_n(66).await else {
+        return;
+    };
+    let ledger = Ledger::new(store);
+    let lock = hold_first(&pool, &jobs[0]).await;
+    let first = tokio::spawn({
+        let (ledger, job) = (ledger.clone(), jobs[0].clone());
+        async move { settle(&ledger, &job).await }
+    });
+    statement_waits(&pool).await;
+    let mut next: Vec<_> = jobs[1..65]
+        .iter()
+        .map(|j| Box::pin(settle(&ledger, j)))
+        .collect();
+    for fut in &mut next {
+        assert!(futures::poll!(fut.as_mut()).is_pending());
+    }
+    // The 66th finds the next statement full, and settles while the first is still held.
+    let alone = tokio::time::timeout(Duration::from_secs(10), settle(&ledger, &jobs[65]));
+    let alone = alone
+        .await
+        .expect("the 66th did not wait for the held statement");
+    assert_eq!(alone.unwrap(), Done::Settled);
+    assert_eq!(outcome(&pool, &jobs[65]).await.0, "completed");
+    assert_eq!(outcome(&pool, &jobs[1]).await.0, "running");
+    lock.rollback().await.unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), Done::Settled);
+    for fut in next {
+        assert_eq!(fut.await.unwrap(), Done::Settled);
+    }
+    let shared = outcome(&pool, &jobs[1]).await.1;
+    for job in &jobs[1..65] {
+        assert_eq!(
+            outcome(&pool, job).await.1,
+            shared,
+            "the 64 shared one commit"
+        );
     }
 }
