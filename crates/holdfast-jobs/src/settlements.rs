@@ -52,17 +52,18 @@ struct Open {
 }
 
 impl Settlements {
-    /// Adds one settlement to the next statement for job kind `kind`, and waits for that
-    /// statement (or answers [`Shared::SettleAlone`] at once when it is full). `add` writes the settlement's steps into it. It is given a number that no
-    /// other member of that statement has, so that it can name its steps apart. The first
-    /// member's step `completed_0` is what the statement answers for.
+    /// Adds one settlement to the next statement for job kind `name`, and waits for that
+    /// statement (or answers [`Shared::SettleAlone`] at once when it is full). `add` writes
+    /// the settlement's steps into it. It is given a number that no other member of that
+    /// statement has, so that it can name its steps apart. The first member's step
+    /// `completed_0` is what the statement answers for.
     pub(crate) async fn join(
         &self,
         store: &Store,
-        kind: &str,
+        name: &str,
         add: impl FnOnce(&mut Statement, usize),
     ) -> Shared {
-        let kind = self.kind(store, kind);
+        let kind = self.kind(store, name);
         let mut done = {
             let mut open = lock(&kind.open);
             let open = open.get_or_insert_with(|| Open {
@@ -77,12 +78,20 @@ impl Settlements {
             open.members += 1;
             open.done.subscribe()
         };
-        // A send only fails when the writer is gone, and then `done`'s sender is gone too.
-        let _ = kind.wake.send(());
+        if kind.wake.send(()).is_err() {
+            // The writer is gone: the runtime it was started on shut down. Dropping the open
+            // statement tells every member to settle alone, and the next settlement of this
+            // kind starts a new writer.
+            lock(&kind.open).take();
+            let mut kinds = lock(&self.kinds);
+            if kinds.get(name).is_some_and(|k| Arc::ptr_eq(k, &kind)) {
+                kinds.remove(name);
+            }
+        }
         let ended = done.wait_for(Option::is_some).await;
         match ended.as_deref() {
             Ok(Some(shared)) => shared.clone(),
-            // The writer is gone (its runtime is shutting down): nothing was written for us.
+            // The statement was dropped unwritten (its writer is gone).
             _ => Shared::SettleAlone,
         }
     }
@@ -131,4 +140,44 @@ async fn write(store: Store, kind: Weak<Kind>, mut woken: mpsc::UnboundedReceive
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use holdfast_store::StoreOptions;
+    use std::time::Duration;
+
+    /// A writer dies with the runtime it was started on. A settlement that finds it gone
+    /// does not wait for it: it settles alone, and the next one starts a new writer.
+    #[test]
+    fn a_writer_gone_with_its_runtime_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let lasting = tokio::runtime::Runtime::new().unwrap();
+        // SQLite refuses a composed statement at once, without I/O: the writer's answer is
+        // its refusal, which is all this test needs of it.
+        let url = holdfast_store::testing::sqlite_url(dir.path());
+        let store = lasting
+            .block_on(Store::open(&StoreOptions::new(&url)))
+            .unwrap();
+        let settlements = Settlements::default();
+        let settle = || async {
+            let joined = settlements.join(&store, "pay", |_, _| {});
+            tokio::time::timeout(Duration::from_secs(10), joined).await
+        };
+        let short_lived = tokio::runtime::Runtime::new().unwrap();
+        let first = short_lived.block_on(settle()).unwrap();
+        assert!(matches!(first, Shared::Failed(_)), "{first:?}");
+        drop(short_lived);
+
+        let orphaned = lasting
+            .block_on(settle())
+            .expect("waited for a writer that is gone");
+        assert_eq!(orphaned, Shared::SettleAlone);
+        let next = lasting.block_on(settle()).unwrap();
+        assert!(
+            matches!(next, Shared::Failed(_)),
+            "a new writer answers: {next:?}"
+        );
+    }
 }
