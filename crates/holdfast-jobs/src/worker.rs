@@ -440,8 +440,8 @@ async fn heartbeats(shared: Arc<Shared>) {
             + i64::try_from(shared.opts.lease.as_millis()).unwrap_or(i64::MAX);
         match shared.store.job_heartbeat(&fences, until).await {
             Ok(n) if (n as usize) < fences.len() => tracing::debug!(
-                lost = fences.len() - n as usize,
-                "some attempts are no longer ours"
+                passed_over = fences.len() - n as usize,
+                "some attempts were not extended: being settled, or no longer ours"
             ),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),

@@ -1,6 +1,6 @@
 //! Settlements on Postgres that are ready while another is being written share the next
 //! statement, each fenced by its own claim. One that fails in company is written alone, so
-//! it fails nobody else.
+//! it fails nobody else. A heartbeat does not wait for a settlement's rows.
 
 use holdfast_jobs::{Done, JobError, Ledger};
 use holdfast_store::ScopedFutureExt;
@@ -256,4 +256,25 @@ async fn a_full_statement_leaves_the_next_settlement_to_go_alone() {
             "the 64 shared one commit"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_passes_over_a_settling_job() {
+    let Some((store, pool, jobs)) = claimed().await else {
+        return;
+    };
+    // The first job's row is held, as its settlement's statement holds it.
+    let lock = hold_first(&pool, &jobs[0]).await;
+    let fences: Vec<_> = jobs.iter().map(JobRow::fence).collect();
+    let until = holdfast_core::now_ms() + 99_999;
+    let beat = tokio::time::timeout(Duration::from_secs(10), store.job_heartbeat(&fences, until));
+    let extended = beat.await.expect("the heartbeat waited for a held row");
+    assert_eq!(extended.unwrap(), JOBS as u64 - 1);
+    lock.rollback().await.unwrap();
+    let leases: Vec<i64> = sqlx::query_scalar("SELECT lease_until FROM jobs ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_ne!(leases[0], until, "the held job was passed over");
+    assert!(leases[1..].iter().all(|l| *l == until), "{leases:?}");
 }

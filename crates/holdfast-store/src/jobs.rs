@@ -189,6 +189,15 @@ fn fence_match(backend: Backend, n: usize) -> String {
     }
 }
 
+/// What a fenced update does with a row that another statement holds (Postgres).
+#[derive(Debug, Clone, Copy)]
+enum HeldRows {
+    /// Waits for it, and then updates it if it still matches.
+    Wait,
+    /// Passes over it.
+    Skip,
+}
+
 /// The columns a [`JobRow`] is read from.
 const JOB_COLUMNS: &str = "id, queue, kind, args, attempt, max_attempts, claim, created_at, run_at";
 
@@ -538,6 +547,7 @@ impl Store {
 
     /// `UPDATE jobs SET <set> WHERE state = 'running'` for the jobs whose current claim is one
     /// of `fences`, as one statement; `value`, if any, is its `$1`. Returns how many matched.
+    /// With [`HeldRows::Skip`], Postgres passes over the rows another statement holds.
     async fn job_update_fenced(
         &self,
         op: &'static str,
@@ -545,15 +555,20 @@ impl Store {
         set: &str,
         value: Option<i64>,
         fences: &[JobFence],
+        held: HeldRows,
     ) -> Result<u64> {
         if fences.is_empty() {
             return Ok(0);
         }
         let n = 1 + usize::from(value.is_some());
-        let sql = format!(
-            "UPDATE jobs SET {set} WHERE state = 'running' AND {}",
-            fence_match(self.backend, n)
-        );
+        let matched = fence_match(self.backend, n);
+        let sql = match (self.backend, held) {
+            (Backend::Postgres, HeldRows::Skip) => format!(
+                "WITH free AS MATERIALIZED (SELECT id FROM jobs WHERE state = 'running' AND {matched} FOR UPDATE SKIP LOCKED)
+                 UPDATE jobs SET {set} FROM free WHERE jobs.id = free.id"
+            ),
+            _ => format!("UPDATE jobs SET {set} WHERE state = 'running' AND {matched}"),
+        };
         let fences = fences_json(fences);
         self.run(rerun, op, || async {
             let q = sqlx::query(&sql);
@@ -566,7 +581,11 @@ impl Store {
         .await
     }
 
-    /// Extends the leases of running attempts; returns how many are still ours.
+    /// Extends the leases of running attempts; returns how many it extended. On Postgres it
+    /// passes over an attempt whose row another statement holds (its settlement or its
+    /// completion, as a rule) rather than wait for it: a settling job needs no longer lease,
+    /// and should the settlement fail, the next heartbeat extends it, well before the lease
+    /// ends. Waiting would hold the rows of all the other running jobs as long.
     pub async fn job_heartbeat(&self, fences: &[JobFence], lease_until: i64) -> Result<u64> {
         let set = "lease_until = $1";
         self.job_update_fenced(
@@ -575,6 +594,7 @@ impl Store {
             set,
             Some(lease_until),
             fences,
+            HeldRows::Skip,
         )
         .await
     }
@@ -583,8 +603,15 @@ impl Store {
     /// (not counted).
     pub async fn job_complete(&self, fences: &[JobFence], now: i64) -> Result<u64> {
         let set = "state = 'completed', finished_at = $1, lease_until = NULL";
-        self.job_update_fenced("job_complete", Rerun::Always, set, Some(now), fences)
-            .await
+        self.job_update_fenced(
+            "job_complete",
+            Rerun::Always,
+            set,
+            Some(now),
+            fences,
+            HeldRows::Wait,
+        )
+        .await
     }
 
     /// Records a failed attempt: back to `available` at `retry_at`, or `dead` when `None`.
@@ -626,8 +653,15 @@ impl Store {
     /// attempt does not count against `max_attempts`.
     pub async fn job_release(&self, fences: &[JobFence]) -> Result<u64> {
         let set = "state = 'available', attempt = attempt - 1, lease_until = NULL";
-        self.job_update_fenced("job_release", Rerun::IfUncommitted, set, None, fences)
-            .await
+        self.job_update_fenced(
+            "job_release",
+            Rerun::IfUncommitted,
+            set,
+            None,
+            fences,
+            HeldRows::Wait,
+        )
+        .await
     }
 
     /// Frees jobs whose worker stopped heartbeating: available again, or dead when their
