@@ -145,8 +145,11 @@ impl Ledger {
         if self.store.backend() != Backend::Postgres {
             return self.settle(fence, effect_key, external_id, then).await;
         }
+        // A settlement's steps are named apart by its member number in a shared statement;
+        // the statement (shared or alone) answers for member 0's completion.
+        let completed_step = |member: usize| format!("completed_{member}");
         let steps = |stmt: &mut Statement, member: usize| {
-            let completed = format!("completed_{member}");
+            let completed = completed_step(member);
             stmt.complete_job(&completed, fence);
             stmt.settle_effect(
                 &format!("settled_{member}"),
@@ -156,14 +159,17 @@ impl Ledger {
             );
             then_as_steps(stmt, &completed);
         };
-        match self.settlements.join(&self.store, &job.kind, steps).await {
+        let joined = self
+            .settlements
+            .join(&self.store, &job.kind, || completed_step(0), steps);
+        match joined.await {
             Shared::Committed => Ok(Done::Settled),
             Shared::Failed(e) => Err(JobError::retry(format!("store: {e}"))),
             Shared::SettleAlone => {
                 let mut stmt = Statement::new();
                 steps(&mut stmt, 0);
                 self.store
-                    .run_statement("effect_settle", &stmt, "completed_0")
+                    .run_statement("effect_settle", &stmt, &completed_step(0))
                     .await?;
                 Ok(Done::Settled)
             }

@@ -47,6 +47,8 @@ struct Kind {
 /// A statement that is still taking settlements.
 struct Open {
     stmt: Statement,
+    /// The step whose rows say the statement did its work.
+    answers_for: String,
     members: usize,
     done: watch::Sender<Option<Shared>>,
 }
@@ -55,12 +57,13 @@ impl Settlements {
     /// Adds one settlement to the next statement for job kind `name`, and waits for that
     /// statement (or answers [`Shared::SettleAlone`] at once when it is full). `add` writes
     /// the settlement's steps into it. It is given a number that no other member of that
-    /// statement has, so that it can name its steps apart. The first member's step
-    /// `completed_0` is what the statement answers for.
+    /// statement has, so that it can name its steps apart. `answers_for` names the step the
+    /// statement answers for (its first member's, which `add` wrote given 0).
     pub(crate) async fn join(
         &self,
         store: &Store,
         name: &str,
+        answers_for: impl FnOnce() -> String,
         add: impl FnOnce(&mut Statement, usize),
     ) -> Shared {
         let kind = self.kind(store, name);
@@ -68,6 +71,7 @@ impl Settlements {
             let mut open = lock(&kind.open);
             let open = open.get_or_insert_with(|| Open {
                 stmt: Statement::new(),
+                answers_for: answers_for(),
                 members: 0,
                 done: watch::channel(None).0,
             });
@@ -124,7 +128,7 @@ async fn write(store: Store, kind: Weak<Kind>, mut woken: mpsc::UnboundedReceive
             continue;
         };
         let written = store
-            .run_statement("effect_settle", &open.stmt, "completed_0")
+            .run_statement("effect_settle", &open.stmt, &open.answers_for)
             .await;
         let shared = match written {
             Ok(_) => Shared::Committed,
@@ -162,7 +166,7 @@ mod tests {
             .unwrap();
         let settlements = Settlements::default();
         let settle = || async {
-            let joined = settlements.join(&store, "pay", |_, _| {});
+            let joined = settlements.join(&store, "pay", String::new, |_, _| {});
             tokio::time::timeout(Duration::from_secs(10), joined).await
         };
         let short_lived = tokio::runtime::Runtime::new().unwrap();
