@@ -58,7 +58,8 @@ pub struct QueueConfig {
     pub concurrency: usize,
 }
 
-/// How a worker learns that work arrived, besides its own completions.
+/// How a worker learns that work arrived. Its own failures wake it too (a retry may be due
+/// soon), and, with [`Wakeup::None`] only, its own completions (a handler may have queued more).
 #[derive(Debug, Clone)]
 pub enum Wakeup {
     /// Postgres `LISTEN` on the store's notify channel (connection URL). When the store's URL
@@ -66,7 +67,7 @@ pub enum Wakeup {
     Postgres(String),
     /// inotify on the SQLite database's directory: any commit by any process writes the WAL.
     SqliteFile(PathBuf),
-    /// Nothing but the idle timer.
+    /// Nothing but the idle timer and the worker's own completions.
     None,
 }
 
@@ -251,8 +252,8 @@ impl Worker {
     }
 }
 
-/// Claims jobs for one queue while there are free slots; sleeps when the queue is empty
-/// until woken, until the next scheduled job is due, or `idle_poll`.
+/// Claims jobs for one queue while there are free slots; sleeps when a claim found fewer
+/// jobs than slots, until woken, until the next scheduled job is due, or `idle_poll`.
 async fn claim_loop(
     shared: Arc<Shared>,
     index: usize,
@@ -266,6 +267,9 @@ async fn claim_loop(
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stop.changed() => return,
         };
+        // Jobs settled by one shared statement end together. Yielding once lets the others
+        // that already ended free their slots too, so that one claim refills them all.
+        tokio::task::yield_now().await;
         let mut permits = vec![first];
         while permits.len() < shared.opts.fetch_batch {
             match slots.clone().try_acquire_owned() {
@@ -293,7 +297,7 @@ async fn claim_loop(
                 continue;
             }
         };
-        let got = claimed.len();
+        let (wanted, got) = (permits.len(), claimed.len());
         for (job, permit) in claimed.into_iter().zip(permits.drain(..got)) {
             shared.running().insert(job.fence());
             let shared = shared.clone();
@@ -303,10 +307,11 @@ async fn claim_loop(
             });
         }
         drop(permits); // the slots no job was found for
-        if got > 0 {
+        if got == wanted {
             continue;
         }
-        // Empty: sleep until woken or the next scheduled job is due.
+        // Fewer than asked for: the queue has no more jobs ready now. Claiming again at once
+        // would find nothing; sleep until woken or the next scheduled job is due.
         let next_due = shared
             .store
             .job_next_run_at(&queue.name)
@@ -366,7 +371,15 @@ async fn execute(shared: &Shared, job: JobRow) {
             }
             return;
         }
-        Ok(Done::Settled) => {}
+        Ok(Done::Settled) => {
+            shared.finished(&[fence]);
+            // With no outside signal, a job's end is the only sign that it may have queued
+            // more work. With one, that work wakes the claimers itself: waking them here
+            // would only add a claim that finds nothing.
+            if matches!(shared.opts.wakeup, Wakeup::None) {
+                shared.wake_queue(&queue);
+            }
+        }
         Err(e) => {
             let now = holdfast_core::now_ms();
             let retry_at = (label == "retry").then(|| {
@@ -386,11 +399,11 @@ async fn execute(shared: &Shared, job: JobRow) {
                 // The lease will expire and the rescuer will make it available again.
                 tracing::warn!(job = fence.id, error = %store_err, "could not record a job failure");
             }
+            shared.finished(&[fence]);
+            // A retry may have been scheduled sooner than the claimer's next look.
+            shared.wake_queue(&queue);
         }
     }
-    shared.finished(&[fence]);
-    // A slot is free, and a retry may have been scheduled: look at the queue again.
-    shared.wake_queue(&queue);
 }
 
 /// Writes completions in batches: whatever is queued when a write starts goes with it, so
