@@ -385,6 +385,46 @@ mod tests {
         );
     }
 
+    /// A worker's claims join its group commit, so a claim and the settlements ready with it
+    /// are one commit (one `fsync`, one turn at the database's write lock), not one each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_shares_the_commit_it_queued_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(&dir).await;
+        for n in [1, 2] {
+            store.job_enqueue(&job(n)).await.expect("enqueue");
+        }
+        let (release, held) = tokio::sync::oneshot::channel();
+        let holder = holder(&store, held);
+        until_waiting(&store, 0).await;
+        let claim = {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let lease = std::time::Duration::from_secs(10);
+                let now = holdfast_core::now_ms();
+                store.job_claim("q", "w", 10, now, lease).await
+            })
+        };
+        let queued =
+            tokio::time::timeout(std::time::Duration::from_secs(10), until_waiting(&store, 1));
+        queued
+            .await
+            .expect("the claim queued for the shared transaction");
+        let before = commits(&store);
+        release.send(()).expect("holder waits");
+        holder.await.expect("holder");
+        let claimed = claim.await.expect("claim").expect("claimed");
+        assert_eq!(
+            commits(&store) - before,
+            1,
+            "the holder and the claim committed together"
+        );
+        // The holder's job, written in the same transaction before the claim ran, is claimed
+        // with the two committed before.
+        assert_eq!(claimed.len(), 3);
+        assert_eq!(jobs(&store).await, 0);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_member_dropped_while_it_holds_the_transaction_loses_only_its_own_writes() {
         let dir = tempfile::tempdir().expect("tempdir");

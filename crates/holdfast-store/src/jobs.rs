@@ -483,66 +483,45 @@ impl Store {
                 format!("UPDATE jobs SET {set} WHERE id IN ({due}) RETURNING {returning}")
             }
         };
-        // SQLite begins each claimed job's effect with a statement of its own.
-        let begin_one = format!(
-            "{LEDGER_BEGIN_INSERT} VALUES ($1, 'pending', $2, $3, $3, 1) {LEDGER_BEGIN_CONFLICT}"
-        );
-        // A claim that committed but whose answer was lost leaves jobs running under a lease
-        // nobody holds; the rescuer frees them. So only retry when nothing can have committed.
-        self.run(Rerun::IfUncommitted, "job_claim", || async {
-            let claim = sqlx::query(&sql)
+        let claim = || {
+            sqlx::query(&sql)
                 .bind(now.saturating_add(ms(lease)))
                 .bind(worker_id)
                 .bind(now)
                 .bind(queue)
-                .bind(limit);
-            let mut jobs = match self.backend {
-                Backend::Postgres => {
-                    let rows = self.write_one_rows(claim).await?;
+                .bind(limit)
+        };
+        let mut jobs = match self.backend {
+            // A claim that committed but whose answer was lost leaves jobs running under a
+            // lease nobody holds; the rescuer frees them. So only retry when nothing can have
+            // committed.
+            Backend::Postgres => {
+                self.run(Rerun::IfUncommitted, "job_claim", || async {
+                    let rows = self.write_one_rows(claim()).await?;
                     rows.iter()
                         .map(|r| {
                             let mut job = JobRow::from_row(r)?;
                             job.effect = begun_effect(r)?;
                             Ok(job)
                         })
-                        .collect::<Result<Vec<_>>>()?
-                }
-                Backend::Sqlite => {
-                    let mut tx = self.begin_write().await?;
-                    let rows = claim.fetch_all(tx.conn()).await?;
-                    let mut jobs = Vec::with_capacity(rows.len());
-                    for r in &rows {
-                        let mut job = JobRow::from_row(r)?;
-                        let key: Option<String> = r.try_get("effect_key")?;
-                        let external: Option<String> = r.try_get("effect_external_key")?;
-                        if let (Some(key), Some(external)) = (key, external) {
-                            // A key named twice in one claim is begun once.
-                            let earlier = jobs.iter().find_map(|j: &JobRow| {
-                                j.effect.clone().filter(|b| b.entry.effect_key == key)
-                            });
-                            job.effect = match earlier {
-                                Some(b) => Some(b),
-                                None => {
-                                    let r = sqlx::query(&begin_one)
-                                        .bind(&key)
-                                        .bind(&external)
-                                        .bind(now)
-                                        .fetch_one(tx.conn())
-                                        .await?;
-                                    begun_effect(&r)?
-                                }
-                            };
-                        }
-                        jobs.push(job);
-                    }
-                    tx.commit().await?;
-                    jobs
-                }
-            };
-            jobs.sort_by_key(|j| j.id);
-            Ok(jobs)
-        })
-        .await
+                        .collect::<Result<Vec<_>>>()
+                })
+                .await?
+            }
+            // SQLite: a member of this process's group commit, so that a worker's claims and
+            // its settlements share commits (one `fsync`, one turn at the write lock) rather
+            // than take turns. Each claimed job's effect is begun by a statement of its own.
+            Backend::Sqlite => {
+                let claim = &claim;
+                self.transaction("job_claim", Rerun::IfUncommitted, |tx| {
+                    async move { sqlite_claim(tx, claim(), now).await }.scope_boxed()
+                })
+                .await
+                .map_err(TxError::into_db)?
+            }
+        };
+        jobs.sort_by_key(|j| j.id);
+        Ok(jobs)
     }
 
     /// `UPDATE jobs SET <set> WHERE state = 'running'` for the jobs whose current claim is one
@@ -794,4 +773,42 @@ impl Store {
         })
         .await
     }
+}
+
+/// The SQLite claim in `tx`: the claiming `UPDATE … RETURNING`, then one statement for each
+/// claimed job's effect (a key named twice in one claim is begun once).
+async fn sqlite_claim<'q>(
+    tx: &mut Tx,
+    claim: Query<'q, Any, AnyArguments<'q>>,
+    now: i64,
+) -> std::result::Result<Vec<JobRow>, TxError<Infallible>> {
+    let begin_one = format!(
+        "{LEDGER_BEGIN_INSERT} VALUES ($1, 'pending', $2, $3, $3, 1) {LEDGER_BEGIN_CONFLICT}"
+    );
+    let rows = claim.fetch_all(tx.conn()).await?;
+    let mut jobs = Vec::with_capacity(rows.len());
+    for r in &rows {
+        let mut job = JobRow::from_row(r)?;
+        let key: Option<String> = r.try_get("effect_key")?;
+        let external: Option<String> = r.try_get("effect_external_key")?;
+        if let (Some(key), Some(external)) = (key, external) {
+            let earlier = jobs
+                .iter()
+                .find_map(|j: &JobRow| j.effect.clone().filter(|b| b.entry.effect_key == key));
+            job.effect = match earlier {
+                Some(b) => Some(b),
+                None => {
+                    let r = sqlx::query(&begin_one)
+                        .bind(&key)
+                        .bind(&external)
+                        .bind(now)
+                        .fetch_one(tx.conn())
+                        .await?;
+                    begun_effect(&r)?
+                }
+            };
+        }
+        jobs.push(job);
+    }
+    Ok(jobs)
 }
