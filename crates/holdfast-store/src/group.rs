@@ -440,7 +440,8 @@ mod tests {
             let store = store.clone();
             tokio::spawn(async move {
                 let lease = std::time::Duration::from_secs(10);
-                let now = holdfast_core::now_ms();
+                // A minute ahead: the holder's job, whenever its body enqueues it, is due.
+                let now = holdfast_core::now_ms() + 60_000;
                 store.job_claim("q", "w", 10, now, lease).await
             })
         };
