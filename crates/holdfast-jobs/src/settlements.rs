@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use tokio::sync::{mpsc, watch};
 
-/// Settlements in one statement at most. The job slots of a worker bound them already (16 a
+/// Settlements in one statement at most. The job slots of a worker bound them already (32 a
 /// queue by default); this bounds the statement's size and its placeholders for any number of
 /// slots. A settlement that finds the next statement full is written alone, at once.
 const MAX_MEMBERS: usize = 64;

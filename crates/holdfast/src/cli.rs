@@ -631,9 +631,10 @@ pub struct UpArgs {
 #[command(next_help_heading = "Worker options")]
 pub struct JobArgs {
     /// Jobs of each queue one worker runs at once. More lets a worker's settlements share
-    /// more commits (on SQLite, 64 completed about twice the jobs of 16) and takes more of the
-    /// machine from the requests.
-    #[arg(long, env = "HOLDFAST_JOB_CONCURRENCY", default_value_t = 16)]
+    /// more commits and takes more of the machine from the requests. At 32 the two workers
+    /// `up` starts keep up with a checkout benchmark at full load on either engine; at 16
+    /// their jobs fell behind (docs/PERFORMANCE.md).
+    #[arg(long, env = "HOLDFAST_JOB_CONCURRENCY", default_value_t = 32)]
     pub job_concurrency: usize,
     /// A job whose worker stops heartbeating is rescued after this long.
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
