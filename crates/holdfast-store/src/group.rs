@@ -66,6 +66,9 @@ pub(crate) struct Batch {
     members: Members,
     /// A member's body is running: its savepoint is taken and not yet released.
     in_member: bool,
+    /// The last member's savepoint is still open, its writes kept. It is released in the same
+    /// round trip as the next member's savepoint is taken; a commit releases it anyway.
+    kept: bool,
     /// Carrying on failed: dropping rolls the transaction back.
     abandon: bool,
     /// Made by `drop` to carry on in a task that has not run yet. A runtime that is shutting
@@ -108,6 +111,7 @@ impl Drop for Batch {
                     tx: Some(tx),
                     members: std::mem::take(&mut self.members),
                     in_member: self.in_member,
+                    kept: self.kept,
                     abandon: false,
                     unstarted_rescue: true,
                     baton: Baton(self.baton.0.take()),
@@ -177,6 +181,7 @@ impl Group {
             tx: Some(tx),
             members: Members::default(),
             in_member: false,
+            kept: false,
             abandon: false,
             unstarted_rescue: false,
             baton,
@@ -192,25 +197,31 @@ impl Batch {
             .expect("a batch holds its transaction until it commits")
     }
 
-    /// Starts a member's turn: its savepoint.
+    /// Starts a member's turn: its savepoint (releasing the last member's first, in the same
+    /// round trip: a member's every round trip is one more wait at the write lock for every
+    /// process).
     pub(crate) async fn begin_member(&mut self) -> Result<()> {
-        sqlx::query("SAVEPOINT holdfast_member")
-            .execute(self.tx().conn())
-            .await?;
+        let begin = if self.kept {
+            "RELEASE holdfast_member; SAVEPOINT holdfast_member"
+        } else {
+            "SAVEPOINT holdfast_member"
+        };
+        sqlx::query(begin).execute(self.tx().conn()).await?;
+        self.kept = false;
         self.in_member = true;
         Ok(())
     }
 
-    /// Ends a member's turn, keeping its writes, or undoing them when its body `failed`.
+    /// Ends a member's turn, keeping its writes (its savepoint is released later), or undoing
+    /// them when its body `failed`.
     pub(crate) async fn end_member(&mut self, failed: bool) -> Result<()> {
         if failed {
-            sqlx::query("ROLLBACK TO holdfast_member")
+            sqlx::query("ROLLBACK TO holdfast_member; RELEASE holdfast_member")
                 .execute(self.tx().conn())
                 .await?;
+        } else {
+            self.kept = true;
         }
-        sqlx::query("RELEASE holdfast_member")
-            .execute(self.tx().conn())
-            .await?;
         self.in_member = false;
         Ok(())
     }
