@@ -775,40 +775,57 @@ impl Store {
     }
 }
 
-/// The SQLite claim in `tx`: the claiming `UPDATE … RETURNING`, then one statement for each
-/// claimed job's effect (a key named twice in one claim is begun once).
+/// The SQLite claim in `tx`: the claiming `UPDATE … RETURNING`, then one statement that
+/// begins the claimed jobs' effects (a key named twice in one claim is begun once, and both
+/// jobs get that entry).
 async fn sqlite_claim<'q>(
     tx: &mut Tx,
     claim: Query<'q, Any, AnyArguments<'q>>,
     now: i64,
 ) -> std::result::Result<Vec<JobRow>, TxError<Infallible>> {
-    let begin_one = format!(
-        "{LEDGER_BEGIN_INSERT} VALUES ($1, 'pending', $2, $3, $3, 1) {LEDGER_BEGIN_CONFLICT}"
-    );
     let rows = claim.fetch_all(tx.conn()).await?;
     let mut jobs = Vec::with_capacity(rows.len());
+    // Each job's effect key, and each key once with its external key, in claim order.
+    let mut job_keys = Vec::with_capacity(rows.len());
+    let mut effects: Vec<(String, String)> = Vec::new();
     for r in &rows {
-        let mut job = JobRow::from_row(r)?;
+        jobs.push(JobRow::from_row(r)?);
         let key: Option<String> = r.try_get("effect_key")?;
         let external: Option<String> = r.try_get("effect_external_key")?;
-        if let (Some(key), Some(external)) = (key, external) {
-            let earlier = jobs
-                .iter()
-                .find_map(|j: &JobRow| j.effect.clone().filter(|b| b.entry.effect_key == key));
-            job.effect = match earlier {
-                Some(b) => Some(b),
-                None => {
-                    let r = sqlx::query(&begin_one)
-                        .bind(&key)
-                        .bind(&external)
-                        .bind(now)
-                        .fetch_one(tx.conn())
-                        .await?;
-                    begun_effect(&r)?
+        let key = match (key, external) {
+            (Some(key), Some(external)) => {
+                if !effects.iter().any(|(k, _)| *k == key) {
+                    effects.push((key.clone(), external));
                 }
-            };
+                Some(key)
+            }
+            _ => None,
+        };
+        job_keys.push(key);
+    }
+    if effects.is_empty() {
+        return Ok(jobs);
+    }
+    let values = (0..effects.len())
+        .map(|i| format!("(${}, 'pending', ${}, $1, $1, 1)", 2 * i + 2, 2 * i + 3))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!("{LEDGER_BEGIN_INSERT} VALUES {values} {LEDGER_BEGIN_CONFLICT}");
+    let mut begin = sqlx::query(&sql).bind(now);
+    for (key, external) in &effects {
+        begin = begin.bind(key).bind(external);
+    }
+    let mut begun = std::collections::HashMap::new();
+    for r in &begin.fetch_all(tx.conn()).await? {
+        if let Some(b) = begun_effect(r)? {
+            begun.insert(b.entry.effect_key.clone(), b);
         }
-        jobs.push(job);
+    }
+    for (job, key) in jobs.iter_mut().zip(&job_keys) {
+        if let Some(key) = key {
+            let entry = begun.get(key).cloned();
+            job.effect = Some(entry.ok_or(Error::Db(sqlx::Error::RowNotFound))?);
+        }
     }
     Ok(jobs)
 }
