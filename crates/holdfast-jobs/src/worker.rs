@@ -364,15 +364,16 @@ async fn execute(shared: &Shared, job: JobRow) {
     metrics::histogram!("holdfast_job_run_seconds", "queue" => queue.clone(), "kind" => kind.clone(), "outcome" => label)
         .record(started.elapsed().as_secs_f64());
     match outcome {
-        Ok(Done::Complete) => {
-            // Stays in `running` (heartbeated) until the completer has written it.
-            if shared.completions.send(fence).is_err() {
-                shared.finished(&[fence]);
+        Ok(done) => {
+            match done {
+                // Stays in `running` (heartbeated) until the completer has written it.
+                Done::Complete => {
+                    if shared.completions.send(fence).is_err() {
+                        shared.finished(&[fence]);
+                    }
+                }
+                Done::Settled => shared.finished(&[fence]),
             }
-            return;
-        }
-        Ok(Done::Settled) => {
-            shared.finished(&[fence]);
             // With no outside signal, a job's end is the only sign that it may have queued
             // more work. With one, that work wakes the claimers itself: waking them here
             // would only add a claim that finds nothing.

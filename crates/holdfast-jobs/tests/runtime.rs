@@ -17,7 +17,8 @@ both_backends!(multi_thread;
     concurrency_limit_holds,
     failures_retry_then_die,
     shutdown_drains_running_jobs,
-    a_vanished_workers_job_is_rescued
+    a_vanished_workers_job_is_rescued,
+    without_a_wakeup_a_jobs_end_wakes_its_claimer
 );
 
 /// A fresh store, how its workers wake up, and the tempdir keeping a SQLite file alive.
@@ -155,6 +156,62 @@ async fn work_arrives_without_polling(backend: Backend) {
     }
     let _ = stop.send(());
     task.await.unwrap().unwrap();
+}
+
+/// With no outside wake-up (`Wakeup::None`), a job's end is the claimer's only sign that
+/// its handler may have queued more: a follow-up queued by a job that ends either way
+/// (`Complete`, written by the runtime, or `Settled`, by the handler) runs long before the
+/// 60 s idle poll.
+async fn without_a_wakeup_a_jobs_end_wakes_its_claimer(backend: Backend) {
+    let Some(db) = db(backend, "without_a_wakeup_a_jobs_end_wakes_its_claimer").await else {
+        return;
+    };
+    let store = open(&db.url).await;
+    for (kind, done) in [("complete", Done::Complete), ("settled", Done::Settled)] {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let follow_up = format!("{kind}-follow-up");
+        let first = {
+            let (store, tx, follow_up) = (store.clone(), tx.clone(), follow_up.clone());
+            handler(move |job| {
+                let (store, tx, follow_up) = (store.clone(), tx.clone(), follow_up.clone());
+                async move {
+                    enqueue(&store, &follow_up).await;
+                    if let Done::Settled = done {
+                        store
+                            .job_complete(&[job.fence()], holdfast_core::now_ms())
+                            .await
+                            .map_err(|e| JobError::retry(e.to_string()))?;
+                    }
+                    let _ = tx.send(job.kind);
+                    Ok(done)
+                }
+            })
+        };
+        let then = handler(move |job| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx.send(job.kind);
+                Ok(Done::Complete)
+            }
+        });
+        let opts = WorkerOptions {
+            wakeup: Wakeup::None,
+            ..options(&db, 4)
+        };
+        let worker = Worker::new(store.clone(), opts)
+            .handle(kind, first)
+            .handle(&follow_up, then);
+        // Due before the worker starts: its first claim finds it.
+        enqueue(&store, kind).await;
+        let (stop, task) = spawn(worker);
+        let ran = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(ran.expect("the first job runs").as_deref(), Some(kind));
+        let ran = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        let ran = ran.unwrap_or_else(|_| panic!("{kind}: the follow-up ran within 5 s"));
+        assert_eq!(ran, Some(follow_up));
+        let _ = stop.send(());
+        task.await.unwrap().unwrap();
+    }
 }
 
 async fn concurrency_limit_holds(backend: Backend) {
