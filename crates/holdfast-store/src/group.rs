@@ -64,11 +64,16 @@ impl Drop for Baton {
 pub(crate) struct Batch {
     tx: Option<Tx>,
     members: Members,
-    /// A member's body is running: its savepoint is taken and not yet released.
-    in_member: bool,
-    /// The last member's savepoint is still open, its writes kept. It is released in the same
+    /// The savepoint of the member whose turn it is, from before the statement that takes it
+    /// is sent until its writes are kept or undone: while it is set, that member's writes may
+    /// be in the transaction, and a rescue must undo them.
+    current: Option<Savepoint>,
+    /// The last member's savepoint, still open, its writes kept. It is released in the same
     /// round trip as the next member's savepoint is taken; a commit releases it anyway.
-    kept: bool,
+    kept: Option<Savepoint>,
+    /// Savepoints taken in this transaction, so each has a name of its own: undoing one can
+    /// never reach another's.
+    savepoints: u32,
     /// Carrying on failed: dropping rolls the transaction back.
     abandon: bool,
     /// Made by `drop` to carry on in a task that has not run yet. A runtime that is shutting
@@ -76,6 +81,16 @@ pub(crate) struct Batch {
     /// rather than spawn another such task (and that one another, until the stack ends).
     unstarted_rescue: bool,
     baton: Baton,
+}
+
+/// A member's savepoint, named by its place in the transaction.
+#[derive(Clone, Copy)]
+struct Savepoint(u32);
+
+impl std::fmt::Display for Savepoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "holdfast_member_{}", self.0)
+    }
 }
 
 /// The members awaiting a commit's outcome. Dropped before being told (the commit's task
@@ -110,8 +125,9 @@ impl Drop for Batch {
                 let rescued = Batch {
                     tx: Some(tx),
                     members: std::mem::take(&mut self.members),
-                    in_member: self.in_member,
-                    kept: self.kept,
+                    current: self.current.take(),
+                    kept: self.kept.take(),
+                    savepoints: self.savepoints,
                     abandon: false,
                     unstarted_rescue: true,
                     baton: Baton(self.baton.0.take()),
@@ -180,8 +196,9 @@ impl Group {
         Ok(Batch {
             tx: Some(tx),
             members: Members::default(),
-            in_member: false,
-            kept: false,
+            current: None,
+            kept: None,
+            savepoints: 0,
             abandon: false,
             unstarted_rescue: false,
             baton,
@@ -200,36 +217,58 @@ impl Batch {
     /// Starts a member's turn: its savepoint (releasing the last member's first, in the same
     /// round trip: a member's every round trip is one more wait at the write lock for every
     /// process).
+    ///
+    /// Both are recorded before the round trip, so that however it ends nothing releases the
+    /// last savepoint again. Should it fail, the transaction may be gone (SQLite rolls it all
+    /// back after some errors, a full disk among them, which a member's body may have gone
+    /// past): the batch is abandoned, and every member runs again. Should the member be
+    /// dropped with the statements half run, a rescue undoes the new savepoint, and if that
+    /// was never taken, abandons the batch the same way.
     pub(crate) async fn begin_member(&mut self) -> Result<()> {
-        let begin = if self.kept {
-            "RELEASE holdfast_member; SAVEPOINT holdfast_member"
-        } else {
-            "SAVEPOINT holdfast_member"
+        let savepoint = Savepoint(self.savepoints);
+        self.savepoints += 1;
+        let begin = match self.kept.take() {
+            Some(kept) => format!("RELEASE {kept}; SAVEPOINT {savepoint}"),
+            None => format!("SAVEPOINT {savepoint}"),
         };
-        sqlx::query(begin).execute(self.tx().conn()).await?;
-        self.kept = false;
-        self.in_member = true;
+        self.current = Some(savepoint);
+        // Not kept prepared: the names differ from member to member.
+        let taken = sqlx::query(&begin)
+            .persistent(false)
+            .execute(self.tx().conn())
+            .await;
+        if let Err(e) = taken {
+            tracing::warn!(error = %e, "a group commit's savepoint could not be taken; the transaction is rolled back and its members run again");
+            self.abandon = true;
+            return Err(Error::GroupAbandoned);
+        }
         Ok(())
     }
 
     /// Ends a member's turn, keeping its writes (its savepoint is released later), or undoing
     /// them when its body `failed`.
     pub(crate) async fn end_member(&mut self, failed: bool) -> Result<()> {
+        let Some(savepoint) = self.current else {
+            return Ok(());
+        };
         if failed {
-            sqlx::query("ROLLBACK TO holdfast_member; RELEASE holdfast_member")
+            sqlx::query(&format!("ROLLBACK TO {savepoint}; RELEASE {savepoint}"))
+                .persistent(false)
                 .execute(self.tx().conn())
                 .await?;
         } else {
-            self.kept = true;
+            self.kept = Some(savepoint);
         }
-        self.in_member = false;
+        self.current = None;
         Ok(())
     }
 
-    /// After a member was dropped mid-turn: undoes its writes and carries on.
+    /// After a member was dropped mid-turn, or its savepoint could not be taken or undone:
+    /// undoes its writes and carries on. A savepoint that cannot be undone (never taken, or
+    /// the transaction itself gone) leaves the batch abandoned.
     async fn carry_on(mut self) {
         self.unstarted_rescue = false;
-        if self.in_member && self.end_member(true).await.is_err() {
+        if self.current.is_some() && self.end_member(true).await.is_err() {
             self.abandon = true;
             return;
         }
@@ -526,5 +565,51 @@ mod tests {
             2,
             "the holder's and the later member's, not the stuck one's"
         );
+    }
+
+    /// A member dropped while the statements that take its savepoint run (a request deadline
+    /// at that `await`): the driver runs the first, releasing the member before's savepoint,
+    /// finds nobody waiting for its answer and stops before the second. Nobody may release
+    /// that savepoint again, nor take the missing one for granted: the member queued behind
+    /// commits, and the member before either commits or is told to run again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_member_dropped_while_its_savepoint_is_taken_costs_the_others_nothing() {
+        let mut cut_short = 0;
+        for _ in 0..5 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let store = store(&dir).await;
+            let group = store.group.clone().expect("SQLite groups");
+            let mut batch = group.join(&store).await.expect("join");
+            batch.begin_member().await.expect("the first savepoint");
+            batch.tx().job_enqueue(&[job(1)]).await.expect("enqueue");
+            batch.end_member(false).await.expect("kept");
+            let before = batch.enlist();
+            let behind = member(&store, 2);
+            until_waiting(&store, 1).await;
+            // Polled once, so its statements are sent, then dropped with its batch.
+            let answered = {
+                let mut begin = std::pin::pin!(batch.begin_member());
+                std::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(std::future::Future::poll(begin.as_mut(), cx).is_ready())
+                })
+                .await
+            };
+            cut_short += usize::from(!answered);
+            drop(batch);
+            let behind = behind.await.expect("task");
+            assert!(
+                matches!(behind, Ok(2)),
+                "the member behind commits: {behind:?}"
+            );
+            let written = jobs(&store).await;
+            match before.wait().await {
+                Ok(()) => assert_eq!(written, 2, "both members' writes"),
+                Err(crate::Error::GroupAbandoned) => {
+                    assert_eq!(written, 1, "the member behind's write only")
+                }
+                Err(e) => panic!("the member before: {e}"),
+            }
+        }
+        assert!(cut_short > 0, "no member was dropped mid-statement");
     }
 }

@@ -510,7 +510,7 @@ impl Store {
             }
             // SQLite: a member of this process's group commit, so that a worker's claims and
             // its settlements share commits (one `fsync`, one turn at the write lock) rather
-            // than take turns. Each claimed job's effect is begun by a statement of its own.
+            // than take turns. The claimed jobs' effects are begun by one statement.
             Backend::Sqlite => {
                 let claim = &claim;
                 self.transaction("job_claim", Rerun::IfUncommitted, |tx| {

@@ -217,6 +217,8 @@ impl Store {
         E: Send + 'a,
     {
         let mut batch = group.join(self).await?;
+        // A savepoint not taken abandons the batch: this member, whose body has not run, and
+        // the others run again.
         batch.begin_member().await?;
         let ran = body(batch.tx()).await;
         // Should even this fail, the transaction is in a state nobody may commit: `?` drops
