@@ -263,7 +263,7 @@ impl Batch {
         Ok(())
     }
 
-    /// After a member was dropped mid-turn, or its savepoint could not be taken or undone:
+    /// After a member was dropped mid-turn, or its failed body's writes could not be undone:
     /// undoes its writes and carries on. A savepoint that cannot be undone (never taken, or
     /// the transaction itself gone) leaves the batch abandoned.
     async fn carry_on(mut self) {
