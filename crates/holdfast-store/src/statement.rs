@@ -9,7 +9,8 @@
 //! snapshot; a step sees another step's writes only through its `RETURNING` rows. So a step
 //! that must happen only if another did names it in its `FROM` (an empty `RETURNING` writes
 //! nothing after it). SQLite has no data-modifying `WITH`: there, the same work is a
-//! transaction of several statements, which are in-process calls anyway.
+//! transaction of several statements, which a caller may send as one script: one call of the
+//! thread that runs the connection.
 
 use crate::accounts::{ms, SessionCheck};
 use crate::idempotency::StoredResponse;
