@@ -263,6 +263,20 @@ fn cart_after_add(
     cart_of_rows(rows).map(Some)
 }
 
+/// A cart add's statement with its arguments: `$1` the user, `$2` the SKU, `$3` the quantity
+/// added, `$4` the time.
+fn added_line<'q>(
+    q: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>,
+    user_id: &'q str,
+    sku: &'q Sku,
+    qty: Quantity,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    q.bind(user_id)
+        .bind(sku.as_str())
+        .bind(qty.get())
+        .bind(holdfast_core::now_ms())
+}
+
 /// Adds `qty` of `sku` to the cart (a line holds at most 99); the cart as it now stands.
 pub async fn cart_add(
     tx: &mut Tx,
@@ -289,7 +303,7 @@ pub async fn cart_add(
         // stands beside how many products had the SKU and how many lines the add wrote
         // (`changes()`: none when the line would pass 99).
         let (t, q) = (shape.write.table(), shape.write.quantity());
-        let rows = sqlx::query(&format!(
+        let sql = format!(
             "INSERT INTO {t} (user_id, sku, {q}, added_at) SELECT $1, sku, $3, $4 FROM products WHERE sku = $2
                  ON CONFLICT (user_id, sku) DO UPDATE SET {q} = {t}.{q} + excluded.{q}
                  WHERE {t}.{q} + excluded.{q} <= 99;
@@ -300,13 +314,10 @@ pub async fn cart_add(
                  WHERE c.user_id = $1
              ) line ON true
              ORDER BY line.sku"
-        ))
-        .bind(user_id)
-        .bind(sku.as_str())
-        .bind(qty.get())
-        .bind(holdfast_core::now_ms())
-        .fetch_all(tx.conn())
-        .await?;
+        );
+        let rows = added_line(sqlx::query(&sql), user_id, sku, qty)
+            .fetch_all(tx.conn())
+            .await?;
         let flags = rows
             .first()
             .map(|r| -> std::result::Result<(bool, i64, i64), sqlx::Error> {
@@ -324,18 +335,15 @@ pub async fn cart_add(
         return Err(TxError::Abort(Error::UnknownSku(sku.as_str().to_owned())));
     }
     let (t, q) = (shape.write.table(), shape.write.quantity());
-    let row = sqlx::query(&format!(
+    let sql = format!(
         "INSERT INTO {t} (user_id, sku, {q}, added_at) VALUES ($1, $2, $3, $4)
          ON CONFLICT (user_id, sku) DO UPDATE SET {q} = {t}.{q} + excluded.{q}
          WHERE {t}.{q} + excluded.{q} <= 99
          RETURNING {q}"
-    ))
-    .bind(user_id)
-    .bind(sku.as_str())
-    .bind(qty.get())
-    .bind(holdfast_core::now_ms())
-    .fetch_optional(tx.conn())
-    .await?;
+    );
+    let row = added_line(sqlx::query(&sql), user_id, sku, qty)
+        .fetch_optional(tx.conn())
+        .await?;
     if row.is_none() {
         return Err(TxError::Abort(Error::QuantityLimit));
     }
