@@ -83,6 +83,14 @@ pub const METRICS: &[holdfast_core::Metric] = &[
         "holdfast_store_group_commit_size",
         "How many write transactions each SQLite commit of this process carried (group commit).",
     ),
+    holdfast_core::Metric::histogram(
+        tx::WRITE_LOCK_WAIT,
+        "SQLite: how long each write transaction of this process waited for the database's one write lock (its turn in the process, then the lock file).",
+    ),
+    holdfast_core::Metric::histogram(
+        tx::WRITE_LOCK_HELD,
+        "SQLite: how long this process held the database's one write lock each time, from taking it to letting go; the sums of every process writing the file add up to at most one second a second.",
+    ),
     holdfast_core::Metric::counter(
         "holdfast_store_replica_reads_total",
         "Reads that may go to a standby (catalog, order history), by where they were served: replica or primary.",

@@ -97,8 +97,27 @@ pub struct Tx {
     // Dropped after `tx` (fields drop in order): the file's lock, then the process's turn —
     // the next transaction of this process locks the same open file, so it must not get its
     // turn while this one still holds the lock.
-    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+    _lock: Option<WriteLock>,
     _gate: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+/// Waits for the write lock, in seconds: the process's gate, then the file's `flock`.
+pub(crate) const WRITE_LOCK_WAIT: &str = "holdfast_store_write_lock_wait_seconds";
+/// Holds of the write lock, in seconds, from taking the `flock` to letting it go.
+pub(crate) const WRITE_LOCK_HELD: &str = "holdfast_store_write_lock_held_seconds";
+
+/// The database's write lock, taken: let go when dropped, and how long it was held recorded
+/// then, whatever ended the transaction (a commit, a rollback, a caller gone). The processes'
+/// holds add up to at most one second a second; near that, every write waits in line.
+struct WriteLock {
+    taken: std::time::Instant,
+    _flock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Drop for WriteLock {
+    fn drop(&mut self) {
+        metrics::histogram!(WRITE_LOCK_HELD).record(self.taken.elapsed().as_secs_f64());
+    }
 }
 
 /// Opens (creating it, owner-only) `<database>.write-lock`, the file whose `flock` orders
@@ -270,6 +289,7 @@ impl Store {
     /// woken by the kernel the moment the holder lets go, and a killed holder's lock goes
     /// with it. (Other programs writing the file still meet SQLite's busy timeout.)
     pub(crate) async fn begin_write(&self) -> Result<Tx> {
+        let waiting = std::time::Instant::now();
         let gate = match &self.write_gate {
             Some(g) => Some(
                 g.clone()
@@ -291,7 +311,11 @@ impl Store {
                 .await
                 .map_err(|_| Error::Db(sqlx::Error::WorkerCrashed))?
                 .map_err(sqlx::Error::Io)?;
-                Some(locked)
+                metrics::histogram!(WRITE_LOCK_WAIT).record(waiting.elapsed().as_secs_f64());
+                Some(WriteLock {
+                    taken: std::time::Instant::now(),
+                    _flock: locked,
+                })
             }
             None => None,
         };

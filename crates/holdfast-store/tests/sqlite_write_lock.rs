@@ -2,7 +2,8 @@
 //! `<database>.write-lock`, woken by the kernel, instead of SQLite's sleeping busy handler.
 //! Checked from outside, as another process would see it: while a write transaction is open
 //! the lock is held, and the moment it commits the lock is free. And stores opened together on
-//! a new file all open.
+//! a new file all open, and every hold of the lock is measured, for the operator who must tell
+//! a saturated lock from a slow disk.
 
 use holdfast_store::{Rerun, ScopedFutureExt, Store, StoreOptions, TxError};
 use nix::fcntl::{Flock, FlockArg};
@@ -71,4 +72,68 @@ async fn stores_opened_together_on_a_new_file_all_open() {
             assert!(opened.is_ok(), "round {round}: {:?}", opened.err());
         }
     }
+}
+
+/// The `_sum` and `_count` of a histogram (or summary) on a Prometheus page.
+fn sum_and_count(page: &str, name: &str) -> (f64, u64) {
+    let value = |suffix: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}_{suffix} ")))
+            .map(|v| v.trim().parse::<f64>().expect("a number"))
+            .unwrap_or(0.0)
+    };
+    (value("sum"), value("count") as u64)
+}
+
+// One thread: the recorder below is this thread's, and so is every task of this runtime.
+#[tokio::test]
+async fn every_hold_of_the_write_lock_is_measured_from_taking_it_to_letting_go() {
+    const HELD: &str = "holdfast_store_write_lock_held_seconds";
+    const WAIT: &str = "holdfast_store_write_lock_wait_seconds";
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let page = recorder.handle();
+    let _recording = metrics::set_default_local_recorder(&recorder);
+    let dir = tempfile::tempdir().unwrap();
+    let url = holdfast_store::testing::sqlite_url(dir.path());
+    let store = Store::open(&StoreOptions::new(&url)).await.unwrap();
+    let (held_before, holds_before) = sum_and_count(&page.render(), HELD);
+    let (_, waits_before) = sum_and_count(&page.render(), WAIT);
+
+    // Four writes: one keeps the lock while it waits out 200 ms, one gives up (rolled back:
+    // the lock was held all the same).
+    let linger = std::time::Duration::from_millis(200);
+    for n in 0..4 {
+        let written = store
+            .transaction("measured", Rerun::IfUncommitted, |tx| {
+                async move {
+                    sqlx::query("INSERT INTO rate_limits (key_hash, tat) VALUES ($1, 1)")
+                        .bind(format!("k{n}"))
+                        .execute(tx.conn())
+                        .await?;
+                    match n {
+                        1 => tokio::time::sleep(linger).await,
+                        3 => return Err(TxError::Abort("gave up")),
+                        _ => {}
+                    }
+                    Ok(())
+                }
+                .scope_boxed()
+            })
+            .await;
+        assert_eq!(written.is_ok(), n != 3, "write {n}: {written:?}");
+    }
+
+    let (held, holds) = sum_and_count(&page.render(), HELD);
+    let (_, waits) = sum_and_count(&page.render(), WAIT);
+    assert_eq!(
+        holds - holds_before,
+        4,
+        "one hold per transaction, rolled back or not"
+    );
+    assert_eq!(waits - waits_before, 4, "one wait per transaction");
+    let held = held - held_before;
+    assert!(
+        held >= linger.as_secs_f64() && held < 10.0,
+        "held {held} s in all, one hold alone lasting {linger:?}"
+    );
 }
