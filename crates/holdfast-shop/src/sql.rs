@@ -242,25 +242,24 @@ pub fn cart_from_added(rows: &[sqlx::any::AnyRow], sku: &Sku) -> Result<Option<C
                 r.try_get("added")?,
             ))
         });
-    cart_after_add(rows, sku, flags.transpose()?)
+    match flags.transpose()? {
+        Some((false, _, _)) => Ok(None),
+        flags => cart_after_add(rows, sku, flags.map(|(_, known, added)| (known, added))).map(Some),
+    }
 }
 
-/// The cart after an add, from the add's rows and its flags (whether the session was live, how
-/// many products had the SKU, how many lines were written); `None` for a dead session.
+/// The cart after an add, from the add's rows and its counts (how many products had the SKU,
+/// how many lines were written), or why nothing was added.
 fn cart_after_add(
     rows: &[sqlx::any::AnyRow],
     sku: &Sku,
-    flags: Option<(bool, i64, i64)>,
-) -> Result<Option<Cart>> {
-    match flags {
-        Some((false, _, _)) => return Ok(None),
-        Some((true, 0, _)) | None => {
-            return Err(TxError::Abort(Error::UnknownSku(sku.as_str().to_owned())))
-        }
-        Some((true, _, 0)) => return Err(TxError::Abort(Error::QuantityLimit)),
-        Some(_) => {}
+    counts: Option<(i64, i64)>,
+) -> Result<Cart> {
+    match counts {
+        Some((0, _)) | None => Err(TxError::Abort(Error::UnknownSku(sku.as_str().to_owned()))),
+        Some((_, 0)) => Err(TxError::Abort(Error::QuantityLimit)),
+        Some(_) => cart_of_rows(rows),
     }
-    cart_of_rows(rows).map(Some)
 }
 
 /// A cart add's statement with its arguments: `$1` the user, `$2` the SKU, `$3` the quantity
@@ -318,14 +317,12 @@ pub async fn cart_add(
         let rows = added_line(sqlx::query(&sql), user_id, sku, qty)
             .fetch_all(tx.conn())
             .await?;
-        let flags = rows
+        let counts = rows
             .first()
-            .map(|r| -> std::result::Result<(bool, i64, i64), sqlx::Error> {
-                Ok((true, r.try_get("known")?, r.try_get("added")?))
+            .map(|r| -> std::result::Result<(i64, i64), sqlx::Error> {
+                Ok((r.try_get("known")?, r.try_get("added")?))
             });
-        if let Some(cart) = cart_after_add(&rows, sku, flags.transpose()?)? {
-            return Ok(cart);
-        }
+        return cart_after_add(&rows, sku, counts.transpose()?);
     }
     let known = sqlx::query("SELECT 1 AS one FROM products WHERE sku = $1")
         .bind(sku.as_str())

@@ -96,8 +96,9 @@ async fn every_hold_of_the_write_lock_is_measured_from_taking_it_to_letting_go()
     let dir = tempfile::tempdir().unwrap();
     let url = holdfast_store::testing::sqlite_url(dir.path());
     let store = Store::open(&StoreOptions::new(&url)).await.unwrap();
-    let (held_before, holds_before) = sum_and_count(&page.render(), HELD);
-    let (_, waits_before) = sum_and_count(&page.render(), WAIT);
+    let before = page.render();
+    let (held_before, holds_before) = sum_and_count(&before, HELD);
+    let (_, waits_before) = sum_and_count(&before, WAIT);
 
     // Four writes: one keeps the lock while it waits out 200 ms, one gives up (rolled back:
     // the lock was held all the same).
@@ -123,8 +124,9 @@ async fn every_hold_of_the_write_lock_is_measured_from_taking_it_to_letting_go()
         assert_eq!(written.is_ok(), n != 3, "write {n}: {written:?}");
     }
 
-    let (held, holds) = sum_and_count(&page.render(), HELD);
-    let (_, waits) = sum_and_count(&page.render(), WAIT);
+    let after = page.render();
+    let (held, holds) = sum_and_count(&after, HELD);
+    let (_, waits) = sum_and_count(&after, WAIT);
     assert_eq!(
         holds - holds_before,
         4,
