@@ -108,8 +108,7 @@ impl Ledger {
             .store
             .transaction("effect_settle", Rerun::Always, move |tx| {
                 holdfast_store::ScopedFutureExt::scope_boxed(async move {
-                    tx.job_complete(job).await?;
-                    tx.ledger_settle(effect_key, external_id).await?;
+                    tx.job_settle_effect(job, effect_key, external_id).await?;
                     then(tx).await
                 })
             })

@@ -515,6 +515,66 @@ mod tests {
         assert_eq!(jobs(&store).await, 0);
     }
 
+    /// A worker's lone statements (its batched completions, its heartbeats) join the group
+    /// commit too: queued behind an open transaction, they share its commit instead of each
+    /// taking a turn of its own at the write lock.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_workers_completions_and_heartbeats_share_the_commit_they_queued_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(&dir).await;
+        for n in [1, 2] {
+            store.job_enqueue(&job(n)).await.expect("enqueue");
+        }
+        let lease = std::time::Duration::from_secs(10);
+        let now = holdfast_core::now_ms();
+        let claimed = store
+            .job_claim("q", "w", 10, now, lease)
+            .await
+            .expect("claim");
+        let (done, beating) = (claimed[0].fence(), claimed[1].fence());
+        let (release, held) = tokio::sync::oneshot::channel();
+        let holder = holder(&store, held);
+        until_waiting(&store, 0).await;
+        let complete = {
+            let store = store.clone();
+            tokio::spawn(async move { store.job_complete(&[done], now).await })
+        };
+        let queued = std::time::Duration::from_secs(10);
+        tokio::time::timeout(queued, until_waiting(&store, 1))
+            .await
+            .expect("the completion queued for the shared transaction");
+        let heartbeat = {
+            let store = store.clone();
+            tokio::spawn(async move { store.job_heartbeat(&[beating], now + 60_000).await })
+        };
+        tokio::time::timeout(queued, until_waiting(&store, 2))
+            .await
+            .expect("the heartbeat queued for the shared transaction");
+        let before = commits(&store);
+        release.send(()).expect("holder waits");
+        holder.await.expect("holder");
+        assert_eq!(complete.await.expect("task").expect("completed"), 1);
+        assert_eq!(heartbeat.await.expect("task").expect("extended"), 1);
+        assert_eq!(
+            commits(&store) - before,
+            1,
+            "the holder, the completion and the heartbeat committed together"
+        );
+        let counts = store.job_counts().await.expect("counts");
+        let count = |state: &str| {
+            counts
+                .iter()
+                .filter(|c| c.state == state)
+                .map(|c| c.count)
+                .sum::<i64>()
+        };
+        assert_eq!(
+            (count("completed"), count("running"), count("available")),
+            (1, 1, 1),
+            "one completed, one still running, the holder's job waiting"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_member_dropped_while_it_holds_the_transaction_loses_only_its_own_writes() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -328,6 +328,12 @@ async fn commit_waking(mut tx: Tx, wake: bool) -> Result<()> {
     tx.commit().await
 }
 
+/// Completes the claim `$2` of job `$1` at `$3`, if it is still the job's current claim.
+const COMPLETE_ONE: &str = "UPDATE jobs SET state = 'completed', finished_at = $3, lease_until = NULL WHERE id = $1 AND claim = $2 AND state = 'running'";
+
+/// An effect's ledger entry marked done, whatever state an earlier attempt left it in.
+const LEDGER_SETTLE_CONFLICT: &str = "ON CONFLICT (effect_key) DO UPDATE SET state = 'done', external_id = excluded.external_id, updated_at = excluded.updated_at";
+
 /// The generic primitives, composed into the caller's transaction.
 impl Tx {
     /// Enqueues `jobs` in this transaction: they exist if and only if it commits. Returns the
@@ -340,15 +346,49 @@ impl Tx {
     /// Completes the claim `fence`, or fails with [`Error::JobLost`] when it is no longer the
     /// job's current claim (its lease lapsed and another worker took over).
     pub async fn job_complete(&mut self, fence: JobFence) -> Result<()> {
-        let completed = sqlx::query(
-            "UPDATE jobs SET state = 'completed', finished_at = $3, lease_until = NULL WHERE id = $1 AND claim = $2 AND state = 'running'",
-        )
+        let completed = sqlx::query(COMPLETE_ONE)
+            .bind(fence.id)
+            .bind(fence.claim)
+            .bind(holdfast_core::now_ms())
+            .execute(self.conn())
+            .await?;
+        crate::one_row(&completed, Error::JobLost)
+    }
+
+    /// [`Tx::job_complete`] and [`Tx::ledger_settle`] together: the claim `fence` completed
+    /// and `effect_key` done as `external_id`, or neither with [`Error::JobLost`]. On SQLite
+    /// one call of the connection's thread (a script of both statements, the ledger's written
+    /// only if the job's was) rather than two, each made while every other process waits
+    /// for the write lock.
+    pub async fn job_settle_effect(
+        &mut self,
+        fence: JobFence,
+        effect_key: &str,
+        external_id: &str,
+    ) -> Result<()> {
+        if self.backend() == Backend::Postgres {
+            self.job_complete(fence).await?;
+            return self.ledger_settle(effect_key, external_id).await;
+        }
+        let settled = sqlx::query(&format!(
+            "{COMPLETE_ONE};
+             INSERT INTO effect_ledger (effect_key, state, external_key, external_id, created_at, updated_at)
+             SELECT $4, 'done', $4, $5, $3, $3 WHERE changes() = 1
+             {LEDGER_SETTLE_CONFLICT}"
+        ))
         .bind(fence.id)
         .bind(fence.claim)
         .bind(holdfast_core::now_ms())
+        .bind(effect_key)
+        .bind(external_id)
         .execute(self.conn())
         .await?;
-        crate::one_row(&completed, Error::JobLost)
+        // The ledger's statement writes a row whenever it runs, so no rows at all means the
+        // claim was not current and nothing was written.
+        if settled.rows_affected() == 0 {
+            return Err(Error::JobLost);
+        }
+        Ok(())
     }
 
     /// Records the intent to cause `effect_key` with the dependency's idempotency key
@@ -379,10 +419,10 @@ impl Tx {
 
     /// The effect happened, and the dependency knows it as `external_id`: its entry is done.
     pub async fn ledger_settle(&mut self, effect_key: &str, external_id: &str) -> Result<()> {
-        sqlx::query(
+        sqlx::query(&format!(
             "INSERT INTO effect_ledger (effect_key, state, external_key, external_id, created_at, updated_at) VALUES ($1, 'done', $1, $2, $3, $3)
-             ON CONFLICT (effect_key) DO UPDATE SET state = 'done', external_id = excluded.external_id, updated_at = excluded.updated_at",
-        )
+             {LEDGER_SETTLE_CONFLICT}"
+        ))
         .bind(effect_key)
         .bind(external_id)
         .bind(holdfast_core::now_ms())

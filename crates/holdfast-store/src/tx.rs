@@ -11,6 +11,7 @@ use crate::pool::OpenTx;
 use crate::{Backend, Error, Pooled, Result, Store};
 use scoped_futures::ScopedBoxFuture;
 use sqlx::{Any, AnyConnection};
+use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
 
@@ -228,10 +229,10 @@ impl Store {
     async fn grouped<'a, T, E, F>(
         &self,
         group: &Arc<Group>,
-        body: &mut F,
+        body: F,
     ) -> Result<std::result::Result<T, TxError<E>>>
     where
-        F: for<'t> FnMut(&'t mut Tx) -> TxBody<'a, 't, T, E> + Send + 'a,
+        F: for<'t> FnOnce(&'t mut Tx) -> TxBody<'a, 't, T, E>,
         T: Send + 'a,
         E: Send + 'a,
     {
@@ -345,8 +346,10 @@ impl Store {
 
     /// One write statement as its own transaction. On Postgres a lone statement is atomic by
     /// itself, so it runs in autocommit: one round trip instead of three (BEGIN, statement,
-    /// COMMIT). On SQLite it takes the path every write takes: the process's write gate,
-    /// then `BEGIN IMMEDIATE`.
+    /// COMMIT). On SQLite it joins this process's group commit like every other write (a
+    /// job worker's completions and heartbeats share the commits of its claims and
+    /// settlements instead of taking turns of their own at the write lock). It runs once:
+    /// its caller decides what may be retried.
     pub(crate) async fn write_one<'q>(
         &self,
         q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
@@ -354,10 +357,10 @@ impl Store {
         match self.backend {
             Backend::Postgres => Ok(q.execute_pooled(self).await?.rows_affected()),
             Backend::Sqlite => {
-                let mut tx = self.begin_write().await?;
-                let n = q.execute(tx.conn()).await?.rows_affected();
-                tx.commit().await?;
-                Ok(n)
+                self.sqlite_write_once(q, |q, conn| {
+                    async move { Ok(q.execute(conn).await?.rows_affected()) }.scope_boxed()
+                })
+                .await
             }
         }
     }
@@ -370,11 +373,34 @@ impl Store {
         match self.backend {
             Backend::Postgres => Ok(q.fetch_all_pooled(self).await?),
             Backend::Sqlite => {
-                let mut tx = self.begin_write().await?;
-                let rows = q.fetch_all(tx.conn()).await?;
-                tx.commit().await?;
-                Ok(rows)
+                self.sqlite_write_once(q, |q, conn| {
+                    async move { Ok(q.fetch_all(conn).await?) }.scope_boxed()
+                })
+                .await
             }
         }
+    }
+
+    /// Runs `q` by `run` once in a write transaction of SQLite: as a member of the group
+    /// commit, or (a store without one) in a transaction of its own.
+    async fn sqlite_write_once<'q, T: Send + 'q>(
+        &self,
+        q: sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+        run: for<'t> fn(
+            sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>,
+            &'t mut AnyConnection,
+        ) -> TxBody<'q, 't, T, Infallible>,
+    ) -> Result<T> {
+        let Some(group) = &self.group else {
+            let mut tx = self.begin_write().await?;
+            let done = run(q, tx.conn()).await.map_err(TxError::into_db)?;
+            tx.commit().await?;
+            return Ok(done);
+        };
+        // Once: should the group be abandoned, before or after the statement ran, the caller
+        // hears so (a transient failure that committed nothing) and decides.
+        self.grouped(group, |tx: &mut Tx| run(q, tx.conn()))
+            .await?
+            .map_err(TxError::into_db)
     }
 }

@@ -1167,8 +1167,7 @@ async fn settle(
     store
         .transaction("settle", Rerun::Always, |tx| {
             async move {
-                tx.job_complete(fence).await?;
-                tx.ledger_settle(effect_key, external_id).await?;
+                tx.job_settle_effect(fence, effect_key, external_id).await?;
                 tx.job_enqueue(std::slice::from_ref(followup)).await?;
                 Ok::<_, TxError<Infallible>>(())
             }
