@@ -176,6 +176,17 @@ impl Statement {
         self.insert_job_rows(name, &[row]);
     }
 
+    /// One statement of its own (not a step) that enqueues `job` once for each row of `from`,
+    /// its arguments the text expression `args_sql` over `from`'s columns, with this
+    /// statement's values as its placeholders: for SQLite, which has no data-modifying `WITH`,
+    /// to run in a script with the work it follows (the workers see the job once the
+    /// transaction commits). `from` ends with a `WHERE` clause: SQLite reads an
+    /// `INSERT … SELECT` followed by `ON CONFLICT` only so.
+    pub fn job_insert_computed(&mut self, job: &JobInsert, args_sql: &str, from: &str) -> String {
+        let row = self.job_row(job, args_sql, from);
+        format!("INSERT INTO jobs ({INSERT_COLUMNS}) {row} ON CONFLICT (unique_key) DO NOTHING")
+    }
+
     /// The `SELECT` of one job's row for the insert, with `args` as its arguments.
     fn job_row(&mut self, j: &JobInsert, args: &str, from: &str) -> String {
         let now = holdfast_core::now_ms();
