@@ -327,6 +327,15 @@ mod tests {
             .expect("open")
     }
 
+    /// A store holding jobs 1 to `n`, available.
+    async fn store_with_jobs(dir: &tempfile::TempDir, n: usize) -> Store {
+        let store = store(dir).await;
+        for n in 1..=n {
+            store.job_enqueue(&job(n)).await.expect("enqueue");
+        }
+        store
+    }
+
     fn job(n: usize) -> JobInsert {
         JobInsert::new("q", "k", "{}".into()).unique(format!("job-{n}"))
     }
@@ -479,10 +488,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_claim_shares_the_commit_it_queued_behind() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = store(&dir).await;
-        for n in [1, 2] {
-            store.job_enqueue(&job(n)).await.expect("enqueue");
-        }
+        let store = store_with_jobs(&dir, 2).await;
         let (release, held) = tokio::sync::oneshot::channel();
         let holder = holder(&store, held);
         until_waiting(&store, 0).await;
@@ -521,10 +527,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_workers_completions_and_heartbeats_share_the_commit_they_queued_behind() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = store(&dir).await;
-        for n in [1, 2] {
-            store.job_enqueue(&job(n)).await.expect("enqueue");
-        }
+        let store = store_with_jobs(&dir, 2).await;
         let lease = std::time::Duration::from_secs(10);
         let now = holdfast_core::now_ms();
         let claimed = store
