@@ -9,7 +9,7 @@
 use crate::domain::{OrderId, Quantity, Sku};
 use crate::flows::Effect;
 use crate::Error;
-use holdfast_store::{Backend, JobInsert, KeyStep, Statement, Tx, TxError};
+use holdfast_store::{Backend, JobInsert, KeyStep, Keyed, Statement, Tx, TxError};
 use serde::Serialize;
 use sqlx::{AnyConnection, FromRow, Row};
 
@@ -436,58 +436,42 @@ pub async fn checkout(tx: &mut Tx, shape: CartShape, user_id: &str) -> Result<Or
 ///
 /// On Postgres one statement locks the cart's lines, writes the order and its lines, deletes
 /// exactly the lines it locked (a line added meanwhile stays) and returns what it took; the
-/// payout job is a second. SQLite has no data-modifying `WITH`, so there it is a script of
-/// five statements the driver runs in one call, the payout job among them: on SQLite a round
-/// trip is a turn of the connection's thread, taken while this process holds the database's
-/// one write lock, so every one saved is time every other process waits less. The write
-/// transaction excludes every other writer, so the statements that follow the order's insert
-/// read the same cart it did. Either way an empty cart writes nothing, and the rows are the
-/// order's lines by SKU, each with the user's email.
+/// payout job is a second. On SQLite it is one script ([`sqlite_checkout_writes`], the payout
+/// job among them, then the order's lines read back). Either way an empty cart writes
+/// nothing, and the rows are the order's lines by SKU, each with the user's email.
 async fn checkout_in_one_round_trip(tx: &mut Tx, table: CartTable, user_id: &str) -> Result<Order> {
-    let (t, q) = (table.table(), table.quantity());
     let (order_id, created_at) = (OrderId::generate().to_string(), holdfast_core::now_ms());
-    // $1, $2 and $3 of either engine's SQL.
     let mut stmt = Statement::new();
-    stmt.bind(user_id);
-    stmt.bind(order_id.as_str());
-    stmt.bind(created_at);
+    let user = stmt.bind(user_id);
     let sql = match tx.backend() {
-        Backend::Postgres => format!(
-            "WITH cart AS (
-                 SELECT c.sku, p.name, c.{q} AS qty, p.price_cents FROM {t} c JOIN products p ON p.sku = c.sku
-                 WHERE c.user_id = $1 FOR UPDATE OF c
-             ), placed AS (
-                 INSERT INTO orders (id, user_id, total_cents, status, created_at)
-                 SELECT $2, $1, SUM(qty * price_cents), 'pending', $3 FROM cart HAVING COUNT(*) > 0
-                 RETURNING id
-             ), lines AS (
-                 INSERT INTO order_items (order_id, sku, name, qty, unit_price_cents)
-                 SELECT placed.id, cart.sku, cart.name, cart.qty, cart.price_cents FROM cart, placed
-             ), emptied AS (
-                 DELETE FROM {t} d USING cart, placed WHERE d.user_id = $1 AND d.sku = cart.sku
-             )
-             SELECT sku, name, qty, price_cents, (SELECT email FROM users WHERE id = $1) AS email
-             FROM cart ORDER BY sku"
-        ),
-        Backend::Sqlite => {
-            // The payout job, carrying what `payout_job` puts in it, for the order just
-            // written (none for an empty cart).
-            let payout = stmt.job_insert_computed(
-                &Effect::Charge.job(&order_id),
-                "json_object('order_id', o.id, 'email', u.email, 'total_cents', o.total_cents)",
-                "orders o JOIN users u ON u.id = o.user_id WHERE o.id = $2",
-            );
+        Backend::Postgres => {
+            let (t, q) = (table.table(), table.quantity());
+            let (order, created) = (stmt.bind(order_id.as_str()), stmt.bind(created_at));
             format!(
-                "INSERT INTO orders (id, user_id, total_cents, status, created_at)
-                     SELECT $2, $1, SUM(c.{q} * p.price_cents), 'pending', $3
-                     FROM {t} c JOIN products p ON p.sku = c.sku WHERE c.user_id = $1 GROUP BY c.user_id;
-                 INSERT INTO order_items (order_id, sku, name, qty, unit_price_cents)
-                     SELECT $2, c.sku, p.name, c.{q}, p.price_cents
-                     FROM {t} c JOIN products p ON p.sku = c.sku WHERE c.user_id = $1;
-                 DELETE FROM {t} WHERE user_id = $1 AND sku IN (SELECT sku FROM order_items WHERE order_id = $2);
-                 {payout};
+                "WITH cart AS (
+                     SELECT c.sku, p.name, c.{q} AS qty, p.price_cents FROM {t} c JOIN products p ON p.sku = c.sku
+                     WHERE c.user_id = {user} FOR UPDATE OF c
+                 ), placed AS (
+                     INSERT INTO orders (id, user_id, total_cents, status, created_at)
+                     SELECT {order}, {user}, SUM(qty * price_cents), 'pending', {created} FROM cart HAVING COUNT(*) > 0
+                     RETURNING id
+                 ), lines AS (
+                     INSERT INTO order_items (order_id, sku, name, qty, unit_price_cents)
+                     SELECT placed.id, cart.sku, cart.name, cart.qty, cart.price_cents FROM cart, placed
+                 ), emptied AS (
+                     DELETE FROM {t} d USING cart, placed WHERE d.user_id = {user} AND d.sku = cart.sku
+                 )
+                 SELECT sku, name, qty, price_cents, (SELECT email FROM users WHERE id = {user}) AS email
+                 FROM cart ORDER BY sku"
+            )
+        }
+        Backend::Sqlite => {
+            let (writes, order) =
+                sqlite_checkout_writes(&mut stmt, table, &user, (&order_id, created_at), "");
+            format!(
+                "{writes};
                  SELECT i.sku, i.name, i.qty, i.unit_price_cents AS price_cents, u.email
-                 FROM order_items i JOIN users u ON u.id = $1 WHERE i.order_id = $2 ORDER BY i.sku"
+                 FROM order_items i JOIN users u ON u.id = {user} WHERE i.order_id = {order} ORDER BY i.sku"
             )
         }
     };
@@ -520,25 +504,93 @@ async fn checkout_in_one_round_trip(tx: &mut Tx, table: CartTable, user_id: &str
     Ok(order)
 }
 
-/// The whole keyed checkout as one statement on PostgreSQL (see
-/// `holdfast_web::Claim::in_one_statement`): [`checkout_in_one_round_trip`]'s steps, gated on
-/// the key's step, which stores the key done with the answer the database renders from the
-/// cart it locked: the bytes [`Order`]'s JSON serialization gives (a test holds the two to
-/// it), so a replay answers exactly what the first request got. The payout job and its
-/// order are written together. Every write descends from the read of the cart of
-/// `key.user`, the statement's user, which is NULL for a session the statement found dead:
-/// then there is no cart, and nothing is written. Returns the key step's name, or `None`
-/// while the cart's table is being moved (reads and writes name different tables).
+/// The SQLite checkout's writes, as the statements of one script: the order of `user` (an SQL
+/// expression of `stmt`) with the given id and creation time, written only where `gate`
+/// (` AND …`, or nothing) holds; its lines, the emptied cart and its payout job, each derived
+/// from the order just written, so that an empty cart or a closed gate writes nothing. Also
+/// the order id's placeholder, for what the caller appends.
+///
+/// SQLite has no data-modifying `WITH`; the driver runs a script in one call, and on SQLite a
+/// call is a turn of the connection's thread taken while this process holds the database's one
+/// write lock, so every one saved is time every other process waits less. The write
+/// transaction excludes every other writer, so the statements after the order's insert read
+/// the same cart it did.
+fn sqlite_checkout_writes(
+    stmt: &mut Statement,
+    table: CartTable,
+    user: &str,
+    (order_id, created_at): (&str, i64),
+    gate: &str,
+) -> (String, String) {
+    let (t, q) = (table.table(), table.quantity());
+    let (order, created) = (stmt.bind(order_id), stmt.bind(created_at));
+    // The payout job, carrying what `payout_job` puts in it.
+    let payout = stmt.job_insert_computed(
+        &Effect::Charge.job(order_id),
+        "json_object('order_id', o.id, 'email', u.email, 'total_cents', o.total_cents)",
+        &format!("orders o JOIN users u ON u.id = o.user_id WHERE o.id = {order}"),
+    );
+    let writes = format!(
+        "INSERT INTO orders (id, user_id, total_cents, status, created_at)
+             SELECT {order}, {user}, SUM(c.{q} * p.price_cents), 'pending', {created}
+             FROM {t} c JOIN products p ON p.sku = c.sku WHERE c.user_id = {user}{gate} GROUP BY c.user_id;
+         INSERT INTO order_items (order_id, sku, name, qty, unit_price_cents)
+             SELECT o.id, c.sku, p.name, c.{q}, p.price_cents
+             FROM orders o JOIN {t} c ON c.user_id = o.user_id JOIN products p ON p.sku = c.sku
+             WHERE o.id = {order};
+         DELETE FROM {t} WHERE user_id = {user} AND sku IN (SELECT sku FROM order_items WHERE order_id = {order});
+         {payout}"
+    );
+    (writes, order)
+}
+
+/// The whole keyed checkout as one statement (see `holdfast_web::Claim::in_one_statement`):
+/// the checkout's writes, gated on the key's absence, and the key stored done with the answer
+/// the database renders from what was written: the bytes [`Order`]'s JSON serialization gives
+/// (a test per engine holds the two to it), so that a replay answers exactly what the first
+/// request got. The payout job and its order are written together. On PostgreSQL
+/// ([`checkout_steps`]) every write descends from the read of the cart of `key.user`, which is
+/// NULL for a session the statement found dead: then there is no cart, and nothing is
+/// written. On SQLite ([`sqlite_checkout_writes`]) the user was read before. `None` while the
+/// cart's table is being moved (reads and writes name different tables).
 pub fn checkout_statement(
     stmt: &mut Statement,
     key: KeyStep<'_>,
     shape: CartShape,
-) -> Option<String> {
+) -> Option<Keyed> {
     if shape.read != shape.write {
         return None;
     }
-    let (t, q) = (shape.read.table(), shape.read.quantity());
     let order_id = OrderId::generate().to_string();
+    if key.backend == Backend::Postgres {
+        return Some(checkout_steps(stmt, &key, shape.read, order_id));
+    }
+    let absent = stmt.key_absent(&key);
+    let (writes, order) = sqlite_checkout_writes(
+        stmt,
+        shape.read,
+        &key.user,
+        (&order_id, holdfast_core::now_ms()),
+        &format!(" AND {absent}"),
+    );
+    // The order as serde writes it: fields in declaration order, lines by SKU, no spaces.
+    let answer = "json_object('order_id', o.id, 'total_cents', o.total_cents, 'status', o.status,
+                              'created_at', o.created_at, 'items', json((
+             SELECT json_group_array(json_object('sku', i.sku, 'name', i.name, 'qty', i.qty,
+                                                 'unit_price_cents', i.unit_price_cents) ORDER BY i.sku)
+             FROM order_items i WHERE i.order_id = o.id)))";
+    let stored = stmt.store_key(&key, 201, answer, &format!("orders o WHERE o.id = {order}"));
+    Some(Keyed::Script(format!("{writes}; {stored}")))
+}
+
+/// [`checkout_statement`]'s steps on PostgreSQL.
+fn checkout_steps(
+    stmt: &mut Statement,
+    key: &KeyStep<'_>,
+    table: CartTable,
+    order_id: String,
+) -> Keyed {
+    let (t, q) = (table.table(), table.quantity());
     let payout = Effect::Charge.job(&order_id);
     let user = key.user.clone();
     let (order, created) = (stmt.bind(order_id), stmt.bind(holdfast_core::now_ms()));
@@ -560,7 +612,7 @@ pub fn checkout_statement(
         "'{{\"order_id\":' || to_json({order}::text)::text || ',\"total_cents\":' || total_cents
          || ',\"status\":\"pending\",\"created_at\":' || {created} || ',\"items\":[' || items || ']}}'"
     );
-    stmt.claim_key("key", &key, 201, &answer, "summed");
+    stmt.claim_key("key", key, 201, &answer, "summed");
     stmt.step(
         "placed",
         &format!(
@@ -585,7 +637,7 @@ pub fn checkout_statement(
                            'total_cents', summed.total_cents)::text"
     );
     stmt.enqueue_job_computed("payout", &payout, &args, "placed, summed");
-    Some("key".to_owned())
+    Keyed::Step("key".to_owned())
 }
 
 /// The job that charges `order` (unique per order), carrying its total and the buyer's

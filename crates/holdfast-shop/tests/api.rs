@@ -5,6 +5,7 @@
 use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use holdfast_shop::{Sabotage, ShopOptions};
+use holdfast_store::ScopedFutureExt;
 use holdfast_testkit::app::*;
 use holdfast_web::WebOptions;
 use serde_json::json;
@@ -139,6 +140,86 @@ async fn cross_site_writes_are_refused_but_plain_clients_pass() {
         3,
         "only the three allowed writes landed; reads are not blocked"
     );
+}
+
+/// On SQLite a keyed checkout is one script: the order, its lines, the emptied cart, the
+/// payout job and the key stored done with the answer SQLite renders, which is, byte for byte,
+/// the order as the API renders it. The key is never in flight (stored done by the script),
+/// and a key the script finds used writes nothing.
+#[tokio::test]
+async fn a_keyed_checkout_is_one_script_and_answers_the_orders_own_json() {
+    let t = spawn_app(local()).await;
+    // A name that every JSON escape touches: quotes, a backslash, control characters and
+    // text outside ASCII.
+    t.store
+        .transaction("odd_product", holdfast_store::Rerun::IfUncommitted, |tx| {
+            async move {
+                sqlx::query(
+                    "INSERT INTO products (sku, name, price_cents) VALUES ('ODD-1', $1, 1234)",
+                )
+                .bind("Rope \"9 mm\" \\ caf\u{e9} \u{2713}\n\t\u{1}\u{7f} end")
+                .execute(tx.conn())
+                .await?;
+                Ok::<_, holdfast_store::TxError<std::convert::Infallible>>(())
+            }
+            .scope_boxed()
+        })
+        .await
+        .unwrap();
+    let c = t.user("script@example.com").await;
+    assert_eq!(t.add(&c, "ODD-1", 2).await.status, StatusCode::OK);
+    assert_eq!(t.add(&c, "HELMET", 1).await.status, StatusCode::OK);
+    let placed = t.checkout(&c, "k-script").await;
+    assert_eq!(placed.status, StatusCode::CREATED, "{:?}", placed.json());
+    assert!(!placed.replayed());
+    let id = placed.json()["order_id"].as_str().unwrap().to_owned();
+    let read = t
+        .call("GET", &format!("/api/orders/{id}"), None, Some(&c), &[])
+        .await;
+    assert_eq!(read.status, StatusCode::OK);
+    assert_eq!(
+        String::from_utf8_lossy(&placed.body),
+        String::from_utf8_lossy(&read.body),
+        "the stored answer is the order's own JSON"
+    );
+    assert_eq!(placed.json()["items"].as_array().unwrap().len(), 2);
+
+    let (lease, payouts): (i64, i64) = t
+        .store
+        .read("key_row", |conn| {
+            async move {
+                Ok::<_, holdfast_store::TxError<std::convert::Infallible>>(
+                    sqlx::query_as(
+                        "SELECT (SELECT locked_until - created_at FROM idempotency_keys WHERE idem_key = 'k-script'),
+                                (SELECT COUNT(*) FROM jobs WHERE kind = 'payout')",
+                    )
+                    .fetch_one(conn)
+                    .await?,
+                )
+            }
+            .scope_boxed()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        (lease, payouts),
+        (0, 1),
+        "the key was stored done by the checkout's script, never claimed in flight; one payout"
+    );
+
+    // A retry after the cart changed replays the first answer and writes nothing: the order
+    // is not placed again, and the new line stays in the cart.
+    assert_eq!(t.add(&c, "HELMET", 1).await.status, StatusCode::OK);
+    let again = t.checkout(&c, "k-script").await;
+    assert!(again.replayed());
+    assert_eq!(again.body, placed.body);
+    let cart = t.call("GET", "/api/cart", None, Some(&c), &[]).await.json();
+    assert_eq!(cart["items"].as_array().unwrap().len(), 1, "{cart}");
+    let orders = t
+        .call("GET", "/api/orders", None, Some(&c), &[])
+        .await
+        .json();
+    assert_eq!(orders["orders"].as_array().unwrap().len(), 1, "{orders}");
 }
 
 #[tokio::test]

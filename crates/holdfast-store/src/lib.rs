@@ -51,7 +51,7 @@ pub use migrate::{
 pub use pool::SLOW_HOLD as POOL_SLOW_HOLD;
 pub use primary::Node;
 pub use replicas::{Freshness, Lsn, ReplicaOptions, WATCH_EVERY as REPLICA_WATCH_EVERY};
-pub use statement::{KeyStep, Param as StatementParam, Statement};
+pub use statement::{KeyStep, Keyed, Param as StatementParam, Statement};
 pub use tx::{Rerun, ScopedFutureExt, Tx, TxBody, TxError};
 pub use uploads::{NewUpload, UploadAck, UploadPart, UploadQuota, UploadRow};
 

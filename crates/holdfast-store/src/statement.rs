@@ -10,14 +10,17 @@
 //! that must happen only if another did names it in its `FROM` (an empty `RETURNING` writes
 //! nothing after it). SQLite has no data-modifying `WITH`: there, the same work is a
 //! transaction of several statements, which a caller may send as one script: one call of the
-//! thread that runs the connection.
+//! thread that runs the connection, under the database's one write lock. A keyed request's
+//! work is then such a script ([`Keyed::Script`]), gated on [`Statement::key_absent`] and
+//! closed by [`Statement::store_key`].
 
 use crate::accounts::{ms, SessionCheck};
 use crate::idempotency::StoredResponse;
 use crate::jobs::{JobFence, JobInsert, INSERT_COLUMNS, NOTIFY_CHANNEL};
-use crate::{Backend, Error, Pooled, Rerun, Result, Store};
+use crate::{Backend, Error, Pooled, Rerun, Result, ScopedFutureExt, Store, TxError};
 use holdfast_core::{IdempotencyKey, RequestFingerprint};
 use sqlx::Row;
+use std::convert::Infallible;
 
 /// A value bound to one placeholder of a [`Statement`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +54,19 @@ impl From<Option<String>> for Param {
     }
 }
 
+/// A keyed request's work as its builder made it, for [`Store::run_keyed_statement`]: each
+/// engine's form of "the work, and its key stored done with the answer, or nothing at all".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Keyed {
+    /// PostgreSQL: the statement's steps; the key is stored by the step of this name
+    /// ([`Statement::claim_key`]).
+    Step(String),
+    /// SQLite: a script of statements with the statement's values bound, whose first write is
+    /// gated on [`Statement::key_absent`] (every later one descending from it) and which ends
+    /// with [`Statement::store_key`].
+    Script(String),
+}
+
 /// The idempotency key a [`Statement`] stores (with [`Statement::claim_key`]) for the user it
 /// acts for.
 #[derive(Debug, Clone)]
@@ -61,6 +77,9 @@ pub struct KeyStep<'a> {
     pub key: &'a IdempotencyKey,
     pub fingerprint: &'a RequestFingerprint,
     pub now: i64,
+    /// The engine the statement is for: the builder writes steps for PostgreSQL and a script
+    /// for SQLite (see [`Keyed`]).
+    pub backend: Backend,
 }
 
 /// A statement under construction: named steps in order, their bound values, and the steps
@@ -149,6 +168,41 @@ impl Statement {
                  RETURNING response_status, response_body"
             ),
         );
+    }
+
+    /// SQLite: a condition that holds while `key` is not stored. A keyed script gates its
+    /// first write on it and derives every later write from that one, so that for a key used
+    /// before (done, in flight, or for another request) the script writes nothing. The write
+    /// transaction excludes every other writer: the key cannot appear between the check and
+    /// [`Statement::store_key`].
+    pub fn key_absent(&mut self, key: &KeyStep<'_>) -> String {
+        let idem_key = self.bind(key.key.as_str());
+        format!(
+            "NOT EXISTS (SELECT 1 FROM idempotency_keys WHERE user_id = {} AND idem_key = {idem_key})",
+            key.user
+        )
+    }
+
+    /// SQLite: the statements that close a keyed script: they store `key` done with its answer
+    /// (`status`, and `body`, an SQL text expression over the columns of `from`) for the row
+    /// of `from`, if it has one and the answer is not NULL, and then select
+    /// `response_status, response_body` of the key only if that insert stored it (`changes()`
+    /// counts the last statement's rows), so the script answers nothing when the work wrote
+    /// nothing.
+    pub fn store_key(&mut self, key: &KeyStep<'_>, status: u16, body: &str, from: &str) -> String {
+        let (idem_key, fingerprint) = (
+            self.bind(key.key.as_str()),
+            self.bind(key.fingerprint.as_str()),
+        );
+        let (user, now, status) = (&key.user, self.bind(key.now), self.bind(i64::from(status)));
+        format!(
+            "INSERT INTO idempotency_keys (user_id, idem_key, fingerprint, state, lock_token, locked_until, created_at, response_status, response_body)
+                 SELECT {user}, {idem_key}, {fingerprint}, 'done', NULL, {now}, {now}, {status}, CAST(answer AS BLOB)
+                 FROM (SELECT ({body}) AS answer FROM {from}) WHERE answer IS NOT NULL
+                 ON CONFLICT (user_id, idem_key) DO NOTHING;
+             SELECT response_status, response_body FROM idempotency_keys
+                 WHERE changes() = 1 AND user_id = {user} AND idem_key = {idem_key}"
+        )
     }
 
     /// Adds the step `name`, which enqueues `jobs` (as [`crate::Tx::job_enqueue`] does) once
@@ -372,25 +426,47 @@ impl Store {
         .await
     }
 
-    /// Runs `stmt` (PostgreSQL only), whose key step (see [`Statement::claim_key`]) is
-    /// `key_step`, as one round trip and one commit; returns the answer that step stored, or
-    /// `None` when it stored none (the key existed, or the work's own steps gave it no row).
-    /// Re-run after a transient failure: a re-run of a statement that did commit finds its
-    /// key and stores nothing.
+    /// Runs `stmt`, the keyed work `keyed` of this store's engine, as one commit; returns the
+    /// answer it stored with the key, or `None` when it stored none (the key existed, or the
+    /// work wrote nothing). On PostgreSQL `keyed` is the key step's name and the statement is
+    /// one round trip; on SQLite it is the script, run as one call in a member of this
+    /// process's group commit. Re-run after a transient failure: a re-run of work that did
+    /// commit finds its key and stores nothing.
     pub async fn run_keyed_statement(
         &self,
         op: &'static str,
         stmt: &Statement,
-        key_step: &str,
+        keyed: &Keyed,
     ) -> Result<Option<StoredResponse>> {
-        let row = self
-            .run_composed(
-                op,
-                stmt,
-                "answer.response_status, answer.response_body",
-                key_step,
-            )
-            .await?;
+        let row = match (keyed, self.backend()) {
+            (Keyed::Step(key_step), Backend::Postgres) => Some(
+                self.run_composed(
+                    op,
+                    stmt,
+                    "answer.response_status, answer.response_body",
+                    key_step,
+                )
+                .await?,
+            ),
+            (Keyed::Script(script), Backend::Sqlite) => self
+                .transaction(op, Rerun::Always, |tx| {
+                    async move {
+                        let rows = stmt.bound(script).fetch_all(tx.conn()).await?;
+                        Ok::<_, TxError<Infallible>>(rows.into_iter().next())
+                    }
+                    .scope_boxed()
+                })
+                .await
+                .map_err(TxError::into_db)?,
+            _ => {
+                return Err(Error::Unsupported(
+                    "keyed work is steps on PostgreSQL and a script on SQLite",
+                ))
+            }
+        };
+        let Some(row) = row else {
+            return Ok(None);
+        };
         let status: Option<i64> = row.try_get(0)?;
         let body: Option<Vec<u8>> = row.try_get(1)?;
         Ok(match (status.and_then(|s| u16::try_from(s).ok()), body) {

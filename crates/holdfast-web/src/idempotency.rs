@@ -11,9 +11,10 @@
 //! one's transaction (on Postgres the unique index's row, on SQLite the single writer) and
 //! then replays what committed — or, if the first rolled back, does the work itself; a
 //! request that dies mid-way leaves no claim behind to wait out. A handler whose work fits
-//! one SQL statement goes further on Postgres with [`Claim::in_one_statement`]: the key is
-//! stored done, with the answer the database renders, by that very statement — one round
-//! trip and one commit — and anything but the happy path falls back to [`Claim::run`].
+//! one SQL statement goes further with [`Claim::in_one_statement`]: the key is stored done,
+//! with the answer the database renders, by that very statement — on Postgres one round trip
+//! and one commit, on SQLite one script in one call of the connection's thread under the write
+//! lock — and anything but the happy path falls back to [`Claim::run`].
 //!
 //! The key is the user's, so the extractor reads the session, unless the handler's user is
 //! not needed yet: on PostgreSQL with sessions in the store, a handler that does not take
@@ -75,8 +76,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use holdfast_core::{IdempotencyKey, RequestFingerprint};
 use holdfast_store::{
-    Backend, ClaimOutcome, IdemClaim, IdemLock, KeyStep, Rerun, ScopedFutureExt, SessionCheck,
-    Statement, StoredResponse, Tx, TxBody, TxError,
+    Backend, ClaimOutcome, IdemClaim, IdemLock, KeyStep, Keyed, Rerun, ScopedFutureExt,
+    SessionCheck, Statement, StoredResponse, Tx, TxBody, TxError,
 };
 use std::marker::PhantomData;
 
@@ -264,40 +265,39 @@ pub enum OneStatement {
 }
 
 impl Claim {
-    /// A keyed request in one round trip and one commit (PostgreSQL): `build` adds the
-    /// work's steps to a [`Statement`] and the key's step with [`Statement::claim_key`] and
-    /// the [`KeyStep`] it is handed, gating the work on that step, and returns the key step's
-    /// name, or `None` when this request cannot be one statement. The work reads its user as
-    /// `KeyStep::user`, an SQL expression: the user's id, or, for a session not read yet, the
-    /// statement's own check of it (NULL for a dead session, so that nothing is written).
-    /// Without a key, or on SQLite, nothing runs. The happy path's answer is the one the
-    /// statement stored; every other outcome (a replay, a key in use or reused, work that
-    /// refused, a dead session) costs the general path's session read and transaction after
-    /// it.
+    /// A keyed request in one round trip and one commit: `build` writes the work and the
+    /// key's storing as the [`KeyStep`]'s engine wants it ([`Keyed`]: on PostgreSQL steps of
+    /// a [`Statement`], the key's step by [`Statement::claim_key`] and the work gated on it;
+    /// on SQLite a script gated on [`Statement::key_absent`] and closed by
+    /// [`Statement::store_key`]), or returns `None` when this request cannot be one
+    /// statement. The work reads its user as `KeyStep::user`, an SQL expression: the user's
+    /// id, or, for a session not read yet (PostgreSQL), the statement's own check of it (NULL
+    /// for a dead session, so that nothing is written). Without a key nothing runs. The happy
+    /// path's answer is the one the statement stored; every other outcome (a replay, a key in
+    /// use or reused, work that refused, a dead session) costs the general path's session
+    /// read and transaction after it.
     pub async fn in_one_statement<B>(self, op: &'static str, build: B) -> AppResult<OneStatement>
     where
-        B: FnOnce(&mut Statement, KeyStep<'_>) -> Option<String>,
+        B: FnOnce(&mut Statement, KeyStep<'_>) -> Option<Keyed>,
     {
         let Some((key, fingerprint)) = self.key.as_ref() else {
             return Ok(OneStatement::NotAnswered(Box::new(self)));
         };
-        if self.edge.store.backend() != holdfast_store::Backend::Postgres {
-            return Ok(OneStatement::NotAnswered(Box::new(self)));
-        }
         let mut stmt = Statement::new();
         let step = KeyStep {
             user: self.user_in(&mut stmt),
             key,
             fingerprint,
             now: holdfast_core::now_ms(),
+            backend: self.edge.store.backend(),
         };
-        let Some(key_step) = build(&mut stmt, step) else {
+        let Some(keyed) = build(&mut stmt, step) else {
             return Ok(OneStatement::NotAnswered(Box::new(self)));
         };
         match self
             .edge
             .store
-            .run_keyed_statement(op, &stmt, &key_step)
+            .run_keyed_statement(op, &stmt, &keyed)
             .await?
         {
             Some(answer) => Ok(OneStatement::Answered(respond(answer, false))),
